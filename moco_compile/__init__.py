@@ -1,0 +1,1 @@
+"""moco: compile trained classifiers into one ONNX graph where easy inputs leave early."""

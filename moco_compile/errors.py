@@ -1,0 +1,22 @@
+"""Errors moco raises for bad input.  Each message says what is wrong and what to do."""
+from __future__ import annotations
+
+
+class MocoError(Exception):
+    """Base class: a problem with the user's input, reported without a traceback by the CLI."""
+
+
+class ModelError(MocoError):
+    """The model cannot be loaded or is not a classifier moco can compile."""
+
+
+class CalibrationDataError(MocoError):
+    """The calibration data does not fit the model (keys, shapes, dtypes, values, row count)."""
+
+
+class BudgetError(MocoError):
+    """No exit plan meets the requested disagreement budget at the requested confidence."""
+
+
+class OutputError(MocoError):
+    """The output location cannot be written."""

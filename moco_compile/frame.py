@@ -1,0 +1,183 @@
+"""ActivationFrame: a table whose columns may be multi-dimensional arrays, stored as Arrow IPC.
+
+Each column holds one array per row (``[N]``, ``[N, D]``, ``[N, C, H, W]``...).
+Multi-dimensional columns are stored as fixed-size lists with their per-row
+shape in the field metadata, so a saved frame is memory-mapped on load and
+never needs to fit in memory as a whole.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+_SHAPE_KEY = b"moco.shape"
+
+
+def _to_arrow(values: np.ndarray) -> tuple[pa.Array, dict[bytes, bytes]]:
+    values = np.ascontiguousarray(values)
+    if values.ndim == 1:
+        return pa.array(values), {}
+    width = int(np.prod(values.shape[1:]))
+    flat = pa.array(values.reshape(-1)) if width else pa.array(np.zeros(0, values.dtype))
+    column = pa.FixedSizeListArray.from_arrays(flat, width)
+    return column, {_SHAPE_KEY: json.dumps(list(values.shape[1:])).encode()}
+
+
+def _schema_for(columns: Mapping[str, np.ndarray]) -> pa.Schema:
+    fields = []
+    for name, values in columns.items():
+        array, metadata = _to_arrow(np.asarray(values)[:0])
+        fields.append(pa.field(name, array.type, metadata=metadata or None))
+    return pa.schema(fields)
+
+
+class ActivationFrame:
+    """A DataFrame-like table of per-row arrays backed by an Arrow table.
+
+    >>> frame = ActivationFrame.from_arrays({"x": np.zeros((3, 2)), "y": np.arange(3)})
+    >>> frame["x"].shape
+    (3, 2)
+    """
+
+    def __init__(self, table: pa.Table) -> None:
+        self._table = table
+
+    @classmethod
+    def from_arrays(cls, columns: Mapping[str, np.ndarray]) -> "ActivationFrame":
+        """Build a frame in memory from equally long arrays (row axis first)."""
+        lengths = {name: len(values) for name, values in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"columns have different row counts: {lengths}")
+        arrays, fields = [], []
+        for name, values in columns.items():
+            array, metadata = _to_arrow(np.asarray(values))
+            arrays.append(array)
+            fields.append(pa.field(name, array.type, metadata=metadata or None))
+        return cls(pa.Table.from_arrays(arrays, schema=pa.schema(fields)))
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self._table.column_names)
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._table.column_names
+
+    def row_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of one row of column ``name`` (``()`` for scalar columns)."""
+        metadata = self._table.schema.field(self._column_name(name)).metadata or {}
+        return tuple(json.loads(metadata[_SHAPE_KEY])) if _SHAPE_KEY in metadata else ()
+
+    def _column_name(self, name: str) -> str:
+        if name not in self._table.column_names:
+            raise KeyError(f"no column {name!r} in this frame; its columns are: "
+                           f"{', '.join(self._table.column_names)}")
+        return name
+
+    def column(self, name: str) -> np.ndarray:
+        """Column ``name`` as a numpy array ``[N, *row_shape]``."""
+        chunked = self._table.column(self._column_name(name))
+        shape = self.row_shape(name)
+        if not shape:
+            return chunked.to_numpy()
+        flat = pa.concat_arrays([chunk.flatten() for chunk in chunked.chunks]) if chunked.num_chunks \
+            else pa.array([], type=chunked.type.value_type)
+        return flat.to_numpy(zero_copy_only=False).reshape((len(self), *shape))
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> "ActivationFrame":
+        """A new frame with the given rows (indices or a boolean mask)."""
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            if len(rows) != len(self):
+                raise ValueError(f"boolean mask has {len(rows)} entries for {len(self)} rows")
+            rows = np.flatnonzero(rows)
+        return ActivationFrame(self._table.take(pa.array(rows, type=pa.int64())))
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self.column(key)
+        if isinstance(key, list) and all(isinstance(k, str) for k in key):
+            return ActivationFrame(self._table.select([self._column_name(k) for k in key]))
+        if isinstance(key, slice):
+            return ActivationFrame(self._table.slice(*_slice_bounds(key, len(self))))
+        return self.take(key)
+
+    def to_pandas(self):
+        """The scalar columns as a pandas DataFrame (multi-dimensional columns are left out)."""
+        scalar = [name for name in self.columns if not self.row_shape(name)]
+        return self._table.select(scalar).to_pandas()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the frame as an Arrow IPC file (atomically: temporary name, then rename)."""
+        path = Path(path)
+        with FrameWriter(path, self._table.schema) as writer:
+            for batch in self._table.to_batches():
+                writer.write_batch(batch)
+        return path
+
+    def iter_batches(self, rows: int = 4096) -> Iterator["ActivationFrame"]:
+        """Iterate over the frame in slices of at most ``rows`` rows."""
+        for start in range(0, len(self), rows):
+            yield ActivationFrame(self._table.slice(start, rows))
+
+    def __repr__(self) -> str:
+        described = ", ".join(f"{name}{list(self.row_shape(name))}" for name in self.columns)
+        return f"ActivationFrame({len(self)} rows: {described})"
+
+
+def _slice_bounds(key: slice, length: int) -> tuple[int, int]:
+    start, stop, step = key.indices(length)
+    if step != 1:
+        raise ValueError("frame slices must have step 1; use take() for other row selections")
+    return start, max(stop - start, 0)
+
+
+class FrameWriter:
+    """Stream rows into an Arrow IPC file; the file appears under its name only on success."""
+
+    def __init__(self, path: str | os.PathLike, schema: pa.Schema | None = None) -> None:
+        self.path = Path(path)
+        self._temporary = self.path.with_name(f".{self.path.name}.partial")
+        self._schema = schema
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+
+    def __enter__(self) -> "FrameWriter":
+        return self
+
+    def write(self, columns: Mapping[str, np.ndarray]) -> None:
+        """Append rows given as arrays with the row axis first."""
+        if self._schema is None:
+            self._schema = _schema_for(columns)
+        arrays = [_to_arrow(np.asarray(columns[field.name]))[0] for field in self._schema]
+        self.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        if self._writer is None:
+            self._writer = pa.ipc.new_file(str(self._temporary), self._schema or batch.schema)
+        self._writer.write_batch(batch)
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if self._writer is None and error_type is None:
+            self._writer = pa.ipc.new_file(str(self._temporary), self._schema)
+        if self._writer is not None:
+            self._writer.close()
+        if error_type is None:
+            os.replace(self._temporary, self.path)
+        else:
+            self._temporary.unlink(missing_ok=True)
+
+
+def load_frame(path: str | os.PathLike) -> ActivationFrame:
+    """Open a saved frame, memory-mapped (nothing is read until a column is used)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no activation frame at {path}")
+    source = pa.memory_map(str(path), "r")
+    return ActivationFrame(pa.ipc.open_file(source).read_all())

@@ -1,0 +1,207 @@
+"""Front door for models: load an ONNX file or export an ``nn.Module``, then normalise.
+
+The result is an :class:`ImportedModel`: a topologically sorted, constant-folded
+ONNX model at opset >= 17, the name of its classifier output, and a map from
+tensor names to the PyTorch module scopes that produced them (from either the
+torch.export-based exporter's ``namespace`` metadata or the legacy exporter's
+``/scope/scope/Op`` node names).
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from moco_compile.errors import ModelError
+
+MIN_OPSET = 17
+
+
+@dataclass
+class ImportedModel:
+    """A classifier ready for the passes."""
+
+    model: onnx.ModelProto
+    output: str
+    scopes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        initializers = {init.name for init in self.model.graph.initializer}
+        return [i.name for i in self.model.graph.input if i.name not in initializers]
+
+    @property
+    def num_classes(self) -> int:
+        return output_shape(self.model, self.output)[1]
+
+
+def import_model(source: Any, output: str | None = None, example_input: Any = None) -> ImportedModel:
+    """Load ``source`` (ONNX path, ``onnx.ModelProto`` or ``torch.nn.Module``) as a classifier.
+
+    ``example_input`` is required for an ``nn.Module``: a tensor, a tuple of
+    tensors or a dict of named tensors with the batch on axis 0.
+    ``output`` names the classifier output when the model has several.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = source
+    elif isinstance(source, (str, os.PathLike)):
+        model = load_onnx(Path(source))
+    elif _is_torch_module(source):
+        if example_input is None:
+            raise ModelError("an nn.Module needs an example input: pass example_input=<a batch of inputs>")
+        model = export_torch(source, example_input)
+    else:
+        raise ModelError(f"cannot compile a {type(source).__name__}: pass an ONNX file path, "
+                         "an onnx.ModelProto or a torch.nn.Module")
+    scopes = module_scopes(model)
+    model = normalize(model)
+    return ImportedModel(model, classifier_output(model, output), scopes)
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """Load and check an ONNX file, with a clear error when it is missing or corrupt."""
+    if not path.exists():
+        raise ModelError(f"model file {path} does not exist: give the path of an .onnx file")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as error:  # onnx raises DecodeError, ValidationError, ... for bad files
+        raise ModelError(f"{path} is not a valid ONNX model ({type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0] if str(error).strip() else 'unreadable'}); "
+                         "re-export it with torch.onnx.export or check the file is complete") from error
+    return model
+
+
+def _is_torch_module(obj: Any) -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return isinstance(obj, torch.nn.Module)
+
+
+def export_torch(module: Any, example_input: Any, opset: int = 18) -> onnx.ModelProto:
+    """Export an ``nn.Module`` with the torch.export-based exporter, batch axis dynamic."""
+    import torch
+
+    if isinstance(example_input, dict):
+        args, kwargs, names = (), dict(example_input), list(example_input)
+        dims = {name: {0: torch.export.Dim("batch")} for name in names}
+        dynamic = dims
+    else:
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
+        kwargs, names = {}, [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
+        batch = torch.export.Dim("batch")
+        dynamic = tuple({0: batch} for _ in args)
+    module = module.eval()
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True,
+                                        dynamic_shapes=dynamic, opset_version=opset,
+                                        input_names=names if not kwargs else None, verbose=False)
+    except Exception as error:
+        raise ModelError(f"torch.onnx.export failed for {type(module).__name__}: {error}; "
+                         "export it yourself and pass the .onnx file") from error
+    buffer = io.BytesIO()
+    program.save(buffer)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def module_scopes(model: onnx.ModelProto) -> dict[str, tuple[str, ...]]:
+    """Map each node output to the qualified names of the modules around its node.
+
+    torch.export-based exporter: ``namespace`` metadata such as
+    ``": Net/layer1: Sequential/layer1.0: Block/relu_2: aten.relu.default"``.
+    Legacy exporter: node names such as ``/layer1/layer1.0/relu/Relu``.
+    """
+    scopes: dict[str, tuple[str, ...]] = {}
+    for node in model.graph.node:
+        metadata = {prop.key: prop.value for prop in node.metadata_props}
+        if "namespace" in metadata:
+            parts = [part.split(":")[0].strip() for part in metadata["namespace"].split("/")]
+            names = tuple(part for part in parts[1:-1] if part)
+        elif node.name.startswith("/"):
+            names = _qualify(node.name.split("/")[1:-1])
+        else:
+            names = ()
+        for output in node.output:
+            scopes[output] = names
+    return scopes
+
+
+def _qualify(parts: list[str]) -> tuple[str, ...]:
+    """Legacy scopes may be relative (``relu``) or qualified (``layer1.0``); make all qualified."""
+    qualified: list[str] = []
+    for part in parts:
+        if qualified and not part.startswith(qualified[-1] + "."):
+            part = f"{qualified[-1]}.{part}"
+        qualified.append(part)
+    return tuple(qualified)
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold constants, drop dead nodes, sort topologically and lift the opset to >= 17."""
+    import onnx_graphsurgeon as gs
+
+    opset = opset_of(model)
+    if opset < MIN_OPSET:
+        try:
+            model = onnx.version_converter.convert_version(model, MIN_OPSET)
+        except Exception as error:
+            raise ModelError(f"the model uses opset {opset} and could not be converted to opset "
+                             f"{MIN_OPSET} ({error}); re-export it with opset_version>={MIN_OPSET}") from error
+    graph = gs.import_onnx(model)
+    graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
+    normalized = gs.export_onnx(graph, do_type_check=False)
+    normalized.ir_version = min(model.ir_version, onnx.IR_VERSION) or onnx.IR_VERSION
+    return onnx.shape_inference.infer_shapes(normalized)
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def output_shape(model: onnx.ModelProto, name: str) -> list[int | str | None]:
+    """Shape of a graph output: ints for fixed dims, strings for symbolic ones, None if unknown."""
+    for value in model.graph.output:
+        if value.name == name:
+            if not value.type.tensor_type.HasField("shape"):
+                return []
+            return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                    for d in value.type.tensor_type.shape.dim]
+    raise KeyError(name)
+
+
+def classifier_output(model: onnx.ModelProto, output: str | None) -> str:
+    """Pick and validate the classifier output: float ``[N, C]`` with a fixed C >= 2."""
+    names = [o.name for o in model.graph.output]
+    if output is None:
+        if len(names) != 1:
+            raise ModelError(f"the model has {len(names)} outputs ({', '.join(names)}): "
+                             "name the classifier's [N, C] output with --output")
+        output = names[0]
+    elif output not in names:
+        raise ModelError(f"--output {output!r} is not an output of the model; its outputs are: "
+                         f"{', '.join(names)}")
+    shape = output_shape(model, output)
+    elem = next(o for o in model.graph.output if o.name == output).type.tensor_type.elem_type
+    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                   onnx.TensorProto.BFLOAT16)
+    if len(shape) != 2 or not isinstance(shape[1], int) or shape[1] < 2 or elem not in float_types:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem) if elem else "unknown"
+        raise ModelError(f"output {output!r} has shape {shape} and dtype {dtype}: moco compiles "
+                         "classifiers whose output is float [batch, classes] with a fixed number "
+                         "of classes >= 2 (logits or probabilities)")
+    return output
+
+
+def input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
+    """Numpy dtype of each (non-initializer) graph input."""
+    initializers = {init.name for init in model.graph.initializer}
+    return {i.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+            for i in model.graph.input if i.name not in initializers}

@@ -1,0 +1,1 @@
+"""Reference models: definitions, training recipes and small exported artefacts."""

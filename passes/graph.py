@@ -1,0 +1,85 @@
+"""Read-only index over an ONNX graph: producers, consumers, constants and ancestry.
+
+Every pass that reasons about data flow uses this one index instead of walking
+``model.graph`` itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import onnx
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Names a node reads: its inputs plus outer-scope names its subgraphs read."""
+    names = [name for name in node.input if name]
+    for attribute in node.attribute:
+        for graph in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else []) + list(attribute.graphs):
+            local = {init.name for init in graph.initializer} | {i.name for i in graph.input}
+            for inner in graph.node:
+                local.update(inner.output)
+            for inner in graph.node:
+                names.extend(n for n in node_inputs(inner) if n not in local)
+    return names
+
+
+@dataclass
+class GraphIndex:
+    """Data-flow facts about ``model.graph`` (nodes must be topologically sorted)."""
+
+    model: onnx.ModelProto
+    producer: dict[str, int] = field(init=False)
+    consumers: dict[str, list[int]] = field(init=False)
+    constants: set[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        graph = self.model.graph
+        self.producer, self.consumers = {}, {}
+        self.constants = {init.name for init in graph.initializer}
+        for index, node in enumerate(graph.node):
+            inputs = node_inputs(node)
+            for name in inputs:
+                self.consumers.setdefault(name, []).append(index)
+            for name in node.output:
+                self.producer[name] = index
+            if all(name in self.constants for name in inputs):
+                self.constants.update(name for name in node.output if name)
+
+    @cached_property
+    def graph_inputs(self) -> list[str]:
+        initializers = {init.name for init in self.model.graph.initializer}
+        return [i.name for i in self.model.graph.input if i.name not in initializers]
+
+    @cached_property
+    def graph_outputs(self) -> list[str]:
+        return [o.name for o in self.model.graph.output]
+
+    def is_constant_node(self, index: int) -> bool:
+        """True for nodes computed from constants only (folded or duplicated freely)."""
+        return all(name in self.constants for name in self.model.graph.node[index].output if name)
+
+    def ancestors(self, tensor: str) -> set[int]:
+        """Indices of the non-constant nodes that ``tensor`` depends on, its producer included."""
+        seen: set[int] = set()
+        stack = [tensor]
+        while stack:
+            index = self.producer.get(stack.pop())
+            if index is None or index in seen or self.is_constant_node(index):
+                continue
+            seen.add(index)
+            stack.extend(node_inputs(self.model.graph.node[index]))
+        return seen
+
+    def crossing_tensors(self, before: set[int]) -> set[str]:
+        """Non-constant tensors that nodes outside ``before`` read from inside it or from graph inputs."""
+        produced_before = {name for i in before for name in self.model.graph.node[i].output}
+        crossing = set()
+        for index, node in enumerate(self.model.graph.node):
+            if index in before or self.is_constant_node(index):
+                continue
+            for name in node_inputs(node):
+                if name in produced_before or name in self.graph_inputs:
+                    crossing.add(name)
+        crossing.update(name for name in self.graph_outputs if name in produced_before or name in self.graph_inputs)
+        return crossing

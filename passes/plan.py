@@ -1,0 +1,282 @@
+"""Exit planning: which cuts get an exit, and each class's threshold there.
+
+A plan is judged as a whole.  Rows leave at the first exit where some class's
+margin ``score - threshold`` is positive, taking the class with the largest
+margin.  The planner
+
+1. builds a nested family of plans on a *design* split: starting from no exits,
+   it repeatedly lowers the one (cut, class) threshold that buys the most FLOPs
+   saved per extra disagreement with the full model (rule cost included, rows
+   that left earlier no longer available), so cheap early exits and precise
+   classes are preferred where they pay;
+2. certifies a plan on a separate *test* split with Learn-then-Test style
+   fixed-sequence testing: plans are tested in family order with exact
+   binomial p-values for H0 "disagreement rate >= budget"; the last plan
+   rejected before the first failure is kept.  With probability >= confidence
+   the kept plan's disagreement rate (and, when asked, its accuracy harm) is
+   within budget.  One test covers the whole plan, not each rule.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moco_compile.passes.bounds import binomial_p_value, clopper_pearson_upper
+from moco_compile.passes.cut_points import CutPoint
+from moco_compile.passes.rules import LinearScores
+
+
+@dataclass
+class Exit:
+    """One exit: linear scores on a cut's pooled features and per-class thresholds (inf = off)."""
+
+    cut: CutPoint
+    column: str
+    scores: LinearScores
+    thresholds: np.ndarray
+    rule_flops: float
+
+    def margins(self, features: np.ndarray) -> np.ndarray:
+        """``[N, C]`` margins; a row exits here when its largest margin is positive."""
+        return self.scores(features) - self.thresholds
+
+    def to_dict(self) -> dict:
+        return {"cut": self.cut.tensor, "module": self.cut.module, "column": self.column,
+                "shape": list(self.cut.shape), "flops_before": self.cut.flops_before,
+                "flops_after": self.cut.flops_after, "rule_flops": self.rule_flops,
+                "weight": self.scores.weight.tolist(), "bias": self.scores.bias.tolist(),
+                "thresholds": [None if not np.isfinite(t) else float(t) for t in self.thresholds]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Exit":
+        cut = CutPoint(data["cut"], data["module"], tuple(data["shape"]), data["flops_before"],
+                       data["flops_after"])
+        scores = LinearScores(np.asarray(data["weight"], np.float32), np.asarray(data["bias"], np.float32))
+        thresholds = np.asarray([np.inf if t is None else t for t in data["thresholds"]], np.float32)
+        return cls(cut, data["column"], scores, thresholds, data["rule_flops"])
+
+
+def route(margins: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Exit index (-1: none) and exit class (-1: none) of each row, given margins per exit."""
+    rows = len(margins[0]) if margins else 0
+    exit_index = np.full(rows, -1, np.int64)
+    exit_class = np.full(rows, -1, np.int64)
+    remaining = np.ones(rows, bool)
+    for position, margin in enumerate(margins):
+        best = margin.argmax(axis=1)
+        fired = remaining & (margin[np.arange(rows), best] > 0)
+        exit_index[fired] = position
+        exit_class[fired] = best[fired]
+        remaining &= ~fired
+    return exit_index, exit_class
+
+
+@dataclass
+class PlanEvaluation:
+    """What a plan does on a set of rows."""
+
+    exit_index: np.ndarray
+    compiled_predictions: np.ndarray
+    compute_reduction: float
+    exit_rates: list[float]
+    disagreement: float
+    disagreement_among_exited: float
+    accuracy_before: float | None
+    accuracy_after: float | None
+
+    def to_dict(self) -> dict:
+        return {key: value for key, value in self.__dict__.items()
+                if key not in ("exit_index", "compiled_predictions")}
+
+
+@dataclass
+class ExitPlan:
+    """The exits to build, in graph order, and the certificate that justified them."""
+
+    exits: list[Exit]
+    total_flops: float
+    certificate: dict = field(default_factory=dict)
+
+    def row_flops(self, exit_index: np.ndarray) -> np.ndarray:
+        """FLOPs each row costs in the compiled graph, rules included."""
+        rule_cost = np.cumsum([e.rule_flops for e in self.exits]) if self.exits else np.zeros(0)
+        before = np.array([e.cut.flops_before for e in self.exits] + [self.total_flops])
+        paid_rules = np.append(rule_cost, rule_cost[-1] if len(rule_cost) else 0.0)
+        return (before + paid_rules)[exit_index]  # index -1 selects the full-network entry
+
+    def evaluate(self, features: Mapping[str, np.ndarray], predictions: np.ndarray,
+                 labels: np.ndarray | None = None) -> PlanEvaluation:
+        """Route rows given their pooled features per exit column and the full model's predictions."""
+        exit_index, exit_class = route([e.margins(features[e.column]) for e in self.exits]) \
+            if self.exits else (np.full(len(predictions), -1), np.full(len(predictions), -1))
+        compiled = np.where(exit_index >= 0, exit_class, predictions)
+        exited = exit_index >= 0
+        rows = max(len(predictions), 1)
+        return PlanEvaluation(
+            exit_index=exit_index, compiled_predictions=compiled,
+            compute_reduction=float(1 - self.row_flops(exit_index).mean() / self.total_flops) if len(predictions) else 0.0,
+            exit_rates=[float((exit_index == k).sum() / rows) for k in range(len(self.exits))],
+            disagreement=float((compiled != predictions).sum() / rows),
+            disagreement_among_exited=float((compiled[exited] != predictions[exited]).mean()) if exited.any() else 0.0,
+            accuracy_before=None if labels is None else float((predictions == labels).mean()),
+            accuracy_after=None if labels is None else float((compiled == labels).mean()))
+
+    def to_dict(self) -> dict:
+        return {"total_flops": self.total_flops, "certificate": self.certificate,
+                "exits": [e.to_dict() for e in self.exits]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "ExitPlan":
+        return cls([Exit.from_dict(e) for e in data["exits"]], data["total_flops"], data.get("certificate", {}))
+
+
+@dataclass
+class Split:
+    """Scores of every candidate exit on a set of rows, with the full model's predictions."""
+
+    scores: list[np.ndarray]
+    predictions: np.ndarray
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.predictions)
+
+
+class NoPlanError(Exception):
+    """No plan in the family passed the test; carries what the smallest plan measured."""
+
+
+class ExitPlanner:
+    """Choose exits and thresholds jointly under a certified global risk budget.
+
+    Parameters
+    ----------
+    max_disagreement:
+        Budget for the fraction of inputs whose class differs from the full model's.
+    confidence:
+        Probability with which the certified budget holds (1 - delta).
+    max_accuracy_drop:
+        Optional budget for the fraction of inputs the full model gets right and
+        the compiled model gets wrong (needs labels on the test split).
+    step_fraction:
+        Threshold moves add this fraction of design rows to a rule (and 4x that).
+    design_risk_factor:
+        The family grows until its design risk is this multiple of the budget.
+    """
+
+    def __init__(self, max_disagreement: float = 0.01, confidence: float = 0.95,
+                 max_accuracy_drop: float | None = None, step_fraction: float = 0.005,
+                 design_risk_factor: float = 3.0) -> None:
+        self.max_disagreement = max_disagreement
+        self.confidence = confidence
+        self.max_accuracy_drop = max_accuracy_drop
+        self.step_fraction = step_fraction
+        self.design_risk_factor = design_risk_factor
+
+    def fit(self, candidates: Sequence[tuple[CutPoint, str, LinearScores, float]], design: Split,
+            test: Split, total_flops: float) -> ExitPlan:
+        """Return the certified plan (possibly with no exits if only that passes)."""
+        cuts = [c[0] for c in candidates]
+        before = np.array([c.flops_before for c in cuts])
+        rule_flops = np.array([c[3] for c in candidates])
+        sorted_scores = [-np.sort(-s, axis=0) for s in design.scores]
+        family = self._family(design, sorted_scores, before, rule_flops, total_flops)
+        chosen, certificate = self._certify(family, sorted_scores, test)
+        thresholds = _thresholds(chosen, sorted_scores)
+        exits = [Exit(cut, column, scores, thresholds[k], float(rule_flops[k]))
+                 for k, (cut, column, scores, _) in enumerate(candidates) if chosen[k].any()]
+        certificate["family_size"] = len(family)
+        return ExitPlan(exits, total_flops, certificate)
+
+    def _risk(self, exit_class: np.ndarray, split: Split) -> float:
+        """Risk in units of "budgets used": max over constraints of failures / budget."""
+        compiled = np.where(exit_class >= 0, exit_class, split.predictions)
+        risk = (compiled != split.predictions).sum() / self.max_disagreement
+        if self.max_accuracy_drop is not None and split.labels is not None:
+            harm = ((split.predictions == split.labels) & (compiled != split.labels)).sum()
+            risk = max(risk, harm / self.max_accuracy_drop)
+        return float(risk)
+
+    def _family(self, design: Split, sorted_scores: list[np.ndarray], before: np.ndarray,
+                rule_flops: np.ndarray, total_flops: float) -> list[np.ndarray]:
+        """Nested plans as counts ``q[k, c]`` of design rows each rule would admit."""
+        rows, classes = design.scores[0].shape
+        step = max(1, round(self.step_fraction * rows))
+        risk_cap = self.design_risk_factor * rows
+
+        def evaluate(counts: np.ndarray) -> tuple[float, float]:
+            thresholds = _thresholds(counts, sorted_scores)
+            active = counts.any(axis=1)
+            margins = [design.scores[k] - thresholds[k] for k in range(len(before))]
+            exit_index, exit_class = route(margins)
+            paid = np.cumsum(np.where(active, rule_flops, 0.0))
+            cost = np.append(before + paid, total_flops + (paid[-1] if len(paid) else 0.0))[exit_index]
+            return float(cost.sum()), self._risk(exit_class, design)
+
+        counts = np.zeros((len(before), classes), np.int64)
+        cost, risk = evaluate(counts)
+        family = [counts.copy()]
+        while True:
+            best = None
+            for k in range(len(before)):
+                for cls in range(classes):
+                    for size in (step, 4 * step):
+                        if counts[k, cls] + size > rows:
+                            continue
+                        trial = counts.copy()
+                        trial[k, cls] += size
+                        trial_cost, trial_risk = evaluate(trial)
+                        saved, added_risk = cost - trial_cost, trial_risk - risk
+                        if saved <= 0:
+                            continue
+                        priority = (np.inf, saved) if added_risk <= 0 else (saved / added_risk, saved)
+                        if best is None or priority > best[0]:
+                            best = (priority, trial, trial_cost, trial_risk)
+            if best is None or best[3] > risk_cap:
+                return family
+            _, counts, cost, risk = best
+            family.append(counts.copy())
+
+    def _certify(self, family: list[np.ndarray], sorted_scores: list[np.ndarray],
+                 test: Split) -> tuple[np.ndarray, dict]:
+        delta = 1 - self.confidence
+        chosen, record = None, None
+        for number, counts in enumerate(family):
+            thresholds = _thresholds(counts, sorted_scores)
+            _, exit_class = route([test.scores[k] - thresholds[k] for k in range(len(sorted_scores))])
+            compiled = np.where(exit_class >= 0, exit_class, test.predictions)
+            disagreements = int((compiled != test.predictions).sum())
+            p_value = binomial_p_value(disagreements, len(test), self.max_disagreement)
+            harm = None
+            if self.max_accuracy_drop is not None and test.labels is not None:
+                harm = int(((test.predictions == test.labels) & (compiled != test.labels)).sum())
+                p_value = max(p_value, binomial_p_value(harm, len(test), self.max_accuracy_drop))
+            if p_value > delta:
+                break
+            chosen = counts
+            record = {"plans_tested": number + 1, "disagreements": disagreements, "accuracy_harm": harm,
+                      "p_value": p_value}
+        if chosen is None:
+            raise NoPlanError(f"even the plan with no exits fails the test on {len(test)} rows")
+        certificate = {
+            "method": "Learn-then-Test fixed-sequence testing of nested exit plans (ordered on a "
+                      "separate design split) with exact binomial p-values on held-out rows",
+            "max_disagreement": self.max_disagreement, "max_accuracy_drop": self.max_accuracy_drop,
+            "confidence": self.confidence, "test_rows": len(test), **record,
+            "disagreement_upper_bound": clopper_pearson_upper(record["disagreements"], len(test),
+                                                              self.confidence)}
+        return chosen, certificate
+
+
+def _thresholds(counts: np.ndarray, sorted_scores: list[np.ndarray]) -> np.ndarray:
+    """Per (cut, class) threshold admitting the top ``counts[k, c]`` design scores (inf if 0)."""
+    thresholds = np.full(counts.shape, np.inf, np.float32)
+    for k, scores in enumerate(sorted_scores):
+        rows = len(scores)
+        for cls in np.flatnonzero(counts[k]):
+            q = counts[k, cls]
+            lower = scores[q, cls] if q < rows else scores[rows - 1, cls] - 1.0
+            thresholds[k, cls] = (scores[q - 1, cls] + lower) / 2
+    return thresholds

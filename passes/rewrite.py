@@ -1,0 +1,267 @@
+"""Rewrite pass: insert the plan's exits into the graph, producing one ONNX model.
+
+Structure, for exits 0..m-1 at cut tensors T_0..T_{m-1}::
+
+    level 0 (main graph): stage 0 nodes -> T_0
+        exit 0: pooled = pool(T_0); margins = pooled @ W + (b - t)
+                fired = ReduceMax(margins) > 0;  keep = Not(fired)
+                rest = Compress(T_0 [and side inputs], keep);  rows = NonZero(keep)^T
+                If(Size(rows) > 0)
+                    then: level 1 graph (stage 1 nodes on `rest` -> T_1, exit 1, If ...)
+                    else: empty outputs (the batch-1 fast path: nothing else runs)
+                outputs = ScatterND(exit values, rows, If outputs)
+    level m: stage m nodes -> the original outputs, moco_exit = -1
+
+Every level keeps the initializers its own nodes read inside its own graph
+(copies, renamed, where an outer level uses them too): onnxruntime cannot
+pre-pack weights that a subgraph reads from the outer scope, and such a
+remainder runs 2-3x slower.
+
+Exited rows carry the exit's margins ``score - threshold`` in place of the
+classifier output (through Softmax/LogSoftmax when the model ends in one), so
+their argmax is the exit's class; other outputs carry zeros for exited rows.
+``moco_exit`` holds the exit index per row, -1 for the full network.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from moco_compile.passes.graph import GraphIndex, node_inputs
+from moco_compile.passes.plan import Exit
+from moco_compile.passes.pooling import pooling_for, pooling_nodes
+
+EXIT_OUTPUT = "moco_exit"
+_NEVER = float(np.finfo(np.float32).max)
+
+
+def insert_exits(model: onnx.ModelProto, exits: Sequence[Exit], classifier_output: str) -> onnx.ModelProto:
+    """Return a new model with ``exits`` inserted (in graph order) and ``moco_exit`` added."""
+    return _ExitGraphBuilder(model, list(exits), classifier_output).build()
+
+
+class _ExitGraphBuilder:
+    def __init__(self, model: onnx.ModelProto, exits: list[Exit], classifier_output: str) -> None:
+        self.model = model
+        self.exits = exits
+        self.output = classifier_output
+        self.index = GraphIndex(model)
+        self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        self.initializers = {init.name: init for init in model.graph.initializer}
+        self.outputs = [o for o in model.graph.output]
+        self.types = {v.name: v.type.tensor_type.elem_type
+                      for v in list(model.graph.value_info) + list(model.graph.input) + self.outputs}
+        self.full_names = {o.name: f"moco/full/{o.name}" for o in self.outputs}
+        self.stages = self._partition()
+        self.defined_outside: set[str] = set()
+
+    def _partition(self) -> list[list[int]]:
+        """Node indices of each stage: stage k ends at exit k's cut; the last stage is the rest."""
+        assigned: set[int] = set()
+        stages = []
+        for exit_ in self.exits:
+            ancestors = self.index.ancestors(exit_.cut.tensor)
+            stages.append(sorted(ancestors - assigned))
+            assigned |= ancestors
+        stages.append([i for i in range(len(self.model.graph.node))
+                       if i not in assigned and not self.index.is_constant_node(i)])
+        return stages
+
+    def build(self) -> onnx.ModelProto:
+        graph = self._level(0, renames={})
+        graph.name = self.model.graph.name or "moco_compiled"
+        graph.input.extend(self.model.graph.input)
+        initializer_inputs = [i for i in graph.input if i.name in self.initializers]
+        for value in initializer_inputs:  # inputs that double as initializers stay top-level
+            graph.input.remove(value)
+        batch_dim = self._batch_dim()
+        del graph.output[:]
+        graph.output.extend(self.outputs)
+        graph.output.append(helper.make_tensor_value_info(EXIT_OUTPUT, onnx.TensorProto.INT64, [batch_dim]))
+        graph.output[-1].doc_string = "index of the exit each row took; -1 = full network"
+        compiled = helper.make_model(graph, opset_imports=list(self.model.opset_import),
+                                     producer_name="moco", ir_version=self.model.ir_version)
+        compiled.metadata_props.extend(self.model.metadata_props)
+        return compiled
+
+    def _batch_dim(self) -> str | int:
+        dims = next(o for o in self.outputs if o.name == self.output).type.tensor_type.shape.dim
+        return dims[0].dim_param or "batch" if dims and not dims[0].HasField("dim_value") else "batch"
+
+    # -- one level of nesting -------------------------------------------------------------
+    def _level(self, level: int, renames: dict[str, str]) -> onnx.GraphProto:
+        """Graph of stage ``level`` plus exit ``level`` (or the final outputs at the last level)."""
+        nodes, initializers = self._stage_nodes(level, renames)
+        final = level == len(self.exits)
+        if final:
+            result_names = self._final_outputs(level, nodes)
+        else:
+            result_names = self._exit(level, renames, nodes, initializers)
+        names = result_names if level else [o.name for o in self.outputs] + [EXIT_OUTPUT]
+        if level == 0:
+            nodes.extend(helper.make_node("Identity", [src], [dst], name=f"moco/out/{dst}")
+                         for src, dst in zip(result_names, names) if src != dst)
+        graph = helper.make_graph(nodes, f"moco_level_{level}", [], [], initializers)
+        graph.output.extend(self._value_info(name, original)
+                            for name, original in zip(names, [o.name for o in self.outputs] + [EXIT_OUTPUT]))
+        return graph
+
+    def _stage_nodes(self, level: int, renames: dict[str, str]) -> tuple[list, list]:
+        """Copies of the stage's nodes with inputs renamed, and private copies of their constants."""
+        nodes, initializers, local = [], [], {}
+        graph_nodes = self.model.graph.node
+        needed = {name for i in self.stages[level] for name in node_inputs(graph_nodes[i])}
+        constant_nodes = self._constant_closure(needed)
+        for i in constant_nodes + self.stages[level]:
+            node = onnx.NodeProto()
+            node.CopyFrom(graph_nodes[i])
+            for name in list(node_inputs(node)) + list(node.output):
+                if (name in self.initializers or i in constant_nodes) and name not in local:
+                    local[name] = name if name not in self.defined_outside else f"{name}/moco_level{level}"
+            if i in constant_nodes:
+                for position, name in enumerate(node.output):
+                    node.output[position] = local.get(name, name)
+            for position, name in enumerate(node.input):
+                node.input[position] = local.get(name, renames.get(name, self.full_names.get(name, name)))
+            for position, name in enumerate(node.output):
+                node.output[position] = self.full_names.get(name, name)
+            nodes.append(node)
+        for name, private in local.items():
+            if name in self.initializers:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(self.initializers[name])
+                copy.name = private
+                initializers.append(copy)
+        self.defined_outside |= set(local)
+        return nodes, initializers
+
+    def _constant_closure(self, needed: set[str]) -> list[int]:
+        """Constant nodes (computed from initializers only) whose outputs ``needed`` reaches."""
+        found: set[int] = set()
+        stack = [n for n in needed if n in self.index.constants and n in self.index.producer]
+        while stack:
+            producer = self.index.producer[stack.pop()]
+            if producer in found:
+                continue
+            found.add(producer)
+            stack.extend(n for n in node_inputs(self.model.graph.node[producer]) if n in self.index.producer)
+        return sorted(found)
+
+    def _final_outputs(self, level: int, nodes: list) -> list[str]:
+        outputs = [self.full_names[o.name] for o in self.outputs]
+        shape = f"moco/level{level}/batch"
+        exit_ids = f"moco/level{level}/exit"
+        nodes.append(helper.make_node("Shape", [outputs[0]], [shape], start=0, end=1))
+        nodes.append(helper.make_node("ConstantOfShape", [shape], [exit_ids],
+                                      value=numpy_helper.from_array(np.array([-1], np.int64))))
+        return outputs + [exit_ids]
+
+    def _exit(self, level: int, renames: dict[str, str], nodes: list, initializers: list) -> list[str]:
+        exit_ = self.exits[level]
+        p = f"moco/exit{level}"
+        cut = exit_.cut.tensor
+        pooled = f"{p}/pooled"
+        nodes.extend(pooling_nodes(cut, pooling_for(exit_.cut.shape), pooled, p))
+        if self.types.get(cut, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+            nodes.append(helper.make_node("Cast", [pooled], [f"{pooled}_f32"], to=onnx.TensorProto.FLOAT))
+            pooled = f"{pooled}_f32"
+        offset = np.where(np.isfinite(exit_.thresholds), exit_.scores.bias - exit_.thresholds, -_NEVER)
+        initializers.extend([
+            numpy_helper.from_array(exit_.scores.weight.astype(np.float32), f"{p}/weight"),
+            numpy_helper.from_array(offset.astype(np.float32), f"{p}/offset"),
+            numpy_helper.from_array(np.array(0.0, np.float32), f"{p}/zero"),
+            numpy_helper.from_array(np.array(0, np.int64), f"{p}/no_rows"),
+        ])
+        margins, top, fired, keep = (f"{p}/{n}" for n in ("margins", "top", "fired", "keep"))
+        rows, count, any_left = f"{p}/rows", f"{p}/rest_count", f"{p}/any_left"
+        nodes.extend([
+            helper.make_node("MatMul", [pooled, f"{p}/weight"], [f"{p}/scores"]),
+            helper.make_node("Add", [f"{p}/scores", f"{p}/offset"], [margins]),
+            self._reduce_max(margins, top, initializers),
+            helper.make_node("Greater", [top, f"{p}/zero"], [fired]),
+            helper.make_node("Not", [fired], [keep]),
+            helper.make_node("NonZero", [keep], [f"{p}/rows_t"]),
+            helper.make_node("Transpose", [f"{p}/rows_t"], [rows], perm=[1, 0]),
+            helper.make_node("Size", [rows], [count]),
+            helper.make_node("Greater", [count, f"{p}/no_rows"], [any_left]),
+        ])
+        carried = [cut] + sorted(self._side_inputs(level + 1))
+        inner = dict(renames)
+        for name in carried:
+            rest = f"{p}/rest/{name}"
+            nodes.append(helper.make_node("Compress", [renames.get(name, name), keep], [rest], axis=0))
+            inner[name] = rest
+        then_branch = self._level(level + 1, inner)
+        else_branch = self._empty_branch(level)
+        rest_results = [f"{p}/rest_out/{o.name}" for o in self.outputs] + [f"{p}/rest_out/exit"]
+        nodes.append(helper.make_node("If", [any_left], rest_results, name=f"{p}/if_rows_left",
+                                      then_branch=then_branch, else_branch=else_branch))
+        results = []
+        for position, original in enumerate(self.outputs):
+            base = self._exited_value(original, margins, top, p, nodes, initializers)
+            merged = f"{p}/merged/{original.name}"
+            nodes.append(helper.make_node("ScatterND", [base, rows, rest_results[position]], [merged]))
+            results.append(merged)
+        nodes.append(helper.make_node("Shape", [top], [f"{p}/batch"]))
+        nodes.append(helper.make_node("ConstantOfShape", [f"{p}/batch"], [f"{p}/exit_ids"],
+                                      value=numpy_helper.from_array(np.array([level], np.int64))))
+        nodes.append(helper.make_node("ScatterND", [f"{p}/exit_ids", rows, rest_results[-1]], [f"{p}/exit"]))
+        return results + [f"{p}/exit"]
+
+    def _exited_value(self, original: onnx.ValueInfoProto, margins: str, top: str, p: str,
+                      nodes: list, initializers: list) -> str:
+        """What exited rows carry in ``original``: margins for the classifier, zeros otherwise."""
+        elem = original.type.tensor_type.elem_type
+        name = f"{p}/exited/{original.name}"
+        if original.name == self.output:
+            final_op = self.model.graph.node[self.index.producer[original.name]].op_type
+            value = margins
+            if final_op in ("Softmax", "LogSoftmax"):
+                nodes.append(helper.make_node(final_op, [margins], [f"{name}/{final_op}"], axis=-1))
+                value = f"{name}/{final_op}"
+            nodes.append(helper.make_node("Cast", [value], [name], to=elem))
+            return name
+        trailing = [d.dim_value for d in original.type.tensor_type.shape.dim[1:]]
+        initializers.append(numpy_helper.from_array(np.array(trailing, np.int64), f"{name}/trailing"))
+        nodes.append(helper.make_node("Shape", [top], [f"{name}/batch"]))
+        nodes.append(helper.make_node("Concat", [f"{name}/batch", f"{name}/trailing"], [f"{name}/shape"], axis=0))
+        nodes.append(helper.make_node("ConstantOfShape", [f"{name}/shape"], [name],
+                                      value=helper.make_tensor("zero", elem, [1], [0])))
+        return name
+
+    def _side_inputs(self, level: int) -> set[str]:
+        """Graph inputs that stages from ``level`` on still read (e.g. an attention mask)."""
+        inputs = set(self.index.graph_inputs)
+        return {name for stage in self.stages[level:] for i in stage
+                for name in node_inputs(self.model.graph.node[i]) if name in inputs}
+
+    def _empty_branch(self, level: int) -> onnx.GraphProto:
+        initializers, outputs = [], []
+        for original in self.outputs + [None]:
+            if original is None:
+                elem, trailing, name = onnx.TensorProto.INT64, [], f"moco/exit{level}/empty/exit"
+            else:
+                elem = original.type.tensor_type.elem_type
+                trailing = [d.dim_value for d in original.type.tensor_type.shape.dim[1:]]
+                name = f"moco/exit{level}/empty/{original.name}"
+            dtype = helper.tensor_dtype_to_np_dtype(elem)
+            initializers.append(numpy_helper.from_array(np.zeros([0, *trailing], dtype), name))
+            outputs.append(helper.make_tensor_value_info(name, elem, [0, *trailing]))
+        return helper.make_graph([], f"moco_level_{level + 1}_skipped", [], outputs, initializers)
+
+    def _value_info(self, name: str, original: str) -> onnx.ValueInfoProto:
+        if original == EXIT_OUTPUT:
+            return helper.make_tensor_value_info(name, onnx.TensorProto.INT64, ["rows"])
+        value = next(o for o in self.outputs if o.name == original)
+        dims = ["rows"] + [d.dim_value or d.dim_param for d in value.type.tensor_type.shape.dim[1:]]
+        return helper.make_tensor_value_info(name, value.type.tensor_type.elem_type, dims)
+
+    def _reduce_max(self, data: str, output: str, initializers: list) -> onnx.NodeProto:
+        if self.opset >= 18:
+            axes = f"{output}/axes"
+            initializers.append(numpy_helper.from_array(np.array([1], np.int64), axes))
+            return helper.make_node("ReduceMax", [data, axes], [output], keepdims=0)
+        return helper.make_node("ReduceMax", [data], [output], axes=[1], keepdims=0)

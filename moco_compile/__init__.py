@@ -1,1 +1,33 @@
-"""moco: compile trained classifiers into one ONNX graph where easy inputs leave early."""
+"""moco: compile trained classifiers into one ONNX graph where easy inputs leave early.
+
+>>> import moco_compile
+>>> result = moco_compile.compile("model.onnx", {"images": x, "labels": y}, out_dir="out")  # doctest: +SKIP
+
+Heavy modules load on first use, so ``import moco_compile`` stays light.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__all__ = ["compile", "load_frame", "ActivationFrame", "ExitSession", "MocoError"]
+
+if TYPE_CHECKING:
+    from moco_compile.api import compile
+    from moco_compile.errors import MocoError
+    from moco_compile.frame import ActivationFrame, load_frame
+    from moco_compile.runtime.session import ExitSession
+
+
+def __getattr__(name: str):
+    if name == "compile":
+        from moco_compile.api import compile as value
+    elif name in ("load_frame", "ActivationFrame"):
+        from moco_compile import frame
+        value = getattr(frame, name)
+    elif name == "ExitSession":
+        from moco_compile.runtime.session import ExitSession as value
+    elif name == "MocoError":
+        from moco_compile.errors import MocoError as value
+    else:
+        raise AttributeError(f"module 'moco_compile' has no attribute {name!r}")
+    return value

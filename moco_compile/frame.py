@@ -109,6 +109,21 @@ class ActivationFrame:
             return ActivationFrame(self._table.slice(*_slice_bounds(key, len(self))))
         return self.take(key)
 
+    def with_column(self, name: str, values: np.ndarray) -> "ActivationFrame":
+        """A new frame with column ``name`` added (or replaced)."""
+        if len(values) != len(self):
+            raise ValueError(f"column {name!r} has {len(values)} rows, the frame has {len(self)}")
+        array, metadata = _to_arrow(np.asarray(values))
+        table = self._table.drop_columns([name]) if name in self else self._table
+        return ActivationFrame(table.append_column(pa.field(name, array.type, metadata=metadata or None), array))
+
+    def in_memory(self) -> "ActivationFrame":
+        """A copy held in memory, independent of the file this frame may be mapped from."""
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, self._table.schema) as writer:
+            writer.write_table(self._table)
+        return ActivationFrame(pa.ipc.open_stream(sink.getvalue()).read_all())
+
     def to_pandas(self):
         """The scalar columns as a pandas DataFrame (multi-dimensional columns are left out)."""
         scalar = [name for name in self.columns if not self.row_shape(name)]

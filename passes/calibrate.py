@@ -3,7 +3,9 @@ the pooled features at every cut and the full model's prediction.
 
 One onnxruntime session serves the whole pass: the cut tensors are pooled inside
 the graph (the same nodes the compiled graph uses) and exposed as extra outputs.
-Rows are streamed into an on-disk :class:`ActivationFrame`.
+Rows are streamed into an on-disk :class:`ActivationFrame` with one column per
+(cut, pooling piece): ``<cut>`` holds the mean-pooled (or flat) features,
+``<cut>:max`` and ``<cut>:grid`` the other pieces.
 """
 from __future__ import annotations
 
@@ -17,43 +19,54 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from moco_compile.frame import ActivationFrame, FrameWriter, load_frame
 from moco_compile.passes.cut_points import CutPoint
-from moco_compile.passes.pooling import pooling_for, pooling_nodes
+from moco_compile.passes.pooling import piece_nodes, pieces_for, variant_pieces
 
 PREDICTIONS = "predictions"
 LABELS = "labels"
 
 
-def feature_output(position: int) -> str:
-    return f"moco/feature_{position}"
+def cut_column(cut: CutPoint) -> str:
+    """Name of a cut in the frame: its module name where known, else its tensor."""
+    return cut.module or cut.tensor
 
 
-def probe_model(model: onnx.ModelProto, cuts: Sequence[CutPoint]) -> onnx.ModelProto:
-    """``model`` with each cut's pooled features added as output ``moco/feature_<i>``."""
+def piece_column(column: str, piece: str) -> str:
+    return column if piece in ("mean", "flat") else f"{column}:{piece}"
+
+
+def variant_features(frame: ActivationFrame, column: str, variant: str) -> np.ndarray:
+    """``[N, D]`` features of a pooling variant, concatenated from the frame's piece columns."""
+    parts = [frame[piece_column(column, piece)].reshape(len(frame), -1) for piece in variant_pieces(variant)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def probe_model(model: onnx.ModelProto, cuts: Sequence[CutPoint]) -> tuple[onnx.ModelProto, list[str]]:
+    """``model`` with every pooling piece of every cut added as an output; returns the column names."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
+    columns = []
     for position, cut in enumerate(cuts):
-        name = feature_output(position)
-        probe.graph.node.extend(pooling_nodes(cut.tensor, pooling_for(cut.shape), name, f"moco/probe_{position}"))
-        probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    return probe
+        for piece in pieces_for(cut.shape):
+            column = piece_column(cut_column(cut), piece)
+            probe.graph.node.extend(piece_nodes(cut.tensor, piece, cut.shape, column, f"moco/probe{position}"))
+            probe.graph.output.append(onnx.ValueInfoProto(name=column))
+            columns.append(column)
+    return probe, columns
 
 
 def calibrate(model: onnx.ModelProto, output: str, cuts: Sequence[CutPoint],
               batches: Iterable[Mapping[str, np.ndarray]], path: str | Path,
               total_rows: int | None = None, show_progress: bool = True) -> ActivationFrame:
-    """Write an ActivationFrame with one column per cut (named ``cut.module`` or ``cut.tensor``),
-    ``predictions`` (argmax of ``output``) and ``labels`` when the batches carry them."""
-    session = ort.InferenceSession(probe_model(model, cuts).SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
+    """Write the frame: pooled pieces per cut, ``predictions`` (argmax of ``output``), ``labels`` if given."""
+    probe, columns = probe_model(model, cuts)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]
-    fetch = [output] + [feature_output(i) for i in range(len(cuts))]
-    columns = [cut_column(cut) for cut in cuts]
     with FrameWriter(path) as writer, Progress(
             TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
             TimeElapsedColumn(), disable=not show_progress, transient=True) as progress:
         task = progress.add_task("calibrate", total=total_rows)
         for batch in batches:
-            results = session.run(fetch, {name: batch[name] for name in input_names})
+            results = session.run([output] + columns, {name: batch[name] for name in input_names})
             rows = {name: values.astype(np.float32) for name, values in zip(columns, results[1:])}
             rows[PREDICTIONS] = results[0].argmax(axis=1).astype(np.int64)
             if LABELS in batch:
@@ -61,8 +74,3 @@ def calibrate(model: onnx.ModelProto, output: str, cuts: Sequence[CutPoint],
             writer.write(rows)
             progress.advance(task, len(results[0]))
     return load_frame(path)
-
-
-def cut_column(cut: CutPoint) -> str:
-    """Frame column holding a cut's pooled features."""
-    return cut.module or cut.tensor

@@ -19,7 +19,7 @@ margin.  The planner
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -34,6 +34,7 @@ class Exit:
 
     cut: CutPoint
     column: str
+    pooling: str
     scores: LinearScores
     thresholds: np.ndarray
     rule_flops: float
@@ -44,6 +45,7 @@ class Exit:
 
     def to_dict(self) -> dict:
         return {"cut": self.cut.tensor, "module": self.cut.module, "column": self.column,
+                "pooling": self.pooling,
                 "shape": list(self.cut.shape), "flops_before": self.cut.flops_before,
                 "flops_after": self.cut.flops_after, "rule_flops": self.rule_flops,
                 "weight": self.scores.weight.tolist(), "bias": self.scores.bias.tolist(),
@@ -55,7 +57,7 @@ class Exit:
                        data["flops_after"])
         scores = LinearScores(np.asarray(data["weight"], np.float32), np.asarray(data["bias"], np.float32))
         thresholds = np.asarray([np.inf if t is None else t for t in data["thresholds"]], np.float32)
-        return cls(cut, data["column"], scores, thresholds, data["rule_flops"])
+        return cls(cut, data["column"], data["pooling"], scores, thresholds, data["rule_flops"])
 
 
 def route(margins: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -106,10 +108,10 @@ class ExitPlan:
         paid_rules = np.append(rule_cost, rule_cost[-1] if len(rule_cost) else 0.0)
         return (before + paid_rules)[exit_index]  # index -1 selects the full-network entry
 
-    def evaluate(self, features: Mapping[str, np.ndarray], predictions: np.ndarray,
+    def evaluate(self, features: Sequence[np.ndarray], predictions: np.ndarray,
                  labels: np.ndarray | None = None) -> PlanEvaluation:
-        """Route rows given their pooled features per exit column and the full model's predictions."""
-        exit_index, exit_class = route([e.margins(features[e.column]) for e in self.exits]) \
+        """Route rows given their pooled features per exit (in exit order) and the full model's predictions."""
+        exit_index, exit_class = route([e.margins(f) for e, f in zip(self.exits, features)]) \
             if self.exits else (np.full(len(predictions), -1), np.full(len(predictions), -1))
         compiled = np.where(exit_index >= 0, exit_class, predictions)
         exited = exit_index >= 0
@@ -175,18 +177,20 @@ class ExitPlanner:
         self.step_fraction = step_fraction
         self.design_risk_factor = design_risk_factor
 
-    def fit(self, candidates: Sequence[tuple[CutPoint, str, LinearScores, float]], design: Split,
-            test: Split, total_flops: float) -> ExitPlan:
-        """Return the certified plan (possibly with no exits if only that passes)."""
-        cuts = [c[0] for c in candidates]
-        before = np.array([c.flops_before for c in cuts])
-        rule_flops = np.array([c[3] for c in candidates])
+    def fit(self, candidates: Sequence[Exit], design: Split, test: Split, total_flops: float) -> ExitPlan:
+        """Return the certified plan (possibly with no exits if only that passes).
+
+        ``candidates`` are exits with fitted scores (their thresholds are ignored);
+        ``design`` and ``test`` hold each candidate's scores on those splits.
+        """
+        before = np.array([c.cut.flops_before for c in candidates])
+        rule_flops = np.array([c.rule_flops for c in candidates])
         sorted_scores = [-np.sort(-s, axis=0) for s in design.scores]
         family = self._family(design, sorted_scores, before, rule_flops, total_flops)
         chosen, certificate = self._certify(family, sorted_scores, test)
         thresholds = _thresholds(chosen, sorted_scores)
-        exits = [Exit(cut, column, scores, thresholds[k], float(rule_flops[k]))
-                 for k, (cut, column, scores, _) in enumerate(candidates) if chosen[k].any()]
+        exits = [replace(candidate, thresholds=thresholds[k])
+                 for k, candidate in enumerate(candidates) if chosen[k].any()]
         certificate["family_size"] = len(family)
         return ExitPlan(exits, total_flops, certificate)
 

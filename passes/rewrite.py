@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper
 
 from moco_compile.passes.graph import GraphIndex, node_inputs
 from moco_compile.passes.plan import Exit
-from moco_compile.passes.pooling import pooling_for, pooling_nodes
+from moco_compile.passes.pooling import variant_nodes
 
 EXIT_OUTPUT = "moco_exit"
 _NEVER = float(np.finfo(np.float32).max)
@@ -164,7 +164,7 @@ class _ExitGraphBuilder:
         p = f"moco/exit{level}"
         cut = exit_.cut.tensor
         pooled = f"{p}/pooled"
-        nodes.extend(pooling_nodes(cut, pooling_for(exit_.cut.shape), pooled, p))
+        nodes.extend(variant_nodes(cut, exit_.pooling, exit_.cut.shape, pooled, p))
         if self.types.get(cut, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
             nodes.append(helper.make_node("Cast", [pooled], [f"{pooled}_f32"], to=onnx.TensorProto.FLOAT))
             pooled = f"{pooled}_f32"

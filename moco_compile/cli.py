@@ -1,0 +1,97 @@
+"""Command line: ``moco compile`` and ``moco inspect``."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+
+from moco_compile.errors import MocoError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="moco: compile classifiers into one ONNX graph where easy inputs exit early.")
+console = Console()
+
+
+def _fail(error: Exception) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command("compile")
+def compile_command(
+    model: Path = typer.Argument(..., help="ONNX classifier to compile"),
+    calib: Path = typer.Option(..., "--calib", help=".npz with one array per model input (+ optional 'labels')"),
+    out: Path = typer.Option(..., "--out", help="output directory (model.onnx, plan.json, report.json)"),
+    max_disagreement: float = typer.Option(0.01, help="budget: fraction of inputs whose class may change"),
+    confidence: float = typer.Option(0.95, help="confidence of the certified budget"),
+    max_accuracy_drop: Optional[float] = typer.Option(None, help="optional accuracy budget (needs labels)"),
+    output: Optional[str] = typer.Option(None, "--output", help="classifier output name, if several"),
+    allow_no_exit: bool = typer.Option(False, help="emit the unchanged graph when no plan meets the budget"),
+    seed: int = typer.Option(0, help="seed of the calibration split"),
+) -> None:
+    """Compile MODEL into an early-exit graph and print its report."""
+    from moco_compile.api import compile as compile_model
+    from moco_compile.calibration import load_npz
+    from moco_compile.report import print_report
+
+    try:
+        result = compile_model(model, load_npz(calib), out_dir=out, output=output,
+                               max_disagreement=max_disagreement, confidence=confidence,
+                               max_accuracy_drop=max_accuracy_drop, allow_no_exit=allow_no_exit,
+                               seed=seed)
+    except (MocoError, ValueError) as error:
+        _fail(error)
+    print_report(result.report, console)
+    console.print(f"wrote {out}/model.onnx, plan.json, report.json, frame.arrow")
+
+
+@app.command("inspect")
+def inspect_command(
+    model: Path = typer.Argument(..., help="ONNX classifier"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration .npz (gives input shapes)"),
+    output: Optional[str] = typer.Option(None, "--output", help="classifier output name, if several"),
+) -> None:
+    """List the candidate cut points of MODEL with their FLOPs."""
+    from moco_compile.calibration import load_npz
+    from moco_compile.importer import import_model
+    from moco_compile.passes.cost import flops_per_row, measure_shapes
+    from moco_compile.passes.cut_points import find_cut_points
+    from moco_compile.report import cut_points_table
+
+    try:
+        imported = import_model(model, output=output)
+        feed = _example_feed(imported, load_npz(calib) if calib else None)
+        shapes = measure_shapes(imported.model, feed)
+        node_flops = flops_per_row(imported.model, shapes)
+        cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes)
+    except MocoError as error:
+        _fail(error)
+    console.print(cut_points_table(cuts, sum(node_flops)))
+
+
+def _example_feed(imported, calibration: dict | None) -> dict[str, np.ndarray]:
+    from moco_compile.calibration import CalibrationSpec
+
+    spec = CalibrationSpec(imported.model, imported.num_classes)
+    if calibration is not None:
+        checked = spec.check(calibration, "calibration data")
+        return {name: checked[name][:1] for name in spec.inputs}
+    feed = {}
+    for name, (dtype, shape) in spec.inputs.items():
+        if any(dim is None for dim in shape[1:]):
+            raise MocoError(f"input {name!r} has dynamic axes {list(shape)}: pass --calib so moco "
+                            "can measure shapes on a real row")
+        feed[name] = np.zeros((1, *shape[1:]), dtype)
+    return feed
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app(prog_name="moco")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

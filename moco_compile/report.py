@@ -1,0 +1,61 @@
+"""Human-readable views of a compile's report (terminal tables)."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _percent(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def cut_points_table(cuts: Sequence, total_flops: float) -> Table:
+    """``moco inspect``: one row per candidate cut."""
+    table = Table(title=f"Cut points ({total_flops / 1e6:.2f} MFLOPs per row in total)")
+    for column in ("#", "tensor", "module", "shape", "MFLOPs before", "MFLOPs after", "before"):
+        table.add_column(column, justify="right" if column not in ("tensor", "module") else "left")
+    for number, cut in enumerate(cuts):
+        table.add_row(str(number), cut.tensor, cut.module or "-", "x".join(map(str, cut.shape[1:])),
+                      f"{cut.flops_before / 1e6:.2f}", f"{cut.flops_after / 1e6:.2f}",
+                      _percent(cut.fraction_before, 1))
+    return table
+
+
+def print_report(report: Mapping, console: Console | None = None) -> None:
+    """Print the summary, the exits and the latency of a compile as tables."""
+    console = console or Console()
+    summary = Table(title="moco compile report (report split: rows untouched by fitting and testing)")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    bound = report["bound"]
+    rows = [
+        ("compute reduction (FLOPs, rules included)", _percent(report["compute_reduction"], 1)),
+        ("rows exiting early", _percent(report["exit_rate"], 1)),
+        ("disagreement with full model", _percent(report["disagreement"])),
+        ("  among exited rows", _percent(report["disagreement_among_exited"])),
+        ("accuracy before -> after", f"{_percent(report['accuracy_before'])} -> "
+                                     f"{_percent(report['accuracy_after'])}"),
+        ("certified disagreement budget", f"<= {_percent(bound.get('max_disagreement'))} at "
+                                          f"{_percent(bound.get('confidence'), 0)} confidence"),
+        ("  test rows / disagreements / p-value", f"{bound.get('test_rows')} / "
+                                                  f"{bound.get('disagreements')} / {bound.get('p_value', 1):.3g}"),
+    ]
+    for name in ("batch_1", "batch_64"):
+        if name in report.get("latency", {}):
+            timing = report["latency"][name]
+            rows.append((f"latency {name.replace('_', ' ')} (compiled / original)",
+                         f"{timing['compiled_ms']:.3f} / {timing['original_ms']:.3f} ms = {timing['ratio']:.3f}x"))
+    for name, value in rows:
+        summary.add_row(name, value)
+    console.print(summary)
+    exits = Table(title="Exits")
+    for column in ("exit", "module", "tensor", "FLOPs before", "classes", "exit rate"):
+        exits.add_column(column, justify="right" if column in ("exit", "FLOPs before", "classes", "exit rate") else "left")
+    for item in report["exits"]:
+        exits.add_row(str(item["exit"]), item["module"] or "-", item["tensor"],
+                      _percent(item["fraction_of_flops_before"], 1), str(item["classes_enabled"]),
+                      _percent(item["exit_rate"], 1))
+    console.print(exits)
+    console.print(f"bound: {bound.get('method', '-')}")

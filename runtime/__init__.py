@@ -1,0 +1,1 @@
+"""Running compiled graphs (installed as ``moco_compile.runtime``); never imports the compiler."""

@@ -1,0 +1,114 @@
+"""Bad input: a clear error naming the problem, and never a partly written output directory."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from moco_compile import compile
+from moco_compile.cli import app
+from moco_compile.errors import BudgetError, CalibrationDataError, ModelError, OutputError
+
+
+def _compile(model, calibration, out, **kwargs):
+    return compile(model, calibration, out_dir=out, measure_latency=False, show_progress=False, **kwargs)
+
+
+def _assert_nothing_written(out):
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_missing_model_file(tmp_path, calibration):
+    with pytest.raises(ModelError, match="does not exist"):
+        _compile(tmp_path / "nope.onnx", calibration, tmp_path / "out")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_corrupt_model_file(tmp_path, calibration, reference_onnx):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(reference_onnx.read_bytes()[:5000])
+    with pytest.raises(ModelError, match="not a valid ONNX model"):
+        _compile(broken, calibration, tmp_path / "out")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_model_that_is_not_a_classifier(tmp_path, calibration, reference_model):
+    feature_map = next(n.output[0] for n in reference_model.graph.node if n.op_type == "Relu")
+    path = tmp_path / "features.onnx"
+    onnx.utils.extract_model(_save(reference_model, tmp_path / "ref.onnx"), path, ["images"], [feature_map])
+    with pytest.raises(ModelError, match=r"float \[batch, classes\]"):
+        _compile(path, calibration, tmp_path / "out")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def _save(model, path):
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_unknown_output_name(tmp_path, calibration, reference_onnx):
+    with pytest.raises(ModelError, match="'probs' is not an output of the model; its outputs are: logits"):
+        _compile(reference_onnx, calibration, tmp_path / "out", output="probs")
+
+
+def test_calibration_keys_do_not_match(tmp_path, calibration, reference_onnx):
+    with pytest.raises(CalibrationDataError, match=r"missing: \['images'\]"):
+        _compile(reference_onnx, {"pixels": calibration["images"]}, tmp_path / "out")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_calibration_wrong_shape(tmp_path, calibration, reference_onnx):
+    with pytest.raises(CalibrationDataError, match=r"shape \[4000, 28, 28\], the model expects \['N', 1, 28, 28\]"):
+        _compile(reference_onnx, {"images": calibration["images"][:, 0]}, tmp_path / "out")
+
+
+def test_calibration_wrong_dtype(tmp_path, calibration, reference_onnx):
+    as_bytes = (calibration["images"] * 255).astype(np.uint8)
+    with pytest.raises(CalibrationDataError, match="dtype uint8, the model expects float32"):
+        _compile(reference_onnx, {"images": as_bytes}, tmp_path / "out")
+
+
+def test_calibration_with_nan(tmp_path, calibration, reference_onnx):
+    images = calibration["images"].copy()
+    images[[5, 9], 0, 3, 3] = np.nan
+    with pytest.raises(CalibrationDataError, match="NaN or Inf values in 2 row"):
+        _compile(reference_onnx, {"images": images}, tmp_path / "out")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_labels_out_of_range(tmp_path, calibration, reference_onnx):
+    with pytest.raises(CalibrationDataError, match=r"must lie in \[0, 10\)"):
+        _compile(reference_onnx, {"images": calibration["images"], "labels": calibration["labels"] + 5},
+                 tmp_path / "out")
+
+
+def test_too_few_rows_says_how_many_are_needed(tmp_path, calibration, reference_onnx):
+    few = {k: v[:400] for k, v in calibration.items()}
+    with pytest.raises(CalibrationDataError, match=r"needs at least 299 test rows .* about 1316 calibration rows"):
+        _compile(reference_onnx, few, tmp_path / "out")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_budget_that_no_plan_meets(tmp_path, calibration, reference_onnx):
+    with pytest.raises(BudgetError, match="--allow-no-exit"):
+        _compile(reference_onnx, calibration, tmp_path / "out", max_disagreement=0.0008)
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_output_directory_not_writable(tmp_path, calibration, reference_onnx):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OutputError, match="cannot write"):
+        _compile(reference_onnx, calibration, blocker / "out")
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, reference_onnx):
+    np.savez(tmp_path / "calib.npz", pixels=np.zeros((10, 1, 28, 28), np.float32))
+    run = CliRunner().invoke(app, ["compile", str(reference_onnx), "--calib", str(tmp_path / "calib.npz"),
+                                   "--out", str(tmp_path / "out")])
+    assert run.exit_code == 2
+    assert "error:" in run.output and "do not match the model inputs" in run.output
+    assert "Traceback" not in run.output
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,75 @@
+"""End to end on the reference CNN: outputs on disk, the bound, the compiled graph's behaviour."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+from typer.testing import CliRunner
+
+from moco_compile import ExitSession
+from moco_compile.cli import app
+from moco_compile.passes.plan import ExitPlan
+
+
+def test_outputs_are_written(compiled):
+    result, out = compiled
+    assert sorted(p.name for p in out.iterdir()) == ["frame.arrow", "model.onnx", "plan.json", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    for key in ("compute_reduction", "exits", "disagreement", "accuracy_before", "accuracy_after", "bound"):
+        assert key in report
+    plan = ExitPlan.from_dict(json.loads((out / "plan.json").read_text()))
+    assert len(plan.exits) == len(result.plan.exits)
+
+
+def test_plan_saves_compute_within_the_certified_budget(compiled):
+    result, _ = compiled
+    report, bound = result.report, result.plan.certificate
+    assert report["compute_reduction"] > 0.25
+    assert bound["p_value"] <= 1 - bound["confidence"]
+    assert bound["max_disagreement"] == 0.01
+    # the untouched report split agrees with the certificate (loosely: it is a sample)
+    assert report["disagreement"] < 0.03
+    assert report["accuracy_after"] > report["accuracy_before"] - 0.02
+    assert report["verification"]["exited_argmax_matches_rule"]
+
+
+def test_compiled_model_runs_per_row_exits(compiled, reference_onnx, calibration):
+    result, out = compiled
+    images = calibration["images"][-256:]
+    session = ExitSession(out / "model.onnx", providers=["CPUExecutionProvider"])
+    outputs = session.run({"images": images})
+    full, = ort.InferenceSession(str(reference_onnx)).run(None, {"images": images})
+    exits = outputs["moco_exit"]
+    assert exits.shape == (256,) and exits.dtype == np.int64
+    assert 0 < (exits >= 0).mean() < 1  # a batch mixes exited rows and full-network rows
+    rows = exits == -1
+    np.testing.assert_allclose(outputs["logits"][rows], full[rows], atol=1e-4)
+    assert (outputs["logits"].argmax(1) == full.argmax(1)).mean() > 0.97
+    assert sum(session.exit_counts.values()) == 256
+
+
+def test_same_inputs_same_plan(calibration, tmp_path, compiled, reference_onnx):
+    from moco_compile import compile
+
+    result, out = compiled
+    again = compile(reference_onnx, calibration, measure_latency=False, show_progress=False)
+    assert json.dumps(again.plan.to_dict()) == json.dumps(result.plan.to_dict())
+
+
+def test_cli_inspect_lists_cut_points(reference_onnx):
+    run = CliRunner().invoke(app, ["inspect", str(reference_onnx)])
+    assert run.exit_code == 0, run.output
+    for module in ("layer1.0", "layer2", "layer3.0"):
+        assert module in run.output
+    assert "MFLOPs" in run.output
+
+
+def test_cli_compile_writes_report(tmp_path, calibration, reference_onnx):
+    np.savez(tmp_path / "calib.npz", images=calibration["images"][:2500], labels=calibration["labels"][:2500])
+    run = CliRunner().invoke(app, ["compile", str(reference_onnx), "--calib", str(tmp_path / "calib.npz"),
+                                   "--out", str(tmp_path / "out"), "--max-disagreement", "0.02"])
+    assert run.exit_code == 0, run.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "compute reduction" in run.output and report["bound"]["max_disagreement"] == 0.02
+    assert report["latency"]["batch_64"]["ratio"] > 0

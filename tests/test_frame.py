@@ -1,0 +1,46 @@
+"""ActivationFrame: multi-dimensional columns, Arrow round trip, row selection."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moco_compile import ActivationFrame, load_frame
+from moco_compile.frame import FrameWriter
+
+
+def test_round_trip_keeps_shapes_and_values(tmp_path, calibration):
+    images = calibration["images"][:50]
+    frame = ActivationFrame.from_arrays({"images": images, "pooled": images.mean(axis=(2, 3)),
+                                         "labels": calibration["labels"][:50]})
+    frame.save(tmp_path / "f.arrow")
+    loaded = load_frame(tmp_path / "f.arrow")
+    assert len(loaded) == 50 and loaded.columns == ["images", "pooled", "labels"]
+    assert loaded.row_shape("images") == (1, 28, 28)
+    np.testing.assert_array_equal(loaded["images"], images)
+    np.testing.assert_array_equal(loaded["labels"], calibration["labels"][:50])
+    subset = loaded[[3, 7]]
+    np.testing.assert_array_equal(subset["images"], images[[3, 7]])
+    assert list(loaded.to_pandas().columns) == ["labels"]
+
+
+def test_streamed_batches_read_back_in_order(tmp_path):
+    with FrameWriter(tmp_path / "s.arrow") as writer:
+        for start in range(0, 30, 10):
+            writer.write({"x": np.arange(start, start + 10, dtype=np.float32)[:, None].repeat(3, 1)})
+    frame = load_frame(tmp_path / "s.arrow")
+    np.testing.assert_array_equal(frame["x"][:, 0], np.arange(30))
+    assert [len(part) for part in frame.iter_batches(rows=12)] == [12, 12, 6]
+
+
+def test_unknown_column_lists_the_existing_ones():
+    frame = ActivationFrame.from_arrays({"a": np.zeros(3), "b": np.zeros((3, 2))})
+    with pytest.raises(KeyError, match="its columns are: a, b"):
+        frame["c"]
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    with pytest.raises(RuntimeError):
+        with FrameWriter(tmp_path / "broken.arrow") as writer:
+            writer.write({"x": np.zeros((4, 2), np.float32)})
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []

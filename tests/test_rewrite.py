@@ -1,0 +1,78 @@
+"""The compiled graph's structure: contract of inputs/outputs, nesting, and where weights live."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from moco_compile.passes.graph import node_inputs
+
+
+def _if_chain(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """The then-branches of the exit Ifs, outermost first."""
+    chain = []
+    while True:
+        ifs = [n for n in graph.node if n.op_type == "If"]
+        if not ifs:
+            return chain
+        assert len(ifs) == 1
+        graph = next(a.g for a in ifs[0].attribute if a.name == "then_branch")
+        chain.append(graph)
+
+
+def test_inputs_and_outputs_keep_the_contract(compiled, reference_model):
+    result, _ = compiled
+    model = result.model
+    assert [i.SerializeToString() for i in model.graph.input] == \
+        [i.SerializeToString() for i in reference_model.graph.input]
+    original = {o.name: o for o in reference_model.graph.output}
+    names = [o.name for o in model.graph.output]
+    assert names == list(original) + ["moco_exit"]
+    assert model.graph.output[0].type == original["logits"].type
+    exit_type = model.graph.output[1].type.tensor_type
+    assert exit_type.elem_type == onnx.TensorProto.INT64 and len(exit_type.shape.dim) == 1
+    opset = next(o.version for o in model.opset_import if o.domain == "")
+    assert opset >= 17
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_exits_nest_one_if_per_exit(compiled):
+    result, _ = compiled
+    chain = _if_chain(result.model.graph)
+    assert len(chain) == len(result.plan.exits) >= 1
+    for level, exit_ in enumerate(result.plan.exits):
+        graph = result.model.graph if level == 0 else chain[level - 1]
+        ops = [n.op_type for n in graph.node]
+        assert {"MatMul", "Compress", "NonZero", "ScatterND", "If"} <= set(ops)
+        # the exit reads this exit's cut tensor
+        assert any(exit_.cut.tensor in n.input for n in graph.node if n.op_type == "GlobalAveragePool")
+
+
+def test_remainder_weights_live_inside_their_subgraph(compiled):
+    """Initializers a subgraph needs are its own: onnxruntime cannot pre-pack outer-scope weights."""
+    result, _ = compiled
+    for graph in _if_chain(result.model.graph):
+        own = {init.name for init in graph.initializer}
+        produced = {name for n in graph.node for name in n.output}
+        for node in graph.node:
+            if node.op_type in ("Conv", "Gemm", "MatMul"):
+                for name in node.input[1:]:
+                    assert name in own, f"{node.op_type} in a subgraph reads {name} from outside"
+                    assert name not in produced
+
+
+def test_no_row_exits_runs_the_full_graph_unchanged(compiled, reference_model, calibration):
+    """With every threshold at +inf the compiled graph equals the original on all rows."""
+    from moco_compile.passes.rewrite import insert_exits
+    from moco_compile.importer import import_model
+
+    result, _ = compiled
+    imported = import_model(reference_model)
+    closed = [type(e)(e.cut, e.column, e.scores, np.full_like(e.thresholds, np.inf), e.rule_flops)
+              for e in result.plan.exits]
+    model = insert_exits(imported.model, closed, "logits")
+    images = calibration["images"][:128]
+    logits, exits = ort.InferenceSession(model.SerializeToString()).run(None, {"images": images})
+    expected, = ort.InferenceSession(reference_model.SerializeToString()).run(None, {"images": images})
+    assert (exits == -1).all()
+    np.testing.assert_allclose(logits, expected, atol=1e-4)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,6 @@ from models.export_fashion_resnet import CALIBRATION_PATH, ONNX_PATH  # noqa: E4
 from models.fashion_mnist import load_split  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
-from moco_compile.passes.plan import Exit  # noqa: E402
 from moco_compile.passes.rewrite import insert_exits  # noqa: E402
 from moco_compile.runtime.latency import compare_latency  # noqa: E402
 from moco_compile.runtime.session import make_session  # noqa: E402
@@ -80,8 +80,7 @@ def main() -> None:
             compiled_for_latency = result
     result = compiled_for_latency or result
     latency = latency_ratios(original, result.model, test_images)
-    closed = [Exit(e.cut, e.column, e.scores, np.full_like(e.thresholds, np.inf), e.rule_flops)
-              for e in result.plan.exits]
+    closed = [replace(e, thresholds=np.full_like(e.thresholds, np.inf)) for e in result.plan.exits]
     overhead = latency_ratios(original, insert_exits(original, closed, "logits"), test_images)
     chosen = next(r for r in rows if r["budget"] == result.plan.certificate["max_disagreement"])
     ideal = chosen["compute_reduction"]

@@ -24,13 +24,13 @@ from moco_compile.passes.cut_points import CutPoint, find_cut_points
 from moco_compile.passes.plan import Exit, ExitPlan, ExitPlanner, NoPlanError, PlanEvaluation, Split
 from moco_compile.passes.pooling import pooling_cost, variants_for
 from moco_compile.passes.rewrite import insert_exits
-from moco_compile.passes.rules import OneVsRestRuleFitter, select_variant
+from moco_compile.passes.rules import OneVsRestRuleFitter, out_of_fold_scores, select_variant
 from moco_compile.passes.verify import verify_compiled
 
-# Calibration rows are assigned at random (seeded) to: rule fitting, plan design,
-# the certifying test, and the report split that nothing else touches.
-SPLITS = ("fit", "design", "test", "report")
-SPLIT_FRACTIONS = (0.40, 0.20, 0.25, 0.15)
+# Calibration rows are assigned at random (seeded) to: fitting rules and designing the
+# plan (cross-fitted), the certifying test, and the report split that nothing else touches.
+SPLITS = ("rules", "test", "report")
+SPLIT_FRACTIONS = (0.55, 0.30, 0.15)
 SPLIT_COLUMN = "split"  # frame column: index into SPLITS
 MAX_KEPT_REPORT_ROWS = 4096
 
@@ -133,6 +133,9 @@ def _check_writable(out_dir: Path) -> None:
     probe_dir = parent
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise OutputError(f"cannot write to {out_dir}: {probe_dir} is a file, not a directory; "
+                          "choose another output directory")
     if not os.access(probe_dir, os.W_OK) or (out_dir.exists() and not os.access(out_dir, os.W_OK)):
         raise OutputError(f"cannot write to {out_dir}: {probe_dir} is not writable; "
                           "choose an output directory you can write to")
@@ -158,28 +161,30 @@ def _plan(imported: ImportedModel, cuts: list[CutPoint], frame: ActivationFrame,
     labels = frame[LABELS] if LABELS in frame else None
     rows = {name: np.flatnonzero(split == i) for i, name in enumerate(SPLITS)}
     fitter = OneVsRestRuleFitter()
-    candidates, features = [], []
+    candidates, design_scores, test_scores = [], [], []
     for cut in cuts:
         column = cut_column(cut)
         variants = {variant: variant_features(frame, column, variant) for variant in variants_for(cut.shape)}
         if not all(np.isfinite(values).all() for values in variants.values()):
             raise CalibrationDataError(f"the model's activations at {column} contain NaN or Inf; "
                                        "check the calibration inputs are in the range the model expects")
-        variant, scores = select_variant({v: f[rows["fit"]] for v, f in variants.items()},
-                                         predictions[rows["fit"]], imported.num_classes, fitter,
-                                         precision=1 - max_disagreement / 2)
+        fit_rows, targets = rows["rules"], predictions[rows["rules"]]
+        variant, scores = select_variant({v: f[fit_rows] for v, f in variants.items()}, targets,
+                                         imported.num_classes, fitter, precision=1 - max_disagreement / 2)
         rule_flops = pooling_cost(cut.shape, variant) + scores.flops + 2 * imported.num_classes
         candidates.append(Exit(cut, column, variant, scores, np.full(imported.num_classes, np.inf), rule_flops))
-        features.append(variants[variant])
+        design_scores.append(out_of_fold_scores(fitter, variants[variant][fit_rows], targets,
+                                                imported.num_classes))
+        test_scores.append(scores(variants[variant][rows["test"]]))
 
-    def split_scores(name: str) -> Split:
-        index = rows[name]
-        return Split([c.scores(f[index]) for c, f in zip(candidates, features)],
-                     predictions[index], None if labels is None else labels[index])
+    def labels_of(name: str) -> np.ndarray | None:
+        return None if labels is None else labels[rows[name]]
 
+    design = Split(design_scores, predictions[rows["rules"]], labels_of("rules"))
+    test = Split(test_scores, predictions[rows["test"]], labels_of("test"))
     planner = ExitPlanner(max_disagreement, confidence, max_accuracy_drop)
     try:
-        plan = planner.fit(candidates, split_scores("design"), split_scores("test"), total_flops)
+        plan = planner.fit(candidates, design, test, total_flops)
     except NoPlanError as error:
         raise BudgetError(f"no exit plan can be certified ({error})") from error
     if not plan.exits and not allow_no_exit:

@@ -17,7 +17,7 @@ console = Console()
 
 
 def _fail(error: Exception) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {error}", highlight=False)
     raise typer.Exit(2)
 
 

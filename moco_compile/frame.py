@@ -126,6 +126,10 @@ class ActivationFrame:
 
     def to_pandas(self):
         """The scalar columns as a pandas DataFrame (multi-dimensional columns are left out)."""
+        try:
+            import pandas  # noqa: F401
+        except ImportError as error:
+            raise ImportError("ActivationFrame.to_pandas needs pandas: pip install 'moco-compile[analytics]'") from error
         scalar = [name for name in self.columns if not self.row_shape(name)]
         return self._table.select(scalar).to_pandas()
 

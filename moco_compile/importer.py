@@ -159,6 +159,11 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
     normalized = gs.export_onnx(graph, do_type_check=False)
     normalized.ir_version = min(model.ir_version, onnx.IR_VERSION) or onnx.IR_VERSION
+    for ours, theirs in ((normalized.graph.input, model.graph.input), (normalized.graph.output, model.graph.output)):
+        original = {value.name: value for value in theirs}
+        for value in ours:  # keep the user's declarations (shapes, dim names, metadata) exactly
+            if value.name in original:
+                value.CopyFrom(original[value.name])
     return onnx.shape_inference.infer_shapes(normalized)
 
 

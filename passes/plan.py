@@ -194,53 +194,46 @@ class ExitPlanner:
         certificate["family_size"] = len(family)
         return ExitPlan(exits, total_flops, certificate)
 
-    def _risk(self, exit_class: np.ndarray, split: Split) -> float:
-        """Risk in units of "budgets used": max over constraints of failures / budget."""
-        compiled = np.where(exit_class >= 0, exit_class, split.predictions)
-        risk = (compiled != split.predictions).sum() / self.max_disagreement
+    def _row_risk(self, split: Split, classes: int) -> np.ndarray:
+        """``[N, C]``: risk (in budgets) a row adds if it leaves with class c."""
+        wrong = (np.arange(classes)[None, :] != split.predictions[:, None]) / self.max_disagreement
         if self.max_accuracy_drop is not None and split.labels is not None:
-            harm = ((split.predictions == split.labels) & (compiled != split.labels)).sum()
-            risk = max(risk, harm / self.max_accuracy_drop)
-        return float(risk)
+            harmed = (split.predictions == split.labels)[:, None] & \
+                (np.arange(classes)[None, :] != split.labels[:, None])
+            wrong = wrong + harmed / self.max_accuracy_drop
+        return wrong
 
     def _family(self, design: Split, sorted_scores: list[np.ndarray], before: np.ndarray,
                 rule_flops: np.ndarray, total_flops: float) -> list[np.ndarray]:
-        """Nested plans as counts ``q[k, c]`` of design rows each rule would admit."""
+        """Nested plans as counts ``q[k, c]`` of design rows each rule admits (greedy path)."""
         rows, classes = design.scores[0].shape
         step = max(1, round(self.step_fraction * rows))
-        risk_cap = self.design_risk_factor * rows
-
-        def evaluate(counts: np.ndarray) -> tuple[float, float]:
-            thresholds = _thresholds(counts, sorted_scores)
-            active = counts.any(axis=1)
-            margins = [design.scores[k] - thresholds[k] for k in range(len(before))]
-            exit_index, exit_class = route(margins)
-            paid = np.cumsum(np.where(active, rule_flops, 0.0))
-            cost = np.append(before + paid, total_flops + (paid[-1] if len(paid) else 0.0))[exit_index]
-            return float(cost.sum()), self._risk(exit_class, design)
-
+        row_risk = self._row_risk(design, classes)
+        risk_cap = self.design_risk_factor * rows * (1 + (self.max_accuracy_drop is not None))
+        state = _DesignState(design.scores, row_risk, before, rule_flops, total_flops)
         counts = np.zeros((len(before), classes), np.int64)
-        cost, risk = evaluate(counts)
         family = [counts.copy()]
         while True:
             best = None
             for k in range(len(before)):
                 for cls in range(classes):
                     for size in (step, 4 * step):
-                        if counts[k, cls] + size > rows:
+                        q = counts[k, cls] + size
+                        if q > rows:
                             continue
-                        trial = counts.copy()
-                        trial[k, cls] += size
-                        trial_cost, trial_risk = evaluate(trial)
-                        saved, added_risk = cost - trial_cost, trial_risk - risk
+                        saved, added_risk = state.delta(k, cls, _threshold(sorted_scores[k][:, cls], q))
                         if saved <= 0:
                             continue
                         priority = (np.inf, saved) if added_risk <= 0 else (saved / added_risk, saved)
                         if best is None or priority > best[0]:
-                            best = (priority, trial, trial_cost, trial_risk)
-            if best is None or best[3] > risk_cap:
+                            best = (priority, k, cls, q)
+            if best is None:
                 return family
-            _, counts, cost, risk = best
+            _, k, cls, q = best
+            counts[k, cls] = q
+            state.update(_thresholds(counts, sorted_scores))
+            if state.risk > risk_cap:
+                return family
             family.append(counts.copy())
 
     def _certify(self, family: list[np.ndarray], sorted_scores: list[np.ndarray],
@@ -274,13 +267,60 @@ class ExitPlanner:
         return chosen, certificate
 
 
+def _threshold(descending: np.ndarray, count: int) -> float:
+    """Threshold between the ``count``-th and the next highest score (inf for count 0)."""
+    if count == 0:
+        return np.inf
+    lower = descending[count] if count < len(descending) else descending[-1] - 1.0
+    return float((descending[count - 1] + lower) / 2)
+
+
 def _thresholds(counts: np.ndarray, sorted_scores: list[np.ndarray]) -> np.ndarray:
-    """Per (cut, class) threshold admitting the top ``counts[k, c]`` design scores (inf if 0)."""
-    thresholds = np.full(counts.shape, np.inf, np.float32)
-    for k, scores in enumerate(sorted_scores):
-        rows = len(scores)
-        for cls in np.flatnonzero(counts[k]):
-            q = counts[k, cls]
-            lower = scores[q, cls] if q < rows else scores[rows - 1, cls] - 1.0
-            thresholds[k, cls] = (scores[q - 1, cls] + lower) / 2
-    return thresholds
+    """Per (cut, class) thresholds admitting the top ``counts[k, c]`` design scores."""
+    return np.array([[_threshold(scores[:, cls], counts[k, cls]) for cls in range(counts.shape[1])]
+                     for k, scores in enumerate(sorted_scores)], np.float32).reshape(counts.shape)
+
+
+class _DesignState:
+    """Where each design row exits under the current thresholds, what it costs and risks.
+
+    ``delta`` prices lowering one threshold in O(rows), so the greedy search can
+    try every (cut, class) move at each step.
+    """
+
+    def __init__(self, scores: list[np.ndarray], row_risk: np.ndarray, before: np.ndarray,
+                 rule_flops: np.ndarray, total_flops: float) -> None:
+        self.scores, self.row_risk = scores, row_risk
+        self.before, self.rule_flops, self.total_flops = before, rule_flops, total_flops
+        self.update(np.full((len(scores), scores[0].shape[1]), np.inf, np.float32))
+
+    def update(self, thresholds: np.ndarray) -> None:
+        self.thresholds = thresholds
+        self.active = np.isfinite(thresholds).any(axis=1)
+        margins = [s - t for s, t in zip(self.scores, thresholds)]
+        self.exit_index, self.exit_class = route(margins)
+        rows = np.arange(len(self.exit_index))
+        exited = self.exit_index >= 0
+        self.margin = np.full(len(rows), -np.inf)
+        self.margin[exited] = np.stack(margins)[self.exit_index[exited], rows[exited], self.exit_class[exited]]
+        self.paid_before = np.concatenate([[0.0], np.cumsum(np.where(self.active, self.rule_flops, 0.0))])
+        exit_cost = np.append(self.before + self.paid_before[1:], self.total_flops + self.paid_before[-1])
+        self.cost = exit_cost[self.exit_index]
+        self.current_risk = np.where(exited, self.row_risk[rows, np.maximum(self.exit_class, 0)], 0.0)
+        self.risk = float(self.current_risk.sum())
+
+    def delta(self, k: int, cls: int, threshold: float) -> tuple[float, float]:
+        """(FLOPs saved, risk added) on the design rows if threshold (k, cls) became ``threshold``."""
+        reach = (self.exit_index < 0) | (self.exit_index >= k)
+        margin = self.scores[k][:, cls] - threshold
+        at_k = self.exit_index == k
+        newly = reach & ~at_k & (margin > 0)
+        switched = at_k & (self.exit_class != cls) & (margin > self.margin)
+        activating = not self.active[k]
+        exit_cost = self.before[k] + self.paid_before[k] + self.rule_flops[k]
+        added_cost = (exit_cost - self.cost[newly]).sum()
+        if activating:
+            added_cost += self.rule_flops[k] * (reach & ~newly).sum()
+        moved = newly | switched
+        added_risk = (self.row_risk[moved, cls] - self.current_risk[moved]).sum()
+        return float(-added_cost), float(added_risk)

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from moco_compile import compile
 from moco_compile.cli import app
-from moco_compile.errors import BudgetError, CalibrationDataError, ModelError, OutputError
+from moco_compile.errors import CalibrationDataError, ModelError, OutputError
 
 
 def _compile(model, calibration, out, **kwargs):
@@ -86,15 +86,36 @@ def test_labels_out_of_range(tmp_path, calibration, reference_onnx):
 
 def test_too_few_rows_says_how_many_are_needed(tmp_path, calibration, reference_onnx):
     few = {k: v[:400] for k, v in calibration.items()}
-    with pytest.raises(CalibrationDataError, match=r"needs at least 299 test rows .* about 1316 calibration rows"):
+    with pytest.raises(CalibrationDataError, match=r"needs at least 299 test rows .* about 1097 calibration rows"):
         _compile(reference_onnx, few, tmp_path / "out")
     _assert_nothing_written(tmp_path / "out")
 
 
-def test_budget_that_no_plan_meets(tmp_path, calibration, reference_onnx):
-    with pytest.raises(BudgetError, match="--allow-no-exit"):
-        _compile(reference_onnx, calibration, tmp_path / "out", max_disagreement=0.0008)
-    _assert_nothing_written(tmp_path / "out")
+def test_budget_that_no_plan_meets_yields_the_plan_without_exits(compiled):
+    """When every plan with exits fails the held-out test, the planner keeps no exit.
+
+    The test split's predictions are permuted, as under a shift between design
+    and test data, so any exit disagrees with the full model at a high rate.
+    """
+    from moco_compile.api import SPLITS
+    from moco_compile.passes.calibrate import variant_features
+    from moco_compile.passes.plan import ExitPlanner, Split
+
+    result, _ = compiled
+    frame = result.frame
+
+    def split(name, shuffle=False):
+        rows = frame[frame["split"] == SPLITS.index(name)]
+        predictions = rows["predictions"]
+        if shuffle:
+            predictions = np.random.default_rng(0).permutation(predictions)
+        return Split([e.scores(variant_features(rows, e.column, e.pooling)) for e in result.plan.exits],
+                     predictions)
+
+    plan = ExitPlanner(max_disagreement=0.01).fit(result.plan.exits, split("rules"), split("test", True),
+                                                  result.plan.total_flops)
+    assert plan.exits == []
+    assert plan.certificate["plans_tested"] == 1 and plan.certificate["disagreements"] == 0
 
 
 def test_output_directory_not_writable(tmp_path, calibration, reference_onnx):

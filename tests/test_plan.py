@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from moco_compile.passes.calibrate import variant_features
 from moco_compile.passes.bounds import binomial_p_value, clopper_pearson_upper, rows_needed
 from moco_compile.passes.plan import ExitPlan, route
 
@@ -35,7 +36,8 @@ def test_certificate_matches_the_test_split(compiled):
     certificate = result.plan.certificate
     frame = result.frame
     test = frame[frame["split"] == SPLITS.index("test")]
-    evaluation = result.plan.evaluate({e.column: test[e.column] for e in result.plan.exits}, test["predictions"])
+    evaluation = result.plan.evaluate([variant_features(test, e.column, e.pooling) for e in result.plan.exits],
+                                      test["predictions"])
     assert len(test) == certificate["test_rows"]
     assert round(evaluation.disagreement * len(test)) == certificate["disagreements"]
     assert certificate["p_value"] == pytest.approx(
@@ -48,7 +50,7 @@ def test_certificate_matches_the_test_split(compiled):
 def test_plan_round_trips_through_json(compiled):
     result, _ = compiled
     again = ExitPlan.from_dict(result.plan.to_dict())
-    features = {e.column: result.frame[e.column][:300] for e in again.exits}
+    features = [variant_features(result.frame[:300], e.column, e.pooling) for e in again.exits]
     predictions = result.frame["predictions"][:300]
     np.testing.assert_array_equal(again.evaluate(features, predictions).exit_index,
                                   result.plan.evaluate(features, predictions).exit_index)

@@ -175,14 +175,13 @@ class _ExitGraphBuilder:
             numpy_helper.from_array(np.array(0.0, np.float32), f"{p}/zero"),
             numpy_helper.from_array(np.array(0, np.int64), f"{p}/no_rows"),
         ])
-        margins, top, fired, keep = (f"{p}/{n}" for n in ("margins", "top", "fired", "keep"))
+        margins, top, keep = (f"{p}/{n}" for n in ("margins", "top", "keep"))
         rows, count, any_left = f"{p}/rows", f"{p}/rest_count", f"{p}/any_left"
         nodes.extend([
             helper.make_node("MatMul", [pooled, f"{p}/weight"], [f"{p}/scores"]),
             helper.make_node("Add", [f"{p}/scores", f"{p}/offset"], [margins]),
             self._reduce_max(margins, top, initializers),
-            helper.make_node("Greater", [top, f"{p}/zero"], [fired]),
-            helper.make_node("Not", [fired], [keep]),
+            helper.make_node("LessOrEqual", [top, f"{p}/zero"], [keep]),
             helper.make_node("NonZero", [keep], [f"{p}/rows_t"]),
             helper.make_node("Transpose", [f"{p}/rows_t"], [rows], perm=[1, 0]),
             helper.make_node("Size", [rows], [count]),
@@ -222,6 +221,8 @@ class _ExitGraphBuilder:
             if final_op in ("Softmax", "LogSoftmax"):
                 nodes.append(helper.make_node(final_op, [margins], [f"{name}/{final_op}"], axis=-1))
                 value = f"{name}/{final_op}"
+            if elem == onnx.TensorProto.FLOAT:
+                return value
             nodes.append(helper.make_node("Cast", [value], [name], to=elem))
             return name
         trailing = [d.dim_value for d in original.type.tensor_type.shape.dim[1:]]

@@ -82,16 +82,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     if out_dir is not None:
         _check_writable(Path(out_dir))
     imported = import_model(model, output=output, example_input=example_input)
-    spec = CalibrationSpec(imported.model, imported.num_classes)
-    batches = _peekable(iter_batches(calibration, spec, batch_size))
-    first = batches.peek()
-    shapes = measure_shapes(imported.model, {name: first[name][:1] for name in imported.input_names})
-    node_flops = flops_per_row(imported.model, shapes)
-    total_flops = float(sum(node_flops))
-    cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes)
-    if not cuts:
-        raise ModelError("the model has no cut point: no tensor separates it into a prefix and a "
-                         "remainder with real compute on both sides, so there is nowhere to exit")
+    batches, cuts = _cut_points(imported, calibration, batch_size)
+    total_flops = cuts[0].flops_before + cuts[0].flops_after
     with tempfile.TemporaryDirectory(prefix="moco-") as scratch:
         splitter = _RowSplitter(seed, imported.input_names)
         frame = calibrate(imported.model, imported.output, cuts, splitter.tee(batches),
@@ -115,6 +107,36 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     if out_dir is not None:
         result.save(out_dir)
     return result
+
+
+def calibrate_frame(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]],
+                    out: str | os.PathLike, *, output: str | None = None, example_input: Any = None,
+                    raw: bool = False, batch_size: int = 256, show_progress: bool = True) -> ActivationFrame:
+    """Run ``model`` over ``calibration`` and save an ActivationFrame of its cut points at ``out``.
+
+    Columns: one per cut and pooling piece (``<cut>``, ``<cut>:max``, ``<cut>:grid``), the
+    unpooled cut tensors with ``raw`` (``<cut>:raw``), ``predictions`` and ``labels`` if given.
+    """
+    out = Path(out)
+    _check_writable(out)
+    imported = import_model(model, output=output, example_input=example_input)
+    batches, cuts = _cut_points(imported, calibration, batch_size)
+    return calibrate(imported.model, imported.output, cuts, batches, out, show_progress=show_progress, raw=raw)
+
+
+def _cut_points(imported: ImportedModel, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]],
+                batch_size: int) -> tuple[Iterable[dict], list[CutPoint]]:
+    """Validated calibration batches, and the model's cut points measured on the first row."""
+    spec = CalibrationSpec(imported.model, imported.num_classes)
+    batches = _peekable(iter_batches(calibration, spec, batch_size))
+    first = batches.peek()
+    shapes = measure_shapes(imported.model, {name: first[name][:1] for name in imported.input_names})
+    node_flops = flops_per_row(imported.model, shapes)
+    cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes)
+    if not cuts:
+        raise ModelError("the model has no cut point: no tensor separates it into a prefix and a "
+                         "remainder with real compute on both sides, so there is nowhere to exit")
+    return batches, cuts
 
 
 def _check_budget(max_disagreement: float, confidence: float, max_accuracy_drop: float | None) -> None:

@@ -73,6 +73,25 @@ def inspect_command(
     console.print(cut_points_table(cuts, sum(node_flops)))
 
 
+@app.command("calibrate")
+def calibrate_command(
+    model: Path = typer.Argument(..., help="ONNX classifier"),
+    calib: Path = typer.Option(..., "--calib", help=".npz with one array per model input (+ optional 'labels')"),
+    out: Path = typer.Option(..., "--out", help="ActivationFrame file to write (Arrow IPC)"),
+    raw: bool = typer.Option(False, help="also store the unpooled cut tensors"),
+    output: Optional[str] = typer.Option(None, "--output", help="classifier output name, if several"),
+) -> None:
+    """Store MODEL's pooled activations at every cut point as an ActivationFrame."""
+    from moco_compile.api import calibrate_frame
+    from moco_compile.calibration import load_npz
+
+    try:
+        frame = calibrate_frame(model, load_npz(calib), out, output=output, raw=raw)
+    except (MocoError, ValueError) as error:
+        _fail(error)
+    console.print(f"wrote {out}: {frame!r}")
+
+
 def _example_feed(imported, calibration: dict | None) -> dict[str, np.ndarray]:
     from moco_compile.calibration import CalibrationSpec
 

@@ -40,12 +40,19 @@ def variant_features(frame: ActivationFrame, column: str, variant: str) -> np.nd
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
-def probe_model(model: onnx.ModelProto, cuts: Sequence[CutPoint]) -> tuple[onnx.ModelProto, list[str]]:
-    """``model`` with every pooling piece of every cut added as an output; returns the column names."""
+def probe_model(model: onnx.ModelProto, cuts: Sequence[CutPoint],
+                raw: bool = False) -> tuple[onnx.ModelProto, list[str]]:
+    """``model`` with every pooling piece of every cut added as an output (and, with ``raw``,
+    the unpooled cut tensor as ``<cut>:raw``); returns the column names."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     columns = []
     for position, cut in enumerate(cuts):
+        if raw:
+            column = f"{cut_column(cut)}:raw"
+            probe.graph.node.append(onnx.helper.make_node("Identity", [cut.tensor], [column]))
+            probe.graph.output.append(onnx.ValueInfoProto(name=column))
+            columns.append(column)
         for piece in pieces_for(cut.shape):
             column = piece_column(cut_column(cut), piece)
             probe.graph.node.extend(piece_nodes(cut.tensor, piece, cut.shape, column, f"moco/probe{position}"))
@@ -56,9 +63,12 @@ def probe_model(model: onnx.ModelProto, cuts: Sequence[CutPoint]) -> tuple[onnx.
 
 def calibrate(model: onnx.ModelProto, output: str, cuts: Sequence[CutPoint],
               batches: Iterable[Mapping[str, np.ndarray]], path: str | Path,
-              total_rows: int | None = None, show_progress: bool = True) -> ActivationFrame:
-    """Write the frame: pooled pieces per cut, ``predictions`` (argmax of ``output``), ``labels`` if given."""
-    probe, columns = probe_model(model, cuts)
+              total_rows: int | None = None, show_progress: bool = True, raw: bool = False) -> ActivationFrame:
+    """Write the frame: pooled pieces per cut, ``predictions`` (argmax of ``output``), ``labels`` if given.
+
+    With ``raw`` the unpooled cut tensors are stored too (``<cut>:raw``, e.g. ``[N, C, H, W]``).
+    """
+    probe, columns = probe_model(model, cuts, raw)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]
     with FrameWriter(path) as writer, Progress(

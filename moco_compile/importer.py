@@ -95,7 +95,7 @@ def export_torch(module: Any, example_input: Any, opset: int = 18) -> onnx.Model
         dynamic = dims
     else:
         args = example_input if isinstance(example_input, tuple) else (example_input,)
-        kwargs, names = {}, [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
+        kwargs, names = {}, _forward_argument_names(module, len(args))
         batch = torch.export.Dim("batch")
         dynamic = tuple({0: batch} for _ in args)
     module = module.eval()
@@ -110,6 +110,15 @@ def export_torch(module: Any, example_input: Any, opset: int = 18) -> onnx.Model
     buffer = io.BytesIO()
     program.save(buffer)
     return onnx.load_from_string(buffer.getvalue())
+
+
+def _forward_argument_names(module: Any, count: int) -> list[str]:
+    """ONNX input names for positional inputs: the names of ``forward``'s parameters."""
+    import inspect
+
+    parameters = [p.name for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return parameters[:count] if len(parameters) >= count else [f"input_{i}" for i in range(count)]
 
 
 def module_scopes(model: onnx.ModelProto) -> dict[str, tuple[str, ...]]:

@@ -1,0 +1,70 @@
+"""Import from PyTorch (both exporters) and from ONNX files: classifier check and module names."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from models.fashion_resnet import FashionResNet  # noqa: E402
+from moco_compile import compile  # noqa: E402
+from moco_compile.importer import import_model  # noqa: E402
+from moco_compile.passes.cost import flops_per_row, measure_shapes  # noqa: E402
+from moco_compile.passes.cut_points import find_cut_points  # noqa: E402
+
+WEIGHTS = "models/artifacts/fashion_resnet.pt"
+
+
+@pytest.fixture(scope="module")
+def trained_module():
+    from pathlib import Path
+
+    model = FashionResNet()
+    model.load_state_dict(torch.load(Path(__file__).resolve().parents[1] / WEIGHTS, weights_only=True))
+    return model.eval()
+
+
+def _modules(imported):
+    feed = {imported.input_names[0]: np.zeros((1, 1, 28, 28), np.float32)}
+    shapes = measure_shapes(imported.model, feed)
+    return [c.module for c in find_cut_points(imported.model, flops_per_row(imported.model, shapes), shapes,
+                                              imported.scopes)]
+
+
+def test_legacy_exporter_file_gets_the_same_module_names(trained_module, tmp_path):
+    path = tmp_path / "legacy.onnx"
+    torch.onnx.export(trained_module, (torch.rand(2, 1, 28, 28),), str(path), dynamo=False,
+                      input_names=["images"], output_names=["logits"], opset_version=17,
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    assert any(n.name.startswith("/layer1/") for n in onnx.load(str(path)).graph.node)
+    assert _modules(import_model(path)) == ["layer1.0", "layer1", "layer2.0", "layer2", "layer3.0"]
+
+
+def test_module_export_names_inputs_after_forward_and_keeps_batch_dynamic(trained_module):
+    imported = import_model(trained_module, example_input=torch.rand(2, 1, 28, 28))
+    assert imported.input_names == ["x"]
+    assert imported.output is not None and imported.num_classes == 10
+    batch_dim = imported.model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert not batch_dim.HasField("dim_value")
+    assert _modules(imported) == ["layer1.0", "layer1", "layer2.0", "layer2", "layer3.0"]
+
+
+def test_compile_an_nn_module_from_a_loader_of_dicts(trained_module, calibration):
+    images = torch.from_numpy(calibration["images"][:2400])
+    labels = torch.from_numpy(calibration["labels"][:2400])
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=200,
+                                         collate_fn=lambda rows: {"x": torch.stack([r[0] for r in rows]),
+                                                                  "labels": torch.stack([r[1] for r in rows])})
+    result = compile(trained_module, loader, example_input=images[:2], max_disagreement=0.02,
+                     measure_latency=False, show_progress=False)
+    assert sum(result.report["splits"].values()) == 2400
+    assert result.plan.exits and result.report["compute_reduction"] > 0.2
+
+
+def test_module_without_example_input_is_a_clear_error(trained_module, calibration):
+    from moco_compile.errors import ModelError
+
+    with pytest.raises(ModelError, match="needs an example input"):
+        compile(trained_module, {"x": calibration["images"][:10]}, show_progress=False)

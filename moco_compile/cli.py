@@ -92,6 +92,21 @@ def calibrate_command(
     console.print(f"wrote {out}: {frame!r}")
 
 
+@app.command("report")
+def report_command(
+    out_dir: Path = typer.Argument(..., help="output directory of 'moco compile'"),
+    html: Optional[Path] = typer.Option(None, "--html", help="where to write the page (default DIR/report.html)"),
+) -> None:
+    """Render a compile's report as an HTML page with plots."""
+    from moco_compile.html_report import render_report
+
+    try:
+        path = render_report(out_dir, html)
+    except MocoError as error:
+        _fail(error)
+    console.print(f"wrote {path}")
+
+
 def _example_feed(imported, calibration: dict | None) -> dict[str, np.ndarray]:
     from moco_compile.calibration import CalibrationSpec
 

@@ -5,9 +5,10 @@ Structure, for exits 0..m-1 at cut tensors T_0..T_{m-1}::
     level 0 (main graph): stage 0 nodes -> T_0
         exit 0: pooled = pool(T_0); margins = pooled @ W + (b - t)
                 fired = ReduceMax(margins) > 0;  keep = Not(fired)
-                rest = Compress(T_0 [and side inputs], keep);  rows = NonZero(keep)^T
+                rows = NonZero(keep)^T
                 If(Size(rows) > 0)
-                    then: level 1 graph (stage 1 nodes on `rest` -> T_1, exit 1, If ...)
+                    then: level 1 graph: rest = Compress(T_0 [and side inputs], keep),
+                          stage 1 nodes on `rest` -> T_1, exit 1, If ...
                     else: empty outputs (the batch-1 fast path: nothing else runs)
                 outputs = ScatterND(exit values, rows, If outputs)
     level m: stage m nodes -> the original outputs, moco_exit = -1
@@ -52,9 +53,10 @@ class _ExitGraphBuilder:
         self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         self.initializers = {init.name: init for init in model.graph.initializer}
         self.outputs = [o for o in model.graph.output]
-        self.types = {v.name: v.type.tensor_type.elem_type
-                      for v in list(model.graph.value_info) + list(model.graph.input) + self.outputs}
+        self.value_infos = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + self.outputs}
+        self.types = {name: v.type.tensor_type.elem_type for name, v in self.value_infos.items()}
         self.full_names = {o.name: f"moco/full/{o.name}" for o in self.outputs}
+        self.rest_sources: dict[str, str] = {}  # compressed tensor -> original tensor
         self.stages = self._partition()
         self.defined_outside: set[str] = set()
 
@@ -92,9 +94,10 @@ class _ExitGraphBuilder:
         return dims[0].dim_param or "batch" if dims and not dims[0].HasField("dim_value") else "batch"
 
     # -- one level of nesting -------------------------------------------------------------
-    def _level(self, level: int, renames: dict[str, str]) -> onnx.GraphProto:
-        """Graph of stage ``level`` plus exit ``level`` (or the final outputs at the last level)."""
+    def _level(self, level: int, renames: dict[str, str], entry: Sequence[onnx.NodeProto] = ()) -> onnx.GraphProto:
+        """Graph of ``entry`` nodes, stage ``level`` and exit ``level`` (or the final outputs)."""
         nodes, initializers = self._stage_nodes(level, renames)
+        nodes[:0] = entry
         final = level == len(self.exits)
         if final:
             result_names = self._final_outputs(level, nodes)
@@ -105,6 +108,7 @@ class _ExitGraphBuilder:
             nodes.extend(helper.make_node("Identity", [src], [dst], name=f"moco/out/{dst}")
                          for src, dst in zip(result_names, names) if src != dst)
         graph = helper.make_graph(nodes, f"moco_level_{level}", [], [], initializers)
+        graph.value_info.extend(self._rows_value_info(node.output[0], node.input[0], level) for node in entry)
         graph.output.extend(self._value_info(name, original)
                             for name, original in zip(names, [o.name for o in self.outputs] + [EXIT_OUTPUT]))
         return graph
@@ -188,12 +192,13 @@ class _ExitGraphBuilder:
             helper.make_node("Greater", [count, f"{p}/no_rows"], [any_left]),
         ])
         carried = [cut] + sorted(self._side_inputs(level + 1))
-        inner = dict(renames)
-        for name in carried:
+        inner, compress = dict(renames), []
+        for name in carried:  # inside the branch, so the remainder reads local tensors (keeps fusions)
             rest = f"{p}/rest/{name}"
-            nodes.append(helper.make_node("Compress", [renames.get(name, name), keep], [rest], axis=0))
+            self.rest_sources[renames.get(name, name)] = name
+            compress.append(helper.make_node("Compress", [renames.get(name, name), keep], [rest], axis=0))
             inner[name] = rest
-        then_branch = self._level(level + 1, inner)
+        then_branch = self._level(level + 1, inner, compress)
         else_branch = self._empty_branch(level)
         rest_results = [f"{p}/rest_out/{o.name}" for o in self.outputs] + [f"{p}/rest_out/exit"]
         nodes.append(helper.make_node("If", [any_left], rest_results, name=f"{p}/if_rows_left",
@@ -238,6 +243,19 @@ class _ExitGraphBuilder:
         inputs = set(self.index.graph_inputs)
         return {name for stage in self.stages[level:] for i in stage
                 for name in node_inputs(self.model.graph.node[i]) if name in inputs}
+
+    def _rows_value_info(self, name: str, original: str, level: int) -> onnx.ValueInfoProto:
+        """Declare a compressed tensor's shape with a named row dimension.
+
+        Without it the row count is an anonymous unknown, onnxruntime cannot prove
+        that a block's residual Add sees equal shapes, and it stops fusing the Add
+        and the ReLU into the convolution inside the remainder.
+        """
+        value = self.value_infos.get(self.rest_sources.get(original, original))
+        dims = [d.dim_value or d.dim_param for d in value.type.tensor_type.shape.dim[1:]] if value else None
+        if value is None or not all(dims):
+            return onnx.ValueInfoProto(name=name)
+        return helper.make_tensor_value_info(name, value.type.tensor_type.elem_type, [f"moco_rows_{level}", *dims])
 
     def _empty_branch(self, level: int) -> onnx.GraphProto:
         initializers, outputs = [], []

@@ -1,0 +1,759 @@
+"""Analytics on a model's activations: how separable the classes are at a cut, and
+which linear "sufficient rules" could exit there.
+
+:class:`AnalyticsEngine` looks at one embedding (one cut of the network, one row
+per input) together with per-row targets, usually the full model's
+``predictions`` and, when known, the ``labels``:
+
+* :meth:`AnalyticsEngine.separability`: kNN class purity, i.e. how often a row's
+  nearest neighbours get the same class from the full model (per class too);
+* :meth:`AnalyticsEngine.projection_plot`: a 2-D projection (PCA, t-SNE, or UMAP
+  where ``umap-learn`` is installed) coloured by class;
+* :meth:`AnalyticsEngine.compute_linear_sufficient_rule`: a rule
+  ``x @ w + b > t`` that, where it fires, agrees with the target class at a stated
+  precision, with a Clopper-Pearson bound on held-out rows;
+* :meth:`AnalyticsEngine.coverage_precision_curve` and
+  :meth:`AnalyticsEngine.plot_coverage_precision`: the trade-off the threshold
+  makes, per class.
+
+Rules are fitted with :class:`moco_compile.passes.rules.OneVsRestRuleFitter`, the
+engine the compiler uses, so what the analytics show is what ``compile`` can get.
+
+>>> engine = AnalyticsEngine.from_frame(result.frame, "layer3.0")          # doctest: +SKIP
+>>> engine.separability(k=10).purity                                       # doctest: +SKIP
+>>> rule = engine.compute_linear_sufficient_rule(cls=1, precision=0.95)    # doctest: +SKIP
+>>> rule.predict(features), rule.metadata["coverage"]                      # doctest: +SKIP
+
+Plots use matplotlib's object API (no pyplot, no global backend change) and
+need ``pip install 'moco-compile[analytics]'``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy import stats
+
+from moco_compile.errors import MocoError
+from moco_compile.frame import ActivationFrame
+from moco_compile.passes.bounds import clopper_pearson_upper, rows_needed
+from moco_compile.passes.rules import LinearScores, OneVsRestRuleFitter
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["AnalyticsEngine", "AnalyticsError", "NoRuleError", "LinearCondition", "SufficientRule",
+           "Separability", "CoveragePrecisionCurve", "separability_by_cut", "POOLINGS"]
+
+POOLINGS = ("mean", "max", "flatten")
+PREDICTIONS = "predictions"
+LABELS = "labels"
+_FRAME_TARGETS = (PREDICTIONS, LABELS)
+_PROJECTIONS = ("pca", "tsne", "umap")
+
+
+class AnalyticsError(MocoError, ValueError):
+    """Bad input to the analytics (shapes, row counts, classes, parameters)."""
+
+
+class NoRuleError(AnalyticsError):
+    """No threshold of a linear rule meets the requested precision, so the rule would fire on no row."""
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class LinearCondition:
+    """The condition of a linear rule: it fires where ``x @ weights + bias > threshold``.
+
+    ``x`` is the (pooled) feature vector the rule was fitted on, ``[D]`` per row.
+    """
+
+    weights: np.ndarray
+    bias: float
+    threshold: float
+
+    def __post_init__(self) -> None:
+        self.weights = np.asarray(self.weights, np.float64).reshape(-1)
+        self.bias = float(self.bias)
+        self.threshold = float(self.threshold)
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """``[N]`` scores ``x @ weights + bias`` for ``x`` of shape ``[N, D]`` (or one row ``[D]``)."""
+        x = np.asarray(x)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != len(self.weights):
+            raise AnalyticsError(f"the rule reads {len(self.weights)} features per row; got an array of shape "
+                                 f"{tuple(np.shape(x))}. Pass [N, {len(self.weights)}] features pooled the way "
+                                 "the rule's engine pooled them")
+        return x.astype(np.float64) @ self.weights + self.bias
+
+    def fires(self, x: np.ndarray) -> np.ndarray:
+        """``[N]`` booleans: where the condition holds."""
+        return self.score(x) > self.threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (``weights`` as a list)."""
+        return {"weights": self.weights.tolist(), "bias": self.bias, "threshold": self.threshold}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LinearCondition":
+        """Inverse of :meth:`to_dict`."""
+        missing = [key for key in ("weights", "bias", "threshold") if key not in data]
+        if missing:
+            raise AnalyticsError(f"a linear condition needs the keys weights, bias, threshold; "
+                                 f"missing: {', '.join(missing)}")
+        return cls(np.asarray(data["weights"], np.float64), data["bias"], data["threshold"])
+
+
+@dataclass
+class SufficientRule:
+    """A rule "if ``condition`` holds, the target is ``metadata['class']``" with its held-out statistics.
+
+    ``metadata`` holds: ``class``, ``target_column``, ``feature`` (the embedding it
+    reads), ``coverage`` (fraction of held-out rows it fires on), ``class_coverage``
+    (fraction of the class's held-out rows it fires on), ``precision`` (empirical,
+    on the held-out rows it fires on), ``precision_lower_bound`` (one-sided
+    Clopper-Pearson at ``confidence``), ``required_precision``, ``confidence``,
+    ``rows`` (held-out rows), ``fired_rows``, ``errors``, ``fit_rows``, ``method``.
+    """
+
+    condition: LinearCondition
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """``[N]`` booleans: where the rule fires on features ``x`` (``[N, D]``, or one row ``[D]``)."""
+        return self.condition.fires(x)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict: ``{"condition": ..., "metadata": ...}``."""
+        return {"condition": self.condition.to_dict(), "metadata": _plain(self.metadata)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SufficientRule":
+        """Inverse of :meth:`to_dict`."""
+        if "condition" not in data:
+            raise AnalyticsError("a sufficient rule needs a 'condition' entry (weights, bias, threshold)")
+        return cls(LinearCondition.from_dict(data["condition"]), dict(data.get("metadata", {})))
+
+
+@dataclass
+class Separability:
+    """kNN class purity of an embedding: the mean fraction of a row's ``k`` nearest
+    neighbours (itself excluded) that share its class, overall and per class."""
+
+    purity: float
+    per_class: dict[int, float]
+    k: int
+    rows: int
+    target_column: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return {"purity": self.purity, "per_class": {str(c): v for c, v in self.per_class.items()},
+                "k": self.k, "rows": self.rows, "target_column": self.target_column}
+
+
+@dataclass
+class CoveragePrecisionCurve:
+    """One class's trade-off on held-out rows as the rule's threshold is lowered.
+
+    Entry ``i`` describes the rule firing where ``score > thresholds[i]``:
+    ``coverage`` (fraction of held-out rows fired), ``class_coverage`` (fraction of
+    the class's held-out rows fired), ``precision`` (fraction of fired rows of the
+    class) and ``precision_lower_bound`` (one-sided Clopper-Pearson at ``confidence``).
+    """
+
+    cls: int
+    thresholds: np.ndarray
+    coverage: np.ndarray
+    class_coverage: np.ndarray
+    precision: np.ndarray
+    precision_lower_bound: np.ndarray
+    confidence: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (arrays as lists)."""
+        return {"class": self.cls, "confidence": self.confidence,
+                **{name: getattr(self, name).tolist() for name in
+                   ("thresholds", "coverage", "class_coverage", "precision", "precision_lower_bound")}}
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+class AnalyticsEngine:
+    """Separability, projections and linear sufficient rules for one embedding.
+
+    Build it with :meth:`from_2d_embedding` (an ``[N, D]`` array) or
+    :meth:`from_frame` (a column of an :class:`~moco_compile.frame.ActivationFrame`,
+    any rank); the constructor takes the same arguments as ``from_2d_embedding``.
+
+    Parameters
+    ----------
+    embedding:
+        ``[N, D]`` features, one row per input.
+    targets:
+        Per-row integer class ids, ``{name: [N] array}``; ``predictions`` (the full
+        model's classes) is the default target everywhere.
+    name:
+        What the embedding is (e.g. the frame column); recorded in rules and plot titles.
+    class_names:
+        Optional display names, indexed by class id (used in plot legends).
+    seed:
+        Seeds the fit/held-out split of the rules, subsampling and t-SNE.
+    fit_fraction:
+        Fraction of rows that fit the linear scores; the rest choose thresholds and
+        give the held-out statistics.
+    standardize:
+        Standardise each feature before kNN and projections (rules always
+        standardise internally and fold it into their weights).
+    max_knn_rows, max_plot_rows:
+        Row caps (a seeded subsample) for the kNN purity and for projections.
+    regularization, max_iter:
+        Passed to :class:`~moco_compile.passes.rules.OneVsRestRuleFitter`.
+    n_jobs:
+        Threads for kNN, projections and BLAS inside them (``-1``: all cores).  The
+        default 1 is usually fastest for these sizes and never fights other work.
+    """
+
+    def __init__(self, embedding: np.ndarray, targets: Mapping[str, np.ndarray], *, name: str = "embedding",
+                 class_names: Sequence[str] | None = None, seed: int = 0, fit_fraction: float = 0.5,
+                 standardize: bool = True, max_knn_rows: int | None = 20000, max_plot_rows: int = 2000,
+                 regularization: float = 0.1, max_iter: int = 500, n_jobs: int = 1) -> None:
+        self.embedding = _check_embedding(embedding, name)
+        self.targets = _check_targets(targets, len(self.embedding), name)
+        if not 0 < fit_fraction < 1:
+            raise AnalyticsError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
+        for param, value in (("max_knn_rows", max_knn_rows), ("max_plot_rows", max_plot_rows)):
+            if value is not None and value < 2:
+                raise AnalyticsError(f"{param} must be at least 2, got {value}")
+        self.name = name
+        self.class_names = list(class_names) if class_names is not None else None
+        self.seed = seed
+        self.fit_fraction = fit_fraction
+        self.standardize = standardize
+        self.max_knn_rows = max_knn_rows
+        self.max_plot_rows = max_plot_rows
+        self.regularization = regularization
+        self.max_iter = max_iter
+        if n_jobs == 0 or not isinstance(n_jobs, (int, np.integer)):
+            raise AnalyticsError(f"n_jobs must be a positive integer or -1 (all cores), got {n_jobs!r}")
+        self.n_jobs = int(n_jobs)
+        order = np.random.default_rng(seed).permutation(len(self.embedding))
+        split = int(round(len(order) * fit_fraction))
+        #: Row indices that fit the linear scores, and the held-out rows that choose thresholds.
+        self.fit_rows_ = np.sort(order[:split])
+        self.holdout_rows_ = np.sort(order[split:])
+        self._scores: dict[str, LinearScores] = {}
+
+    # --------------------------------------------------------------- constructors
+
+    @classmethod
+    def from_2d_embedding(cls, embedding: np.ndarray, targets: Mapping[str, np.ndarray],
+                          **config: Any) -> "AnalyticsEngine":
+        """An engine on an ``[N, D]`` embedding with per-row targets, e.g. ``{"predictions": preds}``.
+
+        ``config`` is passed to the constructor (``seed``, ``class_names``, ...).
+        """
+        return cls(embedding, targets, **config)
+
+    @classmethod
+    def from_frame(cls, frame: ActivationFrame, column: str, pooling: str = "mean", *,
+                   channel_axis: int | None = None, target_columns: Sequence[str] | None = None,
+                   **config: Any) -> "AnalyticsEngine":
+        """An engine on one column of an activation frame.
+
+        Parameters
+        ----------
+        frame, column:
+            The frame and the column to analyse (``[N, D]``, ``[N, S, D]``, ``[N, C, H, W]``, ...).
+            An unknown column raises ``KeyError`` listing the frame's columns.
+        pooling:
+            How a column of rank > 2 becomes ``[N, D]``: ``"mean"`` or ``"max"`` over every
+            axis but the channel axis (``[N, C, H, W] -> [N, C]``, ``[N, S, D] -> [N, D]``),
+            or ``"flatten"`` (``[N, C, H, W] -> [N, C*H*W]``).  Ignored for ``[N, D]`` columns.
+        channel_axis:
+            The axis kept by ``"mean"``/``"max"``; by default the last axis for rank-3
+            columns (``[N, S, D]`` sequences) and axis 1 for rank >= 4 (``[N, C, *spatial]``).
+        target_columns:
+            Frame columns used as targets; by default ``predictions`` and, when present, ``labels``.
+        """
+        if not isinstance(frame, ActivationFrame):
+            raise AnalyticsError(f"from_frame needs an ActivationFrame, got {type(frame).__name__}; "
+                                 "for a plain array use AnalyticsEngine.from_2d_embedding")
+        if pooling not in POOLINGS:
+            raise AnalyticsError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        values = frame[column]  # KeyError listing the frame's columns when it does not exist
+        if target_columns is None:
+            if PREDICTIONS not in frame:
+                raise KeyError(f"the frame has no {PREDICTIONS!r} column to use as the target; its columns are: "
+                               f"{', '.join(frame.columns)}. Pass target_columns=[...] naming class columns")
+            target_columns = [name for name in _FRAME_TARGETS if name in frame]
+        targets = {name: frame[name] for name in target_columns}
+        embedding = pool_features(values, pooling, channel_axis, name=column)
+        config.setdefault("name", column if values.ndim <= 2 else f"{column} ({pooling})")
+        return cls(embedding, targets, **config)
+
+    # --------------------------------------------------------------- basics
+
+    @property
+    def rows(self) -> int:
+        """Number of rows (inputs)."""
+        return len(self.embedding)
+
+    def classes(self, target_column: str = PREDICTIONS) -> np.ndarray:
+        """The class ids that occur in ``target_column``."""
+        return np.unique(self._target(target_column))
+
+    def _target(self, target_column: str) -> np.ndarray:
+        if target_column not in self.targets:
+            present = ", ".join(self.targets) or "none"
+            raise KeyError(f"no target {target_column!r}; the engine's targets are: {present}. "
+                           "Pass it in targets={...} (or target_columns=[...] with from_frame)")
+        return self.targets[target_column]
+
+    def _subsample(self, cap: int | None, salt: int) -> np.ndarray:
+        if cap is None or self.rows <= cap:
+            return np.arange(self.rows)
+        return np.sort(np.random.default_rng((self.seed, salt)).choice(self.rows, cap, replace=False))
+
+    def _view(self, rows: np.ndarray) -> np.ndarray:
+        x = self.embedding[rows].astype(np.float64)
+        if self.standardize:
+            scale = x.std(axis=0)
+            x = (x - x.mean(axis=0)) / np.where(scale > 0, scale, 1.0)
+        return x
+
+    def _threads(self):
+        """Limit native thread pools (OpenMP, BLAS) to ``n_jobs`` while computing."""
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(None if self.n_jobs < 0 else self.n_jobs)
+
+    def _label(self, cls: int) -> str:
+        if self.class_names is not None and 0 <= cls < len(self.class_names):
+            return f"{cls}: {self.class_names[cls]}"
+        return str(cls)
+
+    # --------------------------------------------------------------- separability
+
+    def separability(self, k: int = 10, target_column: str = PREDICTIONS) -> Separability:
+        """kNN class purity: for each row, the fraction of its ``k`` nearest neighbours
+        (Euclidean, itself excluded) whose ``target_column`` class equals its own; the
+        mean over rows, and over the rows of each class.
+
+        1.0 means classes sit in pure clumps; about ``sum_c p_c^2`` means no structure.
+        Uses a seeded subsample of ``max_knn_rows`` rows when there are more.
+        """
+        from sklearn.neighbors import NearestNeighbors
+
+        target = self._target(target_column)
+        rows = self._subsample(self.max_knn_rows, salt=1)
+        if not isinstance(k, (int, np.integer)) or k < 1 or k >= len(rows):
+            raise AnalyticsError(f"k must be an integer in [1, {len(rows) - 1}] (fewer than the {len(rows)} rows); "
+                                 f"got {k!r}")
+        with self._threads():
+            neighbours = NearestNeighbors(n_neighbors=k, n_jobs=self.n_jobs).fit(self._view(rows)).kneighbors(
+                return_distance=False)  # no query: each row is left out of its own neighbours
+        classes = target[rows]
+        purity = (classes[neighbours] == classes[:, None]).mean(axis=1)
+        per_class = {int(c): float(purity[classes == c].mean()) for c in np.unique(classes)}
+        return Separability(float(purity.mean()), per_class, int(k), len(rows), target_column)
+
+    def projection(self, method: str = "pca", max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A 2-D projection of (a seeded subsample of) the rows: ``(points [M, 2], row indices [M])``.
+
+        ``method``: ``"pca"``, ``"tsne"`` (scikit-learn, 500 iterations) or ``"umap"`` (needs
+        ``umap-learn``).
+        At most ``max_rows`` rows (default: the engine's ``max_plot_rows``) are projected.
+        """
+        if method not in _PROJECTIONS:
+            raise AnalyticsError(f"unknown projection {method!r}; choose one of {', '.join(_PROJECTIONS)}")
+        if max_rows is not None and max_rows < 2:
+            raise AnalyticsError(f"max_rows must be at least 2, got {max_rows}")
+        rows = self._subsample(max_rows or self.max_plot_rows, salt=2)
+        with self._threads():
+            return self._project(method, self._view(rows)), rows
+
+    def _project(self, method: str, x: np.ndarray) -> np.ndarray:
+        if method == "pca":
+            from sklearn.decomposition import PCA
+
+            points = PCA(n_components=2, random_state=self.seed).fit_transform(_pad2(x))
+        elif method == "tsne":
+            from sklearn.manifold import TSNE
+
+            if len(x) < 4:
+                raise AnalyticsError(f"t-SNE needs at least 4 rows, the engine has {len(x)}")
+            perplexity = float(min(30.0, (len(x) - 1) / 3))
+            points = TSNE(n_components=2, perplexity=perplexity, init="pca", max_iter=500,
+                          random_state=self.seed, n_jobs=self.n_jobs).fit_transform(_pad2(x))
+        else:
+            try:
+                import umap
+            except ImportError as error:
+                raise ImportError("method='umap' needs umap-learn: pip install umap-learn "
+                                  "(or use method='pca' or 'tsne')") from error
+            points = umap.UMAP(n_components=2, random_state=self.seed).fit_transform(_pad2(x))
+        return np.asarray(points, np.float64)
+
+    def projection_plot(self, path: str | os.PathLike | None = None, method: str = "pca",
+                        target_column: str = PREDICTIONS, max_rows: int | None = None) -> "Figure":
+        """Scatter plot of a 2-D projection coloured by ``target_column`` class.
+
+        Returns the matplotlib ``Figure``; with ``path`` also writes it as a PNG
+        (atomically). See :meth:`projection` for ``method`` and ``max_rows``.
+        """
+        target = self._target(target_column)
+        points, rows = self.projection(method, max_rows)
+        figure, axes = _figure()
+        classes = target[rows]
+        colours = _colours(len(np.unique(target)))
+        for position, cls in enumerate(np.unique(target)):
+            mine = classes == cls
+            axes.scatter(points[mine, 0], points[mine, 1], s=6, alpha=0.7, color=colours[position],
+                         label=self._label(int(cls)), linewidths=0)
+        axes.set_title(f"{self.name}: {method.upper() if method == 'pca' else method} of {len(rows)} rows, "
+                       f"coloured by {target_column}")
+        axes.set_xticks([])
+        axes.set_yticks([])
+        axes.legend(markerscale=2.5, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+        figure.tight_layout()
+        if path is not None:
+            _save_png(figure, path)
+        return figure
+
+    # --------------------------------------------------------------- rules
+
+    def linear_scores(self, target_column: str = PREDICTIONS) -> LinearScores:
+        """Per-class linear scores for ``target_column`` fitted on the fit rows (cached).
+
+        One-vs-rest logistic regressions fitted jointly by the compiler's
+        :class:`~moco_compile.passes.rules.OneVsRestRuleFitter`; class ``c``'s score
+        is column ``c`` of ``scores(x)``.
+        """
+        if target_column not in self._scores:
+            target = self._target(target_column)
+            if len(self.fit_rows_) < 2 or len(self.holdout_rows_) < 1:
+                raise AnalyticsError(f"rules need rows to fit and rows to hold out; the engine has {self.rows} "
+                                     f"rows ({len(self.fit_rows_)} fit, {len(self.holdout_rows_)} held out)")
+            fitter = OneVsRestRuleFitter(self.regularization, self.max_iter)
+            self._scores[target_column] = fitter.fit(self.embedding[self.fit_rows_],
+                                                     target[self.fit_rows_], int(target.max()) + 1)
+        return self._scores[target_column]
+
+    def _check_class(self, target_column: str, cls: Any) -> int:
+        target = self._target(target_column)
+        if isinstance(cls, (bool, np.bool_)) or not isinstance(cls, (int, np.integer)):
+            raise AnalyticsError(f"cls must be an integer class id, got {cls!r}")
+        present = np.unique(target)
+        if cls not in present:
+            raise AnalyticsError(f"class {cls} has no calibration rows in target {target_column!r} "
+                                 f"({self.rows} rows; classes present: {', '.join(map(str, present))}); "
+                                 "choose a class that occurs, or give calibration data that contains it")
+        return int(cls)
+
+    def _held_out_scores(self, target_column: str, cls: int) -> tuple[LinearCondition, np.ndarray, np.ndarray]:
+        scores = self.linear_scores(target_column)
+        condition = LinearCondition(scores.weight[:, cls], float(scores.bias[cls]), np.inf)
+        held = self.holdout_rows_
+        return condition, condition.score(self.embedding[held]), self._target(target_column)[held] == cls
+
+    def compute_linear_sufficient_rule(self, target_column: str = PREDICTIONS, cls: int | None = None,
+                                       precision: float = 0.99, confidence: float = 0.95) -> SufficientRule:
+        """A linear rule that, where it fires, gives ``cls`` in ``target_column`` with ``precision``.
+
+        The linear score of "target == cls" is fitted on the fit rows; the threshold is
+        chosen on the held-out rows as the lowest (largest coverage) one whose one-sided
+        Clopper-Pearson upper bound of the error rate among fired rows is at most
+        ``1 - precision`` at ``confidence``.  Thresholds are tested in a fixed sequence,
+        strictest first, starting where enough rows fire for the bound to be reachable,
+        and the search stops at the first failure, so the stated bound holds for the
+        chosen threshold (not only for the best of many tries).
+
+        Raises :class:`NoRuleError` when no threshold qualifies (the rule would fire on
+        no row), and :class:`AnalyticsError` when ``cls`` has no rows.
+        """
+        if cls is None:
+            raise AnalyticsError("pass cls=<class id> (the class the rule should certify)")
+        if not 0 < precision < 1:
+            raise AnalyticsError(f"precision must be in (0, 1), got {precision}")
+        if not 0 < confidence < 1:
+            raise AnalyticsError(f"confidence must be in (0, 1), got {confidence}")
+        cls = self._check_class(target_column, cls)
+        condition, scores, hits = self._held_out_scores(target_column, cls)
+        table = _threshold_table(scores, hits)
+        budget = 1 - precision
+        minimum = rows_needed(budget, confidence)
+        bound = _cp_upper(table["errors"], table["fired"], confidence)
+        start = int(np.searchsorted(table["fired"], minimum))  # first threshold firing on >= minimum rows
+        failed = np.flatnonzero(bound[start:] > budget)
+        chosen = start + (failed[0] if len(failed) else len(bound) - start) - 1
+        class_rows = int(hits.sum())
+        if chosen < start:
+            reason = (f"only {class_rows} of the {len(hits)} held-out rows are class {cls}; certifying precision "
+                      f"{precision:g} at confidence {confidence:g} needs at least {minimum} fired rows even "
+                      "with no error" if class_rows < minimum else
+                      f"among the {class_rows} held-out rows of class {cls}, no threshold firing on at least "
+                      f"{minimum} rows (the fewest for which the bound can reach {precision:g}) kept the "
+                      f"error rate's {confidence:.0%} upper bound within {budget:g}")
+            raise NoRuleError(
+                f"no linear rule for class {cls} of {target_column!r} at {self.name} reaches precision "
+                f"{precision:g} at confidence {confidence:g}: the rule would fire on no row ({reason}). "
+                "Ask for a lower precision or confidence, give more calibration rows, or use a later cut")
+        condition.threshold = table["thresholds"][chosen]
+        fired, errors = int(table["fired"][chosen]), int(table["errors"][chosen])
+        metadata = {
+            "class": cls,
+            "class_name": self.class_names[cls] if self.class_names and cls < len(self.class_names) else None,
+            "target_column": target_column,
+            "feature": self.name,
+            "coverage": fired / len(hits),
+            "class_coverage": (fired - errors) / max(class_rows, 1),
+            "precision": (fired - errors) / fired,
+            "precision_lower_bound": 1 - clopper_pearson_upper(errors, fired, confidence),
+            "required_precision": precision,
+            "confidence": confidence,
+            "rows": len(hits),
+            "fired_rows": fired,
+            "errors": errors,
+            "fit_rows": len(self.fit_rows_),
+            "method": "one-vs-rest logistic score (OneVsRestRuleFitter) on the fit rows; threshold by "
+                      "fixed-sequence one-sided Clopper-Pearson test on the held-out rows",
+        }
+        return SufficientRule(condition, metadata)
+
+    def coverage_precision_curve(self, target_column: str = PREDICTIONS, cls: int | None = None,
+                                 confidence: float = 0.95) -> dict[int, CoveragePrecisionCurve]:
+        """Held-out coverage vs precision of each class's linear score as its threshold is lowered.
+
+        Returns ``{class: CoveragePrecisionCurve}`` for every class of ``target_column``
+        (or only ``cls``).  Points run from the strictest threshold (one fired tie group)
+        to the loosest (every held-out row fired).
+        """
+        if not 0 < confidence < 1:
+            raise AnalyticsError(f"confidence must be in (0, 1), got {confidence}")
+        classes = self.classes(target_column) if cls is None else [self._check_class(target_column, cls)]
+        curves = {}
+        for c in classes:
+            _, scores, hits = self._held_out_scores(target_column, int(c))
+            table = _threshold_table(scores, hits)
+            fired, errors = table["fired"], table["errors"]
+            curves[int(c)] = CoveragePrecisionCurve(
+                int(c), table["thresholds"], fired / len(hits), (fired - errors) / max(int(hits.sum()), 1),
+                (fired - errors) / fired, 1 - _cp_upper(errors, fired, confidence), confidence)
+        return curves
+
+    def plot_coverage_precision(self, path: str | os.PathLike | None = None, target_column: str = PREDICTIONS,
+                                classes: Sequence[int] | None = None, confidence: float = 0.95) -> "Figure":
+        """Coverage (of each class's held-out rows) vs precision, one line per class, with the
+        Clopper-Pearson lower bound dashed.  Returns the ``Figure``; writes a PNG at ``path``."""
+        if classes is None:
+            curves = self.coverage_precision_curve(target_column, confidence=confidence)
+        else:
+            curves = {}
+            for c in classes:
+                curves.update(self.coverage_precision_curve(target_column, c, confidence))
+        figure, axes = _figure()
+        colours = _colours(len(curves))
+        for colour, (c, curve) in zip(colours, curves.items()):
+            axes.plot(curve.class_coverage, curve.precision, color=colour, label=self._label(c), linewidth=1.2)
+            axes.plot(curve.class_coverage, curve.precision_lower_bound, color=colour, linestyle="--",
+                      linewidth=0.8)
+        axes.set_xlabel("coverage (fraction of the class's held-out rows the rule fires on)")
+        axes.set_ylabel(f"precision (dashed: {confidence:.0%} lower bound)")
+        axes.set_xlim(0, 1)
+        # the informative range: precision up to 95% class coverage (the bounds of the first few
+        # fired rows and the all-rows end of each curve would squash it)
+        body = [c.precision[c.class_coverage <= 0.95] for c in curves.values()]
+        bottom = min((float(p.min()) for p in body if len(p)), default=0.0)
+        axes.set_ylim(max(0.0, bottom - 0.02), 1.005)
+        axes.set_title(f"{self.name}: linear rules for {target_column} ({len(self.holdout_rows_)} held-out rows)")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+        figure.tight_layout()
+        if path is not None:
+            _save_png(figure, path)
+        return figure
+
+    def __repr__(self) -> str:
+        return (f"AnalyticsEngine({self.name!r}: {self.rows} rows x {self.embedding.shape[1]} features; "
+                f"targets: {', '.join(self.targets) or 'none'})")
+
+
+def separability_by_cut(frame: ActivationFrame, columns: Sequence[str] | None = None, k: int = 10,
+                        pooling: str = "mean", target_column: str = PREDICTIONS,
+                        **config: Any) -> dict[str, Separability]:
+    """kNN purity of ``target_column`` at several frame columns (default: every non-scalar column).
+
+    ``pooling`` and ``config`` are passed to :meth:`AnalyticsEngine.from_frame`.
+    """
+    if columns is None:
+        columns = [name for name in frame.columns if frame.row_shape(name)]
+    return {column: AnalyticsEngine.from_frame(frame, column, pooling, **config).separability(k, target_column)
+            for column in columns}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def pool_features(values: np.ndarray, pooling: str = "mean", channel_axis: int | None = None,
+                  name: str = "embedding") -> np.ndarray:
+    """``[N, D]`` features from an array of any rank (row axis first); see :meth:`AnalyticsEngine.from_frame`."""
+    values = np.asarray(values)
+    if pooling not in POOLINGS:
+        raise AnalyticsError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    if values.ndim == 0:
+        raise AnalyticsError(f"{name!r} is a scalar, not one row per input")
+    if values.ndim <= 2:
+        return values.reshape(len(values), -1)
+    if pooling == "flatten":
+        return values.reshape(len(values), -1)
+    if channel_axis is None:
+        channel_axis = -1 if values.ndim == 3 else 1
+    if not -values.ndim < channel_axis < values.ndim or channel_axis % values.ndim == 0:
+        raise AnalyticsError(f"channel_axis {channel_axis} is not a feature axis of {name!r} with shape "
+                             f"{values.shape}; use 1..{values.ndim - 1} (axis 0 holds the rows)")
+    channel_axis %= values.ndim
+    axes = tuple(a for a in range(1, values.ndim) if a != channel_axis)
+    reduce = np.mean if pooling == "mean" else np.max
+    return reduce(values, axis=axes)
+
+
+def _check_embedding(embedding: np.ndarray, name: str) -> np.ndarray:
+    try:
+        array = np.asarray(embedding)
+    except (TypeError, ValueError) as error:
+        raise AnalyticsError(f"embedding {name!r} is not an array: {error}") from error
+    if array.ndim != 2:
+        raise AnalyticsError(f"embedding {name!r} must be [N, D] (one row per input); got shape {array.shape}. "
+                             "Reshape or pool it first, or use AnalyticsEngine.from_frame(..., pooling=...)")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
+        raise AnalyticsError(f"embedding {name!r} must hold real numbers, got dtype {array.dtype}")
+    if len(array) < 2 or array.shape[1] < 1:
+        raise AnalyticsError(f"embedding {name!r} has shape {array.shape}; it needs at least 2 rows and 1 feature")
+    array = array.astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).any(axis=1).sum())
+        raise AnalyticsError(f"embedding {name!r} contains NaN or Inf in {bad} of {len(array)} rows; "
+                             "check the model's activations there, or drop those rows")
+    return array
+
+
+def _check_targets(targets: Mapping[str, np.ndarray], rows: int, name: str) -> dict[str, np.ndarray]:
+    if not isinstance(targets, Mapping):
+        raise AnalyticsError(f"targets must be a dict {{name: [N] class ids}}, e.g. {{'predictions': preds}}; "
+                             f"got {type(targets).__name__}")
+    checked = {}
+    for key, values in targets.items():
+        values = np.asarray(values)
+        if values.ndim != 1:
+            raise AnalyticsError(f"target {key!r} must be one class id per row ([N]); got shape {values.shape}. "
+                                 "For logits or probabilities pass their argmax")
+        if len(values) != rows:
+            raise AnalyticsError(f"row counts differ: embedding {name!r} has {rows} rows but target {key!r} has "
+                                 f"{len(values)}; pass targets for the same rows, in the same order")
+        if values.dtype == bool:
+            values = values.astype(np.int64)
+        if np.issubdtype(values.dtype, np.floating):
+            if not (np.isfinite(values).all() and (values == np.round(values)).all()):
+                raise AnalyticsError(f"target {key!r} must hold integer class ids, got non-integer values")
+            values = values.astype(np.int64)
+        if not np.issubdtype(values.dtype, np.integer):
+            raise AnalyticsError(f"target {key!r} must hold integer class ids 0..C-1, got dtype {values.dtype}; "
+                                 "encode the classes as integers first")
+        if len(values) and values.min() < 0:
+            raise AnalyticsError(f"target {key!r} has negative class ids (min {values.min()}); "
+                                 "class ids must be 0..C-1")
+        checked[str(key)] = values.astype(np.int64, copy=False)
+    return checked
+
+
+def _threshold_table(scores: np.ndarray, hits: np.ndarray) -> dict[str, np.ndarray]:
+    """For each distinct score, the rule ``score > threshold`` firing on that score and all
+    higher ones: ``thresholds`` (between that score and the next lower), ``fired``, ``errors``."""
+    order = np.argsort(-scores, kind="stable")
+    ranked, ranked_hits = scores[order], hits[order]
+    ends = np.flatnonzero(np.r_[ranked[1:] != ranked[:-1], True])  # last row of each tie group
+    fired = ends + 1
+    correct = np.cumsum(ranked_hits)[ends]
+    upper = ranked[ends]
+    lower = np.r_[ranked[ends[:-1] + 1], -np.inf]
+    with np.errstate(invalid="ignore", over="ignore"):
+        thresholds = lower + (upper - lower) / 2
+    thresholds = np.where(np.isfinite(lower), thresholds, upper - np.maximum(1.0, np.abs(upper)) * 1e-6)
+    thresholds = np.where(thresholds >= upper, lower, thresholds)  # adjacent floats: keep upper > threshold
+    return {"thresholds": thresholds, "fired": fired, "errors": fired - correct}
+
+
+def _cp_upper(errors: np.ndarray, rows: np.ndarray, confidence: float) -> np.ndarray:
+    """Vectorised :func:`moco_compile.passes.bounds.clopper_pearson_upper`."""
+    errors, rows = np.asarray(errors), np.asarray(rows)
+    valid = (rows > 0) & (errors < rows)
+    bound = np.ones(errors.shape, np.float64)
+    bound[valid] = stats.beta.ppf(confidence, errors[valid] + 1, rows[valid] - errors[valid])
+    return bound
+
+
+def _pad2(x: np.ndarray) -> np.ndarray:
+    """Projections need two features; pad a one-feature embedding with zeros."""
+    return x if x.shape[1] >= 2 else np.concatenate([x, np.zeros_like(x)], axis=1)
+
+
+def _figure() -> tuple["Figure", Any]:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("plots need matplotlib: pip install 'moco-compile[analytics]'") from error
+    figure = Figure(figsize=(8, 5.5), dpi=100)
+    return figure, figure.add_subplot()
+
+
+def _colours(count: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if count <= 10 else "tab20" if count <= 20 else "hsv"]
+    return [cmap(i % cmap.N) if count <= 20 else cmap(i / count) for i in range(count)]
+
+
+def _save_png(figure: "Figure", path: str | os.PathLike) -> Path:
+    """Write ``figure`` as a PNG at ``path`` via a temporary name, so no partial file is left."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    if path.parent and not path.parent.is_dir():
+        raise AnalyticsError(f"cannot write the plot to {path}: {path.parent} is not a directory")
+    FigureCanvasAgg(figure)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    try:
+        figure.savefig(temporary, format="png")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars/arrays turned into JSON-serialisable Python objects."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

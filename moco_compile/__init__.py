@@ -9,18 +9,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__all__ = ["compile", "load_frame", "ActivationFrame", "ExitSession", "MocoError"]
+__all__ = ["compile", "calibrate_frame", "load_frame", "ActivationFrame", "AnalyticsEngine", "ExitSession",
+           "MocoError"]
 
 if TYPE_CHECKING:
-    from moco_compile.api import compile
+    from moco_compile.analytics import AnalyticsEngine
+    from moco_compile.api import calibrate_frame, compile
     from moco_compile.errors import MocoError
     from moco_compile.frame import ActivationFrame, load_frame
     from moco_compile.runtime.session import ExitSession
 
 
 def __getattr__(name: str):
-    if name == "compile":
-        from moco_compile.api import compile as value
+    if name in ("compile", "calibrate_frame"):
+        from moco_compile import api
+        value = getattr(api, name)
+    elif name == "AnalyticsEngine":
+        from moco_compile.analytics import AnalyticsEngine as value
     elif name in ("load_frame", "ActivationFrame"):
         from moco_compile import frame
         value = getattr(frame, name)

@@ -80,3 +80,25 @@ def test_no_row_exits_runs_the_full_graph_unchanged(compiled, reference_model, c
     expected, = ort.InferenceSession(reference_model.SerializeToString()).run(None, {"images": images})
     assert (exits == -1).all()
     np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+def test_model_with_probabilities_and_logits_outputs(reference_model, calibration, tmp_path):
+    """Two outputs: the named classifier output (Softmax) carries exit probabilities, the other zeros."""
+    from moco_compile import compile
+
+    model = onnx.ModelProto()
+    model.CopyFrom(reference_model)
+    model.graph.node.append(onnx.helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["batch", 10]))
+    result = compile(model, calibration, output="probs", measure_latency=False, show_progress=False)
+    assert [o.name for o in result.model.graph.output] == ["logits", "probs", "moco_exit"]
+    images = calibration["images"][:256]
+    logits, probs, exits = ort.InferenceSession(result.model.SerializeToString()).run(None, {"images": images})
+    full_logits, full_probs = ort.InferenceSession(model.SerializeToString()).run(None, {"images": images})
+    exited = exits >= 0
+    assert exited.any() and (~exited).any()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probs[~exited], full_probs[~exited], atol=1e-5)
+    np.testing.assert_allclose(logits[~exited], full_logits[~exited], atol=1e-4)
+    assert (logits[exited] == 0).all()
+    assert (probs.argmax(1) == full_probs.argmax(1)).mean() > 0.97

@@ -25,7 +25,7 @@ from moco_compile.passes.cut_points import CutPoint, find_cut_points, localize_s
 from moco_compile.passes.plan import Exit, ExitPlan, ExitPlanner, NoPlanError, PlanEvaluation, Split
 from moco_compile.passes.pooling import pooling_cost, variants_for
 from moco_compile.passes.rewrite import insert_exits
-from moco_compile.passes.rules import OneVsRestRuleFitter, out_of_fold_scores, select_variant
+from moco_compile.passes.rules import SoftmaxRuleFitter, out_of_fold_scores, select_variant
 from moco_compile.passes.verify import verify_compiled
 
 # Calibration rows are assigned at random (seeded) to: fitting rules and designing the
@@ -212,7 +212,7 @@ def _plan(imported: ImportedModel, cuts: list[CutPoint], frame: ActivationFrame,
     predictions = frame[PREDICTIONS]
     labels = frame[LABELS] if LABELS in frame else None
     rows = {name: np.flatnonzero(split == i) for i, name in enumerate(SPLITS)}
-    fitter = OneVsRestRuleFitter()
+    fitter = SoftmaxRuleFitter()
     candidates, design_scores, test_scores = [], [], []
     for cut in cuts:
         column = cut_column(cut)

@@ -50,13 +50,15 @@ class Exit:
                 "shape": list(self.cut.shape), "flops_before": self.cut.flops_before,
                 "flops_after": self.cut.flops_after, "rule_flops": self.rule_flops,
                 "weight": self.scores.weight.tolist(), "bias": self.scores.bias.tolist(),
+                "normalize": self.scores.normalize,
                 "thresholds": [None if not np.isfinite(t) else float(t) for t in self.thresholds]}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Exit":
         cut = CutPoint(data["cut"], data["module"], tuple(data["shape"]), data["flops_before"],
                        data["flops_after"])
-        scores = LinearScores(np.asarray(data["weight"], np.float32), np.asarray(data["bias"], np.float32))
+        scores = LinearScores(np.asarray(data["weight"], np.float32), np.asarray(data["bias"], np.float32),
+                              data.get("normalize", "none"))
         thresholds = np.asarray([np.inf if t is None else t for t in data["thresholds"]], np.float32)
         return cls(cut, data["column"], data["pooling"], scores, thresholds, data["rule_flops"])
 

@@ -33,7 +33,7 @@ from onnx import helper, numpy_helper
 
 from moco_compile.passes.graph import GraphIndex, node_inputs
 from moco_compile.passes.plan import Exit
-from moco_compile.passes.pooling import variant_nodes
+from moco_compile.passes.pooling import pooling_inputs, variant_nodes
 
 EXIT_OUTPUT = "moco_exit"
 _NEVER = float(np.finfo(np.float32).max)
@@ -168,22 +168,19 @@ class _ExitGraphBuilder:
         p = f"moco/exit{level}"
         cut = exit_.cut.tensor
         pooled = f"{p}/pooled"
-        nodes.extend(variant_nodes(cut, exit_.pooling, exit_.cut.shape, pooled, p))
+        nodes.extend(variant_nodes(cut, exit_.pooling, exit_.cut.shape, pooled, p, inputs=renames))
         if self.types.get(cut, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
             nodes.append(helper.make_node("Cast", [pooled], [f"{pooled}_f32"], to=onnx.TensorProto.FLOAT))
             pooled = f"{pooled}_f32"
-        offset = np.where(np.isfinite(exit_.thresholds), exit_.scores.bias - exit_.thresholds, -_NEVER)
+        margins = f"{p}/margins"
+        nodes.extend(self._margin_nodes(exit_, pooled, margins, p, initializers))
         initializers.extend([
-            numpy_helper.from_array(exit_.scores.weight.astype(np.float32), f"{p}/weight"),
-            numpy_helper.from_array(offset.astype(np.float32), f"{p}/offset"),
             numpy_helper.from_array(np.array(0.0, np.float32), f"{p}/zero"),
             numpy_helper.from_array(np.array(0, np.int64), f"{p}/no_rows"),
         ])
-        margins, top, keep = (f"{p}/{n}" for n in ("margins", "top", "keep"))
+        top, keep = f"{p}/top", f"{p}/keep"
         rows, count, any_left = f"{p}/rows", f"{p}/rest_count", f"{p}/any_left"
         nodes.extend([
-            helper.make_node("MatMul", [pooled, f"{p}/weight"], [f"{p}/scores"]),
-            helper.make_node("Add", [f"{p}/scores", f"{p}/offset"], [margins]),
             self._reduce_max(margins, top, initializers),
             helper.make_node("LessOrEqual", [top, f"{p}/zero"], [keep]),
             helper.make_node("NonZero", [keep], [f"{p}/rows_t"]),
@@ -215,6 +212,22 @@ class _ExitGraphBuilder:
         nodes.append(helper.make_node("ScatterND", [f"{p}/exit_ids", rows, rest_results[-1]], [f"{p}/exit"]))
         return results + [f"{p}/exit"]
 
+    @staticmethod
+    def _margin_nodes(exit_: Exit, pooled: str, margins: str, p: str, initializers: list) -> list:
+        """``margins = scores - thresholds``; disabled classes (threshold inf) get -FLT_MAX."""
+        thresholds = np.where(np.isfinite(exit_.thresholds), exit_.thresholds, _NEVER)
+        initializers.append(numpy_helper.from_array(exit_.scores.weight.astype(np.float32), f"{p}/weight"))
+        matmul = helper.make_node("MatMul", [pooled, f"{p}/weight"], [f"{p}/linear"])
+        if exit_.scores.normalize == "none":  # fold the thresholds into the bias: one Add
+            offset = np.where(np.isfinite(exit_.thresholds), exit_.scores.bias - exit_.thresholds, -_NEVER)
+            initializers.append(numpy_helper.from_array(offset.astype(np.float32), f"{p}/offset"))
+            return [matmul, helper.make_node("Add", [f"{p}/linear", f"{p}/offset"], [margins])]
+        initializers.extend([numpy_helper.from_array(exit_.scores.bias.astype(np.float32), f"{p}/bias"),
+                             numpy_helper.from_array(thresholds.astype(np.float32), f"{p}/thresholds")])
+        return [matmul, helper.make_node("Add", [f"{p}/linear", f"{p}/bias"], [f"{p}/logits"]),
+                helper.make_node("LogSoftmax", [f"{p}/logits"], [f"{p}/log_probs"], axis=1),
+                helper.make_node("Sub", [f"{p}/log_probs", f"{p}/thresholds"], [margins])]
+
     def _exited_value(self, original: onnx.ValueInfoProto, margins: str, top: str, p: str,
                       nodes: list, initializers: list) -> str:
         """What exited rows carry in ``original``: margins for the classifier, zeros otherwise."""
@@ -239,10 +252,11 @@ class _ExitGraphBuilder:
         return name
 
     def _side_inputs(self, level: int) -> set[str]:
-        """Graph inputs that stages from ``level`` on still read (e.g. an attention mask)."""
+        """Graph inputs that stages (or exits' pooling) from ``level`` on still read (e.g. an attention mask)."""
         inputs = set(self.index.graph_inputs)
-        return {name for stage in self.stages[level:] for i in stage
-                for name in node_inputs(self.model.graph.node[i]) if name in inputs}
+        pooled = {name for exit_ in self.exits[level:] for name in pooling_inputs(exit_.pooling)}
+        return pooled | {name for stage in self.stages[level:] for i in stage
+                         for name in node_inputs(self.model.graph.node[i]) if name in inputs}
 
     def _rows_value_info(self, name: str, original: str, level: int) -> onnx.ValueInfoProto:
         """Declare a compressed tensor's shape with a named row dimension.

@@ -1,10 +1,19 @@
 """Sufficient rules: per cut, one linear score per class on the pooled features.
 
 ``scores = features @ weight + bias`` (one MatMul + Add for all classes of a
-cut).  Each class's score is a one-vs-rest logistic regression of "the full
-model predicts this class", so it reads as log-odds; the plan later turns it
-into a rule by a per-class threshold.  Feature standardisation is folded into
-``weight`` and ``bias``, so the compiled graph needs nothing else.
+cut), optionally normalised to log-probabilities (``log_softmax``, one more
+node); the plan turns scores into rules with a per-class threshold.
+
+* :class:`SoftmaxRuleFitter` (the compiler's default): a multinomial logistic
+  regression of the full model's class; a row's score for class c is
+  ``log p(c | x)``, so a class only scores high where it beats every other
+  class.  On the reference CNN this admits more rows at equal risk than
+  one-vs-rest scores (see benchmarks/RESULTS.md, "Rule quality").
+* :class:`OneVsRestRuleFitter`: one logistic regression per class ("full model
+  predicts c" vs not); scores are log-odds, usable alone as a single-class rule.
+
+Feature standardisation is folded into ``weight`` and ``bias``, so the compiled
+graph needs nothing else.
 """
 from __future__ import annotations
 
@@ -12,46 +21,46 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import expit
+from scipy.special import expit, log_softmax, logsumexp, softmax
 from threadpoolctl import threadpool_limits
+
+NORMALIZATIONS = ("none", "log_softmax")
 
 
 @dataclass
 class LinearScores:
-    """Per-class linear scores at one cut: ``x @ weight + bias``, ``weight`` is ``[D, C]``."""
+    """Per-class scores at one cut: ``x @ weight + bias`` (``weight`` is ``[D, C]``),
+    then ``log_softmax`` over classes when ``normalize == "log_softmax"``."""
 
     weight: np.ndarray
     bias: np.ndarray
+    normalize: str = "none"
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
-        return features.astype(np.float32) @ self.weight + self.bias
+        scores = features.astype(np.float32) @ self.weight + self.bias
+        return log_softmax(scores, axis=1).astype(np.float32) if self.normalize == "log_softmax" else scores
 
     @property
     def flops(self) -> float:
         """FLOPs per row of evaluating the scores."""
-        return 2.0 * self.weight.size + self.bias.size
+        return 2.0 * self.weight.size + self.bias.size * (5 if self.normalize == "log_softmax" else 1)
 
 
-class OneVsRestRuleFitter:
-    """Fit :class:`LinearScores`: one L2-regularised logistic regression per class, solved jointly.
+class _LinearRuleFitter:
+    """Shared fitting: standardise, then minimise an L2-regularised loss with L-BFGS."""
 
-    The per-class problems are independent; solving them as one L-BFGS problem
-    costs one ``[N, D] x [D, C]`` product per iteration instead of C solver runs.
-
-    Parameters
-    ----------
-    regularization:
-        Inverse regularisation strength (scikit-learn's ``C``) on standardised features.
-    max_iter:
-        Iteration cap for L-BFGS.
-    """
+    normalize = "none"
 
     def __init__(self, regularization: float = 0.1, max_iter: int = 500) -> None:
         self.regularization = regularization
         self.max_iter = max_iter
 
+    def _loss(self, logits: np.ndarray, onehot: np.ndarray) -> tuple[float, np.ndarray]:
+        """Summed loss and its gradient with respect to the logits."""
+        raise NotImplementedError
+
     def fit(self, features: np.ndarray, targets: np.ndarray, num_classes: int) -> LinearScores:
-        """Fit scores so that class ``c``'s score is high where ``targets == c``.
+        """Fit scores so that class ``c`` scores high where ``targets == c``.
 
         Classes absent from ``targets`` get a score that never fires.
         """
@@ -71,11 +80,10 @@ class OneVsRestRuleFitter:
 
         def loss_and_gradient(theta: np.ndarray) -> tuple[float, np.ndarray]:
             weight = theta[:-num_classes].reshape(width, num_classes).astype(np.float32)
-            logits = x @ weight + theta[-num_classes:].astype(np.float32)
-            loss = (np.logaddexp(0, logits) - onehot * logits).sum() / rows + alpha / 2 * (weight ** 2).sum()
-            residual = (expit(logits) - onehot) / rows
+            loss, residual = self._loss(x @ weight + theta[-num_classes:].astype(np.float32), onehot)
+            residual /= rows
             gradient = np.concatenate([(x.T @ residual + alpha * weight).ravel(), residual.sum(axis=0)])
-            return float(loss), gradient.astype(np.float64)
+            return float(loss / rows + alpha / 2 * (weight ** 2).sum()), gradient.astype(np.float64)
 
         with threadpool_limits(1):  # small BLAS calls: threads only contend (6x slower on 2 cores)
             result = minimize(loss_and_gradient, np.zeros(width * num_classes + num_classes), jac=True,
@@ -84,7 +92,48 @@ class OneVsRestRuleFitter:
         bias = result.x[-num_classes:] - mean @ weight
         absent = np.setdiff1d(np.arange(num_classes), targets)
         weight[:, absent], bias[absent] = 0.0, -1e4
-        return LinearScores(weight.astype(np.float32), bias.astype(np.float32))
+        return LinearScores(weight.astype(np.float32), bias.astype(np.float32), self.normalize)
+
+    def coarse(self) -> "_LinearRuleFitter":
+        """The same fitter with a small iteration cap, for comparing candidates quickly."""
+        return type(self)(self.regularization, max_iter=60)
+
+
+class SoftmaxRuleFitter(_LinearRuleFitter):
+    """Multinomial logistic regression; scores are log-probabilities of each class.
+
+    Parameters
+    ----------
+    regularization:
+        Inverse regularisation strength (scikit-learn's ``C``) on standardised features.
+    max_iter:
+        Iteration cap for L-BFGS.
+    """
+
+    normalize = "log_softmax"
+
+    def _loss(self, logits: np.ndarray, onehot: np.ndarray) -> tuple[float, np.ndarray]:
+        loss = (logsumexp(logits, axis=1) - (onehot * logits).sum(axis=1)).sum()
+        return float(loss), softmax(logits, axis=1) - onehot
+
+
+class OneVsRestRuleFitter(_LinearRuleFitter):
+    """One L2-regularised logistic regression per class, solved as one L-BFGS problem.
+
+    The per-class problems are independent; solving them jointly costs one
+    ``[N, D] x [D, C]`` product per iteration instead of C solver runs.
+
+    Parameters
+    ----------
+    regularization:
+        Inverse regularisation strength (scikit-learn's ``C``) on standardised features.
+    max_iter:
+        Iteration cap for L-BFGS.
+    """
+
+    def _loss(self, logits: np.ndarray, onehot: np.ndarray) -> tuple[float, np.ndarray]:
+        loss = (np.logaddexp(0, logits) - onehot * logits).sum()
+        return float(loss), expit(logits) - onehot
 
 
 def high_precision_coverage(scores: np.ndarray, targets: np.ndarray, precision: float) -> float:
@@ -99,7 +148,7 @@ def high_precision_coverage(scores: np.ndarray, targets: np.ndarray, precision: 
 
 
 def select_variant(features: dict[str, np.ndarray], targets: np.ndarray, num_classes: int,
-                   fitter: OneVsRestRuleFitter, precision: float = 0.995,
+                   fitter: _LinearRuleFitter, precision: float = 0.995,
                    held_out: float = 0.25, min_gain: float = 0.01) -> tuple[str, LinearScores]:
     """Pick the pooling variant whose rules admit the most rows at ``precision``.
 
@@ -108,7 +157,7 @@ def select_variant(features: dict[str, np.ndarray], targets: np.ndarray, num_cla
     The winner is refitted on all rows.
     """
     split = int(len(targets) * (1 - held_out))
-    coarse = type(fitter)(fitter.regularization, max_iter=60)
+    coarse = fitter.coarse()
     best_variant, best_coverage = None, -1.0
     for variant, values in features.items():
         scores = coarse.fit(values[:split], targets[:split], num_classes)
@@ -118,7 +167,7 @@ def select_variant(features: dict[str, np.ndarray], targets: np.ndarray, num_cla
     return best_variant, fitter.fit(features[best_variant], targets, num_classes)
 
 
-def out_of_fold_scores(fitter: OneVsRestRuleFitter, features: np.ndarray, targets: np.ndarray,
+def out_of_fold_scores(fitter: _LinearRuleFitter, features: np.ndarray, targets: np.ndarray,
                        num_classes: int, folds: int = 3) -> np.ndarray:
     """Scores of every row from rules fitted without it (``folds``-fold cross-fitting).
 

@@ -122,7 +122,9 @@ def calibrate_frame(model: Any, calibration: Mapping[str, Any] | Iterable[Mappin
     unpooled cut tensors with ``raw`` (``<cut>:raw``), ``predictions`` and ``labels`` if given.
     """
     out = Path(out)
-    _check_writable(out)
+    if out.is_dir():
+        raise OutputError(f"{out} is a directory; give the path of the frame file to write (e.g. frame.arrow)")
+    _check_writable(out.parent)
     imported = import_model(model, output=output, example_input=example_input)
     batches, cuts = _cut_points(imported, calibration, batch_size)
     return calibrate(imported.model, imported.output, cuts, batches, out, show_progress=show_progress, raw=raw)
@@ -181,7 +183,7 @@ def _check_budget(max_disagreement: float, confidence: float, max_accuracy_drop:
 def _check_writable(out_dir: Path) -> None:
     parent = out_dir.resolve().parent
     if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"--out {out_dir} exists and is not a directory; choose another path")
+        raise OutputError(f"{out_dir} exists and is not a directory; choose another output directory")
     probe_dir = parent
     while not probe_dir.exists():
         probe_dir = probe_dir.parent

@@ -258,10 +258,11 @@ class ExitPlanner:
             best = None
             for k in np.flatnonzero(active):
                 for cls in range(classes):
-                    for size in (step, 4 * step):
-                        q = counts[k, cls] + size
-                        if q > rows:
-                            continue
+                    # larger moves too: the next rows by score may already leave earlier
+                    for size in (step, 4 * step, 16 * step, 64 * step):
+                        q = min(counts[k, cls] + size, rows)
+                        if q == counts[k, cls]:
+                            break
                         saved, added_risk = state.delta(k, cls, _threshold(sorted_scores[k][:, cls], q))
                         if saved <= 0:
                             continue

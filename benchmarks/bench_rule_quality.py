@@ -1,0 +1,466 @@
+"""Benchmark: rule quality, side by side, on the reference CNN at equal certified budgets.
+
+Run (needs Debian's dataset-fashion-mnist for the 10,000 test images)::
+
+    python benchmarks/bench_rule_quality.py [--budgets 0.005 0.01 0.02 0.03] [--no-write]
+
+Same frozen model (``models/artifacts/fashion_resnet.onnx``), same calibration
+rows, same split of them (moco's own: the "rules" rows fit rules/probes and
+design plans, cross-fitted; the "test" rows certify), same pooled features per
+cut (the pooling variant moco picks at that cut), same certification (fixed-
+sequence exact binomial test, Learn-then-Test, at the same ``max_disagreement``
+and 95% confidence), same FLOP accounting (``ExitPlan.row_flops``: prefix up to
+the exit plus every built exit's rule on the way).  Methods:
+
+* moco: ``moco_compile.compile`` (one-vs-rest half-space per class, per-class
+  thresholds, greedy nested plan on the design rows);
+* post-training baselines, each on a multinomial linear probe per cut fitted on
+  the same rows to predict the full model's class: max-softmax threshold
+  (BranchyNet / SDN), entropy threshold, each with one shared threshold or one per
+  cut; patience across consecutive exits (PABEE), with and without a confidence floor;
+* richer rules that still cost one MatMul + a Min + per-class thresholds, planned and
+  certified by moco's own ``ExitPlanner``: the softmax probe's class-pair margins,
+  one-vs-one pair rules, and two half-spaces per class fitted jointly (a polytope).
+
+Everything is evaluated on the official Fashion-MNIST test split (10,000 images
+no method saw).  Writes the section "Rule quality (reference CNN)" of
+``benchmarks/RESULTS.md`` and ``benchmarks/rule_quality.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import rule_baselines as rb  # noqa: E402
+from benchmarks.results import machine_description, write_section  # noqa: E402
+from models.export_fashion_resnet import CALIBRATION_PATH, ONNX_PATH  # noqa: E402
+from models.fashion_mnist import load_split  # noqa: E402
+from moco_compile import compile  # noqa: E402
+from moco_compile.api import SPLIT_COLUMN, SPLITS, calibrate_frame  # noqa: E402
+from moco_compile.importer import import_model  # noqa: E402
+from moco_compile.passes.calibrate import LABELS, PREDICTIONS, cut_column, variant_features  # noqa: E402
+from moco_compile.passes.cost import flops_per_row, measure_shapes  # noqa: E402
+from moco_compile.passes.cut_points import find_cut_points  # noqa: E402
+from moco_compile.passes.plan import Exit, ExitPlanner, Split  # noqa: E402
+from moco_compile.passes.pooling import pooling_cost, variants_for  # noqa: E402
+from moco_compile.passes.rules import OneVsRestRuleFitter, high_precision_coverage, out_of_fold_scores  # noqa: E402
+
+PNG = Path(__file__).resolve().parent / "rule_quality.png"
+MOCO = "moco default: one-vs-rest half-space per class"
+MOCO_NO_OVERHEAD = "moco rules, planner without the exit-overhead term"
+BOUNDARY_COST = ExitPlanner().boundary_cost  # moco's planning charge per cut-tensor element and row
+# richer rules (one MatMul + top-2 or Min + per-class threshold), planned by moco's ExitPlanner:
+# name -> (how the scores are made, fitter factory or the fit they derive from)
+RICHER = {
+    "one-vs-rest scores, class-pair margins": ("margin", "one-vs-rest"),
+    "softmax probe, class-pair margins": ("margin", "softmax probe"),
+    "one-vs-one pair rules (min of 9)": ("fit", rb.OneVsOneFitter),
+}
+POLYTOPE = {"2 half-spaces per class, joint (polytope)": ("fit", lambda: rb.PolytopeFitter(halves=2))}
+BASE_FITTERS = {"one-vs-rest": OneVsRestRuleFitter, "softmax probe": rb.SoftmaxProbeFitter}
+POLICIES = [rb.SharedThreshold("max_probability"), rb.PerCutThreshold("max_probability"),
+            rb.SharedThreshold("neg_entropy"), rb.PerCutThreshold("neg_entropy"),
+            rb.Patience(with_floor=False), rb.Patience(with_floor=True)]
+PABEE, PABEE_FLOOR = POLICIES[4].name, POLICIES[5].name
+
+
+class Data:
+    """Pooled features of the calibration and evaluation frames, cached per (cut, variant)."""
+
+    def __init__(self, calib, evaluation, rows: dict[str, np.ndarray]) -> None:
+        self.calib, self.evaluation, self.rows = calib, evaluation, rows
+        self._cache: dict = {}
+
+    def features(self, column: str, variant: str) -> dict[str, np.ndarray]:
+        key = (column, variant)
+        if key not in self._cache:
+            values = variant_features(self.calib, column, variant)
+            self._cache[key] = {"rules": values[self.rows["rules"]], "test": values[self.rows["test"]],
+                                "eval": variant_features(self.evaluation, column, variant)}
+        return self._cache[key]
+
+
+class Fits:
+    """Fitted scores per (method, cut, variant): cross-fitted on the rules rows (design), fitted on
+    all rules rows for the test split and the evaluation rows.  Margin rules reuse their base fit."""
+
+    def __init__(self, data: Data, targets: np.ndarray, classes: int) -> None:
+        self.data, self.targets, self.classes = data, targets, classes
+        self._cache: dict = {}
+        self._coarse: dict = {}
+
+    def get(self, method: str, column: str, variant: str) -> dict:
+        key = (method, column, variant)
+        if key in self._cache:
+            return self._cache[key]
+        kind, source = RICHER.get(method, ("fit", BASE_FITTERS.get(method)))
+        if kind == "margin":
+            base = self.get(source, column, variant)
+            fit = {"scores": rb.PairMargin(rb.LinearProbe(base["scores"].weight, base["scores"].bias)),
+                   **{part: rb.pair_margins(base[part]) for part in ("design", "test", "eval")}}
+        else:
+            features = self.data.features(column, variant)
+            fitter = source()
+            scores = fitter.fit(features["rules"], self.targets, self.classes)
+            fit = {"scores": scores, "design": out_of_fold_scores(fitter, features["rules"], self.targets,
+                                                                  self.classes),
+                   "test": scores(features["test"]), "eval": scores(features["eval"])}
+        self._cache[key] = fit
+        return fit
+
+    def moco_variants(self, cuts, budget: float, held_out: float = 0.25, min_gain: float = 0.01) -> list[str]:
+        """The pooling variant moco's ``_plan`` picks per cut at this budget.
+
+        Same procedure as ``rules.select_variant`` (coarse fits on the first 75% of the
+        rules rows, coverage at precision 1 - budget / 2 on the rest, a costlier variant
+        must win by ``min_gain``), with the coarse fits cached across budgets.
+        """
+        split = int(len(self.targets) * (1 - held_out))
+        chosen = []
+        for cut in cuts:
+            column = cut_column(cut)
+            best_variant, best_coverage = None, -1.0
+            for variant in variants_for(cut.shape):
+                if (column, variant) not in self._coarse:
+                    values = self.data.features(column, variant)["rules"]
+                    scores = OneVsRestRuleFitter(max_iter=60).fit(values[:split], self.targets[:split], self.classes)
+                    self._coarse[column, variant] = scores(values[split:])
+                coverage = high_precision_coverage(self._coarse[column, variant], self.targets[split:],
+                                                   1 - budget / 2)
+                if best_variant is None or coverage > best_coverage + min_gain:
+                    best_variant, best_coverage = variant, coverage
+            chosen.append(best_variant)
+        return chosen
+
+
+def run_policy(policy: rb.Policy, outputs: dict[str, rb.ProbeOutputs], predictions: dict[str, np.ndarray],
+               budget: float, confidence: float, before: np.ndarray, rule_flops: np.ndarray,
+               total_flops: float) -> tuple[rb.Outcome, dict]:
+    family = policy.family(outputs["design"], predictions["design"], budget, before, rule_flops, total_flops)
+
+    def on_test(config):
+        outcome = policy.apply(config, outputs["test"])
+        compiled = np.where(outcome.exit_index >= 0, outcome.exit_class, predictions["test"])
+        return int((compiled != predictions["test"]).sum()), len(compiled)
+
+    index, record = rb.certify_sequence(family, on_test, budget, confidence)
+    if index < 0:  # even the no-exit configuration failed (impossible with enough test rows)
+        return policy.apply(family[0], outputs["eval"]), record
+    return policy.apply(family[index], outputs["eval"]), {**record, "config": family[index]}
+
+
+def plan_outcome(plan, cuts, data: Data, predictions: np.ndarray) -> tuple[rb.Outcome, np.ndarray]:
+    """A plan's routing of the evaluation rows as an Outcome over all cuts, and its rule FLOPs per cut."""
+    position = {c.tensor: k for k, c in enumerate(cuts)}
+    evaluation = plan.evaluate([data.features(e.column, e.pooling)["eval"] for e in plan.exits], predictions)
+    built = np.array([position[e.cut.tensor] for e in plan.exits], np.int64)
+    exit_index = np.where(evaluation.exit_index >= 0, built[np.maximum(evaluation.exit_index, 0)]
+                          if len(built) else -1, -1)
+    exit_class = np.where(exit_index >= 0, evaluation.compiled_predictions, -1)
+    open_ = np.zeros(len(cuts), bool)
+    open_[built] = True
+    rule_flops = np.zeros(len(cuts))
+    rule_flops[built] = [e.rule_flops for e in plan.exits]
+    # cross-check: the Outcome accounting is moco's own
+    check = rb.row_flops(rb.Outcome(exit_index, exit_class, open_), np.array([c.flops_before for c in cuts]),
+                         rule_flops, plan.total_flops)
+    if not np.allclose(check, plan.row_flops(evaluation.exit_index)):
+        raise RuntimeError("FLOP accounting differs from ExitPlan.row_flops")
+    return rb.Outcome(exit_index, exit_class, open_), rule_flops
+
+
+def run_richer(method: str, fits: Fits, cuts, variants: list[str], predictions: dict, budget: float,
+               confidence: float, total_flops: float, classes: int, **planner_options):
+    candidates, design, test = [], [], []
+    for cut, variant in zip(cuts, variants):
+        fit = fits.get(method, cut_column(cut), variant)
+        rule_flops = pooling_cost(cut.shape, variant) + fit["scores"].flops + 2 * classes
+        candidates.append(Exit(cut, cut_column(cut), variant, fit["scores"], np.full(classes, np.inf), rule_flops))
+        design.append(fit["design"])
+        test.append(fit["test"])
+    planner = ExitPlanner(budget, confidence, **planner_options)
+    plan = planner.fit(candidates, Split(design, predictions["design"]), Split(test, predictions["test"]),
+                       total_flops)
+    outcome, rule_flops = plan_outcome(plan, cuts, fits.data, predictions["eval"])
+    return outcome, rule_flops, plan.certificate
+
+
+def cut_points(model):
+    """The model's cut points, measured as moco's ``compile`` does."""
+    shapes = measure_shapes(model.model, {model.input_names[0]: np.zeros((1, 1, 28, 28), np.float32)})
+    return find_cut_points(model.model, flops_per_row(model.model, shapes), shapes, model.scopes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.03])
+    parser.add_argument("--confidence", type=float, default=0.95)
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/moco_rule_quality"))
+    parser.add_argument("--polytope", action="store_true",
+                        help="also try 2 half-spaces per class fitted jointly (adds about 90 s)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the PNG alone")
+    args = parser.parse_args()
+    if args.polytope:
+        RICHER.update(POLYTOPE)
+    started = time.perf_counter()
+
+    with np.load(CALIBRATION_PATH) as data:
+        calibration = {"images": data["images"], "labels": data["labels"]}
+    test_images, test_labels = load_split("test")
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    for name in ("calib.arrow", "test.arrow"):  # calibrate_frame refuses to overwrite a file
+        (args.scratch / name).unlink(missing_ok=True)
+    calib = calibrate_frame(ONNX_PATH, calibration, args.scratch / "calib.arrow", show_progress=False).in_memory()
+    evaluation = calibrate_frame(ONNX_PATH, {"images": test_images, "labels": test_labels},
+                                 args.scratch / "test.arrow", show_progress=False).in_memory()
+    imported = import_model(ONNX_PATH)
+    classes = imported.num_classes
+    cuts = cut_points(imported)
+    total_flops = cuts[0].flops_before + cuts[0].flops_after
+    before = np.array([c.flops_before for c in cuts])
+
+    # moco itself, one compile per budget; its split assignment is reused for every method
+    moco_results, split = {}, None
+    for budget in args.budgets:
+        result = compile(ONNX_PATH, calibration, max_disagreement=budget, confidence=args.confidence,
+                         measure_latency=False, show_progress=False)
+        if split is None:
+            split = result.frame[SPLIT_COLUMN]
+            if not np.array_equal(result.frame[PREDICTIONS], calib[PREDICTIONS]):
+                raise RuntimeError("compile's calibration frame differs from calibrate_frame's")
+        elif not np.array_equal(split, result.frame[SPLIT_COLUMN]):
+            raise RuntimeError("moco's split changed between budgets")
+        moco_results[budget] = result
+    print(f"moco compiled at {len(args.budgets)} budgets in {time.perf_counter() - started:.0f} s", flush=True)
+
+    rows = {name: np.flatnonzero(split == i) for i, name in enumerate(SPLITS)}
+    data = Data(calib, evaluation, rows)
+    full = calib[PREDICTIONS]
+    predictions = {"design": full[rows["rules"]], "test": full[rows["test"]], "eval": evaluation[PREDICTIONS]}
+    labels = evaluation[LABELS]
+    fits = Fits(data, predictions["design"], classes)
+    accuracy_before = float((predictions["eval"] == labels).mean())
+    overhead = np.array([BOUNDARY_COST * math.prod(c.shape[1:]) for c in cuts])
+    table: dict[str, dict[float, dict]] = {}
+
+    def record(name: str, budget: float, outcome: rb.Outcome, rule_flops: np.ndarray, certificate: dict) -> None:
+        measured = rb.measure(outcome, predictions["eval"], labels, before, rule_flops, total_flops)
+        with_overhead = rb.row_flops(outcome, before, rule_flops + overhead, total_flops).mean()
+        measured["reduction_with_overhead"] = float(1 - with_overhead / total_flops)
+        measured["certificate"] = {k: certificate.get(k) for k in ("disagreements", "p_value", "plans_tested")}
+        table.setdefault(name, {})[budget] = measured
+
+    for budget in args.budgets:
+        plan = moco_results[budget].plan
+        moco_outcome, moco_rules = plan_outcome(plan, cuts, data, predictions["eval"])
+        record(MOCO, budget, moco_outcome, moco_rules, plan.certificate)
+        variants = fits.moco_variants(cuts, budget)
+        built = {e.cut.tensor: e.pooling for e in plan.exits}
+        mismatched = [c.tensor for c, v in zip(cuts, variants) if c.tensor in built and built[c.tensor] != v]
+        if mismatched:
+            print(f"warning: pooling variant differs from compile's at {mismatched}", flush=True)
+        if budget == args.budgets[0]:  # the same rules and planner rebuilt here must give compile's plan
+            outcome, _, _ = run_richer("one-vs-rest", fits, cuts, variants, predictions, budget,
+                                       args.confidence, total_flops, classes)
+            same = np.array_equal(outcome.exit_index, moco_outcome.exit_index)
+            print(f"moco rebuilt from the shared splits reproduces compile's routing: {same}", flush=True)
+
+        probe_fits = [fits.get("softmax probe", cut_column(c), v) for c, v in zip(cuts, variants)]
+        outputs = {part: rb.ProbeOutputs.from_logits([f[part] for f in probe_fits])
+                   for part in ("design", "test", "eval")}
+        probe_cost = np.array([pooling_cost(c.shape, v) + f["scores"].flops
+                               for c, v, f in zip(cuts, variants, probe_fits)])
+        for policy in POLICIES:
+            rule_flops = probe_cost + policy.rule_extra * classes
+            outcome, certificate = run_policy(policy, outputs, predictions, budget, args.confidence, before,
+                                              rule_flops, total_flops)
+            record(policy.name, budget, outcome, rule_flops, certificate)
+        outcome, rule_flops, certificate = run_richer("one-vs-rest", fits, cuts, variants, predictions, budget,
+                                                      args.confidence, total_flops, classes, boundary_cost=0.0)
+        record(MOCO_NO_OVERHEAD, budget, outcome, rule_flops, certificate)
+        for name in RICHER:
+            outcome, rule_flops, certificate = run_richer(name, fits, cuts, variants, predictions, budget,
+                                                          args.confidence, total_flops, classes)
+            record(name, budget, outcome, rule_flops, certificate)
+        print(f"budget {budget:g} done at {time.perf_counter() - started:.0f} s (variants {variants})", flush=True)
+        for name, per_budget in table.items():
+            r = per_budget[budget]
+            print(f"  {name:52s} reduction {100 * r['compute_reduction']:5.1f}% (with overhead "
+                  f"{100 * r['reduction_with_overhead']:5.1f}%)  disagreement {100 * r['disagreement']:.2f}%  "
+                  f"accuracy {100 * r['accuracy']:.2f}%  exits {r['exits_built']}  cert {r['certificate']}",
+                  flush=True)
+
+    seconds = time.perf_counter() - started
+    with open(args.scratch / "table.pkl", "wb") as handle:  # for re-reading without rerunning
+        pickle.dump({"table": table, "budgets": args.budgets}, handle)
+    calib_accuracy = float((calib[PREDICTIONS] == calib[LABELS]).mean())
+    command = " ".join(["python benchmarks/bench_rule_quality.py"] + [a for a in sys.argv[1:] if a != "--no-write"])
+    lines = report(table, args.budgets, accuracy_before, calib_accuracy, total_flops, rows, seconds, cuts, command)
+    print("\n".join(lines))
+    if not args.no_write:
+        plot(table, args.budgets)
+        write_section("Rule quality (reference CNN)", "\n".join(lines))
+
+
+def report(table, budgets, accuracy_before, calib_accuracy, total_flops, rows, seconds, cuts,
+           command: str) -> list[str]:
+    names = list(table)
+    best = {b: max(names, key=lambda n: table[n][b]["compute_reduction"]) for b in budgets}
+    header = ["| method | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+
+    def rows_of(cell) -> list[str]:
+        return [f"| {name} | " + " | ".join(cell(name, b) for b in budgets) + " |" for name in names]
+
+    def reduction(name, b):
+        value = f"{100 * table[name][b]['compute_reduction']:.1f}%"
+        return f"**{value}**" if best[b] == name else value
+
+    lines = [
+        f"Command: `{command}`",
+        f"Machine: {machine_description()} (run took {seconds / 60:.1f} min)",
+        "",
+        f"Model: `models/artifacts/fashion_resnet.onnx` ({total_flops / 1e6:.1f} MFLOPs per image, "
+        f"{len(cuts)} cuts). Every method fits on the same {len(rows['rules'])} calibration rows "
+        f"(moco's \"rules\" split; plans and threshold paths are designed on 3-way cross-fitted scores "
+        f"of those rows), is certified on the same {len(rows['test'])} rows (moco's \"test\" split) by "
+        "the same fixed-sequence exact binomial test (Learn-then-Test, 95% confidence, budget = max "
+        "disagreement with the full model), reads the same pooled features per cut (the pooling variant "
+        "moco picks there) and is charged the same way (`ExitPlan.row_flops`: prefix up to the exit plus "
+        "every built exit's rule on the way). Baselines use a multinomial linear probe per cut fitted on "
+        "the same rows to predict the full model's class. All figures are on the official 10,000-image "
+        "test split, which nothing was fitted or certified on. Full model accuracy "
+        f"{100 * accuracy_before:.2f}%.",
+        "",
+        "Compute reduction at equal certified disagreement budget (best per budget in bold):",
+        "",
+        *header, *rows_of(reduction),
+        "",
+        f"Same plans, charging each built exit moco's planning overhead as well ({BOUNDARY_COST:g} "
+        "FLOP-equivalents per cut-tensor element for every row reaching it: the Compress copy and layout "
+        "changes an exit costs in onnxruntime, see `ExitPlanner.boundary_cost`):",
+        "",
+        *header, *rows_of(lambda n, b: f"{100 * table[n][b]['reduction_with_overhead']:.1f}%"),
+        "",
+        "Disagreement with the full model / accuracy / exits built:",
+        "",
+        *header,
+        *rows_of(lambda n, b: f"{100 * table[n][b]['disagreement']:.2f}% / {100 * table[n][b]['accuracy']:.2f}% / "
+                 f"{table[n][b]['exits_built']}"),
+        "",
+        f"![compute reduction vs budget]({PNG.name})",
+        "",
+        "Winners per budget:",
+        "",
+    ]
+    lines += reading(table, budgets, best, accuracy_before, calib_accuracy, cuts)
+    return lines
+
+
+def reading(table, budgets, best, accuracy_before, calib_accuracy, cuts) -> list[str]:
+    """The per-budget winners and a short reading, computed from the table."""
+    def reduction(name, b, key="compute_reduction"):
+        return table[name][b][key]
+
+    def span(values):
+        low, high = min(values), max(values)
+        return f"{100 * low:+.1f} pp" if abs(high - low) < 5e-4 else f"{100 * low:+.1f} to {100 * high:+.1f} pp"
+
+    def level(values):
+        return f"{100 * min(values):.1f}% to {100 * max(values):.1f}%"
+
+    baseline_names = [p.name for p in POLICIES]
+    best_baseline = {b: max(baseline_names, key=lambda n: reduction(n, b)) for b in budgets}
+    best_overhead = {b: max(table, key=lambda n: reduction(n, b, "reduction_with_overhead")) for b in budgets}
+    out = []
+    for b in budgets:
+        out.append(f"- {100 * b:g}%: best is {best[b]} ({100 * reduction(best[b], b):.1f}%); moco default "
+                   f"{100 * reduction(MOCO, b):.1f}%; best post-training baseline {best_baseline[b]} "
+                   f"({100 * reduction(best_baseline[b], b):.1f}%). With exit overhead charged, best is "
+                   f"{best_overhead[b]} ({100 * reduction(best_overhead[b], b, 'reduction_with_overhead'):.1f}% "
+                   f"vs moco default {100 * reduction(MOCO, b, 'reduction_with_overhead'):.1f}%).")
+    gap = [reduction(MOCO, b) - reduction(best_baseline[b], b) for b in budgets]
+    no_overhead = [reduction(MOCO_NO_OVERHEAD, b) - reduction(MOCO, b) for b in budgets]
+    margin_name = "one-vs-rest scores, class-pair margins"
+    margin_gain = [reduction(margin_name, b) - reduction(MOCO, b) for b in budgets]
+    margin_vs_best = [reduction(margin_name, b) - reduction(best[b], b) for b in budgets]
+    richer_rest = [n for n in RICHER if n != margin_name]
+    several = [n for n in richer_rest if n != "softmax probe, class-pair margins"]
+    richer_below = all(np.mean([reduction(n, b) - reduction(margin_name, b) for b in budgets]) < 0
+                       for n in several)
+    gap_everywhere = all(reduction(MOCO, b, key) < reduction(best_baseline[b], b, key)
+                         for b in budgets for key in ("compute_reduction", "reduction_with_overhead"))
+    verdict = "below" if max(gap) < 0 else ("above" if min(gap) > 0 else "mixed against")
+    out += [
+        "",
+        "Reading:",
+        "",
+        f"- The default rule family is **not** the best here: moco's default is {verdict} the best "
+        f"post-training baseline at every budget ({span(gap)} for moco)." if verdict == "below" else
+        f"- moco's default vs the best post-training baseline: {span(gap)}.",
+        f"- Not because of the planner's exit-overhead term: planning the same rules without it changes the "
+        f"reduction by {span(no_overhead)}.",
+        "- The score is the cause. The default thresholds each class's one-vs-rest log-odds on its own, so a "
+        "row on which two classes both score high still exits (with the larger margin), and thresholds must "
+        "sit high enough to keep such ambiguous rows out. Thresholding the class-pair margin of the *same* "
+        "scores, `s_c - max_{c' != c} s_c'` (one top-2 after the same MatMul, C more FLOPs), admits class c "
+        "only where it beats every other class by `t_c`; with the same fitter and planner that gains "
+        f"{span(margin_gain)} over the default and lands {span(margin_vs_best)} from the best method. "
+        "Max-softmax and entropy work for the same reason: both measure how far the top class is ahead.",
+        "- Richer rules (one MatMul + top-2/Min + per-class threshold): "
+        + "; ".join(f"{n} {span([reduction(n, b) - reduction(MOCO, b) for b in budgets])} over the default, "
+                    f"{span([reduction(n, b) - reduction(best[b], b) for b in budgets])} from the best"
+                    for n in richer_rest)
+        + (f". Several half-spaces per class ({', '.join(several)}) do not beat the plain pair margin on "
+           "average at this calibration size (plausibly: a pair rule sees only its two classes' rows, "
+           "while the margin already compares every pair on all rows)." if several and richer_below else "."),
+        "- Differences of 1-2 pp among the leading methods are within the noise of where the fixed-sequence "
+        "test stops on the certifying rows"
+        + ("; the default's gap holds at every budget under both cost measures." if gap_everywhere else "."),
+        f"- Patience alone (PABEE) reaches {level([reduction(PABEE, b) for b in budgets])}: with weak early "
+        "probes, agreement across consecutive exits is weak evidence of agreement with the full model, and "
+        f"its family over p is coarse ({len(cuts)} steps). With a confidence floor it reaches "
+        f"{level([reduction(PABEE_FLOOR, b) for b in budgets])}, i.e. it becomes a max-softmax rule.",
+        f"- Disagreement on the test split exceeds the budget for some plans, moco's default included. The "
+        f"guarantee covers rows exchangeable with the calibration rows (held-out training images, full-model "
+        f"accuracy {100 * calib_accuracy:.2f}%); the official test split is slightly harder "
+        f"({100 * accuracy_before:.2f}%), and every method stops at the most aggressive plan that passes, so "
+        "its true rate on calibration-like data is close to the budget.",
+    ]
+    return out
+
+
+def plot(table, budgets) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    panels = (("compute_reduction", "FLOPs (rules included)"),
+              ("reduction_with_overhead", f"FLOPs + exit overhead ({BOUNDARY_COST:g} per cut element)"))
+    for axis, (key, title) in zip(axes, panels):
+        for number, (name, per_budget) in enumerate(table.items()):
+            style = "-" if name == MOCO else ("--" if name in RICHER or name == MOCO_NO_OVERHEAD else ":")
+            color = "black" if name == MOCO else plt.cm.tab20(number % 20)
+            axis.plot([100 * b for b in budgets], [100 * per_budget[b][key] for b in budgets], style, marker="o",
+                      color=color, linewidth=2.5 if name == MOCO else 1.5, label=name)
+        axis.set_xlabel("certified disagreement budget (%)")
+        axis.set_title(title, fontsize=10)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("compute reduction on the Fashion-MNIST test split (%)")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    figure.suptitle("Reference CNN: rule families at equal certified budget (95% confidence)")
+    figure.tight_layout()
+    figure.savefig(PNG, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()

@@ -36,10 +36,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import expit, log_softmax, softmax
+from scipy.special import expit, softmax
 from threadpoolctl import threadpool_limits
 
 from moco_compile.passes.bounds import binomial_p_value
+from moco_compile.passes.rules import SoftmaxRuleFitter
 
 NEVER = -1e4  # bias of a score that must never fire (class absent from the fit rows)
 
@@ -76,40 +77,15 @@ class LinearProbe:
 
 
 class SoftmaxProbeFitter:
-    """Multinomial logistic regression (L2, standardised features) predicting the full model's class.
-
-    ``regularization`` is scikit-learn's ``C``; the penalty is the same as moco's
-    one-vs-rest fitter at the same value (mean loss + ||w||^2 / (2 C N)).
-    """
+    """Multinomial logistic probe predicting the full model's class: moco's own
+    :class:`SoftmaxRuleFitter`, read as raw logits (softmax is shift-invariant per row)."""
 
     def __init__(self, regularization: float = 0.1, max_iter: int = 500) -> None:
-        self.regularization = regularization
-        self.max_iter = max_iter
+        self.fitter = SoftmaxRuleFitter(regularization, max_iter)
 
     def fit(self, features: np.ndarray, targets: np.ndarray, num_classes: int) -> LinearProbe:
-        x, mean, scale = _standardize(features)
-        rows, width = x.shape
-        onehot = np.zeros((rows, num_classes), np.float32)
-        onehot[np.arange(rows), targets] = 1
-        alpha = 1.0 / (self.regularization * rows)
-
-        def loss_and_gradient(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            weight = theta[:-num_classes].reshape(width, num_classes).astype(np.float32)
-            logits = x @ weight + theta[-num_classes:].astype(np.float32)
-            logp = log_softmax(logits, axis=1)
-            loss = -(onehot * logp).sum() / rows + alpha / 2 * (weight ** 2).sum()
-            residual = (np.exp(logp) - onehot) / rows
-            gradient = np.concatenate([(x.T @ residual + alpha * weight).ravel(), residual.sum(axis=0)])
-            return float(loss), gradient.astype(np.float64)
-
-        with threadpool_limits(1):
-            result = minimize(loss_and_gradient, np.zeros(width * num_classes + num_classes), jac=True,
-                              method="L-BFGS-B", options={"maxiter": self.max_iter})
-        weight, bias = _fold(result.x[:-num_classes].reshape(width, num_classes),
-                             result.x[-num_classes:], mean, scale)
-        absent = np.setdiff1d(np.arange(num_classes), targets)
-        weight[:, absent], bias[absent] = 0.0, NEVER
-        return LinearProbe(weight, bias)
+        scores = self.fitter.fit(features, targets, num_classes)
+        return LinearProbe(scores.weight, scores.bias)
 
 
 def pair_margins(scores: np.ndarray) -> np.ndarray:

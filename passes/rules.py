@@ -47,7 +47,15 @@ class LinearScores:
 
 
 class _LinearRuleFitter:
-    """Shared fitting: standardise, then minimise an L2-regularised loss with L-BFGS."""
+    """Shared fitting: standardise, then minimise an L2-regularised loss with L-BFGS.
+
+    Parameters
+    ----------
+    regularization:
+        Inverse regularisation strength (scikit-learn's ``C``) on standardised features.
+    max_iter:
+        Iteration cap for L-BFGS.
+    """
 
     normalize = "none"
 
@@ -100,15 +108,7 @@ class _LinearRuleFitter:
 
 
 class SoftmaxRuleFitter(_LinearRuleFitter):
-    """Multinomial logistic regression; scores are log-probabilities of each class.
-
-    Parameters
-    ----------
-    regularization:
-        Inverse regularisation strength (scikit-learn's ``C``) on standardised features.
-    max_iter:
-        Iteration cap for L-BFGS.
-    """
+    """Multinomial logistic regression; scores are log-probabilities of each class."""
 
     normalize = "log_softmax"
 
@@ -122,13 +122,6 @@ class OneVsRestRuleFitter(_LinearRuleFitter):
 
     The per-class problems are independent; solving them jointly costs one
     ``[N, D] x [D, C]`` product per iteration instead of C solver runs.
-
-    Parameters
-    ----------
-    regularization:
-        Inverse regularisation strength (scikit-learn's ``C``) on standardised features.
-    max_iter:
-        Iteration cap for L-BFGS.
     """
 
     def _loss(self, logits: np.ndarray, onehot: np.ndarray) -> tuple[float, np.ndarray]:

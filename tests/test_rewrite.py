@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from moco_compile.passes.graph import node_inputs
 
 
 def _if_chain(graph: onnx.GraphProto) -> list[onnx.GraphProto]:

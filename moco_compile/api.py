@@ -192,8 +192,7 @@ def _plan(imported: ImportedModel, cuts: list[CutPoint], frame: ActivationFrame,
     candidates, design_scores, test_scores = [], [], []
     for cut in cuts:
         column = cut_column(cut)
-        variants = {variant: variant_features(frame, column, variant)
-                    for variant in variants_for(cut.shape, cut.sequence_mask)}
+        variants = {variant: variant_features(frame, column, variant) for variant in variants_for(cut.shape)}
         if not all(np.isfinite(values).all() for values in variants.values()):
             raise CalibrationDataError(f"the model's activations at {column} contain NaN or Inf; "
                                        "check the calibration inputs are in the range the model expects")

@@ -17,11 +17,11 @@ import onnx
 from moco_compile.calibration import CalibrationSpec, iter_batches
 from moco_compile.errors import BudgetError, CalibrationDataError, ModelError, OutputError
 from moco_compile.frame import ActivationFrame
-from moco_compile.importer import ImportedModel, import_model
+from moco_compile.importer import ImportedModel, TextInputs, import_model
 from moco_compile.passes.bounds import rows_needed
 from moco_compile.passes.calibrate import LABELS, PREDICTIONS, calibrate, cut_column, variant_features
 from moco_compile.passes.cost import flops_per_row, measure_shapes
-from moco_compile.passes.cut_points import CutPoint, find_cut_points
+from moco_compile.passes.cut_points import CutPoint, find_cut_points, localize_side_tensors
 from moco_compile.passes.plan import Exit, ExitPlan, ExitPlanner, NoPlanError, PlanEvaluation, Split
 from moco_compile.passes.pooling import pooling_cost, variants_for
 from moco_compile.passes.rewrite import insert_exits
@@ -134,15 +134,41 @@ def _cut_points(imported: ImportedModel, calibration: Mapping[str, Any] | Iterab
                 batch_size: int) -> tuple[Iterable[dict], list[CutPoint]]:
     """Validated calibration batches, and the model's cut points measured on the first row."""
     spec = CalibrationSpec(imported.model, imported.num_classes)
-    batches = _peekable(iter_batches(calibration, spec, batch_size))
+    batches = iter_batches(calibration, spec, batch_size)
+    text = imported.text
+    if text is not None:
+        # later layers recompute the extended mask from the compressed mask input
+        imported.model = localize_side_tensors(imported.model, text.side)
+        batches = _checked_text_batches(batches, text, imported.input_names)
+    batches = _peekable(batches)
     first = batches.peek()
     shapes = measure_shapes(imported.model, {name: first[name][:1] for name in imported.input_names})
     node_flops = flops_per_row(imported.model, shapes)
-    cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes)
+    if text is None:
+        cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes)
+    else:
+        cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=text.side,
+                               sequence_mask=text.mask, min_fraction_before=0.0)
     if not cuts:
         raise ModelError("the model has no cut point: no tensor separates it into a prefix and a "
                          "remainder with real compute on both sides, so there is nowhere to exit")
     return batches, cuts
+
+
+def _checked_text_batches(batches: Iterable[dict], text: TextInputs, names: list[str]) -> Iterator[dict]:
+    """Text calibration batches: token inputs of one ``[N, S]`` shape, ``S`` within the model's limit."""
+    for number, batch in enumerate(batches):
+        shapes = {name: batch[name].shape for name in names}
+        mask_shape = shapes[text.mask]
+        if any(len(shape) != 2 or shape != mask_shape for shape in shapes.values()):
+            raise CalibrationDataError(f"calibration batch {number}: the token inputs must all be "
+                                       f"[rows, sequence length] arrays of one shape, got {shapes}; "
+                                       "tokenize with padding (e.g. padding='max_length')")
+        if text.max_length is not None and mask_shape[1] > text.max_length:
+            raise CalibrationDataError(f"calibration batch {number}: sequences have {mask_shape[1]} tokens, "
+                                       f"more than the model's maximum of {text.max_length}; tokenize with "
+                                       f"truncation=True, max_length<={text.max_length}")
+        yield batch
 
 
 def _check_budget(max_disagreement: float, confidence: float, max_accuracy_drop: float | None) -> None:
@@ -192,7 +218,8 @@ def _plan(imported: ImportedModel, cuts: list[CutPoint], frame: ActivationFrame,
     candidates, design_scores, test_scores = [], [], []
     for cut in cuts:
         column = cut_column(cut)
-        variants = {variant: variant_features(frame, column, variant) for variant in variants_for(cut.shape)}
+        variants = {variant: variant_features(frame, column, variant)
+                    for variant in variants_for(cut.shape, cut.sequence_mask)}
         if not all(np.isfinite(values).all() for values in variants.values()):
             raise CalibrationDataError(f"the model's activations at {column} contain NaN or Inf; "
                                        "check the calibration inputs are in the range the model expects")

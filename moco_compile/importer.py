@@ -29,6 +29,7 @@ class ImportedModel:
     model: onnx.ModelProto
     output: str
     scopes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    text: "TextInputs | None" = None  # set for text models (e.g. Hugging Face sequence classifiers)
 
     @property
     def input_names(self) -> list[str]:
@@ -51,6 +52,8 @@ def import_model(source: Any, output: str | None = None, example_input: Any = No
         model = source
     elif isinstance(source, (str, os.PathLike)):
         model = load_onnx(Path(source))
+    elif _is_hf_model(source):
+        model = export_hf_sequence_classifier(source)
     elif _is_torch_module(source):
         if example_input is None:
             raise ModelError("an nn.Module needs an example input: pass example_input=<a batch of inputs>")
@@ -59,8 +62,9 @@ def import_model(source: Any, output: str | None = None, example_input: Any = No
         raise ModelError(f"cannot compile a {type(source).__name__}: pass an ONNX file path, "
                          "an onnx.ModelProto or a torch.nn.Module")
     scopes = module_scopes(model)
+    text = text_inputs(model)
     model = normalize(model)
-    return ImportedModel(model, classifier_output(model, output), scopes)
+    return ImportedModel(model, classifier_output(model, output), scopes, text)
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:
@@ -168,6 +172,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
     normalized = gs.export_onnx(graph, do_type_check=False)
     normalized.ir_version = min(model.ir_version, onnx.IR_VERSION) or onnx.IR_VERSION
+    normalized.metadata_props.extend(prop for prop in model.metadata_props if prop.key.startswith(TEXT_METADATA))
     for ours, theirs in ((normalized.graph.input, model.graph.input), (normalized.graph.output, model.graph.output)):
         original = {value.name: value for value in theirs}
         for value in ours:  # keep the user's declarations (shapes, dim names, metadata) exactly
@@ -219,3 +224,98 @@ def input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
     initializers = {init.name for init in model.graph.initializer}
     return {i.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
             for i in model.graph.input if i.name not in initializers}
+
+
+# -- text models ------------------------------------------------------------------------------
+
+TEXT_METADATA = "moco.text."
+# Hugging Face architectures whose export, cut points and exits are tested (tests/test_text.py).
+SUPPORTED_HF_ARCHITECTURES = ("BertForSequenceClassification",)
+_MASK_NAMES = ("attention_mask",)
+_SIDE_NAMES = ("attention_mask", "token_type_ids", "position_ids")
+
+
+@dataclass(frozen=True)
+class TextInputs:
+    """What the passes need to know about a text model's inputs.
+
+    ``mask``: the ``[N, S]`` attention mask (1 = real token) that sequence pooling reads;
+    ``side``: graph inputs that later layers read besides the hidden state, compressed with
+    it at every exit; ``max_length``: the longest sequence the model accepts (None: unknown).
+    """
+
+    mask: str
+    side: tuple[str, ...]
+    max_length: int | None = None
+    architecture: str = ""
+
+
+def text_inputs(model: onnx.ModelProto) -> TextInputs | None:
+    """Text-model facts from moco's metadata (HF export) or, for other files, from input names."""
+    meta = {prop.key[len(TEXT_METADATA):]: prop.value for prop in model.metadata_props
+            if prop.key.startswith(TEXT_METADATA)}
+    if "mask" in meta:
+        return TextInputs(meta["mask"], tuple(n for n in meta.get("side", meta["mask"]).split(",") if n),
+                          int(meta["max_length"]) if meta.get("max_length") else None,
+                          meta.get("architecture", ""))
+    inputs = {name: dtype for name, dtype in input_dtypes(model).items()}
+    masks = [n for n in _MASK_NAMES if n in inputs and np.issubdtype(inputs[n], np.integer)]
+    if not masks:
+        return None
+    return TextInputs(masks[0], tuple(n for n in _SIDE_NAMES if n in inputs))
+
+
+def _is_hf_model(obj: Any) -> bool:
+    return _is_torch_module(obj) and type(obj).__module__.startswith("transformers.") \
+        and hasattr(obj, "config")
+
+
+def export_hf_sequence_classifier(model: Any, opset: int = 18) -> onnx.ModelProto:
+    """Export a Hugging Face sequence classifier: inputs ``input_ids``, ``attention_mask``
+    (and ``token_type_ids`` when the model has them), output ``logits``; batch and sequence
+    length dynamic.  Offline: nothing is downloaded.  The mask and length limit are stored
+    as ``moco.text.*`` metadata so an exported file carries them.
+    """
+    import inspect
+
+    import torch
+
+    architecture = type(model).__name__
+    if architecture not in SUPPORTED_HF_ARCHITECTURES:
+        raise ModelError(f"{architecture} is not a supported Hugging Face architecture; moco imports "
+                         f"{', '.join(SUPPORTED_HF_ARCHITECTURES)} (BERT family, e.g. MiniLM / TinyBERT "
+                         "checkpoints loaded into BertForSequenceClassification). Export other models to "
+                         "ONNX yourself (inputs input_ids, attention_mask; output [batch, classes] logits) "
+                         "and pass the .onnx file")
+    config = model.config
+    if getattr(config, "num_labels", 0) < 2:
+        raise ModelError(f"{architecture} has num_labels={getattr(config, 'num_labels', None)}: moco compiles "
+                         "classifiers with >= 2 classes, not regression heads")
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in inspect.signature(model.forward).parameters and getattr(config, "type_vocab_size", 0):
+        names.append("token_type_ids")
+    max_length = int(getattr(config, "max_position_embeddings", 512))
+    example = {"input_ids": torch.full((2, 8), 1000, dtype=torch.long),
+               "attention_mask": torch.ones(2, 8, dtype=torch.long),
+               "token_type_ids": torch.zeros(2, 8, dtype=torch.long)}
+    example["attention_mask"][1, 5:] = 0
+    example = {name: example[name] for name in names}
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max_length)
+    model = model.eval()
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(model, (), kwargs=example, dynamo=True, opset_version=opset,
+                                        dynamic_shapes={name: {0: batch, 1: sequence} for name in names},
+                                        output_names=["logits"], verbose=False)
+    except Exception as error:
+        raise ModelError(f"exporting {architecture} to ONNX failed: {error}") from error
+    buffer = io.BytesIO()
+    program.save(buffer)
+    exported = onnx.load_from_string(buffer.getvalue())
+    if [o.name for o in exported.graph.output] != ["logits"]:
+        raise ModelError(f"exporting {architecture} gave outputs {[o.name for o in exported.graph.output]}, "
+                         "expected one 'logits' output")
+    for key, value in (("mask", "attention_mask"), ("side", ",".join(names[1:])),
+                       ("max_length", str(max_length)), ("architecture", architecture)):
+        exported.metadata_props.add(key=TEXT_METADATA + key, value=value)
+    return exported

@@ -5,7 +5,8 @@ One onnxruntime session serves the whole pass: the cut tensors are pooled inside
 the graph (the same nodes the compiled graph uses) and exposed as extra outputs.
 Rows are streamed into an on-disk :class:`ActivationFrame` with one column per
 (cut, pooling piece): ``<cut>`` holds the mean-pooled (or flat) features,
-``<cut>:max`` and ``<cut>:grid`` the other pieces.
+``<cut>:max`` and ``<cut>:grid`` the other pieces; for a text model's ``[N, S, D]``
+cuts, ``<cut>`` holds the mask-aware token mean and ``<cut>:first_token`` token 0.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from moco_compile.frame import ActivationFrame, FrameWriter, load_frame
 from moco_compile.passes.cut_points import CutPoint
-from moco_compile.passes.pooling import piece_nodes, pieces_for, variant_pieces
+from moco_compile.passes.pooling import piece_kind, piece_nodes, pieces_for, variant_pieces
 
 PREDICTIONS = "predictions"
 LABELS = "labels"
@@ -31,7 +32,8 @@ def cut_column(cut: CutPoint) -> str:
 
 
 def piece_column(column: str, piece: str) -> str:
-    return column if piece in ("mean", "flat") else f"{column}:{piece}"
+    kind = piece_kind(piece)
+    return column if kind in ("mean", "flat", "token_mean") else f"{column}:{kind}"
 
 
 def variant_features(frame: ActivationFrame, column: str, variant: str) -> np.ndarray:
@@ -47,18 +49,26 @@ def probe_model(model: onnx.ModelProto, cuts: Sequence[CutPoint],
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     columns = []
+    taken = {name for node in model.graph.node for name in node.output} | {i.name for i in model.graph.input}
     for position, cut in enumerate(cuts):
         if raw:
             column = f"{cut_column(cut)}:raw"
-            probe.graph.node.append(onnx.helper.make_node("Identity", [cut.tensor], [column]))
-            probe.graph.output.append(onnx.ValueInfoProto(name=column))
+            probe.graph.node.append(onnx.helper.make_node("Identity", [cut.tensor], [probe_output(column, taken)]))
+            probe.graph.output.append(onnx.ValueInfoProto(name=probe_output(column, taken)))
             columns.append(column)
-        for piece in pieces_for(cut.shape):
+        for piece in pieces_for(cut.shape, cut.sequence_mask):
             column = piece_column(cut_column(cut), piece)
-            probe.graph.node.extend(piece_nodes(cut.tensor, piece, cut.shape, column, f"moco/probe{position}"))
-            probe.graph.output.append(onnx.ValueInfoProto(name=column))
+            probe.graph.node.extend(piece_nodes(cut.tensor, piece, cut.shape, probe_output(column, taken),
+                                                f"moco/probe{position}"))
+            probe.graph.output.append(onnx.ValueInfoProto(name=probe_output(column, taken)))
             columns.append(column)
     return probe, columns
+
+
+def probe_output(column: str, taken: set[str]) -> str:
+    """The probe's output name for a column: the column itself, unless the graph already has a
+    tensor of that name (a cut without module scopes is named by its tensor)."""
+    return f"moco/probe:{column}" if column in taken else column
 
 
 def calibrate(model: onnx.ModelProto, output: str, cuts: Sequence[CutPoint],
@@ -71,12 +81,14 @@ def calibrate(model: onnx.ModelProto, output: str, cuts: Sequence[CutPoint],
     probe, columns = probe_model(model, cuts, raw)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]
+    taken = {name for node in model.graph.node for name in node.output} | {i.name for i in model.graph.input}
+    fetch = [output] + [probe_output(column, taken) for column in columns]
     with FrameWriter(path) as writer, Progress(
             TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
             TimeElapsedColumn(), disable=not show_progress, transient=True) as progress:
         task = progress.add_task("calibrate", total=total_rows)
         for batch in batches:
-            results = session.run([output] + columns, {name: batch[name] for name in input_names})
+            results = session.run(fetch, {name: batch[name] for name in input_names})
             rows = {name: values.astype(np.float32) for name, values in zip(columns, results[1:])}
             rows[PREDICTIONS] = results[0].argmax(axis=1).astype(np.int64)
             if LABELS in batch:

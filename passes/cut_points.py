@@ -5,6 +5,13 @@ nodes that are not ancestors of T) reads from the prefix is T itself, apart
 from declared side inputs (graph inputs such as ``attention_mask`` that the
 remainder still reads).  Inside residual and multi-branch blocks the skip
 tensor is live across the block, so only block boundaries qualify.
+
+Tensors computed from side inputs alone (a transformer's extended attention
+mask, shapes read off ``token_type_ids``, position embeddings) are *side
+tensors*: they may cross a cut too, because the remainder can recompute them
+from the compressed side inputs.  :func:`localize_side_tensors` makes it do so,
+by giving every consumer its own copy of the (cheap) nodes that compute them;
+the rewrite then compresses the side graph inputs with the cut tensor.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ class CutPoint:
     flops_before: float
     flops_after: float
     side_inputs: tuple[str, ...] = ()
+    sequence_mask: str = ""  # text models: the [N, S] mask input that sequence pooling reads
 
     @property
     def fraction_before(self) -> float:
@@ -39,35 +47,59 @@ def find_cut_points(model: onnx.ModelProto, node_flops: Sequence[float],
                     shapes: Mapping[str, tuple[int, ...]],
                     scopes: Mapping[str, tuple[str, ...]] | None = None,
                     side_inputs: Iterable[str] = (), min_fraction: float = 0.02,
-                    merge_fraction: float = 0.005) -> list[CutPoint]:
+                    merge_fraction: float = 0.005, sequence_mask: str = "",
+                    min_fraction_before: float | None = None) -> list[CutPoint]:
     """Return the useful cut points of ``model`` in execution order.
 
     ``node_flops`` is the per-row cost of each node, ``shapes`` the tensor shapes
     at batch 1.  Cuts with less than ``min_fraction`` of the FLOPs on either
-    side are dropped, and of cuts closer than ``merge_fraction`` of the FLOPs
-    (e.g. a block's Add and the ReLU after it) only the last is kept.
+    side are dropped (``min_fraction_before``, when given, replaces it for the
+    prefix: a text model's embeddings cost almost nothing yet are a useful cut),
+    and of cuts closer than ``merge_fraction`` of the FLOPs (e.g. a block's Add
+    and the ReLU after it) only the last is kept.
+
+    ``side_inputs`` are graph inputs the remainder may read (e.g.
+    ``attention_mask``); tensors computed from them alone may cross a cut too
+    (see :func:`side_tensors`).  ``sequence_mask`` names the ``[N, S]`` mask of a
+    text model; it is recorded on rank-3 cuts so pooling can be mask-aware.
+    An embedding lookup (``Gather`` from a weight matrix) starts the network
+    like a heavy op does, so the embeddings' output is a candidate.
     """
     index = GraphIndex(model)
-    allowed_crossing = set(side_inputs)
+    side = set(side_inputs)
+    derived = side_tensors(model, side) if side else set()
+    allowed_crossing = side | derived
+    graph_inputs = set(index.graph_inputs)
+    side_nodes = {index.producer[name] for name in derived}  # e.g. Shape(input_ids): the remainder
+    # may read an input through side nodes only, and the rewrite then carries that input too
+    initializer_ranks = {init.name: len(init.dims) for init in model.graph.initializer}
     total = float(sum(node_flops))
     heavy_seen = False
     separating: list[CutPoint] = []
     for position, node in enumerate(model.graph.node):
-        heavy_seen = heavy_seen or node.op_type in HEAVY_OPS
+        heavy_seen = heavy_seen or node.op_type in HEAVY_OPS or (
+            bool(side) and node.op_type == "Gather" and initializer_ranks.get(node.input[0], 0) >= 2)
         if not heavy_seen or index.is_constant_node(position):
             continue
         for tensor in node.output:
-            if not tensor or tensor in index.graph_outputs or not _is_batched_float(model, tensor, shapes):
+            if not tensor or tensor in index.graph_outputs or tensor in derived \
+                    or not _is_batched_float(model, tensor, shapes):
                 continue
             before = index.ancestors(tensor)
-            if index.crossing_tensors(before) - allowed_crossing != {tensor}:
+            crossing = index.crossing_tensors(before)
+            carried = {name for name in crossing if name in graph_inputs and (name in side or all(
+                consumer in before or consumer in side_nodes for consumer in index.consumers.get(name, [])))}
+            if crossing - allowed_crossing - carried != {tensor}:
                 continue
             flops_before = sum(node_flops[i] for i in before)
+            shape = shapes[tensor]
             separating.append(CutPoint(tensor, _module_name(model, index, tensor, scopes or {}),
-                                       shapes[tensor], flops_before, total - flops_before,
-                                       tuple(sorted(allowed_crossing & set(index.graph_inputs)))))
+                                       shape, flops_before, total - flops_before,
+                                       tuple(sorted(carried)),
+                                       sequence_mask if sequence_mask and len(shape) == 3 else ""))
+    low = min_fraction if min_fraction_before is None else min_fraction_before
     useful = [cut for cut in separating
-              if min_fraction <= cut.fraction_before <= 1 - min_fraction]
+              if low <= cut.fraction_before <= 1 - min_fraction]
     return [cut for cut, following in zip(useful, useful[1:] + [None])
             if following is None or following.flops_before - cut.flops_before > merge_fraction * total]
 
@@ -93,3 +125,88 @@ def _module_name(model: onnx.ModelProto, index: GraphIndex, tensor: str,
         if not any(scope in later for later in later_scopes):
             return scope
     return own[-1] if own else ""
+
+
+def side_tensors(model: onnx.ModelProto, side_inputs: Iterable[str]) -> set[str]:
+    """Tensors computed from ``side_inputs`` and constants only, by cheap nodes.
+
+    Also the output of ``Shape`` (and of cheap nodes over it) on any graph input:
+    a shape is re-read from the compressed input just as well.  Heavy ops
+    (matrix products) are never side nodes, so hidden states never are.
+    """
+    index = GraphIndex(model)
+    side = set(side_inputs)
+    graph_inputs = set(index.graph_inputs)
+    derived: set[str] = set()
+    for position, node in enumerate(model.graph.node):
+        if index.is_constant_node(position) or node.op_type in HEAVY_OPS or node.attribute and any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue
+        inputs = [name for name in node.input if name and name not in index.constants]
+        if node.op_type == "Shape" and inputs and inputs[0] in graph_inputs:
+            derived.update(name for name in node.output if name)
+        elif inputs and all(name in side or name in derived for name in inputs):
+            derived.update(name for name in node.output if name)
+    return derived
+
+
+def localize_side_tensors(model: onnx.ModelProto, side_inputs: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` in which every node reading side tensors computes its own.
+
+    After this, a cut's remainder never reads a side tensor from the prefix: it
+    reads the side *graph inputs*, which the rewrite compresses to the rows left.
+    The copies are cheap (masks and shapes) and onnxruntime's common-subexpression
+    elimination merges them again where they share a graph.  Outputs are unchanged.
+    """
+    derived = side_tensors(model, side_inputs)
+    if not derived:
+        return model
+    index = GraphIndex(model)
+    graph = model.graph
+    outputs = set(index.graph_outputs)
+    new_nodes: list[onnx.NodeProto] = []
+    for position, node in enumerate(graph.node):
+        if any(name in derived for name in node.output) and not any(name in outputs for name in node.output):
+            continue  # recomputed by each consumer below (unless the model outputs it)
+        reads = [name for name in node.input if name in derived]
+        if reads:
+            suffix = f"/moco_side{position}"
+            copies = _closure(model, index, reads, derived)
+            renamed = {name: f"{name}{suffix}" for i in copies for name in graph.node[i].output if name}
+            for i in copies:
+                copy = onnx.NodeProto()
+                copy.CopyFrom(graph.node[i])
+                copy.name = f"{copy.name or copy.op_type}{suffix}"
+                copy.input[:] = [renamed.get(name, name) for name in copy.input]
+                copy.output[:] = [renamed.get(name, name) for name in copy.output]
+                new_nodes.append(copy)
+            node = _copy_with_inputs(node, renamed)
+        new_nodes.append(node)
+    localized = onnx.ModelProto()
+    localized.CopyFrom(model)
+    del localized.graph.node[:]
+    localized.graph.node.extend(new_nodes)
+    return localized
+
+
+def _closure(model: onnx.ModelProto, index: GraphIndex, names: Sequence[str], derived: set[str]) -> list[int]:
+    """Positions (sorted) of the side nodes that compute ``names``."""
+    found: set[int] = set()
+    stack = list(names)
+    while stack:
+        name = stack.pop()
+        if name not in derived:
+            continue
+        producer = index.producer[name]
+        if producer in found:
+            continue
+        found.add(producer)
+        stack.extend(n for n in model.graph.node[producer].input if n)
+    return sorted(found)
+
+
+def _copy_with_inputs(node: onnx.NodeProto, renamed: Mapping[str, str]) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.input[:] = [renamed.get(name, name) for name in copy.input]
+    return copy

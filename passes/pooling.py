@@ -6,7 +6,14 @@ A pooling *variant* concatenates one or more *pieces*:
 * ``max``: global maximum over spatial axes;
 * ``grid``: average over a 2x2 grid of spatial quadrants (``[N, C, H, W] -> [N, 4C]``),
   which keeps where in the image a pattern sits, cheaply;
-* ``flat``: a ``[N, D]`` tensor as it is.
+* ``flat``: a ``[N, D]`` tensor as it is;
+* ``token_mean@<mask>``: for a ``[N, S, D]`` sequence tensor, the mean over the tokens that
+  the graph input ``<mask>`` (e.g. ``attention_mask``, ``[N, S]``, 1 = real token) marks,
+  so padding never changes a row's features;
+* ``first_token``: for a ``[N, S, D]`` sequence tensor, token 0 (``[CLS]`` in BERT).
+
+A piece may name a graph input after ``@``; the rewrite compresses that input along
+with the cut tensor and renames it inside each exit's remainder (``pooling_inputs``).
 
 The same nodes are used when calibrating and inside the compiled graph, so the
 features a rule was fitted on are exactly the features it sees at run time.
@@ -14,26 +21,39 @@ features a rule was fitted on are exactly the features it sees at run time.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import onnx
 from onnx import helper
 
 
-def pieces_for(shape: tuple[int, ...]) -> list[str]:
-    """Pieces that can be computed from a tensor of this (batch-first) shape."""
+SEQUENCE_PIECES = ("token_mean", "first_token")
+
+
+def pieces_for(shape: tuple[int, ...], sequence_mask: str = "") -> list[str]:
+    """Pieces that can be computed from a tensor of this (batch-first) shape.
+
+    ``sequence_mask`` names the ``[N, S]`` mask input of a text model: a rank-3 tensor
+    is then read as ``[N, S, D]`` token states rather than ``[N, C, L]`` channels.
+    """
     if len(shape) == 2:
         return ["flat"]
+    if sequence_mask and len(shape) == 3:
+        return [f"token_mean@{sequence_mask}", "first_token"]
     pieces = ["mean", "max"]
     if len(shape) == 4 and min(shape[2:]) >= 2:
         pieces.append("grid")
     return pieces
 
 
-def variants_for(shape: tuple[int, ...]) -> list[str]:
+def variants_for(shape: tuple[int, ...], sequence_mask: str = "") -> list[str]:
     """Pooling variants worth trying at a cut, cheapest first."""
-    pieces = pieces_for(shape)
+    pieces = pieces_for(shape, sequence_mask)
     if pieces == ["flat"]:
         return ["flat"]
+    if sequence_mask and len(shape) == 3:
+        mean, first = pieces
+        return [first, mean, f"{mean}+{first}"]
     return ["mean", "mean+max"] + (["grid", "grid+max"] if "grid" in pieces else [])
 
 
@@ -41,15 +61,37 @@ def variant_pieces(variant: str) -> list[str]:
     return variant.split("+")
 
 
+def piece_kind(piece: str) -> str:
+    """The piece without its input argument: ``token_mean@attention_mask`` -> ``token_mean``."""
+    return piece.split("@", 1)[0]
+
+
+def pooling_inputs(variant: str) -> list[str]:
+    """Graph inputs (besides the cut tensor) that a variant's nodes read, e.g. a mask."""
+    return [piece.split("@", 1)[1] for piece in variant_pieces(variant) if "@" in piece]
+
+
 def piece_width(shape: tuple[int, ...], piece: str) -> int:
-    return shape[1] * (4 if piece == "grid" else 1) if piece != "flat" else math.prod(shape[1:])
+    kind = piece_kind(piece)
+    if kind in SEQUENCE_PIECES:
+        return shape[-1]
+    return shape[1] * (4 if kind == "grid" else 1) if kind != "flat" else math.prod(shape[1:])
 
 
 def pooling_cost(shape: tuple[int, ...], variant: str) -> float:
     """FLOPs per row of computing a variant from a tensor of this batch-1 shape."""
     if variant == "flat":
         return 0.0
-    return float(math.prod(shape[1:]) * len(variant_pieces(variant)))
+    cost = 0.0
+    for piece in variant_pieces(variant):
+        kind = piece_kind(piece)
+        if kind == "first_token":
+            cost += shape[-1]
+        elif kind == "token_mean":  # multiply by the mask, sum, divide
+            cost += 2.0 * math.prod(shape[1:]) + shape[-1]
+        else:
+            cost += math.prod(shape[1:])
+    return float(cost)
 
 
 def _grid_window(size: int) -> tuple[int, int]:
@@ -59,8 +101,15 @@ def _grid_window(size: int) -> tuple[int, int]:
 
 
 def piece_nodes(tensor: str, piece: str, shape: tuple[int, ...], output: str,
-                prefix: str) -> list[onnx.NodeProto]:
-    """Nodes writing the ``[N, width]`` features of one piece to ``output``."""
+                prefix: str, inputs: Mapping[str, str] | None = None) -> list[onnx.NodeProto]:
+    """Nodes writing the ``[N, width]`` features of one piece to ``output``.
+
+    ``inputs`` renames the graph inputs a piece reads (e.g. the mask compressed to the
+    rows left inside an exit's remainder); names not in it are used as they are.
+    """
+    kind = piece_kind(piece)
+    if kind in SEQUENCE_PIECES:
+        return _sequence_nodes(tensor, piece, output, prefix, inputs or {})
     if piece == "flat":
         return [helper.make_node("Identity", [tensor], [output], name=f"{prefix}/flat")]
     pooled = f"{prefix}/{piece}_pooled"
@@ -77,15 +126,54 @@ def piece_nodes(tensor: str, piece: str, shape: tuple[int, ...], output: str,
     return [pool, helper.make_node("Flatten", [pooled], [output], name=f"{prefix}/{piece}_flatten", axis=1)]
 
 
+def _sequence_nodes(tensor: str, piece: str, output: str, prefix: str,
+                    inputs: Mapping[str, str]) -> list[onnx.NodeProto]:
+    """``[N, S, D] -> [N, D]``: token 0, or the mean over the tokens the mask keeps.
+
+    A row whose mask is all zero gets zeros (its token count is clamped to 1).
+    """
+    kind = piece_kind(piece)
+    p = f"{prefix}/{kind}"
+    if kind == "first_token":
+        return [helper.make_node("Constant", [], [f"{p}/index"], name=f"{p}/index",
+                                 value=helper.make_tensor("index", onnx.TensorProto.INT64, [], [0])),
+                helper.make_node("Gather", [tensor, f"{p}/index"], [output], name=p, axis=1)]
+    mask = piece.split("@", 1)[1]
+    mask = inputs.get(mask, mask)
+    return [
+        helper.make_node("Constant", [], [f"{p}/token_axis"], name=f"{p}/token_axis",
+                         value=helper.make_tensor("axis", onnx.TensorProto.INT64, [1], [1])),
+        helper.make_node("Constant", [], [f"{p}/feature_axis"], name=f"{p}/feature_axis",
+                         value=helper.make_tensor("axis", onnx.TensorProto.INT64, [1], [2])),
+        helper.make_node("Constant", [], [f"{p}/one"], name=f"{p}/one",
+                         value=helper.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0])),
+        helper.make_node("Cast", [mask], [f"{p}/mask"], name=f"{p}/cast_mask", to=onnx.TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", [f"{p}/mask", f"{p}/feature_axis"], [f"{p}/mask3"],
+                         name=f"{p}/unsqueeze"),
+        helper.make_node("Cast", [tensor], [f"{p}/states"], name=f"{p}/cast_states", to=onnx.TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{p}/states", f"{p}/mask3"], [f"{p}/masked"], name=f"{p}/mul"),
+        helper.make_node("ReduceSum", [f"{p}/masked", f"{p}/token_axis"], [f"{p}/sum"], name=f"{p}/sum",
+                         keepdims=0),
+        helper.make_node("ReduceSum", [f"{p}/mask", f"{p}/token_axis"], [f"{p}/count"], name=f"{p}/count",
+                         keepdims=1),
+        helper.make_node("Max", [f"{p}/count", f"{p}/one"], [f"{p}/count1"], name=f"{p}/clamp"),
+        helper.make_node("Div", [f"{p}/sum", f"{p}/count1"], [output], name=f"{p}/div"),
+    ]
+
+
 def variant_nodes(tensor: str, variant: str, shape: tuple[int, ...], output: str,
-                  prefix: str) -> list[onnx.NodeProto]:
-    """Nodes writing the concatenated pieces of ``variant`` to ``output``."""
+                  prefix: str, inputs: Mapping[str, str] | None = None) -> list[onnx.NodeProto]:
+    """Nodes writing the concatenated pieces of ``variant`` to ``output``.
+
+    ``inputs`` renames graph inputs that pieces read (see :func:`pooling_inputs`).
+    """
     pieces = variant_pieces(variant)
     if len(pieces) == 1:
-        return piece_nodes(tensor, pieces[0], shape, output, prefix)
+        return piece_nodes(tensor, pieces[0], shape, output, prefix, inputs)
     nodes, names = [], []
     for piece in pieces:
-        names.append(f"{prefix}/{piece}")
-        nodes.extend(piece_nodes(tensor, piece, shape, names[-1], prefix))
+        kind = piece_kind(piece)
+        names.append(f"{prefix}/{kind}_features" if kind in SEQUENCE_PIECES else f"{prefix}/{piece}")
+        nodes.extend(piece_nodes(tensor, piece, shape, names[-1], prefix, inputs))
     nodes.append(helper.make_node("Concat", names, [output], name=f"{prefix}/concat", axis=1))
     return nodes

@@ -33,7 +33,7 @@ from onnx import helper, numpy_helper
 
 from moco_compile.passes.graph import GraphIndex, node_inputs
 from moco_compile.passes.plan import Exit
-from moco_compile.passes.pooling import variant_nodes
+from moco_compile.passes.pooling import pooling_inputs, variant_nodes
 
 EXIT_OUTPUT = "moco_exit"
 _NEVER = float(np.finfo(np.float32).max)
@@ -168,7 +168,7 @@ class _ExitGraphBuilder:
         p = f"moco/exit{level}"
         cut = exit_.cut.tensor
         pooled = f"{p}/pooled"
-        nodes.extend(variant_nodes(cut, exit_.pooling, exit_.cut.shape, pooled, p))
+        nodes.extend(variant_nodes(cut, exit_.pooling, exit_.cut.shape, pooled, p, inputs=renames))
         if self.types.get(cut, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
             nodes.append(helper.make_node("Cast", [pooled], [f"{pooled}_f32"], to=onnx.TensorProto.FLOAT))
             pooled = f"{pooled}_f32"
@@ -252,10 +252,11 @@ class _ExitGraphBuilder:
         return name
 
     def _side_inputs(self, level: int) -> set[str]:
-        """Graph inputs that stages from ``level`` on still read (e.g. an attention mask)."""
+        """Graph inputs that stages (or exits' pooling) from ``level`` on still read (e.g. an attention mask)."""
         inputs = set(self.index.graph_inputs)
-        return {name for stage in self.stages[level:] for i in stage
-                for name in node_inputs(self.model.graph.node[i]) if name in inputs}
+        pooled = {name for exit_ in self.exits[level:] for name in pooling_inputs(exit_.pooling)}
+        return pooled | {name for stage in self.stages[level:] for i in stage
+                         for name in node_inputs(self.model.graph.node[i]) if name in inputs}
 
     def _rows_value_info(self, name: str, original: str, level: int) -> onnx.ValueInfoProto:
         """Declare a compressed tensor's shape with a named row dimension.

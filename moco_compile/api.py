@@ -83,7 +83,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     if out_dir is not None:
         _check_writable(Path(out_dir))
     imported = import_model(model, output=output, example_input=example_input)
-    batches, cuts = _cut_points(imported, calibration, batch_size)
+    batches, cuts = cut_points_of(imported, calibration, batch_size)
     total_flops = cuts[0].flops_before + cuts[0].flops_after
     with tempfile.TemporaryDirectory(prefix="moco-") as scratch:
         splitter = _RowSplitter(seed, imported.input_names)
@@ -126,13 +126,16 @@ def calibrate_frame(model: Any, calibration: Mapping[str, Any] | Iterable[Mappin
         raise OutputError(f"{out} is a directory; give the path of the frame file to write (e.g. frame.arrow)")
     _check_writable(out.parent)
     imported = import_model(model, output=output, example_input=example_input)
-    batches, cuts = _cut_points(imported, calibration, batch_size)
+    batches, cuts = cut_points_of(imported, calibration, batch_size)
     return calibrate(imported.model, imported.output, cuts, batches, out, show_progress=show_progress, raw=raw)
 
 
-def _cut_points(imported: ImportedModel, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]],
+def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]],
                 batch_size: int) -> tuple[Iterable[dict], list[CutPoint]]:
-    """Validated calibration batches, and the model's cut points measured on the first row."""
+    """Validated calibration batches, and the model's cut points measured on the first row.
+
+    Text models (``imported.text``) get their mask inputs as side inputs that may cross a cut.
+    """
     spec = CalibrationSpec(imported.model, imported.num_classes)
     batches = iter_batches(calibration, spec, batch_size)
     text = imported.text

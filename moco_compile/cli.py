@@ -56,21 +56,18 @@ def inspect_command(
     output: Optional[str] = typer.Option(None, "--output", help="classifier output name, if several"),
 ) -> None:
     """List the candidate cut points of MODEL with their FLOPs."""
+    from moco_compile.api import cut_points_of
     from moco_compile.calibration import load_npz
     from moco_compile.importer import import_model
-    from moco_compile.passes.cost import flops_per_row, measure_shapes
-    from moco_compile.passes.cut_points import find_cut_points
     from moco_compile.report import cut_points_table
 
     try:
         imported = import_model(model, output=output)
         feed = _example_feed(imported, load_npz(calib) if calib else None)
-        shapes = measure_shapes(imported.model, feed)
-        node_flops = flops_per_row(imported.model, shapes)
-        cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes)
+        _, cuts = cut_points_of(imported, feed, batch_size=1)
     except MocoError as error:
         _fail(error)
-    console.print(cut_points_table(cuts, sum(node_flops)))
+    console.print(cut_points_table(cuts, cuts[0].flops_before + cuts[0].flops_after))
 
 
 @app.command("calibrate")

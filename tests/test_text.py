@@ -104,12 +104,12 @@ def test_unsupported_architecture_lists_supported_ones():
 # -- cut points and pooling ------------------------------------------------------------------------------
 
 def test_cut_points_inside_the_encoder_let_the_mask_cross(text_onnx, calibration):
-    from moco_compile.api import _cut_points
+    from moco_compile.api import cut_points_of
     from moco_compile.importer import import_model
 
     imported = import_model(text_onnx)
     assert imported.text is not None and imported.text.mask == "attention_mask"
-    _, cuts = _cut_points(imported, calibration, 256)
+    _, cuts = cut_points_of(imported, calibration, 256)
     modules = [c.module for c in cuts]
     assert modules == ["bert.embeddings", "bert.encoder.layer.0.attention", "bert.encoder.layer.0",
                        "bert.encoder.layer.1.attention"]

@@ -71,13 +71,6 @@ def pooling_inputs(variant: str) -> list[str]:
     return [piece.split("@", 1)[1] for piece in variant_pieces(variant) if "@" in piece]
 
 
-def piece_width(shape: tuple[int, ...], piece: str) -> int:
-    kind = piece_kind(piece)
-    if kind in SEQUENCE_PIECES:
-        return shape[-1]
-    return shape[1] * (4 if kind == "grid" else 1) if kind != "flat" else math.prod(shape[1:])
-
-
 def pooling_cost(shape: tuple[int, ...], variant: str) -> float:
     """FLOPs per row of computing a variant from a tensor of this batch-1 shape."""
     if variant == "flat":

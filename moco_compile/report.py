@@ -14,8 +14,12 @@ def _percent(value: float | None, digits: int = 2) -> str:
 def cut_points_table(cuts: Sequence, total_flops: float) -> Table:
     """``moco inspect``: one row per candidate cut."""
     table = Table(title=f"Cut points ({total_flops / 1e6:.2f} MFLOPs per row in total)")
+    longest_module = max((len(cut.module or "-") for cut in cuts), default=1)
     for column in ("#", "tensor", "module", "shape", "MFLOPs before", "MFLOPs after", "before"):
-        table.add_column(column, justify="right" if column not in ("tensor", "module") else "left")
+        if column == "module":  # the name users pass back (add_rule, reports): never cut short
+            table.add_column(column, no_wrap=True, min_width=longest_module)
+        else:
+            table.add_column(column, justify="left" if column == "tensor" else "right")
     for number, cut in enumerate(cuts):
         table.add_row(str(number), cut.tensor, cut.module or "-", "x".join(map(str, cut.shape[1:])),
                       f"{cut.flops_before / 1e6:.2f}", f"{cut.flops_after / 1e6:.2f}",

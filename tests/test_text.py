@@ -120,6 +120,20 @@ def test_cut_points_inside_the_encoder_let_the_mask_cross(text_onnx, calibration
     assert [c.flops_before for c in cuts] == sorted(c.flops_before for c in cuts)
 
 
+def test_cli_inspect_lists_encoder_cuts(text_onnx, calibration, tmp_path):
+    from typer.testing import CliRunner
+
+    from moco_compile.cli import app
+
+    np.savez(tmp_path / "calib.npz", **{k: calibration[k][:4] for k in MODEL_INPUTS})
+    run = CliRunner().invoke(app, ["inspect", str(text_onnx), "--calib", str(tmp_path / "calib.npz")])
+    assert run.exit_code == 0, run.output
+    for module in ("bert.embeddings", "bert.encoder.layer.0.attention", "bert.encoder.layer.1.attention"):
+        assert module in run.output
+    without = CliRunner().invoke(app, ["inspect", str(text_onnx)])
+    assert without.exit_code == 2 and "dynamic axes" in without.output and "--calib" in without.output
+
+
 def test_sequence_pooling_nodes_match_numpy():
     from moco_compile.passes.pooling import variant_nodes
 
@@ -237,22 +251,72 @@ def test_mismatched_token_shapes_are_a_clear_error(text_onnx, calibration):
 # -- eager PyTorch API -----------------------------------------------------------------------------------
 
 def test_eager_api_applies_the_compiled_plan(compiled, hf_model, test_rows):
-    from moco_compile.torch_api import EarlyExitTextClassificationModel
+    from moco_compile.torch import EarlyExitTextClassificationModel
 
     result, out = compiled
     eager = EarlyExitTextClassificationModel(hf_model).load_plan(out / "plan.json")
+    assert eager.exit_names == [e.cut.module for e in result.plan.exits]
     rows = _inputs(test_rows)
-    logits, exits = eager(**{k: torch.from_numpy(v) for k, v in rows.items()})
+    output = eager(**{k: torch.from_numpy(v) for k, v in rows.items()})
+    logits, exits = output.logits.numpy(), output.exits.numpy()
     onnx_logits, onnx_exits = _run(result.model, rows)
     # same rules, same features up to float rounding between PyTorch and onnxruntime
-    assert (exits.numpy() == onnx_exits).mean() > 0.99
-    assert (logits.numpy().argmax(1) == onnx_logits.argmax(1)).mean() > 0.99
-    same = exits.numpy() == onnx_exits
-    np.testing.assert_allclose(logits.numpy()[same], onnx_logits[same], atol=1e-3, rtol=1e-3)
+    assert (exits == onnx_exits).mean() > 0.99
+    assert (logits.argmax(1) == onnx_logits.argmax(1)).mean() > 0.99
+    same = exits == onnx_exits
+    np.testing.assert_allclose(logits[same], onnx_logits[same], atol=1e-3, rtol=1e-3)
 
 
-def test_eager_api_rejects_unknown_cut(hf_model):
-    from moco_compile.torch_api import EarlyExitTextClassificationModel
+def _block_features(hf_model, feed: dict, block: int) -> np.ndarray:
+    """Mask-aware token mean of block ``block``'s output, computed by the plain Hugging Face model."""
+    with torch.no_grad():
+        hidden = hf_model(**feed, output_hidden_states=True).hidden_states[block + 1]
+    mask = feed["attention_mask"].unsqueeze(-1).float()
+    return ((hidden * mask).sum(1) / mask.sum(1)).numpy()
 
+
+def test_eager_api_takes_an_analytics_rule_by_block(hf_model, calibration, test_rows):
+    from moco_compile.analytics import AnalyticsEngine
+    from moco_compile.torch import EarlyExitClassifierOutput, EarlyExitTextClassificationModel
+
+    feed = {k: torch.from_numpy(v) for k, v in _inputs(calibration).items()}
+    features = _block_features(hf_model, feed, 0)
+    with torch.no_grad():
+        predictions = hf_model(**feed).logits.argmax(1).numpy()
+    rule = AnalyticsEngine.from_2d_embedding(features, {"predictions": predictions}).compute_linear_sufficient_rule(
+        cls=1, precision=0.97)
+    eager = EarlyExitTextClassificationModel(hf_model).add_rule(rule.condition, 1, "encoder", 0, "output")
+    assert eager.exit_names == ["bert.encoder.layer.0"]
+
+    tokenizer = text_classifier.tokenizer()
+    texts = text_classifier.load_split_texts("test")[:96]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=64)
+    output = eager(**batch)  # called like the original module, on the tokenizer's output
+    assert isinstance(output, EarlyExitClassifierOutput)
+    with torch.no_grad():
+        full = hf_model(**batch).logits.numpy()
+    fires = rule.predict(_block_features(hf_model, dict(batch), 0))
+    exits = output.exits.numpy()
+    assert 0 < fires.sum() < len(fires)
+    np.testing.assert_array_equal(exits == 0, fires)
+    assert (output.logits.numpy()[fires].argmax(1) == 1).all()
+    np.testing.assert_allclose(output.logits.numpy()[~fires], full[~fires], atol=1e-4)
+
+
+def test_eager_api_rejects_bad_rules(hf_model):
+    from moco_compile.torch import EarlyExitTextClassificationModel
+
+    eager = EarlyExitTextClassificationModel(hf_model)
+    condition = {"weights": np.zeros(384), "bias": 0.0, "threshold": 1.0}
+    with pytest.raises(ModelError, match="blocks 0..1"):
+        eager.add_rule(condition, 0, "encoder", 9, "output")
     with pytest.raises(ModelError, match="bert.encoder.layer.0.attention"):
-        EarlyExitTextClassificationModel(hf_model).add_rule("encoder.layer.9", np.zeros((384, 2)), [0, 0], [1, 1])
+        eager.add_rule(condition, 0, "decoder.layer.0")
+    with pytest.raises(ModelError, match="'attention' or 'output'"):
+        eager.add_rule(condition, 0, "encoder", 0, "ffn")
+    with pytest.raises(ModelError, match="class index in 0..1"):
+        eager.add_rule(condition, 2, "encoder", 0, "output")
+    with pytest.raises(ModelError, match=r"must be \[768, 2\]"):
+        eager.add_rule(condition, 0, "embeddings", pooling="token_mean+first_token")
+    with pytest.raises(ModelError, match="missing threshold"):
+        eager.add_rule({"weights": np.zeros(384), "bias": 0.0}, 0, "embeddings")

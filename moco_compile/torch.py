@@ -1,0 +1,243 @@
+"""Eager PyTorch front end for text classifiers: early-exit rules applied in PyTorch.
+
+>>> from moco_compile.torch import EarlyExitTextClassificationModel          # doctest: +SKIP
+>>> model = EarlyExitTextClassificationModel(bert_classifier)
+>>> model.add_rule(rule.condition, 1, "encoder", 0, "attention")   # e.g. from AnalyticsEngine
+>>> model.load_plan("out/plan.json")           # or the rules a moco_compile.compile fitted
+>>> out = model(**tokenizer(texts, return_tensors="pt", padding=True))
+>>> out.logits, out.exits                       # exits[i]: index into model.exit_names, -1 = full
+
+A rule sits at a cut (``bert.embeddings``; in block ``i`` after the attention sub-layer,
+``bert.encoder.layer.<i>.attention``, and after the block output, ``bert.encoder.layer.<i>``,
+which :meth:`~EarlyExitTextClassificationModel.add_rule` also accepts as
+``encoder.layer.<i>.output``).  The hidden states there are pooled (mask-aware
+``token_mean``, ``first_token``, or both joined by ``+``), scored with one linear map and
+compared with per-class thresholds: exactly the compiled ONNX graph's exit.  Rows whose best
+margin is positive leave with the margins as their logits (their argmax is the rule's class);
+the other rows continue, compressed, through the remaining layers.
+
+Supported: ``BertForSequenceClassification`` (the architectures the importer supports).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from moco_compile.errors import ModelError
+from moco_compile.importer import SUPPORTED_HF_ARCHITECTURES
+
+_NEVER = float(np.finfo(np.float32).max)
+_POOLINGS = ("first_token", "token_mean")
+
+
+@dataclass
+class EarlyExitClassifierOutput(SequenceClassifierOutput):
+    """The wrapped model's output plus ``exits``: per row, the index into
+    :attr:`EarlyExitTextClassificationModel.exit_names` of the exit it took, -1 for the full network."""
+
+    exits: torch.Tensor | None = None
+
+
+@dataclass
+class _Rule:
+    pooling: str
+    weight: torch.Tensor  # [D, C]
+    bias: torch.Tensor  # [C]
+    thresholds: torch.Tensor  # [C], FLT_MAX where the class is off
+    normalize: str  # "none" or "log_softmax" (as in LinearScores)
+
+    def margins(self, features: torch.Tensor) -> torch.Tensor:
+        """Exactly the compiled graph's margins (see passes/rewrite.py ``_margin_nodes``)."""
+        weight, bias, thresholds = (t.to(features.device) for t in (self.weight, self.bias, self.thresholds))
+        scores = features @ weight
+        if self.normalize == "none":  # disabled classes get -FLT_MAX
+            return scores + torch.where(thresholds < _NEVER, bias - thresholds, torch.full_like(bias, -_NEVER))
+        return torch.log_softmax(scores + bias, dim=1) - thresholds
+
+
+class EarlyExitTextClassificationModel(torch.nn.Module):
+    """A Hugging Face sequence classifier with early exits (eager; inference only).
+
+    Parameters
+    ----------
+    model:
+        A ``BertForSequenceClassification`` (any number of blocks and classes).
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        architecture = type(model).__name__
+        if architecture not in SUPPORTED_HF_ARCHITECTURES:
+            raise ModelError(f"{architecture} is not supported by the eager text API; supported: "
+                             f"{', '.join(SUPPORTED_HF_ARCHITECTURES)}")
+        self.model = model.eval()
+        self._rules: dict[str, list[_Rule]] = {}
+
+    # -- where rules go ------------------------------------------------------------------------
+    @property
+    def cut_names(self) -> list[str]:
+        """Where rules may go, in execution order (the module names the ONNX compile uses)."""
+        names = ["bert.embeddings"]
+        for i in range(len(self.model.bert.encoder.layer)):
+            names += [f"bert.encoder.layer.{i}.attention", f"bert.encoder.layer.{i}"]
+        return names
+
+    @property
+    def exit_names(self) -> list[str]:
+        """The cuts that hold rules, in execution order; ``exits`` in the output indexes this list."""
+        return [name for name in self.cut_names if name in self._rules]
+
+    def _cut(self, where: str, block: int | None, sublayer: str) -> str:
+        if block is not None:
+            if where not in ("encoder", "bert.encoder"):
+                raise ModelError(f"a block index goes with where='encoder', not {where!r}")
+            blocks = len(self.model.bert.encoder.layer)
+            if not isinstance(block, (int, np.integer)) or not 0 <= block < blocks:
+                raise ModelError(f"block index {block!r} is out of range: this model has blocks 0..{blocks - 1}")
+            if sublayer not in ("attention", "output"):
+                raise ModelError(f"sublayer must be 'attention' or 'output', got {sublayer!r}")
+            return f"bert.encoder.layer.{block}" + (".attention" if sublayer == "attention" else "")
+        name = re.sub(r"\.output$", "", where)
+        name = name if name.startswith("bert.") else f"bert.{name}"
+        if name not in self.cut_names:
+            raise ModelError(f"{where!r} is not a cut point of this model; use ('embeddings'), "
+                             f"('encoder', block, 'attention' | 'output') or one of {', '.join(self.cut_names)}")
+        return name
+
+    # -- rules ---------------------------------------------------------------------------------
+    def add_rule(self, condition: Any, cls: int, where: str = "encoder", block: int | None = None,
+                 sublayer: str = "output", *, pooling: str = "token_mean") -> "EarlyExitTextClassificationModel":
+        """Exit rows as class ``cls`` at a cut where ``pool(h) @ weights + bias > threshold``.
+
+        ``condition``: a :class:`~moco_compile.analytics.LinearCondition`, a
+        :class:`~moco_compile.analytics.SufficientRule` (its condition), or a mapping with
+        ``weights``, ``bias``, ``threshold``.  The cut: ``("embeddings")``,
+        ``("encoder", block, "attention" | "output")`` or a module name.  ``pooling``:
+        ``token_mean`` (over the attention mask), ``first_token`` or both joined by ``+``;
+        it must be how the condition's features were pooled.  Several rules may share a cut;
+        the row takes the class with the largest margin ``score - threshold``.
+        """
+        condition = getattr(condition, "condition", condition)
+        if isinstance(condition, Mapping):
+            missing = [k for k in ("weights", "bias", "threshold") if k not in condition]
+            if missing:
+                raise ModelError(f"a condition needs weights, bias and threshold; missing {', '.join(missing)}")
+            weights, bias, threshold = condition["weights"], condition["bias"], condition["threshold"]
+        elif all(hasattr(condition, k) for k in ("weights", "bias", "threshold")):
+            weights, bias, threshold = condition.weights, condition.bias, condition.threshold
+        else:
+            raise ModelError(f"condition must be a LinearCondition, a SufficientRule or a mapping with weights, "
+                             f"bias and threshold; got {type(condition).__name__}")
+        classes = self.model.config.num_labels
+        if not isinstance(cls, (int, np.integer)) or not 0 <= cls < classes:
+            raise ModelError(f"cls must be a class index in 0..{classes - 1}, got {cls!r}")
+        weights = np.asarray(weights, np.float32).reshape(-1)
+        weight = np.zeros((len(weights), classes), np.float32)
+        weight[:, cls] = weights
+        biases = np.zeros(classes, np.float32)
+        biases[cls] = float(bias)
+        thresholds = np.full(classes, np.inf, np.float32)
+        thresholds[cls] = float(threshold)
+        self._add(self._cut(where, block, sublayer), weight, biases, thresholds, pooling, "none")
+        return self
+
+    def _add(self, cut: str, weight: Any, bias: Any, thresholds: Any, pooling: str, normalize: str) -> None:
+        pooling = "+".join("token_mean@attention_mask" if p == "token_mean" else p for p in pooling.split("+"))
+        if any(p.split("@")[0] not in _POOLINGS for p in pooling.split("+")):
+            raise ModelError(f"pooling {pooling!r}: use first_token, token_mean or both joined by '+'")
+        weight = np.asarray(weight, np.float32)
+        bias = np.asarray(bias, np.float32)
+        thresholds = np.asarray([np.inf if t is None else t for t in np.atleast_1d(thresholds)], np.float32)
+        classes = self.model.config.num_labels
+        width = self.model.config.hidden_size * len(pooling.split("+"))
+        if weight.shape != (width, classes) or bias.shape != (classes,) or thresholds.shape != (classes,):
+            raise ModelError(f"rule at {cut} with pooling {pooling}: weights must be [{width}, {classes}], bias and "
+                             f"thresholds [{classes}]; got {weight.shape}, {bias.shape}, {thresholds.shape}")
+        if normalize not in ("none", "log_softmax"):
+            raise ModelError(f"rule at {cut}: normalize must be 'none' or 'log_softmax', got {normalize!r}")
+        thresholds = np.where(np.isfinite(thresholds), thresholds, _NEVER).astype(np.float32)
+        self._rules.setdefault(cut, []).append(
+            _Rule(pooling, torch.from_numpy(weight), torch.from_numpy(bias), torch.from_numpy(thresholds), normalize))
+
+    def load_plan(self, plan: str | os.PathLike | Mapping | Any) -> "EarlyExitTextClassificationModel":
+        """Add the rules of a compile's ``plan.json`` (a path, its parsed dict, or an ``ExitPlan``)."""
+        if isinstance(plan, (str, os.PathLike)):
+            plan = json.loads(Path(plan).read_text())
+        exits = plan["exits"] if isinstance(plan, Mapping) else [e.to_dict() for e in plan.exits]
+        for exit_ in exits:
+            if not exit_.get("module"):
+                raise ModelError(f"exit at tensor {exit_.get('cut')!r} has no module name; compile the model "
+                                 "from a file exported with module scopes (export_hf_sequence_classifier)")
+            self._add(self._cut(exit_["module"], None, ""), exit_["weight"], exit_["bias"], exit_["thresholds"],
+                      exit_["pooling"], exit_.get("normalize", "none"))
+        return self
+
+    # -- running --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> EarlyExitClassifierOutput:
+        """Run like the wrapped model; exited rows carry their rule's margins as logits."""
+        bert = self.model.bert
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        order = {name: k for k, name in enumerate(self.exit_names)}
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        logits = torch.zeros(input_ids.shape[0], self.model.config.num_labels, device=input_ids.device)
+        exits = torch.full((input_ids.shape[0],), -1, dtype=torch.int64, device=input_ids.device)
+        mask = attention_mask
+        hidden = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+
+        def check(name: str, hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor):
+            rules = self._rules.get(name)
+            if not rules or not len(rows):
+                return hidden, mask, rows
+            margins = torch.stack([rule.margins(_pool(hidden, mask, rule.pooling)) for rule in rules]).amax(0)
+            fired = margins.max(dim=1).values > 0
+            logits[rows[fired]] = margins[fired]
+            exits[rows[fired]] = order[name]
+            keep = ~fired
+            return hidden[keep], mask[keep], rows[keep]
+
+        hidden, mask, rows = check("bert.embeddings", hidden, mask, rows)
+        for i, layer in enumerate(bert.encoder.layer):
+            if not len(rows):
+                break
+            extended = _extended_mask(bert, mask, hidden)
+            attention = layer.attention(hidden, extended)[0]
+            attention, mask, rows = check(f"bert.encoder.layer.{i}.attention", attention, mask, rows)
+            if not len(rows):
+                break
+            hidden = layer.feed_forward_chunk(attention)
+            hidden, mask, rows = check(f"bert.encoder.layer.{i}", hidden, mask, rows)
+        if len(rows):
+            pooled = bert.pooler(hidden) if bert.pooler is not None else hidden[:, 0]
+            logits[rows] = self.model.classifier(self.model.dropout(pooled)).float()
+        return EarlyExitClassifierOutput(logits=logits, exits=exits)
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    parts = []
+    for piece in pooling.split("+"):
+        if piece == "first_token":
+            parts.append(hidden[:, 0].float())
+        else:
+            weights = mask.float().unsqueeze(-1)
+            parts.append((hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _extended_mask(bert: Any, mask: torch.Tensor, hidden: torch.Tensor) -> Any:
+    """The attention mask in the form the layers take (transformers 5, or 4's extended mask)."""
+    if hasattr(bert, "_create_attention_masks"):
+        return bert._create_attention_masks(attention_mask=mask, encoder_attention_mask=None,
+                                            embedding_output=hidden, encoder_hidden_states=None, cache=None)[0]
+    return bert.get_extended_attention_mask(mask, mask.shape)

@@ -42,7 +42,8 @@ class ImportedModel:
 
 
 def import_model(source: Any, output: str | None = None, example_input: Any = None) -> ImportedModel:
-    """Load ``source`` (ONNX path, ``onnx.ModelProto`` or ``torch.nn.Module``) as a classifier.
+    """Load ``source`` as a classifier: an ONNX path, an ``onnx.ModelProto``, a ``torch.nn.Module``,
+    a Hugging Face sequence classifier, or a directory it was saved to with ``save_pretrained``.
 
     ``example_input`` is required for an ``nn.Module``: a tensor, a tuple of
     tensors or a dict of named tensors with the batch on axis 0.
@@ -50,6 +51,8 @@ def import_model(source: Any, output: str | None = None, example_input: Any = No
     """
     if isinstance(source, onnx.ModelProto):
         model = source
+    elif isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        model = export_hf_sequence_classifier(load_hf_directory(Path(source)))
     elif isinstance(source, (str, os.PathLike)):
         model = load_onnx(Path(source))
     elif _is_hf_model(source):
@@ -268,6 +271,24 @@ def text_inputs(model: onnx.ModelProto) -> TextInputs | None:
 def _is_hf_model(obj: Any) -> bool:
     return _is_torch_module(obj) and type(obj).__module__.startswith("transformers.") \
         and hasattr(obj, "config")
+
+
+def load_hf_directory(path: Path) -> Any:
+    """The Hugging Face sequence classifier saved in ``path`` (``save_pretrained``), from local files only."""
+    if not (path / "config.json").exists():
+        raise ModelError(f"{path} is a directory without config.json: give an .onnx file or a directory a "
+                         "Hugging Face sequence classifier was saved to (model.save_pretrained(path))")
+    try:
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+    except ImportError as error:
+        raise ModelError("loading a Hugging Face model directory needs transformers: "
+                         "pip install 'moco-compile[text]'") from error
+    architectures = AutoConfig.from_pretrained(path, local_files_only=True).architectures or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise ModelError(f"{path} holds a {', '.join(architectures) or 'model without a stated architecture'}, "
+                         "not a sequence classifier with a trained head; moco imports "
+                         f"{', '.join(SUPPORTED_HF_ARCHITECTURES)} (fine-tune and save_pretrained one first)")
+    return AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).eval()
 
 
 def export_hf_sequence_classifier(model: Any, opset: int = 18) -> onnx.ModelProto:

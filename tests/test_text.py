@@ -90,6 +90,19 @@ def test_export_has_dynamic_batch_and_sequence(text_onnx, hf_model, test_rows):
         np.testing.assert_allclose(_run(text_onnx, feed)[0], expected, atol=1e-4)
 
 
+def test_import_from_a_saved_directory_offline(hf_model, text_onnx, test_rows, tmp_path):
+    from moco_compile.importer import import_model
+
+    hf_model.save_pretrained(tmp_path / "saved")
+    imported = import_model(tmp_path / "saved")
+    feed = {k: v[:5] for k, v in _inputs(test_rows).items()}
+    np.testing.assert_allclose(_run(imported.model, feed)[0], _run(text_onnx, feed)[0], atol=1e-4)
+    with pytest.raises(ModelError, match="not a sequence classifier"):  # an encoder without a trained head
+        import_model(text_classifier.encoder_path())
+    with pytest.raises(ModelError, match="without config.json"):
+        import_model(tmp_path)
+
+
 def test_unsupported_architecture_lists_supported_ones():
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 

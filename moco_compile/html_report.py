@@ -272,6 +272,9 @@ class _Page:
             ("chosen plan (index in the family)", "bound_chosen_plan", b.get("chosen_plan"),
              _number(b.get("chosen_plan"))),
             ("plans in the family", "bound_family_size", b.get("family_size"), _number(b.get("family_size"))),
+            ("plan family chosen", "bound_family", b.get("family"), str(b.get("family", "-"))),
+            ("confidence per family (Bonferroni)", "bound_family_confidence", b.get("family_confidence"),
+             _percent(b.get("family_confidence"), 1)),
         ]
         return _table("certificate", "Certificate (test split)", ("item", "value"),
                       [_key_value_row(label, key, value, text) for label, key, value, text in rows])

@@ -45,6 +45,8 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
                                           f"{_percent(bound.get('confidence'), 0)} confidence"),
         ("  test rows / disagreements / p-value", f"{bound.get('test_rows')} / "
                                                   f"{bound.get('disagreements')} / {bound.get('p_value', 1):.3g}"),
+        ("  plan family (test compute reduction of each)", f"{bound.get('family', '-')} (" + ", ".join(
+            f"{name}: {_percent(value, 1)}" for name, value in (bound.get("families") or {}).items()) + ")"),
     ]
     for name in ("batch_1", "batch_64"):
         if name in report.get("latency", {}):

@@ -149,6 +149,9 @@ class Split:
         return len(self.predictions)
 
 
+_FAMILIES = ("per-class", "shared")
+
+
 class NoPlanError(Exception):
     """No plan in the family passed the test; carries what the smallest plan measured."""
 
@@ -177,17 +180,31 @@ class ExitPlanner:
         exits that rarely fire; reported FLOPs never include it.
     design_risk_factor:
         The family grows until its design risk is this multiple of the budget.
+    families:
+        Which nested plan families to build: ``"per-class"`` (greedy over every
+        (cut, class) threshold) and ``"shared"`` (one threshold for every class at
+        every open exit, i.e. a max-score rule; meaningful for scores comparable
+        across cuts, such as log-probabilities).  Each family is certified at
+        ``(1 - confidence) / len(families)`` (Bonferroni), so the certified plan
+        with the lowest test cost may be chosen and the budget still holds at
+        ``confidence``.  The greedy family fits the design rows best; the shared
+        one has one degree of freedom and often generalises better.
     """
 
     def __init__(self, max_disagreement: float = 0.01, confidence: float = 0.95,
                  max_accuracy_drop: float | None = None, step_fraction: float = 0.005,
-                 design_risk_factor: float = 3.0, boundary_cost: float = 100.0) -> None:
+                 design_risk_factor: float = 3.0, boundary_cost: float = 100.0,
+                 families: Sequence[str] = ("per-class", "shared")) -> None:
+        unknown = [f for f in families if f not in _FAMILIES]
+        if not families or unknown:
+            raise ValueError(f"families must be a non-empty subset of {_FAMILIES}, got {tuple(families)}")
         self.max_disagreement = max_disagreement
         self.confidence = confidence
         self.max_accuracy_drop = max_accuracy_drop
         self.step_fraction = step_fraction
         self.design_risk_factor = design_risk_factor
         self.boundary_cost = boundary_cost
+        self.families = tuple(families)
 
     def fit(self, candidates: Sequence[Exit], design: Split, test: Split, total_flops: float) -> ExitPlan:
         """Return the certified plan (possibly with no exits if only that passes).
@@ -198,14 +215,28 @@ class ExitPlanner:
         before = np.array([c.cut.flops_before for c in candidates])
         exit_cost = np.array([c.rule_flops + self.boundary_cost * math.prod(c.cut.shape[1:])
                               for c in candidates])
-        sorted_scores = [-np.sort(-s, axis=0) for s in design.scores]
-        family = self._family(design, sorted_scores, before, exit_cost, total_flops)
         rule_flops = np.array([c.rule_flops for c in candidates])
-        chosen, certificate = self._certify(family, sorted_scores, test, before, rule_flops, total_flops)
-        thresholds = _thresholds(chosen, sorted_scores)
+        sorted_scores = [-np.sort(-s, axis=0) for s in design.scores]
+        context = (design, sorted_scores, before, exit_cost, total_flops)
+        paths = {"per-class": self._path, "shared": self._shared_path}
+        delta = (1 - self.confidence) / len(self.families)
+        certified, outcomes = [], {}
+        for name in self.families:
+            family = self._family(paths[name], context)
+            try:
+                chosen, certificate = self._certify(family, test, before, rule_flops, total_flops, delta)
+            except NoPlanError:
+                outcomes[name] = None
+                continue
+            certificate["family_size"] = len(family)
+            outcomes[name] = certificate["test_compute_reduction"]
+            certified.append((-outcomes[name], len(certified), name, chosen, certificate))
+        if not certified:
+            raise NoPlanError(f"even the plan with no exits fails the test on {len(test)} rows")
+        _, _, name, thresholds, certificate = min(certified)
+        certificate.update(family=name, families=outcomes, family_confidence=1 - delta)
         exits = [replace(candidate, thresholds=thresholds[k])
-                 for k, candidate in enumerate(candidates) if chosen[k].any()]
-        certificate["family_size"] = len(family)
+                 for k, candidate in enumerate(candidates) if np.isfinite(thresholds[k]).any()]
         return ExitPlan(exits, total_flops, certificate)
 
     def _row_risk(self, split: Split, classes: int) -> np.ndarray:
@@ -217,43 +248,43 @@ class ExitPlanner:
             wrong = wrong + harmed / self.max_accuracy_drop
         return wrong
 
-    def _family(self, design: Split, sorted_scores: list[np.ndarray], before: np.ndarray,
-                exit_cost: np.ndarray, total_flops: float) -> list[np.ndarray]:
-        """Nested plans as counts ``q[k, c]`` of design rows each rule admits.
+    def _family(self, path_of, context: tuple) -> list[np.ndarray]:
+        """Nested plans as threshold matrices ``[exits, classes]`` along ``path_of``'s path.
 
         Which exits to open is chosen by backward elimination: starting from all,
         drop the exit whose removal lowers the design cost most at 70% of the
         budget, while one does.  Opening an exit charges its cost to every row
         reaching it, which a one-threshold-at-a-time search could never pay for.
         """
-        context = (design, sorted_scores, before, exit_cost, total_flops)
+        design, before = context[0], context[2]
         active = np.ones(len(before), bool)
-        path = self._path(*context, active)
+        path = path_of(*context, active)
         value = _cost_within(path, 0.7 * len(design))
         while active.sum() > 1:
             trials = []
             for k in np.flatnonzero(active):
                 trial = active.copy()
                 trial[k] = False
-                trial_path = self._path(*context, trial)
+                trial_path = path_of(*context, trial)
                 trials.append((_cost_within(trial_path, 0.7 * len(design)), k, trial_path))
             trial_value, k, trial_path = min(trials, key=lambda t: t[:2])
             if trial_value >= value:
                 break
             active[k], value, path = False, trial_value, trial_path
-        return [counts for counts, _, _ in path]
+        return [thresholds for thresholds, _, _ in path]
 
     def _path(self, design: Split, sorted_scores: list[np.ndarray], before: np.ndarray,
               exit_cost: np.ndarray, total_flops: float,
               active: np.ndarray) -> list[tuple[np.ndarray, float, float]]:
-        """Greedy path over the ``active`` exits: (counts, design cost, design risk) per step."""
+        """Greedy path over the ``active`` exits' (cut, class) thresholds: (thresholds, design
+        cost, design risk) per step, each step admitting more design rows to one rule."""
         rows, classes = design.scores[0].shape
         step = max(1, round(self.step_fraction * rows))
         risk_cap = self.design_risk_factor * rows * (1 + (self.max_accuracy_drop is not None))
         state = _DesignState(design.scores, self._row_risk(design, classes), before, exit_cost,
                              total_flops, active)
         counts = np.zeros((len(before), classes), np.int64)
-        path = [(counts.copy(), state.total_cost, state.risk)]
+        path = [(_thresholds(counts, sorted_scores), state.total_cost, state.risk)]
         while True:
             best = None
             for k in np.flatnonzero(active):
@@ -273,19 +304,40 @@ class ExitPlanner:
                 return path
             _, k, cls, q = best
             counts[k, cls] = q
-            state.update(_thresholds(counts, sorted_scores))
+            thresholds = _thresholds(counts, sorted_scores)
+            state.update(thresholds)
             if state.risk > risk_cap:
                 return path
-            path.append((counts.copy(), state.total_cost, state.risk))
+            path.append((thresholds, state.total_cost, state.risk))
 
-    def _certify(self, family: list[np.ndarray], sorted_scores: list[np.ndarray], test: Split,
-                 before: np.ndarray, rule_flops: np.ndarray, total_flops: float) -> tuple[np.ndarray, dict]:
-        """Fixed-sequence test of the family on the test split; also trace the whole curve."""
-        delta = 1 - self.confidence
+    def _shared_path(self, design: Split, sorted_scores: list[np.ndarray], before: np.ndarray,
+                     exit_cost: np.ndarray, total_flops: float,
+                     active: np.ndarray) -> list[tuple[np.ndarray, float, float]]:
+        """One threshold for every class of every ``active`` exit, lowered step by step:
+        (thresholds, design cost, design risk) per step."""
+        rows, classes = design.scores[0].shape
+        risk_cap = self.design_risk_factor * rows * (1 + (self.max_accuracy_drop is not None))
+        state = _DesignState(design.scores, self._row_risk(design, classes), before, exit_cost,
+                             total_flops, active)
+        off = np.full((len(before), classes), np.inf, np.float32)
+        path = [(off, state.total_cost, state.risk)]
+        best = np.concatenate([s[:, 0] for s, on in zip(sorted_scores, active) if on])
+        levels = -np.sort(-np.unique(best))
+        stride = max(1, round(self.step_fraction * len(levels)))
+        for level in levels[stride - 1::stride]:
+            thresholds = np.where(active[:, None], np.float32(level) - np.float32(1e-6), off)
+            state.update(thresholds)
+            if state.risk > risk_cap:
+                break
+            path.append((thresholds, state.total_cost, state.risk))
+        return path
+
+    def _certify(self, family: list[np.ndarray], test: Split, before: np.ndarray, rule_flops: np.ndarray,
+                 total_flops: float, delta: float) -> tuple[np.ndarray, dict]:
+        """Fixed-sequence test of the family at level ``delta`` on the test split; also trace the whole curve."""
         chosen, record, failed, curve = None, None, False, []
-        for number, counts in enumerate(family):
-            thresholds = _thresholds(counts, sorted_scores)
-            exit_index, exit_class = route([test.scores[k] - thresholds[k] for k in range(len(sorted_scores))])
+        for number, thresholds in enumerate(family):
+            exit_index, exit_class = route([test.scores[k] - thresholds[k] for k in range(len(thresholds))])
             compiled = np.where(exit_class >= 0, exit_class, test.predictions)
             disagreements = int((compiled != test.predictions).sum())
             p_value = binomial_p_value(disagreements, len(test), self.max_disagreement)
@@ -294,16 +346,17 @@ class ExitPlanner:
                 harm = int(((test.predictions == test.labels) & (compiled != test.labels)).sum())
                 p_value = max(p_value, binomial_p_value(harm, len(test), self.max_accuracy_drop))
             failed = failed or p_value > delta
-            paid = np.cumsum(np.where(counts.any(axis=1), rule_flops, 0.0))
+            paid = np.cumsum(np.where(np.isfinite(thresholds).any(axis=1), rule_flops, 0.0))
             cost = np.append(before + paid, total_flops + paid[-1])[exit_index]
             curve.append({"plan": number, "compute_reduction": float(1 - cost.mean() / total_flops),
                           "disagreement": disagreements / len(test), "p_value": p_value,
                           "accuracy": None if test.labels is None else float((compiled == test.labels).mean()),
                           "certified": not failed})
             if not failed:
-                chosen = counts
+                chosen = thresholds
                 record = {"plans_tested": number + 1, "disagreements": disagreements,
-                          "accuracy_harm": harm, "p_value": p_value}
+                          "accuracy_harm": harm, "p_value": p_value,
+                          "test_compute_reduction": curve[-1]["compute_reduction"]}
         if chosen is None:
             raise NoPlanError(f"even the plan with no exits fails the test on {len(test)} rows")
         certificate = {

@@ -38,3 +38,21 @@ def compiled(tmp_path_factory, calibration):
     out = tmp_path_factory.mktemp("compiled") / "out"
     result = compile(REFERENCE_ONNX, calibration, out_dir=out, measure_latency=False, show_progress=False)
     return result, out
+
+
+@pytest.fixture(scope="session")
+def plan_split():
+    """``plan_split(result, name)``: a compile's calibration split ``name`` as a ``passes.plan.Split``."""
+    return _plan_split
+
+
+def _plan_split(result, name: str, shuffle_predictions: bool = False):
+    from moco_compile.api import SPLITS
+    from moco_compile.passes.calibrate import variant_features
+    from moco_compile.passes.plan import Split
+
+    rows = result.frame[result.frame["split"] == SPLITS.index(name)]
+    predictions = rows["predictions"]
+    if shuffle_predictions:
+        predictions = np.random.default_rng(0).permutation(predictions)
+    return Split([e.scores(variant_features(rows, e.column, e.pooling)) for e in result.plan.exits], predictions)

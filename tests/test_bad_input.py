@@ -91,28 +91,17 @@ def test_too_few_rows_says_how_many_are_needed(tmp_path, calibration, reference_
     _assert_nothing_written(tmp_path / "out")
 
 
-def test_budget_that_no_plan_meets_yields_the_plan_without_exits(compiled):
+def test_budget_that_no_plan_meets_yields_the_plan_without_exits(compiled, plan_split):
     """When every plan with exits fails the held-out test, the planner keeps no exit.
 
     The test split's predictions are permuted, as under a shift between design
     and test data, so any exit disagrees with the full model at a high rate.
     """
-    from moco_compile.api import SPLITS
-    from moco_compile.passes.calibrate import variant_features
-    from moco_compile.passes.plan import ExitPlanner, Split
+    from moco_compile.passes.plan import ExitPlanner
 
     result, _ = compiled
-    frame = result.frame
-
-    def split(name, shuffle=False):
-        rows = frame[frame["split"] == SPLITS.index(name)]
-        predictions = rows["predictions"]
-        if shuffle:
-            predictions = np.random.default_rng(0).permutation(predictions)
-        return Split([e.scores(variant_features(rows, e.column, e.pooling)) for e in result.plan.exits],
-                     predictions)
-
-    plan = ExitPlanner(max_disagreement=0.01).fit(result.plan.exits, split("rules"), split("test", True),
+    plan = ExitPlanner(max_disagreement=0.01).fit(result.plan.exits, plan_split(result, "rules"),
+                                                  plan_split(result, "test", shuffle_predictions=True),
                                                   result.plan.total_flops)
     assert plan.exits == []
     assert plan.certificate["plans_tested"] == 1 and plan.certificate["disagreements"] == 0

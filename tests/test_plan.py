@@ -54,3 +54,27 @@ def test_plan_round_trips_through_json(compiled):
     predictions = result.frame["predictions"][:300]
     np.testing.assert_array_equal(again.evaluate(features, predictions).exit_index,
                                   result.plan.evaluate(features, predictions).exit_index)
+
+
+def test_each_plan_family_is_certified_at_a_bonferroni_share(compiled):
+    certificate = compiled[0].plan.certificate
+    assert set(certificate["families"]) == {"per-class", "shared"}
+    assert certificate["family_confidence"] == pytest.approx(1 - (1 - certificate["confidence"]) / 2)
+    assert certificate["p_value"] <= 1 - certificate["family_confidence"]
+    # the chosen family is the certified one that saves most on the test split
+    assert certificate["test_compute_reduction"] == max(v for v in certificate["families"].values() if v is not None)
+    assert certificate["families"][certificate["family"]] == certificate["test_compute_reduction"]
+
+
+def test_shared_family_sets_one_threshold_for_every_open_exit(compiled, plan_split):
+    from moco_compile.passes.plan import ExitPlanner
+
+    result, _ = compiled
+    plan = ExitPlanner(0.01, families=("shared",)).fit(result.plan.exits, plan_split(result, "rules"),
+                                                       plan_split(result, "test"), result.plan.total_flops)
+    assert plan.exits and plan.certificate["family"] == "shared"
+    assert plan.certificate["family_confidence"] == pytest.approx(0.95)
+    thresholds = np.concatenate([e.thresholds for e in plan.exits])
+    assert np.isfinite(thresholds).all() and np.unique(thresholds).size == 1
+    with pytest.raises(ValueError, match="families"):
+        ExitPlanner(families=("greedy",))

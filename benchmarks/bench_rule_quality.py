@@ -531,9 +531,9 @@ def over_budget_reading(workload: Workload, table: dict[str, dict[float, dict]],
     return (f"- Disagreement on {workload.evaluation_short} exceeds the budget for {len(over)} of "
             f"{len(table) * len(budgets)} plans (method x budget)"
             + (", moco's default included" if any(name == MOCO for name, _ in over) else "")
-            + f". {guarantee}; {workload.evaluation_short} is {harder} ({100 * accuracy_before:.2f}%), and every "
-            "method stops at the most aggressive plan that passes, so its true rate on calibration-like data is "
-            "close to the budget.")
+            + f". {guarantee}; on {workload.evaluation_short} it is {100 * accuracy_before:.2f}% ({harder}), and "
+            "every method stops at the most aggressive plan that passes, so its true rate on calibration-like data "
+            "is close to the budget.")
 
 
 def plot(workload: Workload, table: dict[str, dict[float, dict]], budgets: list[float], richer: dict) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -152,6 +153,16 @@ class Split:
 _FAMILIES = ("per-class", "shared")
 
 
+class _PlanningContext(NamedTuple):
+    """What every path search over the design rows reads."""
+
+    design: Split
+    sorted_scores: list[np.ndarray]  # per exit, design scores sorted descending per class
+    before: np.ndarray  # FLOPs before each exit
+    exit_cost: np.ndarray  # planning cost of each exit per row reaching it
+    total_flops: float
+
+
 class NoPlanError(Exception):
     """No plan in the family passed the test; carries what the smallest plan measured."""
 
@@ -217,7 +228,7 @@ class ExitPlanner:
                               for c in candidates])
         rule_flops = np.array([c.rule_flops for c in candidates])
         sorted_scores = [-np.sort(-s, axis=0) for s in design.scores]
-        context = (design, sorted_scores, before, exit_cost, total_flops)
+        context = _PlanningContext(design, sorted_scores, before, exit_cost, total_flops)
         paths = {"per-class": self._path, "shared": self._shared_path}
         delta = (1 - self.confidence) / len(self.families)
         certified, outcomes = [], {}
@@ -248,7 +259,7 @@ class ExitPlanner:
             wrong = wrong + harmed / self.max_accuracy_drop
         return wrong
 
-    def _family(self, path_of, context: tuple) -> list[np.ndarray]:
+    def _family(self, path_of, context: "_PlanningContext") -> list[np.ndarray]:
         """Nested plans as threshold matrices ``[exits, classes]`` along ``path_of``'s path.
 
         Which exits to open is chosen by backward elimination: starting from all,
@@ -256,34 +267,30 @@ class ExitPlanner:
         budget, while one does.  Opening an exit charges its cost to every row
         reaching it, which a one-threshold-at-a-time search could never pay for.
         """
-        design, before = context[0], context[2]
-        active = np.ones(len(before), bool)
-        path = path_of(*context, active)
-        value = _cost_within(path, 0.7 * len(design))
+        active = np.ones(len(context.before), bool)
+        path = path_of(context, active)
+        value = _cost_within(path, 0.7 * len(context.design))
         while active.sum() > 1:
             trials = []
             for k in np.flatnonzero(active):
                 trial = active.copy()
                 trial[k] = False
-                trial_path = path_of(*context, trial)
-                trials.append((_cost_within(trial_path, 0.7 * len(design)), k, trial_path))
+                trial_path = path_of(context, trial)
+                trials.append((_cost_within(trial_path, 0.7 * len(context.design)), k, trial_path))
             trial_value, k, trial_path = min(trials, key=lambda t: t[:2])
             if trial_value >= value:
                 break
             active[k], value, path = False, trial_value, trial_path
         return [thresholds for thresholds, _, _ in path]
 
-    def _path(self, design: Split, sorted_scores: list[np.ndarray], before: np.ndarray,
-              exit_cost: np.ndarray, total_flops: float,
-              active: np.ndarray) -> list[tuple[np.ndarray, float, float]]:
+    def _path(self, context: "_PlanningContext", active: np.ndarray) -> list[tuple[np.ndarray, float, float]]:
         """Greedy path over the ``active`` exits' (cut, class) thresholds: (thresholds, design
         cost, design risk) per step, each step admitting more design rows to one rule."""
-        rows, classes = design.scores[0].shape
+        sorted_scores = context.sorted_scores
+        rows, classes = context.design.scores[0].shape
         step = max(1, round(self.step_fraction * rows))
-        risk_cap = self.design_risk_factor * rows * (1 + (self.max_accuracy_drop is not None))
-        state = _DesignState(design.scores, self._row_risk(design, classes), before, exit_cost,
-                             total_flops, active)
-        counts = np.zeros((len(before), classes), np.int64)
+        state = self._design_state(context, active)
+        counts = np.zeros((len(active), classes), np.int64)
         path = [(_thresholds(counts, sorted_scores), state.total_cost, state.risk)]
         while True:
             best = None
@@ -306,31 +313,37 @@ class ExitPlanner:
             counts[k, cls] = q
             thresholds = _thresholds(counts, sorted_scores)
             state.update(thresholds)
-            if state.risk > risk_cap:
+            if state.risk > self._risk_cap(rows):
                 return path
             path.append((thresholds, state.total_cost, state.risk))
 
-    def _shared_path(self, design: Split, sorted_scores: list[np.ndarray], before: np.ndarray,
-                     exit_cost: np.ndarray, total_flops: float,
+    def _shared_path(self, context: "_PlanningContext",
                      active: np.ndarray) -> list[tuple[np.ndarray, float, float]]:
         """One threshold for every class of every ``active`` exit, lowered step by step:
         (thresholds, design cost, design risk) per step."""
-        rows, classes = design.scores[0].shape
-        risk_cap = self.design_risk_factor * rows * (1 + (self.max_accuracy_drop is not None))
-        state = _DesignState(design.scores, self._row_risk(design, classes), before, exit_cost,
-                             total_flops, active)
-        off = np.full((len(before), classes), np.inf, np.float32)
+        rows, classes = context.design.scores[0].shape
+        state = self._design_state(context, active)
+        off = np.full((len(active), classes), np.inf, np.float32)
         path = [(off, state.total_cost, state.risk)]
-        best = np.concatenate([s[:, 0] for s, on in zip(sorted_scores, active) if on])
+        best = np.concatenate([s[:, 0] for s, on in zip(context.sorted_scores, active) if on])
         levels = -np.sort(-np.unique(best))
         stride = max(1, round(self.step_fraction * len(levels)))
         for level in levels[stride - 1::stride]:
             thresholds = np.where(active[:, None], np.float32(level) - np.float32(1e-6), off)
             state.update(thresholds)
-            if state.risk > risk_cap:
+            if state.risk > self._risk_cap(rows):
                 break
             path.append((thresholds, state.total_cost, state.risk))
         return path
+
+    def _risk_cap(self, rows: int) -> float:
+        """Design risk (in budgets) at which a path stops growing."""
+        return self.design_risk_factor * rows * (1 + (self.max_accuracy_drop is not None))
+
+    def _design_state(self, context: "_PlanningContext", active: np.ndarray) -> "_DesignState":
+        design = context.design
+        return _DesignState(design.scores, self._row_risk(design, design.scores[0].shape[1]), context.before,
+                            context.exit_cost, context.total_flops, active)
 
     def _certify(self, family: list[np.ndarray], test: Split, before: np.ndarray, rule_flops: np.ndarray,
                  total_flops: float, delta: float) -> tuple[np.ndarray, dict]:

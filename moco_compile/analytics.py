@@ -11,7 +11,8 @@ per input) together with per-row targets, usually the full model's
   where ``umap-learn`` is installed) coloured by class;
 * :meth:`AnalyticsEngine.compute_linear_sufficient_rule`: a rule
   ``x @ w + b > t`` that, where it fires, agrees with the target class at a stated
-  precision, with a Clopper-Pearson bound on held-out rows;
+  precision on held-out rows, with a Clopper-Pearson lower bound of its precision
+  (or, with ``certify=True``, whose precision is certified at a stated confidence);
 * :meth:`AnalyticsEngine.coverage_precision_curve` and
   :meth:`AnalyticsEngine.plot_coverage_precision`: the trade-off the threshold
   makes, per class.
@@ -23,6 +24,7 @@ engine the compiler uses, so what the analytics show is what ``compile`` can get
 >>> engine.separability(k=10).purity                                       # doctest: +SKIP
 >>> rule = engine.compute_linear_sufficient_rule(cls=1, precision=0.95)    # doctest: +SKIP
 >>> rule.predict(features), rule.metadata["coverage"]                      # doctest: +SKIP
+>>> rule.metadata["held_out_precision"], rule.metadata["precision_lower_bound"]  # doctest: +SKIP
 
 Plots use matplotlib's object API (no pyplot, no global backend change) and
 need ``pip install 'moco-compile[analytics]'``.
@@ -118,11 +120,15 @@ class LinearCondition:
 class SufficientRule:
     """A rule "if ``condition`` holds, the target is ``metadata['class']``" with its held-out statistics.
 
-    ``metadata`` holds: ``class``, ``target_column``, ``feature`` (the embedding it
-    reads), ``coverage`` (fraction of held-out rows it fires on), ``class_coverage``
-    (fraction of the class's held-out rows it fires on), ``precision`` (empirical,
-    on the held-out rows it fires on), ``precision_lower_bound`` (one-sided
-    Clopper-Pearson at ``confidence``), ``required_precision``, ``confidence``,
+    ``metadata`` holds: ``class``, ``class_name``, ``target_column``, ``feature`` (the
+    embedding it reads); estimates on the held-out rows: ``coverage`` (fraction of
+    held-out rows it fires on), ``class_coverage`` (fraction of the class's held-out
+    rows it fires on), ``held_out_precision`` (fraction of the fired held-out rows that
+    are the class); the bound: ``precision_lower_bound`` (one-sided Clopper-Pearson
+    lower confidence bound of the precision at ``confidence`` from the fired held-out
+    rows); ``required_precision``, ``confidence``, ``certified`` (True when the
+    threshold was chosen so that ``required_precision`` itself is certified at
+    ``confidence``, see :meth:`AnalyticsEngine.compute_linear_sufficient_rule`),
     ``rows`` (held-out rows), ``fired_rows``, ``errors``, ``fit_rows``, ``method``.
     """
 
@@ -469,22 +475,42 @@ class AnalyticsEngine:
         return condition, condition.score(self.embedding[held]), self._target(target_column)[held] == cls
 
     def compute_linear_sufficient_rule(self, target_column: str = PREDICTIONS, cls: int | None = None,
-                                       precision: float = 0.99, confidence: float = 0.95) -> SufficientRule:
+                                       precision: float = 0.99, confidence: float = 0.95, *,
+                                       certify: bool = False) -> SufficientRule:
         """A linear rule that, where it fires, gives ``cls`` in ``target_column`` with ``precision``.
 
         The linear score of "target == cls" is fitted on the fit rows; the threshold is
-        chosen on the held-out rows as the lowest (largest coverage) one whose one-sided
-        Clopper-Pearson upper bound of the error rate among fired rows is at most
-        ``1 - precision`` at ``confidence``.  Thresholds are tested in a fixed sequence,
-        strictest first, starting where enough rows fire for the bound to be reachable,
-        and the search stops at the first failure, so the stated bound holds for the
-        chosen threshold (not only for the best of many tries).
+        chosen on the held-out rows.  Thresholds are tried in a fixed sequence, strictest
+        first (each step fires on one more distinct held-out score), and the search stops
+        at the first threshold that fails, so it never jumps over a stretch of thresholds
+        that fell short:
 
-        Raises :class:`NoRuleError` when no threshold qualifies (the rule would fire on
-        no row), and :class:`AnalyticsError` when ``cls`` has no rows.
+        * by default the test is the held-out precision (the fraction of the fired
+          held-out rows whose class is ``cls``) reaching ``precision``; the sequence starts
+          at the strictest threshold that reaches it.  The rule's held-out precision is at
+          least ``precision``, but it is an estimate on the rows that chose the threshold,
+          not a guarantee for new rows;
+        * with ``certify=True`` the test is the one-sided Clopper-Pearson upper bound of
+          the error rate among fired rows staying within ``1 - precision`` at
+          ``confidence``, starting where enough rows fire for the bound to be reachable
+          (``log(1 - confidence) / log(precision)`` rows, 299 at the defaults).  The order
+          is fixed before the data is seen, so with probability at least ``confidence``
+          the chosen rule's precision on new rows of the same distribution is at least
+          ``precision`` (Bauer's fixed-sequence testing).
+
+        ``metadata`` (see :class:`SufficientRule`) keeps estimates and bounds apart:
+        ``held_out_precision``, ``coverage`` and ``class_coverage`` are point estimates on
+        the held-out rows (optimistic by default, since the same rows chose the threshold);
+        ``precision_lower_bound`` is the one-sided Clopper-Pearson lower confidence bound
+        of the precision at ``confidence`` from the rule's fired held-out rows; ``certified``
+        is True when ``required_precision`` itself is certified (``certify=True``, and then
+        ``precision_lower_bound >= required_precision``).
+
+        Raises :class:`NoRuleError` when no threshold passes (the rule would fire on no
+        row), and :class:`AnalyticsError` when ``cls`` has no rows.
         """
         if cls is None:
-            raise AnalyticsError("pass cls=<class id> (the class the rule should certify)")
+            raise AnalyticsError("pass cls=<class id> (the class the rule should reach the precision for)")
         if not 0 < precision < 1:
             raise AnalyticsError(f"precision must be in (0, 1), got {precision}")
         if not 0 < confidence < 1:
@@ -492,24 +518,19 @@ class AnalyticsEngine:
         cls = self._check_class(target_column, cls)
         condition, scores, hits = self._held_out_scores(target_column, cls)
         table = _threshold_table(scores, hits)
-        budget = 1 - precision
-        minimum = rows_needed(budget, confidence)
-        bound = _cp_upper(table["errors"], table["fired"], confidence)
-        start = int(np.searchsorted(table["fired"], minimum))  # first threshold firing on >= minimum rows
-        failed = np.flatnonzero(bound[start:] > budget)
-        chosen = start + (failed[0] if len(failed) else len(bound) - start) - 1
         class_rows = int(hits.sum())
-        if chosen < start:
-            reason = (f"only {class_rows} of the {len(hits)} held-out rows are class {cls}; certifying precision "
-                      f"{precision:g} at confidence {confidence:g} needs at least {minimum} fired rows even "
-                      "with no error" if class_rows < minimum else
-                      f"among the {class_rows} held-out rows of class {cls}, no threshold firing on at least "
-                      f"{minimum} rows (the fewest for which the bound can reach {precision:g}) kept the "
-                      f"error rate's {confidence:.0%} upper bound within {budget:g}")
+        if certify:
+            chosen = _last_certified(table["fired"], table["errors"], precision, confidence)
+        else:
+            chosen = _last_precise(table["fired"], table["errors"], precision)
+        if chosen < 0:
             raise NoRuleError(
                 f"no linear rule for class {cls} of {target_column!r} at {self.name} reaches precision "
-                f"{precision:g} at confidence {confidence:g}: the rule would fire on no row ({reason}). "
-                "Ask for a lower precision or confidence, give more calibration rows, or use a later cut")
+                f"{precision:g}" + (f" certified at confidence {confidence:g}" if certify else " on the held-out rows")
+                + f": the rule would fire on no row ({self._no_rule_reason(hits, precision, confidence, certify)}). "
+                + ("Drop certify=True to get the rule that reaches the precision on the held-out rows, ask for a "
+                   "lower precision or confidence, give more calibration rows, or use a later cut" if certify else
+                   "Ask for a lower precision, give more calibration rows, or use a later cut"))
         condition.threshold = table["thresholds"][chosen]
         fired, errors = int(table["fired"][chosen]), int(table["errors"][chosen])
         metadata = {
@@ -519,18 +540,38 @@ class AnalyticsEngine:
             "feature": self.name,
             "coverage": fired / len(hits),
             "class_coverage": (fired - errors) / max(class_rows, 1),
-            "precision": (fired - errors) / fired,
+            "held_out_precision": (fired - errors) / fired,
             "precision_lower_bound": 1 - clopper_pearson_upper(errors, fired, confidence),
             "required_precision": precision,
             "confidence": confidence,
+            "certified": certify,
             "rows": len(hits),
             "fired_rows": fired,
             "errors": errors,
             "fit_rows": len(self.fit_rows_),
-            "method": "one-vs-rest logistic score (OneVsRestRuleFitter) on the fit rows; threshold by "
-                      "fixed-sequence one-sided Clopper-Pearson test on the held-out rows",
+            "method": "one-vs-rest logistic score (OneVsRestRuleFitter) on the fit rows; threshold: the last of a "
+                      "fixed sequence on the held-out rows, strictest first, " +
+                      ("whose one-sided Clopper-Pearson test certifies the precision" if certify else
+                       "whose held-out precision reaches the precision (not certified)"),
         }
         return SufficientRule(condition, metadata)
+
+    def _no_rule_reason(self, hits: np.ndarray, precision: float, confidence: float, certify: bool) -> str:
+        """Why no threshold passed, for :class:`NoRuleError`."""
+        class_rows = int(hits.sum())
+        if not certify:
+            if class_rows == 0:
+                return f"none of the {len(hits)} held-out rows is of the class"
+            return (f"at every threshold more than {1 - precision:.2%} of the fired held-out rows (of "
+                    f"{len(hits)}) are of other classes")
+        minimum = rows_needed(1 - precision, confidence)
+        if class_rows < minimum:
+            return (f"only {class_rows} of the {len(hits)} held-out rows are the class; certifying precision "
+                    f"{precision:g} at confidence {confidence:g} needs at least {minimum} fired rows even with "
+                    "no error")
+        return (f"among the {class_rows} held-out rows of the class, no threshold firing on at least {minimum} "
+                f"rows (the fewest for which the bound can reach {precision:g}) kept the error rate's "
+                f"{confidence:.0%} upper bound within {1 - precision:g}")
 
     def coverage_precision_curve(self, target_column: str = PREDICTIONS, cls: int | None = None,
                                  confidence: float = 0.95) -> dict[int, CoveragePrecisionCurve]:
@@ -693,6 +734,28 @@ def _threshold_table(scores: np.ndarray, hits: np.ndarray) -> dict[str, np.ndarr
     thresholds = np.where(np.isfinite(lower), thresholds, upper - np.maximum(1.0, np.abs(upper)) * 1e-6)
     thresholds = np.where(thresholds >= upper, lower, thresholds)  # adjacent floats: keep upper > threshold
     return {"thresholds": thresholds, "fired": fired, "errors": fired - correct}
+
+
+def _last_precise(fired: np.ndarray, errors: np.ndarray, precision: float) -> int:
+    """Index of the last threshold of the first run (strictest first) whose precision among
+    fired rows, ``(fired - errors) / fired``, is at least ``precision``; -1 when none is."""
+    reached = (fired - errors) / fired >= precision
+    if not reached.any():
+        return -1
+    first = int(np.argmax(reached))
+    failed = np.flatnonzero(~reached[first:])
+    return first + int(failed[0]) - 1 if len(failed) else len(reached) - 1
+
+
+def _last_certified(fired: np.ndarray, errors: np.ndarray, precision: float, confidence: float) -> int:
+    """Fixed-sequence test of "precision among fired rows >= ``precision``": index of the last
+    threshold before the first whose one-sided Clopper-Pearson upper bound of the error rate at
+    ``confidence`` exceeds ``1 - precision``, starting at the first threshold firing on enough
+    rows for the bound to be reachable; -1 when the first tested threshold fails."""
+    start = int(np.searchsorted(fired, rows_needed(1 - precision, confidence)))
+    failed = np.flatnonzero(_cp_upper(errors[start:], fired[start:], confidence) > 1 - precision)
+    passed = int(failed[0]) if len(failed) else len(fired) - start
+    return start + passed - 1 if passed else -1
 
 
 def _cp_upper(errors: np.ndarray, rows: np.ndarray, confidence: float) -> np.ndarray:

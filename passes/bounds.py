@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from scipy import stats
 
@@ -26,3 +27,26 @@ def clopper_pearson_upper(failures: int, rows: int, confidence: float) -> float:
 def rows_needed(budget: float, confidence: float) -> int:
     """Fewest rows for which zero failures certify a rate below ``budget`` at ``confidence``."""
     return math.ceil(math.log(1 - confidence) / math.log(1 - budget))
+
+
+def max_certifiable_failures(rows: int, budget: float, delta: float) -> int:
+    """Most failures in ``rows`` rows that still reject H0 "rate >= budget" at level ``delta``
+    (-1 when even zero failures cannot)."""
+    if rows == 0:
+        return -1
+    failures = int(stats.binom.ppf(delta, rows, budget))  # smallest count whose tail reaches delta
+    return failures if binomial_p_value(failures, rows, budget) <= delta else failures - 1
+
+
+def fixed_sequence(p_values: Sequence[float], delta: float) -> int:
+    """Fixed-sequence testing (Bauer 1991; Learn-then-Test, Angelopoulos et al. 2021, sec. 3).
+
+    Hypotheses are tested in their given order at level ``delta`` each, stopping at the
+    first that is not rejected; the family-wise error rate is at most ``delta`` when the
+    order was fixed before the p-values were seen.  Returns the index of the last
+    rejected hypothesis, -1 when the first is not rejected.
+    """
+    for index, p_value in enumerate(p_values):
+        if p_value > delta:
+            return index - 1
+    return len(p_values) - 1

@@ -1,0 +1,86 @@
+"""Certification: a fixed-sequence test of one plan family on the test rows.
+
+Plans are tested in family order (fixed on the design rows, before any test row
+was seen) with exact binomial p-values for H0 "disagreement rate >= budget"
+(and, when asked, "accuracy harm >= its budget": a plan passes only if both are
+rejected); the last plan rejected before the first failure is kept.  With
+probability >= ``1 - delta`` the kept plan's rates are within budget: one test
+covers the whole plan, not each rule (Learn-then-Test, Angelopoulos et al. 2021).
+
+A row counts as a disagreement when its simulated class differs from the full
+model's, or when float rounding in the shipped graph could send it out with
+another class (``Routing.could_disagree``), so the certificate covers the graph
+that is shipped, not only the simulation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from moco_compile.passes.bounds import binomial_p_value, fixed_sequence
+from moco_compile.passes.config import Budget
+from moco_compile.passes.routing import Routing, route_scores
+
+if TYPE_CHECKING:  # plan.py holds the data types and imports this module
+    from moco_compile.passes.plan import Split
+
+
+@dataclass(frozen=True)
+class Failures:
+    """What a plan got wrong on some rows."""
+
+    disagreements: int  # class differs from the full model's, or could under float rounding
+    near_threshold: int  # of which: rows that disagree only under some rounding
+    accuracy_harm: int | None  # right before, wrong after (None without labels or accuracy budget)
+
+    def p_value(self, rows: int, budget: Budget) -> float:
+        """p-value of "the plan breaks the budget" (the larger of the two tests')."""
+        p_value = binomial_p_value(self.disagreements, rows, budget.max_disagreement)
+        if self.accuracy_harm is not None:
+            p_value = max(p_value, binomial_p_value(self.accuracy_harm, rows, budget.max_accuracy_drop))
+        return p_value
+
+
+def count_failures(routing: Routing, split: "Split", budget: Budget) -> Failures:
+    """Disagreements and accuracy harm of a split routed with ``full_predictions``: every row
+    whose class could differ from the full model's under float rounding counts."""
+    could_disagree = routing.could_disagree
+    certain = routing.predictions(split.predictions) != split.predictions
+    harm = None
+    if budget.max_accuracy_drop is not None:
+        harm = int(((split.predictions == split.labels) & could_disagree).sum())
+    return Failures(int(could_disagree.sum()), int((could_disagree & ~certain).sum()), harm)
+
+
+@dataclass(frozen=True)
+class CertifiedFamily:
+    """Outcome of certifying one family: the index of the kept plan (-1: none, not even the
+    plan with no exits), and per plan its test figures."""
+
+    chosen: int
+    p_values: list[float]
+    failures: list[Failures]
+    compute_reductions: list[float]
+    accuracies: list[float | None]
+
+
+def certify_family(family: list[np.ndarray], test: "Split", stage_costs_of, total_flops: float, budget: Budget,
+                   delta: float, tolerance: float) -> CertifiedFamily:
+    """Test ``family``'s plans in order on ``test`` at level ``delta``.
+
+    ``stage_costs_of(open_exits)`` gives the FLOPs of leaving at each exit for a plan
+    that builds ``open_exits`` (see :func:`~moco_compile.passes.routing.stage_costs`).
+    """
+    p_values, failures, reductions, accuracies = [], [], [], []
+    for plan in family:
+        routing = route_scores(test.scores, plan, stage_costs_of(np.isfinite(plan).any(axis=1)), tolerance,
+                               len(test), test.predictions)
+        failed = count_failures(routing, test, budget)
+        failures.append(failed)
+        p_values.append(failed.p_value(len(test), budget))
+        reductions.append(float(1 - routing.cost.mean() / total_flops) if len(test) else 0.0)
+        accuracies.append(None if test.labels is None else
+                          float((routing.predictions(test.predictions) == test.labels).mean()))
+    return CertifiedFamily(fixed_sequence(p_values, delta), p_values, failures, reductions, accuracies)

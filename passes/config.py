@@ -1,0 +1,125 @@
+"""What the user asks of a plan (:class:`Budget`) and how the planner works (:class:`PlannerConfig`).
+
+Every constant of planning lives here, documented once; ``compile(...,
+planner_config=PlannerConfig(...))`` reaches them from the API.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FAMILIES = ("per-class", "shared")
+FAMILY_SELECTIONS = ("cross-validated", "bonferroni")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The certified promise: with probability ``confidence``, the compiled model's class
+    differs from the full model's on at most ``max_disagreement`` of inputs (and, when
+    ``max_accuracy_drop`` is set, at most that fraction of inputs is right before and wrong
+    after; this needs labels)."""
+
+    max_disagreement: float = 0.01
+    confidence: float = 0.95
+    max_accuracy_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_disagreement < 1:
+            raise ValueError(f"max_disagreement must be in (0, 1), got {self.max_disagreement}; "
+                             "e.g. 0.01 allows 1% of inputs to change class")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}; e.g. 0.95")
+        if self.max_accuracy_drop is not None and not 0 < self.max_accuracy_drop < 1:
+            raise ValueError(f"max_accuracy_drop must be in (0, 1), got {self.max_accuracy_drop}; "
+                             "e.g. 0.005 allows half a point of accuracy")
+
+    @property
+    def delta(self) -> float:
+        """Allowed probability that the certified statement is false."""
+        return 1 - self.confidence
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """How calibration rows are split and how plans are designed and certified.
+
+    Splits (see :mod:`moco_compile.passes.splits`)
+        ``test_fraction``: share of the rows (after any report split) that certify the
+        plan; the rest fit the rules and design the plans.  When that share is too small
+        for even a perfect plan to certify, the test split grows to the fewest rows that
+        can, as long as ``min_design_rows`` remain to fit rules on.
+        ``report_min_rows``, ``report_fraction``, ``max_report_rows``: only calibration
+        sets of at least ``report_min_rows`` rows set a report split aside (that share, at
+        most that many rows); smaller sets report on the certifying rows, labelled so.
+
+    Rules (see :mod:`moco_compile.passes.candidates`)
+        ``cross_fit_folds``: the design scores of a row come from rules fitted without it.
+        ``variant_held_out``, ``variant_min_gain``: pooling variants are compared on this
+        share of the fitting rows; a costlier variant must admit this much more.
+
+    Plan families (see :mod:`moco_compile.passes.design`)
+        ``families``: ``"per-class"`` (greedy over every (cut, class) threshold) and
+        ``"shared"`` (one log-probability threshold for every open exit).
+        ``family_selection``: ``"cross-validated"`` chooses one family on the design rows
+        (each family built on one half and scored on the other, both ways) and certifies
+        it at the full confidence; ``"bonferroni"`` certifies every family at an equal
+        share of ``1 - confidence`` and keeps the certified plan that saves most.
+        ``step_fraction``, ``step_multipliers``: a per-class threshold move admits this
+        fraction of the design rows times one of the multipliers.
+        ``shared_step_fraction``: a shared-threshold step admits this fraction of the open
+        exits' design scores (fine steps let the test stop close to the budget).
+        ``design_risk_factor``: a family grows until its design risk is this multiple
+        of the budget.
+        ``elimination_risk_fraction``: backward elimination compares exit sets by their
+        design cost at this fraction of the budget.
+        ``boundary_cost``: planning cost, in FLOP-equivalents per element of the cut
+        tensor per row reaching an exit, of what an exit adds besides its rule: the copy
+        of the continuing rows, layout reorders around the If boundary and fusions lost
+        across it (onnxruntime 1.32 CPU, reference CNN, batch 64: an exit no row takes
+        costs about 100-200).  It keeps rarely-firing exits out of the plan; reported
+        FLOPs never include it.
+
+    Certification (see :mod:`moco_compile.passes.certify`)
+        ``rounding_tolerance``: rows whose route a margin change of this size
+        (log-probability units) could flip count against the budget, and are the only
+        rows the shipped graph may route differently from the simulation.
+    """
+
+    test_fraction: float = 0.5
+    min_design_rows: int = 100
+    report_min_rows: int = 20_000
+    report_fraction: float = 0.1
+    max_report_rows: int = 2_000
+    cross_fit_folds: int = 3
+    variant_held_out: float = 0.25
+    variant_min_gain: float = 0.01
+    families: tuple[str, ...] = FAMILIES
+    family_selection: str = "cross-validated"
+    step_fraction: float = 0.005
+    step_multipliers: tuple[int, ...] = (1, 4, 16, 64)
+    shared_step_fraction: float = 0.001
+    design_risk_factor: float = 3.0
+    elimination_risk_fraction: float = 0.7
+    boundary_cost: float = 100.0
+    rounding_tolerance: float = 1e-4
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if not self.families or unknown:
+            raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {tuple(self.families)}")
+        if self.family_selection not in FAMILY_SELECTIONS:
+            raise ValueError(f"family_selection must be one of {FAMILY_SELECTIONS}, got {self.family_selection!r}")
+        for name in ("test_fraction", "report_fraction", "variant_held_out", "step_fraction",
+                     "shared_step_fraction", "elimination_risk_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.cross_fit_folds < 2:
+            raise ValueError(f"cross_fit_folds must be at least 2, got {self.cross_fit_folds}")
+        if self.min_design_rows < 2 * self.cross_fit_folds:
+            raise ValueError(f"min_design_rows must be at least {2 * self.cross_fit_folds}, got {self.min_design_rows}")
+        if self.rounding_tolerance < 0 or self.boundary_cost < 0 or self.design_risk_factor <= 0:
+            raise ValueError("rounding_tolerance and boundary_cost must be >= 0 and design_risk_factor > 0")
+
+    def family_delta(self, budget: Budget) -> float:
+        """The error rate each certified family is tested at."""
+        share = len(self.families) if self.family_selection == "bonferroni" else 1
+        return budget.delta / share

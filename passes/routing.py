@@ -1,0 +1,97 @@
+"""The one model of routing and cost: which exit a row takes, with which class, at what cost.
+
+Design, certification, evaluation, reports and verification all call
+:func:`route` (the shipped graph implements the same rule), so the plan that is
+certified is the plan that is measured and built:
+
+* a row leaves at the first exit where its largest margin ``score - threshold``
+  is positive, with the class of that margin; otherwise it runs the full network;
+* a row that leaves at exit ``k`` costs ``stage_costs[k]``, a row that runs the
+  full network ``stage_costs[-1]`` (:func:`stage_costs` builds them);
+* a row is *near a threshold* when float rounding could change its route: some
+  exit it reaches has its largest margin within ``tolerance`` of zero, or the
+  exit it takes has a runner-up class within ``tolerance`` of the winner.  The
+  compiled graph computes margins in float32 in another order of operations, so
+  these rows may route differently there: verification allows exactly them to
+  differ, and certification counts every row that some such rounding could send
+  out with a wrong class (``could_disagree``) against the budget.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where each row goes: exit index and class (-1: full network), its cost, whether float
+    rounding could change that, and (given the full model's predictions) whether the row's class
+    could differ from the full model's under some rounding."""
+
+    exit_index: np.ndarray
+    exit_class: np.ndarray
+    cost: np.ndarray
+    near_threshold: np.ndarray
+    could_disagree: np.ndarray | None = None
+
+    def predictions(self, full_predictions: np.ndarray) -> np.ndarray:
+        """The compiled model's class per row: the exit's class, or the full model's."""
+        return np.where(self.exit_index >= 0, self.exit_class, full_predictions)
+
+
+def stage_costs(flops_before: np.ndarray, exit_costs: np.ndarray, total_flops: float) -> np.ndarray:
+    """``[m + 1]`` cost of a row leaving at each of ``m`` exits (last: the full network).
+
+    A row pays the network up to its exit plus every exit it reached (``exit_costs``:
+    the rules' FLOPs, or a planning cost that also prices the exit's overhead; 0 for
+    an exit that is not built).
+    """
+    paid = np.cumsum(exit_costs, dtype=np.float64)
+    return np.append(np.asarray(flops_before, np.float64) + paid, total_flops + (paid[-1] if len(paid) else 0.0))
+
+
+def route(margins: Sequence[np.ndarray], costs: np.ndarray | None = None, tolerance: float = 0.0,
+          rows: int | None = None, full_predictions: np.ndarray | None = None) -> Routing:
+    """Route rows given ``margins[k]`` (``[N, C]``, ``score - threshold``) at each exit in order.
+
+    ``costs`` (from :func:`stage_costs`) prices each row; without it every cost is 0.
+    ``rows`` is only needed when there are no exits.  With ``full_predictions``,
+    ``could_disagree`` marks rows that some rounding within ``tolerance`` could send out
+    with another class than the full model's (the routes a row can take: at each exit
+    it certainly leaves, certainly continues, or, within ``tolerance``, either).
+    """
+    rows = len(margins[0]) if len(margins) else (rows or 0)
+    exit_index = np.full(rows, -1, np.int64)
+    exit_class = np.full(rows, -1, np.int64)
+    near = np.zeros(rows, bool)
+    remaining = np.ones(rows, bool)
+    reachable = np.ones(rows, bool)  # under some rounding
+    could_disagree = np.zeros(rows, bool)
+    for position, margin in enumerate(margins):
+        margin = np.where(np.isneginf(margin), np.finfo(np.float32).min, margin)  # classes switched off
+        if margin.shape[1] > 1:
+            top, second = (-np.partition(-margin, 1, axis=1)[:, :2]).T
+        else:
+            top, second = margin[:, 0], np.full(rows, np.finfo(np.float32).min)
+        best = margin.argmax(axis=1)
+        tied = top - second <= tolerance
+        fired = remaining & (top > 0)
+        near |= remaining & (np.abs(top) <= tolerance)
+        near |= fired & tied
+        if full_predictions is not None:
+            could_disagree |= reachable & (top > -tolerance) & ((best != full_predictions) | tied)
+            reachable &= top <= tolerance
+        exit_index[fired] = position
+        exit_class[fired] = best[fired]
+        remaining &= ~fired
+    cost = np.zeros(rows) if costs is None else np.asarray(costs, np.float64)[exit_index]
+    return Routing(exit_index, exit_class, cost, near, None if full_predictions is None else could_disagree)
+
+
+def route_scores(scores: Sequence[np.ndarray], thresholds: np.ndarray, costs: np.ndarray | None = None,
+                 tolerance: float = 0.0, rows: int | None = None,
+                 full_predictions: np.ndarray | None = None) -> Routing:
+    """:func:`route` for per-exit ``scores`` and a ``[m, C]`` threshold matrix (``inf`` = class off)."""
+    return route([s - t for s, t in zip(scores, thresholds)], costs, tolerance, rows, full_predictions)

@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.frame import ActivationFrame, FrameWriter, load_frame
 from moco_compile.passes.cut_points import CutPoint
 from moco_compile.passes.pooling import piece_kind, piece_nodes, pieces_for, variant_pieces
@@ -79,7 +80,11 @@ def calibrate(model: onnx.ModelProto, output: str, cuts: Sequence[CutPoint],
     With ``raw`` the unpooled cut tensors are stored too (``<cut>:raw``, e.g. ``[N, C, H, W]``).
     """
     probe, columns = probe_model(model, cuts, raw)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own Fail, InvalidGraph, NotImplemented, ...
+        raise ModelError(f"onnxruntime cannot load the model ({error}); check that it runs with "
+                         "onnxruntime.InferenceSession on the CPU (operators, opset, custom domains)") from error
     input_names = [i.name for i in session.get_inputs()]
     taken = {name for node in model.graph.node for name in node.output} | {i.name for i in model.graph.input}
     fetch = [output] + [probe_output(column, taken) for column in columns]
@@ -87,8 +92,15 @@ def calibrate(model: onnx.ModelProto, output: str, cuts: Sequence[CutPoint],
             TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
             TimeElapsedColumn(), disable=not show_progress, transient=True) as progress:
         task = progress.add_task("calibrate", total=total_rows)
-        for batch in batches:
-            results = session.run(fetch, {name: batch[name] for name in input_names})
+        for number, batch in enumerate(batches):
+            feed = {name: batch[name] for name in input_names}
+            try:
+                results = session.run(fetch, feed)
+            except Exception as error:  # onnxruntime's own exception types
+                shapes = {name: f"{values.dtype}{list(values.shape)}" for name, values in feed.items()}
+                raise CalibrationDataError(f"onnxruntime failed on calibration batch {number} ({shapes}): "
+                                           f"{error}; check that the calibration arrays have the shapes and "
+                                           "dtypes the model expects and values in its range") from error
             rows = {name: values.astype(np.float32) for name, values in zip(columns, results[1:])}
             rows[PREDICTIONS] = results[0].argmax(axis=1).astype(np.int64)
             if LABELS in batch:

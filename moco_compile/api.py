@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from collections.abc import Iterable, Iterator, Mapping
@@ -15,9 +14,10 @@ import numpy as np
 import onnx
 
 from moco_compile.calibration import CalibrationSpec, iter_batches
-from moco_compile.errors import BudgetError, CalibrationDataError, ModelError, OutputError
-from moco_compile.frame import ActivationFrame
+from moco_compile.errors import BudgetError, CalibrationDataError, ModelError
+from moco_compile.frame import ActivationFrame, load_frame, written_by_moco
 from moco_compile.importer import ImportedModel, TextInputs, import_model
+from moco_compile.outputs import check_output_dir, check_output_file, staged_output_dir, staged_output_file
 from moco_compile.passes.bounds import rows_needed
 from moco_compile.passes.calibrate import LABELS, PREDICTIONS, calibrate, cut_column, variant_features
 from moco_compile.passes.cost import flops_per_row, measure_shapes
@@ -45,9 +45,13 @@ class CompileResult:
     report: dict
     frame: ActivationFrame
 
-    def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write ``model.onnx``, ``plan.json``, ``report.json`` and ``frame.arrow`` atomically."""
-        return write_outputs(Path(out_dir), self)
+    def save(self, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write ``model.onnx``, ``plan.json``, ``report.json`` and ``frame.arrow`` atomically.
+
+        A non-empty ``out_dir`` is replaced only when it holds a previous moco output and
+        ``force`` is given (see :mod:`moco_compile.outputs`).
+        """
+        return write_outputs(Path(out_dir), self, force=force)
 
 
 def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]], *,
@@ -55,7 +59,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
             example_input: Any = None, max_disagreement: float = 0.01, confidence: float = 0.95,
             max_accuracy_drop: float | None = None, allow_no_exit: bool = False, seed: int = 0,
             batch_size: int = 256, measure_latency: bool = True,
-            show_progress: bool = True) -> CompileResult:
+            show_progress: bool = True, force: bool = False) -> CompileResult:
     """Compile ``model`` into one ONNX graph with early exits.
 
     Parameters
@@ -68,7 +72,10 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         such mappings (batches), rows on axis 0.  ``labels`` is optional.
     out_dir:
         When given, ``model.onnx``, ``plan.json``, ``report.json`` and
-        ``frame.arrow`` are written there (all or nothing).
+        ``frame.arrow`` are written there (all or nothing), with a manifest listing
+        them.  It must be new, empty, or (with ``force``) a previous moco output holding
+        only the files its manifest lists; never the current or home directory or the
+        directory of the model file.  Checked before the work starts and again at the end.
     max_disagreement, confidence:
         With probability ``confidence``, the compiled model's class differs from
         the full model's on at most ``max_disagreement`` of inputs.
@@ -78,10 +85,13 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     allow_no_exit:
         Emit the unchanged graph (``moco_exit`` always -1) instead of failing
         when no plan with exits meets the budget.
+    force:
+        Replace a previous moco output in ``out_dir``.
     """
     _check_budget(max_disagreement, confidence, max_accuracy_drop)
+    inputs = _input_files(model)
     if out_dir is not None:
-        _check_writable(Path(out_dir))
+        check_output_dir(out_dir, inputs, force)
     imported = import_model(model, output=output, example_input=example_input)
     batches, cuts = cut_points_of(imported, calibration, batch_size)
     total_flops = cuts[0].flops_before + cuts[0].flops_after
@@ -109,25 +119,28 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     report = _report(imported, plan, evaluation, verification.to_dict(), latency, split, total_flops)
     result = CompileResult(compiled, plan, report, frame)
     if out_dir is not None:
-        result.save(out_dir)
+        write_outputs(Path(out_dir), result, inputs=inputs, force=force)
     return result
 
 
 def calibrate_frame(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]],
                     out: str | os.PathLike, *, output: str | None = None, example_input: Any = None,
-                    raw: bool = False, batch_size: int = 256, show_progress: bool = True) -> ActivationFrame:
+                    raw: bool = False, batch_size: int = 256, show_progress: bool = True,
+                    force: bool = False) -> ActivationFrame:
     """Run ``model`` over ``calibration`` and save an ActivationFrame of its cut points at ``out``.
 
     Columns: one per cut and pooling piece (``<cut>``, ``<cut>:max``, ``<cut>:grid``), the
     unpooled cut tensors with ``raw`` (``<cut>:raw``), ``predictions`` and ``labels`` if given.
+    ``out`` is never the model file nor a file moco did not write; a frame moco wrote is
+    replaced only with ``force``.  Checked before the run and again before the rename.
     """
-    out = Path(out)
-    if out.is_dir():
-        raise OutputError(f"{out} is a directory; give the path of the frame file to write (e.g. frame.arrow)")
-    _check_writable(out.parent)
+    inputs = _input_files(model)
+    check_output_file(out, "frame", written_by_moco, inputs, force)
     imported = import_model(model, output=output, example_input=example_input)
     batches, cuts = cut_points_of(imported, calibration, batch_size)
-    return calibrate(imported.model, imported.output, cuts, batches, out, show_progress=show_progress, raw=raw)
+    with staged_output_file(out, "frame", written_by_moco, inputs, force) as temporary:
+        calibrate(imported.model, imported.output, cuts, batches, temporary, show_progress=show_progress, raw=raw)
+    return load_frame(out)
 
 
 def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]],
@@ -183,19 +196,9 @@ def _check_budget(max_disagreement: float, confidence: float, max_accuracy_drop:
         raise ValueError(f"max_accuracy_drop must be in (0, 1), got {max_accuracy_drop}")
 
 
-def _check_writable(out_dir: Path) -> None:
-    parent = out_dir.resolve().parent
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{out_dir} exists and is not a directory; choose another output directory")
-    probe_dir = parent
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir():
-        raise OutputError(f"cannot write to {out_dir}: {probe_dir} is a file, not a directory; "
-                          "choose another output directory")
-    if not os.access(probe_dir, os.W_OK) or (out_dir.exists() and not os.access(out_dir, os.W_OK)):
-        raise OutputError(f"cannot write to {out_dir}: {probe_dir} is not writable; "
-                          "choose an output directory you can write to")
+def _input_files(model: Any) -> list[Path]:
+    """The input files an output must not touch: the model, when it is given as a path."""
+    return [Path(model)] if isinstance(model, (str, os.PathLike)) else []
 
 
 def _check_rows(split: np.ndarray, max_disagreement: float, confidence: float) -> None:
@@ -299,22 +302,18 @@ def _report(imported: ImportedModel, plan: ExitPlan, evaluation: PlanEvaluation,
     return report
 
 
-def write_outputs(out_dir: Path, result: CompileResult) -> Path:
-    """Write all outputs into a temporary sibling directory, then rename it into place."""
-    _check_writable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+def write_outputs(out_dir: Path, result: CompileResult, *, inputs: Iterable[str | os.PathLike] = (),
+                  force: bool = False) -> Path:
+    """Write all outputs into a staging sibling directory and swap it into place at ``out_dir``.
+
+    ``inputs``: files whose directory must not be replaced.  The rules and the swap are
+    :func:`moco_compile.outputs.staged_output_dir`'s.
+    """
+    with staged_output_dir(out_dir, inputs, force) as staging:
         onnx.save(result.model, str(staging / "model.onnx"))
         (staging / "plan.json").write_text(json.dumps(result.plan.to_dict(), indent=1))
         (staging / "report.json").write_text(json.dumps(result.report, indent=2))
         result.frame.save(staging / "frame.arrow")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -14,6 +14,7 @@ from moco_compile.errors import MocoError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="moco: compile classifiers into one ONNX graph where easy inputs exit early.")
 console = Console()
+FORCE_HELP = "replace a {what} a previous moco run wrote (never files moco did not write)"
 
 
 def _fail(error: Exception) -> None:
@@ -32,18 +33,23 @@ def compile_command(
     output: Optional[str] = typer.Option(None, "--output", help="classifier output name, if several"),
     allow_no_exit: bool = typer.Option(False, help="emit the unchanged graph when no plan meets the budget"),
     seed: int = typer.Option(0, help="seed of the calibration split"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="output directory")),
 ) -> None:
     """Compile MODEL into an early-exit graph and print its report."""
     from moco_compile.api import compile as compile_model
+    from moco_compile.api import write_outputs
     from moco_compile.calibration import load_npz
+    from moco_compile.outputs import check_output_dir
     from moco_compile.report import print_report
 
     try:
-        result = compile_model(model, load_npz(calib), out_dir=out, output=output,
+        check_output_dir(out, [model, calib], force)  # fail before the long work
+        result = compile_model(model, load_npz(calib), output=output,
                                max_disagreement=max_disagreement, confidence=confidence,
                                max_accuracy_drop=max_accuracy_drop, allow_no_exit=allow_no_exit,
                                seed=seed)
-    except (MocoError, ValueError) as error:
+        write_outputs(out, result, inputs=[model, calib], force=force)
+    except (MocoError, ValueError, OSError) as error:
         _fail(error)
     print_report(result.report, console)
     console.print(f"wrote {out}/model.onnx, plan.json, report.json, frame.arrow")
@@ -77,14 +83,18 @@ def calibrate_command(
     out: Path = typer.Option(..., "--out", help="ActivationFrame file to write (Arrow IPC)"),
     raw: bool = typer.Option(False, help="also store the unpooled cut tensors"),
     output: Optional[str] = typer.Option(None, "--output", help="classifier output name, if several"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="frame file")),
 ) -> None:
     """Store MODEL's pooled activations at every cut point as an ActivationFrame."""
     from moco_compile.api import calibrate_frame
     from moco_compile.calibration import load_npz
+    from moco_compile.frame import written_by_moco
+    from moco_compile.outputs import check_output_file
 
     try:
-        frame = calibrate_frame(model, load_npz(calib), out, output=output, raw=raw)
-    except (MocoError, ValueError) as error:
+        check_output_file(out, "frame", written_by_moco, [model, calib], force)
+        frame = calibrate_frame(model, load_npz(calib), out, output=output, raw=raw, force=force)
+    except (MocoError, ValueError, OSError) as error:
         _fail(error)
     console.print(f"wrote {out}: {frame!r}")
 
@@ -93,13 +103,14 @@ def calibrate_command(
 def report_command(
     out_dir: Path = typer.Argument(..., help="output directory of 'moco compile'"),
     html: Optional[Path] = typer.Option(None, "--html", help="where to write the page (default DIR/report.html)"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="report page")),
 ) -> None:
     """Render a compile's report as an HTML page with plots."""
     from moco_compile.html_report import render_report
 
     try:
-        path = render_report(out_dir, html)
-    except MocoError as error:
+        path = render_report(out_dir, html, force=force)
+    except (MocoError, OSError) as error:
         _fail(error)
     console.print(f"wrote {path}")
 

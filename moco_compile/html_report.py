@@ -23,7 +23,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,15 @@ from typing import Any
 import numpy as np
 
 from moco_compile.errors import MocoError
+from moco_compile.outputs import GENERATOR, add_to_manifest, check_output_file, staged_output_file
 
 REPORT_JSON = "report.json"
 PLAN_JSON = "plan.json"
 FRAME_ARROW = "frame.arrow"
 MODEL_ONNX = "model.onnx"
+REPORT_HTML = "report.html"
 PROJECTION_ROWS = 2000  # rows subsampled from the frame for each projection plot
+_GENERATOR_MARK = b'<meta name="generator" content="moco'  # how a page moco wrote begins (then the version)
 HOW_TO_COMPILE = ("make one with `moco compile MODEL.onnx --calib CALIB.npz --out DIR` "
                   "(or `moco_compile.compile(model, calibration, out_dir=DIR)`)")
 
@@ -49,21 +51,37 @@ class ReportRenderError(MocoError):
     """A compile output exists but cannot be turned into a report (damaged files, missing plotting library)."""
 
 
-def render_report(out_dir: str | os.PathLike, html_path: str | os.PathLike | None = None) -> Path:
+def render_report(out_dir: str | os.PathLike, html_path: str | os.PathLike | None = None, *,
+                  force: bool = False) -> Path:
     """Render the compile output in ``out_dir`` as one HTML page; return its path.
 
     ``html_path`` defaults to ``out_dir/report.html``.  The file is written to a
-    temporary name first and renamed into place, so it is never partly written.
+    temporary name first and renamed into place, so it is never partly written,
+    and listed in the manifest of the directory it lands in when that is a moco
+    output.  An existing file there is replaced only when it is a page moco wrote
+    and ``force`` is given (:class:`~moco_compile.errors.OutputError` otherwise).
     Raises :class:`NotACompileOutputError` when ``out_dir`` lacks ``report.json``
     or ``plan.json``.  Without ``frame.arrow`` the projection plots are skipped.
     """
     out_dir = Path(out_dir)
-    html_path = Path(html_path) if html_path is not None else out_dir / "report.html"
+    html_path = Path(html_path) if html_path is not None else out_dir / REPORT_HTML
     report, plan = _load_outputs(out_dir)
-    page = _Page(out_dir, report, plan)
-    text = page.render()
-    _write_atomically(html_path, text)
+    check_output_file(html_path, "report page", written_by_moco, force=force)
+    text = _Page(out_dir, report, plan).render()
+    with staged_output_file(html_path, "report page", written_by_moco, force=force) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    add_to_manifest(html_path)
     return html_path
+
+
+def written_by_moco(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a report page moco wrote (it starts with moco's generator ``<meta>``)."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(1024)
+    except OSError:
+        return False
+    return _GENERATOR_MARK in head
 
 
 # ----------------------------------------------------------------------------- loading
@@ -93,19 +111,6 @@ def _load_outputs(out_dir: Path) -> tuple[dict, dict]:
                                     f"is damaged: compile again")
         loaded.append(data)
     return loaded[0], loaded[1]
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -201,6 +206,7 @@ class _Page:
             items = "".join(f'<li class="note">{html.escape(note)}</li>' for note in self.notes)
             body += ["<h2>Notes</h2>", f'<ul id="notes">{items}</ul>']
         return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                f"<meta name=\"generator\" content=\"{html.escape(GENERATOR)}\">"
                 f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
                 + "\n".join(body) + "\n</body></html>\n")
 

@@ -1,0 +1,253 @@
+"""The user's files: where moco may write, and writing there without losing anything.
+
+moco never deletes or overwrites anything it did not create.  Rules, checked
+before the long work starts and again just before the write:
+
+1. An output directory is never the current directory, the home directory or
+   one of their ancestors (``/`` included), nor a directory holding an input
+   file (equal to or an ancestor of the input's directory), even with ``force``.
+2. A missing or empty output directory is used as is.  A non-empty one is
+   replaced only when it holds a previous moco output (a :data:`MANIFEST` that
+   lists the files moco wrote there), ``force`` is given and it holds no file the
+   manifest does not list.
+3. An output file is never an input.  An existing one is replaced only when moco
+   wrote it (the writer's own recogniser says so) and ``force`` is given.
+4. Writes go to a staging sibling that is renamed into place: a directory by
+   moving the old output aside, renaming the new one in, and only then removing
+   the old one's listed files; a file by ``os.replace``.  What moco creates
+   follows the umask.
+
+Every refusal and every ``OSError`` while writing is an :class:`OutputError`
+that says what to do.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from moco_compile.errors import OutputError
+
+MANIFEST = "moco-manifest.json"  # in every output directory moco writes: the files it wrote there
+
+
+def _generator() -> str:
+    try:
+        return f"moco {version('moco-compile')}"
+    except PackageNotFoundError:  # a source checkout that was not pip-installed
+        return "moco"
+
+
+GENERATOR = _generator()  # marks the files moco writes (manifest, frame metadata, HTML <meta>)
+
+
+def check_output_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
+                     force: bool = False) -> None:
+    """Raise :class:`OutputError` unless ``out_dir`` may receive a moco output (rules 1 and 2)."""
+    _previous_output(Path(out_dir), inputs, force)
+
+
+@contextmanager
+def staged_output_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
+                      force: bool = False) -> Iterator[Path]:
+    """Yield an empty staging directory; on success, list its files in a manifest and swap it
+    into place at ``out_dir`` (rule 4), after checking ``out_dir`` again."""
+    out_dir = Path(out_dir)
+    inputs = list(inputs)
+    _previous_output(out_dir, inputs, force)
+    target = out_dir.resolve()
+    staging = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+        os.chmod(staging, 0o777 & ~_umask())
+        yield staging
+        names = sorted(path.name for path in staging.iterdir())
+        _write_manifest(staging, names)
+        previous = _previous_output(out_dir, inputs, force)
+        if previous is None:
+            os.replace(staging, target)  # a missing or empty directory
+        else:
+            _swap(staging, target, previous)
+    except OSError as error:
+        raise OutputError(f"could not write {out_dir}: {error}; nothing there was changed. "
+                          "Check the disk and permissions and run again") from error
+    finally:
+        if staging is not None and staging.exists():
+            _remove_listed(staging, [path.name for path in staging.iterdir()])
+
+
+def check_output_file(path: str | os.PathLike, what: str, written_by_moco: Callable[[Path], bool],
+                      inputs: Iterable[str | os.PathLike] = (), force: bool = False) -> None:
+    """Raise :class:`OutputError` unless the ``what`` (e.g. "frame") may be written at ``path`` (rule 3).
+
+    ``written_by_moco(path)`` tells whether an existing file is one moco wrote.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory; give the path of the {what} file to write")
+    if any(path.resolve() == Path(source).resolve() for source in inputs):
+        raise OutputError(f"{path} is an input of this command; give another path for the {what}")
+    if path.exists():
+        if not written_by_moco(path):
+            raise OutputError(f"{path} exists and was not written by moco, which never overwrites such a "
+                              f"file; give another path for the {what} or move the file away")
+        if not force:
+            raise OutputError(f"{path} holds a {what} moco wrote earlier; pass --force (force=True) to "
+                              "replace it, or give another path")
+    _check_creatable(path)
+
+
+@contextmanager
+def staged_output_file(path: str | os.PathLike, what: str, written_by_moco: Callable[[Path], bool],
+                       inputs: Iterable[str | os.PathLike] = (), force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; on success, check ``path`` again and
+    ``os.replace`` the temporary file onto it (rule 4)."""
+    path = Path(path)
+    inputs = list(inputs)
+    check_output_file(path, what, written_by_moco, inputs, force)
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(handle)
+        temporary = Path(name)
+        yield temporary
+        check_output_file(path, what, written_by_moco, inputs, force)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except OSError as error:
+        raise OutputError(f"could not write {path}: {error}; nothing there was changed. "
+                          "Check the disk and permissions and run again") from error
+    finally:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+
+
+def add_to_manifest(path: str | os.PathLike) -> None:
+    """List the file ``path`` in its directory's manifest, when that directory is a moco output."""
+    path = Path(path)
+    listed = _read_manifest(path.parent)
+    if listed is not None and path.name not in listed:
+        try:
+            _write_manifest(path.parent, sorted([*listed, path.name]))
+        except OSError as error:
+            raise OutputError(f"wrote {path} but could not list it in {path.parent / MANIFEST}: {error}; "
+                              f"`moco compile --force` will refuse to replace {path.parent} until you "
+                              f"remove {path.name}") from error
+
+
+def _previous_output(out_dir: Path, inputs: Iterable[str | os.PathLike], force: bool) -> list[str] | None:
+    """Check ``out_dir`` (rules 1 and 2); the files a previous output there lists, or None if there is none."""
+    target = out_dir.resolve()
+    for place, name in ((Path.cwd(), "the current directory"), (Path.home(), "your home directory")):
+        if _within(place.resolve(), target):
+            which = "is" if place.resolve() == target else "contains"
+            raise OutputError(f"refusing to write the output into {out_dir}: it {which} {name}, and moco "
+                              "replaces its output directory as a whole. Give a new directory, e.g. --out build")
+    for source in inputs:
+        if _within(Path(source).resolve().parent, target):
+            raise OutputError(f"refusing to write the output into {out_dir}: it holds the input {source}. "
+                              "Give a new directory for the output")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{out_dir} exists and is not a directory; choose another output directory")
+    if not target.exists():
+        _check_creatable(target)
+        return None
+    if not os.access(target, os.W_OK) or not os.access(target.parent, os.W_OK):
+        raise OutputError(f"cannot write to {out_dir}: it or its parent is not writable; "
+                          "choose an output directory you can write to")
+    present = sorted(entry.name for entry in target.iterdir())
+    if not present:
+        return None
+    listed = _read_manifest(target)
+    if listed is None:
+        raise OutputError(f"{out_dir} is not empty and is not a moco output (it has no {MANIFEST}); moco "
+                          "never deletes files it did not write. Choose a new or empty directory")
+    if not force:
+        raise OutputError(f"{out_dir} holds a previous moco output; pass --force (force=True) to replace "
+                          "it, or choose another directory")
+    foreign = [name + ("/" if (target / name).is_dir() else "") for name in present
+               if name not in listed and name != MANIFEST]
+    if foreign:
+        raise OutputError(f"{out_dir} holds a previous moco output but also files moco did not write: "
+                          f"{', '.join(foreign)}; move them away (moco never deletes them) or choose "
+                          "another directory")
+    return listed
+
+
+def _within(place: Path, target: Path) -> bool:
+    """Whether ``target`` is ``place`` or one of its ancestors."""
+    return target == place or target in place.parents
+
+
+def _check_creatable(path: Path) -> None:
+    """``path`` does not exist yet: its nearest existing ancestor must be a writable directory."""
+    ancestor = path.resolve().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot write to {path}: {ancestor} is a file, not a directory; "
+                          "choose another path")
+    if not os.access(ancestor, os.W_OK):
+        raise OutputError(f"cannot write to {path}: {ancestor} is not writable; "
+                          "choose a path you can write to")
+
+
+def _read_manifest(directory: Path) -> list[str] | None:
+    """The file names a moco manifest in ``directory`` lists, or None when there is no valid one."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not (isinstance(manifest, dict) and str(manifest.get("generator", "")).startswith("moco")):
+        return None
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(isinstance(name, str) and name and name == Path(name).name
+                                              and name not in (".", "..") for name in files):
+        return None  # moco writes plain file names only; anything else is not its manifest
+    return files
+
+
+def _write_manifest(directory: Path, names: list[str]) -> None:
+    text = json.dumps({"generator": GENERATOR, "files": names}, indent=1) + "\n"
+    handle, name = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".partial", dir=directory)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.chmod(name, 0o666 & ~_umask())
+        os.replace(name, directory / MANIFEST)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def _swap(staging: Path, target: Path, previous: list[str]) -> None:
+    """Move the previous output aside, rename ``staging`` into place, then remove the previous one."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.previous-", dir=target.parent))
+    os.replace(target, aside)  # onto the empty directory mkdtemp reserved
+    try:
+        os.replace(staging, target)
+    except OSError:
+        os.replace(aside, target)
+        raise
+    _remove_listed(aside, [*previous, MANIFEST])
+
+
+def _remove_listed(directory: Path, names: list[str]) -> None:
+    """Remove the named files of ``directory``, then the directory if nothing else is left in it."""
+    for name in names:
+        (directory / name).unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:  # something moco did not write appeared meanwhile: leave it
+        pass
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -14,26 +14,26 @@ import numpy as np
 import onnx
 
 from moco_compile.calibration import CalibrationSpec, iter_batches
-from moco_compile.errors import BudgetError, CalibrationDataError, ModelError
+from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.frame import ActivationFrame, load_frame, written_by_moco
 from moco_compile.importer import ImportedModel, TextInputs, import_model
 from moco_compile.outputs import check_output_dir, check_output_file, staged_output_dir, staged_output_file
-from moco_compile.passes.bounds import rows_needed
-from moco_compile.passes.calibrate import LABELS, PREDICTIONS, calibrate, cut_column, variant_features
+from moco_compile.passes.calibrate import LABELS, PREDICTIONS, calibrate, variant_features
+from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cost import flops_per_row, measure_shapes
 from moco_compile.passes.cut_points import CutPoint, find_cut_points, localize_side_tensors
-from moco_compile.passes.plan import Exit, ExitPlan, ExitPlanner, NoPlanError, PlanEvaluation, Split
-from moco_compile.passes.pooling import pooling_cost, variants_for
+from moco_compile.passes.plan import ExitPlan, PlanEvaluation
+from moco_compile.passes.planning import plan_exits
 from moco_compile.passes.rewrite import insert_exits
-from moco_compile.passes.rules import SoftmaxRuleFitter, out_of_fold_scores, select_variant
+from moco_compile.passes.splits import SPLIT_COLUMN, SPLITS
 from moco_compile.passes.verify import verify_compiled
 
-# Calibration rows are assigned at random (seeded) to: fitting rules and designing the
-# plan (cross-fitted), the certifying test, and the report split that nothing else touches.
-SPLITS = ("rules", "test", "report")
-SPLIT_FRACTIONS = (0.55, 0.30, 0.15)
-SPLIT_COLUMN = "split"  # frame column: index into SPLITS
-MAX_KEPT_REPORT_ROWS = 4096
+MAX_VERIFIED_ROWS = 4096  # calibration rows whose inputs are kept to verify the compiled graph
+EVALUATION_NOTES = {
+    "report": "estimates on report rows that nothing was fitted or certified on",
+    "test": "estimates on the certifying test rows (too few calibration rows for a separate report split): "
+            "the plan was chosen on these rows, so they flatter it",
+}
 
 
 @dataclass
@@ -58,8 +58,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
             out_dir: str | os.PathLike | None = None, output: str | None = None,
             example_input: Any = None, max_disagreement: float = 0.01, confidence: float = 0.95,
             max_accuracy_drop: float | None = None, allow_no_exit: bool = False, seed: int = 0,
-            batch_size: int = 256, measure_latency: bool = True,
-            show_progress: bool = True, force: bool = False) -> CompileResult:
+            batch_size: int = 256, measure_latency: bool = True, show_progress: bool = True,
+            planner_config: PlannerConfig | None = None, force: bool = False) -> CompileResult:
     """Compile ``model`` into one ONNX graph with early exits.
 
     Parameters
@@ -84,11 +84,16 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         gets right and the compiled model gets wrong.
     allow_no_exit:
         Emit the unchanged graph (``moco_exit`` always -1) instead of failing
-        when no plan with exits meets the budget.
+        when no plan with exits meets the budget or the rows are too few to certify one.
+    seed:
+        Seed of the random split of calibration rows (rules / test / report).
+    planner_config:
+        How plans are designed and certified (:class:`~moco_compile.passes.config.PlannerConfig`).
     force:
         Replace a previous moco output in ``out_dir``.
     """
-    _check_budget(max_disagreement, confidence, max_accuracy_drop)
+    budget = Budget(max_disagreement, confidence, max_accuracy_drop)
+    config = planner_config or PlannerConfig()
     inputs = _input_files(model)
     if out_dir is not None:
         check_output_dir(out_dir, inputs, force)
@@ -96,27 +101,25 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     batches, cuts = cut_points_of(imported, calibration, batch_size)
     total_flops = cuts[0].flops_before + cuts[0].flops_after
     with tempfile.TemporaryDirectory(prefix="moco-") as scratch:
-        splitter = _RowSplitter(seed, imported.input_names)
-        frame = calibrate(imported.model, imported.output, cuts, splitter.tee(batches),
+        keeper = _InputKeeper(imported.input_names, MAX_VERIFIED_ROWS)
+        frame = calibrate(imported.model, imported.output, cuts, keeper.tee(batches),
                           Path(scratch) / "frame.arrow", show_progress=show_progress).in_memory()
-    split = splitter.assignment
-    frame = frame.with_column(SPLIT_COLUMN, split)
-    _check_rows(split, max_disagreement, confidence)
     with _stage("fitting rules and planning exits", show_progress):
-        plan = _plan(imported, cuts, frame, split, total_flops, max_disagreement, confidence,
-                     max_accuracy_drop, allow_no_exit)
+        planning = plan_exits(frame, cuts, imported.num_classes, total_flops, budget, config, seed, allow_no_exit)
+    plan, split = planning.plan, planning.split
+    frame = frame.with_column(SPLIT_COLUMN, split)
     compiled = insert_exits(imported.model, plan.exits, imported.output)
-    report_rows = np.flatnonzero(split == SPLITS.index("report"))
-    evaluation = _evaluate(plan, frame.take(report_rows))
-    kept = splitter.report_inputs()
-    kept_rows = len(next(iter(kept.values())))
+    evaluated_on = "report" if (split == SPLITS.index("report")).any() else "test"
+    evaluation = _evaluate(plan, frame.take(np.flatnonzero(split == SPLITS.index(evaluated_on))))
+    kept = keeper.inputs()
+    kept_frame = frame.take(np.arange(len(next(iter(kept.values())))))
+    expected = plan.routing([variant_features(kept_frame, e.column, e.pooling) for e in plan.exits],
+                            len(kept_frame), config.rounding_tolerance)
     with _stage("verifying the compiled graph", show_progress):
-        verification = verify_compiled(compiled, imported.model, imported.output, kept,
-                                       evaluation.exit_index[:kept_rows],
-                                       evaluation.compiled_predictions[:kept_rows])
+        verification = verify_compiled(compiled, imported.model, imported.output, kept, expected)
     with _stage("measuring latency (batch 1 and 64)", show_progress and measure_latency):
         latency = _latency(imported.model, compiled, kept) if measure_latency else {}
-    report = _report(imported, plan, evaluation, verification.to_dict(), latency, split, total_flops)
+    report = _report(imported, plan, evaluation, evaluated_on, verification.to_dict(), latency, split, total_flops)
     result = CompileResult(compiled, plan, report, frame)
     if out_dir is not None:
         write_outputs(Path(out_dir), result, inputs=inputs, force=force)
@@ -187,74 +190,9 @@ def _checked_text_batches(batches: Iterable[dict], text: TextInputs, names: list
         yield batch
 
 
-def _check_budget(max_disagreement: float, confidence: float, max_accuracy_drop: float | None) -> None:
-    if not 0 < max_disagreement < 1:
-        raise ValueError(f"max_disagreement must be in (0, 1), got {max_disagreement}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if max_accuracy_drop is not None and not 0 < max_accuracy_drop < 1:
-        raise ValueError(f"max_accuracy_drop must be in (0, 1), got {max_accuracy_drop}")
-
-
 def _input_files(model: Any) -> list[Path]:
     """The input files an output must not touch: the model, when it is given as a path."""
     return [Path(model)] if isinstance(model, (str, os.PathLike)) else []
-
-
-def _check_rows(split: np.ndarray, max_disagreement: float, confidence: float) -> None:
-    test_rows = int((split == SPLITS.index("test")).sum())
-    needed = rows_needed(max_disagreement, confidence)
-    if test_rows < needed:
-        fraction = SPLIT_FRACTIONS[SPLITS.index("test")]
-        total = int(np.ceil(needed / fraction * 1.1))
-        raise CalibrationDataError(
-            f"too few calibration rows: {len(split)} given, {test_rows} of them in the test split; "
-            f"certifying a disagreement of {max_disagreement:g} at confidence {confidence:g} needs "
-            f"at least {needed} test rows even with zero disagreements, i.e. about {total} calibration "
-            f"rows ({fraction:.0%} go to the test split). Give more rows or raise --max-disagreement.")
-
-
-def _plan(imported: ImportedModel, cuts: list[CutPoint], frame: ActivationFrame, split: np.ndarray,
-          total_flops: float, max_disagreement: float, confidence: float,
-          max_accuracy_drop: float | None, allow_no_exit: bool) -> ExitPlan:
-    predictions = frame[PREDICTIONS]
-    labels = frame[LABELS] if LABELS in frame else None
-    rows = {name: np.flatnonzero(split == i) for i, name in enumerate(SPLITS)}
-    fitter = SoftmaxRuleFitter()
-    candidates, design_scores, test_scores = [], [], []
-    for cut in cuts:
-        column = cut_column(cut)
-        variants = {variant: variant_features(frame, column, variant)
-                    for variant in variants_for(cut.shape, cut.sequence_mask)}
-        if not all(np.isfinite(values).all() for values in variants.values()):
-            raise CalibrationDataError(f"the model's activations at {column} contain NaN or Inf; "
-                                       "check the calibration inputs are in the range the model expects")
-        fit_rows, targets = rows["rules"], predictions[rows["rules"]]
-        variant, scores = select_variant({v: f[fit_rows] for v, f in variants.items()}, targets,
-                                         imported.num_classes, fitter, precision=1 - max_disagreement / 2)
-        rule_flops = pooling_cost(cut.shape, variant) + scores.flops + 2 * imported.num_classes
-        candidates.append(Exit(cut, column, variant, scores, np.full(imported.num_classes, np.inf), rule_flops))
-        design_scores.append(out_of_fold_scores(fitter, variants[variant][fit_rows], targets,
-                                                imported.num_classes))
-        test_scores.append(scores(variants[variant][rows["test"]]))
-
-    def labels_of(name: str) -> np.ndarray | None:
-        return None if labels is None else labels[rows[name]]
-
-    design = Split(design_scores, predictions[rows["rules"]], labels_of("rules"))
-    test = Split(test_scores, predictions[rows["test"]], labels_of("test"))
-    planner = ExitPlanner(max_disagreement, confidence, max_accuracy_drop)
-    try:
-        plan = planner.fit(candidates, design, test, total_flops)
-    except NoPlanError as error:
-        raise BudgetError(f"no exit plan can be certified ({error})") from error
-    if not plan.exits and not allow_no_exit:
-        raise BudgetError(
-            f"no exit plan meets --max-disagreement {max_disagreement:g} at --confidence "
-            f"{confidence:g}: every plan with exits failed the test on {len(rows['test'])} held-out "
-            "rows. Raise the budget, give more calibration rows, or pass --allow-no-exit to emit "
-            "the unchanged graph")
-    return plan
 
 
 def _evaluate(plan: ExitPlan, frame: ActivationFrame) -> PlanEvaluation:
@@ -278,8 +216,8 @@ def _latency(original: onnx.ModelProto, compiled: onnx.ModelProto,
     return result
 
 
-def _report(imported: ImportedModel, plan: ExitPlan, evaluation: PlanEvaluation, verification: dict,
-            latency: dict, split: np.ndarray, total_flops: float) -> dict:
+def _report(imported: ImportedModel, plan: ExitPlan, evaluation: PlanEvaluation, evaluated_on: str,
+            verification: dict, latency: dict, split: np.ndarray, total_flops: float) -> dict:
     exits = [{"exit": k, "module": e.cut.module, "tensor": e.cut.tensor,
               "fraction_of_flops_before": e.cut.fraction_before,
               "classes_enabled": int(np.isfinite(e.thresholds).sum()),
@@ -287,6 +225,8 @@ def _report(imported: ImportedModel, plan: ExitPlan, evaluation: PlanEvaluation,
     report = {
         "classifier_output": imported.output,
         "flops_per_row_original": total_flops,
+        "evaluated_on": evaluated_on,
+        "evaluation_note": EVALUATION_NOTES[evaluated_on],
         "compute_reduction": evaluation.compute_reduction,
         "exit_rate": float(sum(evaluation.exit_rates)),
         "exits": exits,
@@ -348,31 +288,22 @@ class _peekable:
         yield from self._iterator
 
 
-class _RowSplitter:
-    """Assigns each streamed row to a split (seeded) and keeps report rows' inputs."""
+class _InputKeeper:
+    """Passes batches through and keeps the model inputs of the first ``limit`` rows."""
 
-    def __init__(self, seed: int, input_names: list[str]) -> None:
-        self._rng = np.random.default_rng(seed)
+    def __init__(self, input_names: list[str], limit: int) -> None:
         self._names = input_names
-        self._parts: list[np.ndarray] = []
+        self._limit = limit
         self._kept: list[dict[str, np.ndarray]] = []
-        self._kept_rows = 0
+        self._rows = 0
 
     def tee(self, batches: Iterable[dict]) -> Iterator[dict]:
-        report = SPLITS.index("report")
         for batch in batches:
-            rows = len(batch[self._names[0]])
-            assignment = self._rng.choice(len(SPLITS), size=rows, p=SPLIT_FRACTIONS)
-            self._parts.append(assignment)
-            chosen = np.flatnonzero(assignment == report)[:MAX_KEPT_REPORT_ROWS - self._kept_rows]
-            if len(chosen):
-                self._kept.append({name: batch[name][chosen] for name in self._names})
-                self._kept_rows += len(chosen)
+            take = min(self._limit - self._rows, len(batch[self._names[0]]))
+            if take > 0:
+                self._kept.append({name: batch[name][:take] for name in self._names})
+                self._rows += take
             yield batch
 
-    @property
-    def assignment(self) -> np.ndarray:
-        return np.concatenate(self._parts) if self._parts else np.zeros(0, np.int64)
-
-    def report_inputs(self) -> dict[str, np.ndarray]:
+    def inputs(self) -> dict[str, np.ndarray]:
         return {name: np.concatenate([part[name] for part in self._kept]) for name in self._names}

@@ -1,6 +1,7 @@
 """Shared fixtures: the shipped reference CNN, its calibration data, and one compile of it."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +57,32 @@ def _plan_split(result, name: str, shuffle_predictions: bool = False):
     if shuffle_predictions:
         predictions = np.random.default_rng(0).permutation(predictions)
     return Split([e.scores(variant_features(rows, e.column, e.pooling)) for e in result.plan.exits], predictions)
+
+
+# -- under CI a skipped test is a failure --------------------------------------------------------------
+# A skip hides a test that never ran (a module-level importorskip, say, when an import breaks); with
+# the environment variable CI=true every skip, at collection, in setup or in the test, is reported
+# as a failure that gives its reason.  Expected failures (xfail) are left alone.
+
+
+def _fail_skipped(report, where: str) -> None:
+    if report.skipped and not hasattr(report, "wasxfail") and os.environ.get("CI") == "true":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"{report.nodeid or 'a test file'} was skipped {where} ({reason}); under CI=true a skip fails"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """Under CI=true, a file or class skipped at collection is a collection error."""
+    report = yield
+    _fail_skipped(report, "at collection")
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true, a test skipped in setup or while running fails."""
+    report = yield
+    _fail_skipped(report, f"in {report.when}")
+    return report

@@ -49,12 +49,13 @@ def test_failed_write_leaves_no_file(tmp_path):
 def test_calibrate_frame_writes_and_overwrites_a_frame(tmp_path, reference_onnx, calibration):
     from moco_compile import calibrate_frame
 
-    sample = {k: v[:300] for k, v in calibration.items()}
     path = tmp_path / "frame.arrow"
-    for _ in range(2):  # the second call replaces the first frame
-        frame = calibrate_frame(reference_onnx, sample, path, raw=True, show_progress=False)
+    calibrate_frame(reference_onnx, {k: v[:100] for k, v in calibration.items()}, path, show_progress=False)
+    sample = {k: v[100:400] for k, v in calibration.items()}
+    frame = calibrate_frame(reference_onnx, sample, path, raw=True, show_progress=False, force=True)  # replaces it
     loaded = load_frame(path)
     assert len(loaded) == 300 and loaded.row_shape("layer1.0:raw") == (16, 28, 28)
+    np.testing.assert_array_equal(loaded["labels"], sample["labels"])
     assert {"layer1.0", "layer1.0:max", "layer1.0:grid", "predictions", "labels"} <= set(loaded.columns)
     np.testing.assert_allclose(loaded["layer1.0"], loaded["layer1.0:raw"].mean(axis=(2, 3)), atol=1e-5)
     assert frame.columns == loaded.columns

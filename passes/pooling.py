@@ -5,7 +5,9 @@ A pooling *variant* concatenates one or more *pieces*:
 * ``mean``: global average over spatial axes (``[N, C, *S] -> [N, C]``);
 * ``max``: global maximum over spatial axes;
 * ``grid``: average over a 2x2 grid of spatial quadrants (``[N, C, H, W] -> [N, 4C]``),
-  which keeps where in the image a pattern sits, cheaply;
+  which keeps where in the image a pattern sits, cheaply: one AveragePool whose window is
+  fixed by the calibration size, or, where the graph lets ``H`` and ``W`` vary at run time
+  (``fixed_size=False``), Slices sized by ``Shape`` and a mean per quadrant;
 * ``flat``: a ``[N, D]`` tensor as it is;
 * ``token_mean@<mask>``: for a ``[N, S, D]`` sequence tensor, the mean over the tokens that
   the graph input ``<mask>`` (e.g. ``attention_mask``, ``[N, S]``, 1 = real token) marks,
@@ -17,6 +19,9 @@ with the cut tensor and renames it inside each exit's remainder (``pooling_input
 
 The same nodes are used when calibrating and inside the compiled graph, so the
 features a rule was fitted on are exactly the features it sees at run time.
+Nodes are valid ONNX from opset 13 on; where an operator changed form later (the axes
+of ReduceMean/ReduceMax became an input at opset 18) they follow the ``opset`` given
+(:func:`reduce_nodes`).
 """
 from __future__ import annotations
 
@@ -93,12 +98,28 @@ def _grid_window(size: int) -> tuple[int, int]:
     return kernel, size - kernel
 
 
+def reduce_nodes(op: str, data: str, axes: list[int], output: str, name: str, opset: int,
+                 keepdims: int = 0) -> list[onnx.NodeProto]:
+    """``op`` (``ReduceMax``, ``ReduceMean``, ``ReduceSum``, ...) of ``data`` over ``axes``, for ``opset``.
+
+    The axes are an input from opset 18 (ReduceSum: 13) and an attribute before.
+    """
+    if opset < (13 if op == "ReduceSum" else 18):
+        return [helper.make_node(op, [data], [output], name=name, axes=axes, keepdims=keepdims)]
+    return [helper.make_node("Constant", [], [f"{name}/axes"], name=f"{name}/axes",
+                             value=helper.make_tensor("axes", onnx.TensorProto.INT64, [len(axes)], axes)),
+            helper.make_node(op, [data, f"{name}/axes"], [output], name=name, keepdims=keepdims)]
+
+
 def piece_nodes(tensor: str, piece: str, shape: tuple[int, ...], output: str,
-                prefix: str, inputs: Mapping[str, str] | None = None) -> list[onnx.NodeProto]:
+                prefix: str, inputs: Mapping[str, str] | None = None, *,
+                fixed_size: bool = True, opset: int = 18) -> list[onnx.NodeProto]:
     """Nodes writing the ``[N, width]`` features of one piece to ``output``.
 
     ``inputs`` renames the graph inputs a piece reads (e.g. the mask compressed to the
     rows left inside an exit's remainder); names not in it are used as they are.
+    ``fixed_size=False``: the tensor's non-batch dims may differ from ``shape`` at run
+    time, so no piece may bake them in. ``opset``: the graph's opset.
     """
     kind = piece_kind(piece)
     if kind in SEQUENCE_PIECES:
@@ -110,6 +131,8 @@ def piece_nodes(tensor: str, piece: str, shape: tuple[int, ...], output: str,
         pool = helper.make_node("GlobalAveragePool", [tensor], [pooled], name=f"{prefix}/mean")
     elif piece == "max":
         pool = helper.make_node("GlobalMaxPool", [tensor], [pooled], name=f"{prefix}/max")
+    elif piece == "grid" and not fixed_size:
+        return _quadrant_mean_nodes(tensor, output, f"{prefix}/grid", opset)
     elif piece == "grid":
         windows = [_grid_window(size) for size in shape[2:]]
         pool = helper.make_node("AveragePool", [tensor], [pooled], name=f"{prefix}/grid",
@@ -117,6 +140,44 @@ def piece_nodes(tensor: str, piece: str, shape: tuple[int, ...], output: str,
     else:
         raise ValueError(f"unknown pooling piece {piece!r}")
     return [pool, helper.make_node("Flatten", [pooled], [output], name=f"{prefix}/{piece}_flatten", axis=1)]
+
+
+def _quadrant_mean_nodes(tensor: str, output: str, p: str, opset: int) -> list[onnx.NodeProto]:
+    """``grid`` for ``[N, C, H, W]`` of any ``H, W``: the mean of each quadrant, features ordered
+    as the fixed-size AveragePool's (channel, then top-left, top-right, bottom-left, bottom-right).
+
+    Each axis splits into its first and last ``ceil(size / 2)`` entries (overlapping by one
+    when the size is odd), the windows :func:`_grid_window` gives a fixed size.
+    """
+    def constant(name: str, values: list[int]) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [f"{p}/{name}"], name=f"{p}/{name}",
+                                value=helper.make_tensor(name, onnx.TensorProto.INT64, [len(values)], values))
+
+    nodes = [constant("zero", [0]), constant("one", [1]), constant("two", [2]),
+             constant("rows_axis", [2]), constant("columns_axis", [3])]
+    halves = {}
+    for axis in (2, 3):
+        size, kernel, start = f"{p}/size{axis}", f"{p}/kernel{axis}", f"{p}/start{axis}"
+        nodes.extend([
+            helper.make_node("Shape", [tensor], [size], name=size, start=axis, end=axis + 1),
+            helper.make_node("Add", [size, f"{p}/one"], [f"{size}_plus_one"], name=f"{size}_plus_one"),
+            helper.make_node("Div", [f"{size}_plus_one", f"{p}/two"], [kernel], name=kernel),
+            helper.make_node("Sub", [size, kernel], [start], name=start),
+        ])
+        halves[axis] = [(f"{p}/zero", kernel), (start, size)]
+    means = []
+    for row, (row_begin, row_end) in enumerate(halves[2]):
+        rows = f"{p}/rows{row}"
+        nodes.append(helper.make_node("Slice", [tensor, row_begin, row_end, f"{p}/rows_axis"], [rows], name=rows))
+        for column, (column_begin, column_end) in enumerate(halves[3]):
+            quadrant = f"{p}/quadrant{row}{column}"
+            nodes.append(helper.make_node("Slice", [rows, column_begin, column_end, f"{p}/columns_axis"],
+                                          [quadrant], name=quadrant))
+            means.append(f"{quadrant}_mean")
+            nodes.extend(reduce_nodes("ReduceMean", quadrant, [2, 3], means[-1], means[-1], opset, keepdims=1))
+    nodes.append(helper.make_node("Concat", means, [f"{p}/quadrants"], name=f"{p}/quadrants", axis=3))
+    nodes.append(helper.make_node("Flatten", [f"{p}/quadrants"], [output], name=f"{p}/flatten", axis=1))
+    return nodes
 
 
 def _sequence_nodes(tensor: str, piece: str, output: str, prefix: str,
@@ -155,18 +216,21 @@ def _sequence_nodes(tensor: str, piece: str, output: str, prefix: str,
 
 
 def variant_nodes(tensor: str, variant: str, shape: tuple[int, ...], output: str,
-                  prefix: str, inputs: Mapping[str, str] | None = None) -> list[onnx.NodeProto]:
+                  prefix: str, inputs: Mapping[str, str] | None = None, *,
+                  fixed_size: bool = True, opset: int = 18) -> list[onnx.NodeProto]:
     """Nodes writing the concatenated pieces of ``variant`` to ``output``.
 
-    ``inputs`` renames graph inputs that pieces read (see :func:`pooling_inputs`).
+    ``inputs`` renames graph inputs that pieces read (see :func:`pooling_inputs`);
+    ``fixed_size`` and ``opset`` as for :func:`piece_nodes`.
     """
     pieces = variant_pieces(variant)
     if len(pieces) == 1:
-        return piece_nodes(tensor, pieces[0], shape, output, prefix, inputs)
+        return piece_nodes(tensor, pieces[0], shape, output, prefix, inputs, fixed_size=fixed_size, opset=opset)
     nodes, names = [], []
     for piece in pieces:
         kind = piece_kind(piece)
         names.append(f"{prefix}/{kind}_features" if kind in SEQUENCE_PIECES else f"{prefix}/{piece}")
-        nodes.extend(piece_nodes(tensor, piece, shape, names[-1], prefix, inputs))
+        nodes.extend(piece_nodes(tensor, piece, shape, names[-1], prefix, inputs, fixed_size=fixed_size,
+                                 opset=opset))
     nodes.append(helper.make_node("Concat", names, [output], name=f"{prefix}/concat", axis=1))
     return nodes

@@ -19,8 +19,13 @@ pre-pack weights that a subgraph reads from the outer scope, and such a
 remainder runs 2-3x slower.
 
 Exited rows carry the exit's margins ``score - threshold`` in place of the
-classifier output (through Softmax/LogSoftmax when the model ends in one), so
-their argmax is the exit's class; other outputs carry zeros for exited rows.
+classifier output (through Softmax/LogSoftmax when the model ends in one, cast
+to the output's dtype and clipped to its range), so their argmax is the exit's
+class; other outputs carry zeros for exited rows, and where an output's
+non-batch dims are dynamic (e.g. ``[N, h*w, 4]`` for images of any size) those
+zeros, and the else branch's empty outputs, take dims computed at run time from
+the inputs' shapes (``passes/trailing_dims.py``).  Where the graph lets a cut's
+spatial dims vary, the exit's pooling is sized at run time too.
 ``moco_exit`` holds the exit index per row, -1 for the full network.
 """
 from __future__ import annotations
@@ -33,10 +38,14 @@ from onnx import helper, numpy_helper
 
 from moco_compile.passes.graph import GraphIndex, node_inputs
 from moco_compile.passes.plan import Exit
-from moco_compile.passes.pooling import pooling_inputs, variant_nodes
+from moco_compile.passes.pooling import pooling_inputs, reduce_nodes, variant_nodes
+from moco_compile.passes.trailing_dims import has_dynamic_trailing_dims, trailing_shape_nodes
 
 EXIT_OUTPUT = "moco_exit"
 _NEVER = float(np.finfo(np.float32).max)
+# largest finite value of float types narrower than float32 (exited classifier outputs are clipped to it)
+_NARROW_FLOAT_MAX = {onnx.TensorProto.FLOAT16: float(np.finfo(np.float16).max),
+                     onnx.TensorProto.BFLOAT16: (2 - 2 ** -7) * 2.0 ** 127}
 
 
 def insert_exits(model: onnx.ModelProto, exits: Sequence[Exit], classifier_output: str) -> onnx.ModelProto:
@@ -57,6 +66,11 @@ class _ExitGraphBuilder:
         self.types = {name: v.type.tensor_type.elem_type for name, v in self.value_infos.items()}
         self.full_names = {o.name: f"moco/full/{o.name}" for o in self.outputs}
         self.rest_sources: dict[str, str] = {}  # compressed tensor -> original tensor
+        # outputs besides the classifier whose non-batch dims are dynamic: exited rows get zeros
+        # shaped by int64 tensors computed once in the main graph (see passes/trailing_dims.py)
+        self.dynamic_outputs = [o.name for o in self.outputs
+                                if o.name != self.output and has_dynamic_trailing_dims(o)]
+        self.trailing_shapes: dict[str, str] = {}
         self.stages = self._partition()
         self.defined_outside: set[str] = set()
 
@@ -98,6 +112,11 @@ class _ExitGraphBuilder:
         """Graph of ``entry`` nodes, stage ``level`` and exit ``level`` (or the final outputs)."""
         nodes, initializers = self._stage_nodes(level, renames)
         nodes[:0] = entry
+        if level == 0 and self.exits and self.dynamic_outputs:
+            shape_nodes, constants, self.trailing_shapes = trailing_shape_nodes(
+                self.model, self.dynamic_outputs, "moco/trailing_dims")
+            nodes[:0] = shape_nodes
+            initializers.extend(constants)
         final = level == len(self.exits)
         if final:
             result_names = self._final_outputs(level, nodes)
@@ -168,7 +187,8 @@ class _ExitGraphBuilder:
         p = f"moco/exit{level}"
         cut = exit_.cut.tensor
         pooled = f"{p}/pooled"
-        nodes.extend(variant_nodes(cut, exit_.pooling, exit_.cut.shape, pooled, p, inputs=renames))
+        nodes.extend(variant_nodes(cut, exit_.pooling, exit_.cut.shape, pooled, p, inputs=renames,
+                                   fixed_size=self._fixed_size(cut), opset=self.opset))
         if self.types.get(cut, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
             nodes.append(helper.make_node("Cast", [pooled], [f"{pooled}_f32"], to=onnx.TensorProto.FLOAT))
             pooled = f"{pooled}_f32"
@@ -180,8 +200,8 @@ class _ExitGraphBuilder:
         ])
         top, keep = f"{p}/top", f"{p}/keep"
         rows, count, any_left = f"{p}/rows", f"{p}/rest_count", f"{p}/any_left"
+        nodes.extend(reduce_nodes("ReduceMax", margins, [1], top, f"{p}/top", self.opset))
         nodes.extend([
-            self._reduce_max(margins, top, initializers),
             helper.make_node("LessOrEqual", [top, f"{p}/zero"], [keep]),
             helper.make_node("NonZero", [keep], [f"{p}/rows_t"]),
             helper.make_node("Transpose", [f"{p}/rows_t"], [rows], perm=[1, 0]),
@@ -234,22 +254,51 @@ class _ExitGraphBuilder:
         elem = original.type.tensor_type.elem_type
         name = f"{p}/exited/{original.name}"
         if original.name == self.output:
-            final_op = self.model.graph.node[self.index.producer[original.name]].op_type
-            value = margins
-            if final_op in ("Softmax", "LogSoftmax"):
-                nodes.append(helper.make_node(final_op, [margins], [f"{name}/{final_op}"], axis=-1))
-                value = f"{name}/{final_op}"
-            if elem == onnx.TensorProto.FLOAT:
-                return value
-            nodes.append(helper.make_node("Cast", [value], [name], to=elem))
-            return name
-        trailing = [d.dim_value for d in original.type.tensor_type.shape.dim[1:]]
-        initializers.append(numpy_helper.from_array(np.array(trailing, np.int64), f"{name}/trailing"))
+            return self._exited_classifier_value(elem, margins, name, nodes, initializers)
+        if original.name in self.trailing_shapes:
+            trailing = self.trailing_shapes[original.name]
+        else:
+            trailing = f"{name}/trailing"
+            initializers.append(numpy_helper.from_array(np.array(_trailing_dims(original), np.int64), trailing))
         nodes.append(helper.make_node("Shape", [top], [f"{name}/batch"]))
-        nodes.append(helper.make_node("Concat", [f"{name}/batch", f"{name}/trailing"], [f"{name}/shape"], axis=0))
+        nodes.append(helper.make_node("Concat", [f"{name}/batch", trailing], [f"{name}/shape"], axis=0))
         nodes.append(helper.make_node("ConstantOfShape", [f"{name}/shape"], [name],
                                       value=helper.make_tensor("zero", elem, [1], [0])))
         return name
+
+    def _exited_classifier_value(self, elem: int, margins: str, name: str, nodes: list,
+                                 initializers: list) -> str:
+        """The float32 margins, through the model's final Softmax/LogSoftmax if it has one, in
+        the output's dtype; values beyond a narrower float's range (-FLT_MAX for classes an
+        exit switched off) are clipped to it, so no exited row carries -inf."""
+        value = margins
+        head = self._probability_head()
+        if head:
+            nodes.append(helper.make_node(head, [margins], [f"{name}/{head}"], axis=-1))
+            value = f"{name}/{head}"
+        if elem == onnx.TensorProto.FLOAT:
+            return value
+        if elem in _NARROW_FLOAT_MAX:
+            limit = _NARROW_FLOAT_MAX[elem]
+            initializers.extend([numpy_helper.from_array(np.array(-limit, np.float32), f"{name}/lowest"),
+                                 numpy_helper.from_array(np.array(limit, np.float32), f"{name}/highest")])
+            nodes.append(helper.make_node("Clip", [value, f"{name}/lowest", f"{name}/highest"],
+                                          [f"{name}/clipped"]))
+            value = f"{name}/clipped"
+        nodes.append(helper.make_node("Cast", [value], [name], to=elem))
+        return name
+
+    def _probability_head(self) -> str | None:
+        """``Softmax`` or ``LogSoftmax`` when the classifier output is one (through Identity/Cast)."""
+        tensor = self.output
+        while tensor in self.index.producer:
+            node = self.model.graph.node[self.index.producer[tensor]]
+            if node.op_type in ("Softmax", "LogSoftmax"):
+                return node.op_type
+            if node.op_type not in ("Identity", "Cast"):
+                return None
+            tensor = node.input[0]
+        return None
 
     def _side_inputs(self, level: int) -> set[str]:
         """Graph inputs that stages (or exits' pooling) from ``level`` on still read (e.g. an attention mask)."""
@@ -272,29 +321,41 @@ class _ExitGraphBuilder:
         return helper.make_tensor_value_info(name, value.type.tensor_type.elem_type, [f"moco_rows_{level}", *dims])
 
     def _empty_branch(self, level: int) -> onnx.GraphProto:
-        initializers, outputs = [], []
+        """The If's else branch (no row left): every output with 0 rows and its non-batch dims."""
+        no_rows = f"moco/exit{level}/empty/no_rows"
+        nodes, outputs = [], []
+        initializers = [numpy_helper.from_array(np.array([0], np.int64), no_rows)] if self.trailing_shapes else []
         for original in self.outputs + [None]:
             if original is None:
-                elem, trailing, name = onnx.TensorProto.INT64, [], f"moco/exit{level}/empty/exit"
+                elem, dims, name = onnx.TensorProto.INT64, [], f"moco/exit{level}/empty/exit"
             else:
-                elem = original.type.tensor_type.elem_type
-                trailing = [d.dim_value for d in original.type.tensor_type.shape.dim[1:]]
+                elem, dims = original.type.tensor_type.elem_type, _trailing_dims(original)
                 name = f"moco/exit{level}/empty/{original.name}"
-            dtype = helper.tensor_dtype_to_np_dtype(elem)
-            initializers.append(numpy_helper.from_array(np.zeros([0, *trailing], dtype), name))
-            outputs.append(helper.make_tensor_value_info(name, elem, [0, *trailing]))
-        return helper.make_graph([], f"moco_level_{level + 1}_skipped", [], outputs, initializers)
+            outputs.append(helper.make_tensor_value_info(name, elem, [0, *dims]))
+            if original is not None and original.name in self.trailing_shapes:
+                nodes.extend([
+                    helper.make_node("Concat", [no_rows, self.trailing_shapes[original.name]], [f"{name}/shape"],
+                                     axis=0),
+                    helper.make_node("ConstantOfShape", [f"{name}/shape"], [name],
+                                     value=helper.make_tensor("zero", elem, [1], [0]))])
+            else:
+                dtype = helper.tensor_dtype_to_np_dtype(elem)
+                initializers.append(numpy_helper.from_array(np.zeros([0, *dims], dtype), name))
+        return helper.make_graph(nodes, f"moco_level_{level + 1}_skipped", [], outputs, initializers)
 
     def _value_info(self, name: str, original: str) -> onnx.ValueInfoProto:
         if original == EXIT_OUTPUT:
             return helper.make_tensor_value_info(name, onnx.TensorProto.INT64, ["rows"])
         value = next(o for o in self.outputs if o.name == original)
-        dims = ["rows"] + [d.dim_value or d.dim_param for d in value.type.tensor_type.shape.dim[1:]]
-        return helper.make_tensor_value_info(name, value.type.tensor_type.elem_type, dims)
+        return helper.make_tensor_value_info(name, value.type.tensor_type.elem_type, ["rows", *_trailing_dims(value)])
 
-    def _reduce_max(self, data: str, output: str, initializers: list) -> onnx.NodeProto:
-        if self.opset >= 18:
-            axes = f"{output}/axes"
-            initializers.append(numpy_helper.from_array(np.array([1], np.int64), axes))
-            return helper.make_node("ReduceMax", [data, axes], [output], keepdims=0)
-        return helper.make_node("ReduceMax", [data], [output], axes=[1], keepdims=0)
+    def _fixed_size(self, tensor: str) -> bool:
+        """True when the graph fixes every non-batch dim of ``tensor`` (pooling may bake them in)."""
+        value = self.value_infos.get(tensor)
+        return value is not None and value.type.tensor_type.HasField("shape") \
+            and not has_dynamic_trailing_dims(value)
+
+
+def _trailing_dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    """Declared non-batch dims of ``value``: numbers, or names (``""`` when anonymous)."""
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim[1:]]

@@ -3,7 +3,7 @@
 The page holds the tables of ``report.json`` (summary, certificate, latency,
 exits, splits, verification) and PNG plots embedded as base64 ``<img>``:
 
-1. exit rate per exit (report split),
+1. exit rate per exit (report split, or the test split when there is none),
 2. cumulative compute: the fraction of rows still running and the expected
    compute spent so far, against the position in the network (fraction of FLOPs),
 3. the compute / disagreement curve of the nested plan family on the test split
@@ -175,6 +175,7 @@ class _Page:
         self.exits = list(report.get("exits") or [])
         self.plan_exits = list(plan.get("exits") or [])
         self.total_flops = plan.get("total_flops") or report.get("flops_per_row_original")
+        self._evaluated_on = report.get("evaluated_on", "report")
         self.notes: list[str] = []
 
     # ---- assembly
@@ -246,8 +247,11 @@ class _Page:
         certified = (f"<= {_percent(budget, 2)} at {_percent(b.get('confidence'), 0)} confidence"
                      if _is_number(budget) else "-")
         rows.append(("certified disagreement budget", "certified_budget", budget, certified))
-        rows.append(("certified upper bound on disagreement", "certified_upper_bound",
-                     b.get("disagreement_upper_bound"), _percent(b.get("disagreement_upper_bound"), 2)))
+        rows.append(("estimated upper bound on disagreement (not certified)", "estimated_upper_bound",
+                     b.get("estimated_disagreement_upper_bound"),
+                     _percent(b.get("estimated_disagreement_upper_bound"), 2)))
+        rows.append(("figures above measured on", "evaluated_on", r.get("evaluated_on"),
+                     str(r.get("evaluation_note") or r.get("evaluated_on") or "-")))
         for name in ("batch_1", "batch_64"):
             timing = (r.get("latency") or {}).get(name)
             if isinstance(timing, Mapping) and _is_number(timing.get("ratio")):
@@ -259,6 +263,8 @@ class _Page:
     def _certificate_table(self) -> str:
         b = self.bound
         rows = [
+            ("what is certified", "bound_certified", b.get("certified"),
+             str(b.get("certified") or b.get("reason") or "-")),
             ("method", "bound_method", b.get("method"), str(b.get("method", "-"))),
             ("disagreement budget", "bound_max_disagreement", b.get("max_disagreement"),
              _percent(b.get("max_disagreement"), 2)),
@@ -266,20 +272,25 @@ class _Page:
              _percent(b.get("max_accuracy_drop"), 2)),
             ("confidence", "bound_confidence", b.get("confidence"), _percent(b.get("confidence"), 0)),
             ("test rows", "bound_test_rows", b.get("test_rows"), _number(b.get("test_rows"))),
-            ("disagreements on the test rows", "bound_disagreements", b.get("disagreements"),
-             _number(b.get("disagreements"))),
+            ("disagreements on the test rows (rounding-sensitive rows included)", "bound_disagreements",
+             b.get("disagreements"), _number(b.get("disagreements"))),
+            ("  of which only under float rounding", "bound_near_threshold_rows", b.get("near_threshold_rows"),
+             _number(b.get("near_threshold_rows"))),
             ("accuracy harm on the test rows", "bound_accuracy_harm", b.get("accuracy_harm"),
              _number(b.get("accuracy_harm"))),
             ("p-value", "bound_p_value", b.get("p_value"), _number(b.get("p_value"), ".3g")),
-            ("upper confidence bound on disagreement", "bound_disagreement_upper_bound",
-             b.get("disagreement_upper_bound"), _percent(b.get("disagreement_upper_bound"), 2)),
+            ("estimated upper bound on disagreement (Clopper-Pearson on the chosen plan's test rows; "
+             "an estimate, not certified)", "bound_estimated_disagreement_upper_bound",
+             b.get("estimated_disagreement_upper_bound"), _percent(b.get("estimated_disagreement_upper_bound"), 2)),
             ("plans tested (fixed sequence)", "bound_plans_tested", b.get("plans_tested"),
              _number(b.get("plans_tested"))),
             ("chosen plan (index in the family)", "bound_chosen_plan", b.get("chosen_plan"),
              _number(b.get("chosen_plan"))),
             ("plans in the family", "bound_family_size", b.get("family_size"), _number(b.get("family_size"))),
             ("plan family chosen", "bound_family", b.get("family"), str(b.get("family", "-"))),
-            ("confidence per family (Bonferroni)", "bound_family_confidence", b.get("family_confidence"),
+            ("how the family was chosen", "bound_family_selection", b.get("family_selection"),
+             str(b.get("family_selection", "-"))),
+            ("confidence the family was tested at", "bound_family_confidence", b.get("family_confidence"),
              _percent(b.get("family_confidence"), 1)),
         ]
         return _table("certificate", "Certificate (test split)", ("item", "value"),
@@ -336,7 +347,7 @@ class _Page:
             _cell(_percent(full), full, class_="exit_rate"),
             _cell(_percent(1.0 if full is not None else None), 1.0 if full is not None else None,
                   class_="cumulative_exit_rate")]) + "</tr>")
-        return _table("exits", "Exits in graph order (rates on the report split; -1: the full network)",
+        return _table("exits", f"Exits in graph order (rates on the {self._evaluated_on} rows; -1: the full network)",
                       ("exit", "module", "tensor", "pooling", "FLOPs before", "classes enabled",
                        "classes", "exit rate", "cumulative"), rows)
 
@@ -345,7 +356,8 @@ class _Page:
         total = sum(v for v in splits.values() if _is_number(v))
         purpose = {"rules": "fit the rules and design the plan family (cross-fitted)",
                    "test": "certify the plan (fixed-sequence test)",
-                   "report": "the figures in this report; untouched otherwise"}
+                   "report": "the figures in this report; untouched otherwise (only large calibration sets "
+                             "have one; otherwise the report reads the test rows)"}
         rows = [f'<tr data-split="{html.escape(name)}">{_cell(name, name, class_="split")}'
                 f'{_cell(_number(rows), rows, class_="rows")}'
                 f'{_cell(_percent(rows / total) if total and _is_number(rows) else "-", None, class_="share", has_value=False)}'
@@ -428,7 +440,7 @@ class _Page:
         ax.set_xticks(range(len(rates)), labels, rotation=20 if len(rates) > 5 else 0, ha="right" if len(rates) > 5 else "center")
         ax.set_ylabel("rows (%)")
         ax.set_ylim(0, max(100 * max(rates) * 1.15, 5))
-        ax.set_title("Exit rate per exit (report split)")
+        ax.set_title(f"Exit rate per exit ({self._evaluated_on} rows)")
         ax.grid(axis="y", alpha=0.3)
 
     def _draw_cumulative_compute(self, figure) -> None:
@@ -481,7 +493,8 @@ class _Page:
                        color="tab:red", edgecolors="black", label=f"chosen plan #{chosen} (test split)", zorder=3)
         if _is_number(self.report.get("disagreement")) and _is_number(self.report.get("compute_reduction")):
             ax.scatter([100 * self.report["disagreement"]], [100 * self.report["compute_reduction"]], marker="D",
-                       s=50, color="tab:green", edgecolors="black", label="chosen plan (report split)", zorder=3)
+                       s=50, color="tab:green", edgecolors="black", label=f"chosen plan ({self._evaluated_on} rows)",
+                       zorder=3)
         budget = self.certificate.get("max_disagreement")
         if _is_number(budget):
             ax.axvline(100 * budget, color="tab:red", linestyle="--", linewidth=1,

@@ -30,7 +30,8 @@ def cut_points_table(cuts: Sequence, total_flops: float) -> Table:
 def print_report(report: Mapping, console: Console | None = None) -> None:
     """Print the summary, the exits and the latency of a compile as tables."""
     console = console or Console()
-    summary = Table(title="moco compile report (report split: rows untouched by fitting and testing)")
+    where = report.get("evaluation_note") or "report split: rows untouched by fitting and testing"
+    summary = Table(title=f"moco compile report ({where})")
     summary.add_column("metric")
     summary.add_column("value", justify="right")
     bound = report["bound"]
@@ -41,13 +42,21 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
         ("  among exited rows", _percent(report["disagreement_among_exited"])),
         ("accuracy before -> after", f"{_percent(report['accuracy_before'])} -> "
                                      f"{_percent(report['accuracy_after'])}"),
-        ("certified disagreement budget", f"<= {_percent(bound.get('max_disagreement'))} at "
-                                          f"{_percent(bound.get('confidence'), 0)} confidence"),
-        ("  test rows / disagreements / p-value", f"{bound.get('test_rows')} / "
-                                                  f"{bound.get('disagreements')} / {bound.get('p_value', 1):.3g}"),
-        ("  plan family (test compute reduction of each)", f"{bound.get('family', '-')} (" + ", ".join(
-            f"{name}: {_percent(value, 1)}" for name, value in (bound.get("families") or {}).items()) + ")"),
     ]
+    if bound.get("certified"):
+        rows += [
+            ("certified disagreement budget", f"<= {_percent(bound.get('max_disagreement'))} at "
+                                              f"{_percent(bound.get('confidence'), 0)} confidence"),
+            ("  test rows / disagreements (rounding) / p-value",
+             f"{bound.get('test_rows')} / {bound.get('disagreements')} ({bound.get('near_threshold_rows')}) / "
+             f"{bound.get('p_value', 1):.3g}"),
+            ("  estimated disagreement upper bound (not certified)",
+             _percent(bound.get("estimated_disagreement_upper_bound"))),
+            ("  plan family (held-out score of each)", f"{bound.get('family', '-')} (" + ", ".join(
+                f"{name}: {_percent(value, 1)}" for name, value in (bound.get("families") or {}).items()) + ")"),
+        ]
+    else:
+        rows.append(("certificate", str(bound.get("reason", "nothing certified"))))
     for name in ("batch_1", "batch_64"):
         if name in report.get("latency", {}):
             timing = report["latency"][name]
@@ -64,4 +73,5 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
                       _percent(item["fraction_of_flops_before"], 1), str(item["classes_enabled"]),
                       _percent(item["exit_rate"], 1))
     console.print(exits)
-    console.print(f"bound: {bound.get('method', '-')}")
+    if bound.get("certified"):
+        console.print(f"certified: {bound['certified']}\nmethod: {bound.get('method', '-')}")

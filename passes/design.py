@@ -147,9 +147,6 @@ def _per_class_path(problem: DesignProblem, sorted_scores: list[np.ndarray], act
     """Greedy path over the ``active`` exits' (cut, class) thresholds."""
     rows, classes = problem.design.scores[0].shape
     step = max(1, round(problem.config.step_fraction * rows))
-    tolerance = problem.config.rounding_tolerance
-    admissible = [[_admissible_counts(scores[:, cls], tolerance) for cls in range(classes)]
-                  for scores in sorted_scores]
     state = _DesignState(problem, active)
     counts = np.zeros((len(active), classes), np.int64)
     path = [(_thresholds(counts, sorted_scores), state.total_cost, state.risk)]
@@ -159,7 +156,7 @@ def _per_class_path(problem: DesignProblem, sorted_scores: list[np.ndarray], act
             for cls in range(classes):
                 # larger moves too: the next rows by score may already leave earlier
                 for size in (multiplier * step for multiplier in problem.config.step_multipliers):
-                    q = _next_count(admissible[k][cls], counts[k, cls] + size)
+                    q = min(counts[k, cls] + size, rows)
                     if q == counts[k, cls]:
                         break
                     saved, added_risk = state.delta(k, cls, _threshold(sorted_scores[k][:, cls], q))
@@ -186,27 +183,16 @@ def _shared_path(problem: DesignProblem, sorted_scores: list[np.ndarray], active
     off = np.full((len(active), classes), np.inf, np.float32)
     path = [(off, state.total_cost, state.risk)]
     best = -np.sort(-np.concatenate([s[:, 0] for s, on in zip(sorted_scores, active) if on]))
-    counts = _admissible_counts(best, problem.config.rounding_tolerance)
-    stride = max(1, round(problem.config.shared_step_fraction * len(counts)))
-    for count in counts[stride - 1::stride]:
+    stride = max(1, round(problem.config.shared_step_fraction * len(best)))
+    for count in range(stride, len(best) + 1, stride):
         thresholds = np.where(active[:, None], np.float32(_threshold(best, count)), off)
+        admitted = state.exit_index.copy()
         state.update(thresholds)
         if state.risk > problem.risk_cap():
             break
-        path.append((thresholds, state.total_cost, state.risk))
+        if not np.array_equal(admitted, state.exit_index):  # a plan that moves no design row adds only a test
+            path.append((thresholds, state.total_cost, state.risk))
     return path
-
-
-def _admissible_counts(descending: np.ndarray, tolerance: float) -> np.ndarray:
-    """Counts ``q`` of top scores a threshold can admit while staying more than ``tolerance`` away
-    from every score (so float rounding in the shipped graph cannot move a design row across it)."""
-    gaps = descending[:-1] - descending[1:]
-    return np.append(np.flatnonzero(gaps > 2 * tolerance) + 1, len(descending))
-
-
-def _next_count(admissible: np.ndarray, count: int) -> int:
-    """The smallest admissible count >= ``count`` (the last one past it: every row)."""
-    return int(admissible[np.searchsorted(admissible, min(count, admissible[-1]))])
 
 
 _PATHS: dict[str, Callable[[DesignProblem, list[np.ndarray], np.ndarray], Path]] = {

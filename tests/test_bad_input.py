@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
 from moco_compile import compile
 from moco_compile.cli import app
-from moco_compile.errors import CalibrationDataError, ModelError, OutputError
+from moco_compile.errors import BudgetError, CalibrationDataError, ModelError, OutputError
 
 
 def _compile(model, calibration, out, **kwargs):
@@ -85,26 +86,40 @@ def test_labels_out_of_range(tmp_path, calibration, reference_onnx):
 
 
 def test_too_few_rows_says_how_many_are_needed(tmp_path, calibration, reference_onnx):
-    few = {k: v[:400] for k, v in calibration.items()}
-    with pytest.raises(CalibrationDataError, match=r"needs at least 299 test rows .* about 1097 calibration rows"):
+    few = {k: v[:380] for k, v in calibration.items()}
+    with pytest.raises(CalibrationDataError, match=r"380 given, at least 399 needed.*needs 299 test rows"):
         _compile(reference_onnx, few, tmp_path / "out")
     _assert_nothing_written(tmp_path / "out")
 
 
-def test_budget_that_no_plan_meets_yields_the_plan_without_exits(compiled, plan_split):
-    """When every plan with exits fails the held-out test, the planner keeps no exit.
+def test_allow_no_exit_emits_the_unchanged_graph_when_rows_are_too_few(tmp_path, calibration, reference_onnx):
+    few = {k: v[:380] for k, v in calibration.items()}
+    result = _compile(reference_onnx, few, tmp_path / "out", allow_no_exit=True)
+    assert result.plan.exits == [] and result.plan.certificate["certified"] is None
+    assert "399 needed" in result.plan.certificate["reason"]
+    assert result.report["compute_reduction"] == 0.0 and result.report["disagreement"] == 0.0
+    outputs = ort.InferenceSession(str(tmp_path / "out" / "model.onnx")).run(None, {"images": few["images"][:8]})
+    assert (outputs[1] == -1).all()
 
-    The test split's predictions are permuted, as under a shift between design
-    and test data, so any exit disagrees with the full model at a high rate.
-    """
-    from moco_compile.passes.plan import ExitPlanner
 
-    result, _ = compiled
-    plan = ExitPlanner(max_disagreement=0.01).fit(result.plan.exits, plan_split(result, "rules"),
-                                                  plan_split(result, "test", shuffle_predictions=True),
-                                                  result.plan.total_flops)
-    assert plan.exits == []
-    assert plan.certificate["plans_tested"] == 1 and plan.certificate["disagreements"] == 0
+def test_budget_no_plan_meets_fails_without_allow_no_exit(tmp_path, calibration, reference_onnx):
+    with pytest.raises(BudgetError, match="--allow-no-exit"):
+        _compile(reference_onnx, calibration, tmp_path / "out", max_disagreement=0.0005)
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_accuracy_budget_without_labels(tmp_path, calibration, reference_onnx):
+    with pytest.raises(CalibrationDataError, match="--max-accuracy-drop needs labels"):
+        _compile(reference_onnx, {"images": calibration["images"]}, tmp_path / "out", max_accuracy_drop=0.01)
+    _assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("option, value", [("--max-disagreement", "1.5"), ("--confidence", "0")])
+def test_cli_rejects_an_impossible_budget(tmp_path, reference_onnx, option, value):
+    np.savez(tmp_path / "calib.npz", images=np.zeros((10, 1, 28, 28), np.float32))
+    run = CliRunner().invoke(app, ["compile", str(reference_onnx), "--calib", str(tmp_path / "calib.npz"),
+                                   "--out", str(tmp_path / "out"), option, value])
+    assert run.exit_code == 2 and "must be in (0, 1)" in run.output and "Traceback" not in run.output
 
 
 def test_output_directory_not_writable(tmp_path, calibration, reference_onnx):

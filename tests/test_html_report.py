@@ -113,10 +113,13 @@ def test_certificate_numbers_read_back(rendered):
     _, page, report, _ = rendered
     bound = report["bound"]
     table = page.find("table", id="certificate")
-    for key in ("max_disagreement", "confidence", "test_rows", "disagreements", "p_value",
-                "disagreement_upper_bound", "chosen_plan", "plans_tested"):
+    for key in ("max_disagreement", "confidence", "test_rows", "disagreements", "near_threshold_rows", "p_value",
+                "estimated_disagreement_upper_bound", "chosen_plan", "plans_tested", "family_confidence"):
         assert table.find("td", id=f"bound_{key}").value == pytest.approx(bound[key]), key
     assert table.find("td", id="bound_method").text == bound["method"]
+    assert table.find("td", id="bound_certified").text == bound["certified"]
+    label = table.find("td", id="bound_estimated_disagreement_upper_bound").find_previous("td").text
+    assert "estimate" in label and "not certified" in label
 
 
 def test_exits_table_reads_back(rendered):

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from moco_compile.errors import ModelError
 from moco_compile.passes.graph import GraphIndex
 
 # Elementwise-ish ops: FLOPs per output element.
@@ -41,9 +42,14 @@ def measure_shapes(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> di
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    shapes = {name: tuple(value.shape) for name, value in zip(names, session.run(names, dict(feed)))}
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        values = session.run(names, dict(feed))
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise ModelError(f"onnxruntime cannot run the model on the first calibration row to measure its shapes: "
+                         f"{error}. Check that the model runs in onnxruntime on these inputs") from error
+    shapes = {name: tuple(value.shape) for name, value in zip(names, values)}
     shapes.update({name: tuple(value.shape) for name, value in feed.items()})
     shapes.update({init.name: tuple(init.dims) for init in model.graph.initializer})
     return shapes

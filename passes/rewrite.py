@@ -36,12 +36,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from moco_compile.constants import EXIT_OUTPUT
 from moco_compile.passes.graph import GraphIndex, node_inputs
 from moco_compile.passes.plan import Exit
 from moco_compile.passes.pooling import pooling_inputs, reduce_nodes, variant_nodes
 from moco_compile.passes.trailing_dims import has_dynamic_trailing_dims, trailing_shape_nodes
 
-EXIT_OUTPUT = "moco_exit"
 _NEVER = float(np.finfo(np.float32).max)
 # largest finite value of float types narrower than float32 (exited classifier outputs are clipped to it)
 _NARROW_FLOAT_MAX = {onnx.TensorProto.FLOAT16: float(np.finfo(np.float16).max),

@@ -18,10 +18,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from moco_compile.constants import EXIT_OUTPUT
 from moco_compile.errors import MocoError
 from moco_compile.passes.routing import Routing
 
-EXIT_OUTPUT = "moco_exit"
 
 
 class VerificationError(MocoError):

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-EXIT_OUTPUT = "moco_exit"
+from moco_compile.constants import EXIT_OUTPUT
 
 
 def default_providers() -> list[str]:

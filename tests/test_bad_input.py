@@ -102,10 +102,21 @@ def test_allow_no_exit_emits_the_unchanged_graph_when_rows_are_too_few(tmp_path,
     assert (outputs[1] == -1).all()
 
 
-def test_budget_no_plan_meets_fails_without_allow_no_exit(tmp_path, calibration, reference_onnx):
+def test_budget_no_plan_meets_fails_without_allow_no_exit(compiled):
+    """When the full model's class cannot be read off any cut (here: its predictions permuted),
+    every plan with exits fails a test that allows no disagreement (0.2% on 2,000 rows): an error
+    naming --allow-no-exit, or with it no exits."""
+    from moco_compile.errors import BudgetError
+    from moco_compile.passes.config import Budget
+    from moco_compile.passes.planning import plan_exits
+
+    result, _ = compiled
+    frame = result.frame.with_column("predictions", np.random.default_rng(0).permutation(result.frame["predictions"]))
+    cuts = [e.cut for e in result.plan.exits]
     with pytest.raises(BudgetError, match="--allow-no-exit"):
-        _compile(reference_onnx, calibration, tmp_path / "out", max_disagreement=0.0005)
-    _assert_nothing_written(tmp_path / "out")
+        plan_exits(frame, cuts, 10, result.plan.total_flops, Budget(0.002))
+    planning = plan_exits(frame, cuts, 10, result.plan.total_flops, Budget(0.002), allow_no_exit=True)
+    assert planning.plan.exits == [] and planning.plan.certificate["chosen_plan"] == 0
 
 
 def test_accuracy_budget_without_labels(tmp_path, calibration, reference_onnx):

@@ -15,7 +15,7 @@ from moco_compile.passes.plan import ExitPlan
 
 def test_outputs_are_written(compiled):
     result, out = compiled
-    assert sorted(p.name for p in out.iterdir()) == ["frame.arrow", "model.onnx", "moco-manifest.json", "plan.json",
+    assert sorted(p.name for p in out.iterdir()) == ["frame.arrow", "moco-manifest.json", "model.onnx", "plan.json",
                                                      "report.json"]
     report = json.loads((out / "report.json").read_text())
     for key in ("compute_reduction", "exits", "disagreement", "accuracy_before", "accuracy_after", "bound"):

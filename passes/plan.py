@@ -143,7 +143,6 @@ class Split:
     def __len__(self) -> int:
         return len(self.predictions)
 
-
     def take(self, rows: np.ndarray) -> "Split":
         """The rows selected by ``rows`` (a boolean mask or indices)."""
         return Split([s[rows] for s in self.scores], self.predictions[rows],
@@ -151,7 +150,7 @@ class Split:
 
 
 class NoPlanError(Exception):
-    """No plan in the family passed the test; carries what the smallest plan measured."""
+    """Not even the plan with no exits passed the test (too few test rows)."""
 
 
 CERTIFIED_STATEMENT = ("with probability >= confidence, the compiled model's class differs from the full "

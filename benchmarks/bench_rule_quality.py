@@ -12,15 +12,19 @@ or on a reference text classifier of ``models/text_classifier.py`` (``minilm2_rt
 
 Same frozen model (the CNN's ``models/artifacts/fashion_resnet.onnx``, or the text
 reference exported with ``export_hf_sequence_classifier``), same calibration rows,
-same split of them (moco's own: the "rules" rows fit rules/probes and design plans,
-cross-fitted; the "test" rows certify), same pooled features per cut (the pooling
-variant moco picks at that cut), same certification (fixed-sequence exact binomial
-test, Learn-then-Test, at the same ``max_disagreement`` and 95% confidence), same FLOP
-accounting (``ExitPlan.row_flops``: prefix up to the exit plus every built exit's rule
-on the way).  Methods:
+same split of them (moco's own at each budget, from compile with its seed and the
+default ``PlannerConfig``: the "rules" rows fit rules/probes and design plans,
+cross-fitted; the "test" rows certify; a small budget may grow the test split, see
+``passes.splits``, and then that budget's split is used), same pooled features per
+cut (the pooling variant moco picks at that cut), same certification (fixed-sequence
+exact binomial test, Learn-then-Test, at the same ``max_disagreement`` and confidence),
+same FLOP accounting (``passes.routing.stage_costs``, as ``ExitPlan.row_flops``: prefix
+up to the exit plus every built exit's rule on the way).  Methods:
 
-* moco: ``moco_compile.compile`` (multinomial softmax probe, per-class thresholds on
-  log-probabilities, greedy nested plan on the design rows); its previous default
+* moco: ``moco_compile.compile`` (multinomial softmax probe; per-class thresholds on
+  log-probabilities or one shared threshold, the family chosen by cross-validation on
+  the design rows and certified on the test rows); rebuilding its rules and planner
+  here must give compile's plan (checked at every budget); its previous default
   (one-vs-rest half-space per class) is kept as a row for comparison;
 * post-training baselines, each on a multinomial linear probe per cut fitted on
   the same rows to predict the full model's class: max-softmax threshold
@@ -40,12 +44,11 @@ the model's section of ``benchmarks/RESULTS.md`` ("Rule quality (reference CNN)"
 from __future__ import annotations
 
 import argparse
-import math
 import pickle
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -59,20 +62,24 @@ from benchmarks import rule_baselines as rb  # noqa: E402
 from benchmarks.results import machine_description, write_section  # noqa: E402
 from models.text_classifier import REFERENCES  # noqa: E402
 from moco_compile import compile  # noqa: E402
-from moco_compile.api import SPLIT_COLUMN, SPLITS, calibrate_frame, cut_points_of  # noqa: E402
+from moco_compile.api import calibrate_frame, cut_points_of  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibrate import LABELS, PREDICTIONS, cut_column, variant_features  # noqa: E402
-from moco_compile.passes.plan import Exit, ExitPlanner, Split  # noqa: E402
+from moco_compile.passes.config import Budget, PlannerConfig  # noqa: E402
+from moco_compile.passes.design import cut_elements  # noqa: E402
+from moco_compile.passes.plan import Exit, ExitPlan, ExitPlanner, Split  # noqa: E402
 from moco_compile.passes.pooling import pooling_cost, variants_for  # noqa: E402
 from moco_compile.passes.rules import (  # noqa: E402
     OneVsRestRuleFitter, SoftmaxRuleFitter, high_precision_coverage, out_of_fold_scores)
+from moco_compile.passes.splits import SPLIT_COLUMN, SPLITS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-MOCO = "moco default: softmax probe, per-class log-probability thresholds"
+MOCO = "moco default: softmax probe, log-probability thresholds"
 MOCO_FITTER = "moco softmax rules"
 ONE_VS_REST = "one-vs-rest half-space per class (previous default)"
 MOCO_NO_OVERHEAD = "moco rules, planner without the exit-overhead term"
-BOUNDARY_COST = ExitPlanner().boundary_cost  # moco's planning charge per cut-tensor element and row
+CONFIG = PlannerConfig()  # compile's default planner configuration, used for every planned method
+BOUNDARY_COST = CONFIG.boundary_cost  # moco's planning charge per cut-tensor element and row
 BATCH_SIZE = 256  # calibration batch size, as compile's default
 TEXT_ROWS = {"rt": "Rotten Tomatoes snippets", "tweets": "tweets"}  # what a corpus's rows are, in words
 BASE_FITTERS = {"one-vs-rest": OneVsRestRuleFitter, "softmax probe": rb.SoftmaxProbeFitter,
@@ -162,28 +169,45 @@ def richer_methods(classes: int, polytope: bool) -> dict[str, tuple[str, Any]]:
     return methods
 
 
-class Data:
-    """Pooled features of the calibration and evaluation frames, cached per (cut, variant)."""
+class Features:
+    """Pooled features of the whole calibration and evaluation frames, cached per (cut, variant)."""
 
-    def __init__(self, calib, evaluation, rows: dict[str, np.ndarray]) -> None:
-        self.calib, self.evaluation, self.rows = calib, evaluation, rows
+    def __init__(self, calib, evaluation) -> None:
+        self.calib, self.evaluation = calib, evaluation
+        self._cache: dict = {}
+
+    def get(self, column: str, variant: str) -> tuple[np.ndarray, np.ndarray]:
+        key = (column, variant)
+        if key not in self._cache:
+            self._cache[key] = (variant_features(self.calib, column, variant),
+                                variant_features(self.evaluation, column, variant))
+        return self._cache[key]
+
+
+class Data:
+    """Pooled features on one split of the calibration rows (rules, test) and on the evaluation rows."""
+
+    def __init__(self, features: Features, rows: dict[str, np.ndarray]) -> None:
+        self.all, self.rows = features, rows
         self._cache: dict = {}
 
     def features(self, column: str, variant: str) -> dict[str, np.ndarray]:
         key = (column, variant)
         if key not in self._cache:
-            values = variant_features(self.calib, column, variant)
+            values, evaluation = self.all.get(column, variant)
             self._cache[key] = {"rules": values[self.rows["rules"]], "test": values[self.rows["test"]],
-                                "eval": variant_features(self.evaluation, column, variant)}
+                                "eval": evaluation}
         return self._cache[key]
 
 
 class Fits:
-    """Fitted scores per (method, cut, variant): cross-fitted on the rules rows (design), fitted on
-    all rules rows for the test split and the evaluation rows.  Margin rules reuse their base fit."""
+    """Fitted scores per (method, cut, variant): cross-fitted on the rules rows (design, with moco's
+    ``cross_fit_folds``), fitted on all rules rows for the test split and the evaluation rows.
+    Margin rules reuse their base fit."""
 
-    def __init__(self, data: Data, targets: np.ndarray, classes: int, richer: dict[str, tuple[str, Any]]) -> None:
-        self.data, self.targets, self.classes, self.richer = data, targets, classes, richer
+    def __init__(self, data: Data, targets: np.ndarray, classes: int, richer: dict[str, tuple[str, Any]],
+                 config: PlannerConfig) -> None:
+        self.data, self.targets, self.classes, self.richer, self.config = data, targets, classes, richer, config
         self._cache: dict = {}
         self._coarse: dict = {}
 
@@ -201,19 +225,20 @@ class Fits:
             fitter = source()
             scores = fitter.fit(features["rules"], self.targets, self.classes)
             fit = {"scores": scores, "design": out_of_fold_scores(fitter, features["rules"], self.targets,
-                                                                  self.classes),
+                                                                  self.classes, self.config.cross_fit_folds),
                    "test": scores(features["test"]), "eval": scores(features["eval"])}
         self._cache[key] = fit
         return fit
 
-    def moco_variants(self, cuts, budget: float, held_out: float = 0.25, min_gain: float = 0.01) -> list[str]:
-        """The pooling variant moco's ``_plan`` picks per cut at this budget.
+    def moco_variants(self, cuts, budget: float) -> list[str]:
+        """The pooling variant moco's ``fit_candidates`` picks per cut at this budget.
 
-        Same procedure as ``rules.select_variant`` (coarse fits on the first 75% of the
-        rules rows, coverage at precision 1 - budget / 2 on the rest, a costlier variant
-        must win by ``min_gain``), with the coarse fits cached across budgets.
+        Same procedure as ``rules.select_variant`` (coarse fits on the first
+        ``1 - variant_held_out`` of the rules rows, coverage at precision 1 - budget / 2 on
+        the rest, a costlier variant must win by ``variant_min_gain``), with the coarse fits
+        cached across budgets.
         """
-        split = int(len(self.targets) * (1 - held_out))
+        split = int(len(self.targets) * (1 - self.config.variant_held_out))
         chosen = []
         for cut in cuts:
             column = cut_column(cut)
@@ -225,10 +250,33 @@ class Fits:
                     self._coarse[column, variant] = scores(values[split:])
                 coverage = high_precision_coverage(self._coarse[column, variant], self.targets[split:],
                                                    1 - budget / 2)
-                if best_variant is None or coverage > best_coverage + min_gain:
+                if best_variant is None or coverage > best_coverage + self.config.variant_min_gain:
                     best_variant, best_coverage = variant, coverage
             chosen.append(best_variant)
         return chosen
+
+
+@dataclass
+class Shared:
+    """What every method shares at a budget: moco's split of the calibration rows, the features and
+    fits on it, and the full model's predictions (rules rows = design, test rows, evaluation rows)."""
+
+    rows: dict[str, np.ndarray]
+    data: Data
+    fits: Fits
+    predictions: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray | None]
+
+
+def shared_for(split: np.ndarray, features: Features, calib, evaluation, classes: int, richer: dict) -> Shared:
+    rows = {name: np.flatnonzero(split == i) for i, name in enumerate(SPLITS)}
+    data = Data(features, rows)
+    full = calib[PREDICTIONS]
+    calib_labels = calib[LABELS] if LABELS in calib else None
+    predictions = {"design": full[rows["rules"]], "test": full[rows["test"]], "eval": evaluation[PREDICTIONS]}
+    labels = {"design": None if calib_labels is None else calib_labels[rows["rules"]],
+              "test": None if calib_labels is None else calib_labels[rows["test"]], "eval": evaluation[LABELS]}
+    return Shared(rows, data, Fits(data, predictions["design"], classes, richer, CONFIG), predictions, labels)
 
 
 def run_policy(policy: rb.Policy, outputs: dict[str, rb.ProbeOutputs], predictions: dict[str, np.ndarray],
@@ -247,7 +295,7 @@ def run_policy(policy: rb.Policy, outputs: dict[str, rb.ProbeOutputs], predictio
     return policy.apply(family[index], outputs["eval"]), {**record, "config": family[index]}
 
 
-def plan_outcome(plan, cuts, data: Data, predictions: np.ndarray) -> tuple[rb.Outcome, np.ndarray]:
+def plan_outcome(plan: ExitPlan, cuts, data: Data, predictions: np.ndarray) -> tuple[rb.Outcome, np.ndarray]:
     """A plan's routing of the evaluation rows as an Outcome over all cuts, and its rule FLOPs per cut."""
     position = {c.tensor: k for k, c in enumerate(cuts)}
     evaluation = plan.evaluate([data.features(e.column, e.pooling)["eval"] for e in plan.exits], predictions)
@@ -259,7 +307,7 @@ def plan_outcome(plan, cuts, data: Data, predictions: np.ndarray) -> tuple[rb.Ou
     open_[built] = True
     rule_flops = np.zeros(len(cuts))
     rule_flops[built] = [e.rule_flops for e in plan.exits]
-    # cross-check: the Outcome accounting is moco's own
+    # cross-check: the Outcome over all cuts is charged as the plan itself
     check = rb.row_flops(rb.Outcome(exit_index, exit_class, open_), np.array([c.flops_before for c in cuts]),
                          rule_flops, plan.total_flops)
     if not np.allclose(check, plan.row_flops(evaluation.exit_index)):
@@ -267,20 +315,36 @@ def plan_outcome(plan, cuts, data: Data, predictions: np.ndarray) -> tuple[rb.Ou
     return rb.Outcome(exit_index, exit_class, open_), rule_flops
 
 
-def run_richer(method: str, fits: Fits, cuts, variants: list[str], predictions: dict, budget: float,
-               confidence: float, total_flops: float, classes: int, **planner_options):
+def plan_richer(method: str, shared: Shared, cuts, variants: list[str], budget: float, confidence: float,
+                total_flops: float, classes: int, seed: int, config: PlannerConfig = CONFIG) -> ExitPlan:
+    """Candidate exits of ``method`` at every cut, planned and certified by moco's ExitPlanner."""
     candidates, design, test = [], [], []
     for cut, variant in zip(cuts, variants):
-        fit = fits.get(method, cut_column(cut), variant)
+        fit = shared.fits.get(method, cut_column(cut), variant)
         rule_flops = pooling_cost(cut.shape, variant) + fit["scores"].flops + 2 * classes
         candidates.append(Exit(cut, cut_column(cut), variant, fit["scores"], np.full(classes, np.inf), rule_flops))
         design.append(fit["design"])
         test.append(fit["test"])
-    planner = ExitPlanner(budget, confidence, **planner_options)
-    plan = planner.fit(candidates, Split(design, predictions["design"]), Split(test, predictions["test"]),
-                       total_flops)
-    outcome, rule_flops = plan_outcome(plan, cuts, fits.data, predictions["eval"])
+    planner = ExitPlanner(Budget(budget, confidence), config, seed)
+    return planner.fit(candidates, Split(design, shared.predictions["design"], shared.labels["design"]),
+                       Split(test, shared.predictions["test"], shared.labels["test"]), total_flops)
+
+
+def run_richer(method: str, shared: Shared, cuts, variants: list[str], budget: float, confidence: float,
+               total_flops: float, classes: int, seed: int, config: PlannerConfig = CONFIG):
+    plan = plan_richer(method, shared, cuts, variants, budget, confidence, total_flops, classes, seed, config)
+    outcome, rule_flops = plan_outcome(plan, cuts, shared.data, shared.predictions["eval"])
     return outcome, rule_flops, plan.certificate
+
+
+def same_plan(rebuilt: ExitPlan, compiled: ExitPlan) -> bool:
+    """Same exits (cut, pooling) with the same thresholds, and the same certificate figures."""
+    if [(e.cut.tensor, e.pooling) for e in rebuilt.exits] != [(e.cut.tensor, e.pooling) for e in compiled.exits]:
+        return False
+    if not all(np.array_equal(a.thresholds, b.thresholds) for a, b in zip(rebuilt.exits, compiled.exits)):
+        return False
+    keys = ("family", "chosen_plan", "disagreements", "test_rows", "p_value")
+    return all(rebuilt.certificate.get(k) == compiled.certificate.get(k) for k in keys)
 
 
 def main() -> None:
@@ -289,6 +353,8 @@ def main() -> None:
                         help="reference model: the CNN or a text reference of models/text_classifier.py")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.03])
     parser.add_argument("--confidence", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0, help="compile's seed (split of the calibration rows and "
+                        "the planner's family choice), used for every method")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/moco_rule_quality"),
                         help="working directory (one subdirectory per model)")
     parser.add_argument("--polytope", action="store_true",
@@ -314,51 +380,59 @@ def main() -> None:
     total_flops = cuts[0].flops_before + cuts[0].flops_after
     before = np.array([c.flops_before for c in cuts])
 
-    # moco itself, one compile per budget; its split assignment is reused for every method
-    moco_results, split = {}, None
+    # moco itself, one compile per budget (compile's seed, default PlannerConfig); each budget's split
+    # of the calibration rows is reused for every method at that budget.  The split is the same at
+    # every budget unless a small budget makes the test split grow (passes.splits.split_sizes).
+    moco_results, shared, shared_of = {}, {}, {}
+    features = Features(calib, evaluation)
     for budget in args.budgets:
         result = compile(workload.onnx_path, calibration, max_disagreement=budget, confidence=args.confidence,
-                         batch_size=BATCH_SIZE, measure_latency=False, show_progress=False)
-        if split is None:
-            split = result.frame[SPLIT_COLUMN]
-            if not np.array_equal(result.frame[PREDICTIONS], calib[PREDICTIONS]):
-                raise RuntimeError("compile's calibration frame differs from calibrate_frame's")
-        elif not np.array_equal(split, result.frame[SPLIT_COLUMN]):
-            raise RuntimeError("moco's split changed between budgets")
+                         seed=args.seed, planner_config=CONFIG, batch_size=BATCH_SIZE, measure_latency=False,
+                         show_progress=False)
+        if not np.array_equal(result.frame[PREDICTIONS], calib[PREDICTIONS]):
+            raise RuntimeError("compile's calibration frame differs from calibrate_frame's")
+        split = np.asarray(result.frame[SPLIT_COLUMN])
+        key = split.tobytes()
+        if key not in shared:
+            shared[key] = shared_for(split, features, calib, evaluation, classes, richer)
+        shared_of[budget] = shared[key]
         moco_results[budget] = result
-    print(f"moco compiled at {len(args.budgets)} budgets in {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"moco compiled at {len(args.budgets)} budgets in {time.perf_counter() - started:.0f} s "
+          f"({len(shared)} distinct split{'s' if len(shared) > 1 else ''})", flush=True)
 
-    rows = {name: np.flatnonzero(split == i) for i, name in enumerate(SPLITS)}
-    data = Data(calib, evaluation, rows)
-    full = calib[PREDICTIONS]
-    predictions = {"design": full[rows["rules"]], "test": full[rows["test"]], "eval": evaluation[PREDICTIONS]}
-    labels = evaluation[LABELS]
-    fits = Fits(data, predictions["design"], classes, richer)
-    accuracy_before = float((predictions["eval"] == labels).mean())
-    overhead = np.array([BOUNDARY_COST * math.prod(c.shape[1:]) for c in cuts])
+    accuracy_before = float((evaluation[PREDICTIONS] == evaluation[LABELS]).mean())
+    overhead = BOUNDARY_COST * cut_elements([c.shape for c in cuts])
     table: dict[str, dict[float, dict]] = {}
+    reproduced: dict[float, bool] = {}
 
     def record(name: str, budget: float, outcome: rb.Outcome, rule_flops: np.ndarray, certificate: dict) -> None:
-        measured = rb.measure(outcome, predictions["eval"], labels, before, rule_flops, total_flops)
+        here = shared_of[budget]
+        measured = rb.measure(outcome, here.predictions["eval"], here.labels["eval"], before, rule_flops,
+                              total_flops)
         with_overhead = rb.row_flops(outcome, before, rule_flops + overhead, total_flops).mean()
         measured["reduction_with_overhead"] = float(1 - with_overhead / total_flops)
-        measured["certificate"] = {k: certificate.get(k) for k in ("disagreements", "p_value", "plans_tested")}
+        measured["certificate"] = {k: certificate.get(k)
+                                   for k in ("family", "disagreements", "p_value", "plans_tested")}
         table.setdefault(name, {})[budget] = measured
 
     for budget in args.budgets:
+        here = shared_of[budget]
+        fits, predictions = here.fits, here.predictions
         plan = moco_results[budget].plan
-        moco_outcome, moco_rules = plan_outcome(plan, cuts, data, predictions["eval"])
+        moco_outcome, moco_rules = plan_outcome(plan, cuts, here.data, predictions["eval"])
         record(MOCO, budget, moco_outcome, moco_rules, plan.certificate)
         variants = fits.moco_variants(cuts, budget)
         built = {e.cut.tensor: e.pooling for e in plan.exits}
         mismatched = [c.tensor for c, v in zip(cuts, variants) if c.tensor in built and built[c.tensor] != v]
         if mismatched:
             print(f"warning: pooling variant differs from compile's at {mismatched}", flush=True)
-        if budget == args.budgets[0]:  # the same rules and planner rebuilt here must give compile's plan
-            outcome, _, _ = run_richer(MOCO_FITTER, fits, cuts, variants, predictions, budget,
-                                       args.confidence, total_flops, classes)
-            same = np.array_equal(outcome.exit_index, moco_outcome.exit_index)
-            print(f"moco rebuilt from the shared splits reproduces compile's routing: {same}", flush=True)
+        # the same rules and planner rebuilt here (compile's seed and config) must give compile's plan
+        rebuilt = plan_richer(MOCO_FITTER, here, cuts, variants, budget, args.confidence, total_flops, classes,
+                              args.seed)
+        outcome, _ = plan_outcome(rebuilt, cuts, here.data, predictions["eval"])
+        reproduced[budget] = same_plan(rebuilt, plan) and np.array_equal(outcome.exit_index,
+                                                                         moco_outcome.exit_index)
+        print(f"moco rebuilt from the shared split reproduces compile's plan: {reproduced[budget]}", flush=True)
 
         probe_fits = [fits.get("softmax probe", cut_column(c), v) for c, v in zip(cuts, variants)]
         outputs = {part: rb.ProbeOutputs.from_logits([f[part] for f in probe_fits])
@@ -370,15 +444,13 @@ def main() -> None:
             outcome, certificate = run_policy(policy, outputs, predictions, budget, args.confidence, before,
                                               rule_flops, total_flops)
             record(policy.name, budget, outcome, rule_flops, certificate)
-        outcome, rule_flops, certificate = run_richer(MOCO_FITTER, fits, cuts, variants, predictions, budget,
-                                                      args.confidence, total_flops, classes, boundary_cost=0.0)
+        common = (here, cuts, variants, budget, args.confidence, total_flops, classes, args.seed)
+        outcome, rule_flops, certificate = run_richer(MOCO_FITTER, *common, replace(CONFIG, boundary_cost=0.0))
         record(MOCO_NO_OVERHEAD, budget, outcome, rule_flops, certificate)
-        outcome, rule_flops, certificate = run_richer("one-vs-rest", fits, cuts, variants, predictions, budget,
-                                                      args.confidence, total_flops, classes)
+        outcome, rule_flops, certificate = run_richer("one-vs-rest", *common)
         record(ONE_VS_REST, budget, outcome, rule_flops, certificate)
         for name in richer:
-            outcome, rule_flops, certificate = run_richer(name, fits, cuts, variants, predictions, budget,
-                                                          args.confidence, total_flops, classes)
+            outcome, rule_flops, certificate = run_richer(name, *common)
             record(name, budget, outcome, rule_flops, certificate)
         print(f"budget {budget:g} done at {time.perf_counter() - started:.0f} s (variants {variants})", flush=True)
         for name, per_budget in table.items():
@@ -390,20 +462,21 @@ def main() -> None:
 
     seconds = time.perf_counter() - started
     with open(scratch / "table.pkl", "wb") as handle:  # for re-reading without rerunning
-        pickle.dump({"table": table, "budgets": args.budgets}, handle)
+        pickle.dump({"table": table, "budgets": args.budgets, "reproduced": reproduced}, handle)
     calib_accuracy = float((calib[PREDICTIONS] == calib[LABELS]).mean())
     command = " ".join(["python benchmarks/bench_rule_quality.py"] + [a for a in sys.argv[1:] if a != "--no-write"])
-    lines = report(workload, table, args.budgets, richer, classes, accuracy_before, calib_accuracy, total_flops, rows,
-                   seconds, cuts, command)
+    split_rows = {b: (len(shared_of[b].rows["rules"]), len(shared_of[b].rows["test"])) for b in args.budgets}
+    lines = report(workload, table, args.budgets, richer, classes, accuracy_before, calib_accuracy, total_flops,
+                   split_rows, reproduced, args.confidence, seconds, cuts, command)
     print("\n".join(lines))
     if not args.no_write:
-        plot(workload, table, args.budgets, richer)
+        plot(workload, table, args.budgets, richer, args.confidence)
         write_section(workload.title, "\n".join(lines))
 
 
 def report(workload: Workload, table: dict[str, dict[float, dict]], budgets: list[float], richer: dict, classes: int,
-           accuracy_before: float, calib_accuracy: float, total_flops: float, rows: dict[str, np.ndarray],
-           seconds: float, cuts: list, command: str) -> list[str]:
+           accuracy_before: float, calib_accuracy: float, total_flops: float, split_rows: dict[float, tuple[int, int]],
+           reproduced: dict[float, bool], confidence: float, seconds: float, cuts: list, command: str) -> list[str]:
     names = list(table)
     best = {b: max(names, key=lambda n: table[n][b]["compute_reduction"]) for b in budgets}
     header = ["| method | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
@@ -415,21 +488,41 @@ def report(workload: Workload, table: dict[str, dict[float, dict]], budgets: lis
         value = f"{100 * table[name][b]['compute_reduction']:.1f}%"
         return f"**{value}**" if best[b] == name else value
 
+    def per_budget(values: dict[float, Any]) -> str:
+        distinct = set(values.values())
+        if len(distinct) == 1:
+            return f"{next(iter(distinct))}"
+        return ", ".join(f"{values[b]} at {100 * b:g}%" for b in budgets)
+
+    def counted(values: dict[float, int], noun: str) -> str:
+        return f"{values[budgets[0]]} {noun}" if len(set(values.values())) == 1 else f"{noun} ({per_budget(values)})"
+
+    fit_rows = counted({b: split_rows[b][0] for b in budgets}, "calibration rows")
+    test_rows = counted({b: split_rows[b][1] for b in budgets}, "rows")
+    failed = [b for b in budgets if not reproduced[b]]
+    check = ("Rebuilding moco's rules and planner here from the shared split gives compile's plan at every budget."
+             if not failed else "**Rebuilding moco's rules and planner here does not give compile's plan at "
+             + ", ".join(f"{100 * b:g}%" for b in failed) + "**.")
+
     lines = [
         f"Command: `{command}`",
         f"Machine: {machine_description()} (run took {seconds / 60:.1f} min)",
         "",
         f"Model: {workload.model} ({total_flops / 1e6:.1f} MFLOPs per {workload.row}, "
-        f"{len(cuts)} cuts). Every method fits on the same {len(rows['rules'])} calibration rows "
-        f"(moco's \"rules\" split; plans and threshold paths are designed on 3-way cross-fitted scores "
-        f"of those rows), is certified on the same {len(rows['test'])} rows (moco's \"test\" split) by "
-        "the same fixed-sequence exact binomial test (Learn-then-Test, 95% confidence, budget = max "
-        "disagreement with the full model), reads the same pooled features per cut (the pooling variant "
-        "moco picks there) and is charged the same way (`ExitPlan.row_flops`: prefix up to the exit plus "
-        "every built exit's rule on the way). Baselines use a multinomial linear probe per cut fitted on "
+        f"{len(cuts)} cuts). At each budget every method fits on the same {fit_rows} "
+        f"(moco's \"rules\" split at that budget; plans and threshold paths are designed on "
+        f"{CONFIG.cross_fit_folds}-way cross-fitted scores of those rows), is certified on the same {test_rows} "
+        "(moco's \"test\" split) by the same fixed-sequence exact binomial test (Learn-then-Test, "
+        f"{100 * confidence:g}% confidence, budget = max disagreement with the full model; moco's planner also "
+        f"counts as disagreements the test rows that float rounding within {CONFIG.rounding_tolerance:g} could "
+        "send out with another class), reads the same pooled features per cut (the pooling variant moco picks "
+        "there) and is charged the same way (`passes.routing.stage_costs`, as `ExitPlan.row_flops`: prefix up "
+        "to the exit plus every built exit's rule on the way). Methods planned by moco's `ExitPlanner` use "
+        "compile's seed and default `PlannerConfig`. Baselines use a multinomial linear probe per cut fitted on "
         f"the same rows to predict the full model's class. All figures are on {workload.evaluation_rows}, "
         "which nothing was fitted or certified on. Full model accuracy "
-        f"{100 * accuracy_before:.2f}%.",
+        f"{100 * accuracy_before:.2f}%. {check} The default's plan family (chosen on the design rows): "
+        f"{per_budget({b: table[MOCO][b]['certificate']['family'] for b in budgets})}.",
         "",
         "Compute reduction at equal certified disagreement budget (best per budget in bold):",
         "",
@@ -437,7 +530,7 @@ def report(workload: Workload, table: dict[str, dict[float, dict]], budgets: lis
         "",
         f"Same plans, charging each built exit moco's planning overhead as well ({BOUNDARY_COST:g} "
         "FLOP-equivalents per cut-tensor element for every row reaching it: the Compress copy and layout "
-        "changes an exit costs in onnxruntime, see `ExitPlanner.boundary_cost`):",
+        "changes an exit costs in onnxruntime, see `PlannerConfig.boundary_cost`):",
         "",
         *header, *rows_of(lambda n, b: f"{100 * table[n][b]['reduction_with_overhead']:.1f}%"),
         "",
@@ -536,7 +629,8 @@ def over_budget_reading(workload: Workload, table: dict[str, dict[float, dict]],
             "is close to the budget.")
 
 
-def plot(workload: Workload, table: dict[str, dict[float, dict]], budgets: list[float], richer: dict) -> None:
+def plot(workload: Workload, table: dict[str, dict[float, dict]], budgets: list[float], richer: dict,
+         confidence: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -555,7 +649,8 @@ def plot(workload: Workload, table: dict[str, dict[float, dict]], budgets: list[
         axis.grid(alpha=0.3)
     axes[0].set_ylabel(workload.y_label)
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    figure.suptitle(f"{workload.figure_title}: rule families at equal certified budget (95% confidence)")
+    figure.suptitle(f"{workload.figure_title}: rule families at equal certified budget "
+                     f"({100 * confidence:g}% confidence)")
     figure.tight_layout()
     figure.savefig(workload.png, dpi=110)
     plt.close(figure)

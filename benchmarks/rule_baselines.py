@@ -40,6 +40,7 @@ from scipy.special import expit, softmax
 from threadpoolctl import threadpool_limits
 
 from moco_compile.passes.bounds import binomial_p_value
+from moco_compile.passes.routing import route, stage_costs
 from moco_compile.passes.rules import SoftmaxRuleFitter
 
 NEVER = -1e4  # bias of a score that must never fire (class absent from the fit rows)
@@ -319,24 +320,29 @@ class Outcome:
 
 
 def first_firing(fire: Sequence[np.ndarray], classes: Sequence[np.ndarray], open_: np.ndarray) -> Outcome:
-    rows = len(fire[0])
-    exit_index = np.full(rows, -1, np.int64)
-    exit_class = np.full(rows, -1, np.int64)
-    remaining = np.ones(rows, bool)
+    """Each row leaves at the first built cut whose ``fire`` is set, with that cut's class.
+
+    Routed by moco's own :func:`~moco_compile.passes.routing.route`: at cut ``k`` the margin
+    of class ``classes[k]`` is positive on the rows that fire there, every other margin negative.
+    """
+    open_ = np.asarray(open_, bool)
+    rows = len(fire[0]) if len(fire) else 0
+    width = 1 + max((int(c.max()) for c in classes if len(c)), default=0)
+    margins = []
     for k, (f, c) in enumerate(zip(fire, classes)):
-        if not open_[k]:
-            continue
-        now = remaining & f
-        exit_index[now], exit_class[now] = k, c[now]
-        remaining &= ~now
-    return Outcome(exit_index, exit_class, np.asarray(open_, bool))
+        margin = np.full((rows, max(width, 2)), -1.0, np.float32)
+        if open_[k]:
+            firing = np.flatnonzero(f)
+            margin[firing, c[firing]] = 1.0
+        margins.append(margin)
+    routing = route(margins, rows=rows)
+    return Outcome(routing.exit_index, routing.exit_class, open_)
 
 
 def row_flops(outcome: Outcome, before: np.ndarray, rule_flops: np.ndarray, total_flops: float) -> np.ndarray:
-    """Per-row FLOPs, counted as moco's ``ExitPlan.row_flops``: prefix + rules of built exits reached."""
-    paid = np.cumsum(np.where(outcome.open, rule_flops, 0.0))
-    cost = np.append(before + paid, total_flops + (paid[-1] if len(paid) else 0.0))
-    return cost[outcome.exit_index]
+    """Per-row FLOPs, counted by moco's :func:`~moco_compile.passes.routing.stage_costs` (as
+    ``ExitPlan.row_flops``): prefix up to the exit + the rules of every built exit reached."""
+    return stage_costs(before, np.where(outcome.open, rule_flops, 0.0), total_flops)[outcome.exit_index]
 
 
 def measure(outcome: Outcome, predictions: np.ndarray, labels: np.ndarray | None, before: np.ndarray,

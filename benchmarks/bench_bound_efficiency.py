@@ -139,6 +139,7 @@ def plot(results: dict, sizes: list[int], config_results: dict, config_sizes: li
         for size, v in zip(sizes, values):
             left.scatter(np.full(len(v), size), v, s=8, color=colour, alpha=0.6)
     left.set_xscale("log")
+    left.minorticks_off()
     left.set_xticks(sizes)
     left.set_xticklabels([f"{s:,}" for s in sizes])
     left.set_xlabel("calibration rows drawn")

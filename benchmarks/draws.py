@@ -36,8 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import rule_baselines as rb  # noqa: E402
+from moco_compile.errors import CalibrationDataError  # noqa: E402
 from moco_compile.passes.calibrate import LABELS, PREDICTIONS, cut_column, variant_features  # noqa: E402
 from moco_compile.passes.config import Budget, PlannerConfig  # noqa: E402
+from moco_compile.passes.design import cut_elements  # noqa: E402
 from moco_compile.passes.plan import ExitPlan, ExitPlanner, NoPlanError, PlanEvaluation, Split  # noqa: E402
 from moco_compile.passes.planning import Planning, plan_exits  # noqa: E402
 from moco_compile.passes.pooling import pooling_cost, variants_for  # noqa: E402
@@ -275,20 +277,36 @@ def oracle(curves: dict[str, Curve], budget: float) -> dict:
 # ----------------------------------------------------------------------------- the baseline
 
 
+def baseline_halves(sample: Draw, budget: Budget, config: PlannerConfig = PlannerConfig()) -> tuple[np.ndarray,
+                                                                                                     np.ndarray]:
+    """The baseline's (fitting, test) halves of the drawn rows (pool indices), paired with moco's
+    split of the same draw: the test half is ``size // 2`` of moco's test rows (all of them when
+    moco's split is half and half, as from 1,000 rows), so both methods are certified on the same
+    rows and their difference is the method's, not the luck of the split.  Random halves where
+    moco cannot split the draw (too few rows for the budget)."""
+    rng = np.random.default_rng([sample.seed, 1])
+    half = sample.size // 2
+    try:
+        moco_test = sample.calibration[assign_splits(sample.size, sample.seed, budget, config) == SPLITS.index("test")]
+    except CalibrationDataError:
+        moco_test = sample.calibration
+    test = np.sort(rng.permutation(moco_test)[:half])
+    return np.setdiff1d(sample.calibration, test), test
+
+
 def shared_threshold_baseline(pool: Pool, sample: Draw, budget: Budget, poolings: Sequence[str]) -> dict:
     """A max-softmax threshold certified on a single split of half the drawn rows (Learn-then-Test).
 
     Per cut, a softmax probe (moco's :class:`SoftmaxRuleFitter`, on ``poolings[k]``: the pooled
-    features moco's candidate uses there) is fitted on a random half of the drawn rows to predict
-    the full model's class.  One shared threshold ``t`` for every cut: a row leaves at the first
+    features moco's candidate uses there) is fitted on one half of the drawn rows
+    (:func:`baseline_halves`) to predict the full model's class.  One shared threshold ``t`` for every cut: a row leaves at the first
     cut whose max probability is >= ``t``, with that cut's argmax class.  Thresholds come from a
     grid of the fitting half's max probabilities, strictest (no exit) first, and are tested in that
     order on the other half by the fixed-sequence exact binomial test at the full confidence.
     Routing and FLOPs are moco's (:func:`route_scores`, :func:`stage_costs`: the prefix plus
     every exit's rule on the way).  Returns its figures on the undrawn rows.
     """
-    halves = np.random.default_rng([sample.seed, 1]).permutation(sample.calibration)
-    fit_rows, test_rows = np.sort(halves[:len(halves) // 2]), np.sort(halves[len(halves) // 2:])
+    fit_rows, test_rows = baseline_halves(sample, budget)
     targets = pool.predictions[fit_rows]
     probes, rule_flops = [], []
     for cut, variant in zip(pool.cuts, poolings):
@@ -325,10 +343,25 @@ def shared_threshold_baseline(pool: Pool, sample: Draw, budget: Budget, poolings
     threshold = family[chosen] if chosen >= 0 else np.inf  # even no exit fails: too few test rows
     evaluation = routing(threshold, probabilities(sample.evaluation))
     predictions = pool.predictions[sample.evaluation]
+    built = np.full(len(pool.cuts), np.isfinite(threshold))
     return {"compute_reduction": float(1 - evaluation.cost.mean() / pool.total_flops),
+            "overhead_compute_reduction": charged_reduction(pool, [c for c, b in zip(pool.cuts, built) if b],
+                                                            rule_flops[built], evaluation.exit_index),
             "disagreement": float((evaluation.predictions(predictions) != predictions).mean()),
             "exits": int(len(pool.cuts) if np.isfinite(threshold) else 0),
             "threshold": float(threshold), "certified_index": int(chosen), "family_size": len(family)}
+
+
+def charged_reduction(pool: Pool, cuts: Sequence, rule_flops: np.ndarray, exit_index: np.ndarray,
+                      boundary_cost: float = PlannerConfig().boundary_cost) -> float:
+    """Compute reduction when every built exit a row reaches also charges the exit overhead moco
+    plans with (``boundary_cost`` FLOP-equivalents per cut-tensor element: the copy of the
+    continuing rows and the layout changes an exit costs in onnxruntime); ``exit_index`` indexes
+    ``cuts`` (-1: the full network)."""
+    before = np.array([c.flops_before for c in cuts], np.float64)
+    overhead = boundary_cost * cut_elements([c.shape for c in cuts])
+    costs = stage_costs(before, np.asarray(rule_flops, np.float64) + overhead, pool.total_flops)
+    return float(1 - costs[exit_index].mean() / pool.total_flops)
 
 
 def default_poolings(pool: Pool) -> list[str]:
@@ -343,7 +376,11 @@ def moco_record(pool: Pool, sample: Draw, budget: Budget, planning: Planning) ->
     """What a moco planning of a draw did, measured on the undrawn rows."""
     evaluation = evaluate_plan(pool, planning.plan, sample.evaluation)
     certificate = planning.plan.certificate
+    exits = planning.plan.exits
     return {"compute_reduction": evaluation.compute_reduction, "disagreement": evaluation.disagreement,
+            "overhead_compute_reduction": charged_reduction(pool, [e.cut for e in exits],
+                                                            np.array([e.rule_flops for e in exits]),
+                                                            evaluation.exit_index),
             "accuracy_before": evaluation.accuracy_before, "accuracy_after": evaluation.accuracy_after,
             "exits": len(planning.plan.exits), "family": certificate.get("family"),
             "test_rows": certificate.get("test_rows"),
@@ -351,7 +388,7 @@ def moco_record(pool: Pool, sample: Draw, budget: Budget, planning: Planning) ->
             "poolings": None if planning.candidates is None else [c.pooling for c in planning.candidates.exits]}
 
 
-RECORDS_VERSION = 1  # bump when this module changes what a record holds or how it is computed
+RECORDS_VERSION = 2  # bump when this module changes what a record holds or how it is computed
 _DIGEST: list[str] = []
 
 

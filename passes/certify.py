@@ -3,9 +3,12 @@
 Plans are tested in family order (fixed on the design rows, before any test row
 was seen) with exact binomial p-values for H0 "disagreement rate >= budget"
 (and, when asked, "accuracy harm >= its budget": a plan passes only if both are
-rejected); the last plan rejected before the first failure is kept.  With
-probability >= ``1 - delta`` the kept plan's rates are within budget: one test
-covers the whole plan, not each rule (Learn-then-Test, Angelopoulos et al. 2021).
+rejected).  Every plan rejected before the first failure is certified: with
+probability >= ``1 - delta`` all their rates are within budget at once, so the
+one that saves most on the test rows (in planning cost) is kept; one test covers
+the whole plan, not each rule (Learn-then-Test, Angelopoulos et al. 2021).
+Usually that is the last one, but not when its extra exits cost more than
+they save on the test rows.
 
 A row counts as a disagreement when its simulated class differs from the full
 model's, or when float rounding in the shipped graph could send it out with
@@ -56,9 +59,10 @@ def count_failures(routing: Routing, split: "Split", budget: Budget) -> Failures
 
 @dataclass(frozen=True)
 class CertifiedFamily:
-    """Outcome of certifying one family: the index of the kept plan (-1: none, not even the
-    plan with no exits), and per plan its test figures."""
+    """Outcome of certifying one family: the index of the last certified plan and of the kept
+    plan (-1: none, not even the plan with no exits), and per plan its test figures."""
 
+    certified: int
     chosen: int
     p_values: list[float]
     failures: list[Failures]
@@ -66,21 +70,26 @@ class CertifiedFamily:
     accuracies: list[float | None]
 
 
-def certify_family(family: list[np.ndarray], test: "Split", stage_costs_of, total_flops: float, budget: Budget,
-                   delta: float, tolerance: float) -> CertifiedFamily:
+def certify_family(family: list[np.ndarray], test: "Split", stage_costs_of, planning_costs_of, total_flops: float,
+                   budget: Budget, delta: float, tolerance: float) -> CertifiedFamily:
     """Test ``family``'s plans in order on ``test`` at level ``delta``.
 
     ``stage_costs_of(open_exits)`` gives the FLOPs of leaving at each exit for a plan
-    that builds ``open_exits`` (see :func:`~moco_compile.passes.routing.stage_costs`).
+    that builds ``open_exits`` (see :func:`~moco_compile.passes.routing.stage_costs`);
+    ``planning_costs_of(open_exits)`` the same with the exit overhead the planner charges,
+    which chooses among the certified plans.
     """
-    p_values, failures, reductions, accuracies = [], [], [], []
+    p_values, failures, reductions, accuracies, planning_costs = [], [], [], [], []
     for plan in family:
-        routing = route_scores(test.scores, plan, stage_costs_of(np.isfinite(plan).any(axis=1)), tolerance,
-                               len(test), test.predictions)
+        open_exits = np.isfinite(plan).any(axis=1)
+        routing = route_scores(test.scores, plan, stage_costs_of(open_exits), tolerance, len(test), test.predictions)
+        planning_costs.append(float(planning_costs_of(open_exits)[routing.exit_index].mean()) if len(test) else 0.0)
         failed = count_failures(routing, test, budget)
         failures.append(failed)
         p_values.append(failed.p_value(len(test), budget))
         reductions.append(float(1 - routing.cost.mean() / total_flops) if len(test) else 0.0)
         accuracies.append(None if test.labels is None else
                           float((routing.predictions(test.predictions) == test.labels).mean()))
-    return CertifiedFamily(fixed_sequence(p_values, delta), p_values, failures, reductions, accuracies)
+    certified = fixed_sequence(p_values, delta)
+    chosen = min(range(certified + 1), key=lambda k: (planning_costs[k], -k)) if certified >= 0 else -1
+    return CertifiedFamily(certified, chosen, p_values, failures, reductions, accuracies)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FAMILIES = ("per-class", "shared")
+FAMILIES = ("shared-all", "shared", "per-class")  # simplest first
 FAMILY_SELECTIONS = ("cross-validated", "bonferroni")
 
 
@@ -57,12 +57,15 @@ class PlannerConfig:
         share of the fitting rows; a costlier variant must admit this much more.
 
     Plan families (see :mod:`moco_compile.passes.design`)
-        ``families``: ``"per-class"`` (greedy over every (cut, class) threshold) and
-        ``"shared"`` (one log-probability threshold for every open exit).
+        ``families``, simplest first: ``"shared-all"`` (one log-probability threshold,
+        every candidate exit open), ``"shared"`` (one threshold on the exits backward
+        elimination keeps) and ``"per-class"`` (greedy over every (cut, class) threshold).
         ``family_selection``: ``"cross-validated"`` chooses one family on the design rows
-        (each family built on one half and scored on the other, both ways) and certifies
-        it at the full confidence; ``"bonferroni"`` certifies every family at an equal
-        share of ``1 - confidence`` and keeps the certified plan that saves most.
+        (each family built on one half and scored on the other, both ways, repeated
+        ``family_cv_repeats`` times; the first family listed within one standard error of
+        the best wins) and certifies it at the full confidence; ``"bonferroni"`` certifies
+        every family at an equal share of ``1 - confidence`` and keeps the certified plan
+        that saves most.
         ``step_fraction``, ``step_multipliers``: a per-class threshold move admits this
         fraction of the design rows times one of the multipliers.
         ``shared_step_fraction``: a shared-threshold step admits this fraction of the open
@@ -94,6 +97,7 @@ class PlannerConfig:
     variant_min_gain: float = 0.01
     families: tuple[str, ...] = FAMILIES
     family_selection: str = "cross-validated"
+    family_cv_repeats: int = 3
     step_fraction: float = 0.005
     step_multipliers: tuple[int, ...] = (1, 4, 16, 64)
     shared_step_fraction: float = 0.001
@@ -112,6 +116,8 @@ class PlannerConfig:
                      "shared_step_fraction", "elimination_risk_fraction"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.family_cv_repeats < 1:
+            raise ValueError(f"family_cv_repeats must be at least 1, got {self.family_cv_repeats}")
         if self.cross_fit_folds < 2:
             raise ValueError(f"cross_fit_folds must be at least 2, got {self.cross_fit_folds}")
         if self.min_design_rows < 2 * self.cross_fit_folds:

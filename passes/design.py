@@ -10,16 +10,21 @@ certification (:mod:`moco_compile.passes.certify`) tests it in that order.
   preferred where they pay;
 * ``"shared"``: one threshold on every open exit's log-probabilities, lowered
   step by step (a max-probability rule; one degree of freedom, so it
-  generalises well from few rows).
+  generalises well from few rows);
+* ``"shared-all"``: the same with every candidate exit open (the plain
+  max-softmax early exit of BranchyNet / SDN): no exit set is chosen on the
+  design rows, so it cannot overfit them, which matters when they are few.
 
-Which exits a family opens is chosen by backward elimination: starting from
-all, drop the exit whose removal lowers the design cost most (at a fraction of
-the budget) while one does; opening an exit charges its cost to every row
-reaching it, which a one-threshold-at-a-time search could never pay for.
+Which exits ``"per-class"`` and ``"shared"`` open is chosen by backward
+elimination: starting from all, drop the exit whose removal lowers the design
+cost most (at a fraction of the budget) while one does; opening an exit
+charges its cost to every row reaching it, which a one-threshold-at-a-time
+search could never pay for.
 
 :func:`choose_family` picks one family without looking at the test rows: each
 family is built on one half of the design rows and scored on the other, both
-ways, at the disagreement the test split could certify.
+ways and repeatedly, at the disagreement the test split could certify; the
+simplest family within one standard error of the best wins.
 """
 from __future__ import annotations
 
@@ -84,14 +89,14 @@ class DesignProblem:
 
 def build_family(name: str, problem: DesignProblem) -> list[Plan]:
     """The nested plans of family ``name`` on ``problem``'s design rows."""
-    path_of = _PATHS[name]
+    path_of, eliminate = _PATHS[name]
     sorted_scores = [-np.sort(-s, axis=0) for s in problem.design.scores]
     rows = len(problem.design)
     elimination_risk = problem.config.elimination_risk_fraction * rows
     active = np.ones(len(problem.flops_before), bool)
     path = path_of(problem, sorted_scores, active)
     value = _cost_within(path, elimination_risk)
-    while active.sum() > 1:
+    while eliminate and active.sum() > 1:
         trials = []
         for k in np.flatnonzero(active):
             trial = active.copy()
@@ -106,24 +111,36 @@ def build_family(name: str, problem: DesignProblem) -> list[Plan]:
 
 
 def choose_family(problem: DesignProblem, test_rows: int, seed: int = 0) -> tuple[str, dict[str, float]]:
-    """The family whose plans, built on one half of the design rows, save most on the other half
-    at the disagreement a ``test_rows``-row test could certify; and each family's held-out
-    saving (planning cost, mean over the two halves)."""
+    """The simplest family whose held-out saving is within one standard error of the best's; and
+    each family's held-out saving (planning cost, mean over folds).
+
+    Each family is built on one half of the design rows and scored on the other, both ways,
+    ``PlannerConfig.family_cv_repeats`` times: its saving is that of its best plan within the
+    disagreement a ``test_rows``-row test could certify.  Families are listed simplest first
+    (``PlannerConfig.families``); a richer one is kept only when it beats the simpler ones by more
+    than the noise of the folds, since on few design rows its extra choices mostly fit noise.
+    """
     config, budget = problem.config, problem.budget
     delta = config.family_delta(budget)
     allowed_rate = max(max_certifiable_failures(test_rows, budget.max_disagreement, delta), 0) / test_rows
     allowed_harm = None if budget.max_accuracy_drop is None else \
         max(max_certifiable_failures(test_rows, budget.max_accuracy_drop, delta), 0) / test_rows
-    half = np.random.default_rng(seed).permutation(len(problem.design)) % 2 == 0
-    scores: dict[str, float] = {}
-    for name in config.families:
-        saved = []
+    rng = np.random.default_rng(seed)
+    saved: dict[str, list[float]] = {name: [] for name in config.families}
+    for _ in range(config.family_cv_repeats):
+        half = rng.permutation(len(problem.design)) % 2 == 0
         for build_on in (half, ~half):
-            family = build_family(name, problem.on(problem.design.take(build_on)))
-            held_out = problem.design.take(~build_on)
-            saved.append(_best_within(family, held_out, problem, allowed_rate, allowed_harm))
-        scores[name] = float(np.mean(saved))
-    return max(scores, key=lambda name: (scores[name], -config.families.index(name))), scores
+            on, held_out = problem.on(problem.design.take(build_on)), problem.design.take(~build_on)
+            for name in config.families:
+                saved[name].append(_best_within(build_family(name, on), held_out, problem, allowed_rate,
+                                                allowed_harm))
+    scores = {name: float(np.mean(values)) for name, values in saved.items()}
+    best = max(scores, key=lambda name: (scores[name], -config.families.index(name)))
+    for name in config.families:
+        gap = np.subtract(saved[best], saved[name])
+        if gap.mean() <= gap.std(ddof=1) / math.sqrt(len(gap)):
+            return name, scores
+    return best, scores  # unreachable: the best is within zero of itself
 
 
 def _best_within(family: list[Plan], rows: Split, problem: DesignProblem, allowed_rate: float,
@@ -147,24 +164,24 @@ def _per_class_path(problem: DesignProblem, sorted_scores: list[np.ndarray], act
     """Greedy path over the ``active`` exits' (cut, class) thresholds."""
     rows, classes = problem.design.scores[0].shape
     step = max(1, round(problem.config.step_fraction * rows))
-    state = _DesignState(problem, active)
+    sizes = step * np.asarray(problem.config.step_multipliers)  # larger moves too: the next rows by score
+    state = _DesignState(problem, active)                        # may already leave earlier
     counts = np.zeros((len(active), classes), np.int64)
     path = [(_thresholds(counts, sorted_scores), state.total_cost, state.risk)]
     while True:
         best = None
         for k in np.flatnonzero(active):
-            for cls in range(classes):
-                # larger moves too: the next rows by score may already leave earlier
-                for size in (multiplier * step for multiplier in problem.config.step_multipliers):
-                    q = min(counts[k, cls] + size, rows)
-                    if q == counts[k, cls]:
-                        break
-                    saved, added_risk = state.delta(k, cls, _threshold(sorted_scores[k][:, cls], q))
-                    if saved <= 0:
-                        continue
-                    priority = (np.inf, saved) if added_risk <= 0 else (saved / added_risk, saved)
-                    if best is None or priority > best[0]:
-                        best = (priority, k, cls, q)
+            admitted = np.minimum(counts[k][:, None] + sizes[None, :], rows)  # [classes, sizes]
+            saved, added_risk = state.deltas(k, _threshold_grid(sorted_scores[k], admitted))
+            ratio = np.where(added_risk <= 0, np.inf, saved / np.where(added_risk <= 0, 1.0, added_risk))
+            ratio[(saved <= 0) | (counts[k] == rows)[:, None]] = -np.inf
+            # the first of the highest (ratio, saved), in (class, size) order
+            candidates = np.flatnonzero(ratio.ravel() == ratio.max())
+            flat = candidates[np.argmax(saved.ravel()[candidates])]
+            cls, size = divmod(int(flat), len(sizes))
+            priority = (ratio[cls, size], saved[cls, size])
+            if priority[0] > -np.inf and (best is None or priority > best[0]):
+                best = (priority, k, cls, int(admitted[cls, size]))
         if best is None:
             return path
         _, k, cls, q = best
@@ -177,26 +194,53 @@ def _per_class_path(problem: DesignProblem, sorted_scores: list[np.ndarray], act
 
 
 def _shared_path(problem: DesignProblem, sorted_scores: list[np.ndarray], active: np.ndarray) -> Path:
-    """One threshold for every class of every ``active`` exit, lowered step by step."""
-    classes = problem.design.scores[0].shape[1]
-    state = _DesignState(problem, active)
+    """One threshold for every class of every ``active`` exit, lowered step by step.
+
+    A row leaves at the first open exit whose top score is above the threshold, so as the
+    threshold falls it moves to an earlier exit exactly when it passes that exit's top score
+    and that score beats every earlier exit's.  Those moves, sorted by score, price every step
+    of the path with one cumulative sum.
+    """
+    rows, classes = problem.design.scores[0].shape
+    open_ = np.flatnonzero(active)
+    costs, row_risk = problem.costs(active), problem.row_risk(problem.design)
+    top = np.stack([problem.design.scores[k].max(axis=1) for k in open_], axis=1)  # [rows, open exits]
+    top_class = np.stack([problem.design.scores[k].argmax(axis=1) for k in open_], axis=1)
+    earlier_best = np.concatenate([np.full((rows, 1), -np.inf, top.dtype),
+                                   np.maximum.accumulate(top, axis=1)[:, :-1]], axis=1)
+    row, column = np.nonzero(top > earlier_best)  # (row, exit) pairs the row ever leaves at; row-major
+    # the move into (row, column) comes from the row's next such exit, or from the full network
+    last = np.append(row[1:] != row[:-1], True)
+    source = np.where(last, -1, np.roll(column, -1))
+    source_stage = np.where(source < 0, len(costs) - 1, open_[source])
+    source_risk = np.where(source < 0, 0.0, row_risk[row, top_class[row, np.maximum(source, 0)]])
+    cost_change = costs[open_[column]] - costs[source_stage]
+    risk_change = row_risk[row, top_class[row, column]] - source_risk
+    order = np.argsort(-top[row, column], kind="stable")
+    move_scores = top[row, column][order]  # descending
+    cost_after = rows * costs[-1] + np.concatenate([[0.0], np.cumsum(cost_change[order])])
+    risk_after = np.concatenate([[0.0], np.cumsum(risk_change[order])])
+
     off = np.full((len(active), classes), np.inf, np.float32)
-    path = [(off, state.total_cost, state.risk)]
-    best = -np.sort(-np.concatenate([s[:, 0] for s, on in zip(sorted_scores, active) if on]))
+    path = [(off, float(cost_after[0]), 0.0)]
+    best = -np.sort(-top.ravel())
     stride = max(1, round(problem.config.shared_step_fraction * len(best)))
+    moved = 0
     for count in range(stride, len(best) + 1, stride):
-        thresholds = np.where(active[:, None], np.float32(_threshold(best, count)), off)
-        admitted = state.exit_index.copy()
-        state.update(thresholds)
-        if state.risk > problem.risk_cap():
+        threshold = np.float32(_threshold(best, count))
+        now_moved = int(np.searchsorted(-move_scores, -threshold, side="left"))  # moves with score > threshold
+        if risk_after[now_moved] > problem.risk_cap():
             break
-        if not np.array_equal(admitted, state.exit_index):  # a plan that moves no design row adds only a test
-            path.append((thresholds, state.total_cost, state.risk))
+        if now_moved != moved:  # a plan that moves no design row adds only a test
+            path.append((np.where(active[:, None], threshold, off), float(cost_after[now_moved]),
+                         float(risk_after[now_moved])))
+            moved = now_moved
     return path
 
 
-_PATHS: dict[str, Callable[[DesignProblem, list[np.ndarray], np.ndarray], Path]] = {
-    "per-class": _per_class_path, "shared": _shared_path}
+# family name -> (path over a set of open exits, whether backward elimination chooses that set)
+_PATHS: dict[str, tuple[Callable[[DesignProblem, list[np.ndarray], np.ndarray], Path], bool]] = {
+    "per-class": (_per_class_path, True), "shared": (_shared_path, True), "shared-all": (_shared_path, False)}
 
 
 def _cost_within(path: Path, risk: float) -> float:
@@ -206,16 +250,23 @@ def _cost_within(path: Path, risk: float) -> float:
 
 def _threshold(descending: np.ndarray, count: int) -> float:
     """Threshold between the ``count``-th and the next highest score (inf for count 0)."""
-    if count == 0:
-        return np.inf
-    lower = descending[count] if count < len(descending) else descending[-1] - 1.0
-    return float((descending[count - 1] + lower) / 2)
+    return float(_threshold_grid(descending[:, None], np.array([[count]]))[0, 0])
+
+
+def _threshold_grid(descending: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``[classes, m]`` thresholds admitting the top ``counts[c, j]`` of column c of ``descending``
+    (each column sorted high to low; inf where the count is 0)."""
+    rows = len(descending)
+    columns = np.arange(descending.shape[1])[:, None]
+    above = descending[np.maximum(counts - 1, 0), columns]
+    below = np.where(counts < rows, descending[np.minimum(counts, rows - 1), columns], descending[-1][:, None] - 1.0)
+    return np.where(counts == 0, np.inf, ((above + below) / 2).astype(np.float64))
 
 
 def _thresholds(counts: np.ndarray, sorted_scores: Sequence[np.ndarray]) -> Plan:
     """Per (cut, class) thresholds admitting the top ``counts[k, c]`` design scores."""
-    return np.array([[_threshold(scores[:, cls], counts[k, cls]) for cls in range(counts.shape[1])]
-                     for k, scores in enumerate(sorted_scores)], np.float32).reshape(counts.shape)
+    return np.array([_threshold_grid(scores, counts[k][:, None])[:, 0] for k, scores in enumerate(sorted_scores)],
+                    np.float32).reshape(counts.shape)
 
 
 class _DesignState:
@@ -244,17 +295,24 @@ class _DesignState:
         self.risk = float(self.current_risk.sum())
         self.total_cost = float(self.cost.sum())
 
-    def delta(self, k: int, cls: int, threshold: float) -> tuple[float, float]:
-        """(cost saved, risk added) on the design rows if threshold (k, cls) became ``threshold``."""
-        reach = (self.exit_index < 0) | (self.exit_index >= k)
-        margin = self.scores[k][:, cls] - threshold
+    def deltas(self, k: int, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(cost saved, risk added) on the design rows, each ``[classes, m]``, if threshold
+        (k, c) alone became ``thresholds[c, j]``."""
+        scores, thresholds = self.scores[k], thresholds.astype(np.float32)  # as the plan will hold them
         at_k = self.exit_index == k
-        newly = reach & ~at_k & (margin > 0)
-        switched = at_k & (self.exit_class != cls) & (margin > self.margin)
-        added_cost = (self.costs[k] - self.cost[newly]).sum()
-        moved = newly | switched
-        added_risk = (self.row_risk[moved, cls] - self.current_risk[moved]).sum()
-        return float(-added_cost), float(added_risk)
+        waiting = ((self.exit_index < 0) | (self.exit_index > k))  # reach k and do not leave there yet
+        # rows that would newly leave at k: they save what they cost now minus the cost of leaving at k
+        newly = (scores[waiting][:, :, None] - thresholds[None]) > 0
+        gain = self.cost[waiting] - self.costs[k]
+        risk = self.row_risk[waiting] - self.current_risk[waiting][:, None]
+        saved = np.einsum("ncm,n->cm", newly, gain)
+        added = np.einsum("ncm,nc->cm", newly, risk)
+        # rows leaving at k with another class whose margin for this class would become larger
+        other = np.arange(scores.shape[1])[None, :] != self.exit_class[at_k][:, None]
+        switched = ((scores[at_k][:, :, None] - thresholds[None]) > self.margin[at_k][:, None, None]) & \
+            other[:, :, None]
+        added += np.einsum("ncm,nc->cm", switched, self.row_risk[at_k] - self.current_risk[at_k][:, None])
+        return saved, added
 
 
 def cut_elements(shapes: Sequence[Sequence[int]]) -> np.ndarray:

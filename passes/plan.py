@@ -214,7 +214,7 @@ class ExitPlanner:
         self.certified_ = {
             name: certify_family(family, test, lambda open_: stage_costs(before, np.where(open_, rule_flops, 0.0),
                                                                          total_flops),
-                                 total_flops, budget, delta, config.rounding_tolerance)
+                                 problem.costs, total_flops, budget, delta, config.rounding_tolerance)
             for name, family in self.families_.items()}
         passed = {name: result for name, result in self.certified_.items() if result.chosen >= 0}
         if config.family_selection == "bonferroni":
@@ -233,9 +233,9 @@ class ExitPlanner:
         """What was certified, and how; estimates are labelled as such."""
         chosen = result.chosen
         failures = result.failures[chosen]
-        stopped = chosen + 1 < len(result.p_values)
+        stopped = result.certified + 1 < len(result.p_values)
         curve = [{"plan": number, "compute_reduction": reduction, "disagreement": f.disagreements / test_rows,
-                  "p_value": p_value, "accuracy": accuracy, "certified": number <= chosen}
+                  "p_value": p_value, "accuracy": accuracy, "certified": number <= result.certified}
                  for number, (reduction, f, p_value, accuracy) in enumerate(
                      zip(result.compute_reductions, result.failures, result.p_values, result.accuracies))]
         return {
@@ -246,7 +246,8 @@ class ExitPlanner:
             "confidence": self.budget.confidence, "family": family,
             "family_selection": self.config.family_selection, "families": dict(self.family_scores_),
             "family_confidence": 1 - delta, "test_rows": test_rows, "family_size": len(result.p_values),
-            "plans_tested": chosen + 1 + stopped, "chosen_plan": chosen,
+            "plans_tested": result.certified + 1 + stopped, "plans_certified": result.certified + 1,
+            "chosen_plan": chosen,
             "disagreements": failures.disagreements, "near_threshold_rows": failures.near_threshold,
             "accuracy_harm": failures.accuracy_harm, "p_value": result.p_values[chosen],
             "test_compute_reduction": result.compute_reductions[chosen],

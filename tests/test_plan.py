@@ -95,9 +95,10 @@ def test_too_few_rows_names_the_rows_the_real_test_needs():
     with pytest.raises(CalibrationDataError, match=rf"{needed - 1} given, at least {needed} needed.*needs 299 test"):
         assign_splits(needed - 1, 0, budget, PlannerConfig())
     assert (assign_splits(needed, 0, budget, PlannerConfig()) == SPLITS.index("test")).sum() >= 299
-    # certifying two families at a Bonferroni share each needs more test rows, and the message says so
+    # certifying every family at a Bonferroni share each needs more test rows, and the message says so
     bonferroni = PlannerConfig(family_selection="bonferroni")
-    assert min_calibration_rows(budget, bonferroni) == rows_needed(0.01, 0.975) + bonferroni.min_design_rows
+    share = 1 - 0.05 / len(bonferroni.families)
+    assert min_calibration_rows(budget, bonferroni) == rows_needed(0.01, share) + bonferroni.min_design_rows
 
 
 # -- the planner on synthetic scores with known structure -------------------------------------
@@ -133,7 +134,7 @@ def _problem(design: Split, budget: Budget, config: PlannerConfig, count: int = 
     return DesignProblem.build(design, before, np.ones(count), np.full(count, 4.0), TOTAL_FLOPS, budget, config)
 
 
-@pytest.mark.parametrize("family", ["per-class", "shared"])
+@pytest.mark.parametrize("family", ["per-class", "shared", "shared-all"])
 def test_families_are_nested_and_grow_from_no_exits(family):
     design = _synthetic(600, np.random.default_rng(0))
     plans = build_family(family, _problem(design, Budget(0.05), PlannerConfig()))
@@ -141,8 +142,54 @@ def test_families_are_nested_and_grow_from_no_exits(family):
     for before, after in zip(plans, plans[1:]):
         kept = np.isfinite(before)
         assert (after[kept] <= before[kept]).all()  # thresholds only come down: each plan admits more rows
-    if family == "shared":
+    if family != "per-class":
         assert all(np.unique(plan[np.isfinite(plan)]).size <= 1 for plan in plans)
+    if family == "shared-all":
+        assert all(np.isfinite(plan).all() for plan in plans[1:])  # every exit open, no elimination
+
+
+def _design_cost_and_risk(problem: DesignProblem, plan: np.ndarray, active: np.ndarray) -> tuple[float, float]:
+    """What routing says a plan costs and risks on the design rows (the reference the fast paths must match)."""
+    routing = route([s - t for s, t in zip(problem.design.scores, plan)], problem.costs(active))
+    exited = routing.exit_index >= 0
+    risk = problem.row_risk(problem.design)[np.flatnonzero(exited), routing.exit_class[exited]].sum()
+    return float(routing.cost.sum()), float(risk)
+
+
+@pytest.mark.parametrize("active", [(True, True, True), (False, True, True), (True, False, True)])
+def test_the_shared_path_prices_each_plan_as_routing_does(active):
+    from moco_compile.passes.design import _shared_path
+
+    design = _synthetic(500, np.random.default_rng(7))
+    problem = _problem(design, Budget(0.05), PlannerConfig())
+    active = np.array(active)
+    path = _shared_path(problem, [-np.sort(-s, axis=0) for s in design.scores], active)
+    assert len(path) > 20
+    for plan, cost, risk in path:
+        assert (cost, risk) == pytest.approx(_design_cost_and_risk(problem, plan, active))
+
+
+def test_the_greedy_prices_every_threshold_move_as_routing_does():
+    from moco_compile.passes.design import _DesignState
+
+    rng = np.random.default_rng(8)
+    design = _synthetic(400, rng)
+    problem = _problem(design, Budget(0.05), PlannerConfig())
+    active = np.ones(3, bool)
+    plan = np.array([[-0.1, np.inf, -0.3], [np.inf, -0.2, -0.5], [-1.0, -1.0, np.inf]], np.float32)
+    state = _DesignState(problem, active)
+    state.update(plan)
+    cost, risk = _design_cost_and_risk(problem, plan, active)
+    for k in range(3):
+        trials = rng.uniform(-2.0, 0.0, (3, 4))
+        saved, added = state.deltas(k, trials)
+        for cls in range(3):
+            for j in range(4):
+                moved = plan.copy()
+                moved[k, cls] = trials[cls, j]
+                new_cost, new_risk = _design_cost_and_risk(problem, moved, active)
+                if trials[cls, j] <= plan[k, cls]:  # a move only ever lowers a threshold
+                    assert (saved[cls, j], added[cls, j]) == pytest.approx((cost - new_cost, new_risk - risk))
 
 
 def test_backward_elimination_drops_an_exit_that_does_not_pay():
@@ -158,14 +205,26 @@ def test_certification_keeps_the_plan_before_the_first_failure():
     rng = np.random.default_rng(2)
     test = _synthetic(400, rng)
     family = [np.full((3, 3), np.inf, np.float32)] + [np.full((3, 3), t, np.float32) for t in (-0.05, -0.5, -3.0)]
-    result = certify_family(family, test, lambda open_: stage_costs(np.array([25.0, 50.0, 75.0]),
-                                                                     np.where(open_, 1.0, 0.0), TOTAL_FLOPS),
-                            TOTAL_FLOPS, Budget(0.05, 0.9), 0.1, 0.0)
+    flops = lambda open_: stage_costs(np.array([25.0, 50.0, 75.0]), np.where(open_, 1.0, 0.0), TOTAL_FLOPS)  # noqa: E731
+    result = certify_family(family, test, flops, flops, TOTAL_FLOPS, Budget(0.05, 0.9), 0.1, 0.0)
     rejected = [p <= 0.1 for p in result.p_values]
     first_failure = rejected.index(False) if False in rejected else len(rejected)
-    assert result.chosen == first_failure - 1
+    assert result.certified == result.chosen == first_failure - 1
     assert first_failure < len(family)  # the last, loosest plan disagrees far too often
     assert all(a <= b for a, b in zip(result.compute_reductions[:result.chosen], result.compute_reductions[1:]))
+
+
+def test_certification_keeps_the_certified_plan_that_saves_most():
+    """Every plan before the first failure is certified; when the later ones' exits cost more
+    than they save, an earlier one (here: no exit at all) is kept."""
+    rng = np.random.default_rng(2)
+    test = _synthetic(400, rng)
+    family = [np.full((3, 3), np.inf, np.float32)] + [np.full((3, 3), t, np.float32) for t in (-0.01, -0.02)]
+    flops = lambda open_: stage_costs(np.array([25.0, 50.0, 75.0]), np.where(open_, 1.0, 0.0), TOTAL_FLOPS)  # noqa: E731
+    costly = lambda open_: stage_costs(np.array([25.0, 50.0, 75.0]), np.where(open_, 90.0, 0.0), TOTAL_FLOPS)  # noqa: E731
+    result = certify_family(family, test, flops, costly, TOTAL_FLOPS, Budget(0.05, 0.9), 0.1, 0.0)
+    assert result.certified == 2 and result.chosen == 0
+    assert certify_family(family, test, flops, flops, TOTAL_FLOPS, Budget(0.05, 0.9), 0.1, 0.0).chosen == 2
 
 
 def test_family_choice_never_reads_the_test_rows():
@@ -188,9 +247,11 @@ def test_a_test_split_that_disagrees_everywhere_keeps_no_exit():
     design, test = _synthetic(600, rng), _synthetic(400, rng)
     shuffled = Split(test.scores, rng.permutation(test.predictions))
     plan = ExitPlanner(Budget(0.05, 0.9)).fit(_candidates(3), design, shuffled, TOTAL_FLOPS)
-    assert plan.exits == []
-    assert plan.certificate["chosen_plan"] == 0 and plan.certificate["disagreements"] == 0
-    assert plan.certificate["plans_tested"] == 2  # the empty plan passed, the next one failed
+    certificate = plan.certificate
+    assert certificate["disagreements"] <= max_certifiable_failures(400, 0.05, 0.1)
+    assert certificate["plans_tested"] == certificate["plans_certified"] + 1  # stopped at a failure
+    # what passes moves only a handful of rows: nothing worth its exits' cost, so no exit is kept
+    assert plan.exits == [] and certificate["chosen_plan"] == 0 and certificate["disagreements"] == 0
 
 
 def test_too_small_a_test_split_certifies_nothing():
@@ -205,9 +266,9 @@ def test_bonferroni_selection_certifies_each_family_at_a_share():
     planner = ExitPlanner(Budget(0.05, 0.9), PlannerConfig(family_selection="bonferroni"))
     plan = planner.fit(_candidates(3), design, test, TOTAL_FLOPS)
     certificate = plan.certificate
-    assert set(planner.certified_) == {"per-class", "shared"}
-    assert certificate["family_confidence"] == pytest.approx(0.95)
-    assert certificate["p_value"] <= 0.05
+    assert set(planner.certified_) == {"per-class", "shared", "shared-all"}
+    assert certificate["family_confidence"] == pytest.approx(1 - 0.1 / 3)
+    assert certificate["p_value"] <= 0.1 / 3
     assert certificate["test_compute_reduction"] == max(v for v in certificate["families"].values() if v is not None)
 
 

@@ -22,6 +22,7 @@ from moco_compile.passes.calibrate import LABELS, PREDICTIONS, calibrate, varian
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cost import flops_per_row, measure_shapes
 from moco_compile.passes.cut_points import CutPoint, find_cut_points, localize_side_tensors
+from moco_compile.passes.graph import elem_types
 from moco_compile.passes.plan import ExitPlan, PlanEvaluation
 from moco_compile.passes.planning import plan_exits
 from moco_compile.passes.rewrite import insert_exits
@@ -99,6 +100,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         check_output_dir(out_dir, inputs, force)
     imported = import_model(model, output=output, example_input=example_input)
     batches, cuts = cut_points_of(imported, calibration, batch_size)
+    types = elem_types(imported.model)
+    config = config.for_cut_types(types.get(cut.tensor, onnx.TensorProto.FLOAT) for cut in cuts)
     total_flops = cuts[0].flops_before + cuts[0].flops_after
     with tempfile.TemporaryDirectory(prefix="moco-") as scratch:
         keeper = _InputKeeper(imported.input_names, MAX_VERIFIED_ROWS)
@@ -116,7 +119,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     expected = plan.routing([variant_features(kept_frame, e.column, e.pooling) for e in plan.exits],
                             len(kept_frame), config.rounding_tolerance)
     with _stage("verifying the compiled graph", show_progress):
-        verification = verify_compiled(compiled, imported.model, imported.output, kept, expected)
+        verification = verify_compiled(compiled, imported.model, imported.output, kept, expected,
+                                       config.rounding_tolerance)
     with _stage("measuring latency (batch 1 and 64)", show_progress and measure_latency):
         latency = _latency(imported.model, compiled, kept) if measure_latency else {}
     report = _report(imported, plan, evaluation, evaluated_on, verification.to_dict(), latency, split, total_flops)

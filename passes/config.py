@@ -5,10 +5,15 @@ planner_config=PlannerConfig(...))`` reaches them from the API.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from onnx import TensorProto
 
 FAMILIES = ("shared-all", "shared", "per-class")  # simplest first
 FAMILY_SELECTIONS = ("cross-validated", "bonferroni")
+_FLOAT_UNIT = {TensorProto.FLOAT: 2.0 ** -23, TensorProto.DOUBLE: 2.0 ** -52, TensorProto.FLOAT16: 2.0 ** -10,
+               TensorProto.BFLOAT16: 2.0 ** -7}  # machine epsilon per float element type
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,11 @@ class PlannerConfig:
         ``rounding_tolerance``: rows whose route a margin change of this size
         (log-probability units) could flip count against the budget, and are the only
         rows the shipped graph may route differently from the simulation.
+        ``narrow_float_ulps``: models whose cut tensors are narrower than float32 pool
+        them in that precision in the graph, so the tolerance is raised to this many
+        units of that float's precision (:meth:`for_cut_types`; reference CNN exported
+        in float16: margins in the graph differ from the simulation by up to 3e-4, a
+        third of a float16 unit).
     """
 
     test_fraction: float = 0.5
@@ -105,6 +115,7 @@ class PlannerConfig:
     elimination_risk_fraction: float = 0.7
     boundary_cost: float = 100.0
     rounding_tolerance: float = 1e-4
+    narrow_float_ulps: float = 16.0
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -122,8 +133,18 @@ class PlannerConfig:
             raise ValueError(f"cross_fit_folds must be at least 2, got {self.cross_fit_folds}")
         if self.min_design_rows < 2 * self.cross_fit_folds:
             raise ValueError(f"min_design_rows must be at least {2 * self.cross_fit_folds}, got {self.min_design_rows}")
-        if self.rounding_tolerance < 0 or self.boundary_cost < 0 or self.design_risk_factor <= 0:
-            raise ValueError("rounding_tolerance and boundary_cost must be >= 0 and design_risk_factor > 0")
+        if self.rounding_tolerance < 0 or self.narrow_float_ulps < 0 or self.boundary_cost < 0 \
+                or self.design_risk_factor <= 0:
+            raise ValueError("rounding_tolerance, narrow_float_ulps and boundary_cost must be >= 0 and "
+                             "design_risk_factor > 0")
+
+    def for_cut_types(self, types: Iterable[int]) -> "PlannerConfig":
+        """This configuration with ``rounding_tolerance`` raised for cut tensors of element
+        types (``onnx.TensorProto`` enums) narrower than float32."""
+        units = [_FLOAT_UNIT[t] for t in types if _FLOAT_UNIT.get(t, 0.0) > _FLOAT_UNIT[TensorProto.FLOAT]]
+        if not units:
+            return self
+        return replace(self, rounding_tolerance=max(self.rounding_tolerance, self.narrow_float_ulps * max(units)))
 
     def family_delta(self, budget: Budget) -> float:
         """The error rate each certified family is tested at."""

@@ -24,6 +24,12 @@ def node_inputs(node: onnx.NodeProto) -> list[str]:
     return names
 
 
+def elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type (``onnx.TensorProto`` enum) of every graph input, output and value_info tensor."""
+    values = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+    return {v.name: v.type.tensor_type.elem_type for v in values}
+
+
 @dataclass
 class GraphIndex:
     """Data-flow facts about ``model.graph`` (nodes must be topologically sorted)."""

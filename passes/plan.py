@@ -249,6 +249,7 @@ class ExitPlanner:
             "plans_tested": result.certified + 1 + stopped, "plans_certified": result.certified + 1,
             "chosen_plan": chosen,
             "disagreements": failures.disagreements, "near_threshold_rows": failures.near_threshold,
+            "rounding_tolerance": self.config.rounding_tolerance,
             "accuracy_harm": failures.accuracy_harm, "p_value": result.p_values[chosen],
             "test_compute_reduction": result.compute_reductions[chosen],
             "estimated_disagreement_upper_bound": clopper_pearson_upper(failures.disagreements, test_rows,

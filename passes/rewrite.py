@@ -37,7 +37,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from moco_compile.constants import EXIT_OUTPUT
-from moco_compile.passes.graph import GraphIndex, node_inputs
+from moco_compile.passes.graph import GraphIndex, elem_types, node_inputs
 from moco_compile.passes.plan import Exit
 from moco_compile.passes.pooling import pooling_inputs, reduce_nodes, variant_nodes
 from moco_compile.passes.trailing_dims import has_dynamic_trailing_dims, trailing_shape_nodes
@@ -63,7 +63,7 @@ class _ExitGraphBuilder:
         self.initializers = {init.name: init for init in model.graph.initializer}
         self.outputs = [o for o in model.graph.output]
         self.value_infos = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + self.outputs}
-        self.types = {name: v.type.tensor_type.elem_type for name, v in self.value_infos.items()}
+        self.types = elem_types(model)
         self.full_names = {o.name: f"moco/full/{o.name}" for o in self.outputs}
         self.rest_sources: dict[str, str] = {}  # compressed tensor -> original tensor
         # outputs besides the classifier whose non-batch dims are dynamic: exited rows get zeros

@@ -288,6 +288,17 @@ def test_budget_is_validated(kwargs, message):
         Budget(**kwargs)
 
 
+def test_rounding_tolerance_follows_the_cut_tensors_precision():
+    import onnx
+
+    config = PlannerConfig()
+    assert config.for_cut_types([onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE]) == config
+    assert config.for_cut_types([onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16]).rounding_tolerance == \
+        pytest.approx(16 * 2.0 ** -10)
+    assert config.for_cut_types([onnx.TensorProto.BFLOAT16]).rounding_tolerance == pytest.approx(16 * 2.0 ** -7)
+    assert PlannerConfig(rounding_tolerance=0.5).for_cut_types([onnx.TensorProto.FLOAT16]).rounding_tolerance == 0.5
+
+
 def test_planner_config_is_validated():
     with pytest.raises(ValueError, match="families"):
         PlannerConfig(families=("greedy",))

@@ -338,6 +338,9 @@ def test_float16_model_compiles_and_verifies(calibration):
     logits, exits = _run(result.model, calibration["images"][:256].astype(np.float16))
     assert logits.dtype == np.float16 and (exits >= 0).any()
     assert result.report["verification"]["rerouted_rows"] <= result.report["verification"]["near_threshold_rows"]
+    # float16 cut tensors are pooled in float16 in the graph: the certificate counts rows within
+    # 16 float16 units of a threshold, not float32's 1e-4
+    assert result.plan.certificate["rounding_tolerance"] == pytest.approx(16 * 2.0 ** -10)
 
 
 # -- 3. LogSoftmax and Softmax heads -----------------------------------------------------------

@@ -67,8 +67,8 @@ class PlannerConfig:
         elimination keeps) and ``"per-class"`` (greedy over every (cut, class) threshold).
         ``family_selection``: ``"cross-validated"`` chooses one family on the design rows
         (each family built on one half and scored on the other, both ways, repeated
-        ``family_cv_repeats`` times; the first family listed within one standard error of
-        the best wins) and certifies it at the full confidence; ``"bonferroni"`` certifies
+        ``family_cv_repeats`` times; the first family listed within ``family_choice_errors``
+        standard errors of the best wins) and certifies it at the full confidence; ``"bonferroni"`` certifies
         every family at an equal share of ``1 - confidence`` and keeps the certified plan
         that saves most.
         ``step_fraction``, ``step_multipliers``: a per-class threshold move admits this
@@ -108,6 +108,7 @@ class PlannerConfig:
     families: tuple[str, ...] = FAMILIES
     family_selection: str = "cross-validated"
     family_cv_repeats: int = 3
+    family_choice_errors: float = 1.0
     step_fraction: float = 0.005
     step_multipliers: tuple[int, ...] = (1, 4, 16, 64)
     shared_step_fraction: float = 0.001
@@ -127,8 +128,9 @@ class PlannerConfig:
                      "shared_step_fraction", "elimination_risk_fraction"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
-        if self.family_cv_repeats < 1:
-            raise ValueError(f"family_cv_repeats must be at least 1, got {self.family_cv_repeats}")
+        if self.family_cv_repeats < 1 or self.family_choice_errors < 0:
+            raise ValueError(f"family_cv_repeats must be at least 1 and family_choice_errors >= 0, got "
+                             f"{self.family_cv_repeats} and {self.family_choice_errors}")
         if self.cross_fit_folds < 2:
             raise ValueError(f"cross_fit_folds must be at least 2, got {self.cross_fit_folds}")
         if self.min_design_rows < 2 * self.cross_fit_folds:

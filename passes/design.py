@@ -138,7 +138,7 @@ def choose_family(problem: DesignProblem, test_rows: int, seed: int = 0) -> tupl
     best = max(scores, key=lambda name: (scores[name], -config.families.index(name)))
     for name in config.families:
         gap = np.subtract(saved[best], saved[name])
-        if gap.mean() <= gap.std(ddof=1) / math.sqrt(len(gap)):
+        if gap.mean() <= config.family_choice_errors * gap.std(ddof=1) / math.sqrt(len(gap)):
             return name, scores
     return best, scores  # unreachable: the best is within zero of itself
 

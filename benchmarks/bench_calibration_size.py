@@ -1,7 +1,7 @@
 """Benchmark: certified compute reduction against calibration-set size, moco vs a max-softmax baseline.
 
     python benchmarks/bench_calibration_size.py [--models fashion_resnet minilm6_tweets]
-        [--sizes 300 500 1000 2000 5000] [--draws 5] [--budgets 0.01 0.02] [--no-write]
+        [--sizes 300 500 1000 2000 5000] [--draws 5 [N per model]] [--budgets 0.01 0.02] [--no-write]
 
 Each model is calibrated once over a pool of rows (``benchmarks/draws.py``: the reference CNN's
 10,000 shipped calibration images + the official 10,000-image test split; ``minilm6_tweets``'s
@@ -145,7 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(d.MODELS), default=list(d.MODELS))
     parser.add_argument("--sizes", type=int, nargs="+", default=[300, 500, 1000, 2000, 5000])
-    parser.add_argument("--draws", type=int, default=5, help="random calibration draws per size")
+    parser.add_argument("--draws", type=int, nargs="+", default=[5],
+                        help="random calibration draws per size: one number, or one per model")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.02])
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--scratch", type=Path, default=d.SCRATCH, help="pool frames and cached draw records")
@@ -153,19 +154,22 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     pools = {name: d.load_pool(name, args.scratch) for name in args.models}
+    if len(args.draws) not in (1, len(args.models)):
+        parser.error(f"--draws takes one number or one per model ({len(args.models)}), got {len(args.draws)}")
+    draws = dict(zip(args.models, args.draws * len(args.models) if len(args.draws) == 1 else args.draws))
     all_results = {}
     with d.progress() as bar:
-        task = bar.add_task("calibration draws", total=len(pools) * len(args.sizes) * args.draws * len(args.budgets),
+        task = bar.add_task("calibration draws", total=sum(draws.values()) * len(args.sizes) * len(args.budgets),
                             note="")
         for name, pool in pools.items():
-            all_results[name] = run(pool, args.sizes, args.draws, args.budgets, args.confidence, args.scratch, bar,
+            all_results[name] = run(pool, args.sizes, draws[name], args.budgets, args.confidence, args.scratch, bar,
                                     task)
     seconds = time.perf_counter() - started
 
     lines = [f"Command: `{d.command_line('bench_calibration_size.py')}`",
              f"Machine: {machine_description()} ({d.run_time(seconds)}; planner at {d.code_state()})", "",
-             f"For each model, one pool of rows is calibrated once; each calibration draw is {args.draws} seeded "
-             "random subsets of the pool of each size. **moco**: `plan_exits` on the drawn rows exactly as "
+             "For each model, one pool of rows is calibrated once; the calibration draws are seeded random "
+             "subsets of the pool of each size (how many per size: see each table). **moco**: `plan_exits` on the drawn rows exactly as "
              "`compile` runs it (default `PlannerConfig`, `allow_no_exit=True`; only the ONNX rewrite and its "
              "verification are left out). **Baseline** (a plain max-softmax threshold certified on a single split "
              "of half the rows, Learn-then-Test): a softmax probe per cut (moco's `SoftmaxRuleFitter`, on the "
@@ -191,7 +195,7 @@ def main() -> None:
         for budget in args.budgets:
             for key, measure in MEASURES.items():
                 lines += [f"Budget {100 * budget:g}% disagreement, {100 * args.confidence:g}% confidence "
-                          f"({args.draws} draws per size), compute reduction in {measure}:", ""] + \
+                          f"({draws[name]} draws per size), compute reduction in {measure}:", ""] + \
                     table(pool, all_results[name], args.sizes, budget, key) + [""]
     target = ("Target: moco >= the baseline at every size and budget, and a plan with exits at "
               f"{min(args.sizes):,} rows where the baseline finds one.")

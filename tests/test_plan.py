@@ -306,6 +306,10 @@ def test_planner_config_is_validated():
         PlannerConfig(family_selection="best")
     with pytest.raises(ValueError, match="test_fraction"):
         PlannerConfig(test_fraction=1.5)
+    with pytest.raises(ValueError, match="family_choice_errors"):
+        PlannerConfig(family_choice_errors=-1.0)
+    with pytest.raises(ValueError, match="narrow_float_ulps"):
+        PlannerConfig(narrow_float_ulps=-1.0)
 
 
 # -- the bound holds: repeated design + certification with known ground truth ------------------

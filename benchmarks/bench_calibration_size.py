@@ -126,12 +126,8 @@ def plot(pools: dict, all_results: dict, sizes: list[int], budgets: list[float])
                                 alpha=0.18, label="min-max over draws")
                 for size, v in zip(sizes, values):
                     ax.scatter(np.full(len(v), size), v, s=8, color=colour, alpha=0.6)
-            ax.set_xscale("log")
-            ax.minorticks_off()
-            ax.set_xticks(sizes)
-            ax.set_xticklabels([f"{s:,}" for s in sizes])
+            d.size_axis(ax, sizes)
             ax.set_title(f"{name}, budget {100 * budget:g}% (95% confidence)")
-            ax.set_xlabel("calibration rows drawn")
             ax.set_ylabel("compute reduction on undrawn rows (%)")
             ax.grid(alpha=0.3)
             if row == 0 and col == 0:
@@ -148,9 +144,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, nargs="+", default=[5],
                         help="random calibration draws per size: one number, or one per model")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.02])
-    parser.add_argument("--confidence", type=float, default=0.95)
-    parser.add_argument("--scratch", type=Path, default=d.SCRATCH, help="pool frames and cached draw records")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the PNG alone")
+    d.add_draw_arguments(parser)
     args = parser.parse_args()
     started = time.perf_counter()
     pools = {name: d.load_pool(name, args.scratch) for name in args.models}

@@ -482,6 +482,22 @@ def config_key(config: PlannerConfig) -> dict:
 # ----------------------------------------------------------------------------- reporting helpers
 
 
+def add_draw_arguments(parser) -> None:
+    """The options every draw benchmark takes: --confidence, --scratch, --no-write."""
+    parser.add_argument("--confidence", type=float, default=0.95)
+    parser.add_argument("--scratch", type=Path, default=SCRATCH, help="pool frames and cached draw records")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and figures alone")
+
+
+def size_axis(ax, sizes: Sequence[int]) -> None:
+    """A log x axis with one labelled tick per calibration size."""
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([f"{s:,}" for s in sizes])
+    ax.set_xlabel("calibration rows drawn")
+
+
 def progress(description: str = "draws"):
     """A rich progress bar (description, bar, done/total, elapsed, remaining)."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,

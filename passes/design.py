@@ -136,11 +136,12 @@ def choose_family(problem: DesignProblem, test_rows: int, seed: int = 0) -> tupl
                                                 allowed_harm))
     scores = {name: float(np.mean(values)) for name, values in saved.items()}
     best = max(scores, key=lambda name: (scores[name], -config.families.index(name)))
-    for name in config.families:
+
+    def within_noise(name: str) -> bool:
         gap = np.subtract(saved[best], saved[name])
-        if gap.mean() <= config.family_choice_errors * gap.std(ddof=1) / math.sqrt(len(gap)):
-            return name, scores
-    return best, scores  # unreachable: the best is within zero of itself
+        return gap.mean() <= config.family_choice_errors * gap.std(ddof=1) / math.sqrt(len(gap))
+
+    return next(name for name in config.families if within_noise(name)), scores  # the best always is
 
 
 def _best_within(family: list[Plan], rows: Split, problem: DesignProblem, allowed_rate: float,

@@ -117,7 +117,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     kept = keeper.inputs()
     kept_frame = frame.take(np.arange(len(next(iter(kept.values())))))
     expected = plan.routing([variant_features(kept_frame, e.column, e.pooling) for e in plan.exits],
-                            len(kept_frame), config.rounding_tolerance)
+                            len(kept_frame), config.rounding)
     with _stage("verifying the compiled graph", show_progress):
         verification = verify_compiled(compiled, imported.model, imported.output, kept, expected,
                                        config.rounding_tolerance)

@@ -24,7 +24,7 @@ import numpy as np
 
 from moco_compile.passes.bounds import binomial_p_value, fixed_sequence
 from moco_compile.passes.config import Budget
-from moco_compile.passes.routing import Routing, route_scores
+from moco_compile.passes.routing import Rounding, Routing, route_scores
 
 if TYPE_CHECKING:  # plan.py holds the data types and imports this module
     from moco_compile.passes.plan import Split
@@ -71,7 +71,7 @@ class CertifiedFamily:
 
 
 def certify_family(family: list[np.ndarray], test: "Split", stage_costs_of, planning_costs_of, total_flops: float,
-                   budget: Budget, delta: float, tolerance: float) -> CertifiedFamily:
+                   budget: Budget, delta: float, rounding: Rounding) -> CertifiedFamily:
     """Test ``family``'s plans in order on ``test`` at level ``delta``.
 
     ``stage_costs_of(open_exits)`` gives the FLOPs of leaving at each exit for a plan
@@ -82,7 +82,7 @@ def certify_family(family: list[np.ndarray], test: "Split", stage_costs_of, plan
     p_values, failures, reductions, accuracies, planning_costs = [], [], [], [], []
     for plan in family:
         open_exits = np.isfinite(plan).any(axis=1)
-        routing = route_scores(test.scores, plan, stage_costs_of(open_exits), tolerance, len(test), test.predictions)
+        routing = route_scores(test.scores, plan, stage_costs_of(open_exits), rounding, len(test), test.predictions)
         planning_costs.append(float(planning_costs_of(open_exits)[routing.exit_index].mean()) if len(test) else 0.0)
         failed = count_failures(routing, test, budget)
         failures.append(failed)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 
 from onnx import TensorProto
 
+from moco_compile.passes.routing import Rounding
+
 FAMILIES = ("shared-all", "shared", "per-class")  # simplest first
 FAMILY_SELECTIONS = ("cross-validated", "bonferroni")
 _FLOAT_UNIT = {TensorProto.FLOAT: 2.0 ** -23, TensorProto.DOUBLE: 2.0 ** -52, TensorProto.FLOAT16: 2.0 ** -10,
@@ -87,9 +89,12 @@ class PlannerConfig:
         FLOPs never include it.
 
     Certification (see :mod:`moco_compile.passes.certify`)
-        ``rounding_tolerance``: rows whose route a margin change of this size
-        (log-probability units) could flip count against the budget, and are the only
-        rows the shipped graph may route differently from the simulation.
+        ``rounding_tolerance``, ``rounding_floor``: how far float rounding in the shipped
+        graph can move a log-probability score (of magnitude 1 or more; a score ``s``
+        nearer 0 moves ``|s|`` times less, plus ``rounding_floor``: see
+        :class:`~moco_compile.passes.routing.Rounding`).  Rows whose route such a change
+        could flip count against the budget, and are the only rows the shipped graph may
+        route differently from the simulation.
         ``narrow_float_ulps``: models whose cut tensors are narrower than float32 pool
         them in that precision in the graph, so the tolerance is raised to this many
         units of that float's precision (:meth:`for_cut_types`; reference CNN exported
@@ -116,6 +121,7 @@ class PlannerConfig:
     elimination_risk_fraction: float = 0.7
     boundary_cost: float = 100.0
     rounding_tolerance: float = 1e-4
+    rounding_floor: float = 16 * 2.0 ** -23  # 16 units of float32 at log p = 0
     narrow_float_ulps: float = 16.0
 
     def __post_init__(self) -> None:
@@ -135,10 +141,15 @@ class PlannerConfig:
             raise ValueError(f"cross_fit_folds must be at least 2, got {self.cross_fit_folds}")
         if self.min_design_rows < 2 * self.cross_fit_folds:
             raise ValueError(f"min_design_rows must be at least {2 * self.cross_fit_folds}, got {self.min_design_rows}")
-        if self.rounding_tolerance < 0 or self.narrow_float_ulps < 0 or self.boundary_cost < 0 \
+        if min(self.rounding_tolerance, self.rounding_floor, self.narrow_float_ulps, self.boundary_cost) < 0 \
                 or self.design_risk_factor <= 0:
-            raise ValueError("rounding_tolerance, narrow_float_ulps and boundary_cost must be >= 0 and "
-                             "design_risk_factor > 0")
+            raise ValueError("rounding_tolerance, rounding_floor, narrow_float_ulps and boundary_cost must be >= 0 "
+                             "and design_risk_factor > 0")
+
+    @property
+    def rounding(self) -> Rounding:
+        """How far float rounding in the shipped graph can move each margin."""
+        return Rounding(self.rounding_tolerance, self.rounding_floor)
 
     def for_cut_types(self, types: Iterable[int]) -> "PlannerConfig":
         """This configuration with ``rounding_tolerance`` raised for cut tensors of element

@@ -151,7 +151,7 @@ def _best_within(family: list[Plan], rows: Split, problem: DesignProblem, allowe
     best = 0.0
     for plan in family:
         routing = route_scores(rows.scores, plan, problem.costs(np.isfinite(plan).any(axis=1)),
-                               problem.config.rounding_tolerance, len(rows), rows.predictions)
+                               problem.config.rounding, len(rows), rows.predictions)
         failures = count_failures(routing, rows, problem.budget)
         if failures.disagreements > allowed_rate * len(rows):
             continue

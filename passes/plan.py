@@ -27,7 +27,7 @@ from moco_compile.passes.certify import CertifiedFamily, certify_family
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cut_points import CutPoint
 from moco_compile.passes.design import DesignProblem, build_family, choose_family, cut_elements
-from moco_compile.passes.routing import Routing, route_scores, stage_costs
+from moco_compile.passes.routing import Rounding, Routing, route_scores, stage_costs
 from moco_compile.passes.rules import LinearScores
 
 
@@ -100,11 +100,12 @@ class ExitPlan:
         """FLOPs each row costs in the compiled graph, rules included."""
         return self.stage_flops()[exit_index]  # index -1 selects the full-network entry
 
-    def routing(self, features: Sequence[np.ndarray], rows: int, tolerance: float = 0.0) -> Routing:
-        """Route ``rows`` rows given their pooled features per exit (in exit order)."""
+    def routing(self, features: Sequence[np.ndarray], rows: int, rounding: Rounding = Rounding()) -> Routing:
+        """Route ``rows`` rows given their pooled features per exit (in exit order); ``rounding``
+        marks the rows float rounding could send elsewhere."""
         thresholds = np.array([e.thresholds for e in self.exits], np.float32)
         scores = [e.scores(f) for e, f in zip(self.exits, features)]
-        return route_scores(scores, thresholds, self.stage_flops(), tolerance, rows)
+        return route_scores(scores, thresholds, self.stage_flops(), rounding, rows)
 
     def evaluate(self, features: Sequence[np.ndarray], predictions: np.ndarray,
                  labels: np.ndarray | None = None) -> PlanEvaluation:
@@ -214,7 +215,7 @@ class ExitPlanner:
         self.certified_ = {
             name: certify_family(family, test, lambda open_: stage_costs(before, np.where(open_, rule_flops, 0.0),
                                                                          total_flops),
-                                 problem.costs, total_flops, budget, delta, config.rounding_tolerance)
+                                 problem.costs, total_flops, budget, delta, config.rounding)
             for name, family in self.families_.items()}
         passed = {name: result for name, result in self.certified_.items() if result.chosen >= 0}
         if config.family_selection == "bonferroni":
@@ -249,7 +250,7 @@ class ExitPlanner:
             "plans_tested": result.certified + 1 + stopped, "plans_certified": result.certified + 1,
             "chosen_plan": chosen,
             "disagreements": failures.disagreements, "near_threshold_rows": failures.near_threshold,
-            "rounding_tolerance": self.config.rounding_tolerance,
+            "rounding_tolerance": self.config.rounding_tolerance, "rounding_floor": self.config.rounding_floor,
             "accuracy_harm": failures.accuracy_harm, "p_value": result.p_values[chosen],
             "test_compute_reduction": result.compute_reductions[chosen],
             "estimated_disagreement_upper_bound": clopper_pearson_upper(failures.disagreements, test_rows,

@@ -9,12 +9,13 @@ certified is the plan that is measured and built:
 * a row that leaves at exit ``k`` costs ``stage_costs[k]``, a row that runs the
   full network ``stage_costs[-1]`` (:func:`stage_costs` builds them);
 * a row is *near a threshold* when float rounding could change its route: some
-  exit it reaches has its largest margin within ``tolerance`` of zero, or the
-  exit it takes has a runner-up class within ``tolerance`` of the winner.  The
-  compiled graph computes margins in float32 in another order of operations, so
-  these rows may route differently there: verification allows exactly them to
-  differ, and certification counts every row that some such rounding could send
-  out with a wrong class (``could_disagree``) against the budget.
+  exit it reaches has its largest margin within rounding of zero, or the exit it
+  takes has a runner-up class within rounding of the winner.  The compiled graph
+  computes margins in float32 in another order of operations, so these rows may
+  route differently there: verification allows exactly them to differ, and
+  certification counts every row that some such rounding could send out with a
+  wrong class (``could_disagree``) against the budget.  How far rounding can move
+  a margin is :class:`Rounding`'s job.
 """
 from __future__ import annotations
 
@@ -22,6 +23,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """How far float rounding in the shipped graph can move a margin ``log p_c - t``.
+
+    If rounding moves every logit by at most ``d``, it moves ``log p_c`` by at most
+    ``2 d (1 - p_c)`` (the derivative of log-softmax), and ``1 - p_c <= min(1, |log p_c|)``.
+    So the bound is ``scale * min(1, |t|) + floor`` for a threshold ``t``: ``scale``
+    (= ``2 d``) bounds the error of any log-probability, ``floor`` the float32 rounding of
+    the log-softmax itself near ``log p = 0``.  A threshold near 0 (``p`` close to 1, the
+    usual case for a 1% budget) thus gets a tolerance about ``|t|`` times smaller than a
+    flat one: on a text reference a flat 1e-4 at ``t = -4e-4`` counted a fifth of the
+    test failures as "could disagree".  Holds for log-probability scores only (every
+    compiled exit's); ``Rounding()`` is exact arithmetic.
+    """
+
+    scale: float = 0.0
+    floor: float = 0.0
+
+    def of(self, thresholds: np.ndarray) -> np.ndarray:
+        """Per threshold (any shape; ``inf`` = class off), the margin's rounding bound."""
+        magnitude = np.where(np.isfinite(thresholds), np.abs(thresholds), 1.0)
+        return self.scale * np.minimum(1.0, magnitude) + self.floor
 
 
 @dataclass(frozen=True)
@@ -52,15 +77,16 @@ def stage_costs(flops_before: np.ndarray, exit_costs: np.ndarray, total_flops: f
     return np.append(np.asarray(flops_before, np.float64) + paid, total_flops + (paid[-1] if len(paid) else 0.0))
 
 
-def route(margins: Sequence[np.ndarray], costs: np.ndarray | None = None, tolerance: float = 0.0,
+def route(margins: Sequence[np.ndarray], costs: np.ndarray | None = None, tolerance: float | np.ndarray = 0.0,
           rows: int | None = None, full_predictions: np.ndarray | None = None) -> Routing:
     """Route rows given ``margins[k]`` (``[N, C]``, ``score - threshold``) at each exit in order.
 
     ``costs`` (from :func:`stage_costs`) prices each row; without it every cost is 0.
-    ``rows`` is only needed when there are no exits.  With ``full_predictions``,
-    ``could_disagree`` marks rows that some rounding within ``tolerance`` could send out
-    with another class than the full model's (the routes a row can take: at each exit
-    it certainly leaves, certainly continues, or, within ``tolerance``, either).
+    ``rows`` is only needed when there are no exits.  ``tolerance`` bounds how far
+    rounding can move each margin: one number, or ``[m, C]`` per (exit, class).  With
+    ``full_predictions``, ``could_disagree`` marks rows that such rounding could send
+    out with another class than the full model's (the routes a row can take: at each
+    exit it certainly leaves, certainly continues, or, within tolerance, either).
     """
     rows = len(margins[0]) if len(margins) else (rows or 0)
     exit_index = np.full(rows, -1, np.int64)
@@ -69,20 +95,24 @@ def route(margins: Sequence[np.ndarray], costs: np.ndarray | None = None, tolera
     remaining = np.ones(rows, bool)
     reachable = np.ones(rows, bool)  # under some rounding
     could_disagree = np.zeros(rows, bool)
+    classes = margins[0].shape[1] if len(margins) else 1
+    tolerances = np.broadcast_to(np.asarray(tolerance, np.float64), (len(margins), classes))
     for position, margin in enumerate(margins):
         margin = np.where(np.isneginf(margin), np.finfo(np.float32).min, margin)  # classes switched off
-        if margin.shape[1] > 1:
-            top, second = (-np.partition(-margin, 1, axis=1)[:, :2]).T
-        else:
-            top, second = margin[:, 0], np.full(rows, np.finfo(np.float32).min)
         best = margin.argmax(axis=1)
-        tied = top - second <= tolerance
+        top = np.take_along_axis(margin, best[:, None], axis=1)[:, 0]
+        others = margin.copy()
+        np.put_along_axis(others, best[:, None], -np.inf, axis=1)
+        runner_up = others.argmax(axis=1)  # best itself when there is one class: never tied
+        second = np.take_along_axis(others, runner_up[:, None], axis=1)[:, 0]
+        slack = tolerances[position][best]
+        tied = top - second <= slack + tolerances[position][runner_up]
         fired = remaining & (top > 0)
-        near |= remaining & (np.abs(top) <= tolerance)
+        near |= remaining & (np.abs(top) <= slack)
         near |= fired & tied
         if full_predictions is not None:
-            could_disagree |= reachable & (top > -tolerance) & ((best != full_predictions) | tied)
-            reachable &= top <= tolerance
+            could_disagree |= reachable & (top > -slack) & ((best != full_predictions) | tied)
+            reachable &= top <= slack
         exit_index[fired] = position
         exit_class[fired] = best[fired]
         remaining &= ~fired
@@ -91,7 +121,9 @@ def route(margins: Sequence[np.ndarray], costs: np.ndarray | None = None, tolera
 
 
 def route_scores(scores: Sequence[np.ndarray], thresholds: np.ndarray, costs: np.ndarray | None = None,
-                 tolerance: float = 0.0, rows: int | None = None,
+                 rounding: Rounding = Rounding(), rows: int | None = None,
                  full_predictions: np.ndarray | None = None) -> Routing:
-    """:func:`route` for per-exit ``scores`` and a ``[m, C]`` threshold matrix (``inf`` = class off)."""
-    return route([s - t for s, t in zip(scores, thresholds)], costs, tolerance, rows, full_predictions)
+    """:func:`route` for per-exit log-probability ``scores`` and a ``[m, C]`` threshold matrix
+    (``inf`` = class off), with the margin tolerances ``rounding`` gives those thresholds."""
+    return route([s - t for s, t in zip(scores, thresholds)], costs, rounding.of(np.asarray(thresholds)), rows,
+                 full_predictions)

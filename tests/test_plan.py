@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import stats
+from scipy.special import log_softmax
 
 from moco_compile.passes.bounds import (binomial_p_value, clopper_pearson_upper, fixed_sequence,
                                         max_certifiable_failures, rows_needed)
@@ -12,7 +13,7 @@ from moco_compile.passes.certify import certify_family
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.design import DesignProblem, build_family
 from moco_compile.passes.plan import ExitPlan, ExitPlanner, NoPlanError, Split
-from moco_compile.passes.routing import route, route_scores, stage_costs
+from moco_compile.passes.routing import Rounding, route, route_scores, stage_costs
 from moco_compile.passes.splits import SPLITS, assign_splits, min_calibration_rows, split_sizes
 
 
@@ -51,6 +52,36 @@ def test_rows_within_rounding_of_a_threshold_count_only_when_a_flip_could_change
     exact = route([margins], tolerance=0.0, full_predictions=predictions)
     assert exact.could_disagree.tolist() == [False, True, False, False]
 
+
+
+def test_rounding_bound_covers_every_logit_perturbation_and_shrinks_near_log_probability_zero():
+    """Logits moved by at most d move each log-probability by at most Rounding(2d).of(it): checked on
+    confident and unsure rows under the worst sign pattern (+d on the class, -d on the others)."""
+    rng = np.random.default_rng(0)
+    d = 1e-3
+    logits = rng.normal(size=(2000, 5)) * rng.choice([1.0, 10.0, 30.0], size=(2000, 1))
+    log_p = log_softmax(logits.astype(np.float64), axis=1)
+    bound = Rounding(2 * d, 0.0).of(log_p)
+    for c in range(5):
+        shift = np.full(5, -d)
+        shift[c] = d
+        moved = log_softmax(logits + shift, axis=1)[:, c] - log_p[:, c]
+        assert (np.abs(moved) <= bound[:, c] * (1 + 1e-6) + 1e-12).all()
+    confident = log_p.max(axis=1) > -1e-3
+    top_bound = np.take_along_axis(bound, log_p.argmax(axis=1)[:, None], axis=1)[:, 0]
+    assert confident.any() and (top_bound[confident] <= 2 * d * 1e-3).all()  # vs 2d for a flat tolerance
+    assert Rounding(1e-4, 2e-6).of(np.array([np.inf, -5.0, -1e-3])).tolist() == pytest.approx([1.02e-4, 1.02e-4,
+                                                                                                  2.1e-6])
+
+
+def test_routing_reads_each_thresholds_own_tolerance():
+    predictions = np.array([1, 1])
+    margins = np.array([[5e-6, -1.0],   # class 0's threshold is near log p = 0: its tolerance is tiny
+                        [-1.0, 5e-6]])  # class 1's is not: this row could flip
+    tolerance = np.array([[1e-6, 1e-4]])
+    routing = route([margins], tolerance=tolerance, full_predictions=predictions)
+    assert routing.near_threshold.tolist() == [False, True]
+    assert routing.could_disagree.tolist() == [True, False]
 
 # -- binomial statistics and fixed-sequence testing ------------------------------------------
 def test_binomial_statistics_match_scipy():
@@ -206,7 +237,7 @@ def test_certification_keeps_the_plan_before_the_first_failure():
     test = _synthetic(400, rng)
     family = [np.full((3, 3), np.inf, np.float32)] + [np.full((3, 3), t, np.float32) for t in (-0.05, -0.5, -3.0)]
     flops = lambda open_: stage_costs(np.array([25.0, 50.0, 75.0]), np.where(open_, 1.0, 0.0), TOTAL_FLOPS)  # noqa: E731
-    result = certify_family(family, test, flops, flops, TOTAL_FLOPS, Budget(0.05, 0.9), 0.1, 0.0)
+    result = certify_family(family, test, flops, flops, TOTAL_FLOPS, Budget(0.05, 0.9), 0.1, Rounding())
     rejected = [p <= 0.1 for p in result.p_values]
     first_failure = rejected.index(False) if False in rejected else len(rejected)
     assert result.certified == result.chosen == first_failure - 1
@@ -222,9 +253,9 @@ def test_certification_keeps_the_certified_plan_that_saves_most():
     family = [np.full((3, 3), np.inf, np.float32)] + [np.full((3, 3), t, np.float32) for t in (-0.01, -0.02)]
     flops = lambda open_: stage_costs(np.array([25.0, 50.0, 75.0]), np.where(open_, 1.0, 0.0), TOTAL_FLOPS)  # noqa: E731
     costly = lambda open_: stage_costs(np.array([25.0, 50.0, 75.0]), np.where(open_, 90.0, 0.0), TOTAL_FLOPS)  # noqa: E731
-    result = certify_family(family, test, flops, costly, TOTAL_FLOPS, Budget(0.05, 0.9), 0.1, 0.0)
+    result = certify_family(family, test, flops, costly, TOTAL_FLOPS, Budget(0.05, 0.9), 0.1, Rounding())
     assert result.certified == 2 and result.chosen == 0
-    assert certify_family(family, test, flops, flops, TOTAL_FLOPS, Budget(0.05, 0.9), 0.1, 0.0).chosen == 2
+    assert certify_family(family, test, flops, flops, TOTAL_FLOPS, Budget(0.05, 0.9), 0.1, Rounding()).chosen == 2
 
 
 def test_family_choice_never_reads_the_test_rows():
@@ -369,10 +400,10 @@ def test_certificate_matches_the_test_split(compiled):
     frame = result.frame
     test = frame[frame["split"] == SPLITS.index("test")]
     routing = result.plan.routing([variant_features(test, e.column, e.pooling) for e in result.plan.exits],
-                                  len(test), PlannerConfig().rounding_tolerance)
+                                  len(test), PlannerConfig().rounding)
     counted = route_scores([e.scores(variant_features(test, e.column, e.pooling)) for e in result.plan.exits],
                            np.array([e.thresholds for e in result.plan.exits]), None,
-                           PlannerConfig().rounding_tolerance, len(test), test["predictions"])
+                           PlannerConfig().rounding, len(test), test["predictions"])
     assert len(test) == certificate["test_rows"] == result.report["splits"]["test"]
     assert int(counted.could_disagree.sum()) == certificate["disagreements"]
     assert int((routing.predictions(test["predictions"]) != test["predictions"]).sum()) \

@@ -70,9 +70,10 @@ class PlannerConfig:
         ``family_selection``: ``"cross-validated"`` chooses one family on the design rows
         (each family built on one half and scored on the other, both ways, repeated
         ``family_cv_repeats`` times; the first family listed within ``family_choice_errors``
-        standard errors of the best wins) and certifies it at the full confidence; ``"bonferroni"`` certifies
-        every family at an equal share of ``1 - confidence`` and keeps the certified plan
-        that saves most.
+        standard errors of the best wins, the error corrected for folds that share rows as
+        Nadeau and Bengio do) and certifies it at the full confidence; ``"bonferroni"``
+        certifies every family at an equal share of ``1 - confidence`` and keeps the
+        certified plan that saves most.
         ``step_fraction``, ``step_multipliers``: a per-class threshold move admits this
         fraction of the design rows times one of the multipliers.
         ``shared_step_fraction``: a shared-threshold step admits this fraction of the open

@@ -11,7 +11,7 @@ from moco_compile.passes.bounds import (binomial_p_value, clopper_pearson_upper,
 from moco_compile.passes.calibrate import variant_features
 from moco_compile.passes.certify import certify_family
 from moco_compile.passes.config import Budget, PlannerConfig
-from moco_compile.passes.design import DesignProblem, build_family
+from moco_compile.passes.design import DesignProblem, build_family, within_noise
 from moco_compile.passes.plan import ExitPlan, ExitPlanner, NoPlanError, Split
 from moco_compile.passes.routing import Rounding, route, route_scores, stage_costs
 from moco_compile.passes.splits import SPLITS, assign_splits, min_calibration_rows, split_sizes
@@ -290,6 +290,14 @@ def test_too_small_a_test_split_certifies_nothing():
     with pytest.raises(NoPlanError, match="on 20 rows"):
         ExitPlanner(Budget(0.01, 0.95)).fit(_candidates(3), _synthetic(300, rng), _synthetic(20, rng), TOTAL_FLOPS)
 
+
+
+def test_a_richer_family_must_beat_the_noise_of_overlapping_folds():
+    """Gaining 1 point on average but 0 or 2 by fold is noise once the folds' overlap is accounted
+    for (the naive standard error, 0.45, would call it a win); a steady 1 point is not noise."""
+    assert within_noise(np.array([0.0, 2.0, 0.0, 2.0, 0.0, 2.0]), errors=1.0)
+    assert not within_noise(np.array([1.0, 1.1, 0.9, 1.0, 1.05, 0.95]), errors=1.0)
+    assert within_noise(np.zeros(6), errors=0.0)  # the best family itself
 
 def test_bonferroni_selection_certifies_each_family_at_a_share():
     rng = np.random.default_rng(6)

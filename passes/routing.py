@@ -95,9 +95,9 @@ def route(margins: Sequence[np.ndarray], costs: np.ndarray | None = None, tolera
     remaining = np.ones(rows, bool)
     reachable = np.ones(rows, bool)  # under some rounding
     could_disagree = np.zeros(rows, bool)
-    classes = margins[0].shape[1] if len(margins) else 1
-    tolerances = np.broadcast_to(np.asarray(tolerance, np.float64), (len(margins), classes))
+    tolerance = np.asarray(tolerance, np.float64)
     for position, margin in enumerate(margins):
+        tolerances = np.broadcast_to(tolerance[position] if tolerance.ndim == 2 else tolerance, margin.shape[1:])
         margin = np.where(np.isneginf(margin), np.finfo(np.float32).min, margin)  # classes switched off
         best = margin.argmax(axis=1)
         top = np.take_along_axis(margin, best[:, None], axis=1)[:, 0]
@@ -105,8 +105,8 @@ def route(margins: Sequence[np.ndarray], costs: np.ndarray | None = None, tolera
         np.put_along_axis(others, best[:, None], -np.inf, axis=1)
         runner_up = others.argmax(axis=1)  # best itself when there is one class: never tied
         second = np.take_along_axis(others, runner_up[:, None], axis=1)[:, 0]
-        slack = tolerances[position][best]
-        tied = top - second <= slack + tolerances[position][runner_up]
+        slack = tolerances[best]
+        tied = top - second <= slack + tolerances[runner_up]
         fired = remaining & (top > 0)
         near |= remaining & (np.abs(top) <= slack)
         near |= fired & tied

@@ -82,6 +82,9 @@ def test_routing_reads_each_thresholds_own_tolerance():
     routing = route([margins], tolerance=tolerance, full_predictions=predictions)
     assert routing.near_threshold.tolist() == [False, True]
     assert routing.could_disagree.tolist() == [True, False]
+    no_exit = route_scores([], np.zeros((0, 2), np.float32), np.array([7.0]), Rounding(1e-4, 1e-6), rows=3,
+                           full_predictions=predictions[[0, 0, 1]])
+    assert no_exit.exit_index.tolist() == [-1] * 3 and not no_exit.could_disagree.any()
 
 # -- binomial statistics and fixed-sequence testing ------------------------------------------
 def test_binomial_statistics_match_scipy():

@@ -130,7 +130,10 @@ def plot(results: dict, sizes: list[int], config_results: dict, config_sizes: li
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1, 1.25]})
+    if config_sizes:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1, 1.25]})
+    else:  # no configuration comparison this run
+        fig, left = plt.subplots(figsize=(6.5, 4.6))
     for key, colour, label in (("certified", "tab:blue", "certified (moco default)"),
                                ("oracle", "tab:green", "oracle (best plan within budget on the evaluation rows)")):
         values = [100 * np.array([r["compute_reduction"] if key == "certified" else r["oracle"]["compute_reduction"]
@@ -147,6 +150,14 @@ def plot(results: dict, sizes: list[int], config_results: dict, config_sizes: li
     left.grid(alpha=0.3)
     left.legend(fontsize=8, loc="upper left")
 
+    if config_sizes:
+        _plot_configs(right, config_results, config_sizes)
+    fig.tight_layout()
+    fig.savefig(PNG, dpi=120)
+    plt.close(fig)
+
+
+def _plot_configs(right, config_results: dict, config_sizes: list[int]) -> None:
     names = list(CONFIGS)
     width = 0.8 / len(config_sizes)
     for j, size in enumerate(config_sizes):
@@ -164,9 +175,6 @@ def plot(results: dict, sizes: list[int], config_results: dict, config_sizes: li
     right.set_title("Planner configurations on the same draws")
     right.grid(alpha=0.3, axis="y")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(PNG, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:

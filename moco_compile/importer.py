@@ -151,13 +151,30 @@ def module_scopes(model: onnx.ModelProto) -> dict[str, tuple[str, ...]]:
 
 
 def _qualify(parts: list[str]) -> tuple[str, ...]:
-    """Legacy scopes may be relative (``relu``) or qualified (``layer1.0``); make all qualified."""
+    """Full module paths from legacy scopes.
+
+    The legacy exporter names a module by its path from the last non-numeric part on
+    (``features.0.block.3`` is ``block.3``, ``layer1.0`` stays ``layer1.0``, ``layer1.0.conv1``
+    is ``conv1``), so a scope either extends its parent's such name with numeric parts or is
+    one attribute below the parent.
+    """
     qualified: list[str] = []
     for part in parts:
-        if qualified and not part.startswith(qualified[-1] + "."):
-            part = f"{qualified[-1]}.{part}"
+        if qualified:
+            parent = qualified[-1]
+            short = _short_name(parent)
+            extension = part[len(short) + 1:].split(".") if part.startswith(short + ".") else []
+            part = parent + part[len(short):] if extension and all(a.isdigit() for a in extension) \
+                else f"{parent}.{part}"
         qualified.append(part)
     return tuple(qualified)
+
+
+def _short_name(path: str) -> str:
+    """A module path from its last non-numeric part on (the legacy exporter's scope name)."""
+    atoms = path.split(".")
+    last = max((i for i, atom in enumerate(atoms) if not atom.isdigit()), default=0)
+    return ".".join(atoms[last:])
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:

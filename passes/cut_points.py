@@ -15,8 +15,9 @@ the rewrite then compresses the side graph inputs with the cut tensor.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
@@ -100,8 +101,24 @@ def find_cut_points(model: onnx.ModelProto, node_flops: Sequence[float],
     low = min_fraction if min_fraction_before is None else min_fraction_before
     useful = [cut for cut in separating
               if low <= cut.fraction_before <= 1 - min_fraction]
-    return [cut for cut, following in zip(useful, useful[1:] + [None])
-            if following is None or following.flops_before - cut.flops_before > merge_fraction * total]
+    return unique_names([cut for cut, following in zip(useful, useful[1:] + [None])
+                         if following is None or following.flops_before - cut.flops_before > merge_fraction * total])
+
+
+def unique_names(cuts: Sequence[CutPoint]) -> list[CutPoint]:
+    """``cuts`` with every module name that several share numbered in execution order
+    (``blocks.0[0]``, ``blocks.0[1]``): a residual Add written inline in a block's forward, or a
+    module called twice, gives cuts inside the same module."""
+    counts = Counter(cut.module for cut in cuts if cut.module)
+    seen: Counter = Counter()
+    named = []
+    for cut in cuts:
+        if counts[cut.module] > 1:
+            named.append(replace(cut, module=f"{cut.module}[{seen[cut.module]}]"))
+            seen[cut.module] += 1
+        else:
+            named.append(cut)
+    return named
 
 
 def _is_batched_float(model: onnx.ModelProto, tensor: str, shapes: Mapping[str, tuple[int, ...]]) -> bool:

@@ -1,0 +1,100 @@
+"""Small architectures for 28x28 grey images that stress import, cut naming and the rewrite.
+
+Each is what users write, not what a framework generates: nested ``Sequential``
+stages, a module called twice, a transformer block with its residuals written
+inline in ``forward``.  The conformance tests build them with random weights.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Stage(nn.Module):
+    """Two 3x3 convolutions in an inner ``Sequential`` (legacy scopes ``features.0`` / ``block.1``)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(),
+                                   nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class NestedNet(nn.Module):
+    """Stages nested two ``Sequential`` levels deep."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(Stage(1, 8), nn.MaxPool2d(2), Stage(8, 16), nn.MaxPool2d(2), Stage(16, 16))
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class ReusedPool(nn.Module):
+    """One pooling module called twice (as Inception's stems do)."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return self.head(torch.relu(self.conv3(x)).mean(dim=(2, 3)))
+
+
+class Attention(nn.Module):
+    """Single-head self-attention."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        weights = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+        return self.proj(weights @ v)
+
+
+class InlineBlock(nn.Module):
+    """Pre-norm transformer block whose residual Adds are written inline: both cuts of the
+    block belong to the block module itself."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """7x7 patches, a CLS token, inline-residual blocks, the head on the CLS token."""
+
+    def __init__(self, classes: int = 10, dim: int = 32, depth: int = 3) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, 7, stride=7)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
+        self.blocks = nn.ModuleList(InlineBlock(dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[:, 0]))

@@ -1,0 +1,94 @@
+"""Conformance: architectures users write, both exporters, named and compiled end to end."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from models.zoo import NestedNet, ReusedPool, TinyViT  # noqa: E402
+from moco_compile import compile  # noqa: E402
+from moco_compile.constants import EXIT_OUTPUT  # noqa: E402
+from moco_compile.importer import import_model  # noqa: E402
+from moco_compile.passes.cost import flops_per_row, measure_shapes  # noqa: E402
+from moco_compile.passes.cut_points import find_cut_points  # noqa: E402
+
+ARCHITECTURES = {"nested": NestedNet, "reused-module": ReusedPool, "inline-vit": TinyViT}
+EXPORTERS = ("legacy", "dynamo")
+ROWS = 1200
+
+
+def _export(module: torch.nn.Module, exporter: str) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    example = (torch.rand(2, 1, 28, 28),)
+    with torch.no_grad():
+        if exporter == "dynamo":
+            program = torch.onnx.export(module, example, dynamo=True, input_names=["images"],
+                                        output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                        verbose=False)
+            program.save(buffer)
+        else:
+            torch.onnx.export(module, example, buffer, dynamo=False, input_names=["images"], output_names=["logits"],
+                              opset_version=18, dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.fixture(scope="module", params=[(a, e) for a in ARCHITECTURES for e in EXPORTERS], ids="-".join)
+def exported(request):
+    architecture, exporter = request.param
+    torch.manual_seed(0)
+    module = ARCHITECTURES[architecture]().eval()
+    return architecture, exporter, module, _export(module, exporter)
+
+
+def _cut_names(model: onnx.ModelProto) -> list[str]:
+    imported = import_model(model)
+    shapes = measure_shapes(imported.model, {imported.input_names[0]: np.zeros((1, 1, 28, 28), np.float32)})
+    return [c.module for c in find_cut_points(imported.model, flops_per_row(imported.model, shapes), shapes,
+                                              imported.scopes)]
+
+
+def test_cut_names_are_unique_module_paths(exported):
+    architecture, exporter, module, model = exported
+    names = [name for name in _cut_names(model) if name]  # cuts outside every module go by tensor
+    assert len(names) >= 2 and len(set(names)) == len(names)
+    paths = dict(module.named_modules())
+    # the legacy exporter calls a module's second use "<name>_1": unique, but no module path
+    unreal = [n for n in names if n.split("[")[0] not in paths]
+    assert unreal == ([] if (architecture, exporter) != ("reused-module", "legacy") else ["pool_1"])
+
+
+def test_both_exporters_name_nested_and_inline_cuts_alike():
+    torch.manual_seed(0)
+    for architecture in ("nested", "inline-vit"):
+        module = ARCHITECTURES[architecture]().eval()
+        assert _cut_names(_export(module, "legacy")) == _cut_names(_export(module, "dynamo"))
+    assert _cut_names(_export(NestedNet().eval(), "legacy"))[:2] == ["features.0.block.1", "features.1"]
+
+
+def test_compiles_with_exits_and_verifies(exported, calibration):
+    """Random weights: the full model's class is still a function of the input, and exits that
+    match it on calibration rows must match it on fresh rows too (within the budget's reach)."""
+    architecture, exporter, module, model = exported
+    result = compile(model, {"images": calibration["images"][:ROWS]}, max_disagreement=0.05,
+                     measure_latency=False, show_progress=False)
+    columns = [e.column for e in result.plan.exits]
+    assert result.plan.exits and len(set(columns)) == len(columns)
+    assert result.report["verification"]["rows"] > 0
+    fresh = calibration["images"][ROWS:ROWS + 1000]
+    compiled = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits, exits = compiled.run(["logits", EXIT_OUTPUT], {"images": fresh})
+    full, = original.run(["logits"], {"images": fresh})
+    assert (exits >= 0).mean() > 0.2
+    assert (logits.argmax(1) != full.argmax(1)).mean() <= 0.1
+    try:  # the legacy exporter's flatten is a Reshape to [batch, C, -1], which fails on 0 rows
+        original.run(["logits"], {"images": fresh[:0]})
+        empty_ok = True
+    except Exception:  # onnxruntime raises its own exception types
+        empty_ok = False
+    assert result.report["verification"]["empty_batch_checked"] == empty_ok

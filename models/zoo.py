@@ -98,3 +98,20 @@ class TinyViT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x[:, 0]))
+
+
+class TwoInputNet(nn.Module):
+    """An image and a side feature vector; the vector's own layers run first and are joined
+    with the image features before the head (a remainder that reads a second graph input)."""
+
+    def __init__(self, classes: int = 10, extra: int = 8) -> None:
+        super().__init__()
+        self.extra = nn.Sequential(nn.Linear(extra, 16), nn.ReLU())
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, images: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        side = self.extra(extra)
+        return self.head(torch.cat([self.features(images).mean(dim=(2, 3)), side], dim=1))

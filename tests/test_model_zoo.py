@@ -10,30 +10,42 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models.zoo import NestedNet, ReusedPool, TinyViT  # noqa: E402
+from models.zoo import NestedNet, ReusedPool, TinyViT, TwoInputNet  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.constants import EXIT_OUTPUT  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
-from moco_compile.passes.cost import flops_per_row, measure_shapes  # noqa: E402
-from moco_compile.passes.cut_points import find_cut_points  # noqa: E402
+from moco_compile.api import cut_points_of  # noqa: E402
 
-ARCHITECTURES = {"nested": NestedNet, "reused-module": ReusedPool, "inline-vit": TinyViT}
+ARCHITECTURES = {"nested": NestedNet, "reused-module": ReusedPool, "inline-vit": TinyViT,
+                 "two-input": TwoInputNet}
 EXPORTERS = ("legacy", "dynamo")
 ROWS = 1200
 
 
+def _inputs(module: torch.nn.Module) -> list[str]:
+    return ["images", "extra"] if isinstance(module, TwoInputNet) else ["images"]
+
+
+def _data(names: list[str], images: np.ndarray) -> dict[str, np.ndarray]:
+    """Images, plus a small side feature vector per row for the two-input model (seeded; with random
+    weights a large one would decide the class alone, and no rule on the image could exit)."""
+    extra = 0.1 * np.random.default_rng(len(images)).normal(size=(len(images), 8)).astype(np.float32)
+    return {"images": images, "extra": extra} if "extra" in names else {"images": images}
+
+
 def _export(module: torch.nn.Module, exporter: str) -> onnx.ModelProto:
     buffer = io.BytesIO()
-    example = (torch.rand(2, 1, 28, 28),)
+    names = _inputs(module)
+    example = tuple(torch.from_numpy(v) for v in _data(names, np.random.rand(2, 1, 28, 28).astype(np.float32)).values())
     with torch.no_grad():
         if exporter == "dynamo":
-            program = torch.onnx.export(module, example, dynamo=True, input_names=["images"],
-                                        output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                        verbose=False)
+            batch = torch.export.Dim("batch")
+            program = torch.onnx.export(module, example, dynamo=True, input_names=names, output_names=["logits"],
+                                        dynamic_shapes=tuple({0: batch} for _ in names), verbose=False)
             program.save(buffer)
         else:
-            torch.onnx.export(module, example, buffer, dynamo=False, input_names=["images"], output_names=["logits"],
-                              opset_version=18, dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+            torch.onnx.export(module, example, buffer, dynamo=False, input_names=names, output_names=["logits"],
+                              opset_version=18, dynamic_axes={name: {0: "batch"} for name in [*names, "logits"]})
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -47,9 +59,8 @@ def exported(request):
 
 def _cut_names(model: onnx.ModelProto) -> list[str]:
     imported = import_model(model)
-    shapes = measure_shapes(imported.model, {imported.input_names[0]: np.zeros((1, 1, 28, 28), np.float32)})
-    return [c.module for c in find_cut_points(imported.model, flops_per_row(imported.model, shapes), shapes,
-                                              imported.scopes)]
+    _, cuts = cut_points_of(imported, _data(imported.input_names, np.zeros((1, 1, 28, 28), np.float32)), 1)
+    return [c.module for c in cuts]
 
 
 def test_cut_names_are_unique_module_paths(exported):
@@ -74,20 +85,21 @@ def test_compiles_with_exits_and_verifies(exported, calibration):
     """Random weights: the full model's class is still a function of the input, and exits that
     match it on calibration rows must match it on fresh rows too (within the budget's reach)."""
     architecture, exporter, module, model = exported
-    result = compile(model, {"images": calibration["images"][:ROWS]}, max_disagreement=0.05,
+    names = _inputs(module)
+    result = compile(model, _data(names, calibration["images"][:ROWS]), max_disagreement=0.05,
                      measure_latency=False, show_progress=False)
     columns = [e.column for e in result.plan.exits]
     assert result.plan.exits and len(set(columns)) == len(columns)
     assert result.report["verification"]["rows"] > 0
-    fresh = calibration["images"][ROWS:ROWS + 1000]
+    fresh = _data(names, calibration["images"][ROWS:ROWS + 1000])
     compiled = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
     original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    logits, exits = compiled.run(["logits", EXIT_OUTPUT], {"images": fresh})
-    full, = original.run(["logits"], {"images": fresh})
+    logits, exits = compiled.run(["logits", EXIT_OUTPUT], fresh)
+    full, = original.run(["logits"], fresh)
     assert (exits >= 0).mean() > 0.2
     assert (logits.argmax(1) != full.argmax(1)).mean() <= 0.1
     try:  # the legacy exporter's flatten is a Reshape to [batch, C, -1], which fails on 0 rows
-        original.run(["logits"], {"images": fresh[:0]})
+        original.run(["logits"], {name: values[:0] for name, values in fresh.items()})
         empty_ok = True
     except Exception:  # onnxruntime raises its own exception types
         empty_ok = False

@@ -115,3 +115,118 @@ class TwoInputNet(nn.Module):
     def forward(self, images: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
         side = self.extra(extra)
         return self.head(torch.cat([self.features(images).mean(dim=(2, 3)), side], dim=1))
+
+
+class MLP(nn.Module):
+    """Flattened pixels through three hidden layers."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+                                    nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck: 1x1 down, 3x3, 1x1 up, identity shortcut."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels // 4, 1), nn.BatchNorm2d(channels // 4), nn.ReLU(),
+                                  nn.Conv2d(channels // 4, channels // 4, 3, padding=1), nn.BatchNorm2d(channels // 4),
+                                  nn.ReLU(), nn.Conv2d(channels // 4, channels, 1), nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.body(x))
+
+
+class BottleneckNet(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU())
+        self.stages = nn.Sequential(Bottleneck(32), nn.MaxPool2d(2), Bottleneck(32), Bottleneck(32), nn.MaxPool2d(2),
+                                    Bottleneck(32))
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)).mean(dim=(2, 3)))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV3 block: 1x1 expand, depthwise 3x3, squeeze-excite, hardswish, 1x1 project."""
+
+    def __init__(self, channels: int, expand: int = 4) -> None:
+        super().__init__()
+        hidden = channels * expand
+        self.expand = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.BatchNorm2d(hidden), nn.Hardswish())
+        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden), nn.BatchNorm2d(hidden),
+                                       nn.Hardswish())
+        self.excite = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(hidden, hidden // 4, 1), nn.ReLU(),
+                                    nn.Conv2d(hidden // 4, hidden, 1), nn.Hardsigmoid())
+        self.project = nn.Sequential(nn.Conv2d(hidden, channels, 1), nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.depthwise(self.expand(x))
+        return x + self.project(h * self.excite(h))
+
+
+class MobileNetV3ish(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.Hardswish())
+        self.blocks = nn.Sequential(InvertedResidual(16), InvertedResidual(16), InvertedResidual(16))
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+class DenseLayer(nn.Module):
+    """DenseNet layer: its output is concatenated to its input."""
+
+    def __init__(self, channels: int, growth: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, growth, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.conv(x)], dim=1)
+
+
+class DenseNetish(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.dense1 = nn.Sequential(DenseLayer(16), DenseLayer(24))
+        self.transition = nn.Sequential(nn.Conv2d(32, 16, 1), nn.AvgPool2d(2))
+        self.dense2 = nn.Sequential(DenseLayer(16), DenseLayer(24), DenseLayer(32))
+        self.head = nn.Linear(40, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dense2(self.transition(self.dense1(self.stem(x)))).mean(dim=(2, 3)))
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7, LayerNorm over channels (channels-last), 4x MLP with GELU, residual."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.depthwise(x).permute(0, 2, 3, 1)
+        return x + self.mlp(self.norm(h)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtish(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 32, 4, stride=4)
+        self.blocks = nn.Sequential(ConvNeXtBlock(32), ConvNeXtBlock(32), ConvNeXtBlock(32))
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))

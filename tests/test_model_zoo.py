@@ -10,14 +10,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models.zoo import NestedNet, ReusedPool, TinyViT, TwoInputNet  # noqa: E402
+from models.zoo import (MLP, BottleneckNet, ConvNeXtish, DenseNetish, MobileNetV3ish, NestedNet,  # noqa: E402
+                        ReusedPool, TinyViT, TwoInputNet)
 from moco_compile import compile  # noqa: E402
 from moco_compile.constants import EXIT_OUTPUT  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.api import cut_points_of  # noqa: E402
 
 ARCHITECTURES = {"nested": NestedNet, "reused-module": ReusedPool, "inline-vit": TinyViT,
-                 "two-input": TwoInputNet}
+                 "two-input": TwoInputNet, "mlp": MLP, "resnet-bottleneck": BottleneckNet,
+                 "mobilenet-v3": MobileNetV3ish, "densenet": DenseNetish, "convnext": ConvNeXtish}
 EXPORTERS = ("legacy", "dynamo")
 ROWS = 1200
 

@@ -158,9 +158,10 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
     (``imported.text``) masks, and for any other model each input besides the main one that
     the network reads cheaply (:func:`~moco_compile.passes.cut_points.side_inputs_of`).
     """
-    spec = CalibrationSpec(imported.model, imported.num_classes)
-    batches = iter_batches(calibration, spec, batch_size)
     text = imported.text
+    optional = {"token_type_ids": "input_ids"} if text is not None and "token_type_ids" in imported.input_names else {}
+    spec = CalibrationSpec(imported.model, imported.num_classes, zeros_like=optional)
+    batches = iter_batches(calibration, spec, batch_size)
     if text is not None:
         # later layers recompute the extended mask from the compressed mask input
         imported.model = localize_side_tensors(imported.model, text.side)

@@ -1,6 +1,7 @@
 """Conformance: architectures users write, both exporters, named and compiled end to end."""
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -51,12 +52,17 @@ def _export(module: torch.nn.Module, exporter: str) -> onnx.ModelProto:
     return onnx.load_from_string(buffer.getvalue())
 
 
-@pytest.fixture(scope="module", params=[(a, e) for a in ARCHITECTURES for e in EXPORTERS], ids="-".join)
-def exported(request):
-    architecture, exporter = request.param
+@functools.cache
+def _built(architecture: str, exporter: str) -> tuple[torch.nn.Module, onnx.ModelProto]:
     torch.manual_seed(0)
     module = ARCHITECTURES[architecture]().eval()
-    return architecture, exporter, module, _export(module, exporter)
+    return module, _export(module, exporter)
+
+
+@pytest.fixture(params=[(a, e) for a in ARCHITECTURES for e in EXPORTERS], ids="-".join)
+def exported(request):
+    architecture, exporter = request.param
+    return architecture, exporter, *_built(architecture, exporter)
 
 
 def _cut_names(model: onnx.ModelProto) -> list[str]:
@@ -75,12 +81,13 @@ def test_cut_names_are_unique_module_paths(exported):
     assert unreal == ([] if (architecture, exporter) != ("reused-module", "legacy") else ["pool_1"])
 
 
-def test_both_exporters_name_nested_and_inline_cuts_alike():
-    torch.manual_seed(0)
-    for architecture in ("nested", "inline-vit"):
-        module = ARCHITECTURES[architecture]().eval()
-        assert _cut_names(_export(module, "legacy")) == _cut_names(_export(module, "dynamo"))
-    assert _cut_names(_export(NestedNet().eval(), "legacy"))[:2] == ["features.0.block.1", "features.1"]
+@pytest.mark.parametrize("architecture", ["nested", "inline-vit", "densenet", "convnext"])
+def test_both_exporters_name_the_cuts_alike(architecture):
+    assert _cut_names(_built(architecture, "legacy")[1]) == _cut_names(_built(architecture, "dynamo")[1])
+
+
+def test_legacy_scopes_of_nested_sequentials_are_whole_paths():
+    assert _cut_names(_built("nested", "legacy")[1])[:2] == ["features.0.block.1", "features.1"]
 
 
 def test_compiles_with_exits_and_verifies(exported, calibration):

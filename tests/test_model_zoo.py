@@ -113,3 +113,12 @@ def test_compiles_with_exits_and_verifies(exported, calibration):
     except Exception:  # onnxruntime raises its own exception types
         empty_ok = False
     assert result.report["verification"]["empty_batch_checked"] == empty_ok
+
+
+def test_readme_lists_exactly_the_conformance_suite():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Supported models")[1].split("\n## ")[0]
+    listed = [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")]
+    assert listed == list(ARCHITECTURES)

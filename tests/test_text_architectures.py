@@ -60,3 +60,14 @@ def test_decoder_classifier_is_refused_with_what_to_do():
 def test_eager_api_names_the_architectures_it_wraps():
     with pytest.raises(ModelError, match="not supported by the eager text API.*moco.compile"):
         EarlyExitTextClassificationModel(_model("DistilBertForSequenceClassification"))
+
+
+def test_readme_and_importer_list_the_tested_encoders():
+    from pathlib import Path
+
+    from moco_compile.importer import SUPPORTED_HF_ARCHITECTURES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Supported models")[1].split("\n## ")[0]
+    assert list(SUPPORTED_HF_ARCHITECTURES) == list(ENCODERS)
+    assert all(f"`{name}`" in section for name in ENCODERS)

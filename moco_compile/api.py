@@ -21,7 +21,7 @@ from moco_compile.outputs import check_output_dir, check_output_file, staged_out
 from moco_compile.passes.calibrate import LABELS, PREDICTIONS, calibrate, variant_features
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cost import flops_per_row, measure_shapes
-from moco_compile.passes.cut_points import CutPoint, find_cut_points, localize_side_tensors
+from moco_compile.passes.cut_points import CutPoint, find_cut_points, localize_side_tensors, side_inputs_of
 from moco_compile.passes.graph import elem_types
 from moco_compile.passes.plan import ExitPlan, PlanEvaluation
 from moco_compile.passes.planning import plan_exits
@@ -154,21 +154,30 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
                 batch_size: int) -> tuple[Iterable[dict], list[CutPoint]]:
     """Validated calibration batches, and the model's cut points measured on the first row.
 
-    Text models (``imported.text``) get their mask inputs as side inputs that may cross a cut.
+    Side inputs may cross a cut (the rewrite compresses them with the rows): a text model's
+    (``imported.text``) masks, and for any other model each input besides the main one that
+    the network reads cheaply (:func:`~moco_compile.passes.cut_points.side_inputs_of`).
     """
-    spec = CalibrationSpec(imported.model, imported.num_classes)
-    batches = iter_batches(calibration, spec, batch_size)
     text = imported.text
+    optional = {"token_type_ids": "input_ids"} if text is not None and "token_type_ids" in imported.input_names else {}
+    spec = CalibrationSpec(imported.model, imported.num_classes, zeros_like=optional)
+    batches = iter_batches(calibration, spec, batch_size)
     if text is not None:
         # later layers recompute the extended mask from the compressed mask input
         imported.model = localize_side_tensors(imported.model, text.side)
         batches = _checked_text_batches(batches, text, imported.input_names)
     batches = _peekable(batches)
     first = batches.peek()
-    shapes = measure_shapes(imported.model, {name: first[name][:1] for name in imported.input_names})
+    feed = {name: first[name][:1] for name in imported.input_names}
+    shapes = measure_shapes(imported.model, feed)
     node_flops = flops_per_row(imported.model, shapes)
     if text is None:
-        cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes)
+        side = side_inputs_of(imported.model, node_flops)
+        if side:  # e.g. a feature vector joined before the head: the remainder reads it compressed
+            imported.model = localize_side_tensors(imported.model, side)
+            shapes = measure_shapes(imported.model, feed)
+            node_flops = flops_per_row(imported.model, shapes)
+        cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=side)
     else:
         cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=text.side,
                                sequence_mask=text.mask, min_fraction_before=0.0)

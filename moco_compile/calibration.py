@@ -35,7 +35,10 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
 class CalibrationSpec:
     """What the model expects of each input: dtype and shape (None for dynamic axes)."""
 
-    def __init__(self, model: onnx.ModelProto, num_classes: int) -> None:
+    def __init__(self, model: onnx.ModelProto, num_classes: int, zeros_like: Mapping[str, str] | None = None) -> None:
+        """``zeros_like``: inputs that may be left out, each then zeros shaped like another input
+        (a text model's ``token_type_ids``, as Hugging Face fills them when not given)."""
+        self.zeros_like = dict(zeros_like or {})
         initializers = {init.name for init in model.graph.initializer}
         self.inputs: dict[str, tuple[np.dtype, tuple[int | None, ...]]] = {}
         for value in model.graph.input:
@@ -50,6 +53,9 @@ class CalibrationSpec:
     def check(self, batch: Mapping[str, Any], where: str) -> dict[str, np.ndarray]:
         """Validate one batch; return it as numpy arrays cast to the input dtypes."""
         arrays = {key: _as_numpy(value) for key, value in batch.items()}
+        for name, like in self.zeros_like.items():
+            if name not in arrays and like in arrays:
+                arrays[name] = np.zeros(arrays[like].shape, np.int64)
         missing = [name for name in self.inputs if name not in arrays]
         unknown = [key for key in arrays if key not in self.inputs and key != LABELS]
         if missing or unknown:

@@ -61,11 +61,12 @@ def inspect_command(
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration .npz (gives input shapes)"),
     output: Optional[str] = typer.Option(None, "--output", help="classifier output name, if several"),
 ) -> None:
-    """List the candidate cut points of MODEL with their FLOPs."""
+    """List the candidate cut points of MODEL with their FLOPs (tab-separated, full names, when the
+    output is not a terminal)."""
     from moco_compile.api import cut_points_of
     from moco_compile.calibration import load_npz
     from moco_compile.importer import import_model
-    from moco_compile.report import cut_points_table
+    from moco_compile.report import cut_points_table, cut_points_tsv
 
     try:
         imported = import_model(model, output=output)
@@ -73,7 +74,10 @@ def inspect_command(
         _, cuts = cut_points_of(imported, feed, batch_size=1)
     except MocoError as error:
         _fail(error)
-    console.print(cut_points_table(cuts, cuts[0].flops_before + cuts[0].flops_after))
+    if console.is_terminal:
+        console.print(cut_points_table(cuts, cuts[0].flops_before + cuts[0].flops_after))
+    else:
+        typer.echo(cut_points_tsv(cuts))
 
 
 @app.command("calibrate")

@@ -151,13 +151,30 @@ def module_scopes(model: onnx.ModelProto) -> dict[str, tuple[str, ...]]:
 
 
 def _qualify(parts: list[str]) -> tuple[str, ...]:
-    """Legacy scopes may be relative (``relu``) or qualified (``layer1.0``); make all qualified."""
+    """Full module paths from legacy scopes.
+
+    The legacy exporter names a module by its path from the last non-numeric part on
+    (``features.0.block.3`` is ``block.3``, ``layer1.0`` stays ``layer1.0``, ``layer1.0.conv1``
+    is ``conv1``), so a scope either extends its parent's such name with numeric parts or is
+    one attribute below the parent.
+    """
     qualified: list[str] = []
     for part in parts:
-        if qualified and not part.startswith(qualified[-1] + "."):
-            part = f"{qualified[-1]}.{part}"
+        if qualified:
+            parent = qualified[-1]
+            short = _short_name(parent)
+            extension = part[len(short) + 1:].split(".") if part.startswith(short + ".") else []
+            part = parent + part[len(short):] if extension and all(a.isdigit() for a in extension) \
+                else f"{parent}.{part}"
         qualified.append(part)
     return tuple(qualified)
+
+
+def _short_name(path: str) -> str:
+    """A module path from its last non-numeric part on (the legacy exporter's scope name)."""
+    atoms = path.split(".")
+    last = max((i for i, atom in enumerate(atoms) if not atom.isdigit()), default=0)
+    return ".".join(atoms[last:])
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -233,7 +250,9 @@ def input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
 
 TEXT_METADATA = "moco.text."
 # Hugging Face architectures whose export, cut points and exits are tested (tests/test_text.py).
-SUPPORTED_HF_ARCHITECTURES = ("BertForSequenceClassification",)
+SUPPORTED_HF_ARCHITECTURES = ("BertForSequenceClassification", "DistilBertForSequenceClassification",
+                              "RobertaForSequenceClassification", "AlbertForSequenceClassification",
+                              "ElectraForSequenceClassification")  # encoders; decoders (last-token pooling) not yet
 _MASK_NAMES = ("attention_mask",)
 _SIDE_NAMES = ("attention_mask", "token_type_ids", "position_ids")
 
@@ -304,8 +323,8 @@ def export_hf_sequence_classifier(model: Any, opset: int = 18) -> onnx.ModelProt
     architecture = type(model).__name__
     if architecture not in SUPPORTED_HF_ARCHITECTURES:
         raise ModelError(f"{architecture} is not a supported Hugging Face architecture; moco imports "
-                         f"{', '.join(SUPPORTED_HF_ARCHITECTURES)} (BERT family, e.g. MiniLM / TinyBERT "
-                         "checkpoints loaded into BertForSequenceClassification). Export other models to "
+                         f"{', '.join(SUPPORTED_HF_ARCHITECTURES)} (encoder classifiers). Decoder-style "
+                         "classifiers that pool the last token are not supported yet. Export other models to "
                          "ONNX yourself (inputs input_ids, attention_mask; output [batch, classes] logits) "
                          "and pass the .onnx file")
     config = model.config
@@ -323,13 +342,20 @@ def export_hf_sequence_classifier(model: Any, opset: int = 18) -> onnx.ModelProt
     example = {name: example[name] for name in names}
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max_length)
     model = model.eval()
+    use_cache = getattr(config, "use_cache", None)
     try:
+        config.use_cache = False  # decoders would also return their key/value cache
         with torch.no_grad():
             program = torch.onnx.export(model, (), kwargs=example, dynamo=True, opset_version=opset,
                                         dynamic_shapes={name: {0: batch, 1: sequence} for name in names},
                                         output_names=["logits"], verbose=False)
     except Exception as error:
         raise ModelError(f"exporting {architecture} to ONNX failed: {error}") from error
+    finally:
+        if use_cache is None:
+            del config.use_cache
+        else:
+            config.use_cache = use_cache
     buffer = io.BytesIO()
     program.save(buffer)
     exported = onnx.load_from_string(buffer.getvalue())

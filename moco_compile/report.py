@@ -11,20 +11,33 @@ def _percent(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{100 * value:.{digits}f}%"
 
 
+CUT_COLUMNS = ("#", "tensor", "module", "shape", "MFLOPs before", "MFLOPs after", "before")
+
+
+def cut_point_rows(cuts: Sequence) -> list[tuple[str, ...]]:
+    """``moco inspect``'s cells, one tuple per candidate cut (columns: :data:`CUT_COLUMNS`)."""
+    return [(str(number), cut.tensor, cut.module or "-", "x".join(map(str, cut.shape[1:])),
+             f"{cut.flops_before / 1e6:.2f}", f"{cut.flops_after / 1e6:.2f}", _percent(cut.fraction_before, 1))
+            for number, cut in enumerate(cuts)]
+
+
 def cut_points_table(cuts: Sequence, total_flops: float) -> Table:
-    """``moco inspect``: one row per candidate cut."""
+    """``moco inspect`` on a terminal: one row per candidate cut."""
     table = Table(title=f"Cut points ({total_flops / 1e6:.2f} MFLOPs per row in total)")
     longest_module = max((len(cut.module or "-") for cut in cuts), default=1)
-    for column in ("#", "tensor", "module", "shape", "MFLOPs before", "MFLOPs after", "before"):
+    for column in CUT_COLUMNS:
         if column == "module":  # the name users pass back (add_rule, reports): never cut short
             table.add_column(column, no_wrap=True, min_width=longest_module)
         else:
             table.add_column(column, justify="left" if column == "tensor" else "right")
-    for number, cut in enumerate(cuts):
-        table.add_row(str(number), cut.tensor, cut.module or "-", "x".join(map(str, cut.shape[1:])),
-                      f"{cut.flops_before / 1e6:.2f}", f"{cut.flops_after / 1e6:.2f}",
-                      _percent(cut.fraction_before, 1))
+    for row in cut_point_rows(cuts):
+        table.add_row(*row)
     return table
+
+
+def cut_points_tsv(cuts: Sequence) -> str:
+    """``moco inspect`` into a pipe or file: tab-separated, full names, one line per cut."""
+    return "\n".join("\t".join(cells) for cells in [CUT_COLUMNS, *cut_point_rows(cuts)])
 
 
 def print_report(report: Mapping, console: Console | None = None) -> None:

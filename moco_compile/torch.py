@@ -33,9 +33,9 @@ import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from moco_compile.errors import ModelError
-from moco_compile.importer import SUPPORTED_HF_ARCHITECTURES
 
 _NEVER = float(np.finfo(np.float32).max)
+EAGER_ARCHITECTURES = ("BertForSequenceClassification",)
 _POOLINGS = ("first_token", "token_mean")
 
 
@@ -76,9 +76,9 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
     def __init__(self, model: Any) -> None:
         super().__init__()
         architecture = type(model).__name__
-        if architecture not in SUPPORTED_HF_ARCHITECTURES:
+        if architecture not in EAGER_ARCHITECTURES:
             raise ModelError(f"{architecture} is not supported by the eager text API; supported: "
-                             f"{', '.join(SUPPORTED_HF_ARCHITECTURES)}")
+                             f"{', '.join(EAGER_ARCHITECTURES)} (other encoders compile to ONNX: moco.compile)")
         self.model = model.eval()
         self._rules: dict[str, list[_Rule]] = {}
 

@@ -15,8 +15,9 @@ the rewrite then compresses the side graph inputs with the cut tensor.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
@@ -100,8 +101,24 @@ def find_cut_points(model: onnx.ModelProto, node_flops: Sequence[float],
     low = min_fraction if min_fraction_before is None else min_fraction_before
     useful = [cut for cut in separating
               if low <= cut.fraction_before <= 1 - min_fraction]
-    return [cut for cut, following in zip(useful, useful[1:] + [None])
-            if following is None or following.flops_before - cut.flops_before > merge_fraction * total]
+    return unique_names([cut for cut, following in zip(useful, useful[1:] + [None])
+                         if following is None or following.flops_before - cut.flops_before > merge_fraction * total])
+
+
+def unique_names(cuts: Sequence[CutPoint]) -> list[CutPoint]:
+    """``cuts`` with every module name that several share numbered in execution order
+    (``blocks.0[0]``, ``blocks.0[1]``): a residual Add written inline in a block's forward, or a
+    module called twice, gives cuts inside the same module."""
+    counts = Counter(cut.module for cut in cuts if cut.module)
+    seen: Counter = Counter()
+    named = []
+    for cut in cuts:
+        if counts[cut.module] > 1:
+            named.append(replace(cut, module=f"{cut.module}[{seen[cut.module]}]"))
+            seen[cut.module] += 1
+        else:
+            named.append(cut)
+    return named
 
 
 def _is_batched_float(model: onnx.ModelProto, tensor: str, shapes: Mapping[str, tuple[int, ...]]) -> bool:
@@ -127,19 +144,34 @@ def _module_name(model: onnx.ModelProto, index: GraphIndex, tensor: str,
     return own[-1] if own else ""
 
 
-def side_tensors(model: onnx.ModelProto, side_inputs: Iterable[str]) -> set[str]:
-    """Tensors computed from ``side_inputs`` and constants only, by cheap nodes.
+def side_inputs_of(model: onnx.ModelProto, node_flops: Sequence[float], max_fraction: float = 0.05) -> tuple[str, ...]:
+    """Graph inputs besides the main one: those whose own computation (the nodes that read only
+    them and constants, :func:`side_tensors`) costs under ``max_fraction`` of the model's FLOPs,
+    such as a feature vector joined before the head.  The main input (an image) feeds the whole
+    network.  Empty when no input stands out as main (one input, or all cheap on their own)."""
+    index = GraphIndex(model)
+    total = float(sum(node_flops))
+    side = []
+    for name in index.graph_inputs:
+        producers = {index.producer[tensor] for tensor in side_tensors(model, [name])}
+        if sum(node_flops[i] for i in producers) < max_fraction * total:
+            side.append(name)
+    return tuple(side) if len(side) < len(index.graph_inputs) else ()
 
-    Also the output of ``Shape`` (and of cheap nodes over it) on any graph input:
-    a shape is re-read from the compressed input just as well.  Heavy ops
-    (matrix products) are never side nodes, so hidden states never are.
+
+def side_tensors(model: onnx.ModelProto, side_inputs: Iterable[str]) -> set[str]:
+    """Tensors computed from ``side_inputs`` and constants only (a text model's extended mask, a
+    side feature vector's own layers).  Hidden states never are: they read the main input.
+
+    Also the output of ``Shape`` (and of nodes over it) on any graph input: a shape is re-read
+    from the compressed input just as well.
     """
     index = GraphIndex(model)
     side = set(side_inputs)
     graph_inputs = set(index.graph_inputs)
     derived: set[str] = set()
     for position, node in enumerate(model.graph.node):
-        if index.is_constant_node(position) or node.op_type in HEAVY_OPS or node.attribute and any(
+        if index.is_constant_node(position) or node.attribute and any(
                 a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             continue
         inputs = [name for name in node.input if name and name not in index.constants]
@@ -155,8 +187,9 @@ def localize_side_tensors(model: onnx.ModelProto, side_inputs: Iterable[str]) ->
 
     After this, a cut's remainder never reads a side tensor from the prefix: it
     reads the side *graph inputs*, which the rewrite compresses to the rows left.
-    The copies are cheap (masks and shapes) and onnxruntime's common-subexpression
-    elimination merges them again where they share a graph.  Outputs are unchanged.
+    The copies are cheap (masks, shapes, a side vector's small layers) and onnxruntime's
+    common-subexpression elimination merges them again where they share a graph.  Outputs
+    are unchanged.
     """
     derived = side_tensors(model, side_inputs)
     if not derived:

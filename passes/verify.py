@@ -39,6 +39,7 @@ class Verification:
     exited_argmax_matches_rule: bool
     batch1_rows: int
     batch1_max_abs_diff: float
+    empty_batch_checked: bool  # False: the original model fails on 0 rows too
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,9 +75,14 @@ def _close(actual: np.ndarray, expected: np.ndarray, tolerance: float) -> bool:
     return bool((np.abs(actual.astype(np.float64) - expected) <= slack).all())
 
 
-def _check_empty_batch(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], output: str,
-                       trailing: tuple[int, ...]) -> None:
-    """A batch of 0 rows gives 0-row outputs of the right trailing shape."""
+def _check_empty_batch(session: ort.InferenceSession, original: ort.InferenceSession,
+                       inputs: Mapping[str, np.ndarray], output: str, trailing: tuple[int, ...]) -> bool:
+    """A batch of 0 rows gives 0-row outputs of the right trailing shape; False (not checked) when
+    the original model itself fails on 0 rows (e.g. a Reshape to ``[0, C, -1]``)."""
+    try:
+        original.run([output], {k: v[:0] for k, v in inputs.items()})
+    except Exception:  # onnxruntime raises its own exception types
+        return False
     try:
         out, exits = session.run([output, EXIT_OUTPUT], {k: v[:0] for k, v in inputs.items()})
     except Exception as error:  # onnxruntime raises its own exception types
@@ -84,6 +90,7 @@ def _check_empty_batch(session: ort.InferenceSession, inputs: Mapping[str, np.nd
     if out.shape != (0, *trailing) or exits.shape != (0,):
         raise VerificationError(f"a batch of 0 rows gives outputs of shape {out.shape} and {exits.shape}, "
                                 f"expected {(0, *trailing)} and (0,)")
+    return True
 
 
 def verify_compiled(compiled: onnx.ModelProto, original: onnx.ModelProto, output: str,
@@ -98,7 +105,8 @@ def verify_compiled(compiled: onnx.ModelProto, original: onnx.ModelProto, output
         onnx.checker.check_model(compiled, full_check=True)
     except Exception as error:
         raise VerificationError(f"the compiled graph fails onnx.checker: {error}") from error
-    original_out, = _run(_session(original), inputs, [output], batch_size)
+    original_session = _session(original)
+    original_out, = _run(original_session, inputs, [output], batch_size)
     compiled_session = _session(compiled)
     compiled_out, exits = _run(compiled_session, inputs, [output, EXIT_OUTPUT], batch_size)
     full = exits == -1
@@ -124,7 +132,7 @@ def verify_compiled(compiled: onnx.ModelProto, original: onnx.ModelProto, output
     if not _close(single_out[steady], compiled_out[:count][steady], tolerance) \
             or not (single_exits[steady] == exits[:count][steady]).all():
         raise VerificationError(f"batch-1 runs disagree with batched runs (max abs diff {batch1_diff:.2e})")
-    _check_empty_batch(compiled_session, inputs, output, compiled_out.shape[1:])
+    empty_batch = _check_empty_batch(compiled_session, original_session, inputs, output, compiled_out.shape[1:])
     agreement = float((~rerouted).mean()) if len(exits) else 1.0
     return Verification(len(exits), int(full.sum()), diff, agreement, int(expected.near_threshold.sum()),
-                        int(rerouted.sum()), argmax_ok, count, batch1_diff)
+                        int(rerouted.sum()), argmax_ok, count, batch1_diff, empty_batch)

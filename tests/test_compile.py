@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
@@ -59,12 +60,15 @@ def test_same_inputs_same_plan(calibration, tmp_path, compiled, reference_onnx):
     assert json.dumps(again.plan.to_dict()) == json.dumps(result.plan.to_dict())
 
 
-def test_cli_inspect_lists_cut_points(reference_onnx):
+def test_cli_inspect_lists_cut_points_in_full_when_piped(reference_onnx):
+    """Not a terminal (a pipe, a file): tab-separated lines with whole tensor and module names."""
     run = CliRunner().invoke(app, ["inspect", str(reference_onnx)])
     assert run.exit_code == 0, run.output
-    for module in ("layer1.0", "layer2", "layer3.0"):
-        assert module in run.output
-    assert "MFLOPs" in run.output
+    header, *rows = [line.split("\t") for line in run.output.strip().splitlines()]
+    assert header[:3] == ["#", "tensor", "module"] and "MFLOPs before" in header
+    assert [row[2] for row in rows] == ["layer1.0", "layer1", "layer2.0", "layer2", "layer3.0"]
+    tensors = {name for node in onnx.load(str(reference_onnx)).graph.node for name in node.output}
+    assert all(len(row) == len(header) and row[1] in tensors for row in rows)
 
 
 def test_cli_compile_writes_report(tmp_path, calibration, reference_onnx):

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 from moco_compile import compile  # noqa: E402
 from moco_compile.errors import ModelError  # noqa: E402
-from moco_compile.importer import export_hf_sequence_classifier  # noqa: E402
+from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.torch import EarlyExitTextClassificationModel  # noqa: E402
 
 SIZES = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -50,11 +50,12 @@ def test_encoder_compiles_with_exits_named_by_module(architecture):
     assert result.report["verification"]["rows"] > 0
 
 
-def test_decoder_classifier_is_refused_with_what_to_do():
+def test_decoder_classifier_is_refused_naming_what_is_supported():
     config = transformers.GPT2Config(vocab_size=1000, n_embd=32, n_layer=2, n_head=2, num_labels=3, n_positions=128,
                                      pad_token_id=0)
-    with pytest.raises(ModelError, match="Decoder-style classifiers that pool the last token"):
-        export_hf_sequence_classifier(transformers.GPT2ForSequenceClassification(config).eval())
+    with pytest.raises(ModelError, match="Decoder-style classifiers that pool the last token") as refused:
+        import_model(transformers.GPT2ForSequenceClassification(config).eval())
+    assert all(name in str(refused.value) for name in ENCODERS)
 
 
 def test_eager_api_names_the_architectures_it_wraps():

@@ -25,7 +25,6 @@ from moco_compile.passes.calibrate import variant_features  # noqa: E402
 from moco_compile.passes.pooling import variant_nodes, variants_for  # noqa: E402
 from moco_compile.passes.rewrite import insert_exits  # noqa: E402
 from moco_compile.passes.trailing_dims import UndeterminedDimError  # noqa: E402
-from moco_compile.passes.verify import VerificationError  # noqa: E402
 from models.fashion_resnet import FashionResNet  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "models" / "artifacts"

@@ -142,16 +142,23 @@ class Bottleneck(nn.Module):
         return torch.relu(x + self.body(x))
 
 
-class BottleneckNet(nn.Module):
-    def __init__(self, classes: int = 10) -> None:
+class PooledClassifier(nn.Module):
+    """A stem, a stack of blocks, a linear head on the global average pool."""
+
+    def __init__(self, stem: nn.Module, blocks: nn.Module, width: int, classes: int) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU())
-        self.stages = nn.Sequential(Bottleneck(32), nn.MaxPool2d(2), Bottleneck(32), Bottleneck(32), nn.MaxPool2d(2),
-                                    Bottleneck(32))
-        self.head = nn.Linear(32, classes)
+        self.stem, self.blocks = stem, blocks
+        self.head = nn.Linear(width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stages(self.stem(x)).mean(dim=(2, 3)))
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+class BottleneckNet(PooledClassifier):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__(nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU()),
+                         nn.Sequential(Bottleneck(32), nn.MaxPool2d(2), Bottleneck(32), Bottleneck(32),
+                                       nn.MaxPool2d(2), Bottleneck(32)), 32, classes)
 
 
 class InvertedResidual(nn.Module):
@@ -172,15 +179,10 @@ class InvertedResidual(nn.Module):
         return x + self.project(h * self.excite(h))
 
 
-class MobileNetV3ish(nn.Module):
+class MobileNetV3ish(PooledClassifier):
     def __init__(self, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.Hardswish())
-        self.blocks = nn.Sequential(InvertedResidual(16), InvertedResidual(16), InvertedResidual(16))
-        self.head = nn.Linear(16, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+        super().__init__(nn.Sequential(nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.Hardswish()),
+                         nn.Sequential(InvertedResidual(16), InvertedResidual(16), InvertedResidual(16)), 16, classes)
 
 
 class DenseLayer(nn.Module):
@@ -221,12 +223,7 @@ class ConvNeXtBlock(nn.Module):
         return x + self.mlp(self.norm(h)).permute(0, 3, 1, 2)
 
 
-class ConvNeXtish(nn.Module):
+class ConvNeXtish(PooledClassifier):
     def __init__(self, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(1, 32, 4, stride=4)
-        self.blocks = nn.Sequential(ConvNeXtBlock(32), ConvNeXtBlock(32), ConvNeXtBlock(32))
-        self.head = nn.Linear(32, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+        super().__init__(nn.Conv2d(1, 32, 4, stride=4),
+                         nn.Sequential(ConvNeXtBlock(32), ConvNeXtBlock(32), ConvNeXtBlock(32)), 32, classes)

@@ -1,6 +1,7 @@
 """Public API: ``compile`` a classifier into an early-exit ONNX graph."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -25,7 +26,7 @@ from moco_compile.passes.cut_points import CutPoint, find_cut_points, localize_s
 from moco_compile.passes.graph import elem_types
 from moco_compile.passes.plan import ExitPlan, PlanEvaluation
 from moco_compile.passes.planning import plan_exits
-from moco_compile.passes.rewrite import insert_exits
+from moco_compile.passes.rewrite import annotate_costs, insert_exits
 from moco_compile.passes.splits import SPLIT_COLUMN, SPLITS
 from moco_compile.passes.verify import verify_compiled
 
@@ -111,7 +112,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         planning = plan_exits(frame, cuts, imported.num_classes, total_flops, budget, config, seed, allow_no_exit)
     plan, split = planning.plan, planning.split
     frame = frame.with_column(SPLIT_COLUMN, split)
-    compiled = insert_exits(imported.model, plan.exits, imported.output)
+    compiled = annotate_costs(insert_exits(imported.model, plan.exits, imported.output), plan.stage_flops(),
+                              total_flops)
     evaluated_on = "report" if (split == SPLITS.index("report")).any() else "test"
     evaluation = _evaluate(plan, frame.take(np.flatnonzero(split == SPLITS.index(evaluated_on))))
     kept = keeper.inputs()
@@ -124,6 +126,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     with _stage("measuring latency (batch 1 and 64)", show_progress and measure_latency):
         latency = _latency(imported.model, compiled, kept) if measure_latency else {}
     report = _report(imported, plan, evaluation, evaluated_on, verification.to_dict(), latency, split, total_flops)
+    report["source_model"] = source_model(inputs[0]) if inputs and inputs[0].is_file() else None
     result = CompileResult(compiled, plan, report, frame)
     if out_dir is not None:
         write_outputs(Path(out_dir), result, inputs=inputs, force=force)
@@ -206,6 +209,16 @@ def _checked_text_batches(batches: Iterable[dict], text: TextInputs, names: list
 def _input_files(model: Any) -> list[Path]:
     """The input files an output must not touch: the model, when it is given as a path."""
     return [Path(model)] if isinstance(model, (str, os.PathLike)) else []
+
+
+def source_model(path: Path) -> dict:
+    """Where the compiled model came from: its absolute path and the SHA-256 of its bytes, so that
+    later steps (``moco evaluate``) can find the original and tell whether it changed since."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest()}
 
 
 def _evaluate(plan: ExitPlan, frame: ActivationFrame) -> PlanEvaluation:

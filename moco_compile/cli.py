@@ -1,6 +1,7 @@
-"""Command line: ``moco compile`` and ``moco inspect``."""
+"""Command line: ``moco compile``, ``inspect``, ``calibrate``, ``report`` and ``evaluate``."""
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Optional
@@ -8,6 +9,7 @@ from typing import Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from moco_compile.errors import MocoError
 
@@ -18,8 +20,15 @@ FORCE_HELP = "replace a {what} a previous moco run wrote (never files moco did n
 
 
 def _fail(error: Exception) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {error}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
     raise typer.Exit(2)
+
+
+@app.callback()
+def _check_onnxruntime() -> None:
+    if importlib.util.find_spec("onnxruntime") is None:
+        _fail(MocoError("onnxruntime is not installed: pip install 'moco-compile[cpu]' (or 'moco-compile[gpu]' "
+                        "for onnxruntime-gpu; never both, they install the same module)"))
 
 
 @app.command("compile")
@@ -117,6 +126,56 @@ def report_command(
     except (MocoError, OSError) as error:
         _fail(error)
     console.print(f"wrote {path}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    build: Path = typer.Argument(..., help="output directory of 'moco compile'"),
+    traffic: Path = typer.Option(..., "--traffic", help=".npz sample of real traffic: one array per model "
+                                 "input, rows in arrival order (+ optional 'labels')"),
+    original: Optional[Path] = typer.Option(None, "--original", help="the model the build was compiled from "
+                                            "(default: the file compile recorded)"),
+    qps: float = typer.Option(100.0, "--qps", help="requests per second to project savings for"),
+    days: float = typer.Option(30.0, "--days", help="period of the projection"),
+    gpu_hour_price: Optional[float] = typer.Option(None, "--gpu-hour-price", help="price of a device-hour"),
+    utilisation: float = typer.Option(0.6, "--utilisation", help="fraction of paid device time spent serving"),
+    batch_size: int = typer.Option(64, "--batch-size", help="rows per batch, as served"),
+    providers: Optional[str] = typer.Option(None, "--providers", help="comma-separated: cuda, cpu, tensorrt "
+                                            "(default: CUDA when available, else CPU)"),
+    require_gpu: bool = typer.Option(False, "--require-gpu", help="fail instead of falling back to CPU"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="evaluation")),
+) -> None:
+    """Shadow-run TRAFFIC through the original and the compiled model; project savings over --days."""
+    import logging
+
+    from moco_compile.calibration import load_npz
+    from moco_compile.evaluation import check_evaluation_paths, evaluate_build, write_evaluation
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        check_evaluation_paths(build, force=force)  # fail before the long work
+        evaluation = evaluate_build(build, load_npz(traffic), original=original, qps=qps, days=days,
+                                    device_hour_price=gpu_hour_price, utilisation=utilisation,
+                                    batch_size=batch_size, require_gpu=require_gpu,
+                                    providers=providers.split(",") if providers else None)
+        paths = write_evaluation(build, evaluation, force=force)
+    except (MocoError, ValueError, OSError) as error:
+        _fail(error)
+    _print_evaluation(evaluation)
+    console.print(f"wrote {paths[0]}, {paths[1]}")
+
+
+def _print_evaluation(evaluation: dict) -> None:
+    d, p = evaluation["disagreement"], evaluation["projection"]
+    console.print(f"{evaluation['traffic_rows']:,} rows on {evaluation['provider']}: disagreement "
+                  f"{d['fraction']:.2%} ({d['confidence']:.0%} interval {d['interval'][0]:.2%}-{d['interval'][1]:.2%}, "
+                  f"certified budget {d['certified_budget']:.2%}), exit rate {evaluation['exit_rate']:.1%}, "
+                  f"time per row {evaluation['latency_ratio']:.3f}x the original")
+    cost = "" if p["cost_saved"] is None else f", {p['cost_saved']:,.2f} saved"
+    console.print(f"projection over {p['days']:g} days at {p['qps']:g} requests/s: {p['device_hours_saved']:.1f} of "
+                  f"{p['device_hours_original']:.1f} device-hours saved ({p['fraction_saved']:.1%}){cost}")
+    for flag in evaluation["drift"]:
+        console.print(f"[bold yellow]drift:[/] {flag}", highlight=False)
 
 
 def _example_feed(imported, calibration: dict | None) -> dict[str, np.ndarray]:

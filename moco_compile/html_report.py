@@ -115,11 +115,30 @@ def _load_outputs(out_dir: Path) -> tuple[dict, dict]:
 
 # ----------------------------------------------------------------------------- formatting
 
+def figure_html(plot_id: str, title: str, caption: str, draw: Callable[[Any], None],
+                size: tuple[float, float] = (7.0, 4.2)) -> str:
+    """A ``<figure>`` holding ``draw(figure)``'s matplotlib figure as an embedded PNG."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ReportRenderError("the HTML report needs matplotlib: pip install 'moco-compile[analytics]'") from error
+    figure = Figure(figsize=size, dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    draw(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return (f'<figure id="figure-{plot_id}"><img class="plot" id="plot-{plot_id}" '
+            f'data-plot="{html.escape(plot_id)}" alt="{html.escape(title)}" '
+            f'src="data:image/png;base64,{encoded}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _percent(value: Any, digits: int = 1) -> str:
+def percent_text(value: Any, digits: int = 1) -> str:
     return f"{100 * value:.{digits}f}%" if _is_number(value) else "-"
 
 
@@ -147,23 +166,35 @@ def _attrs(**attributes: Any) -> str:
     return "".join(parts)
 
 
-def _cell(text: str, value: Any = None, *, id_: str | None = None, class_: str | None = None,
+def cell_html(text: str, value: Any = None, *, id_: str | None = None, class_: str | None = None,
           has_value: bool = True) -> str:
     data = _raw(value) if has_value else None
     return f"<td{_attrs(id=id_, class_=class_, data_value=data)}>{html.escape(text)}</td>"
 
 
-def _table(table_id: str, caption: str, header: Sequence[str], rows: Sequence[str]) -> str:
+def table_html(table_id: str, caption: str, header: Sequence[str], rows: Sequence[str]) -> str:
     head = "".join(f"<th>{html.escape(name)}</th>" for name in header)
     return (f'<table id="{table_id}"><caption>{html.escape(caption)}</caption>'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 def _key_value_row(label: str, key: str, value: Any, text: str) -> str:
-    return f'<tr data-key="{html.escape(key)}"><th>{html.escape(label)}</th>{_cell(text, value, id_=key)}</tr>'
+    return f'<tr data-key="{html.escape(key)}"><th>{html.escape(label)}</th>{cell_html(text, value, id_=key)}</tr>'
 
 
 # ----------------------------------------------------------------------------- the page
+
+def page_html(title: str, body: Sequence[str], notes: Sequence[str] = ()) -> str:
+    """A self-contained page moco wrote (its generator ``<meta>`` marks it): ``body`` then ``notes``."""
+    body = list(body)
+    if notes:
+        items = "".join(f'<li class="note">{html.escape(note)}</li>' for note in notes)
+        body += ["<h2>Notes</h2>", f'<ul id="notes">{items}</ul>']
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"generator\" content=\"{html.escape(GENERATOR)}\">"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
 
 class _Page:
     def __init__(self, out_dir: Path, report: dict, plan: dict) -> None:
@@ -203,13 +234,7 @@ class _Page:
             "<h2>Verification of the compiled graph</h2>",
             self._verification_table(),
         ]
-        if self.notes:
-            items = "".join(f'<li class="note">{html.escape(note)}</li>' for note in self.notes)
-            body += ["<h2>Notes</h2>", f'<ul id="notes">{items}</ul>']
-        return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-                f"<meta name=\"generator\" content=\"{html.escape(GENERATOR)}\">"
-                f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
-                + "\n".join(body) + "\n</body></html>\n")
+        return page_html(title, body, self.notes)
 
     def _header(self) -> str:
         files = [name for name in (MODEL_ONNX, PLAN_JSON, REPORT_JSON, FRAME_ARROW) if (self.out_dir / name).exists()]
@@ -227,16 +252,16 @@ class _Page:
         reduction = r.get("compute_reduction")
         expected = total * (1 - reduction) if _is_number(total) and _is_number(reduction) else None
         rows = [
-            ("compute reduction (FLOPs, rules included)", "compute_reduction", reduction, _percent(reduction)),
-            ("rows exiting early", "exit_rate", r.get("exit_rate"), _percent(r.get("exit_rate"))),
+            ("compute reduction (FLOPs, rules included)", "compute_reduction", reduction, percent_text(reduction)),
+            ("rows exiting early", "exit_rate", r.get("exit_rate"), percent_text(r.get("exit_rate"))),
             ("disagreement with the full model", "disagreement", r.get("disagreement"),
-             _percent(r.get("disagreement"), 2)),
+             percent_text(r.get("disagreement"), 2)),
             ("disagreement among exited rows", "disagreement_among_exited", r.get("disagreement_among_exited"),
-             _percent(r.get("disagreement_among_exited"), 2)),
+             percent_text(r.get("disagreement_among_exited"), 2)),
             ("accuracy of the full model", "accuracy_before", r.get("accuracy_before"),
-             _percent(r.get("accuracy_before"), 2)),
+             percent_text(r.get("accuracy_before"), 2)),
             ("accuracy of the compiled model", "accuracy_after", r.get("accuracy_after"),
-             _percent(r.get("accuracy_after"), 2)),
+             percent_text(r.get("accuracy_after"), 2)),
             ("MFLOPs per row, original", "flops_per_row_original", total,
              _number(total / 1e6, ".2f") if _is_number(total) else "-"),
             ("MFLOPs per row, compiled (expected)", "flops_per_row_compiled", expected,
@@ -244,12 +269,12 @@ class _Page:
         ]
         b = self.bound
         budget = b.get("max_disagreement")
-        certified = (f"<= {_percent(budget, 2)} at {_percent(b.get('confidence'), 0)} confidence"
+        certified = (f"<= {percent_text(budget, 2)} at {percent_text(b.get('confidence'), 0)} confidence"
                      if _is_number(budget) else "-")
         rows.append(("certified disagreement budget", "certified_budget", budget, certified))
         rows.append(("estimated upper bound on disagreement (not certified)", "estimated_upper_bound",
                      b.get("estimated_disagreement_upper_bound"),
-                     _percent(b.get("estimated_disagreement_upper_bound"), 2)))
+                     percent_text(b.get("estimated_disagreement_upper_bound"), 2)))
         rows.append(("figures above measured on", "evaluated_on", r.get("evaluated_on"),
                      str(r.get("evaluation_note") or r.get("evaluated_on") or "-")))
         for name in ("batch_1", "batch_64"):
@@ -257,7 +282,7 @@ class _Page:
             if isinstance(timing, Mapping) and _is_number(timing.get("ratio")):
                 rows.append((f"latency ratio {name.replace('_', ' ')} (compiled / original)",
                              f"latency_ratio_{name}", timing["ratio"], f"{timing['ratio']:.3f}x"))
-        return _table("summary", "Summary", ("metric", "value"),
+        return table_html("summary", "Summary", ("metric", "value"),
                       [_key_value_row(label, key, value, text) for label, key, value, text in rows])
 
     def _certificate_table(self) -> str:
@@ -267,10 +292,10 @@ class _Page:
              str(b.get("certified") or b.get("reason") or "-")),
             ("method", "bound_method", b.get("method"), str(b.get("method", "-"))),
             ("disagreement budget", "bound_max_disagreement", b.get("max_disagreement"),
-             _percent(b.get("max_disagreement"), 2)),
+             percent_text(b.get("max_disagreement"), 2)),
             ("accuracy-drop budget", "bound_max_accuracy_drop", b.get("max_accuracy_drop"),
-             _percent(b.get("max_accuracy_drop"), 2)),
-            ("confidence", "bound_confidence", b.get("confidence"), _percent(b.get("confidence"), 0)),
+             percent_text(b.get("max_accuracy_drop"), 2)),
+            ("confidence", "bound_confidence", b.get("confidence"), percent_text(b.get("confidence"), 0)),
             ("test rows", "bound_test_rows", b.get("test_rows"), _number(b.get("test_rows"))),
             ("disagreements on the test rows (rounding-sensitive rows included)", "bound_disagreements",
              b.get("disagreements"), _number(b.get("disagreements"))),
@@ -281,7 +306,7 @@ class _Page:
             ("p-value", "bound_p_value", b.get("p_value"), _number(b.get("p_value"), ".3g")),
             ("estimated upper bound on disagreement (Clopper-Pearson on the chosen plan's test rows; "
              "an estimate, not certified)", "bound_estimated_disagreement_upper_bound",
-             b.get("estimated_disagreement_upper_bound"), _percent(b.get("estimated_disagreement_upper_bound"), 2)),
+             b.get("estimated_disagreement_upper_bound"), percent_text(b.get("estimated_disagreement_upper_bound"), 2)),
             ("plans tested (fixed sequence)", "bound_plans_tested", b.get("plans_tested"),
              _number(b.get("plans_tested"))),
             ("chosen plan (index in the family)", "bound_chosen_plan", b.get("chosen_plan"),
@@ -291,9 +316,9 @@ class _Page:
             ("how the family was chosen", "bound_family_selection", b.get("family_selection"),
              str(b.get("family_selection", "-"))),
             ("confidence the family was tested at", "bound_family_confidence", b.get("family_confidence"),
-             _percent(b.get("family_confidence"), 1)),
+             percent_text(b.get("family_confidence"), 1)),
         ]
-        return _table("certificate", "Certificate (test split)", ("item", "value"),
+        return table_html("certificate", "Certificate (test split)", ("item", "value"),
                       [_key_value_row(label, key, value, text) for label, key, value, text in rows])
 
     def _latency_table(self) -> str:
@@ -302,16 +327,16 @@ class _Page:
         for name, timing in latency.items():
             if not isinstance(timing, Mapping):
                 continue
-            cells = [_cell(name.replace("_", " "), name, class_="batch")]
+            cells = [cell_html(name.replace("_", " "), name, class_="batch")]
             for key, spec in (("original_ms", ".3f"), ("compiled_ms", ".3f"), ("ratio", ".3f")):
                 value = timing.get(key)
                 text = _number(value, spec) + ("x" if key == "ratio" and _is_number(value) else "")
-                cells.append(_cell(text, value, class_=key))
+                cells.append(cell_html(text, value, class_=key))
             rows.append(f'<tr data-batch="{html.escape(name)}">{"".join(cells)}</tr>')
         if not rows:
             return ('<p id="latency" class="missing">Latency was not measured for this compile '
                     '(onnxruntime CPU, batch 1 and 64, is measured unless turned off).</p>')
-        return _table("latency", "Latency, onnxruntime CPU, same process (ratio < 1: compiled is faster)",
+        return table_html("latency", "Latency, onnxruntime CPU, same process (ratio < 1: compiled is faster)",
                       ("batch", "original ms", "compiled ms", "ratio"), rows)
 
     def _exits_table(self) -> str:
@@ -325,29 +350,29 @@ class _Page:
             thresholds = planned.get("thresholds") or []
             classes = [str(c) for c, t in enumerate(thresholds) if t is not None]
             cells = [
-                _cell(str(number), number, class_="exit"),
-                _cell(item.get("module") or "-", item.get("module"), class_="module"),
-                _cell(str(item.get("tensor", "-")), item.get("tensor"), class_="tensor"),
-                _cell(str(planned.get("pooling", "-")), planned.get("pooling"), class_="pooling"),
-                _cell(_percent(item.get("fraction_of_flops_before")), item.get("fraction_of_flops_before"),
+                cell_html(str(number), number, class_="exit"),
+                cell_html(item.get("module") or "-", item.get("module"), class_="module"),
+                cell_html(str(item.get("tensor", "-")), item.get("tensor"), class_="tensor"),
+                cell_html(str(planned.get("pooling", "-")), planned.get("pooling"), class_="pooling"),
+                cell_html(percent_text(item.get("fraction_of_flops_before")), item.get("fraction_of_flops_before"),
                       class_="fraction_of_flops_before"),
-                _cell(_number(item.get("classes_enabled")), item.get("classes_enabled"), class_="classes_enabled"),
-                _cell(", ".join(classes) or "-", ",".join(classes), class_="classes"),
-                _cell(_percent(rate), rate, class_="exit_rate"),
-                _cell(_percent(cumulative), cumulative, class_="cumulative_exit_rate"),
+                cell_html(_number(item.get("classes_enabled")), item.get("classes_enabled"), class_="classes_enabled"),
+                cell_html(", ".join(classes) or "-", ",".join(classes), class_="classes"),
+                cell_html(percent_text(rate), rate, class_="exit_rate"),
+                cell_html(percent_text(cumulative), cumulative, class_="cumulative_exit_rate"),
             ]
             rows.append(f'<tr class="exit-row" data-exit="{html.escape(str(number))}">{"".join(cells)}</tr>')
         rest = self.report.get("exit_rate")
         full = 1 - rest if _is_number(rest) else None
         rows.append('<tr class="full-row" data-exit="-1">' + "".join([
-            _cell("-1", -1, class_="exit"), _cell("full network", None, class_="module"),
-            _cell(str(self.report.get("classifier_output", "-")), None, class_="tensor"),
-            _cell("-", None, class_="pooling"), _cell("100.0%", 1.0, class_="fraction_of_flops_before"),
-            _cell("-", None, class_="classes_enabled"), _cell("-", None, class_="classes"),
-            _cell(_percent(full), full, class_="exit_rate"),
-            _cell(_percent(1.0 if full is not None else None), 1.0 if full is not None else None,
+            cell_html("-1", -1, class_="exit"), cell_html("full network", None, class_="module"),
+            cell_html(str(self.report.get("classifier_output", "-")), None, class_="tensor"),
+            cell_html("-", None, class_="pooling"), cell_html("100.0%", 1.0, class_="fraction_of_flops_before"),
+            cell_html("-", None, class_="classes_enabled"), cell_html("-", None, class_="classes"),
+            cell_html(percent_text(full), full, class_="exit_rate"),
+            cell_html(percent_text(1.0 if full is not None else None), 1.0 if full is not None else None,
                   class_="cumulative_exit_rate")]) + "</tr>")
-        return _table("exits", f"Exits in graph order (rates on the {self._evaluated_on} rows; -1: the full network)",
+        return table_html("exits", f"Exits in graph order (rates on the {self._evaluated_on} rows; -1: the full network)",
                       ("exit", "module", "tensor", "pooling", "FLOPs before", "classes enabled",
                        "classes", "exit rate", "cumulative"), rows)
 
@@ -358,12 +383,12 @@ class _Page:
                    "test": "certify the plan (fixed-sequence test)",
                    "report": "the figures in this report; untouched otherwise (only large calibration sets "
                              "have one; otherwise the report reads the test rows)"}
-        rows = [f'<tr data-split="{html.escape(name)}">{_cell(name, name, class_="split")}'
-                f'{_cell(_number(rows), rows, class_="rows")}'
-                f'{_cell(_percent(rows / total) if total and _is_number(rows) else "-", None, class_="share", has_value=False)}'
-                f'{_cell(purpose.get(name, ""), None, class_="purpose", has_value=False)}</tr>'
+        rows = [f'<tr data-split="{html.escape(name)}">{cell_html(name, name, class_="split")}'
+                f'{cell_html(_number(rows), rows, class_="rows")}'
+                f'{cell_html(percent_text(rows / total) if total and _is_number(rows) else "-", None, class_="share", has_value=False)}'
+                f'{cell_html(purpose.get(name, ""), None, class_="purpose", has_value=False)}</tr>'
                 for name, rows in splits.items()]
-        return _table("splits", f"Calibration rows by split ({total} in all)", ("split", "rows", "share", "used to"),
+        return table_html("splits", f"Calibration rows by split ({total} in all)", ("split", "rows", "share", "used to"),
                       rows)
 
     def _verification_table(self) -> str:
@@ -374,32 +399,13 @@ class _Page:
                 value = json.dumps(value)
             text = _number(value, ".3g") if not isinstance(value, str) else value
             rows.append(f'<tr data-key="{html.escape(key)}"><th>{html.escape(key.replace("_", " "))}</th>'
-                        f'{_cell(text, value, id_=f"verification_{key}")}</tr>')
-        return _table("verification", "Parity of the compiled graph with the original on report rows",
+                        f'{cell_html(text, value, id_=f"verification_{key}")}</tr>')
+        return table_html("verification", "Parity of the compiled graph with the original on report rows",
                       ("check", "value"), rows)
 
     # ---- plots
 
     def _figures(self) -> list[str]:
-        try:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-        except ImportError as error:
-            raise ReportRenderError("the HTML report needs matplotlib: pip install 'moco-compile[analytics]'") \
-                from error
-
-        def figure_html(plot_id: str, title: str, caption: str, draw: Callable[[Any], None],
-                        size: tuple[float, float] = (7.0, 4.2)) -> str:
-            figure = Figure(figsize=size, dpi=100, layout="constrained")
-            FigureCanvasAgg(figure)
-            draw(figure)
-            buffer = io.BytesIO()
-            figure.savefig(buffer, format="png", metadata={"Software": None})
-            encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-            return (f'<figure id="figure-{plot_id}"><img class="plot" id="plot-{plot_id}" '
-                    f'data-plot="{html.escape(plot_id)}" alt="{html.escape(title)}" '
-                    f'src="data:image/png;base64,{encoded}"><figcaption>{html.escape(caption)}</figcaption></figure>')
-
         figures = [
             figure_html("exit-rates", "Exit rate per exit",
                         "Fraction of report-split rows leaving at each exit; the grey bar runs the full network.",
@@ -420,7 +426,7 @@ class _Page:
                 self._draw_pareto))
         else:
             self.notes.append("plan.json has no certificate curve: the compute / disagreement plot is skipped.")
-        figures += self._projection_figures(figure_html)
+        figures += self._projection_figures()
         return figures
 
     def _exit_labels(self) -> list[str]:
@@ -505,7 +511,7 @@ class _Page:
         ax.legend(fontsize=8, loc="lower right")
         ax.grid(alpha=0.3)
 
-    def _projection_figures(self, figure_html) -> list[str]:
+    def _projection_figures(self) -> list[str]:
         if not self.plan_exits:
             self.notes.append("the plan has no exits: no projection plots.")
             return []

@@ -30,13 +30,14 @@ spatial dims vary, the exit's pooling is sized at run time too.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from moco_compile.constants import EXIT_OUTPUT
+from moco_compile.constants import EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY
 from moco_compile.passes.graph import GraphIndex, elem_types, node_inputs
 from moco_compile.passes.plan import Exit
 from moco_compile.passes.pooling import pooling_inputs, reduce_nodes, variant_nodes
@@ -51,6 +52,18 @@ _NARROW_FLOAT_MAX = {onnx.TensorProto.FLOAT16: float(np.finfo(np.float16).max),
 def insert_exits(model: onnx.ModelProto, exits: Sequence[Exit], classifier_output: str) -> onnx.ModelProto:
     """Return a new model with ``exits`` inserted (in graph order) and ``moco_exit`` added."""
     return _ExitGraphBuilder(model, list(exits), classifier_output).build()
+
+
+def annotate_costs(model: onnx.ModelProto, stage_flops: Sequence[float], original_flops: float) -> onnx.ModelProto:
+    """Record in ``model``'s metadata what a row costs when it leaves at each exit (last entry: the
+    full network, every rule on the way included) and the original model's cost; returns ``model``.
+    Runtimes read them to report FLOPs saved on live traffic."""
+    for key, value in ((STAGE_FLOPS_KEY, json.dumps([float(f) for f in stage_flops])),
+                       (FLOPS_ORIGINAL_KEY, repr(float(original_flops)))):
+        for entry in [p for p in model.metadata_props if p.key == key]:
+            model.metadata_props.remove(entry)
+        model.metadata_props.add(key=key, value=value)
+    return model
 
 
 class _ExitGraphBuilder:

@@ -1,4 +1,4 @@
-"""Command line: ``moco compile`` and ``moco inspect``."""
+"""Command line: ``moco compile``, ``inspect``, ``calibrate``, ``report`` and ``export-triton``."""
 from __future__ import annotations
 
 import sys
@@ -117,6 +117,29 @@ def report_command(
     except (MocoError, OSError) as error:
         _fail(error)
     console.print(f"wrote {path}")
+
+
+@app.command("export-triton")
+def export_triton_command(
+    build_dir: Path = typer.Argument(..., help="output directory of 'moco compile'"),
+    repository: Path = typer.Option(..., "--repository", help="Triton model repository to write the model into"),
+    name: Optional[str] = typer.Option(None, "--name", help="model name (default: the build directory's name)"),
+    max_batch_size: int = typer.Option(64, help="largest batch Triton forms (dynamic batching prefers it)"),
+    instances: int = typer.Option(1, help="model instances Triton runs"),
+    kind: str = typer.Option("cpu", help="where the instances run: cpu or gpu"),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime (Triton's ONNX backend) or python (model.py "
+                                                    "running onnxruntime; counts rows per exit as a metric)"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="model directory")),
+) -> None:
+    """Write BUILD_DIR as a model of a Triton model repository: NAME/config.pbtxt, NAME/1/model.onnx."""
+    from moco_compile.runtime.triton import TritonSettings, export_triton
+
+    try:
+        settings = TritonSettings(max_batch_size, instances, kind, backend)
+        target = export_triton(build_dir, repository, name, settings, force=force)
+    except (MocoError, OSError) as error:
+        _fail(error)
+    console.print(f"wrote {target}: config.pbtxt, 1/model.onnx" + (", 1/model.py" if backend == "python" else ""))
 
 
 def _example_feed(imported, calibration: dict | None) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Command line: ``moco compile``, ``inspect``, ``calibrate``, ``report`` and ``export-triton``."""
+"""Command line: ``moco compile``, ``inspect``, ``calibrate``, ``report``, ``export-triton``, ``serve-triton``."""
 from __future__ import annotations
 
 import sys
@@ -140,6 +140,38 @@ def export_triton_command(
     except (MocoError, OSError) as error:
         _fail(error)
     console.print(f"wrote {target}: config.pbtxt, 1/model.onnx" + (", 1/model.py" if backend == "python" else ""))
+
+
+@app.command("serve-triton")
+def serve_triton_command(
+    repository: Path = typer.Argument(..., help="Triton model repository ('moco export-triton --backend python')"),
+    env: Path = typer.Option(..., "--env", help="Python environment with nvidia-pytriton==0.7.0, numpy<2 and "
+                                                "onnxruntime"),
+    http_port: int = typer.Option(8000, help="HTTP port on 127.0.0.1 (0: a free one)"),
+    grpc_port: int = typer.Option(8001, help="gRPC port on 127.0.0.1 (0: a free one)"),
+    metrics_port: int = typer.Option(8002, help="metrics port on 127.0.0.1 (0: a free one)"),
+    timeout: float = typer.Option(120.0, help="seconds to wait for the server and its models to be ready"),
+) -> None:
+    """Serve REPOSITORY with nvidia-pytriton's tritonserver (python backend only) until Ctrl-C or SIGTERM."""
+    import signal
+
+    from moco_compile.runtime.triton_server import TritonServer
+
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the server too
+    server = TritonServer(repository, env, http_port, grpc_port, metrics_port)
+    try:
+        server.start(timeout)
+        console.print(f"serving {repository}: HTTP {server.address('http')}, gRPC {server.address('grpc')}, "
+                      f"metrics {server.address('metrics')}; Ctrl-C stops", highlight=False, soft_wrap=True)
+        status = server.wait()
+    except KeyboardInterrupt:
+        return
+    except MocoError as error:
+        _fail(error)
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+    _fail(MocoError(f"tritonserver exited with status {status} while serving; its last errors:\n{server.errors()}"))
 
 
 def _example_feed(imported, calibration: dict | None) -> dict[str, np.ndarray]:

@@ -30,6 +30,7 @@ import numbers
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,9 +128,9 @@ def build_model(build_dir: Path) -> Path:
 
 
 def compiled_graph(path: Path) -> onnx.ModelProto:
-    """The graph at ``path`` (weights not loaded); :class:`ModelError` unless moco compiled it."""
+    """The graph at ``path``; :class:`ModelError` unless moco compiled it."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path))
     except Exception as error:  # onnx raises protobuf's DecodeError and others for a damaged file
         raise ModelError(f"cannot read {path}: {error}; compile the model again") from error
     if EXIT_OUTPUT not in [output.name for output in model.graph.output]:
@@ -162,7 +163,8 @@ def check_previous_export(target: Path) -> None:
                           "its own exports there. Choose another --name or --repository")
 
 
-def tensor_specs(values, initializers=()) -> list[TensorSpec]:
+def tensor_specs(values: Iterable[onnx.ValueInfoProto],
+                 initializers: Iterable[onnx.TensorProto] = ()) -> list[TensorSpec]:
     """The Triton declaration of each graph input or output in ``values`` (inputs that are
     ``initializers`` left out: they are weights)."""
     weights = {initializer.name for initializer in initializers}

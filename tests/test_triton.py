@@ -86,7 +86,7 @@ def test_onnxruntime_export_declares_the_graph(build, tmp_path):
     assert json.loads((target / MANIFEST).read_text())["files"] == ["1/model.onnx", "config.pbtxt"]
 
 
-def test_python_export_runs_model_py_with_the_same_io(build, tmp_path):
+def test_python_export_declares_the_same_io_and_ships_model_py(build, tmp_path):
     target = export_triton(build, tmp_path / "repo", "cnn_py",
                            TritonSettings(max_batch_size=8, instances=2, kind="gpu", backend="python"))
     config, graph = _config(target), onnx.load(str(build / "model.onnx")).graph

@@ -40,6 +40,7 @@ from moco_compile.errors import MocoError
 
 SETUP = "python -m venv ENV && ENV/bin/pip install nvidia-pytriton==0.7.0 'numpy<2' onnxruntime"
 SERVICES = ("http", "grpc", "metrics")
+SHARED_MEMORY = Path("/dev/shm")  # where the python backend keeps its regions
 _PROBE = """
 import importlib.metadata, importlib.util, json, sys
 def version(name):
@@ -151,7 +152,7 @@ class TritonServer:
         workspace = Path(self._workspace.name)
         command = [str(env.server), f"--model-repository={self.repository.absolute()}",
                    f"--backend-directory={_backend_directory(env, workspace)}",
-                   f"--backend-config=python,shm-region-prefix-name=moco-triton-{os.getpid()}-{workspace.name}",
+                   f"--backend-config=python,shm-region-prefix-name={_shm_prefix(workspace)}",
                    "--exit-timeout-secs=5", "--allow-gpu-metrics=false"]
         command += [f"--{service}-{flag}={value}" for service in SERVICES
                     for flag, value in (("address", self.host), ("port", self.ports[service]))]
@@ -185,11 +186,13 @@ class TritonServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the server's process group (SIGTERM, SIGKILL after ``timeout`` seconds) and remove
-        its workspace; does nothing when it is not running."""
+        its workspace and shared-memory regions; does nothing when it is not running."""
         if self.process is not None:
             _end_group(self.process, timeout)
             self.process = None
         if self._workspace is not None:
+            for region in SHARED_MEMORY.glob(_shm_prefix(Path(self._workspace.name)) + "*"):
+                region.unlink(missing_ok=True)  # left behind when the server had to exit before cleaning up
             self._log = self.log()
             self._workspace.cleanup()
             self._workspace = None
@@ -235,6 +238,11 @@ def _ports(host: str, requested: dict[str, int]) -> dict[str, int]:
         return ports
 
 
+def _shm_prefix(workspace: Path) -> str:
+    """The python backend's shared-memory region names for the server of ``workspace``."""
+    return f"moco-triton-{os.getpid()}-{workspace.name}"
+
+
 def _backend_directory(env: TritonEnv, workspace: Path) -> Path:
     """A backend directory in ``workspace``: the python backend plus the stub for the env's Python."""
     backends = workspace / "backends"
@@ -254,17 +262,26 @@ def _server_environment(env: TritonEnv) -> dict[str, str]:
 
 
 def _end_group(process: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM the process group led by ``process``; SIGKILL it when still running after ``timeout``."""
+    """SIGTERM the process group led by ``process`` and wait up to ``timeout`` seconds for the
+    leader; then SIGKILL what is left of the group (the leader, or python-backend stubs it leaves
+    running when it exits before stopping them, e.g. after its exit timeout) and wait, up to
+    ``timeout`` seconds again, until the group is gone."""
     _signal_group(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout)
     except subprocess.TimeoutExpired:
-        _signal_group(process.pid, signal.SIGKILL)
-        process.wait()
+        pass
+    _signal_group(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + timeout
+    while _signal_group(process.pid, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
-def _signal_group(group: int, sig: signal.Signals) -> None:
+def _signal_group(group: int, sig: int) -> bool:
+    """Send ``sig`` to the process group ``group``; whether the group still exists."""
     try:
         os.killpg(group, sig)
-    except ProcessLookupError:  # the group has already gone
-        pass
+    except ProcessLookupError:
+        return False
+    return True

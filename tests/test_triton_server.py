@@ -6,6 +6,7 @@ The server's environment (nvidia-pytriton, numpy < 2, onnxruntime) is built once
 """
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import signal
@@ -150,13 +151,19 @@ def test_rows_per_exit_are_counted_on_the_metrics_endpoint(server, reference, im
     assert {exit: after[exit] - before.get(exit, 0) for exit in after if after[exit] != before.get(exit, 0)} == expected
 
 
-def test_stop_ends_the_server_and_its_stubs(repository, server_env):
+def test_stop_ends_the_server_its_stubs_and_their_shared_memory(repository, server_env):
+    regions = set(Path("/dev/shm").glob(f"moco-triton-{os.getpid()}-*"))  # the module's server's
     server = TritonServer(repository, server_env).start()
     group = server.process.pid
+    client = http.client.HTTPConnection(server.address("http"))  # an idle keep-alive client: the
+    client.request("GET", "/v2/health/live")                    # server exits by its exit timeout
+    assert client.getresponse().read() == b""
     server.stop()
+    client.close()
     with pytest.raises(ProcessLookupError):
         os.killpg(group, 0)  # nothing of the group is left
-    assert server.process is None and "Started HTTPService" in server.log()
+    assert set(Path("/dev/shm").glob(f"moco-triton-{os.getpid()}-*")) == regions
+    assert server.process is None and "Exit timeout expired" in server.log()
 
 
 def test_port_in_use_is_refused(repository, server_env):

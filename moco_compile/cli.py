@@ -1,4 +1,4 @@
-"""Command line: ``moco compile``, ``inspect``, ``calibrate``, ``report`` and ``evaluate``."""
+"""Command line: ``moco compile``, ``inspect``, ``calibrate``, ``report``, ``evaluate``, ``export-triton``, ``serve-triton``."""
 from __future__ import annotations
 
 import importlib.util
@@ -176,6 +176,61 @@ def _print_evaluation(evaluation: dict) -> None:
                   f"{p['device_hours_original']:.1f} device-hours saved ({p['fraction_saved']:.1%}){cost}")
     for flag in evaluation["drift"]:
         console.print(f"[bold yellow]drift:[/] {flag}", highlight=False)
+
+
+@app.command("export-triton")
+def export_triton_command(
+    build_dir: Path = typer.Argument(..., help="output directory of 'moco compile'"),
+    repository: Path = typer.Option(..., "--repository", help="Triton model repository to write the model into"),
+    name: Optional[str] = typer.Option(None, "--name", help="model name (default: the build directory's name)"),
+    max_batch_size: int = typer.Option(64, help="largest batch Triton forms (dynamic batching prefers it)"),
+    instances: int = typer.Option(1, help="model instances Triton runs"),
+    kind: str = typer.Option("cpu", help="where the instances run: cpu or gpu"),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime (Triton's ONNX backend) or python (model.py "
+                                                    "running onnxruntime; counts rows per exit as a metric)"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="model directory")),
+) -> None:
+    """Write BUILD_DIR as a model of a Triton model repository: NAME/config.pbtxt, NAME/1/model.onnx."""
+    from moco_compile.runtime.triton import TritonSettings, export_triton
+
+    try:
+        settings = TritonSettings(max_batch_size, instances, kind, backend)
+        target = export_triton(build_dir, repository, name, settings, force=force)
+    except (MocoError, OSError) as error:
+        _fail(error)
+    console.print(f"wrote {target}: config.pbtxt, 1/model.onnx" + (", 1/model.py" if backend == "python" else ""))
+
+
+@app.command("serve-triton")
+def serve_triton_command(
+    repository: Path = typer.Argument(..., help="Triton model repository ('moco export-triton --backend python')"),
+    env: Path = typer.Option(..., "--env", help="Python environment with nvidia-pytriton==0.7.0, numpy<2 and "
+                                                "onnxruntime"),
+    http_port: int = typer.Option(8000, help="HTTP port on 127.0.0.1 (0: a free one)"),
+    grpc_port: int = typer.Option(8001, help="gRPC port on 127.0.0.1 (0: a free one)"),
+    metrics_port: int = typer.Option(8002, help="metrics port on 127.0.0.1 (0: a free one)"),
+    timeout: float = typer.Option(120.0, help="seconds to wait for the server and its models to be ready"),
+) -> None:
+    """Serve REPOSITORY with nvidia-pytriton's tritonserver (python backend only) until Ctrl-C or SIGTERM."""
+    import signal
+
+    from moco_compile.runtime.triton_server import TritonServer
+
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the server too
+    server = TritonServer(repository, env, http_port, grpc_port, metrics_port)
+    try:
+        server.start(timeout)
+        console.print(f"serving {repository}: HTTP {server.address('http')}, gRPC {server.address('grpc')}, "
+                      f"metrics {server.address('metrics')}; Ctrl-C stops", highlight=False, soft_wrap=True)
+        status = server.wait()
+    except KeyboardInterrupt:
+        return
+    except MocoError as error:
+        _fail(error)
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+    _fail(MocoError(f"tritonserver exited with status {status} while serving; its last errors:\n{server.errors()}"))
 
 
 def _example_feed(imported, calibration: dict | None) -> dict[str, np.ndarray]:

@@ -8,8 +8,9 @@ before the long work starts and again just before the write:
    file (equal to or an ancestor of the input's directory), even with ``force``.
 2. A missing or empty output directory is used as is.  A non-empty one is
    replaced only when it holds a previous moco output (a :data:`MANIFEST` that
-   lists the files moco wrote there), ``force`` is given and it holds no file the
-   manifest does not list.
+   lists the files moco wrote there, by paths relative to it: ``model.onnx``,
+   ``1/model.onnx``), ``force`` is given and it holds no file the manifest does
+   not list.
 3. An output file is never an input.  An existing one is replaced only when moco
    wrote it (the writer's own recogniser says so) and ``force`` is given.
 4. Writes go to a staging sibling that is renamed into place: a directory by
@@ -28,7 +29,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from moco_compile.errors import OutputError
 
@@ -66,8 +67,7 @@ def staged_output_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.Path
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
         os.chmod(staging, 0o777 & ~_umask())
         yield staging
-        names = sorted(path.name for path in staging.iterdir())
-        _write_manifest(staging, names)
+        _write_manifest(staging, _files_under(staging))
         previous = _previous_output(out_dir, inputs, force)
         if previous is None:
             os.replace(staging, target)  # a missing or empty directory
@@ -78,7 +78,7 @@ def staged_output_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.Path
                           "Check the disk and permissions and run again") from error
     finally:
         if staging is not None and staging.exists():
-            _remove_listed(staging, [path.name for path in staging.iterdir()])
+            _remove_listed(staging, _files_under(staging))
 
 
 def check_output_file(path: str | os.PathLike, what: str, written_by_moco: Callable[[Path], bool],
@@ -128,6 +128,12 @@ def staged_output_file(path: str | os.PathLike, what: str, written_by_moco: Call
             temporary.unlink(missing_ok=True)
 
 
+def listed_files(directory: str | os.PathLike) -> list[str] | None:
+    """The files the moco manifest in ``directory`` lists (paths relative to it), or None when
+    ``directory`` holds no moco output."""
+    return _read_manifest(Path(directory))
+
+
 def add_to_manifest(path: str | os.PathLike) -> None:
     """List the file ``path`` in its directory's manifest, when that directory is a moco output."""
     path = Path(path)
@@ -161,8 +167,7 @@ def _previous_output(out_dir: Path, inputs: Iterable[str | os.PathLike], force: 
     if not os.access(target, os.W_OK) or not os.access(target.parent, os.W_OK):
         raise OutputError(f"cannot write to {out_dir}: it or its parent is not writable; "
                           "choose an output directory you can write to")
-    present = sorted(entry.name for entry in target.iterdir())
-    if not present:
+    if not any(target.iterdir()):
         return None
     listed = _read_manifest(target)
     if listed is None:
@@ -171,13 +176,38 @@ def _previous_output(out_dir: Path, inputs: Iterable[str | os.PathLike], force: 
     if not force:
         raise OutputError(f"{out_dir} holds a previous moco output; pass --force (force=True) to replace "
                           "it, or choose another directory")
-    foreign = [name + ("/" if (target / name).is_dir() else "") for name in present
-               if name not in listed and name != MANIFEST]
+    foreign = _unlisted(target, [*listed, MANIFEST])
     if foreign:
         raise OutputError(f"{out_dir} holds a previous moco output but also files moco did not write: "
                           f"{', '.join(foreign)}; move them away (moco never deletes them) or choose "
                           "another directory")
     return listed
+
+
+def _unlisted(directory: Path, listed: list[str]) -> list[str]:
+    """What under ``directory`` the ``listed`` paths do not account for: files not listed, and
+    directories (shown with a trailing ``/``) that hold no listed file, relative to ``directory``."""
+    folders = {str(parent) for name in listed for parent in PurePosixPath(name).parents}
+    unlisted = []
+    for entry in sorted(directory.iterdir()):
+        name = entry.name
+        if entry.is_dir() and not entry.is_symlink() and name in folders:
+            unlisted += [f"{name}/{inner}" for inner in _unlisted(entry, _inside(name, listed))]
+        elif entry.is_dir() and not entry.is_symlink():
+            unlisted.append(name + "/")
+        elif name not in listed:
+            unlisted.append(name)
+    return unlisted
+
+
+def _inside(folder: str, listed: list[str]) -> list[str]:
+    """The ``listed`` paths under ``folder``, relative to it."""
+    return [name[len(folder) + 1:] for name in listed if name.startswith(folder + "/")]
+
+
+def _files_under(directory: Path) -> list[str]:
+    """Every file under ``directory``, as sorted relative POSIX paths."""
+    return sorted(path.relative_to(directory).as_posix() for path in directory.rglob("*") if not path.is_dir())
 
 
 def _within(place: Path, target: Path) -> bool:
@@ -207,10 +237,15 @@ def _read_manifest(directory: Path) -> list[str] | None:
     if not (isinstance(manifest, dict) and str(manifest.get("generator", "")).startswith("moco")):
         return None
     files = manifest.get("files")
-    if not isinstance(files, list) or not all(isinstance(name, str) and name and name == Path(name).name
-                                              and name not in (".", "..") for name in files):
-        return None  # moco writes plain file names only; anything else is not its manifest
+    if not isinstance(files, list) or not all(isinstance(name, str) and _relative(name) for name in files):
+        return None  # moco lists plain relative paths only; anything else is not its manifest
     return files
+
+
+def _relative(name: str) -> bool:
+    """Whether ``name`` is a normalised relative POSIX path that stays inside its directory."""
+    path = PurePosixPath(name)
+    return bool(path.parts) and not path.is_absolute() and str(path) == name and ".." not in path.parts
 
 
 def _write_manifest(directory: Path, names: list[str]) -> None:
@@ -238,13 +273,16 @@ def _swap(staging: Path, target: Path, previous: list[str]) -> None:
 
 
 def _remove_listed(directory: Path, names: list[str]) -> None:
-    """Remove the named files of ``directory``, then the directory if nothing else is left in it."""
+    """Remove the listed files of ``directory``, then their folders and the directory, each only
+    if nothing else is left in it."""
     for name in names:
         (directory / name).unlink(missing_ok=True)
-    try:
-        directory.rmdir()
-    except OSError:  # something moco did not write appeared meanwhile: leave it
-        pass
+    folders = {parent for name in names for parent in PurePosixPath(name).parents if str(parent) != "."}
+    for folder in [*sorted(folders, key=lambda f: len(f.parts), reverse=True), PurePosixPath(".")]:
+        try:
+            (directory / folder).rmdir()
+        except OSError:  # missing, or something moco did not write appeared meanwhile: leave it
+            pass
 
 
 def _umask() -> int:

@@ -25,6 +25,12 @@ from scipy.special import expit, log_softmax, logsumexp, softmax
 from threadpoolctl import threadpool_limits
 
 NORMALIZATIONS = ("none", "log_softmax")
+# A feature spread less than this fraction of its magnitude is standardised by this fraction
+# instead: its variation is at the float32 noise of the model's own activations, and dividing
+# by its tiny spread gives weights of 1e6 whose logits cancel catastrophically in float32
+# (measured: a text model's CLS embedding, spread 7e-9 at magnitude 1: logits off by 2e-2
+# between batch sizes, so the compiled graph routed a row another way than certified).
+MIN_RELATIVE_SPREAD = 1e-3
 
 
 @dataclass
@@ -78,7 +84,7 @@ class _LinearRuleFitter:
         if not np.isfinite(features).all():
             raise ValueError("features contain NaN or Inf; check the model's activations at this cut")
         mean = features.mean(axis=0)
-        scale = features.std(axis=0)
+        scale = np.maximum(features.std(axis=0), MIN_RELATIVE_SPREAD * np.abs(mean))
         scale = np.where(scale > 0, scale, 1.0)
         x = ((features - mean) / scale).astype(np.float32)
         rows, width = x.shape

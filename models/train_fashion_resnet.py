@@ -46,13 +46,13 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
     return correct / len(labels)
 
 
-def train(epochs: int, widths: tuple[int, ...], batch_size: int = 128,
-          seed: int = 0) -> tuple[FashionResNet, float]:
+def train(epochs: int, widths: tuple[int, ...], batch_size: int = 128, seed: int = 0,
+          blocks_per_stage: int = 2) -> tuple[FashionResNet, float]:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     (train_x, train_y), _ = train_and_calibration_splits()
     test_x, test_y = load_split("test")
-    model = FashionResNet(widths)
+    model = FashionResNet(widths, blocks_per_stage)
     steps_per_epoch = len(train_y) // batch_size
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
                                 weight_decay=5e-4)
@@ -79,10 +79,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=18)
     parser.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64])
+    parser.add_argument("--blocks-per-stage", type=int, default=2)
     parser.add_argument("--name", default="fashion_resnet")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    model, test_accuracy = train(args.epochs, tuple(args.widths))
+    model, test_accuracy = train(args.epochs, tuple(args.widths), blocks_per_stage=args.blocks_per_stage)
     ARTIFACTS.mkdir(exist_ok=True)
     torch.save(model.state_dict(), ARTIFACTS / f"{args.name}.pt")
     print(f"test accuracy {test_accuracy:.4f}; weights in {ARTIFACTS / args.name}.pt")

@@ -71,7 +71,8 @@ class PlannerConfig:
         (each family built on one half and scored on the other, both ways, repeated
         ``family_cv_repeats`` times; the first family listed within ``family_choice_errors``
         standard errors of the best wins, the error corrected for folds that share rows as
-        Nadeau and Bengio do) and certifies it at the full confidence; ``"bonferroni"``
+        Nadeau and Bengio do; ``family_cv_plans`` plans evenly spaced along each family are
+        scored) and certifies it at the full confidence; ``"bonferroni"``
         certifies every family at an equal share of ``1 - confidence`` and keeps the
         certified plan that saves most.
         ``step_fraction``, ``step_multipliers``: a per-class threshold move admits this
@@ -82,6 +83,11 @@ class PlannerConfig:
         of the budget.
         ``elimination_risk_fraction``: backward elimination compares exit sets by their
         design cost at this fraction of the budget.
+        ``elimination_candidates``: with more open exits than this, each elimination round
+        rebuilds the path only without the exits whose removal, thresholds kept, saves most
+        (None: without every open exit, O(exits^2) paths).  ``per_class_candidates``: with
+        more candidate exits than this, ``"per-class"`` starts its elimination from the exits
+        ``"shared"`` keeps (its greedy path costs O(open exits) per step).
         ``boundary_cost``: planning cost, in FLOP-equivalents per element of the cut
         tensor per row reaching an exit, of what an exit adds besides its rule: the copy
         of the continuing rows, layout reorders around the If boundary and fusions lost
@@ -115,11 +121,14 @@ class PlannerConfig:
     family_selection: str = "cross-validated"
     family_cv_repeats: int = 3
     family_choice_errors: float = 1.0
+    family_cv_plans: int = 100
     step_fraction: float = 0.005
     step_multipliers: tuple[int, ...] = (1, 4, 16, 64)
     shared_step_fraction: float = 0.001
     design_risk_factor: float = 3.0
     elimination_risk_fraction: float = 0.7
+    elimination_candidates: int | None = 4
+    per_class_candidates: int = 12
     boundary_cost: float = 100.0
     rounding_tolerance: float = 1e-4
     rounding_floor: float = 16 * 2.0 ** -23  # 16 units of float32 at log p = 0
@@ -135,9 +144,14 @@ class PlannerConfig:
                      "shared_step_fraction", "elimination_risk_fraction"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
-        if self.family_cv_repeats < 1 or self.family_choice_errors < 0:
-            raise ValueError(f"family_cv_repeats must be at least 1 and family_choice_errors >= 0, got "
-                             f"{self.family_cv_repeats} and {self.family_choice_errors}")
+        if self.family_cv_repeats < 1 or self.family_choice_errors < 0 or self.family_cv_plans < 2:
+            raise ValueError(f"family_cv_repeats must be at least 1, family_choice_errors >= 0 and "
+                             f"family_cv_plans at least 2, got {self.family_cv_repeats}, "
+                             f"{self.family_choice_errors} and {self.family_cv_plans}")
+        if (self.elimination_candidates is not None and self.elimination_candidates < 1) \
+                or self.per_class_candidates < 1:
+            raise ValueError(f"elimination_candidates (or None) and per_class_candidates must be at least 1, got "
+                             f"{self.elimination_candidates} and {self.per_class_candidates}")
         if self.cross_fit_folds < 2:
             raise ValueError(f"cross_fit_folds must be at least 2, got {self.cross_fit_folds}")
         if self.min_design_rows < 2 * self.cross_fit_folds:

@@ -19,7 +19,11 @@ Which exits ``"per-class"`` and ``"shared"`` open is chosen by backward
 elimination: starting from all, drop the exit whose removal lowers the design
 cost most (at a fraction of the budget) while one does; opening an exit
 charges its cost to every row reaching it, which a one-threshold-at-a-time
-search could never pay for.
+search could never pay for.  So that planning scales to deep models (47 candidate
+cuts: 3 s per path, thousands of paths tried exhaustively), each round rebuilds the
+path only without the few exits whose removal, thresholds kept, saves most
+(priced for all exits in one routing), and ``"per-class"`` starts from at most
+``PlannerConfig.per_class_candidates`` exits chosen by the one-threshold elimination.
 
 :func:`choose_family` picks one family without looking at the test rows: each
 family is built on one half of the design rows and scored on the other, both
@@ -92,25 +96,95 @@ class DesignProblem:
 
 def build_family(name: str, problem: DesignProblem) -> list[Plan]:
     """The nested plans of family ``name`` on ``problem``'s design rows."""
-    path_of, eliminate = _PATHS[name]
+    return build_families([name], problem)[name]
+
+
+def build_families(names: Sequence[str], problem: DesignProblem) -> dict[str, list[Plan]]:
+    """The nested plans of each family in ``names`` on ``problem``'s design rows.
+
+    ``"per-class"``'s greedy path costs O(open exits) per step, so with more than
+    ``PlannerConfig.per_class_candidates`` candidates its elimination starts from the exits the
+    cheap one-threshold elimination keeps, that elimination continued down to the cap; the
+    one-threshold elimination runs once for both families.
+    """
     sorted_scores = [-np.sort(-s, axis=0) for s in problem.design.scores]
-    rows = len(problem.design)
-    elimination_risk = problem.config.elimination_risk_fraction * rows
-    active = np.ones(len(problem.flops_before), bool)
+    everything = np.ones(len(problem.flops_before), bool)
+    cap = problem.config.per_class_candidates
+    capped = "per-class" in names and len(everything) > cap
+    if "shared" in names or capped:
+        shared_kept, shared_path = _eliminate(_shared_path, problem, sorted_scores, everything)
+    families = {}
+    for name in names:
+        if name == "shared-all":
+            path = _shared_path(problem, sorted_scores, everything)
+        elif name == "shared":
+            path = shared_path
+        elif name == "per-class":
+            start = _eliminate(_shared_path, problem, sorted_scores, shared_kept, keep_at_most=cap)[0] \
+                if capped else everything
+            path = _eliminate(_per_class_path, problem, sorted_scores, start)[1]
+        else:
+            raise ValueError(f"unknown plan family {name!r}")
+        families[name] = [plan for plan, _, _ in path]
+    return families
+
+
+def _eliminate(path_of: Callable[[DesignProblem, list[np.ndarray], np.ndarray], Path], problem: DesignProblem,
+               sorted_scores: list[np.ndarray], active: np.ndarray,
+               keep_at_most: int | None = None) -> tuple[np.ndarray, Path]:
+    """Backward elimination from ``active``: drop the exit whose removal lowers the design cost at
+    ``elimination_risk_fraction`` of the budget most, while one does (and, down to ``keep_at_most``
+    exits, the one whose removal raises it least); the kept exits and their path."""
+    risk = problem.config.elimination_risk_fraction * len(problem.design)
+    active = active.copy()
     path = path_of(problem, sorted_scores, active)
-    value = _cost_within(path, elimination_risk)
-    while eliminate and active.sum() > 1:
+    value = _cost_within(path, risk)
+    while active.sum() > 1:
         trials = []
-        for k in np.flatnonzero(active):
+        for k in _removal_candidates(problem, path, active, risk):
             trial = active.copy()
             trial[k] = False
             trial_path = path_of(problem, sorted_scores, trial)
-            trials.append((_cost_within(trial_path, elimination_risk), k, trial_path))
+            trials.append((_cost_within(trial_path, risk), k, trial_path))
         trial_value, k, trial_path = min(trials, key=lambda t: t[:2])
-        if trial_value >= value:
+        if trial_value >= value and (keep_at_most is None or active.sum() <= keep_at_most):
             break
         active[k], value, path = False, trial_value, trial_path
-    return [plan for plan, _, _ in path]
+    return active, path
+
+
+def _removal_candidates(problem: DesignProblem, path: Path, active: np.ndarray, risk: float) -> np.ndarray:
+    """The exits backward elimination tries to drop this round: every open exit, or, beyond
+    ``PlannerConfig.elimination_candidates`` of them, those whose removal lowers the design cost
+    of the path's best plan within ``risk`` most with its other thresholds unchanged (one
+    routing per exit instead of one path)."""
+    open_ = np.flatnonzero(active)
+    limit = problem.config.elimination_candidates
+    if limit is None or len(open_) <= limit:
+        return open_
+    plan = min((p for p in path if p[2] <= risk), key=lambda p: p[1])[0]
+    costs_without = _design_costs_without_each(problem, plan, active)
+    return open_[np.argsort(costs_without, kind="stable")[:limit]]
+
+
+def _design_costs_without_each(problem: DesignProblem, plan: Plan, active: np.ndarray) -> np.ndarray:
+    """For each open exit, the design cost of ``plan`` with that exit removed, in O(rows x exits)
+    for all of them: rows that left there go on to the next open exit that fires for them, every
+    other row reaching it saves its exit cost."""
+    open_ = np.flatnonzero(active)
+    margins = [s - t for s, t in zip(problem.design.scores, plan)]
+    routing = route(margins, problem.costs(active))
+    costs = []
+    for k in open_:
+        trial = active.copy()
+        trial[k] = False
+        at_k = routing.exit_index == k
+        later = open_[open_ > k]
+        moved = route([margins[j][at_k] for j in later], problem.costs(trial)[np.append(later, -1)],
+                      rows=int(at_k.sum()))
+        reaching = ~at_k & ((routing.exit_index < 0) | (routing.exit_index > k))
+        costs.append(routing.cost[~at_k].sum() - problem.exit_costs[k] * reaching.sum() + moved.cost.sum())
+    return np.array(costs)
 
 
 def choose_family(problem: DesignProblem, test_rows: int, seed: int = 0) -> tuple[str, dict[str, float]]:
@@ -134,9 +208,8 @@ def choose_family(problem: DesignProblem, test_rows: int, seed: int = 0) -> tupl
         half = rng.permutation(len(problem.design)) % 2 == 0
         for build_on in (half, ~half):
             on, held_out = problem.on(problem.design.take(build_on)), problem.design.take(~build_on)
-            for name in config.families:
-                saved[name].append(_best_within(build_family(name, on), held_out, problem, allowed_rate,
-                                                allowed_harm))
+            for name, family in build_families(config.families, on).items():
+                saved[name].append(_best_within(family, held_out, problem, allowed_rate, allowed_harm))
     scores = {name: float(np.mean(values)) for name, values in saved.items()}
     best = max(scores, key=lambda name: (scores[name], -config.families.index(name)))
 
@@ -155,9 +228,11 @@ def within_noise(gaps: np.ndarray, errors: float) -> bool:
 def _best_within(family: list[Plan], rows: Split, problem: DesignProblem, allowed_rate: float,
                  allowed_harm: float | None) -> float:
     """Highest saving (planning cost) on ``rows`` among plans whose disagreement there is within
-    ``allowed_rate`` (and accuracy harm within ``allowed_harm``)."""
+    ``allowed_rate`` (and accuracy harm within ``allowed_harm``); of a long family, only
+    ``PlannerConfig.family_cv_plans`` plans evenly spaced along it are routed."""
     best = 0.0
-    for plan in family:
+    plans = problem.config.family_cv_plans
+    for plan in family if len(family) <= plans else [family[round(i)] for i in np.linspace(0, len(family) - 1, plans)]:
         routing = route_scores(rows.scores, plan, problem.costs(np.isfinite(plan).any(axis=1)),
                                problem.config.rounding, len(rows), rows.predictions)
         failures = count_failures(routing, rows, problem.budget)
@@ -196,7 +271,7 @@ def _per_class_path(problem: DesignProblem, sorted_scores: list[np.ndarray], act
         _, k, cls, q = best
         counts[k, cls] = q
         thresholds = _thresholds(counts, sorted_scores)
-        state.update(thresholds)
+        state.lower(k, cls, thresholds[k, cls])
         if state.risk > problem.risk_cap():
             return path
         path.append((thresholds, state.total_cost, state.risk))
@@ -245,11 +320,6 @@ def _shared_path(problem: DesignProblem, sorted_scores: list[np.ndarray], active
                          float(risk_after[now_moved])))
             moved = now_moved
     return path
-
-
-# family name -> (path over a set of open exits, whether backward elimination chooses that set)
-_PATHS: dict[str, tuple[Callable[[DesignProblem, list[np.ndarray], np.ndarray], Path], bool]] = {
-    "per-class": (_per_class_path, True), "shared": (_shared_path, True), "shared-all": (_shared_path, False)}
 
 
 def _cost_within(path: Path, risk: float) -> float:
@@ -301,6 +371,22 @@ class _DesignState:
         self.margin = np.full(len(rows), -np.inf)
         self.margin[exited] = np.stack(margins)[self.exit_index[exited], rows[exited], self.exit_class[exited]]
         self.current_risk = np.where(exited, self.row_risk[rows, np.maximum(self.exit_class, 0)], 0.0)
+        self.risk = float(self.current_risk.sum())
+        self.total_cost = float(self.cost.sum())
+
+    def lower(self, k: int, cls: int, threshold: np.float32) -> None:
+        """Lower threshold (k, cls) to ``threshold``, the only change since the last update: only
+        rows reaching exit k whose margin for ``cls`` there becomes positive (or beats the margin
+        they leave k with) move, to k with class ``cls``.  O(rows), where ``update`` routes anew."""
+        margin = self.scores[k][:, cls] - np.float32(threshold)
+        waiting = (self.exit_index < 0) | (self.exit_index > k)
+        at_k = self.exit_index == k
+        moved = (waiting & (margin > 0)) | (at_k & (self.exit_class != cls) & (margin > self.margin))
+        raised = at_k & (self.exit_class == cls)
+        self.margin[raised] = margin[raised]
+        self.exit_index[moved], self.exit_class[moved], self.margin[moved] = k, cls, margin[moved]
+        self.cost[moved] = self.costs[k]
+        self.current_risk[moved] = self.row_risk[moved, cls]
         self.risk = float(self.current_risk.sum())
         self.total_cost = float(self.cost.sum())
 

@@ -26,7 +26,7 @@ from moco_compile.passes.bounds import clopper_pearson_upper
 from moco_compile.passes.certify import CertifiedFamily, certify_family
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cut_points import CutPoint
-from moco_compile.passes.design import DesignProblem, build_family, choose_family, cut_elements
+from moco_compile.passes.design import DesignProblem, build_families, choose_family, cut_elements
 from moco_compile.passes.routing import Rounding, Routing, route_scores, stage_costs
 from moco_compile.passes.rules import LinearScores
 
@@ -211,7 +211,7 @@ class ExitPlanner:
         else:
             names, self.family_scores_ = list(config.families), {}
         delta = config.family_delta(budget)
-        self.families_ = {name: build_family(name, problem) for name in names}
+        self.families_ = build_families(names, problem)
         self.certified_ = {
             name: certify_family(family, test, lambda open_: stage_costs(before, np.where(open_, rule_flops, 0.0),
                                                                          total_flops),

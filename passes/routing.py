@@ -20,7 +20,7 @@ certified is the plan that is measured and built:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -124,6 +124,20 @@ def route_scores(scores: Sequence[np.ndarray], thresholds: np.ndarray, costs: np
                  rounding: Rounding = Rounding(), rows: int | None = None,
                  full_predictions: np.ndarray | None = None) -> Routing:
     """:func:`route` for per-exit log-probability ``scores`` and a ``[m, C]`` threshold matrix
-    (``inf`` = class off), with the margin tolerances ``rounding`` gives those thresholds."""
-    return route([s - t for s, t in zip(scores, thresholds)], costs, rounding.of(np.asarray(thresholds)), rows,
-                 full_predictions)
+    (``inf`` = class off), with the margin tolerances ``rounding`` gives those thresholds.
+
+    Exits with every class off never fire and no rounding can make them: only the others are
+    routed (plans that open a few of many candidate exits route in proportion to those few).
+    """
+    thresholds = np.asarray(thresholds)
+    open_ = np.flatnonzero(np.isfinite(thresholds).any(axis=1)) if thresholds.size else np.zeros(0, np.int64)
+    if len(open_) == len(thresholds):
+        return route([s - t for s, t in zip(scores, thresholds)], costs, rounding.of(thresholds), rows,
+                     full_predictions)
+    rows = len(scores[0]) if len(scores) else rows
+    open_costs = None if costs is None else np.append(np.asarray(costs)[open_], np.asarray(costs)[-1])
+    routing = route([scores[k] - thresholds[k] for k in open_], open_costs, rounding.of(thresholds[open_]), rows,
+                    full_predictions)
+    exit_index = np.where(routing.exit_index >= 0, open_[np.maximum(routing.exit_index, 0)], -1) \
+        if len(open_) else routing.exit_index
+    return replace(routing, exit_index=exit_index)

@@ -226,6 +226,68 @@ def test_the_greedy_prices_every_threshold_move_as_routing_does():
                     assert (saved[cls, j], added[cls, j]) == pytest.approx((cost - new_cost, new_risk - risk))
 
 
+def test_lowering_one_threshold_moves_rows_as_routing_does():
+    from moco_compile.passes.design import _DesignState
+
+    rng = np.random.default_rng(9)
+    design = _synthetic(400, rng)
+    problem = _problem(design, Budget(0.05), PlannerConfig())
+    active = np.ones(3, bool)
+    plan = np.full((3, 3), np.inf, np.float32)
+    state = _DesignState(problem, active)
+    for _ in range(40):  # random lowerings, as the greedy path makes them
+        k, cls = rng.integers(0, 3, 2)
+        plan[k, cls] = np.float32(min(plan[k, cls], rng.uniform(-2.5, 0.0)))
+        state.lower(k, cls, plan[k, cls])
+        routing = route([s - t for s, t in zip(design.scores, plan)], problem.costs(active))
+        assert (state.exit_index == routing.exit_index).all() and (state.exit_class == routing.exit_class).all()
+        assert (state.total_cost, state.risk) == pytest.approx(_design_cost_and_risk(problem, plan, active))
+
+
+def _many_candidates(rows: int, count: int, rng) -> tuple[Split, np.ndarray]:
+    """``count`` exits of slowly rising quality, some of them duplicates of their neighbour."""
+    design = _synthetic(rows, rng, signals=np.linspace(0.5, 4.0, count))
+    return design, np.linspace(5.0, 90.0, count)
+
+
+def test_removing_each_exit_is_priced_as_routing_does():
+    from moco_compile.passes.design import _design_costs_without_each
+
+    design, before = _many_candidates(500, 6, np.random.default_rng(5))
+    problem = DesignProblem.build(design, before, np.ones(6), np.full(6, 4.0), TOTAL_FLOPS, Budget(0.05),
+                                  PlannerConfig())
+    active = np.array([True, True, False, True, True, True])
+    plan = np.where(active[:, None], np.full((6, 3), -0.4), np.inf).astype(np.float32)
+    plan[3, 1] = -0.05
+    expected = []
+    for k in np.flatnonzero(active):
+        trial, thresholds = active.copy(), plan.copy()
+        trial[k], thresholds[k] = False, np.inf
+        expected.append(_design_cost_and_risk(problem, thresholds, trial)[0])
+    assert _design_costs_without_each(problem, plan, active) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("family", ["per-class", "shared"])
+def test_ranked_elimination_stays_close_to_trying_every_exit(family):
+    design, before = _many_candidates(800, 10, np.random.default_rng(3))
+    costs = []
+    for config in (PlannerConfig(), PlannerConfig(elimination_candidates=None, per_class_candidates=100)):
+        problem = DesignProblem.build(design, before, np.ones(10), np.full(10, 4.0), TOTAL_FLOPS, Budget(0.05), config)
+        plans = build_family(family, problem)
+        costs.append(min(_design_cost_and_risk(problem, p, np.isfinite(p).any(axis=1))[0] for p in plans
+                         if _design_cost_and_risk(problem, p, np.isfinite(p).any(axis=1))[1] <= 0.7 * 800))
+    ranked, exhaustive = costs
+    assert ranked <= exhaustive * 1.01  # within 1% of the design cost of the exhaustive search
+
+
+def test_per_class_starts_from_at_most_its_cap_of_exits():
+    design, before = _many_candidates(600, 16, np.random.default_rng(4))
+    config = PlannerConfig(per_class_candidates=5)
+    problem = DesignProblem.build(design, before, np.ones(16), np.full(16, 4.0), TOTAL_FLOPS, Budget(0.05), config)
+    plans = build_family("per-class", problem)
+    assert 1 <= np.isfinite(plans[-1]).any(axis=1).sum() <= 5
+
+
 def test_backward_elimination_drops_an_exit_that_does_not_pay():
     rng = np.random.default_rng(1)
     design = _synthetic(600, rng)

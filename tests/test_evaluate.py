@@ -15,7 +15,7 @@ from moco_compile.outputs import MANIFEST
 from moco_compile.runtime.session import CUDA
 from tests.conftest import CALIBRATION_NPZ, COMPILE_ROWS
 
-TRAFFIC_ROWS = 2000
+TRAFFIC_ROWS = 1200
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_traffic_unlike_calibration_is_flagged_where_it_starts(build, traffic):
     half = TRAFFIC_ROWS // 2
     images = arrays["images"]
     noise = rng.uniform(images.min(), images.max(), size=(half, *images.shape[1:])).astype(images.dtype)
-    evaluation = evaluate_build(build, {"images": np.concatenate([images[:half], noise])}, windows=10,
+    evaluation = evaluate_build(build, {"images": np.concatenate([images[:half], noise])}, windows=6,
                                 show_progress=False)
     assert evaluation["drift"]
     flagged = [w["start"] for w in evaluation["windows"] if w["exits_fell"] or w["disagreement_above_budget"]]

@@ -82,20 +82,18 @@ def _http(server: TritonServer, images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _query_http(address: str, images: np.ndarray) -> dict[str, np.ndarray]:
-    client = httpclient.InferenceServerClient(address)
-    try:
-        request = httpclient.InferInput("images", list(images.shape), "FP32")
-        request.set_data_from_numpy(images)
-        result = client.infer(MODEL, [request])
-        return {name: result.as_numpy(name) for name in ("logits", EXIT_OUTPUT)}
-    finally:
-        client.close()
+    return _query(httpclient, address, images)
 
 
 def _grpc(server: TritonServer, images: np.ndarray) -> dict[str, np.ndarray]:
-    client = grpcclient.InferenceServerClient(server.address("grpc"))
+    return _query(grpcclient, server.address("grpc"), images)
+
+
+def _query(protocol, address: str, images: np.ndarray) -> dict[str, np.ndarray]:
+    """One inference over ``protocol`` (tritonclient's http or grpc module): logits and moco_exit."""
+    client = protocol.InferenceServerClient(address)
     try:
-        request = grpcclient.InferInput("images", list(images.shape), "FP32")
+        request = protocol.InferInput("images", list(images.shape), "FP32")
         request.set_data_from_numpy(images)
         result = client.infer(MODEL, [request])
         return {name: result.as_numpy(name) for name in ("logits", EXIT_OUTPUT)}

@@ -216,7 +216,8 @@ def serve_triton_command(
 
     from moco_compile.runtime.triton_server import TritonServer
 
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the server too
+    # Ctrl-C and SIGTERM both stop the server (a shell that backgrounds the command ignores SIGINT for it)
+    previous = {number: signal.signal(number, signal.default_int_handler) for number in (signal.SIGINT, signal.SIGTERM)}
     server = TritonServer(repository, env, http_port, grpc_port, metrics_port)
     try:
         server.start(timeout)
@@ -229,7 +230,8 @@ def serve_triton_command(
         _fail(error)
     finally:
         server.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     _fail(MocoError(f"tritonserver exited with status {status} while serving; its last errors:\n{server.errors()}"))
 
 

@@ -185,7 +185,7 @@ def test_serve_triton_serves_until_interrupted(repository, server_env, reference
         assert addresses, line
         _assert_served(_query_http(addresses[1], images[:3]), reference(images[:3]))
     finally:
-        cli.send_signal(signal.SIGINT)
+        cli.send_signal(signal.SIGTERM)  # SIGINT is ignored by processes a non-interactive shell backgrounds
         status = cli.wait(timeout=30)
     assert status == 0, cli.stderr.read()
     host, port = addresses[1].rsplit(":", 1)

@@ -27,10 +27,10 @@ from moco_compile.api import source_model
 from moco_compile.calibration import CalibrationSpec
 from moco_compile.errors import CalibrationDataError, MocoError, ModelError
 from moco_compile.html_report import (
-    MODEL_ONNX, REPORT_JSON, NotACompileOutputError, cell_html, figure_html, page_html, percent_text, table_html)
+    REPORT_JSON, NotACompileOutputError, cell_html, figure_html, load_outputs, page_html, percent_text, table_html)
 from moco_compile.html_report import written_by_moco as page_written_by_moco
 from moco_compile.importer import import_model
-from moco_compile.outputs import GENERATOR, MANIFEST, add_to_manifest, check_output_file, staged_output_file
+from moco_compile.outputs import GENERATOR, add_to_manifest, build_model, check_output_file, staged_output_file
 from moco_compile.passes.calibrate import LABELS
 from moco_compile.runtime.session import ExitSession
 from moco_compile.runtime.shadow import ShadowRun, clopper_pearson, project_savings, shadow_run, stream_drift
@@ -66,7 +66,7 @@ def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any], *,
     """
     _check_settings(batch_size, qps, days, utilisation, device_hour_price, windows)
     build_dir = Path(build_dir)
-    report = _load_build(build_dir)
+    compiled_path, report = _load_build(build_dir)
     original_path = _original_path(report, original)
     imported = import_model(original_path, output=report.get("classifier_output"))
     checked = CalibrationSpec(imported.model, imported.num_classes).check(traffic, "traffic")
@@ -75,7 +75,7 @@ def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any], *,
     if rows == 0:
         raise CalibrationDataError("traffic: no rows; give a sample of the requests the model serves")
     sessions = {name: ExitSession(path, providers, require_gpu=require_gpu)
-                for name, path in (("original", original_path), ("compiled", build_dir / MODEL_ONNX))}
+                for name, path in (("original", original_path), ("compiled", compiled_path))}
     if sessions["compiled"].input_names != sessions["original"].input_names:
         raise ModelError(f"{original_path} takes inputs {sessions['original'].input_names} but the build's "
                          f"model takes {sessions['compiled'].input_names}: pass the model it was compiled from")
@@ -104,19 +104,13 @@ def _check_settings(batch_size: int, qps: float, days: float, utilisation: float
         raise MocoError("; ".join(problems))
 
 
-def _load_build(build_dir: Path) -> dict:
-    hint = "give the output directory of `moco compile MODEL --calib CALIB.npz --out DIR`"
-    if not (build_dir / MANIFEST).is_file() or not (build_dir / MODEL_ONNX).is_file() \
-            or not (build_dir / REPORT_JSON).is_file():
-        raise NotACompileOutputError(f"{build_dir} is not a moco build (it needs {MANIFEST}, {MODEL_ONNX} and "
-                                     f"{REPORT_JSON}); {hint}")
-    try:
-        report = json.loads((build_dir / REPORT_JSON).read_text())
-    except (OSError, ValueError) as error:
-        raise NotACompileOutputError(f"{build_dir / REPORT_JSON} cannot be read ({error}); compile again") from error
-    if not isinstance(report, dict) or not isinstance(report.get("bound"), dict):
+def _load_build(build_dir: Path) -> tuple[Path, dict]:
+    """The build's compiled graph and its report (with the certified bound)."""
+    model = build_model(build_dir)
+    report, _ = load_outputs(build_dir)
+    if not isinstance(report.get("bound"), dict):
         raise NotACompileOutputError(f"{build_dir / REPORT_JSON} is not a moco report; compile again")
-    return report
+    return model, report
 
 
 def _original_path(report: dict, original: str | os.PathLike | None) -> Path:

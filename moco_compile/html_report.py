@@ -65,7 +65,7 @@ def render_report(out_dir: str | os.PathLike, html_path: str | os.PathLike | Non
     """
     out_dir = Path(out_dir)
     html_path = Path(html_path) if html_path is not None else out_dir / REPORT_HTML
-    report, plan = _load_outputs(out_dir)
+    report, plan = load_outputs(out_dir)
     check_output_file(html_path, "report page", written_by_moco, force=force)
     text = _Page(out_dir, report, plan).render()
     with staged_output_file(html_path, "report page", written_by_moco, force=force) as temporary:
@@ -86,7 +86,9 @@ def written_by_moco(path: str | os.PathLike) -> bool:
 
 # ----------------------------------------------------------------------------- loading
 
-def _load_outputs(out_dir: Path) -> tuple[dict, dict]:
+def load_outputs(out_dir: Path) -> tuple[dict, dict]:
+    """``report.json`` and ``plan.json`` of a compile output; :class:`NotACompileOutputError` or
+    :class:`ReportRenderError` saying what is missing or damaged."""
     if not out_dir.exists():
         raise NotACompileOutputError(f"{out_dir} does not exist; `moco report` reads the output directory "
                                      f"of a compile: {HOW_TO_COMPILE}")

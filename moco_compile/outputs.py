@@ -31,8 +31,9 @@ from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 
-from moco_compile.errors import OutputError
+from moco_compile.errors import MocoError, OutputError
 
+BUILD_MODEL = "model.onnx"  # the compiled graph in a build directory
 MANIFEST = "moco-manifest.json"  # in every output directory moco writes: the files it wrote there
 
 
@@ -132,6 +133,19 @@ def listed_files(directory: str | os.PathLike) -> list[str] | None:
     """The files the moco manifest in ``directory`` lists (paths relative to it), or None when
     ``directory`` holds no moco output."""
     return _read_manifest(Path(directory))
+
+
+def build_model(build_dir: str | os.PathLike) -> Path:
+    """The compiled graph of the moco build in ``build_dir`` (its manifest lists ``model.onnx``);
+    :class:`~moco_compile.errors.MocoError` if ``build_dir`` is no such build."""
+    build_dir = Path(build_dir)
+    if not build_dir.is_dir():
+        raise MocoError(f"{build_dir} is not a directory; give the output directory of `moco compile`")
+    listed = listed_files(build_dir)
+    if listed is None or BUILD_MODEL not in listed or not (build_dir / BUILD_MODEL).is_file():
+        raise MocoError(f"{build_dir} is not a moco build (it needs {BUILD_MODEL} listed in {MANIFEST}); give the "
+                        f"directory `moco compile MODEL --calib DATA --out DIR` wrote")
+    return build_dir / BUILD_MODEL
 
 
 def add_to_manifest(path: str | os.PathLike) -> None:

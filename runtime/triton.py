@@ -38,7 +38,7 @@ import onnx
 
 from moco_compile.constants import EXIT_OUTPUT
 from moco_compile.errors import ModelError, MocoError, OutputError
-from moco_compile.outputs import MANIFEST, listed_files, staged_output_dir
+from moco_compile.outputs import build_model, listed_files, staged_output_dir
 
 VERSION = "1"  # the model version directory Triton loads
 CONFIG = "config.pbtxt"
@@ -114,17 +114,6 @@ def export_triton(build_dir: str | os.PathLike, repository: str | os.PathLike, n
         if settings.backend == "python":
             shutil.copyfile(PYTHON_MODEL, staging / VERSION / "model.py")
     return target
-
-
-def build_model(build_dir: Path) -> Path:
-    """The compiled graph of the moco build in ``build_dir``; :class:`MocoError` if it is none."""
-    if not build_dir.is_dir():
-        raise MocoError(f"{build_dir} is not a directory; give the output directory of `moco compile`")
-    listed = listed_files(build_dir)
-    if listed is None or MODEL not in listed or not (build_dir / MODEL).is_file():
-        raise MocoError(f"{build_dir} is not a moco build (it needs {MODEL} listed in {MANIFEST}); give the "
-                        f"directory `moco compile MODEL --calib DATA --out DIR` wrote")
-    return build_dir / MODEL
 
 
 def compiled_graph(path: Path) -> onnx.ModelProto:

@@ -162,8 +162,7 @@ def _removal_candidates(problem: DesignProblem, path: Path, active: np.ndarray, 
     limit = problem.config.elimination_candidates
     if limit is None or len(open_) <= limit:
         return open_
-    plan = min((p for p in path if p[2] <= risk), key=lambda p: p[1])[0]
-    costs_without = _design_costs_without_each(problem, plan, active)
+    costs_without = _design_costs_without_each(problem, _cheapest_within(path, risk)[0], active)
     return open_[np.argsort(costs_without, kind="stable")[:limit]]
 
 
@@ -322,9 +321,14 @@ def _shared_path(problem: DesignProblem, sorted_scores: list[np.ndarray], active
     return path
 
 
+def _cheapest_within(path: Path, risk: float) -> tuple[Plan, float, float]:
+    """The step of a path with the lowest design cost among plans whose design risk is at most ``risk``."""
+    return min((step for step in path if step[2] <= risk), key=lambda step: step[1])
+
+
 def _cost_within(path: Path, risk: float) -> float:
     """Lowest design cost on a path among plans whose design risk is at most ``risk``."""
-    return min(cost for _, cost, plan_risk in path if plan_risk <= risk)
+    return _cheapest_within(path, risk)[1]
 
 
 def _threshold(descending: np.ndarray, count: int) -> float:

@@ -235,6 +235,101 @@ def serve_triton_command(
     _fail(MocoError(f"tritonserver exited with status {status} while serving; its last errors:\n{server.errors()}"))
 
 
+@app.command("profile-memory")
+def profile_memory_command(
+    model: Path = typer.Argument(..., help="ONNX model to profile"),
+    out: Path = typer.Option(..., "--out", help="output directory (memory.json, memory.html)"),
+    batch_sizes: str = typer.Option("1,8,64", "--batch-sizes", help="comma-separated batch sizes"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help=".npz rows to run (needed when an input has a "
+                                         "free dimension besides the batch, e.g. a sequence length)"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="output directory")),
+) -> None:
+    """Weights, estimated and measured peak activation memory of MODEL per batch size."""
+    from moco_compile.calibration import load_npz
+    from moco_compile.importer import load_onnx
+    from moco_compile.memory_profile import check_profilable, profile_memory
+    from moco_compile.memory_report import MIB, write_memory_outputs
+    from moco_compile.outputs import check_output_dir
+
+    try:
+        sizes = _batch_sizes(batch_sizes)
+        check_output_dir(out, [model, *([calib] if calib else [])], force)
+        graph = load_onnx(model)
+        check_profilable(graph)
+        record = profile_memory(graph, sizes, load_npz(calib) if calib else None)
+        write_memory_outputs(out, f"moco memory profile: {model.name}", record,
+                             inputs=[model, *([calib] if calib else [])], force=force)
+    except (MocoError, ValueError, OSError) as error:
+        _fail(error)
+    for b in record["batches"]:
+        measured = "-" if b["measured_peak_bytes"] is None else f"{b['measured_peak_bytes'] / MIB:.2f} MiB"
+        console.print(f"batch {b['batch_size']:>4}: weights {b['weight_bytes'] / MIB:.2f} MiB, peak activations "
+                      f"estimated {b['estimated_peak_bytes'] / MIB:.2f} MiB, measured {measured} "
+                      f"({escape(b['estimate_note'])})")
+    console.print(f"wrote {out}/memory.json, memory.html")
+
+
+@app.command("optimize-memory")
+def optimize_memory_command(
+    model: Path = typer.Argument(..., help="float ONNX classifier"),
+    calib: Path = typer.Option(..., "--calib", help=".npz with one array per model input (+ optional 'labels'); "
+                               "split into tuning and validation rows"),
+    out: Path = typer.Option(..., "--out", help="output directory (model.onnx, memory.json, memory.html)"),
+    fp16: bool = typer.Option(False, "--fp16", help="store weights and compute in float16 (inputs/outputs stay "
+                              "float32)"),
+    int8: Optional[str] = typer.Option(None, "--int8", help="static (calibrated activations) or dynamic"),
+    fuse: bool = typer.Option(False, "--fuse", help="save onnxruntime's offline graph fusions"),
+    max_accuracy_drop: float = typer.Option(0.005, help="reject a step whose accuracy falls by more than this "
+                                            "fraction (disagreement with the original when there are no labels)"),
+    seed: int = typer.Option(0, help="seed of the tuning/validation split"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="output directory")),
+) -> None:
+    """Shrink MODEL with float16 / int8 / fusions, validating each step on untouched rows."""
+    from moco_compile.calibration import load_npz
+    from moco_compile.importer import load_onnx
+    from moco_compile.memory_optimize import optimize_memory
+    from moco_compile.memory_report import write_memory_outputs
+    from moco_compile.outputs import check_output_dir
+
+    try:
+        check_output_dir(out, [model, calib], force)
+        result = optimize_memory(load_onnx(model), load_npz(calib), float16=fp16, int8=int8, fuse=fuse,
+                                 max_accuracy_drop=max_accuracy_drop, seed=seed)
+        write_memory_outputs(out, f"moco memory optimisation: {model.name}", result.to_dict(), model=result.model,
+                             inputs=[model, calib], force=force)
+    except (MocoError, ValueError, OSError) as error:
+        _fail(error)
+    _print_steps(result.steps)
+    for note in result.notes:
+        console.print(f"note: {escape(note)}")
+    console.print(f"wrote {out}/model.onnx, memory.json, memory.html")
+
+
+def _print_steps(steps: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table("step", "accuracy", "disagreement", "weights (MiB)", "peak b=64 est/meas (MiB)",
+                  "latency b=1", "latency b=64")
+    for s in steps:
+        latency = s["latency_ratio"]
+        measured = "-" if s["measured_peak_bytes"] is None else f"{s['measured_peak_bytes'] / 2**20:.2f}"
+        table.add_row(s["step"], "-" if s["accuracy"] is None else f"{s['accuracy']:.2%}",
+                      f"{s['disagreement']:.2%}", f"{s['weight_bytes'] / 2**20:.2f}",
+                      f"{s['estimated_peak_bytes'] / 2**20:.2f} / {measured}",
+                      *(f"{latency[b]:.2f}x" if b in latency else "-" for b in ("1", "64")))
+    console.print(table)
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--batch-sizes takes comma-separated positive integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--batch-sizes takes comma-separated positive integers, got {text!r}")
+    return sizes
+
+
 def _example_feed(imported, calibration: dict | None) -> dict[str, np.ndarray]:
     from moco_compile.calibration import CalibrationSpec
 

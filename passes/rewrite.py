@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from moco_compile.constants import EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY
+from moco_compile.constants import ADDED_NODE_PREFIX, EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY
 from moco_compile.passes.graph import GraphIndex, elem_types, node_inputs
 from moco_compile.passes.plan import Exit
 from moco_compile.passes.pooling import pooling_inputs, reduce_nodes, variant_nodes
@@ -114,6 +114,7 @@ class _ExitGraphBuilder:
         compiled = helper.make_model(graph, opset_imports=list(self.model.opset_import),
                                      producer_name="moco", ir_version=self.model.ir_version)
         compiled.metadata_props.extend(self.model.metadata_props)
+        _name_added_nodes(compiled.graph)
         return compiled
 
     def _batch_dim(self) -> str | int:
@@ -367,6 +368,17 @@ class _ExitGraphBuilder:
         value = self.value_infos.get(tensor)
         return value is not None and value.type.tensor_type.HasField("shape") \
             and not has_dynamic_trailing_dims(value)
+
+
+def _name_added_nodes(graph: onnx.GraphProto) -> None:
+    """Name each node moco added (its outputs are ``moco/...``) after its first output, so later
+    passes can tell moco's nodes from the model's (float16 keeps them in float32)."""
+    for node in graph.node:
+        if not node.name and node.output and node.output[0].startswith(ADDED_NODE_PREFIX):
+            node.name = node.output[0]
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                _name_added_nodes(attribute.g)
 
 
 def _trailing_dims(value: onnx.ValueInfoProto) -> list[int | str]:

@@ -1,0 +1,112 @@
+"""Quantize a float model's weights (and activations) to int8 with onnxruntime.quantization.
+
+Two passes, each one job:
+
+1. :func:`quantize_dynamic_int8`: weights stored as int8, activations quantized at run time
+   (QOperator format: ``MatMulInteger``/``ConvInteger``); no calibration data.
+2. :func:`quantize_static_int8`: weights and activations int8 (QDQ format, per-channel
+   weights), activation ranges from calibration rows (MinMax).
+
+Ops the chosen quantizer has no int8 kernel for keep their float weights; each pass lists
+them (:attr:`Quantized.kept_float`) so the caller can say so.  A model that is already
+quantized is refused: quantize its float original.
+"""
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from moco_compile.errors import CalibrationDataError, ModelError
+
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                           "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulNBits", "QAttention",
+                           "DynamicQuantizeMatMul", "QGemm"})
+MIN_STATIC_ROWS = 64  # MinMax ranges from fewer rows depend too much on which rows were drawn
+MAX_STATIC_ROWS = 512  # enough for stable MinMax ranges; more only slows the calibration run
+_WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Gather", "LSTM", "GRU", "Attention")
+
+
+@dataclass
+class Quantized:
+    """A quantized model and the weighted ops that stayed float (op type -> node count)."""
+
+    model: onnx.ModelProto
+    kept_float: dict[str, int]
+
+
+def check_not_quantized(model: onnx.ModelProto) -> None:
+    """Raise :class:`ModelError` when ``model`` already holds quantized ops or int8 weights."""
+    ops = sorted({node.op_type for node in _all_nodes(model.graph) if node.op_type in QUANTIZED_OPS})
+    if ops:
+        raise ModelError(f"the model is already quantized (it has {', '.join(ops)} nodes): "
+                         "quantize or convert its float original instead")
+
+
+def quantize_dynamic_int8(model: onnx.ModelProto) -> Quantized:
+    """Rule 1: int8 weights, activations quantized at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    check_not_quantized(model)
+    quantized = _run_quantizer(lambda source, target: quantize_dynamic(source, target, weight_type=QuantType.QInt8),
+                               model)
+    return Quantized(quantized, _kept_float(model, set(IntegerOpsRegistry)))
+
+
+def quantize_static_int8(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray]) -> Quantized:
+    """Rule 2: int8 weights and activations, ranges from ``calibration`` (input name -> rows)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    check_not_quantized(model)
+    rows = len(next(iter(calibration.values())))
+    if rows < MIN_STATIC_ROWS:
+        raise CalibrationDataError(f"static int8 quantization needs at least {MIN_STATIC_ROWS} calibration rows to "
+                                   f"set activation ranges; got {rows}. Give more rows or use dynamic int8")
+    used = min(rows, MAX_STATIC_ROWS)
+
+    class _Rows(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter([{name: values[start:start + 32] for name, values in calibration.items()}
+                                  for start in range(0, used, 32)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    quantized = _run_quantizer(lambda source, target: quantize_static(
+        source, target, _Rows(), quant_format=QuantFormat.QDQ, per_channel=True), model)
+    return Quantized(quantized, _kept_float(model, set(QDQRegistry)))
+
+
+def _run_quantizer(quantize, model: onnx.ModelProto) -> onnx.ModelProto:
+    with tempfile.TemporaryDirectory(prefix="moco-int8-") as scratch:
+        source, target = Path(scratch, "float.onnx"), Path(scratch, "int8.onnx")
+        onnx.save(model, source)
+        try:
+            quantize(source, target)
+        except Exception as error:  # onnxruntime.quantization raises plain exceptions
+            raise ModelError(f"onnxruntime's quantizer failed on this model: {error}") from error
+        return onnx.load(target)
+
+
+def _kept_float(model: onnx.ModelProto, quantizable: set[str]) -> dict[str, int]:
+    weights = {init.name for init in model.graph.initializer
+               if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and len(init.dims) >= 2}
+    kept = Counter(node.op_type for node in _all_nodes(model.graph)
+                   if node.op_type in _WEIGHTED_OPS and node.op_type not in quantizable
+                   and any(name in weights for name in node.input))
+    return dict(kept)
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attribute.g)

@@ -271,9 +271,12 @@ def profile_memory_command(
 
 @app.command("optimize-memory")
 def optimize_memory_command(
-    model: Path = typer.Argument(..., help="float ONNX classifier"),
+    model: Path = typer.Argument(..., help="float ONNX classifier, or the output directory of 'moco compile' "
+                                 "(the original is optimised and the build's exits put back on it)"),
     calib: Path = typer.Option(..., "--calib", help=".npz with one array per model input (+ optional 'labels'); "
                                "split into tuning and validation rows"),
+    original: Optional[Path] = typer.Option(None, "--original", help="with a build directory: the model it was "
+                                            "compiled from (default: the file compile recorded)"),
     out: Path = typer.Option(..., "--out", help="output directory (model.onnx, memory.json, memory.html)"),
     fp16: bool = typer.Option(False, "--fp16", help="store weights and compute in float16 (inputs/outputs stay "
                               "float32)"),
@@ -287,14 +290,17 @@ def optimize_memory_command(
     """Shrink MODEL with float16 / int8 / fusions, validating each step on untouched rows."""
     from moco_compile.calibration import load_npz
     from moco_compile.importer import load_onnx
-    from moco_compile.memory_optimize import optimize_memory
+    from moco_compile.memory_optimize import optimize_build, optimize_memory
     from moco_compile.memory_report import write_memory_outputs
     from moco_compile.outputs import check_output_dir
 
+    options = dict(float16=fp16, int8=int8, fuse=fuse, max_accuracy_drop=max_accuracy_drop, seed=seed)
     try:
         check_output_dir(out, [model, calib], force)
-        result = optimize_memory(load_onnx(model), load_npz(calib), float16=fp16, int8=int8, fuse=fuse,
-                                 max_accuracy_drop=max_accuracy_drop, seed=seed)
+        if model.is_dir():
+            result = optimize_build(model, load_npz(calib), original=original, **options)
+        else:
+            result = optimize_memory(load_onnx(model), load_npz(calib), **options)
         write_memory_outputs(out, f"moco memory optimisation: {model.name}", result.to_dict(), model=result.model,
                              inputs=[model, calib], force=force)
     except (MocoError, ValueError, OSError) as error:
@@ -308,13 +314,15 @@ def optimize_memory_command(
 def _print_steps(steps: list[dict]) -> None:
     from rich.table import Table
 
-    table = Table("step", "accuracy", "disagreement", "weights (MiB)", "peak b=64 est/meas (MiB)",
+    table = Table("step", "accuracy", "disagreement", "compute saved", "weights (MiB)", "peak b=64 est/meas (MiB)",
                   "latency b=1", "latency b=64")
     for s in steps:
         latency = s["latency_ratio"]
         measured = "-" if s["measured_peak_bytes"] is None else f"{s['measured_peak_bytes'] / 2**20:.2f}"
         table.add_row(s["step"], "-" if s["accuracy"] is None else f"{s['accuracy']:.2%}",
-                      f"{s['disagreement']:.2%}", f"{s['weight_bytes'] / 2**20:.2f}",
+                      f"{s['disagreement']:.2%}",
+                      "-" if s["compute_reduction"] is None else f"{s['compute_reduction']:.1%}",
+                      f"{s['weight_bytes'] / 2**20:.2f}",
                       f"{s['estimated_peak_bytes'] / 2**20:.2f} / {measured}",
                       *(f"{latency[b]:.2f}x" if b in latency else "-" for b in ("1", "64")))
     console.print(table)

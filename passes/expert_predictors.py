@@ -64,7 +64,9 @@ class FittedPredictors:
         normed = normed * self.gates["norm_weight"][target] + self.gates["norm_bias"][target]
         return normed @ self.gates["gate_weight"][target].T
 
-    def _features(self, target: int, hidden: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    def features(self, target: int, hidden: np.ndarray, previous: np.ndarray) -> np.ndarray:
+        """The learned estimator's input ``[N, D + 2E]``: layer-normalised ``hidden`` (no affine), layer
+        ``target``'s speculative logits and the previous token's experts at ``target``, one-hot."""
         eps = float(self.gates["norm_eps"][target])
         return np.concatenate([_standardise(hidden.astype(np.float32), eps), self.speculative_logits(target, hidden),
                                previous_one_hot(previous, self.spec.num_experts)], axis=1)
@@ -84,7 +86,7 @@ class FittedPredictors:
         if name == "speculative":
             return self.speculative_logits(target, hidden)
         if name == "learned":
-            return self._learned(target)(self._features(target, hidden, previous))
+            return self._learned(target)(self.features(target, hidden, previous))
         raise ValueError(f"unknown predictor {name!r}; choose one of {', '.join(PREDICTORS)}")
 
     def _learned(self, target: int) -> LinearScores:
@@ -138,7 +140,7 @@ def fit_predictors(frame: ActivationFrame, spec: RoutingSpec, gates: dict[str, n
     rows = np.sort(np.random.default_rng(seed).permutation(len(frame))[:max_rows])
     fitter = SoftmaxRuleFitter(regularization)
     for target in range(1, num_layers):
-        features = predictors._features(target, frame[hidden_column(target - 1)][rows],
+        features = predictors.features(target, frame[hidden_column(target - 1)][rows],
                                         previous_experts(frame, target)[rows])
         chosen = frame[experts_column(target)][rows].astype(np.int64)
         fitted = fitter.fit(np.repeat(features, top_k, axis=0), chosen.reshape(-1), num_experts)

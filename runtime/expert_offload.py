@@ -12,8 +12,8 @@ At each MoE layer ``l`` (:meth:`OffloadedExperts.moe_step`):
    they travel while layer ``l``'s experts compute;
 3. compute layer ``l``'s experts, each waiting for its own load only.
 
-Slots with a load in flight, and the experts the layer is computing with, are never
-evicted (when every slot holds one, the layer waits for the loads in flight).  The
+Slots with a load in flight, the experts the layer is computing with and (while
+prefetching) the other predicted experts are never evicted (when every slot holds one, the layer waits for the loads in flight).  The
 weights used are always exact copies of the model's, so outputs equal the
 non-offloaded model's.  ``link_seconds`` emulates a slower link: a load takes at
 least that long (the worker sleeps, so compute overlaps it as it would a DMA copy).
@@ -44,6 +44,8 @@ class OffloadStats:
     prefetch_hits: int = 0  # of the hits, loaded by a prefetch
     misses: int = 0        # loaded on demand
     prefetches: int = 0    # loads submitted by prefetching
+    loads: int = 0          # loads the transfer worker finished
+    load_seconds: float = 0.0  # their wall-clock time on the worker (copy, and the emulated link's wait)
 
     @property
     def hit_rate(self) -> float:
@@ -97,6 +99,8 @@ class OffloadedExperts:
         remaining = self.link_seconds - (time.perf_counter() - start)
         if remaining > 0:
             time.sleep(remaining)
+        self.stats.loads += 1  # only this worker thread writes these two
+        self.stats.load_seconds += time.perf_counter() - start
 
     def _submit(self, layer: int, expert: int, protected: set[int]) -> None:
         in_flight = self._in_flight[layer]
@@ -144,11 +148,12 @@ class OffloadedExperts:
         return moe.combine(normed, chosen, weights, _Slots(self, layer, count=not upfront))
 
     def _prefetch(self, layer: int, hidden: np.ndarray) -> None:
-        for expert in self.predict(layer, hidden, self.previous[layer]):
-            if int(expert) not in self.caches[layer]:
+        predicted = [int(expert) for expert in self.predict(layer, hidden, self.previous[layer])]
+        for expert in predicted:
+            if expert not in self.caches[layer]:
                 self.stats.prefetches += 1
-                self._submit(layer, int(expert), set())
-                self._prefetched[layer].add(int(expert))
+                self._submit(layer, expert, set(predicted))
+                self._prefetched[layer].add(expert)
 
 
 class _Slots:

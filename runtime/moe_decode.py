@@ -23,6 +23,7 @@ import torch
 from moco_compile.errors import NoMoELayersError
 
 MoEStep = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+Observe = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 _MOE_PARTS = ("gate", "experts", "route", "combine")
 
 
@@ -44,13 +45,16 @@ def moe_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def reference_step(model: torch.nn.Module) -> MoEStep:
-    """The model's own MoE computation (all experts resident)."""
+def reference_step(model: torch.nn.Module, observe: Observe | None = None) -> MoEStep:
+    """The model's own MoE computation (all experts resident); ``observe(layer, residual, probs, chosen)``,
+    if given, sees each MoE layer's input, gate probabilities ``[T, E]`` and chosen experts ``[T, k]``."""
     layers = moe_blocks(model)
 
     def step(layer: int, residual: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
         moe = layers[layer]
-        _, chosen, weights = moe.route(normed)
+        probs, chosen, weights = moe.route(normed)
+        if observe is not None:
+            observe(layer, residual, probs, chosen)
         return moe.combine(normed, chosen, weights, moe.experts)
 
     return step

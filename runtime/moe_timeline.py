@@ -12,8 +12,9 @@ link serving loads in submission order, the same per-layer cache policy
 4. compute the chosen experts in expert order, each starting when both the stream and
    its own load are done (``expert_seconds`` each).
 
-A load takes ``transfer_seconds``.  Experts with a load in flight and the layer's chosen
-experts are never evicted; when every slot holds one, the layer waits for the loads in flight.  Modes: ``resident`` (every expert on the device: the lower
+A load takes ``transfer_seconds``.  Experts with a load in flight, the layer's chosen
+experts and (while prefetching) the other predicted experts are never evicted; when every
+slot holds one, the layer waits for the loads in flight.  Modes: ``resident`` (every expert on the device: the lower
 bound), ``on_demand`` (no cache: every chosen expert is loaded when needed), ``lru``
 (a cache, no prefetch) and ``prefetch`` (a cache and predictions).
 """
@@ -123,5 +124,5 @@ class _State:
         for expert in experts:
             if expert not in self.caches[layer]:
                 self.prefetches += 1
-                self._load(layer, expert, set())
+                self._load(layer, expert, set(experts))
                 self.prefetched[layer].add(expert)

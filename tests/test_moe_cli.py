@@ -44,7 +44,7 @@ def test_the_whole_chain_writes_hit_rates_tpot_and_a_page(chain):
     assert run.exit_code == 0, run.output
     bench = json.loads((chain / "bench" / "bench.json").read_text())
     tpot = {row["policy"]: row["tpot_ms"] for row in bench["tpot"]}
-    assert len(tpot) == 7 and tpot["all resident"] < tpot["LRU cache"] < tpot["on-demand"]
+    assert len(tpot) == 8 and tpot["all resident"] < tpot["LRU cache"] < tpot["on-demand"]
     assert bench["settings"]["cache slots per layer"] == 4 and bench["settings"]["transfer ms per expert"] == 0.04
     page = (chain / "bench" / "report.html").read_text()
     assert 'id="plot-hit-rate"' in page and 'id="plot-tpot"' in page and 'id="hit-rates"' in page

@@ -25,6 +25,8 @@ def test_offloaded_decoding_gives_the_resident_models_tokens_and_logits():
     assert offloaded_tokens == tokens
     assert torch.allclose(offloaded_logits, logits, rtol=0, atol=1e-6)
     assert offload.stats.misses > 0 and offload.stats.prefetches > 0 and offload.stats.prefetch_hits > 0
+    assert offload.stats.loads == offload.stats.misses + offload.stats.prefetches
+    assert offload.stats.load_seconds >= 2e-4 * offload.stats.loads
 
 
 def test_runtime_cache_counts_equal_the_simulated_cache():
@@ -92,3 +94,9 @@ def test_a_model_without_moe_layers_is_refused():
     model.blocks[1].moe = torch.nn.Linear(32, 32)
     with pytest.raises(NoMoELayersError, match=r"blocks \[1\]"):
         moe_blocks(model)
+
+
+def test_a_prefetch_never_evicts_another_predicted_expert():
+    chosen = np.array([[[0, 1], [2, 3]], [[0, 1], [2, 4]]])  # token 1 at layer 1: 2 (least recently used) and 4
+    run = simulate_decode(chosen, Timing([0.0, 0.0], 0.0, 0.0), "prefetch", 2, chosen, num_experts=8)
+    assert (run.misses, run.hits, run.prefetches, run.prefetch_hits) == (2, 6, 3, 3)

@@ -13,9 +13,9 @@ At each MoE layer ``l`` (:meth:`OffloadedExperts.moe_step`):
 3. compute layer ``l``'s experts, each waiting for its own load only.
 
 Slots with a load in flight, the experts the layer is computing with and (while
-prefetching) the other predicted experts are never evicted (when every slot holds one, the layer waits for the loads in flight).  The
-weights used are always exact copies of the model's, so outputs equal the
-non-offloaded model's.  ``link_seconds`` emulates a slower link: a load takes at
+prefetching) the other predicted experts are never evicted; when every slot holds
+one, the layer waits for the loads in flight.  The weights used are always exact
+copies of the model's, so outputs equal the non-offloaded model's.  ``link_seconds`` emulates a slower link: a load takes at
 least that long (the worker sleeps, so compute overlaps it as it would a DMA copy).
 """
 from __future__ import annotations

@@ -89,7 +89,8 @@ def test_predictors_round_trip_and_count_their_flops(tmp_path):
     loaded = FittedPredictors.load(tmp_path / "p.npz")
     hidden, previous = frame[hidden_column(0)], previous_experts(frame, 1)
     for name in PREDICTORS:
-        np.testing.assert_array_equal(loaded.scores(name, 1, hidden, previous), predictors.scores(name, 1, hidden, previous))
+        np.testing.assert_array_equal(loaded.scores(name, 1, hidden, previous),
+                                      predictors.scores(name, 1, hidden, previous))
     d, e = 16, 8
     assert loaded.flops("speculative") == 8 * d + 2 * d * e
     assert loaded.flops("learned") == loaded.flops("speculative") + 2 * (d + 2 * e) * e + 5 * e

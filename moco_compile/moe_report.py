@@ -10,8 +10,10 @@ from moco_compile.html_report import cell_html, figure_html, page_html, percent_
 def _hit_rate_figure(hit_rates: dict[str, list[float]]) -> str:
     def draw(figure) -> None:
         axes = figure.subplots()
+        layers = range(1, len(next(iter(hit_rates.values()))) + 1)
         for name, rates in hit_rates.items():
-            axes.plot(range(1, len(rates) + 1), [100 * r for r in rates], marker="o", label=name)
+            axes.plot(layers, [100 * r for r in rates], marker="o", label=name)
+        axes.set_xticks(list(layers))
         axes.set_xlabel("predicted layer (from the layer before it)")
         axes.set_ylabel("hit rate, recall@k (%)")
         axes.set_ylim(0, 100)

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.results import machine_description, write_section  # noqa: E402
 from models.moe_lm import ARTIFACTS, load_model, read_corpus, split_corpus, windows  # noqa: E402
 from moco_compile.moe_bench import (decode_routing, expert_bytes, measured_timing, predictions,  # noqa: E402
-                                    tpot_table)
+                                    runtime_predictor, tpot_table)
 from moco_compile.moe_trace import gate_parameters, routing_spec, trace_routing  # noqa: E402
 from moco_compile.passes.expert_predictors import PREDICTORS, fit_predictors, hit_rates  # noqa: E402
 from moco_compile.runtime.expert_offload import OffloadedExperts  # noqa: E402
@@ -73,22 +73,16 @@ SCENARIOS = {  # short name -> (what it stands for, durations)
 
 
 def trace(model, stream: bytes, count: int, path: Path):
+    """The routing trace of the first ``count`` context-long windows of ``stream``."""
     return trace_routing(model, windows(stream, model.config.context)[:count], path)
 
 
 def emulated_link_check(model, prompts, predictors, layer_seconds: float) -> list[tuple[str, float, float]]:
     """Per policy: wall-clock TPOT (ms) of the real runtime on this CPU with a load lasting at least
     ``layer_seconds``, and the mean wall-clock time its loads really took (s)."""
-    top_k = predictors.spec.top_k
-
-    def predictor(name):
-        def predict(target, hidden, previous):
-            scores = predictors.scores(name, target, hidden[None], previous[None])[0]
-            return np.argsort(-scores, kind="stable")[:top_k]
-        return predict
-
     rows = [("all resident", _wall_tpot(model, prompts, reference_step(model)), 0.0)]
-    for label, predict in [("LRU cache", None), *[(f"LRU + prefetch ({n})", predictor(n)) for n in PREDICTORS]]:
+    for label, predict in [("LRU cache", None), *[(f"LRU + prefetch ({n})", runtime_predictor(predictors, n))
+                                           for n in PREDICTORS]]:
         with OffloadedExperts(model, CAPACITY, predict, link_seconds=layer_seconds) as offload:
             tpot = _wall_tpot(model, prompts, offload.moe_step)
         rows.append((label, tpot, offload.stats.load_seconds / max(offload.stats.loads, 1)))
@@ -180,6 +174,7 @@ def _tpot_lines(rows: list[dict]) -> list[str]:
 
 def report(summary, spec, rates, test_tokens, fit_seconds, predictors, decoded, tables, measured, simulated,
            resimulated, layer_seconds) -> str:
+    """The RESULTS.md section: model, hit rates, TPOT tables, the emulated-link check."""
     layers = range(1, spec.num_layers)
     lines = [f"Machine: {machine_description()}.", "",
              f"Model: `models/moe_lm.py` ({spec.num_layers} layers, d_model {spec.d_model}, {spec.num_experts} experts "

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from moco_compile.passes.expert_predictors import PREDICTORS, FittedPredictors
+from moco_compile.runtime.expert_offload import Predict
 from moco_compile.runtime.moe_decode import greedy_decode, moe_blocks, reference_step
 from moco_compile.runtime.moe_timeline import Timing, simulate_decode
 
@@ -65,6 +66,18 @@ def predictions(predictors: FittedPredictors, name: str, routing: DecodeRouting)
         scores = predictors.scores(name, target, routing.hidden[:, target - 1], routing.previous[:, target])
         predicted[:, target] = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
     return predicted
+
+
+def runtime_predictor(predictors: FittedPredictors, name: str) -> Predict:
+    """Predictor ``name`` as :class:`~moco_compile.runtime.expert_offload.OffloadedExperts` calls it:
+    the ``k`` best-scored experts of a layer for one token."""
+    top_k = predictors.spec.top_k
+
+    def predict(target: int, hidden: np.ndarray, previous: np.ndarray) -> np.ndarray:
+        scores = predictors.scores(name, target, hidden[None], previous[None])[0]
+        return np.argsort(-scores, kind="stable")[:top_k]
+
+    return predict
 
 
 def expert_bytes(model: torch.nn.Module) -> int:

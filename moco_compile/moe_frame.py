@@ -26,10 +26,12 @@ POSITION = "moe.position"
 
 
 def hidden_column(layer: int) -> str:
+    """Column of the hidden states entering layer ``layer``'s MoE block."""
     return f"moe.hidden.{layer}"
 
 
 def experts_column(layer: int) -> str:
+    """Column of the experts layer ``layer`` chose."""
     return f"moe.experts.{layer}"
 
 
@@ -43,10 +45,12 @@ class RoutingSpec:
     d_model: int
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the spec as JSON."""
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RoutingSpec":
+        """Read a spec :meth:`save` wrote (:class:`TraceMismatchError` if it is not one)."""
         try:
             return cls(**json.loads(Path(path).read_text()))
         except (OSError, ValueError, TypeError) as error:

@@ -58,6 +58,7 @@ def save_sample(streams: dict[str, bytes], context: int, path=SAMPLE) -> None:
 
 
 def train(minutes: float, seed: int) -> dict:
+    """Train for ``minutes``, write the artefacts, return the summary written to ``moe_lm.json``."""
     torch.manual_seed(seed)
     torch.set_num_threads(1)
     config = MoEConfig()

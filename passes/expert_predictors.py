@@ -108,6 +108,7 @@ class FittedPredictors:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FittedPredictors":
+        """Read predictors :meth:`save` wrote (:class:`TraceMismatchError` if the file holds none)."""
         try:
             with np.load(Path(path)) as saved:
                 spec = RoutingSpec(*(int(v) for v in saved["spec"]))

@@ -49,6 +49,7 @@ class OffloadStats:
 
     @property
     def hit_rate(self) -> float:
+        """Hits over the experts computed with."""
         return self.hits / max(self.hits + self.misses, 1)
 
 

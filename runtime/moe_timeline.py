@@ -53,6 +53,7 @@ class Simulated:
 
     @property
     def hit_rate(self) -> float:
+        """Hits over the experts computed with."""
         return self.hits / max(self.hits + self.misses, 1)
 
 
@@ -111,6 +112,7 @@ class _State:
         self.arrival[layer][expert] = self.link
 
     def fetch(self, layer: int, needed: list[int]) -> None:
+        """Count hits and submit loads for the misses among a layer's chosen experts."""
         for expert in needed:
             if self.caches[layer].lookup(expert) is not None:
                 self.hits += 1
@@ -121,6 +123,7 @@ class _State:
         self.prefetched[layer].difference_update(needed)
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Submit loads for the predicted experts of ``layer`` that are not cached."""
         for expert in experts:
             if expert not in self.caches[layer]:
                 self.prefetches += 1

@@ -100,3 +100,18 @@ def test_a_prefetch_never_evicts_another_predicted_expert():
     chosen = np.array([[[0, 1], [2, 3]], [[0, 1], [2, 4]]])  # token 1 at layer 1: 2 (least recently used) and 4
     run = simulate_decode(chosen, Timing([0.0, 0.0], 0.0, 0.0), "prefetch", 2, chosen, num_experts=8)
     assert (run.misses, run.hits, run.prefetches, run.prefetch_hits) == (2, 6, 3, 3)
+
+
+def test_fitted_predictors_drive_the_runtime_without_changing_its_outputs(tmp_path):
+    from moco_compile.moe_bench import runtime_predictor
+    from moco_compile.moe_trace import gate_parameters, routing_spec, trace_routing
+    from moco_compile.passes.expert_predictors import fit_predictors
+
+    model = tiny_model(2)
+    frame = trace_routing(model, np.random.default_rng(0).integers(0, 256, (8, 32)), tmp_path / "trace.arrow")
+    predictors = fit_predictors(frame, routing_spec(model), gate_parameters(model), max_rows=500)
+    tokens, logits = greedy_decode(model, PROMPT, 16, reference_step(model))
+    with OffloadedExperts(model, 4, runtime_predictor(predictors, "learned")) as offload:
+        offloaded_tokens, offloaded_logits = greedy_decode(model, PROMPT, 16, offload.moe_step)
+    assert offloaded_tokens == tokens and torch.allclose(offloaded_logits, logits, rtol=0, atol=1e-6)
+    assert offload.stats.prefetch_hits > 0

@@ -133,9 +133,9 @@ def fit_predictors_command(
         with np.load(trace / GATES) as saved:
             gates = {key: saved[key] for key in saved.files}
         held = held_out_windows(frame, held_out, seed)
-        with _progress("fitting", 1) as advance:
-            predictors = fit_predictors(frame.take(~held), spec, gates, max_rows=max_rows, seed=seed)
-            advance()
+        with _progress("fitting layers", spec.num_layers - 1) as advance:
+            predictors = fit_predictors(frame.take(~held), spec, gates, max_rows=max_rows, seed=seed,
+                                        progress=advance)
         rates = hit_rates(predictors, frame.take(held))
         flops = {name: predictors.flops(name) for name in PREDICTORS}
         with staged_output_dir(out, [trace], force) as stage:

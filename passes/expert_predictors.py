@@ -19,6 +19,7 @@ used at layer t that are among the predicted ``k``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -129,8 +130,10 @@ def previous_experts(frame: ActivationFrame, layer: int) -> np.ndarray:
 
 
 def fit_predictors(frame: ActivationFrame, spec: RoutingSpec, gates: dict[str, np.ndarray],
-                   max_rows: int = 20_000, regularization: float = 1.0, seed: int = 0) -> FittedPredictors:
-    """Fit every predictor on the trace ``frame`` (at most ``max_rows`` tokens, drawn at random, for the probe)."""
+                   max_rows: int = 20_000, regularization: float = 1.0, seed: int = 0,
+                   progress: Callable[[], None] | None = None) -> FittedPredictors:
+    """Fit every predictor on the trace ``frame`` (at most ``max_rows`` tokens, drawn at random, for the probe);
+    ``progress()`` is called after each predicted layer."""
     check_trace(frame, spec)
     num_layers, num_experts, top_k = spec.num_layers, spec.num_experts, spec.top_k
     frequency = np.stack([np.bincount(frame[experts_column(layer)].reshape(-1).astype(np.int64),
@@ -146,6 +149,8 @@ def fit_predictors(frame: ActivationFrame, spec: RoutingSpec, gates: dict[str, n
         chosen = frame[experts_column(target)][rows].astype(np.int64)
         fitted = fitter.fit(np.repeat(features, top_k, axis=0), chosen.reshape(-1), num_experts)
         predictors.learned_weight[target - 1], predictors.learned_bias[target - 1] = fitted.weight, fitted.bias
+        if progress is not None:
+            progress()
     return predictors
 
 

@@ -90,9 +90,11 @@ class OffloadedExperts:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _copy(self, layer: int, expert: int, slot: int) -> None:
+    def _copy(self, layer: int, expert: int, slot: int, computed: torch.cuda.Event | None) -> None:
         start = time.perf_counter()
         with torch.no_grad(), torch.cuda.stream(self._stream):  # a None stream: no-op (CPU)
+            if computed is not None:  # the GPU may still be computing with the slot's evicted expert
+                self._stream.wait_event(computed)
             for target, source in zip(self.slots[layer][slot].parameters(), self.host[layer][expert]):
                 target.copy_(source, non_blocking=True)
         if self._stream is not None:
@@ -113,7 +115,8 @@ class OffloadedExperts:
         slot, evicted = self.caches[layer].admit(expert, keep)
         in_flight.pop(evicted, None)
         self._prefetched[layer].discard(evicted)
-        in_flight[expert] = self._worker.submit(self._copy, layer, expert, slot)
+        computed = torch.cuda.current_stream(self.device).record_event() if self._stream is not None else None
+        in_flight[expert] = self._worker.submit(self._copy, layer, expert, slot, computed)
 
     def _ready(self, layer: int, expert: int, count: bool) -> torch.nn.Module:
         """The slot module holding ``expert``, loading it on demand (counted if ``count``) and

@@ -12,10 +12,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from moco_compile.errors import MocoError
+from moco_compile.moe_cli import app as moe_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="moco: compile classifiers into one ONNX graph where easy inputs exit early.")
 console = Console()
+app.add_typer(moe_app, name="moe")
 FORCE_HELP = "replace a {what} a previous moco run wrote (never files moco did not write)"
 
 

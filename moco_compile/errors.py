@@ -20,3 +20,15 @@ class BudgetError(MocoError):
 
 class OutputError(MocoError):
     """The output location cannot be written."""
+
+
+class NoMoELayersError(ModelError):
+    """The model has no mixture-of-experts layers to trace, predict or offload."""
+
+
+class ExpertCacheError(MocoError):
+    """The expert cache cannot serve the model (e.g. fewer slots per layer than experts per token)."""
+
+
+class TraceMismatchError(MocoError):
+    """A routing trace (or predictors fitted on one) does not match the model it is used with."""

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from moco_compile.cli_common import FORCE_HELP
+from moco_compile.cli_common import fail as _fail
 from moco_compile.errors import MocoError
 from moco_compile.moe_cli import app as moe_app
 
@@ -18,12 +20,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="moco: compile classifiers into one ONNX graph where easy inputs exit early.")
 console = Console()
 app.add_typer(moe_app, name="moe")
-FORCE_HELP = "replace a {what} a previous moco run wrote (never files moco did not write)"
-
-
-def _fail(error: Exception) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
-    raise typer.Exit(2)
 
 
 @app.callback()

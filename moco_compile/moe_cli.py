@@ -18,10 +18,11 @@ from typing import Optional
 import numpy as np
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from moco_compile.cli_common import FORCE_HELP
+from moco_compile.cli_common import fail as _fail
 from moco_compile.errors import ModelError, MocoError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -30,12 +31,9 @@ console = Console()
 TRACE, SPEC, GATES = "trace.arrow", "routing.json", "gates.npz"
 PREDICTORS_NPZ, HIT_RATES = "predictors.npz", "hit_rates.json"
 BENCH_JSON, BENCH_HTML = "bench.json", "report.html"
-FORCE = typer.Option(False, "--force", help="replace an output directory a previous moco run wrote")
+FORCE = typer.Option(False, "--force", help=FORCE_HELP.format(what="output directory"))
 
 
-def _fail(error: Exception) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
-    raise typer.Exit(2)
 
 
 def load_torch_model(path: Path):

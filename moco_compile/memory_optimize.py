@@ -29,14 +29,14 @@ from moco_compile.importer import classifier_output, load_onnx
 from moco_compile.passes.cost import measure_shapes
 from moco_compile.passes.float16 import to_float16
 from moco_compile.passes.fusion import fused
-from moco_compile.passes.graph import GraphIndex
+from moco_compile.passes.graph import GraphIndex, exposing_every_tensor
 from moco_compile.passes.memory import feed_shapes, liveness, weight_bytes
 from moco_compile.passes.plan import ExitPlan
 from moco_compile.passes.quantize import check_not_quantized, quantize_dynamic_int8, quantize_static_int8
 from moco_compile.passes.rewrite import annotate_costs, insert_exits
 from moco_compile.runtime.latency import batches_of, compare_latency
 from moco_compile.runtime.memory import can_measure, measure_peak
-from moco_compile.runtime.session import ExitSession
+from moco_compile.runtime.session import ExitSession, open_session
 from moco_compile.runtime.shadow import clopper_pearson
 
 INT8_MODES = ("dynamic", "static")
@@ -234,12 +234,7 @@ def _float16_within_range(model: onnx.ModelProto, tuning: Mapping[str, np.ndarra
 
 def _float16_overflows(model: onnx.ModelProto, rows: Mapping[str, np.ndarray]) -> list[tuple[str, str, float]]:
     """(node, tensor, largest |value|) of each top-level node whose float output leaves float16's range."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for node in probe.graph.node:
-        probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in node.output if n and n not in known)
-    session = _session(probe)
+    session = _session(exposing_every_tensor(model))
     names = [o.name for o in session.get_outputs()]
     largest: dict[str, float] = {}
     for batch in _chunks(rows, 256):
@@ -256,19 +251,11 @@ def _kept_float_notes(kept: Mapping[str, int], mode: str) -> list[str]:
 
 
 def _exit_session(model: onnx.ModelProto) -> ExitSession:
-    try:
-        return ExitSession(model, providers=["cpu"])
-    except Exception as error:  # onnxruntime raises its own exception types
-        raise MocoError(f"onnxruntime cannot load the optimised model: {error}") from error
+    return ExitSession(model, providers=["cpu"])
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # onnxruntime raises its own exception types
-        raise MocoError(f"onnxruntime cannot load the optimised model: {error}") from error
+    return open_session(model, ["cpu"])
 
 
 def _chunks(inputs: Mapping[str, np.ndarray], size: int) -> Sequence[dict[str, np.ndarray]]:

@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from moco_compile.errors import ModelError
-from moco_compile.passes.graph import GraphIndex
+from moco_compile.passes.graph import GraphIndex, exposing_every_tensor
 
 # Elementwise-ish ops: FLOPs per output element.
 _PER_OUTPUT_ELEMENT = {
@@ -31,14 +31,7 @@ _REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "GlobalAvera
 
 def measure_shapes(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     """Run ``model`` once on ``feed`` and return the shape of every top-level tensor."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for node in probe.graph.node:
-        for name in node.output:
-            if name and name not in known:
-                probe.graph.output.append(onnx.ValueInfoProto(name=name))
-                known.add(name)
+    probe = exposing_every_tensor(model)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3

@@ -24,6 +24,19 @@ def node_inputs(node: onnx.NodeProto) -> list[str]:
     return names
 
 
+def exposing_every_tensor(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs include every top-level node output (to read them all in one run)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for node in probe.graph.node:
+        for name in node.output:
+            if name and name not in known:
+                probe.graph.output.append(onnx.ValueInfoProto(name=name))
+                known.add(name)
+    return probe
+
+
 def elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type (``onnx.TensorProto`` enum) of every graph input, output and value_info tensor."""
     values = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)

@@ -17,6 +17,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="moco: compile classifiers into one ONNX graph where easy inputs exit early.")
 console = Console()
 FORCE_HELP = "replace a {what} a previous moco run wrote (never files moco did not write)"
+ENGINE_HELP = "local: this process; ray: the sharded data on a Ray cluster (pip install 'moco-compile[ray]')"
+RAY_ADDRESS_HELP = "Ray cluster to join (host:port, or 'auto'); default: start a local one"
 
 
 def _fail(error: Exception) -> None:
@@ -34,7 +36,8 @@ def _check_onnxruntime() -> None:
 @app.command("compile")
 def compile_command(
     model: Path = typer.Argument(..., help="ONNX classifier to compile"),
-    calib: Path = typer.Option(..., "--calib", help=".npz with one array per model input (+ optional 'labels')"),
+    calib: str = typer.Option(..., "--calib", help=".npz with one array per model input (+ optional 'labels'); "
+                              "with --engine ray, a directory or glob of .parquet/.npz shards (local or a URI)"),
     out: Path = typer.Option(..., "--out", help="output directory (model.onnx, plan.json, report.json)"),
     max_disagreement: float = typer.Option(0.01, help="budget: fraction of inputs whose class may change"),
     confidence: float = typer.Option(0.95, help="confidence of the certified budget"),
@@ -43,17 +46,19 @@ def compile_command(
     allow_no_exit: bool = typer.Option(False, help="emit the unchanged graph when no plan meets the budget"),
     seed: int = typer.Option(0, help="seed of the calibration split"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="output directory")),
+    engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    ray_workers: int = typer.Option(2, "--ray-workers", help="Ray actors, each with one onnxruntime session"),
 ) -> None:
     """Compile MODEL into an early-exit graph and print its report."""
     from moco_compile.api import compile as compile_model
     from moco_compile.api import write_outputs
-    from moco_compile.calibration import load_npz
     from moco_compile.outputs import check_output_dir
     from moco_compile.report import print_report
 
     try:
         check_output_dir(out, [model, calib], force)  # fail before the long work
-        result = compile_model(model, load_npz(calib), output=output,
+        result = compile_model(model, _calibration_data(calib, engine, ray_address, ray_workers), output=output,
                                max_disagreement=max_disagreement, confidence=confidence,
                                max_accuracy_drop=max_accuracy_drop, allow_no_exit=allow_no_exit,
                                seed=seed)
@@ -233,6 +238,20 @@ def serve_triton_command(
         for number, handler in previous.items():
             signal.signal(number, handler)
     _fail(MocoError(f"tritonserver exited with status {status} while serving; its last errors:\n{server.errors()}"))
+
+
+def _calibration_data(source: str, engine: str, address: str | None, workers: int):
+    """The data ``--calib``/``--traffic`` names: an in-memory ``.npz``, or shards for the Ray engine."""
+    from moco_compile.calibration import load_npz
+    from moco_compile.shards import ShardedData
+
+    if engine == "local":
+        return load_npz(source)
+    if engine == "ray":
+        if workers < 1:
+            raise MocoError(f"--ray-workers must be at least 1, got {workers}")
+        return ShardedData(source, address, workers)
+    raise MocoError(f"--engine must be 'local' or 'ray', got {engine!r}")
 
 
 def _example_feed(imported, calibration: dict | None) -> dict[str, np.ndarray]:

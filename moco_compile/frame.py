@@ -218,3 +218,15 @@ def load_frame(path: str | os.PathLike) -> ActivationFrame:
         raise FileNotFoundError(f"no activation frame at {path}")
     source = pa.memory_map(str(path), "r")
     return ActivationFrame(pa.ipc.open_file(source).read_all())
+
+
+def load_frames(paths: Sequence[str | os.PathLike]) -> ActivationFrame:
+    """Open frame shards (same columns, e.g. one per data shard) as one frame, memory-mapped, in order."""
+    tables = [load_frame(path)._table for path in paths]
+    if not tables:
+        raise ValueError("no frame shards to load")
+    columns = {tuple(table.column_names) for table in tables}
+    if len(columns) > 1:
+        raise ValueError(f"frame shards have different columns: {sorted(columns)}; every shard must hold the "
+                         "same inputs (and all or none of them 'labels')")
+    return ActivationFrame(pa.concat_tables(tables))

@@ -1,0 +1,146 @@
+"""The Ray engine: calibration over sharded data on a Ray cluster (``--engine ray``).
+
+Ray Data maps an actor pool over the shard list (``map_batches`` of a callable class, one
+shard per call).  Each actor holds ONE onnxruntime session, the same
+:class:`~moco_compile.passes.calibrate.FeatureProbe` the single-process path uses, reads its
+shard in batches and writes the shard's ActivationFrame (``part-<index>.arrow``, atomically)
+into a directory the driver can read.  The driver only sees shard names and row counts, so its
+memory does not grow with the data; the frame shards, read in shard order, are exactly the
+frame the single-process path writes for the same rows.
+
+A worker that dies is restarted and its shard retried: Ray Data's actor pools default to
+``max_restarts=-1`` and ``max_task_retries=-1`` (Ray 2.60 deprecates setting them per call), so a
+shard that kills its worker every time is retried until the run is stopped; an exception a
+worker raises is not retried but reported.  A retried shard is rewritten whole (the frame file
+appears under its name only when complete), so no partial shard is ever read.  Ray is imported
+only here.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pyarrow.fs as pafs
+import ray
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from moco_compile.calibration import CalibrationSpec
+from moco_compile.errors import MocoError
+from moco_compile.frame import FrameWriter
+from moco_compile.passes.calibrate import PREDICTIONS, FeatureProbe
+from moco_compile.passes.cut_points import CutPoint
+from moco_compile.shards import ShardedData, read_shard
+
+log = logging.getLogger(__name__)
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> None:
+    """Join the cluster at ``address`` (or the running one; else start a local one with ``num_cpus``).
+
+    An unreachable address is a :class:`MocoError` saying how to start or find the cluster.
+    """
+    where = "a local Ray cluster" if address is None else f"the Ray cluster at {address}"
+    try:
+        if address is not None:
+            _check_reachable(address)
+        if ray.is_initialized():
+            return
+        if address is None:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
+        else:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise MocoError(f"cannot reach {where} ({error}); start one with 'ray start --head' and pass "
+                        "its address (host:port, or 'auto' on a node of the cluster) as --ray-address") from error
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast when nothing listens at a ``host:port`` address (``ray.init`` retries for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if host and port.isdigit():
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+
+
+class ShardCalibrator:
+    """Ray Data actor: one onnxruntime session; each call calibrates whole shards into frame files."""
+
+    def __init__(self, model: bytes, output: str, cuts: Sequence[CutPoint], spec: CalibrationSpec,
+                 filesystem: pafs.FileSystem, out_dir: str, batch_size: int, threads: int) -> None:
+        self.probe = FeatureProbe(onnx.load_from_string(model), output, cuts, threads=threads)
+        self.spec, self.filesystem, self.out_dir, self.batch_size = spec, filesystem, Path(out_dir), batch_size
+
+    def __call__(self, shards: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``shards``: ``index`` and ``path`` columns; returns each shard's frame file and row count."""
+        files, rows = [], []
+        for index, path in zip(shards["index"], shards["path"]):
+            target = self.out_dir / shard_frame_name(int(index))
+            count = 0
+            with FrameWriter(target) as writer:
+                for number, batch in enumerate(read_shard(self.filesystem, str(path), self.spec, self.batch_size)):
+                    columns = self.probe(batch, f"shard {path}, batch {number}")
+                    writer.write(columns)
+                    count += len(columns[PREDICTIONS])
+            files.append(str(target))
+            rows.append(count)
+        return {"index": shards["index"], "frame": np.array(files), "rows": np.array(rows, np.int64)}
+
+
+def shard_frame_name(index: int) -> str:
+    """File name of the frame of shard ``index`` (sorts in shard order)."""
+    return f"part-{index:06d}.arrow"
+
+
+def calibrate_on_ray(model: onnx.ModelProto, output: str, cuts: Sequence[CutPoint], spec: CalibrationSpec,
+                     data: ShardedData, filesystem: pafs.FileSystem, shards: Sequence[str], out_dir: Path, *,
+                     batch_size: int = 256, show_progress: bool = True,
+                     calibrator: type[ShardCalibrator] = ShardCalibrator) -> list[Path]:
+    """Calibrate every shard on the cluster; return the frame files in shard order.
+
+    ``calibrator``: the actor class (a subclass may add behaviour, e.g. a test's failure).
+    """
+    connect(data.address)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dataset = ray.data.from_items([{"index": index, "path": path} for index, path in enumerate(shards)],
+                                  override_num_blocks=len(shards))
+    frames = dataset.map_batches(
+        calibrator, batch_size=1, batch_format="numpy", concurrency=min(data.workers, len(shards)),
+        num_cpus=data.cpus_per_worker,
+        fn_constructor_kwargs=dict(model=model.SerializeToString(), output=output, cuts=list(cuts), spec=spec,
+                                   filesystem=filesystem, out_dir=str(out_dir), batch_size=batch_size,
+                                   threads=max(1, round(data.cpus_per_worker))))
+    done: dict[int, Path] = {}
+    total_rows = 0
+    with Progress(TextColumn("calibrating on Ray"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
+                  TextColumn("{task.fields[rows]:,} rows"), TimeElapsedColumn(),
+                  disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("shards", total=len(shards), rows=0)
+        try:
+            for row in frames.iter_rows():
+                done[int(row["index"])] = Path(str(row["frame"]))
+                total_rows += int(row["rows"])
+                progress.update(task, completed=len(done), rows=total_rows)
+        except Exception as error:  # Ray wraps the worker's exception; report the user's problem plainly
+            raise _user_error(error) or MocoError(f"calibration on Ray failed: {error}") from error
+    log.info("calibrated %d rows in %d shards on Ray", total_rows, len(shards))
+    return [done[index] for index in range(len(shards))]
+
+
+def _user_error(error: BaseException) -> MocoError | None:
+    """The :class:`MocoError` a worker raised, found in the chain Ray wraps around it."""
+    seen: set[int] = set()
+    pending: list[Any] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, MocoError) and type(current).__module__.startswith("moco_compile"):
+            return current
+        pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    return None

@@ -1,0 +1,71 @@
+"""Compile on sharded data: the driver's side of ``--engine ray``.
+
+The driver lists the shards, reads the first rows (at most ``MAX_VERIFIED_ROWS``: the cut
+points are measured on them and the compiled graph is verified on them), has the cluster
+calibrate every shard (:mod:`moco_compile.ray_engine`), and opens the frame shards in shard
+order as the frame the planner reads, the same frame the single-process path computes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from moco_compile.api import MAX_VERIFIED_ROWS, calibration_spec, cut_points_of
+from moco_compile.calibration import CalibrationSpec
+from moco_compile.errors import CalibrationDataError, MocoError
+from moco_compile.frame import ActivationFrame, load_frames
+from moco_compile.importer import ImportedModel
+from moco_compile.passes.cut_points import CutPoint
+from moco_compile.shards import ShardedData, list_shards, read_shard
+
+RAY_INSTALL = "pip install 'moco-compile[ray]'"
+
+
+def ray_engine() -> ModuleType:
+    """:mod:`moco_compile.ray_engine`, or a :class:`MocoError` saying how to install Ray."""
+    try:
+        from moco_compile import ray_engine
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "ray":
+            raise
+        raise MocoError(f"--engine ray needs Ray, which is not installed: {RAY_INSTALL}") from error
+    return ray_engine
+
+
+def calibrate_sharded(imported: ImportedModel, data: ShardedData, scratch: Path, batch_size: int,
+                      show_progress: bool) -> tuple[ActivationFrame, list[CutPoint], dict[str, np.ndarray]]:
+    """Calibrate ``data`` on Ray: the frame (in memory), the cuts, and the inputs kept for verification."""
+    engine = ray_engine()
+    filesystem, shards = list_shards(data.source)
+    spec = calibration_spec(imported)
+    head = _head(filesystem, shards, spec, batch_size, MAX_VERIFIED_ROWS)
+    _, cuts = cut_points_of(imported, head, batch_size)
+    paths = engine.calibrate_on_ray(imported.model, imported.output, cuts, spec, data, filesystem, shards,
+                                    scratch / "frames", batch_size=batch_size, show_progress=show_progress)
+    try:
+        frame = load_frames(paths).in_memory()
+    except ValueError as error:
+        raise CalibrationDataError(str(error)) from error
+    return frame, cuts, {name: head[name] for name in imported.input_names}
+
+
+def _head(filesystem, shards: list[str], spec: CalibrationSpec, batch_size: int,
+          limit: int) -> dict[str, np.ndarray]:
+    """The first ``limit`` rows of the sharded data, read on the driver."""
+    parts: list[dict[str, np.ndarray]] = []
+    rows = 0
+    for path in shards:
+        for batch in read_shard(filesystem, path, spec, batch_size):
+            take = min(limit - rows, len(next(iter(batch.values()))))
+            parts.append({key: values[:take] for key, values in batch.items()})
+            rows += take
+            if rows >= limit:
+                break
+        if rows >= limit:
+            break
+    if not rows:
+        raise CalibrationDataError("the sharded calibration data has no rows")
+    keys = set.intersection(*(set(part) for part in parts))
+    return {key: np.concatenate([part[key] for part in parts]) for key in keys}

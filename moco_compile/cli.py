@@ -136,8 +136,9 @@ def report_command(
 @app.command("evaluate")
 def evaluate_command(
     build: Path = typer.Argument(..., help="output directory of 'moco compile'"),
-    traffic: Path = typer.Option(..., "--traffic", help=".npz sample of real traffic: one array per model "
-                                 "input, rows in arrival order (+ optional 'labels')"),
+    traffic: str = typer.Option(..., "--traffic", help=".npz sample of real traffic: one array per model "
+                                "input, rows in arrival order (+ optional 'labels'); with --engine ray, a "
+                                "directory or glob of .parquet/.npz shards (in arrival order by name)"),
     original: Optional[Path] = typer.Option(None, "--original", help="the model the build was compiled from "
                                             "(default: the file compile recorded)"),
     qps: float = typer.Option(100.0, "--qps", help="requests per second to project savings for"),
@@ -149,17 +150,20 @@ def evaluate_command(
                                             "(default: CUDA when available, else CPU)"),
     require_gpu: bool = typer.Option(False, "--require-gpu", help="fail instead of falling back to CPU"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="evaluation")),
+    engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    ray_workers: int = typer.Option(2, "--ray-workers", help="Ray actors, each with both models' sessions"),
 ) -> None:
     """Shadow-run TRAFFIC through the original and the compiled model; project savings over --days."""
     import logging
 
-    from moco_compile.calibration import load_npz
     from moco_compile.evaluation import check_evaluation_paths, evaluate_build, write_evaluation
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         check_evaluation_paths(build, force=force)  # fail before the long work
-        evaluation = evaluate_build(build, load_npz(traffic), original=original, qps=qps, days=days,
+        evaluation = evaluate_build(build, _calibration_data(traffic, engine, ray_address, ray_workers),
+                                    original=original, qps=qps, days=days,
                                     device_hour_price=gpu_hour_price, utilisation=utilisation,
                                     batch_size=batch_size, require_gpu=require_gpu,
                                     providers=providers.split(",") if providers else None)

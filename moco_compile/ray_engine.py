@@ -1,10 +1,12 @@
-"""The Ray engine: calibration over sharded data on a Ray cluster (``--engine ray``).
+"""The Ray engine: calibration and shadow evaluation over sharded data on a Ray cluster (``--engine ray``).
 
 Ray Data maps an actor pool over the shard list (``map_batches`` of a callable class, one
-shard per call).  Each actor holds ONE onnxruntime session, the same
-:class:`~moco_compile.passes.calibrate.FeatureProbe` the single-process path uses, reads its
-shard in batches and writes the shard's ActivationFrame (``part-<index>.arrow``, atomically)
-into a directory the driver can read.  The driver only sees shard names and row counts, so its
+shard per call, :class:`ShardMapper`).  A calibrating actor holds ONE onnxruntime session, the
+same :class:`~moco_compile.passes.calibrate.FeatureProbe` the single-process path uses; a
+shadow-evaluating actor the original and the compiled model's sessions, run by the same
+:func:`~moco_compile.runtime.shadow.shadow_run`.  Each reads its shard in batches and writes the
+shard's ActivationFrame (``part-<index>.arrow``, atomically) into a directory the driver can
+read (on a multi-machine cluster: storage every node and the driver share).  The driver only sees shard names and row counts, so its
 memory does not grow with the data; the frame shards, read in shard order, are exactly the
 frame the single-process path writes for the same rows.
 
@@ -30,10 +32,12 @@ import ray
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moco_compile.calibration import CalibrationSpec
-from moco_compile.errors import MocoError
+from moco_compile.errors import CalibrationDataError, MocoError
 from moco_compile.frame import FrameWriter
-from moco_compile.passes.calibrate import PREDICTIONS, FeatureProbe
+from moco_compile.passes.calibrate import LABELS, FeatureProbe
 from moco_compile.passes.cut_points import CutPoint
+from moco_compile.runtime.session import ExitSession
+from moco_compile.runtime.shadow import shadow_run
 from moco_compile.shards import ShardedData, read_shard
 
 log = logging.getLogger(__name__)
@@ -67,13 +71,18 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout).close()
 
 
-class ShardCalibrator:
-    """Ray Data actor: one onnxruntime session; each call calibrates whole shards into frame files."""
+class ShardMapper:
+    """Ray Data actor: each call maps whole shards, batch by batch, into one frame file per shard.
 
-    def __init__(self, model: bytes, output: str, cuts: Sequence[CutPoint], spec: CalibrationSpec,
-                 filesystem: pafs.FileSystem, out_dir: str, batch_size: int, threads: int) -> None:
-        self.probe = FeatureProbe(onnx.load_from_string(model), output, cuts, threads=threads)
+    Subclasses say what a batch becomes (:meth:`columns`); their sessions are made once per actor.
+    """
+
+    def __init__(self, spec: CalibrationSpec, filesystem: pafs.FileSystem, out_dir: str, batch_size: int) -> None:
         self.spec, self.filesystem, self.out_dir, self.batch_size = spec, filesystem, Path(out_dir), batch_size
+
+    def columns(self, batch: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+        """The frame columns of one validated batch."""
+        raise NotImplementedError
 
     def __call__(self, shards: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``shards``: ``index`` and ``path`` columns; returns each shard's frame file and row count."""
@@ -83,12 +92,46 @@ class ShardCalibrator:
             count = 0
             with FrameWriter(target) as writer:
                 for number, batch in enumerate(read_shard(self.filesystem, str(path), self.spec, self.batch_size)):
-                    columns = self.probe(batch, f"shard {path}, batch {number}")
+                    columns = self.columns(batch, f"shard {path}, batch {number}")
                     writer.write(columns)
-                    count += len(columns[PREDICTIONS])
+                    count += len(next(iter(columns.values())))
+                if not count:
+                    raise CalibrationDataError(f"shard {path} has no rows; remove it or fill it")
             files.append(str(target))
             rows.append(count)
         return {"index": shards["index"], "frame": np.array(files), "rows": np.array(rows, np.int64)}
+
+
+class ShardCalibrator(ShardMapper):
+    """Calibration: one onnxruntime session over the probe model (pooled cut features, predictions)."""
+
+    def __init__(self, model: bytes, output: str, cuts: Sequence[CutPoint], threads: int, **shards: Any) -> None:
+        super().__init__(**shards)
+        self.probe = FeatureProbe(onnx.load_from_string(model), output, cuts, threads=threads)
+
+    def columns(self, batch: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+        return self.probe(batch, where)
+
+
+class ShardShadow(ShardMapper):
+    """Shadow evaluation: the original and the compiled model side by side, per row their classes,
+    the exit taken and each model's share of its batch's seconds."""
+
+    def __init__(self, original: bytes, compiled: bytes, output: str, providers: Sequence[str] | None,
+                 threads: int, **shards: Any) -> None:
+        super().__init__(**shards)
+        self.original, self.compiled = (ExitSession(onnx.load_from_string(model), providers, threads)
+                                        for model in (original, compiled))
+        self.output = output
+
+    def columns(self, batch: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+        run = shadow_run(self.original, self.compiled, [batch], self.output)
+        columns = {"original": run.original_classes, "compiled": run.compiled_classes, "exits": run.exits,
+                   "original_seconds": np.full(run.rows, run.original_seconds / run.rows),
+                   "compiled_seconds": np.full(run.rows, run.compiled_seconds / run.rows)}
+        if LABELS in batch:
+            columns[LABELS] = batch[LABELS]
+        return columns
 
 
 def shard_frame_name(index: int) -> str:
@@ -104,19 +147,42 @@ def calibrate_on_ray(model: onnx.ModelProto, output: str, cuts: Sequence[CutPoin
 
     ``calibrator``: the actor class (a subclass may add behaviour, e.g. a test's failure).
     """
+    arguments = dict(model=model.SerializeToString(), output=output, cuts=list(cuts),
+                     threads=max(1, round(data.cpus_per_worker)))
+    return map_shards(calibrator, arguments, spec, data, filesystem, shards, out_dir, batch_size,
+                      "calibrating on Ray", show_progress)
+
+
+def shadow_on_ray(original: onnx.ModelProto, compiled: onnx.ModelProto, output: str, spec: CalibrationSpec,
+                  data: ShardedData, filesystem: pafs.FileSystem, shards: Sequence[str], out_dir: Path, *,
+                  providers: Sequence[str] | None = None, batch_size: int = 64,
+                  show_progress: bool = True) -> list[Path]:
+    """Shadow-run every shard through both models on the cluster; return the per-row files in shard order."""
+    arguments = dict(original=original.SerializeToString(), compiled=compiled.SerializeToString(), output=output,
+                     providers=providers, threads=max(1, round(data.cpus_per_worker)))
+    return map_shards(ShardShadow, arguments, spec, data, filesystem, shards, out_dir, batch_size,
+                      "shadow run on Ray", show_progress)
+
+
+def map_shards(mapper: type[ShardMapper], arguments: dict, spec: CalibrationSpec, data: ShardedData,
+               filesystem: pafs.FileSystem, shards: Sequence[str], out_dir: Path, batch_size: int,
+               description: str, show_progress: bool) -> list[Path]:
+    """Run ``mapper`` actors over every shard; return the frame files in shard order.
+
+    Progress (shards done, rows) is shown on the driver while the cluster works.
+    """
     connect(data.address)
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = ray.data.from_items([{"index": index, "path": path} for index, path in enumerate(shards)],
                                   override_num_blocks=len(shards))
     frames = dataset.map_batches(
-        calibrator, batch_size=1, batch_format="numpy", concurrency=min(data.workers, len(shards)),
+        mapper, batch_size=1, batch_format="numpy", concurrency=min(data.workers, len(shards)),
         num_cpus=data.cpus_per_worker,
-        fn_constructor_kwargs=dict(model=model.SerializeToString(), output=output, cuts=list(cuts), spec=spec,
-                                   filesystem=filesystem, out_dir=str(out_dir), batch_size=batch_size,
-                                   threads=max(1, round(data.cpus_per_worker))))
+        fn_constructor_kwargs=dict(arguments, spec=spec, filesystem=filesystem, out_dir=str(out_dir),
+                                   batch_size=batch_size))
     done: dict[int, Path] = {}
     total_rows = 0
-    with Progress(TextColumn("calibrating on Ray"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
+    with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
                   TextColumn("{task.fields[rows]:,} rows"), TimeElapsedColumn(),
                   disable=not show_progress, transient=True) as progress:
         task = progress.add_task("shards", total=len(shards), rows=0)
@@ -126,8 +192,8 @@ def calibrate_on_ray(model: onnx.ModelProto, output: str, cuts: Sequence[CutPoin
                 total_rows += int(row["rows"])
                 progress.update(task, completed=len(done), rows=total_rows)
         except Exception as error:  # Ray wraps the worker's exception; report the user's problem plainly
-            raise _user_error(error) or MocoError(f"calibration on Ray failed: {error}") from error
-    log.info("calibrated %d rows in %d shards on Ray", total_rows, len(shards))
+            raise _user_error(error) or MocoError(f"{description} failed: {error}") from error
+    log.info("%s: %d rows in %d shards", description, total_rows, len(shards))
     return [done[index] for index in range(len(shards))]
 
 

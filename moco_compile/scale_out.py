@@ -1,23 +1,30 @@
-"""Compile on sharded data: the driver's side of ``--engine ray``.
+"""Compile and evaluate on sharded data: the driver's side of ``--engine ray``.
 
-The driver lists the shards, reads the first rows (at most ``MAX_VERIFIED_ROWS``: the cut
-points are measured on them and the compiled graph is verified on them), has the cluster
+Compile: the driver lists the shards, reads the first rows (at most ``MAX_VERIFIED_ROWS``: the
+cut points are measured on them and the compiled graph is verified on them), has the cluster
 calibrate every shard (:mod:`moco_compile.ray_engine`), and opens the frame shards in shard
 order as the frame the planner reads, the same frame the single-process path computes.
+
+Evaluate: the cluster shadow-runs every shard through the original and the compiled model; the
+driver reads back per row the two classes and the exit (the drift windows need the stream).
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import onnx
 
 from moco_compile.api import MAX_VERIFIED_ROWS, calibration_spec, cut_points_of
 from moco_compile.calibration import CalibrationSpec
 from moco_compile.errors import CalibrationDataError, MocoError
 from moco_compile.frame import ActivationFrame, load_frames
 from moco_compile.importer import ImportedModel
+from moco_compile.passes.calibrate import LABELS
 from moco_compile.passes.cut_points import CutPoint
+from moco_compile.runtime.shadow import ShadowRun
 from moco_compile.shards import ShardedData, list_shards, read_shard
 
 RAY_INSTALL = "pip install 'moco-compile[ray]'"
@@ -49,6 +56,26 @@ def calibrate_sharded(imported: ImportedModel, data: ShardedData, scratch: Path,
     except ValueError as error:
         raise CalibrationDataError(str(error)) from error
     return frame, cuts, {name: head[name] for name in imported.input_names}
+
+
+def shadow_sharded(original: Path, compiled: Path, output: str, spec: CalibrationSpec, data: ShardedData,
+                   providers: list[str] | None, batch_size: int,
+                   show_progress: bool) -> tuple[ShadowRun, np.ndarray | None]:
+    """Shadow-run the traffic shards on Ray; the run in shard order, and the labels if the shards have them."""
+    engine = ray_engine()
+    filesystem, shards = list_shards(data.source)
+    _head(filesystem, shards, spec, batch_size, 1)  # wrong columns fail here, before the cluster starts
+    with tempfile.TemporaryDirectory(prefix="moco-") as scratch:
+        paths = engine.shadow_on_ray(onnx.load(str(original)), onnx.load(str(compiled)), output, spec, data,
+                                     filesystem, shards, Path(scratch), providers=providers,
+                                     batch_size=batch_size, show_progress=show_progress)
+        try:
+            frame = load_frames(paths).in_memory()
+        except ValueError as error:
+            raise CalibrationDataError(str(error)) from error
+    run = ShadowRun(frame["original"], frame["compiled"], frame["exits"], float(frame["original_seconds"].sum()),
+                    float(frame["compiled_seconds"].sum()))
+    return run, frame[LABELS] if LABELS in frame else None
 
 
 def _head(filesystem, shards: list[str], spec: CalibrationSpec, batch_size: int,

@@ -2,6 +2,7 @@
 path on the reference CNN, a dead worker retried, and clear errors for bad input."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import moco_compile
 from moco_compile.api import calibration_spec, compile, cut_points_of
 from moco_compile.calibration import iter_batches
 from moco_compile.cli import app
-from moco_compile.errors import CalibrationDataError, MocoError
+from moco_compile.errors import CalibrationDataError
+from moco_compile.evaluation import evaluate_build
 from moco_compile.frame import load_frames
 from moco_compile.importer import import_model
 from moco_compile.passes.calibrate import calibrate
@@ -62,9 +64,18 @@ def shard_dir(tmp_path_factory, data) -> Path:
     return directory
 
 
-def test_same_answer_as_single_process(cluster, shard_dir, data):
-    local = compile(REFERENCE_ONNX, data, measure_latency=False, show_progress=False)
-    sharded = compile(REFERENCE_ONNX, ShardedData(str(shard_dir)), measure_latency=False, show_progress=False)
+@pytest.fixture(scope="module")
+def builds(cluster, shard_dir, data, tmp_path_factory) -> dict:
+    """The reference CNN compiled in this process and on Ray (written out) from the same rows."""
+    out = tmp_path_factory.mktemp("builds") / "ray"
+    return {"local": compile(REFERENCE_ONNX, data, measure_latency=False, show_progress=False),
+            "ray": compile(REFERENCE_ONNX, ShardedData(str(shard_dir)), out_dir=out, measure_latency=False,
+                           show_progress=False),
+            "ray_dir": out}
+
+
+def test_same_answer_as_single_process(builds):
+    local, sharded = builds["local"], builds["ray"]
     assert [e.cut.tensor for e in sharded.plan.exits] == [e.cut.tensor for e in local.plan.exits]
     for ours, theirs in zip(sharded.plan.exits, local.plan.exits):
         assert ours.pooling == theirs.pooling
@@ -73,6 +84,19 @@ def test_same_answer_as_single_process(cluster, shard_dir, data):
         assert sharded.plan.certificate[key] == local.plan.certificate[key], key
     assert len(sharded.frame) == len(local.frame) == sum(ROWS)
     np.testing.assert_array_equal(sharded.frame["predictions"], local.frame["predictions"])
+
+
+def test_evaluate_on_ray_matches_single_process(builds, shard_dir, data):
+    local = evaluate_build(builds["ray_dir"], data, providers=["cpu"], show_progress=False)
+    result = CliRunner().invoke(app, ["evaluate", str(builds["ray_dir"]), "--traffic", f"{shard_dir}/part*",
+                                      "--engine", "ray", "--providers", "cpu"])
+    assert result.exit_code == 0, result.output
+    sharded = json.loads((builds["ray_dir"] / "evaluation.json").read_text())
+    assert sharded["traffic_rows"] == local["traffic_rows"] == sum(ROWS)
+    assert sharded["disagreement"] == local["disagreement"]
+    assert sharded["exits"] == local["exits"]
+    assert sharded["accuracy_compiled"] == local["accuracy_compiled"]
+    assert sharded["windows"] == local["windows"]
 
 
 def test_dead_worker_is_retried(cluster, shard_dir, data, tmp_path):

@@ -49,6 +49,8 @@ def compile_command(
     engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     ray_workers: int = typer.Option(2, "--ray-workers", help="Ray actors, each with one onnxruntime session"),
+    ray_max_rows: Optional[int] = typer.Option(None, "--ray-max-rows", help="plan on at most this many rows (a "
+                                               "seeded sample): bounds the driver's memory (default: all)"),
 ) -> None:
     """Compile MODEL into an early-exit graph and print its report."""
     from moco_compile.api import compile as compile_model
@@ -58,7 +60,8 @@ def compile_command(
 
     try:
         check_output_dir(out, [model, calib], force)  # fail before the long work
-        result = compile_model(model, _calibration_data(calib, engine, ray_address, ray_workers), output=output,
+        calibration = _calibration_data(calib, engine, ray_address, ray_workers, ray_max_rows, seed)
+        result = compile_model(model, calibration, output=output,
                                max_disagreement=max_disagreement, confidence=confidence,
                                max_accuracy_drop=max_accuracy_drop, allow_no_exit=allow_no_exit,
                                seed=seed)
@@ -244,7 +247,8 @@ def serve_triton_command(
     _fail(MocoError(f"tritonserver exited with status {status} while serving; its last errors:\n{server.errors()}"))
 
 
-def _calibration_data(source: str, engine: str, address: str | None, workers: int):
+def _calibration_data(source: str, engine: str, address: str | None, workers: int, max_rows: int | None = None,
+                      seed: int = 0):
     """The data ``--calib``/``--traffic`` names: an in-memory ``.npz``, or shards for the Ray engine."""
     from moco_compile.calibration import load_npz
     from moco_compile.shards import ShardedData
@@ -252,9 +256,10 @@ def _calibration_data(source: str, engine: str, address: str | None, workers: in
     if engine == "local":
         return load_npz(source)
     if engine == "ray":
-        if workers < 1:
-            raise MocoError(f"--ray-workers must be at least 1, got {workers}")
-        return ShardedData(source, address, workers)
+        if workers < 1 or (max_rows is not None and max_rows < 2):
+            raise MocoError(f"--ray-workers must be at least 1 (got {workers}) and --ray-max-rows at least 2 "
+                            f"(got {max_rows})")
+        return ShardedData(source, address, workers, max_rows=max_rows, seed=seed)
     raise MocoError(f"--engine must be 'local' or 'ray', got {engine!r}")
 
 

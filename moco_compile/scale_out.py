@@ -10,6 +10,7 @@ driver reads back per row the two classes and the exit (the drift windows need t
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +29,7 @@ from moco_compile.runtime.shadow import ShadowRun
 from moco_compile.shards import ShardedData, list_shards, read_shard
 
 RAY_INSTALL = "pip install 'moco-compile[ray]'"
+log = logging.getLogger(__name__)
 
 
 def ray_engine() -> ModuleType:
@@ -52,10 +54,23 @@ def calibrate_sharded(imported: ImportedModel, data: ShardedData, scratch: Path,
     paths = engine.calibrate_on_ray(imported.model, imported.output, cuts, spec, data, filesystem, shards,
                                     scratch / "frames", batch_size=batch_size, show_progress=show_progress)
     try:
-        frame = load_frames(paths).in_memory()
+        frame = load_frames(paths)  # memory-mapped: only the planning rows are read
     except ValueError as error:
         raise CalibrationDataError(str(error)) from error
-    return frame, cuts, {name: head[name] for name in imported.input_names}
+    kept = {name: head[name] for name in imported.input_names}
+    if data.max_rows is not None and len(frame) > data.max_rows:
+        first = min(len(head[imported.input_names[0]]), data.max_rows // 2)
+        log.info("planning on %d of %d calibrated rows (max_rows)", data.max_rows, len(frame))
+        frame = frame.take(planning_rows(len(frame), first, data.max_rows, data.seed))
+        kept = {name: values[:first] for name, values in kept.items()}
+    return frame.in_memory(), cuts, kept
+
+
+def planning_rows(total: int, first: int, limit: int, seed: int) -> np.ndarray:
+    """``limit`` sorted row indices out of ``total``: the ``first`` rows (they verify the compiled
+    graph) and a ``seed``-ed uniform sample without replacement of the others."""
+    rest = np.random.default_rng(seed).choice(total - first, size=limit - first, replace=False) + first
+    return np.concatenate([np.arange(first), np.sort(rest)])
 
 
 def shadow_sharded(original: Path, compiled: Path, output: str, spec: CalibrationSpec, data: ShardedData,

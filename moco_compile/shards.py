@@ -35,12 +35,17 @@ class ShardedData:
     understands.  ``address``: the Ray cluster to join (``None``: use the running one or start a
     local one).  ``workers``: actors, each with one onnxruntime session and ``cpus_per_worker``
     CPUs (fractional: whole-CPU actors deadlock behind read tasks on a small machine).
+    ``max_rows``: compile plans on at most this many of the calibrated rows (the first rows, which
+    verify the compiled graph, and a ``seed``-ed uniform sample of the rest), so the driver's memory
+    is bounded whatever the data size; ``None``: every row (the single-process path's answer).
     """
 
     source: str
     address: str | None = None
     workers: int = 2
     cpus_per_worker: float = 0.5
+    max_rows: int | None = None
+    seed: int = 0
 
 
 def list_shards(source: str) -> tuple[pafs.FileSystem, list[str]]:

@@ -25,6 +25,7 @@ from moco_compile.frame import load_frames
 from moco_compile.importer import import_model
 from moco_compile.passes.calibrate import calibrate
 from moco_compile.ray_engine import ShardCalibrator, calibrate_on_ray
+from moco_compile.scale_out import planning_rows
 from moco_compile.shards import ShardedData, list_shards
 
 from conftest import REFERENCE_ONNX
@@ -97,6 +98,23 @@ def test_evaluate_on_ray_matches_single_process(builds, shard_dir, data):
     assert sharded["exits"] == local["exits"]
     assert sharded["accuracy_compiled"] == local["accuracy_compiled"]
     assert sharded["windows"] == local["windows"]
+
+
+def test_a_planning_sample_bounds_the_rows_the_driver_plans_on(builds, shard_dir):
+    sampled = compile(REFERENCE_ONNX, ShardedData(str(shard_dir), max_rows=800), measure_latency=False,
+                      show_progress=False)
+    rows = planning_rows(sum(ROWS), 400, 800, 0)
+    assert len(sampled.frame) == 800 and sampled.plan.certificate["test_rows"] < builds["ray"].plan.certificate["test_rows"]
+    np.testing.assert_array_equal(sampled.frame["predictions"], builds["ray"].frame["predictions"][rows])
+    assert sampled.report["verification"]["rows"] == 400
+
+
+def test_planning_rows_are_the_first_rows_and_a_seeded_sample():
+    rows = planning_rows(100_000, 100, 1_000, seed=3)
+    assert len(rows) == len(set(rows)) == 1_000 and (np.diff(rows) > 0).all()
+    np.testing.assert_array_equal(rows[:100], np.arange(100))
+    assert rows[-1] < 100_000 and rows[100:].mean() > 30_000  # spread over the data, not its start
+    assert not np.array_equal(rows, planning_rows(100_000, 100, 1_000, seed=4))
 
 
 def test_dead_worker_is_retried(cluster, shard_dir, data, tmp_path):

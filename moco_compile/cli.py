@@ -256,9 +256,6 @@ def _calibration_data(source: str, engine: str, address: str | None, workers: in
     if engine == "local":
         return load_npz(source)
     if engine == "ray":
-        if workers < 1 or (max_rows is not None and max_rows < 2):
-            raise MocoError(f"--ray-workers must be at least 1 (got {workers}) and --ray-max-rows at least 2 "
-                            f"(got {max_rows})")
         return ShardedData(source, address, workers, max_rows=max_rows, seed=seed)
     raise MocoError(f"--engine must be 'local' or 'ray', got {engine!r}")
 

@@ -1,4 +1,4 @@
-"""The Ray engine: calibration and shadow evaluation over sharded data on a Ray cluster (``--engine ray``).
+"""The Ray engine: calibration and shadow evaluation of sharded data on a Ray cluster (``--engine ray``).
 
 Ray Data maps an actor pool over the shard list (``map_batches`` of a callable class, one
 shard per call, :class:`ShardMapper`).  A calibrating actor holds ONE onnxruntime session, the
@@ -6,9 +6,9 @@ same :class:`~moco_compile.passes.calibrate.FeatureProbe` the single-process pat
 shadow-evaluating actor the original and the compiled model's sessions, run by the same
 :func:`~moco_compile.runtime.shadow.shadow_run`.  Each reads its shard in batches and writes the
 shard's ActivationFrame (``part-<index>.arrow``, atomically) into a directory the driver can
-read (on a multi-machine cluster: storage every node and the driver share).  The driver only sees shard names and row counts, so its
-memory does not grow with the data; the frame shards, read in shard order, are exactly the
-frame the single-process path writes for the same rows.
+read (on a multi-machine cluster: storage every node and the driver share).  The driver only
+sees shard names and row counts, so its memory does not grow with the data; the frame shards,
+read in shard order, are exactly the frame the single-process path writes for the same rows.
 
 A worker that dies is restarted and its shard retried: Ray Data's actor pools default to
 ``max_restarts=-1`` and ``max_task_retries=-1`` (Ray 2.60 deprecates setting them per call), so a
@@ -43,8 +43,8 @@ from moco_compile.shards import ShardedData, read_shard
 log = logging.getLogger(__name__)
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> None:
-    """Join the cluster at ``address`` (or the running one; else start a local one with ``num_cpus``).
+def connect(address: str | None) -> None:
+    """Join the cluster at ``address`` (or the running one; else start a local one on this machine's CPUs).
 
     An unreachable address is a :class:`MocoError` saying how to start or find the cluster.
     """
@@ -55,8 +55,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
         if ray.is_initialized():
             return
         if address is None:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING)
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         else:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except (OSError, RuntimeError, ValueError) as error:
@@ -176,7 +175,8 @@ def map_shards(mapper: type[ShardMapper], arguments: dict, spec: CalibrationSpec
     dataset = ray.data.from_items([{"index": index, "path": path} for index, path in enumerate(shards)],
                                   override_num_blocks=len(shards))
     frames = dataset.map_batches(
-        mapper, batch_size=1, batch_format="numpy", concurrency=min(data.workers, len(shards)),
+        mapper, batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=min(data.workers, len(shards))),
         num_cpus=data.cpus_per_worker,
         fn_constructor_kwargs=dict(arguments, spec=spec, filesystem=filesystem, out_dir=str(out_dir),
                                    batch_size=batch_size))

@@ -21,7 +21,7 @@ import onnx
 from moco_compile.api import MAX_VERIFIED_ROWS, calibration_spec, cut_points_of
 from moco_compile.calibration import CalibrationSpec
 from moco_compile.errors import CalibrationDataError, MocoError
-from moco_compile.frame import ActivationFrame, load_frames
+from moco_compile.frame import ActivationFrame, load_frame, load_frames
 from moco_compile.importer import ImportedModel
 from moco_compile.passes.calibrate import LABELS
 from moco_compile.passes.cut_points import CutPoint
@@ -49,21 +49,21 @@ def calibrate_sharded(imported: ImportedModel, data: ShardedData, scratch: Path,
     engine = ray_engine()
     filesystem, shards = list_shards(data.source)
     spec = calibration_spec(imported)
-    head = _head(filesystem, shards, spec, batch_size, MAX_VERIFIED_ROWS)
+    verified = MAX_VERIFIED_ROWS if data.max_rows is None else min(MAX_VERIFIED_ROWS, data.max_rows // 2)
+    head = _head(filesystem, shards, spec, batch_size, verified)
     _, cuts = cut_points_of(imported, head, batch_size)
     paths = engine.calibrate_on_ray(imported.model, imported.output, cuts, spec, data, filesystem, shards,
                                     scratch / "frames", batch_size=batch_size, show_progress=show_progress)
+    total = sum(len(load_frame(path)) for path in paths)  # file metadata only
+    rows = None
+    if data.max_rows is not None and total > data.max_rows:
+        log.info("planning on %d of %d calibrated rows (max_rows)", data.max_rows, total)
+        rows = planning_rows(total, verified, data.max_rows, data.seed)
     try:
-        frame = load_frames(paths)  # memory-mapped: only the planning rows are read
+        frame = load_frames(paths, rows).in_memory()  # memory-mapped: only these rows are read
     except ValueError as error:
         raise CalibrationDataError(str(error)) from error
-    kept = {name: head[name] for name in imported.input_names}
-    if data.max_rows is not None and len(frame) > data.max_rows:
-        first = min(len(head[imported.input_names[0]]), data.max_rows // 2)
-        log.info("planning on %d of %d calibrated rows (max_rows)", data.max_rows, len(frame))
-        frame = frame.take(planning_rows(len(frame), first, data.max_rows, data.seed))
-        kept = {name: values[:first] for name, values in kept.items()}
-    return frame.in_memory(), cuts, kept
+    return frame, cuts, {name: head[name][:verified] for name in imported.input_names}
 
 
 def planning_rows(total: int, first: int, limit: int, seed: int) -> np.ndarray:

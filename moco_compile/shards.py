@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from moco_compile.calibration import CalibrationSpec
-from moco_compile.errors import CalibrationDataError
+from moco_compile.errors import CalibrationDataError, MocoError
 
 SHARD_SUFFIXES = (".parquet", ".npz")
 
@@ -46,6 +46,15 @@ class ShardedData:
     cpus_per_worker: float = 0.5
     max_rows: int | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = [f"{name} must be {rule}, got {value}" for name, value, ok, rule in (
+            ("workers (--ray-workers)", self.workers, self.workers >= 1, "at least 1"),
+            ("cpus_per_worker", self.cpus_per_worker, self.cpus_per_worker > 0, "positive"),
+            ("max_rows (--ray-max-rows)", self.max_rows, self.max_rows is None or self.max_rows >= 2,
+             "at least 2")) if not ok]
+        if problems:
+            raise MocoError("; ".join(problems))
 
 
 def list_shards(source: str) -> tuple[pafs.FileSystem, list[str]]:

@@ -19,7 +19,7 @@ import moco_compile
 from moco_compile.api import calibration_spec, compile, cut_points_of
 from moco_compile.calibration import iter_batches
 from moco_compile.cli import app
-from moco_compile.errors import CalibrationDataError
+from moco_compile.errors import CalibrationDataError, MocoError
 from moco_compile.evaluation import evaluate_build
 from moco_compile.frame import load_frames
 from moco_compile.importer import import_model
@@ -104,7 +104,8 @@ def test_a_planning_sample_bounds_the_rows_the_driver_plans_on(builds, shard_dir
     sampled = compile(REFERENCE_ONNX, ShardedData(str(shard_dir), max_rows=800), measure_latency=False,
                       show_progress=False)
     rows = planning_rows(sum(ROWS), 400, 800, 0)
-    assert len(sampled.frame) == 800 and sampled.plan.certificate["test_rows"] < builds["ray"].plan.certificate["test_rows"]
+    assert len(sampled.frame) == 800
+    assert sampled.plan.certificate["test_rows"] < builds["ray"].plan.certificate["test_rows"]
     np.testing.assert_array_equal(sampled.frame["predictions"], builds["ray"].frame["predictions"][rows])
     assert sampled.report["verification"]["rows"] == 400
 
@@ -164,6 +165,14 @@ def test_shard_columns_must_match_the_model_inputs(tmp_path, data):
     with pytest.raises(CalibrationDataError, match=r"part0.npz.*missing: \['images'\].*not model inputs: "
                                                    r"\['pixels'\]"):
         compile(REFERENCE_ONNX, ShardedData(str(tmp_path)), show_progress=False)
+
+
+def test_bad_engine_settings_are_clear_errors(tmp_path):
+    with pytest.raises(MocoError, match=r"max_rows \(--ray-max-rows\) must be at least 2, got 1"):
+        ShardedData(str(tmp_path), max_rows=1)
+    result = CliRunner().invoke(app, ["compile", str(REFERENCE_ONNX), "--calib", str(tmp_path), "--out",
+                                      str(tmp_path / "out"), "--engine", "spark"])
+    assert result.exit_code == 2 and "--engine must be 'local' or 'ray', got 'spark'" in result.output
 
 
 def test_without_ray_the_engine_says_how_to_install_it(shard_dir, tmp_path):

@@ -217,7 +217,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="moco-bench-ray-") as scratch:
         results = measure(args, Path(scratch))
-    text = report(results, args, "python benchmarks/bench_ray_calibration.py " + " ".join(sys.argv[1:]))
+    text = report(results, args, " ".join(["python benchmarks/bench_ray_calibration.py", *sys.argv[1:]]))
     print(text)
     if not args.no_write:
         write_section(TITLE, text)

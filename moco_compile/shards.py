@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -61,8 +62,8 @@ def list_shards(source: str) -> tuple[pafs.FileSystem, list[str]]:
     """The filesystem and the sorted shard paths of ``source`` (a directory or a glob)."""
     try:
         filesystem, path = pafs.FileSystem.from_uri(source)
-    except (pa.ArrowInvalid, ValueError):  # a plain relative path or a glob
-        filesystem, path = pafs.LocalFileSystem(), str(source)
+    except (pa.ArrowInvalid, ValueError):  # a relative path or a glob: absolute, for workers elsewhere
+        filesystem, path = pafs.LocalFileSystem(), os.path.abspath(source)
     if not any(char in path for char in "*?["):
         info = filesystem.get_file_info(path)
         if info.type == pafs.FileType.File:
@@ -85,7 +86,7 @@ def list_shards(source: str) -> tuple[pafs.FileSystem, list[str]]:
 
 
 def _files_under(filesystem: pafs.FileSystem, base: str, pattern: str) -> list[str]:
-    infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=pattern != "*"))
+    infos = filesystem.get_file_info(pafs.FileSelector(base, recursive="/" in pattern[len(base) + 1:]))
     return [info.path for info in infos if info.type == pafs.FileType.File
             and (pattern == "*" or fnmatch.fnmatch(info.path, pattern))]
 

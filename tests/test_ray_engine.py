@@ -67,24 +67,24 @@ def shard_dir(tmp_path_factory, data) -> Path:
 
 @pytest.fixture(scope="module")
 def builds(cluster, shard_dir, data, tmp_path_factory) -> dict:
-    """The reference CNN compiled in this process and on Ray (written out) from the same rows."""
+    """The reference CNN compiled from the same rows in this process and on Ray (written out)."""
     out = tmp_path_factory.mktemp("builds") / "ray"
+    sharded = compile(REFERENCE_ONNX, ShardedData(str(shard_dir)), out_dir=out, measure_latency=False,
+                      show_progress=False)
     return {"local": compile(REFERENCE_ONNX, data, measure_latency=False, show_progress=False),
-            "ray": compile(REFERENCE_ONNX, ShardedData(str(shard_dir)), out_dir=out, measure_latency=False,
-                           show_progress=False),
-            "ray_dir": out}
+            "ray_plan": sharded.plan, "ray_frame": sharded.frame, "ray_dir": out}
 
 
 def test_same_answer_as_single_process(builds):
-    local, sharded = builds["local"], builds["ray"]
-    assert [e.cut.tensor for e in sharded.plan.exits] == [e.cut.tensor for e in local.plan.exits]
-    for ours, theirs in zip(sharded.plan.exits, local.plan.exits):
+    local, plan, frame = builds["local"], builds["ray_plan"], builds["ray_frame"]
+    assert [e.cut.tensor for e in plan.exits] == [e.cut.tensor for e in local.plan.exits]
+    for ours, theirs in zip(plan.exits, local.plan.exits):
         assert ours.pooling == theirs.pooling
         np.testing.assert_allclose(ours.thresholds, theirs.thresholds, atol=THRESHOLD_TOLERANCE)
     for key in ("family", "chosen_plan", "disagreements", "test_rows", "p_value", "max_disagreement"):
-        assert sharded.plan.certificate[key] == local.plan.certificate[key], key
-    assert len(sharded.frame) == len(local.frame) == sum(ROWS)
-    np.testing.assert_array_equal(sharded.frame["predictions"], local.frame["predictions"])
+        assert plan.certificate[key] == local.plan.certificate[key], key
+    assert len(frame) == len(local.frame) == sum(ROWS)
+    np.testing.assert_array_equal(frame["predictions"], local.frame["predictions"])
 
 
 def test_evaluate_on_ray_matches_single_process(builds, shard_dir, data):
@@ -105,8 +105,8 @@ def test_a_planning_sample_bounds_the_rows_the_driver_plans_on(builds, shard_dir
                       show_progress=False)
     rows = planning_rows(sum(ROWS), 400, 800, 0)
     assert len(sampled.frame) == 800
-    assert sampled.plan.certificate["test_rows"] < builds["ray"].plan.certificate["test_rows"]
-    np.testing.assert_array_equal(sampled.frame["predictions"], builds["ray"].frame["predictions"][rows])
+    assert sampled.plan.certificate["test_rows"] < builds["ray_plan"].certificate["test_rows"]
+    np.testing.assert_array_equal(sampled.frame["predictions"], builds["ray_frame"]["predictions"][rows])
     assert sampled.report["verification"]["rows"] == 400
 
 

@@ -32,6 +32,7 @@ import ray
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moco_compile.calibration import CalibrationSpec
+from moco_compile import errors
 from moco_compile.errors import CalibrationDataError, MocoError
 from moco_compile.frame import FrameWriter
 from moco_compile.passes.calibrate import LABELS, FeatureProbe
@@ -84,21 +85,32 @@ class ShardMapper:
         raise NotImplementedError
 
     def __call__(self, shards: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``shards``: ``index`` and ``path`` columns; returns each shard's frame file and row count."""
-        files, rows = [], []
+        """``shards``: ``index`` and ``path`` columns; returns each shard's frame file and row count, or
+        the problem with the shard (a :class:`MocoError`'s class and message: Ray does not carry the
+        exception object itself back to the driver)."""
+        files, rows, errors = [], [], []
         for index, path in zip(shards["index"], shards["path"]):
             target = self.out_dir / shard_frame_name(int(index))
-            count = 0
-            with FrameWriter(target) as writer:
-                for number, batch in enumerate(read_shard(self.filesystem, str(path), self.spec, self.batch_size)):
-                    columns = self.columns(batch, f"shard {path}, batch {number}")
-                    writer.write(columns)
-                    count += len(next(iter(columns.values())))
-                if not count:
-                    raise CalibrationDataError(f"shard {path} has no rows; remove it or fill it")
+            try:
+                rows.append(self._map(str(path), target))
+                errors.append("")
+            except MocoError as error:
+                rows.append(0)
+                errors.append(f"{type(error).__name__}:{error}")
             files.append(str(target))
-            rows.append(count)
-        return {"index": shards["index"], "frame": np.array(files), "rows": np.array(rows, np.int64)}
+        return {"index": shards["index"], "frame": np.array(files), "rows": np.array(rows, np.int64),
+                "error": np.array(errors)}
+
+    def _map(self, path: str, target: Path) -> int:
+        count = 0
+        with FrameWriter(target) as writer:
+            for number, batch in enumerate(read_shard(self.filesystem, path, self.spec, self.batch_size)):
+                columns = self.columns(batch, f"shard {path}, batch {number}")
+                writer.write(columns)
+                count += len(next(iter(columns.values())))
+            if not count:
+                raise CalibrationDataError(f"shard {path} has no rows; remove it or fill it")
+        return count
 
 
 class ShardCalibrator(ShardMapper):
@@ -188,25 +200,13 @@ def map_shards(mapper: type[ShardMapper], arguments: dict, spec: CalibrationSpec
         task = progress.add_task("shards", total=len(shards), rows=0)
         try:
             for row in frames.iter_rows():
+                if str(row["error"]):
+                    kind, _, message = str(row["error"]).partition(":")
+                    raise getattr(errors, kind, MocoError)(message)
                 done[int(row["index"])] = Path(str(row["frame"]))
                 total_rows += int(row["rows"])
                 progress.update(task, completed=len(done), rows=total_rows)
-        except Exception as error:  # Ray wraps the worker's exception; report the user's problem plainly
-            raise _user_error(error) or MocoError(f"{description} failed: {error}") from error
+        except ray.exceptions.RayError as error:
+            raise MocoError(f"{description} failed: {error}") from error
     log.info("%s: %d rows in %d shards", description, total_rows, len(shards))
     return [done[index] for index in range(len(shards))]
-
-
-def _user_error(error: BaseException) -> MocoError | None:
-    """The :class:`MocoError` a worker raised, found in the chain Ray wraps around it."""
-    seen: set[int] = set()
-    pending: list[Any] = [error]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, MocoError) and type(current).__module__.startswith("moco_compile"):
-            return current
-        pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
-    return None

@@ -175,6 +175,14 @@ def test_bad_engine_settings_are_clear_errors(tmp_path):
     assert result.exit_code == 2 and "--engine must be 'local' or 'ray', got 'spark'" in result.output
 
 
+def test_a_bad_shard_met_by_a_worker_is_the_same_clear_error(cluster, tmp_path, data):
+    np.savez(tmp_path / "part0.npz", images=data["images"][:20])
+    np.savez(tmp_path / "part1.npz", images=data["images"][20:40].astype(np.int64))
+    with pytest.raises(CalibrationDataError, match=r"part1.npz, batch 0: input 'images' has dtype int64, the model "
+                                                   r"expects float32"):  # the driver reads 4 rows of part0
+        compile(REFERENCE_ONNX, ShardedData(str(tmp_path), max_rows=8), show_progress=False)
+
+
 def test_without_ray_the_engine_says_how_to_install_it(shard_dir, tmp_path):
     code = ("import sys; sys.modules['ray'] = None\n"
             "from moco_compile.cli import app\n"

@@ -123,10 +123,12 @@ def _parquet_batches(filesystem: pafs.FileSystem, path: str, spec: CalibrationSp
     except (OSError, pa.ArrowException) as error:
         raise CalibrationDataError(f"cannot read shard {path} as Parquet ({error})") from error
     for batch in parquet.iter_batches(batch_size):
-        yield {name: _column_array(batch.column(name), spec.inputs.get(name)) for name in batch.schema.names}
+        yield {name: _column_array(batch.column(name), spec.inputs.get(name), f"shard {path}, column {name!r}")
+               for name in batch.schema.names}
 
 
-def _column_array(column: pa.Array, expected: tuple[np.dtype, tuple[int | None, ...]] | None) -> np.ndarray:
+def _column_array(column: pa.Array, expected: tuple[np.dtype, tuple[int | None, ...]] | None,
+                  where: str) -> np.ndarray:
     """A Parquet column as numpy: list columns flattened and reshaped to the input's row shape."""
     if not pa.types.is_list(column.type) and not pa.types.is_large_list(column.type) \
             and not pa.types.is_fixed_size_list(column.type):
@@ -138,4 +140,9 @@ def _column_array(column: pa.Array, expected: tuple[np.dtype, tuple[int | None, 
     row_shape = [-1] if expected is None else [-1 if d is None else d for d in expected[1][1:]]
     if row_shape.count(-1) > 1:
         row_shape = [-1]
-    return flat.reshape(len(column), *row_shape)
+    try:
+        return flat.reshape(len(column), *row_shape)
+    except ValueError:
+        raise CalibrationDataError(f"{where}: {flat.size} values in {len(column)} rows do not fill rows of shape "
+                                   f"{[d if d != -1 else '?' for d in row_shape]}; store each row flattened "
+                                   "(row-major), all rows the same length") from None

@@ -175,6 +175,13 @@ def test_bad_engine_settings_are_clear_errors(tmp_path):
     assert result.exit_code == 2 and "--engine must be 'local' or 'ray', got 'spark'" in result.output
 
 
+def test_parquet_rows_of_the_wrong_length_are_a_clear_error(tmp_path):
+    pq.write_table(pa.table({"images": pa.array([np.zeros(783, np.float32)] * 3)}), tmp_path / "part0.parquet")
+    with pytest.raises(CalibrationDataError, match=r"part0.parquet, column 'images': 2349 values in 3 rows do not "
+                                                   r"fill rows of shape \[1, 28, 28\]"):
+        compile(REFERENCE_ONNX, ShardedData(str(tmp_path)), show_progress=False)
+
+
 def test_a_bad_shard_met_by_a_worker_is_the_same_clear_error(cluster, tmp_path, data):
     np.savez(tmp_path / "part0.npz", images=data["images"][:20])
     np.savez(tmp_path / "part1.npz", images=data["images"][20:40].astype(np.int64))

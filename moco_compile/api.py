@@ -29,6 +29,7 @@ from moco_compile.passes.planning import plan_exits
 from moco_compile.passes.rewrite import annotate_costs, insert_exits
 from moco_compile.passes.splits import SPLIT_COLUMN, SPLITS
 from moco_compile.passes.verify import verify_compiled
+from moco_compile.shards import ShardedData
 
 MAX_VERIFIED_ROWS = 4096  # calibration rows whose inputs are kept to verify the compiled graph
 EVALUATION_NOTES = {
@@ -71,7 +72,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         ``example_input`` is required).
     calibration:
         A mapping ``{input name: array, ..., "labels": array}`` or an iterable of
-        such mappings (batches), rows on axis 0.  ``labels`` is optional.
+        such mappings (batches), rows on axis 0.  ``labels`` is optional.  Or
+        :class:`~moco_compile.shards.ShardedData`: shard files calibrated on a Ray cluster.
     out_dir:
         When given, ``model.onnx``, ``plan.json``, ``report.json`` and
         ``frame.arrow`` are written there (all or nothing), with a manifest listing
@@ -100,14 +102,16 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     if out_dir is not None:
         check_output_dir(out_dir, inputs, force)
     imported = import_model(model, output=output, example_input=example_input)
-    batches, cuts = cut_points_of(imported, calibration, batch_size)
+    with tempfile.TemporaryDirectory(prefix="moco-") as scratch:
+        if isinstance(calibration, ShardedData):
+            from moco_compile.scale_out import calibrate_sharded
+
+            frame, cuts, kept = calibrate_sharded(imported, calibration, Path(scratch), batch_size, show_progress)
+        else:
+            frame, cuts, kept = _calibrate_local(imported, calibration, Path(scratch), batch_size, show_progress)
     types = elem_types(imported.model)
     config = config.for_cut_types(types.get(cut.tensor, onnx.TensorProto.FLOAT) for cut in cuts)
     total_flops = cuts[0].flops_before + cuts[0].flops_after
-    with tempfile.TemporaryDirectory(prefix="moco-") as scratch:
-        keeper = _InputKeeper(imported.input_names, MAX_VERIFIED_ROWS)
-        frame = calibrate(imported.model, imported.output, cuts, keeper.tee(batches),
-                          Path(scratch) / "frame.arrow", show_progress=show_progress).in_memory()
     with _stage("fitting rules and planning exits", show_progress):
         planning = plan_exits(frame, cuts, imported.num_classes, total_flops, budget, config, seed, allow_no_exit)
     plan, split = planning.plan, planning.split
@@ -116,7 +120,6 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
                               total_flops)
     evaluated_on = "report" if (split == SPLITS.index("report")).any() else "test"
     evaluation = _evaluate(plan, frame.take(np.flatnonzero(split == SPLITS.index(evaluated_on))))
-    kept = keeper.inputs()
     kept_frame = frame.take(np.arange(len(next(iter(kept.values())))))
     expected = plan.routing([variant_features(kept_frame, e.column, e.pooling) for e in plan.exits],
                             len(kept_frame), config.rounding)
@@ -131,6 +134,17 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     if out_dir is not None:
         write_outputs(Path(out_dir), result, inputs=inputs, force=force)
     return result
+
+
+def _calibrate_local(imported: ImportedModel, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]],
+                     scratch: Path, batch_size: int,
+                     show_progress: bool) -> tuple[ActivationFrame, list[CutPoint], dict[str, np.ndarray]]:
+    """Calibrate in this process: the frame (in memory), the cuts, and the inputs kept for verification."""
+    batches, cuts = cut_points_of(imported, calibration, batch_size)
+    keeper = _InputKeeper(imported.input_names, MAX_VERIFIED_ROWS)
+    frame = calibrate(imported.model, imported.output, cuts, keeper.tee(batches),
+                      scratch / "frame.arrow", show_progress=show_progress).in_memory()
+    return frame, cuts, keeper.inputs()
 
 
 def calibrate_frame(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]],
@@ -162,9 +176,7 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
     the network reads cheaply (:func:`~moco_compile.passes.cut_points.side_inputs_of`).
     """
     text = imported.text
-    optional = {"token_type_ids": "input_ids"} if text is not None and "token_type_ids" in imported.input_names else {}
-    spec = CalibrationSpec(imported.model, imported.num_classes, zeros_like=optional)
-    batches = iter_batches(calibration, spec, batch_size)
+    batches = iter_batches(calibration, calibration_spec(imported), batch_size)
     if text is not None:
         # later layers recompute the extended mask from the compressed mask input
         imported.model = localize_side_tensors(imported.model, text.side)
@@ -188,6 +200,13 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
         raise ModelError("the model has no cut point: no tensor separates it into a prefix and a "
                          "remainder with real compute on both sides, so there is nowhere to exit")
     return batches, cuts
+
+
+def calibration_spec(imported: ImportedModel) -> CalibrationSpec:
+    """What calibration rows must hold for ``imported`` (a text model's ``token_type_ids`` may be left out)."""
+    optional = {"token_type_ids": "input_ids"} if imported.text is not None \
+        and "token_type_ids" in imported.input_names else {}
+    return CalibrationSpec(imported.model, imported.num_classes, zeros_like=optional)
 
 
 def _checked_text_batches(batches: Iterable[dict], text: TextInputs, names: list[str]) -> Iterator[dict]:

@@ -20,6 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="moco: compile classifiers into one ONNX graph where easy inputs exit early.")
 console = Console()
 app.add_typer(moe_app, name="moe")
+ENGINE_HELP = "local: this process; ray: the sharded data on a Ray cluster (pip install 'moco-compile[ray]')"
+RAY_ADDRESS_HELP = "Ray cluster to join (host:port, or 'auto'); default: start a local one"
 
 
 @app.callback()
@@ -32,7 +34,8 @@ def _check_onnxruntime() -> None:
 @app.command("compile")
 def compile_command(
     model: Path = typer.Argument(..., help="ONNX classifier to compile"),
-    calib: Path = typer.Option(..., "--calib", help=".npz with one array per model input (+ optional 'labels')"),
+    calib: str = typer.Option(..., "--calib", help=".npz with one array per model input (+ optional 'labels'); "
+                              "with --engine ray, a directory or glob of .parquet/.npz shards (local or a URI)"),
     out: Path = typer.Option(..., "--out", help="output directory (model.onnx, plan.json, report.json)"),
     max_disagreement: float = typer.Option(0.01, help="budget: fraction of inputs whose class may change"),
     confidence: float = typer.Option(0.95, help="confidence of the certified budget"),
@@ -41,17 +44,22 @@ def compile_command(
     allow_no_exit: bool = typer.Option(False, help="emit the unchanged graph when no plan meets the budget"),
     seed: int = typer.Option(0, help="seed of the calibration split"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="output directory")),
+    engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    ray_workers: int = typer.Option(2, "--ray-workers", help="Ray actors, each with one onnxruntime session"),
+    ray_max_rows: Optional[int] = typer.Option(None, "--ray-max-rows", help="plan on at most this many rows (a "
+                                               "seeded sample): bounds the driver's memory (default: all)"),
 ) -> None:
     """Compile MODEL into an early-exit graph and print its report."""
     from moco_compile.api import compile as compile_model
     from moco_compile.api import write_outputs
-    from moco_compile.calibration import load_npz
     from moco_compile.outputs import check_output_dir
     from moco_compile.report import print_report
 
     try:
         check_output_dir(out, [model, calib], force)  # fail before the long work
-        result = compile_model(model, load_npz(calib), output=output,
+        calibration = _calibration_data(calib, engine, ray_address, ray_workers, ray_max_rows, seed)
+        result = compile_model(model, calibration, output=output,
                                max_disagreement=max_disagreement, confidence=confidence,
                                max_accuracy_drop=max_accuracy_drop, allow_no_exit=allow_no_exit,
                                seed=seed)
@@ -129,8 +137,9 @@ def report_command(
 @app.command("evaluate")
 def evaluate_command(
     build: Path = typer.Argument(..., help="output directory of 'moco compile'"),
-    traffic: Path = typer.Option(..., "--traffic", help=".npz sample of real traffic: one array per model "
-                                 "input, rows in arrival order (+ optional 'labels')"),
+    traffic: str = typer.Option(..., "--traffic", help=".npz sample of real traffic: one array per model "
+                                "input, rows in arrival order (+ optional 'labels'); with --engine ray, a "
+                                "directory or glob of .parquet/.npz shards (in arrival order by name)"),
     original: Optional[Path] = typer.Option(None, "--original", help="the model the build was compiled from "
                                             "(default: the file compile recorded)"),
     qps: float = typer.Option(100.0, "--qps", help="requests per second to project savings for"),
@@ -142,17 +151,20 @@ def evaluate_command(
                                             "(default: CUDA when available, else CPU)"),
     require_gpu: bool = typer.Option(False, "--require-gpu", help="fail instead of falling back to CPU"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="evaluation")),
+    engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    ray_workers: int = typer.Option(2, "--ray-workers", help="Ray actors, each with both models' sessions"),
 ) -> None:
     """Shadow-run TRAFFIC through the original and the compiled model; project savings over --days."""
     import logging
 
-    from moco_compile.calibration import load_npz
     from moco_compile.evaluation import check_evaluation_paths, evaluate_build, write_evaluation
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         check_evaluation_paths(build, force=force)  # fail before the long work
-        evaluation = evaluate_build(build, load_npz(traffic), original=original, qps=qps, days=days,
+        evaluation = evaluate_build(build, _calibration_data(traffic, engine, ray_address, ray_workers),
+                                    original=original, qps=qps, days=days,
                                     device_hour_price=gpu_hour_price, utilisation=utilisation,
                                     batch_size=batch_size, require_gpu=require_gpu,
                                     providers=providers.split(",") if providers else None)
@@ -334,6 +346,19 @@ def _batch_sizes(text: str) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise ValueError(f"--batch-sizes takes comma-separated positive integers, got {text!r}")
     return sizes
+
+
+def _calibration_data(source: str, engine: str, address: str | None, workers: int, max_rows: int | None = None,
+                      seed: int = 0):
+    """The data ``--calib``/``--traffic`` names: an in-memory ``.npz``, or shards for the Ray engine."""
+    from moco_compile.calibration import load_npz
+    from moco_compile.shards import ShardedData
+
+    if engine == "local":
+        return load_npz(source)
+    if engine == "ray":
+        return ShardedData(source, address, workers, max_rows=max_rows, seed=seed)
+    raise MocoError(f"--engine must be 'local' or 'ray', got {engine!r}")
 
 
 def _example_feed(imported, calibration: dict | None) -> dict[str, np.ndarray]:

@@ -34,12 +34,13 @@ from moco_compile.outputs import GENERATOR, add_to_manifest, build_model, check_
 from moco_compile.passes.calibrate import LABELS
 from moco_compile.runtime.session import ExitSession
 from moco_compile.runtime.shadow import ShadowRun, clopper_pearson, project_savings, shadow_run, stream_drift
+from moco_compile.shards import ShardedData
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_HTML = "evaluation.html"
 
 
-def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any], *,
+def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any] | ShardedData, *,
                    original: str | os.PathLike | None = None, providers: Sequence[str] | None = None,
                    require_gpu: bool = False, batch_size: int = 64, qps: float = 100.0, days: float = 30.0,
                    utilisation: float = 0.6, device_hour_price: float | None = None, windows: int = 20,
@@ -51,7 +52,8 @@ def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any], *,
     build_dir:
         Output directory of ``moco compile``.
     traffic:
-        ``{input name: array, ...}`` (rows on axis 0, in arrival order) and optional ``labels``.
+        ``{input name: array, ...}`` (rows on axis 0, in arrival order) and optional ``labels``; or
+        :class:`~moco_compile.shards.ShardedData`: shard files (in arrival order) shadow-run on Ray.
     original:
         The original ONNX model; default: the file compile recorded, refused if it changed since.
     providers, require_gpu:
@@ -69,26 +71,41 @@ def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any], *,
     compiled_path, report, _ = load_build(build_dir)
     original_path = original_model_path(report, original)
     imported = import_model(original_path, output=report.get("classifier_output"))
-    checked = CalibrationSpec(imported.model, imported.num_classes).check(traffic, "traffic")
-    labels = checked.pop(LABELS, None)
-    rows = len(next(iter(checked.values())))
-    if rows == 0:
-        raise CalibrationDataError("traffic: no rows; give a sample of the requests the model serves")
+    spec = CalibrationSpec(imported.model, imported.num_classes)
     sessions = {name: ExitSession(path, providers, require_gpu=require_gpu)
                 for name, path in (("original", original_path), ("compiled", compiled_path))}
     if sessions["compiled"].input_names != sessions["original"].input_names:
         raise ModelError(f"{original_path} takes inputs {sessions['original'].input_names} but the build's "
                          f"model takes {sessions['compiled'].input_names}: pass the model it was compiled from")
+    if isinstance(traffic, ShardedData):
+        from moco_compile.scale_out import shadow_sharded
+
+        run, labels = shadow_sharded(original_path, compiled_path, imported.output, spec, traffic, providers,
+                                     batch_size, show_progress)
+        sessions["compiled"].statistics.add(run.exits)
+    else:
+        run, labels = _shadow_local(sessions, imported.output, spec.check(traffic, "traffic"), batch_size,
+                                    show_progress)
+    return _evaluation(build_dir, report, original_path, run, sessions, labels, batch_size,
+                       dict(qps=qps, days=days, utilisation=utilisation, device_hour_price=device_hour_price),
+                       windows)
+
+
+def _shadow_local(sessions: Mapping[str, ExitSession], output: str, checked: dict[str, np.ndarray],
+                  batch_size: int, show_progress: bool) -> tuple[ShadowRun, np.ndarray | None]:
+    """The shadow run in this process over validated traffic; and its labels, if given."""
+    labels = checked.pop(LABELS, None)
+    rows = len(next(iter(checked.values())))
+    if rows == 0:
+        raise CalibrationDataError("traffic: no rows; give a sample of the requests the model serves")
     batches = [{name: values[start:start + batch_size] for name, values in checked.items()}
                for start in range(0, rows, batch_size)]
     with Progress(TextColumn("shadow run"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not show_progress, transient=True) as progress:
         task = progress.add_task("shadow", total=rows)
-        run = shadow_run(sessions["original"], sessions["compiled"], batches, imported.output,
+        run = shadow_run(sessions["original"], sessions["compiled"], batches, output,
                          on_batch=lambda n: progress.advance(task, n))
-    return _evaluation(build_dir, report, original_path, run, sessions, labels, batch_size,
-                       dict(qps=qps, days=days, utilisation=utilisation, device_hour_price=device_hour_price),
-                       windows)
+    return run, labels
 
 
 def _check_settings(batch_size: int, qps: float, days: float, utilisation: float,

@@ -218,3 +218,23 @@ def load_frame(path: str | os.PathLike) -> ActivationFrame:
         raise FileNotFoundError(f"no activation frame at {path}")
     source = pa.memory_map(str(path), "r")
     return ActivationFrame(pa.ipc.open_file(source).read_all())
+
+
+def load_frames(paths: Sequence[str | os.PathLike], rows: np.ndarray | None = None) -> ActivationFrame:
+    """Open frame shards (same columns, e.g. one per data shard) as one frame, memory-mapped, in order.
+
+    ``rows``: sorted indices into the whole to keep; taken shard by shard, so only the kept rows
+    (and at most one shard's worth of working memory) are read.
+    """
+    tables = [load_frame(path)._table for path in paths]
+    if not tables:
+        raise ValueError("no frame shards to load")
+    columns = {tuple(table.column_names) for table in tables}
+    if len(columns) > 1:
+        raise ValueError(f"frame shards have different columns: {sorted(columns)}; every shard must hold the "
+                         "same inputs (and all or none of them 'labels')")
+    if rows is not None:
+        bounds = np.cumsum([0] + [table.num_rows for table in tables])
+        tables = [table.take(pa.array(rows[(rows >= low) & (rows < high)] - low, type=pa.int64()))
+                  for table, low, high in zip(tables, bounds[:-1], bounds[1:])]
+    return ActivationFrame(pa.concat_tables(tables))

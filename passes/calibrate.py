@@ -72,6 +72,45 @@ def probe_output(column: str, taken: set[str]) -> str:
     return f"moco/probe:{column}" if column in taken else column
 
 
+class FeatureProbe:
+    """One onnxruntime session over the probe model: a batch of model inputs in, frame columns out.
+
+    Both engines call it: :func:`calibrate` in this process, the Ray engine once per actor.
+    """
+
+    def __init__(self, model: onnx.ModelProto, output: str, cuts: Sequence[CutPoint], raw: bool = False,
+                 threads: int = 0) -> None:
+        """``threads``: onnxruntime's intra-op threads (0: its default, one per core)."""
+        probe, self.columns = probe_model(model, cuts, raw)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        try:
+            self._session = ort.InferenceSession(probe.SerializeToString(), options,
+                                                 providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own Fail, InvalidGraph, NotImplemented, ...
+            raise ModelError(f"onnxruntime cannot load the model ({error}); check that it runs with "
+                             "onnxruntime.InferenceSession on the CPU (operators, opset, custom domains)") from error
+        self.input_names = [i.name for i in self._session.get_inputs()]
+        taken = {name for node in model.graph.node for name in node.output} | {i.name for i in model.graph.input}
+        self._fetch = [output] + [probe_output(column, taken) for column in self.columns]
+
+    def __call__(self, batch: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+        """Frame columns of one validated batch: pooled pieces, ``predictions``, ``labels`` if given."""
+        feed = {name: batch[name] for name in self.input_names}
+        try:
+            results = self._session.run(self._fetch, feed)
+        except Exception as error:  # onnxruntime's own exception types
+            shapes = {name: f"{values.dtype}{list(values.shape)}" for name, values in feed.items()}
+            raise CalibrationDataError(f"onnxruntime failed on {where} ({shapes}): "
+                                       f"{error}; check that the calibration arrays have the shapes and "
+                                       "dtypes the model expects and values in its range") from error
+        rows = {name: values.astype(np.float32) for name, values in zip(self.columns, results[1:])}
+        rows[PREDICTIONS] = results[0].argmax(axis=1).astype(np.int64)
+        if LABELS in batch:
+            rows[LABELS] = batch[LABELS]
+        return rows
+
+
 def calibrate(model: onnx.ModelProto, output: str, cuts: Sequence[CutPoint],
               batches: Iterable[Mapping[str, np.ndarray]], path: str | Path,
               total_rows: int | None = None, show_progress: bool = True, raw: bool = False) -> ActivationFrame:
@@ -79,32 +118,13 @@ def calibrate(model: onnx.ModelProto, output: str, cuts: Sequence[CutPoint],
 
     With ``raw`` the unpooled cut tensors are stored too (``<cut>:raw``, e.g. ``[N, C, H, W]``).
     """
-    probe, columns = probe_model(model, cuts, raw)
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    except Exception as error:  # onnxruntime raises its own Fail, InvalidGraph, NotImplemented, ...
-        raise ModelError(f"onnxruntime cannot load the model ({error}); check that it runs with "
-                         "onnxruntime.InferenceSession on the CPU (operators, opset, custom domains)") from error
-    input_names = [i.name for i in session.get_inputs()]
-    taken = {name for node in model.graph.node for name in node.output} | {i.name for i in model.graph.input}
-    fetch = [output] + [probe_output(column, taken) for column in columns]
+    probe = FeatureProbe(model, output, cuts, raw)
     with FrameWriter(path) as writer, Progress(
             TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
             TimeElapsedColumn(), disable=not show_progress, transient=True) as progress:
         task = progress.add_task("calibrate", total=total_rows)
         for number, batch in enumerate(batches):
-            feed = {name: batch[name] for name in input_names}
-            try:
-                results = session.run(fetch, feed)
-            except Exception as error:  # onnxruntime's own exception types
-                shapes = {name: f"{values.dtype}{list(values.shape)}" for name, values in feed.items()}
-                raise CalibrationDataError(f"onnxruntime failed on calibration batch {number} ({shapes}): "
-                                           f"{error}; check that the calibration arrays have the shapes and "
-                                           "dtypes the model expects and values in its range") from error
-            rows = {name: values.astype(np.float32) for name, values in zip(columns, results[1:])}
-            rows[PREDICTIONS] = results[0].argmax(axis=1).astype(np.int64)
-            if LABELS in batch:
-                rows[LABELS] = batch[LABELS]
+            rows = probe(batch, f"calibration batch {number}")
             writer.write(rows)
-            progress.advance(task, len(results[0]))
+            progress.advance(task, len(rows[PREDICTIONS]))
     return load_frame(path)

@@ -133,6 +133,12 @@ class ExitStatistics:
     def rows(self) -> int:
         return sum(self.exit_counts.values())
 
+    def add(self, exits: np.ndarray) -> None:
+        """Count rows by the exit they took (``moco_exit`` values, -1: the full network)."""
+        taken, counts = np.unique(exits, return_counts=True)
+        for exit_index, count in zip(taken.tolist(), counts.tolist()):
+            self.exit_counts[exit_index] = self.exit_counts.get(exit_index, 0) + count
+
     @property
     def exit_rates(self) -> dict[int, float]:
         """Fraction of rows that took each exit (key -1: the full network)."""
@@ -215,10 +221,8 @@ class ExitSession:
         return binding.copy_outputs_to_cpu()
 
     def _count(self, exits: np.ndarray) -> None:
-        taken, counts = np.unique(exits, return_counts=True)
         with self._lock:
-            for exit_index, count in zip(taken.tolist(), counts.tolist()):
-                self.statistics.exit_counts[exit_index] = self.statistics.exit_counts.get(exit_index, 0) + count
+            self.statistics.add(exits)
 
     @property
     def exit_counts(self) -> dict[int, int]:

@@ -1,0 +1,227 @@
+"""Benchmark: calibration on Ray (``--engine ray``) vs the single-process path, on this machine.
+
+    python benchmarks/bench_ray_calibration.py [--rows 20000] [--memory-rows 2000] [--shard-rows 500]
+        [--cpus 2] [--no-write]
+
+The reference CNN's shipped calibration images (tiled when more rows are asked for) are written as
+``.npz`` shards of ``--shard-rows`` rows.  Measured:
+
+1. rows/s of the calibration pass (pooled cut features + full-model predictions into an
+   ActivationFrame) over ``--rows`` rows: the single-process path (one onnxruntime session, its
+   default threads) and the Ray engine with 1 and 2 actors (0.5 CPU, 1 onnxruntime thread each) on a
+   local cluster of ``--cpus`` CPUs.  Ray's start-up (``ray.init``) is timed separately; each Ray
+   run includes starting its actors.
+2. the driver's peak memory (RSS sampled every 20 ms, above its level before the run) while the
+   Ray engine calibrates ``--memory-rows`` rows and 10x as many; and during the whole compile of
+   each with ``max_rows=--memory-rows`` (planning on a bounded sample).
+3. a projection, from the measured 2-actor rate, of the time to calibrate 100M rows on N machines.
+
+Writes the section "Calibration on Ray" of ``benchmarks/RESULTS.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results import machine_description, write_section  # noqa: E402
+from moco_compile.api import calibration_spec, compile, cut_points_of  # noqa: E402
+from moco_compile.calibration import iter_batches  # noqa: E402
+from moco_compile.importer import import_model  # noqa: E402
+from moco_compile.passes.calibrate import calibrate  # noqa: E402
+from moco_compile.ray_engine import calibrate_on_ray  # noqa: E402
+from moco_compile.shards import ShardedData, list_shards  # noqa: E402
+
+MODEL = ROOT / "models" / "artifacts" / "fashion_resnet.onnx"
+CALIBRATION = ROOT / "models" / "artifacts" / "fashion_calib.npz"
+TITLE = "Calibration on Ray"
+TARGET_ROWS = 100_000_000
+
+
+class PeakRss:
+    """The process's peak resident memory above its level at the start, sampled in a thread."""
+
+    def __enter__(self) -> "PeakRss":
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def _rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def write_shards(data: dict[str, np.ndarray], rows: int, shard_rows: int, directory: Path) -> Path:
+    """``rows`` rows (the data tiled) as ``.npz`` shards in ``directory``."""
+    directory.mkdir(parents=True)
+    total = len(data["images"])
+    for index, start in enumerate(range(0, rows, shard_rows)):
+        take = np.arange(start, min(start + shard_rows, rows)) % total
+        np.savez(directory / f"part{index:05d}.npz", images=data["images"][take], labels=data["labels"][take])
+    return directory
+
+
+def on_ray(setup: dict, directory: Path, workers: int, out: Path) -> float:
+    """Seconds for the Ray engine to calibrate every shard in ``directory``."""
+    filesystem, shards = list_shards(str(directory))
+    started = time.perf_counter()
+    calibrate_on_ray(setup["model"].model, setup["model"].output, setup["cuts"], setup["spec"],
+                     ShardedData(str(directory), workers=workers), filesystem, shards, out, show_progress=False)
+    return time.perf_counter() - started
+
+
+def measure(args: argparse.Namespace, scratch: Path) -> dict:
+    with np.load(CALIBRATION) as archive:
+        data = {"images": archive["images"], "labels": archive["labels"]}
+    imported = import_model(MODEL)
+    spec = calibration_spec(imported)
+    _, cuts = cut_points_of(imported, {key: values[:256] for key, values in data.items()}, 256)
+    setup = {"model": imported, "cuts": cuts, "spec": spec}
+    tiled = {key: values[np.arange(args.rows) % len(values)] for key, values in data.items()}
+    started = time.perf_counter()
+    calibrate(imported.model, imported.output, cuts, iter_batches(tiled, spec), scratch / "local.arrow",
+              show_progress=False)
+    results = {"local_seconds": time.perf_counter() - started}
+    throughput_dir = write_shards(data, args.rows, args.shard_rows, scratch / "throughput")
+    started = time.perf_counter()
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
+    results["init_seconds"] = time.perf_counter() - started
+    try:
+        for workers in (1, 2):
+            results[f"ray{workers}_seconds"] = on_ray(setup, throughput_dir, workers, scratch / f"frames{workers}")
+        for scale in (1, 10):
+            directory = write_shards(data, args.memory_rows * scale, args.shard_rows, scratch / f"memory{scale}")
+            with PeakRss() as peak:
+                results[f"memory{scale}_seconds"] = on_ray(setup, directory, 2, scratch / f"mframes{scale}")
+            results[f"memory{scale}_mb"] = peak.growth_mb
+            results[f"memory{scale}_peak_mb"] = peak.peak / 2**20
+        for scale in (1, 10):
+            started = time.perf_counter()
+            with PeakRss() as peak:
+                compile(MODEL, ShardedData(str(scratch / f"memory{scale}"), max_rows=args.memory_rows),
+                        measure_latency=False, show_progress=False)
+            results[f"compile{scale}_seconds"] = time.perf_counter() - started
+            results[f"compile{scale}_mb"] = peak.growth_mb
+    finally:
+        ray.shutdown()
+    return results
+
+
+def report(results: dict, args: argparse.Namespace, command: str) -> str:
+    rate = {name: args.rows / results[f"{name}_seconds"] for name in ("local", "ray1", "ray2")}
+    per_machine = rate["ray2"]
+    projection = "\n".join(
+        f"| {machines} | {TARGET_ROWS / (per_machine * machines) / 3600:,.1f} h |" for machines in (1, 10, 100))
+    return f"""Machine: {machine_description()}; Ray {ray.__version__}. Command: `{command}`.
+The machine is shared with other jobs (2 cores): rates are indicative, not a controlled measurement.
+
+Reference CNN (`fashion_resnet.onnx`), {args.rows:,} rows in `.npz` shards of {args.shard_rows} rows; the
+calibration pass only (pooled cut features + predictions into ActivationFrame files; no planning).
+
+| path | seconds | rows/s |
+|---|---|---|
+| single process (one onnxruntime session, default threads) | {results['local_seconds']:.1f} | {rate['local']:,.0f} |
+| Ray, 1 actor (0.5 CPU, 1 thread) | {results['ray1_seconds']:.1f} | {rate['ray1']:,.0f} |
+| Ray, 2 actors (0.5 CPU, 1 thread each) | {results['ray2_seconds']:.1f} | {rate['ray2']:,.0f} |
+
+Ray start-up, not in the rows above: `ray.init` of a local {args.cpus}-CPU cluster
+{results['init_seconds']:.1f} s; each Ray run above includes starting its actors (one onnxruntime
+session each).
+
+Driver memory while the Ray engine (2 actors) calibrates (peak RSS above the level before the run;
+the driver holds shard names and row counts, never rows or features):
+
+| rows | seconds | driver peak growth | driver RSS peak |
+|---|---|---|---|
+{_memory_row(args.memory_rows, results, 1)}
+{_memory_row(10 * args.memory_rows, results, 10)}
+
+The whole `moco compile --engine ray` (calibration, rule fitting, planning, rewrite, verification)
+with `--ray-max-rows {args.memory_rows}`: the driver plans on {args.memory_rows:,} rows (the first
+rows and a seeded sample) read from the memory-mapped frame shards:
+
+| calibrated rows | seconds | driver peak growth |
+|---|---|---|
+| {args.memory_rows:,} | {results['compile1_seconds']:.1f} | {results['compile1_mb']:.1f} MB |
+| {10 * args.memory_rows:,} | {results['compile10_seconds']:.1f} | {results['compile10_mb']:.1f} MB |
+
+Without `--ray-max-rows` the driver plans on every row: the frame is read into its memory
+({_frame_bytes_per_row():,} bytes per row for this model, plus the planner's working arrays), as in
+the single-process path.  Rules and thresholds are not yet fitted by streaming or from histograms
+merged across shards: bounded memory comes from planning on a sample.
+
+Projection, not a measurement: hours to calibrate {TARGET_ROWS:,} rows on N machines like this one,
+assuming each machine runs 2 actors at the measured 2-actor rate ({per_machine:,.0f} rows/s), the
+rate scales linearly with machines (shards read from and frame shards written to shared storage
+with enough bandwidth; at least as many shards as actors), and Ray's start-up and the driver's
+bookkeeping are negligible at that scale:
+
+| machines | time |
+|---|---|
+{projection}
+"""
+
+
+def _memory_row(rows: int, results: dict, scale: int) -> str:
+    return (f"| {rows:,} | {results[f'memory{scale}_seconds']:.1f} | {results[f'memory{scale}_mb']:.1f} MB "
+            f"| {results[f'memory{scale}_peak_mb']:.0f} MB |")
+
+
+def _frame_bytes_per_row() -> int:
+    """Bytes of one row of the reference CNN's frame (the features the planner reads)."""
+    with tempfile.TemporaryDirectory() as scratch, np.load(CALIBRATION) as archive:
+        imported = import_model(MODEL)
+        spec = calibration_spec(imported)
+        rows = {"images": archive["images"][:64]}
+        _, cuts = cut_points_of(imported, rows, 64)
+        frame = calibrate(imported.model, imported.output, cuts, iter_batches(rows, spec), Path(scratch) / "f.arrow",
+                          show_progress=False)
+        return sum(frame[column].nbytes for column in frame.columns) // len(frame)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=20000, help="rows for the rows/s comparison")
+    parser.add_argument("--memory-rows", type=int, default=2000, help="rows of the 1x memory run (10x follows)")
+    parser.add_argument("--shard-rows", type=int, default=500)
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="moco-bench-ray-") as scratch:
+        results = measure(args, Path(scratch))
+    text = report(results, args, " ".join(["python benchmarks/bench_ray_calibration.py", *sys.argv[1:]]))
+    print(text)
+    if not args.no_write:
+        write_section(TITLE, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""The Ray engine (``--engine ray``) on a local Ray cluster: the same answer as the single-process
+path on the reference CNN, a dead worker retried, and clear errors for bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from typer.testing import CliRunner
+
+import moco_compile
+from moco_compile.api import calibration_spec, compile, cut_points_of
+from moco_compile.calibration import iter_batches
+from moco_compile.cli import app
+from moco_compile.errors import CalibrationDataError, MocoError
+from moco_compile.evaluation import evaluate_build
+from moco_compile.frame import load_frames
+from moco_compile.importer import import_model
+from moco_compile.passes.calibrate import calibrate
+from moco_compile.ray_engine import ShardCalibrator, calibrate_on_ray
+from moco_compile.scale_out import planning_rows
+from moco_compile.shards import ShardedData, list_shards
+
+from conftest import REFERENCE_ONNX
+
+REPO = Path(moco_compile.__file__).resolve().parents[1]
+ROWS = (500, 400, 300)  # rows per shard: an .npz, a Parquet file, an .npz
+THRESHOLD_TOLERANCE = 1e-4  # on log-probabilities: the engines batch rows differently (onnxruntime rounding)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray cluster for the module: 2 CPUs, loopback, workers import this checkout."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(calibration) -> dict[str, np.ndarray]:
+    rows = sum(ROWS)
+    return {"images": calibration["images"][:rows], "labels": calibration["labels"][:rows]}
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, data) -> Path:
+    """The rows as three shards in two formats; sorted names keep the rows' order."""
+    directory = tmp_path_factory.mktemp("shards")
+    bounds = np.cumsum((0,) + ROWS)
+    for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        part = {key: values[start:stop] for key, values in data.items()}
+        if index == 1:
+            images = pa.FixedSizeListArray.from_arrays(pa.array(part["images"].reshape(-1)), 28 * 28)
+            pq.write_table(pa.table({"images": images, "labels": part["labels"]}), directory / f"part{index}.parquet")
+        else:
+            np.savez(directory / f"part{index}.npz", **part)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def builds(cluster, shard_dir, data, tmp_path_factory) -> dict:
+    """The reference CNN compiled from the same rows in this process and on Ray (written out)."""
+    out = tmp_path_factory.mktemp("builds") / "ray"
+    sharded = compile(REFERENCE_ONNX, ShardedData(str(shard_dir)), out_dir=out, measure_latency=False,
+                      show_progress=False)
+    return {"local": compile(REFERENCE_ONNX, data, measure_latency=False, show_progress=False),
+            "ray_plan": sharded.plan, "ray_frame": sharded.frame, "ray_dir": out}
+
+
+def test_same_answer_as_single_process(builds):
+    local, plan, frame = builds["local"], builds["ray_plan"], builds["ray_frame"]
+    assert [e.cut.tensor for e in plan.exits] == [e.cut.tensor for e in local.plan.exits]
+    for ours, theirs in zip(plan.exits, local.plan.exits):
+        assert ours.pooling == theirs.pooling
+        np.testing.assert_allclose(ours.thresholds, theirs.thresholds, atol=THRESHOLD_TOLERANCE)
+    for key in ("family", "chosen_plan", "disagreements", "test_rows", "p_value", "max_disagreement"):
+        assert plan.certificate[key] == local.plan.certificate[key], key
+    assert len(frame) == len(local.frame) == sum(ROWS)
+    np.testing.assert_array_equal(frame["predictions"], local.frame["predictions"])
+
+
+def test_evaluate_on_ray_matches_single_process(builds, shard_dir, data):
+    local = evaluate_build(builds["ray_dir"], data, providers=["cpu"], show_progress=False)
+    result = CliRunner().invoke(app, ["evaluate", str(builds["ray_dir"]), "--traffic", f"{shard_dir}/part*",
+                                      "--engine", "ray", "--providers", "cpu"])
+    assert result.exit_code == 0, result.output
+    sharded = json.loads((builds["ray_dir"] / "evaluation.json").read_text())
+    assert sharded["traffic_rows"] == local["traffic_rows"] == sum(ROWS)
+    assert sharded["disagreement"] == local["disagreement"]
+    assert sharded["exits"] == local["exits"]
+    assert sharded["accuracy_compiled"] == local["accuracy_compiled"]
+    assert sharded["windows"] == local["windows"]
+
+
+def test_a_planning_sample_bounds_the_rows_the_driver_plans_on(builds, shard_dir):
+    sampled = compile(REFERENCE_ONNX, ShardedData(str(shard_dir), max_rows=800), measure_latency=False,
+                      show_progress=False)
+    rows = planning_rows(sum(ROWS), 400, 800, 0)
+    assert len(sampled.frame) == 800
+    assert sampled.plan.certificate["test_rows"] < builds["ray_plan"].certificate["test_rows"]
+    np.testing.assert_array_equal(sampled.frame["predictions"], builds["ray_frame"]["predictions"][rows])
+    assert sampled.report["verification"]["rows"] == 400
+
+
+def test_planning_rows_are_the_first_rows_and_a_seeded_sample():
+    rows = planning_rows(100_000, 100, 1_000, seed=3)
+    assert len(rows) == len(set(rows)) == 1_000 and (np.diff(rows) > 0).all()
+    np.testing.assert_array_equal(rows[:100], np.arange(100))
+    assert rows[-1] < 100_000 and rows[100:].mean() > 30_000  # spread over the data, not its start
+    assert not np.array_equal(rows, planning_rows(100_000, 100, 1_000, seed=4))
+
+
+def test_dead_worker_is_retried(cluster, shard_dir, data, tmp_path):
+    marker = tmp_path / "crashed"
+
+    class CrashOnce(ShardCalibrator):
+        """The first call of any actor kills its process (once: the marker file says it happened)."""
+
+        def __call__(self, shards):
+            if not marker.exists():
+                marker.touch()
+                os._exit(1)
+            return super().__call__(shards)
+
+    imported = import_model(REFERENCE_ONNX)
+    spec = calibration_spec(imported)
+    _, cuts = cut_points_of(imported, data, 256)
+    filesystem, shards = list_shards(f"{shard_dir}/part*")
+    paths = calibrate_on_ray(imported.model, imported.output, cuts, spec, ShardedData(str(shard_dir)), filesystem,
+                             shards, tmp_path / "frames", show_progress=False, calibrator=CrashOnce)
+    assert marker.exists()
+    distributed = load_frames(paths)
+    local = calibrate(imported.model, imported.output, cuts, iter_batches(data, spec), tmp_path / "local.arrow",
+                      show_progress=False)
+    assert distributed.columns == local.columns
+    for column in local.columns:
+        np.testing.assert_allclose(distributed[column], local[column], rtol=1e-5, atol=1e-5, err_msg=column)
+
+
+def test_unreachable_address_is_a_clear_error(cluster, shard_dir, tmp_path):
+    result = CliRunner().invoke(app, ["compile", str(REFERENCE_ONNX), "--calib", str(shard_dir), "--out",
+                                      str(tmp_path / "out"), "--engine", "ray", "--ray-address", "127.0.0.1:1"])
+    assert result.exit_code == 2
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in result.output
+    assert "ray start --head" in result.output
+
+
+def test_no_shards_is_a_clear_error(tmp_path):
+    with pytest.raises(CalibrationDataError, match=r"holds no shard files .*Parquet"):
+        compile(REFERENCE_ONNX, ShardedData(f"{tmp_path}/*.parquet"), show_progress=False)
+    with pytest.raises(CalibrationDataError, match="does not exist"):
+        list_shards(str(tmp_path / "missing"))
+
+
+def test_shard_columns_must_match_the_model_inputs(tmp_path, data):
+    np.savez(tmp_path / "part0.npz", pixels=data["images"][:10])
+    with pytest.raises(CalibrationDataError, match=r"part0.npz.*missing: \['images'\].*not model inputs: "
+                                                   r"\['pixels'\]"):
+        compile(REFERENCE_ONNX, ShardedData(str(tmp_path)), show_progress=False)
+
+
+def test_bad_engine_settings_are_clear_errors(tmp_path):
+    with pytest.raises(MocoError, match=r"max_rows \(--ray-max-rows\) must be at least 2, got 1"):
+        ShardedData(str(tmp_path), max_rows=1)
+    result = CliRunner().invoke(app, ["compile", str(REFERENCE_ONNX), "--calib", str(tmp_path), "--out",
+                                      str(tmp_path / "out"), "--engine", "spark"])
+    assert result.exit_code == 2 and "--engine must be 'local' or 'ray', got 'spark'" in result.output
+
+
+def test_parquet_rows_of_the_wrong_length_are_a_clear_error(tmp_path):
+    pq.write_table(pa.table({"images": pa.array([np.zeros(783, np.float32)] * 3)}), tmp_path / "part0.parquet")
+    with pytest.raises(CalibrationDataError, match=r"part0.parquet, column 'images': 2349 values in 3 rows do not "
+                                                   r"fill rows of shape \[1, 28, 28\]"):
+        compile(REFERENCE_ONNX, ShardedData(str(tmp_path)), show_progress=False)
+
+
+def test_a_bad_shard_met_by_a_worker_is_the_same_clear_error(cluster, tmp_path, data):
+    np.savez(tmp_path / "part0.npz", images=data["images"][:20])
+    np.savez(tmp_path / "part1.npz", images=data["images"][20:40].astype(np.int64))
+    with pytest.raises(CalibrationDataError, match=r"part1.npz, batch 0: input 'images' has dtype int64, the model "
+                                                   r"expects float32"):  # the driver reads 4 rows of part0
+        compile(REFERENCE_ONNX, ShardedData(str(tmp_path), max_rows=8), show_progress=False)
+
+
+def test_without_ray_the_engine_says_how_to_install_it(shard_dir, tmp_path):
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from moco_compile.cli import app\n"
+            f"app(['compile', {str(REFERENCE_ONNX)!r}, '--calib', {str(shard_dir)!r}, '--out', "
+            f"{str(tmp_path / 'out')!r}, '--engine', 'ray'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'moco-compile[ray]'" in done.stderr

@@ -131,7 +131,11 @@ def verify_compiled(compiled: onnx.ModelProto, original: onnx.ModelProto, output
     batch1_diff = float(np.abs(single_out[steady] - compiled_out[:count][steady]).max()) if steady.any() else 0.0
     if not _close(single_out[steady], compiled_out[:count][steady], tolerance) \
             or not (single_exits[steady] == exits[:count][steady]).all():
-        raise VerificationError(f"batch-1 runs disagree with batched runs (max abs diff {batch1_diff:.2e})")
+        raise VerificationError(
+            f"batch-1 runs disagree with batched runs (max abs diff {batch1_diff:.2e}): a row's output depends on "
+            "the other rows in its batch (dynamic int8 quantization does this: it sets activation ranges per "
+            "batch), and exits change which rows share a batch. Compile the float model, or quantize with "
+            "static int8 (fixed ranges) first")
     empty_batch = _check_empty_batch(compiled_session, original_session, inputs, output, compiled_out.shape[1:])
     agreement = float((~rerouted).mean()) if len(exits) else 1.0
     return Verification(len(exits), int(full.sum()), diff, agreement, int(expected.near_threshold.sum()),

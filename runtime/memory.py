@@ -21,12 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from moco_compile.errors import MocoError
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _RESET_PEAK = "5"
 
 
-class MemoryMeasurementError(RuntimeError):
+class MemoryMeasurementError(MocoError):
     """The peak could not be measured on this platform or the run failed."""
 
 

@@ -89,8 +89,9 @@ def _estimate_note(entry: Mapping[str, Any]) -> str:
     if abs(ratio - 1) <= ESTIMATE_TOLERANCE:
         return f"estimate within {ESTIMATE_TOLERANCE:.0%} of measured ({ratio:.2f}x)"
     if ratio < 1:
-        return (f"estimate {ratio:.2f}x of measured: onnxruntime's kernels hold {measured - estimated:,} bytes "
-                "beyond the graph's tensors (temporaries and buffers a liveness analysis of the graph cannot see)")
+        return (f"estimate {ratio:.2f}x of measured: onnxruntime holds {measured - estimated:,} bytes more than the "
+                "graph's live tensors need (kernel temporaries, buffers released after their last reader, "
+                "allocator rounding: what a liveness analysis of the graph cannot see)")
     return (f"estimate {ratio:.2f}x of measured: onnxruntime reuses buffers or runs ops in place where the "
             "analysis counts separate tensors")
 

@@ -73,7 +73,7 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 def liveness(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],
              known_shapes: Mapping[str, tuple[int, ...]] | None = None) -> LivenessProfile:
     """Peak activation memory of ``model`` run on inputs of ``input_shapes`` (rules 2-6)."""
-    inferred = shape_inference.infer_shapes(_with_input_shapes(model, input_shapes), data_prop=True)
+    inferred = _inferred(_with_input_shapes(model, input_shapes))
     batch = next(iter(input_shapes.values()))[0] if input_shapes else 1
     sizes = _SizeTable(inferred, dict(known_shapes or {}), batch)
     walk = _Walk(sizes)
@@ -98,9 +98,22 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     return math.prod(tensor.dims) * itemsize
 
 
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference with value propagation, else without it, else none (sizes then come from
+    the measured shapes alone)."""
+    for data_prop in (True, False):
+        try:
+            return shape_inference.infer_shapes(model, data_prop=data_prop)
+        except shape_inference.InferenceError:
+            continue
+    return model
+
+
 def _with_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto:
     concrete = onnx.ModelProto()
     concrete.CopyFrom(model)
+    for graph in _graphs(concrete.graph):
+        del graph.value_info[:]
     for value in concrete.graph.input:
         if value.name in input_shapes:
             shape = value.type.tensor_type.shape

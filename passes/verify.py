@@ -45,6 +45,10 @@ class Verification:
         return asdict(self)
 
 
+BATCH_DEPENDENCE = ("the other rows in its batch (dynamic int8 quantization sets activation ranges per batch), exits "
+                    "change which rows share a batch and no plan can hold: compile the float model, or quantize "
+                    "with static int8 (fixed ranges) first")
+
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -113,7 +117,8 @@ def verify_compiled(compiled: onnx.ModelProto, original: onnx.ModelProto, output
     diff = float(np.abs(compiled_out[full] - original_out[full]).max()) if full.any() else 0.0
     if not _close(compiled_out[full], original_out[full], tolerance):
         raise VerificationError(f"rows that run the full network differ from the original by "
-                                f"{diff:.2e} (> {tolerance:g} plus 4 units of the output's precision)")
+                                f"{diff:.2e} (> {tolerance:g} plus 4 units of the output's precision); "
+                                f"if the model's output for a row depends on {BATCH_DEPENDENCE}")
     rerouted = exits != expected.exit_index
     unexplained = rerouted & ~expected.near_threshold
     if unexplained.any():
@@ -132,10 +137,8 @@ def verify_compiled(compiled: onnx.ModelProto, original: onnx.ModelProto, output
     if not _close(single_out[steady], compiled_out[:count][steady], tolerance) \
             or not (single_exits[steady] == exits[:count][steady]).all():
         raise VerificationError(
-            f"batch-1 runs disagree with batched runs (max abs diff {batch1_diff:.2e}): a row's output depends on "
-            "the other rows in its batch (dynamic int8 quantization does this: it sets activation ranges per "
-            "batch), and exits change which rows share a batch. Compile the float model, or quantize with "
-            "static int8 (fixed ranges) first")
+            f"batch-1 runs disagree with batched runs (max abs diff {batch1_diff:.2e}): the model's output for a "
+            f"row depends on {BATCH_DEPENDENCE}")
     empty_batch = _check_empty_batch(compiled_session, original_session, inputs, output, compiled_out.shape[1:])
     agreement = float((~rerouted).mean()) if len(exits) else 1.0
     return Verification(len(exits), int(full.sum()), diff, agreement, int(expected.near_threshold.sum()),

@@ -202,6 +202,17 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
     return batches, cuts
 
 
+def model_for_plan(model: onnx.ModelProto, output: str | None,
+                   feed: Mapping[str, np.ndarray]) -> tuple[onnx.ModelProto, str]:
+    """``model`` as compile hands it to the rewrite (imported, side inputs a cut may cross
+    recomputed from the compressed rows, as :func:`cut_points_of` does), and its classifier
+    output: where a saved plan's exits can be inserted again.  ``feed``: one row of inputs."""
+    imported = import_model(model, output=output)
+    side = imported.text.side if imported.text is not None else side_inputs_of(
+        imported.model, flops_per_row(imported.model, measure_shapes(imported.model, feed)))
+    return (localize_side_tensors(imported.model, side) if side else imported.model), imported.output
+
+
 def calibration_spec(imported: ImportedModel) -> CalibrationSpec:
     """What calibration rows must hold for ``imported`` (a text model's ``token_type_ids`` may be left out)."""
     optional = {"token_type_ids": "input_ids"} if imported.text is not None \

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from moco_compile.api import model_for_plan
 from moco_compile.constants import EXIT_OUTPUT
 from moco_compile.errors import CalibrationDataError, MocoError, ModelError
 from moco_compile.evaluation import load_build, original_model_path
@@ -100,7 +101,8 @@ def optimize_memory(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray
         result.notes.extend(_kept_float_notes(quantized.kept_float, "static"))
         current = _validated(judge, "int8 static", quantized.model, max_accuracy_drop, result)
     if exits is not None:
-        current = _validated(judge, "+ exits", annotate_costs(insert_exits(current, exits.exits, judge.output),
+        prepared, output = model_for_plan(current, judge.output, {k: v[:1] for k, v in judge.inputs.items()})
+        current = _validated(judge, "+ exits", annotate_costs(insert_exits(prepared, exits.exits, output),
                                                               exits.stage_flops(), exits.total_flops),
                              max_accuracy_drop, result)
     if fuse:

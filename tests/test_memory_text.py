@@ -50,3 +50,19 @@ def test_int8_dynamic_on_the_text_reference_is_four_times_smaller_within_half_a_
     assert original["weight_bytes"] / quantized["weight_bytes"] >= 3.5
     assert quantized["accuracy_drop"] <= 0.005
     assert quantized["rows"] == ROWS - 512
+
+
+def test_a_text_build_s_exits_go_back_on_its_int8_original(text_model, rows, tmp_path):
+    """Order 2 on a text model: the re-inserted exits read the compressed attention mask, as compiled.
+    (float16 + a text build still fails: the rewrite's masked pooling mixes float16 and float32.)"""
+    from moco_compile import compile
+    from moco_compile.memory_optimize import optimize_build
+
+    path = tmp_path / "minilm2.onnx"
+    onnx.save(text_model, str(path))
+    compile(path, rows, out_dir=tmp_path / "build", max_disagreement=0.02, measure_latency=False,
+            show_progress=False)
+    result = optimize_build(tmp_path / "build", rows, int8="dynamic", max_accuracy_drop=0.02, measure_latency=False)
+    exits = result.steps[-1]
+    assert exits["step"] == "+ exits" and exits["compute_reduction"] > 0 and exits["exit_rate"] > 0
+    assert exits["accuracy_drop"] <= 0.02

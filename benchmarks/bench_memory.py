@@ -101,7 +101,7 @@ def variants(model, calibration, budget: float, log) -> dict[str, onnx.ModelProt
         try:
             built[REUSED_EXITS] = optimize_memory(model, calibration, int8="dynamic", exits=float_plan,
                                                   max_accuracy_drop=0.5, measure_latency=False).model
-        except MocoError as failed:  # text models: the re-inserted exits lack compile's side-input localisation
+        except MocoError as failed:  # e.g. a plan whose cuts the optimised model no longer has
             log(f"{REUSED_EXITS}: failed: {failed}")
     return built
 
@@ -168,7 +168,7 @@ def main() -> None:
         refused = [r for r in ("int8 dynamic + exits", REUSED_EXITS) if r not in built]
         note = (f"\n\nNot built: {', '.join(refused)} (int8 dynamic + exits: moco's verification refuses it, "
                 "dynamic int8 sets activation ranges per batch so a row's output depends on the rows beside it; "
-                "the float32 build's exits on int8 dynamic fail on text models, see the log)") if refused else ""
+                "the float32 build's exits on int8 dynamic: see the log)") if refused else ""
         write_section(f"{SECTION}: {name}", f"Command: `python benchmarks/bench_memory.py --models {name}`\n\n"
                       f"Machine: {machine_description()} (CPU execution provider). {len(labels):,} test rows, "
                       f"exits at a {args.budget:.0%} budget.\n\n{table(rows)}{note}\n\n{LEGEND}")

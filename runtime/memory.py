@@ -61,7 +61,8 @@ def measure_peak(model_bytes: bytes, feed: Mapping[str, np.ndarray], *, default_
     with tempfile.TemporaryDirectory(prefix="moco-memory-") as scratch:
         Path(scratch, "model.onnx").write_bytes(model_bytes)
         np.savez(Path(scratch, "feed.npz"), **feed)
-        command = [sys.executable, "-c", f"from {__name__} import _child; _child({scratch!r}, {default_session!r})"]
+        # run this file as a script: a package directory in the caller's cwd must not shadow the installed one
+        command = [sys.executable, __file__, scratch, "default" if default_session else "as-written"]
         try:
             finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
                                       env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
@@ -104,3 +105,7 @@ def _resident_kib() -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0])
     return values
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2] == "default")

@@ -23,7 +23,7 @@ from moco_compile.passes.calibrate import LABELS, PREDICTIONS, calibrate, varian
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cost import flops_per_row, measure_shapes
 from moco_compile.passes.cut_points import CutPoint, find_cut_points, localize_side_tensors, side_inputs_of
-from moco_compile.passes.graph import elem_types
+from moco_compile.passes.graph import elem_types, subgraph_nesting
 from moco_compile.passes.plan import ExitPlan, PlanEvaluation
 from moco_compile.passes.planning import plan_exits
 from moco_compile.passes.rewrite import annotate_costs, insert_exits
@@ -110,7 +110,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         else:
             frame, cuts, kept = _calibrate_local(imported, calibration, Path(scratch), batch_size, show_progress)
     types = elem_types(imported.model)
-    config = config.for_cut_types(types.get(cut.tensor, onnx.TensorProto.FLOAT) for cut in cuts)
+    config = config.for_cut_types(types.get(cut.tensor, onnx.TensorProto.FLOAT) for cut in cuts) \
+        .for_model_nesting(subgraph_nesting(imported.model.graph))
     total_flops = cuts[0].flops_before + cuts[0].flops_after
     with _stage("fitting rules and planning exits", show_progress):
         planning = plan_exits(frame, cuts, imported.num_classes, total_flops, budget, config, seed, allow_no_exit)

@@ -179,24 +179,15 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
     text = imported.text
     batches = iter_batches(calibration, calibration_spec(imported), batch_size)
     if text is not None:
-        # later layers recompute the extended mask from the compressed mask input
-        imported.model = localize_side_tensors(imported.model, text.side)
         batches = _checked_text_batches(batches, text, imported.input_names)
     batches = _peekable(batches)
     first = batches.peek()
     feed = {name: first[name][:1] for name in imported.input_names}
+    side = _localize_side_inputs(imported, feed)
     shapes = measure_shapes(imported.model, feed)
     node_flops = flops_per_row(imported.model, shapes)
-    if text is None:
-        side = side_inputs_of(imported.model, node_flops)
-        if side:  # e.g. a feature vector joined before the head: the remainder reads it compressed
-            imported.model = localize_side_tensors(imported.model, side)
-            shapes = measure_shapes(imported.model, feed)
-            node_flops = flops_per_row(imported.model, shapes)
-        cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=side)
-    else:
-        cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=text.side,
-                               sequence_mask=text.mask, min_fraction_before=0.0)
+    text_options = {} if text is None else {"sequence_mask": text.mask, "min_fraction_before": 0.0}
+    cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=side, **text_options)
     if not cuts:
         raise ModelError("the model has no cut point: no tensor separates it into a prefix and a "
                          "remainder with real compute on both sides, so there is nowhere to exit")
@@ -209,9 +200,19 @@ def model_for_plan(model: onnx.ModelProto, output: str | None,
     recomputed from the compressed rows, as :func:`cut_points_of` does), and its classifier
     output: where a saved plan's exits can be inserted again.  ``feed``: one row of inputs."""
     imported = import_model(model, output=output)
-    side = imported.text.side if imported.text is not None else side_inputs_of(
-        imported.model, flops_per_row(imported.model, measure_shapes(imported.model, feed)))
-    return (localize_side_tensors(imported.model, side) if side else imported.model), imported.output
+    _localize_side_inputs(imported, feed)
+    return imported.model, imported.output
+
+
+def _localize_side_inputs(imported: ImportedModel, feed: Mapping[str, np.ndarray]) -> tuple[str, ...]:
+    """Make ``imported.model``'s later layers recompute what they derive from side inputs (a text
+    model's masks; for any other model each input besides the main one that the network reads
+    cheaply, e.g. a feature vector joined before the head) from the compressed rows; the side inputs."""
+    side = tuple(imported.text.side) if imported.text is not None else tuple(side_inputs_of(
+        imported.model, flops_per_row(imported.model, measure_shapes(imported.model, feed))))
+    if side:
+        imported.model = localize_side_tensors(imported.model, side)
+    return side
 
 
 def calibration_spec(imported: ImportedModel) -> CalibrationSpec:

@@ -186,7 +186,8 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
     side = _localize_side_inputs(imported, feed)
     shapes = measure_shapes(imported.model, feed)
     node_flops = flops_per_row(imported.model, shapes)
-    text_options = {} if text is None else {"sequence_mask": text.mask, "min_fraction_before": 0.0}
+    text_options = {} if text is None else {"sequence_mask": text.mask, "summary_token": text.summary_token,
+                                            "min_fraction_before": 0.0}
     cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=side, **text_options)
     if not cuts:
         raise ModelError("the model has no cut point: no tensor separates it into a prefix and a "

@@ -43,7 +43,7 @@ def fit_candidates(frame: ActivationFrame, cuts: Sequence[CutPoint], rows: dict[
     for cut in cuts:
         column = cut_column(cut)
         variants = {variant: variant_features(frame, column, variant)
-                    for variant in variants_for(cut.shape, cut.sequence_mask)}
+                    for variant in variants_for(cut.shape, cut.sequence_mask, cut.summary_token)}
         if not all(np.isfinite(values).all() for values in variants.values()):
             raise CalibrationDataError(f"the model's activations at {column} contain NaN or Inf; "
                                        "check the calibration inputs are in the range the model expects")

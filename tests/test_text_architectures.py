@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 transformers = pytest.importorskip("transformers")
@@ -11,7 +12,7 @@ torch = pytest.importorskip("torch")
 from moco_compile import compile  # noqa: E402
 from moco_compile.errors import ModelError  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
-from moco_compile.torch import EarlyExitTextClassificationModel  # noqa: E402
+from moco_compile.torch import EAGER_ARCHITECTURES, EarlyExitTextClassificationModel  # noqa: E402
 
 SIZES = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              num_labels=3, max_position_embeddings=128)
@@ -50,12 +51,25 @@ def _model(architecture: str):
 
 @pytest.mark.parametrize("architecture", list(ENCODERS))
 def test_encoder_compiles_with_exits_named_by_module(architecture):
-    result = compile(_model(architecture), _tokens(ROWS), max_disagreement=0.05, measure_latency=False,
-                     show_progress=False)
+    """...and where the eager API wraps the architecture, it runs the compiled plan as the graph does."""
+    model = _model(architecture)
+    result = compile(model, _tokens(ROWS), max_disagreement=0.05, measure_latency=False, show_progress=False)
     names = [e.cut.module for e in result.plan.exits]
     assert names and len(set(names)) == len(names)
     assert all(name.startswith(ENCODERS[architecture][1]) for name in names)
     assert result.report["verification"]["rows"] > 0
+    if architecture not in EAGER_ARCHITECTURES:
+        return
+    eager = EarlyExitTextClassificationModel(model).load_plan(result.plan)
+    assert eager.exit_names == names
+    rows = _tokens(400, seed=1)
+    output = eager(**{k: torch.from_numpy(v) for k, v in rows.items()})
+    session = ort.InferenceSession(result.model.SerializeToString())
+    feed = {i.name: rows.get(i.name, np.zeros_like(rows["input_ids"])) for i in session.get_inputs()}
+    logits, exits = session.run(None, feed)
+    assert (output.exits.numpy() == exits).mean() > 0.99 and (exits >= 0).any()
+    same = output.exits.numpy() == exits
+    np.testing.assert_allclose(output.logits.numpy()[same], logits[same], atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("architecture", list(DECODERS))

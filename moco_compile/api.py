@@ -23,7 +23,7 @@ from moco_compile.passes.calibrate import calibrate, variant_features
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cost import flops_per_row, measure_shapes
 from moco_compile.passes.cut_points import CutPoint, find_cut_points, localize_side_tensors, side_inputs_of
-from moco_compile.passes.graph import elem_types
+from moco_compile.passes.graph import elem_types, subgraph_nesting
 from moco_compile.passes.plan import ExitPlan
 from moco_compile.passes.planning import FrameRows, Planning, plan_rows
 from moco_compile.passes.rewrite import annotate_costs, insert_exits
@@ -110,7 +110,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
             frame, cuts, kept = _calibrate_local(imported, calibration, Path(scratch), batch_size, show_progress)
             rows = FrameRows(frame)
         types = elem_types(imported.model)
-        config = config.for_cut_types(types.get(cut.tensor, onnx.TensorProto.FLOAT) for cut in cuts)
+        config = config.for_cut_types(types.get(cut.tensor, onnx.TensorProto.FLOAT) for cut in cuts) \
+            .for_model_nesting(subgraph_nesting(imported.model.graph))
         total_flops = cuts[0].flops_before + cuts[0].flops_after
         with _stage("fitting rules and planning exits", show_progress):
             planning = plan_rows(rows, cuts, imported.num_classes, total_flops, budget, config, seed, allow_no_exit)
@@ -177,24 +178,15 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
     text = imported.text
     batches = iter_batches(calibration, calibration_spec(imported), batch_size)
     if text is not None:
-        # later layers recompute the extended mask from the compressed mask input
-        imported.model = localize_side_tensors(imported.model, text.side)
         batches = _checked_text_batches(batches, text, imported.input_names)
     batches = _peekable(batches)
     first = batches.peek()
     feed = {name: first[name][:1] for name in imported.input_names}
+    side = _localize_side_inputs(imported, feed)
     shapes = measure_shapes(imported.model, feed)
     node_flops = flops_per_row(imported.model, shapes)
-    if text is None:
-        side = side_inputs_of(imported.model, node_flops)
-        if side:  # e.g. a feature vector joined before the head: the remainder reads it compressed
-            imported.model = localize_side_tensors(imported.model, side)
-            shapes = measure_shapes(imported.model, feed)
-            node_flops = flops_per_row(imported.model, shapes)
-        cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=side)
-    else:
-        cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=text.side,
-                               sequence_mask=text.mask, min_fraction_before=0.0)
+    text_options = {} if text is None else {"sequence_mask": text.mask, "min_fraction_before": 0.0}
+    cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=side, **text_options)
     if not cuts:
         raise ModelError("the model has no cut point: no tensor separates it into a prefix and a "
                          "remainder with real compute on both sides, so there is nowhere to exit")
@@ -207,9 +199,19 @@ def model_for_plan(model: onnx.ModelProto, output: str | None,
     recomputed from the compressed rows, as :func:`cut_points_of` does), and its classifier
     output: where a saved plan's exits can be inserted again.  ``feed``: one row of inputs."""
     imported = import_model(model, output=output)
-    side = imported.text.side if imported.text is not None else side_inputs_of(
-        imported.model, flops_per_row(imported.model, measure_shapes(imported.model, feed)))
-    return (localize_side_tensors(imported.model, side) if side else imported.model), imported.output
+    _localize_side_inputs(imported, feed)
+    return imported.model, imported.output
+
+
+def _localize_side_inputs(imported: ImportedModel, feed: Mapping[str, np.ndarray]) -> tuple[str, ...]:
+    """Make ``imported.model``'s later layers recompute what they derive from side inputs (a text
+    model's masks; for any other model each input besides the main one that the network reads
+    cheaply, e.g. a feature vector joined before the head) from the compressed rows; the side inputs."""
+    side = tuple(imported.text.side) if imported.text is not None else tuple(side_inputs_of(
+        imported.model, flops_per_row(imported.model, measure_shapes(imported.model, feed))))
+    if side:
+        imported.model = localize_side_tensors(imported.model, side)
+    return side
 
 
 def calibration_spec(imported: ImportedModel) -> CalibrationSpec:

@@ -10,10 +10,16 @@ from dataclasses import dataclass, replace
 
 from onnx import TensorProto
 
+from moco_compile.errors import ModelError
+
 from moco_compile.passes.routing import Rounding
 
 FAMILIES = ("shared-all", "shared", "per-class")  # simplest first
 FAMILY_SELECTIONS = ("cross-validated", "bonferroni")
+# Subgraph levels an ONNX file can nest: protobuf parsers (onnx's and onnxruntime's) refuse
+# messages nested beyond 100 levels and a subgraph costs 3 (node, attribute, graph); a graph of
+# 31 nested Ifs loads, 32 do not (onnx 1.23, onnxruntime 1.32).  One level of margin.
+MAX_NESTED_GRAPHS = 30
 _FLOAT_UNIT = {TensorProto.FLOAT: 2.0 ** -23, TensorProto.DOUBLE: 2.0 ** -52, TensorProto.FLOAT16: 2.0 ** -10,
                TensorProto.BFLOAT16: 2.0 ** -7}  # machine epsilon per float element type
 
@@ -133,6 +139,7 @@ class PlannerConfig:
     elimination_risk_fraction: float = 0.7
     elimination_candidates: int | None = 4
     per_class_candidates: int = 12
+    max_exits: int = 24
     boundary_cost: float = 100.0
     rounding_tolerance: float = 1e-4
     rounding_floor: float = 16 * 2.0 ** -23  # 16 units of float32 at log p = 0
@@ -156,6 +163,9 @@ class PlannerConfig:
                 or self.per_class_candidates < 1:
             raise ValueError(f"elimination_candidates (or None) and per_class_candidates must be at least 1, got "
                              f"{self.elimination_candidates} and {self.per_class_candidates}")
+        if not 1 <= self.max_exits <= MAX_NESTED_GRAPHS:
+            raise ValueError(f"max_exits must be between 1 and {MAX_NESTED_GRAPHS} (the If nesting an ONNX file "
+                             f"can hold), got {self.max_exits}")
         if self.cross_fit_folds < 2:
             raise ValueError(f"cross_fit_folds must be at least 2, got {self.cross_fit_folds}")
         if self.min_design_rows < 2 * self.cross_fit_folds:
@@ -180,6 +190,15 @@ class PlannerConfig:
         if not units:
             return self
         return replace(self, rounding_tolerance=max(self.rounding_tolerance, self.narrow_float_ulps * max(units)))
+
+    def for_model_nesting(self, levels: int) -> "PlannerConfig":
+        """This configuration with ``max_exits`` lowered so that exits nested in a model whose own
+        subgraphs nest ``levels`` deep stay within :data:`MAX_NESTED_GRAPHS`."""
+        room = MAX_NESTED_GRAPHS - levels
+        if room < 1:
+            raise ModelError(f"the model's subgraphs (If/Loop/Scan) already nest {levels} levels deep and an ONNX "
+                             f"file holds at most {MAX_NESTED_GRAPHS + 1}: no exit can be nested in it")
+        return self if self.max_exits <= room else replace(self, max_exits=room)
 
     def family_delta(self, budget: Budget) -> float:
         """The error rate each certified family is tested at."""

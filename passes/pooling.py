@@ -182,7 +182,8 @@ def _quadrant_mean_nodes(tensor: str, output: str, p: str, opset: int) -> list[o
 
 def _sequence_nodes(tensor: str, piece: str, output: str, prefix: str,
                     inputs: Mapping[str, str]) -> list[onnx.NodeProto]:
-    """``[N, S, D] -> [N, D]``: token 0, or the mean over the tokens the mask keeps.
+    """``[N, S, D] -> [N, D]`` float32: token 0, or the mean over the tokens the mask keeps
+    (summed in float32 whatever the states' type, so both pieces concatenate in any model).
 
     A row whose mask is all zero gets zeros (its token count is clamped to 1).
     """
@@ -191,7 +192,8 @@ def _sequence_nodes(tensor: str, piece: str, output: str, prefix: str,
     if kind == "first_token":
         return [helper.make_node("Constant", [], [f"{p}/index"], name=f"{p}/index",
                                  value=helper.make_tensor("index", onnx.TensorProto.INT64, [], [0])),
-                helper.make_node("Gather", [tensor, f"{p}/index"], [output], name=p, axis=1)]
+                helper.make_node("Gather", [tensor, f"{p}/index"], [f"{p}/token"], name=p, axis=1),
+                helper.make_node("Cast", [f"{p}/token"], [output], name=f"{p}/cast", to=onnx.TensorProto.FLOAT)]
     mask = piece.split("@", 1)[1]
     mask = inputs.get(mask, mask)
     return [

@@ -550,3 +550,29 @@ def test_plan_round_trips_through_json(compiled):
     predictions = result.frame["predictions"][:300]
     np.testing.assert_array_equal(again.evaluate(features, predictions).exit_index,
                                   result.plan.evaluate(features, predictions).exit_index)
+
+
+@pytest.mark.parametrize("family", ["shared-all", "shared", "per-class"])
+def test_no_plan_opens_more_than_max_exits(family):
+    """An ONNX file can nest only so many exits: with 40 candidates every plan of every family
+    stays within ``max_exits``; "shared-all" opens exits spread over the compute, not the rows."""
+    design, before = _many_candidates(500, 40, np.random.default_rng(6))
+    config = PlannerConfig(max_exits=6)
+    problem = DesignProblem.build(design, before, np.ones(40), np.full(40, 4.0), TOTAL_FLOPS, Budget(0.05), config)
+    plans = build_family(family, problem)
+    opened = [np.isfinite(p).any(axis=1) for p in plans]
+    assert max(o.sum() for o in opened) <= 6 and opened[-1].sum() >= 1
+    if family == "shared-all":
+        assert np.flatnonzero(opened[-1]).tolist() == [0, 8, 16, 23, 31, 39]
+
+
+def test_max_exits_is_bounded_by_what_an_onnx_file_can_nest():
+    from moco_compile.errors import ModelError
+    from moco_compile.passes.config import MAX_NESTED_GRAPHS
+
+    with pytest.raises(ValueError, match="max_exits"):
+        PlannerConfig(max_exits=MAX_NESTED_GRAPHS + 1)
+    assert PlannerConfig().for_model_nesting(2).max_exits == PlannerConfig().max_exits
+    assert PlannerConfig(max_exits=MAX_NESTED_GRAPHS).for_model_nesting(4).max_exits == MAX_NESTED_GRAPHS - 4
+    with pytest.raises(ModelError, match="nest"):
+        PlannerConfig().for_model_nesting(MAX_NESTED_GRAPHS)

@@ -186,8 +186,14 @@ class ExitPlanner:
     seed:
         Seed of the design-row halves used to choose a family.
 
-    Attributes (after ``fit``)
-    --------------------------
+    ``fit`` designs and certifies on rows in memory; :meth:`design` then :meth:`certify` do the
+    same in two steps, the test rows counted in between wherever they are (shard by shard).
+
+    Attributes (after ``design``: ``candidates_``, ``problem_``, ``families_``, ``family_scores_``;
+    after ``certify`` or ``fit``: all)
+    ------------------------------------------------------------------------------------------------
+    candidates_, problem_:
+        The candidate exits and the design problem built on the design rows.
     families_:
         Each built family's plans (``[exits, classes]`` thresholds over the candidates).
     family_scores_:

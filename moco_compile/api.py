@@ -19,15 +19,14 @@ from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.frame import ActivationFrame, load_frame, written_by_moco
 from moco_compile.importer import ImportedModel, TextInputs, import_model
 from moco_compile.outputs import check_output_dir, check_output_file, staged_output_dir, staged_output_file
-from moco_compile.passes.calibrate import LABELS, PREDICTIONS, calibrate, variant_features
+from moco_compile.passes.calibrate import calibrate, variant_features
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cost import flops_per_row, measure_shapes
 from moco_compile.passes.cut_points import CutPoint, find_cut_points, localize_side_tensors, side_inputs_of
 from moco_compile.passes.graph import elem_types, subgraph_nesting
-from moco_compile.passes.plan import ExitPlan, PlanEvaluation
-from moco_compile.passes.planning import plan_exits
+from moco_compile.passes.plan import ExitPlan
+from moco_compile.passes.planning import FrameRows, Planning, plan_rows
 from moco_compile.passes.rewrite import annotate_costs, insert_exits
-from moco_compile.passes.splits import SPLIT_COLUMN, SPLITS
 from moco_compile.passes.verify import verify_compiled
 from moco_compile.shards import ShardedData
 
@@ -102,26 +101,26 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     if out_dir is not None:
         check_output_dir(out_dir, inputs, force)
     imported = import_model(model, output=output, example_input=example_input)
-    with tempfile.TemporaryDirectory(prefix="moco-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="moco-") as scratch:  # the Ray engine's frame shards
         if isinstance(calibration, ShardedData):
             from moco_compile.scale_out import calibrate_sharded
 
-            frame, cuts, kept = calibrate_sharded(imported, calibration, Path(scratch), batch_size, show_progress)
+            rows, cuts, kept = calibrate_sharded(imported, calibration, Path(scratch), batch_size, show_progress)
         else:
             frame, cuts, kept = _calibrate_local(imported, calibration, Path(scratch), batch_size, show_progress)
-    types = elem_types(imported.model)
-    config = config.for_cut_types(types.get(cut.tensor, onnx.TensorProto.FLOAT) for cut in cuts) \
-        .for_model_nesting(subgraph_nesting(imported.model.graph))
-    total_flops = cuts[0].flops_before + cuts[0].flops_after
-    with _stage("fitting rules and planning exits", show_progress):
-        planning = plan_exits(frame, cuts, imported.num_classes, total_flops, budget, config, seed, allow_no_exit)
-    plan, split = planning.plan, planning.split
-    frame = frame.with_column(SPLIT_COLUMN, split)
+            rows = FrameRows(frame)
+        types = elem_types(imported.model)
+        config = config.for_cut_types(types.get(cut.tensor, onnx.TensorProto.FLOAT) for cut in cuts) \
+            .for_model_nesting(subgraph_nesting(imported.model.graph))
+        total_flops = cuts[0].flops_before + cuts[0].flops_after
+        with _stage("fitting rules and planning exits", show_progress):
+            planning = plan_rows(rows, cuts, imported.num_classes, total_flops, budget, config, seed, allow_no_exit)
+        verified = len(next(iter(kept.values())))
+        frame = rows.kept_frame(planning.row_split, verified)
+    plan = planning.plan
     compiled = annotate_costs(insert_exits(imported.model, plan.exits, imported.output), plan.stage_flops(),
                               total_flops)
-    evaluated_on = "report" if (split == SPLITS.index("report")).any() else "test"
-    evaluation = _evaluate(plan, frame.take(np.flatnonzero(split == SPLITS.index(evaluated_on))))
-    kept_frame = frame.take(np.arange(len(next(iter(kept.values())))))
+    kept_frame = frame.take(np.arange(verified))
     expected = plan.routing([variant_features(kept_frame, e.column, e.pooling) for e in plan.exits],
                             len(kept_frame), config.rounding)
     with _stage("verifying the compiled graph", show_progress):
@@ -129,7 +128,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
                                        config.rounding_tolerance)
     with _stage("measuring latency (batch 1 and 64)", show_progress and measure_latency):
         latency = _latency(imported.model, compiled, kept) if measure_latency else {}
-    report = _report(imported, plan, evaluation, evaluated_on, verification.to_dict(), latency, split, total_flops)
+    report = _report(imported, planning, verification.to_dict(), latency, total_flops)
     report["source_model"] = source_model(inputs[0]) if inputs and inputs[0].is_file() else None
     result = CompileResult(compiled, plan, report, frame)
     if out_dir is not None:
@@ -254,11 +253,6 @@ def source_model(path: Path) -> dict:
     return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest()}
 
 
-def _evaluate(plan: ExitPlan, frame: ActivationFrame) -> PlanEvaluation:
-    features = [variant_features(frame, e.column, e.pooling) for e in plan.exits]
-    return plan.evaluate(features, frame[PREDICTIONS], frame[LABELS] if LABELS in frame else None)
-
-
 def _latency(original: onnx.ModelProto, compiled: onnx.ModelProto,
              inputs: Mapping[str, np.ndarray]) -> dict:
     from moco_compile.runtime.latency import compare_latency
@@ -275,8 +269,9 @@ def _latency(original: onnx.ModelProto, compiled: onnx.ModelProto,
     return result
 
 
-def _report(imported: ImportedModel, plan: ExitPlan, evaluation: PlanEvaluation, evaluated_on: str,
-            verification: dict, latency: dict, split: np.ndarray, total_flops: float) -> dict:
+def _report(imported: ImportedModel, planning: Planning, verification: dict, latency: dict,
+            total_flops: float) -> dict:
+    plan, evaluation, evaluated_on = planning.plan, planning.evaluation, planning.evaluated_on
     exits = [{"exit": k, "module": e.cut.module, "tensor": e.cut.tensor,
               "fraction_of_flops_before": e.cut.fraction_before,
               "classes_enabled": int(np.isfinite(e.thresholds).sum()),
@@ -294,7 +289,7 @@ def _report(imported: ImportedModel, plan: ExitPlan, evaluation: PlanEvaluation,
         "accuracy_before": evaluation.accuracy_before,
         "accuracy_after": evaluation.accuracy_after,
         "bound": plan.certificate,
-        "splits": {name: int((split == i).sum()) for i, name in enumerate(SPLITS)},
+        "splits": planning.row_split.sizes,
         "verification": verification,
         "latency": latency,
     }

@@ -2,9 +2,10 @@
 
 For each cut the pooling variant is chosen on held-out fitting rows
 (:func:`~moco_compile.passes.rules.select_variant`), the rule is refitted on all
-fitting rows, and each candidate comes with its scores on every split: the
-rules rows get cross-fitted scores (rules fitted without the row), the other
-splits the final rule's scores.  The planner only ever sees these scores.
+fitting rows, and each candidate comes with its cross-fitted scores on the
+fitting rows (rules fitted without the row), on which plans are designed.
+Other rows get the final rules' scores (:func:`candidate_scores`), wherever they
+are: in memory or in a frame shard on a worker.  The planner only ever sees scores.
 """
 from __future__ import annotations
 
@@ -25,35 +26,40 @@ from moco_compile.passes.rules import SoftmaxRuleFitter, out_of_fold_scores, sel
 
 @dataclass
 class Candidates:
-    """Candidate exits (thresholds off) and their scores per split name (``[N, C]`` per exit)."""
+    """Candidate exits (thresholds off) and their cross-fitted scores on the fitting rows (``[N, C]`` per exit)."""
 
     exits: list[Exit]
-    scores: dict[str, list[np.ndarray]]
+    design_scores: list[np.ndarray]
 
 
-def fit_candidates(frame: ActivationFrame, cuts: Sequence[CutPoint], rows: dict[str, np.ndarray],
-                   num_classes: int, budget: Budget, config: PlannerConfig) -> Candidates:
-    """Fit one candidate exit per cut on ``rows["rules"]`` and score ``rows``'s other splits."""
-    predictions = frame[PREDICTIONS]
-    fit_rows = rows["rules"]
-    targets = predictions[fit_rows]
+def fit_candidates(frame: ActivationFrame, cuts: Sequence[CutPoint], num_classes: int, budget: Budget,
+                   config: PlannerConfig) -> Candidates:
+    """Fit one candidate exit per cut on ``frame``'s rows (the rules rows, in memory)."""
+    targets = frame[PREDICTIONS]
     fitter = SoftmaxRuleFitter()
     exits: list[Exit] = []
-    scores: dict[str, list[np.ndarray]] = {name: [] for name in rows}
+    design_scores: list[np.ndarray] = []
     for cut in cuts:
         column = cut_column(cut)
-        variants = {variant: variant_features(frame, column, variant)
+        variants = {variant: _finite(variant_features(frame, column, variant), column)
                     for variant in variants_for(cut.shape, cut.sequence_mask, cut.summary_token)}
-        if not all(np.isfinite(values).all() for values in variants.values()):
-            raise CalibrationDataError(f"the model's activations at {column} contain NaN or Inf; "
-                                       "check the calibration inputs are in the range the model expects")
-        variant, rule = select_variant({v: f[fit_rows] for v, f in variants.items()}, targets, num_classes,
-                                       fitter, precision=1 - budget.max_disagreement / 2,
+        variant, rule = select_variant(variants, targets, num_classes, fitter,
+                                       precision=1 - budget.max_disagreement / 2,
                                        held_out=config.variant_held_out, min_gain=config.variant_min_gain)
         rule_flops = pooling_cost(cut.shape, variant) + rule.flops + 2 * num_classes
         exits.append(Exit(cut, column, variant, rule, np.full(num_classes, np.inf), rule_flops))
-        for name, indices in rows.items():
-            features = variants[variant][indices]
-            scores[name].append(out_of_fold_scores(fitter, features, targets, num_classes, config.cross_fit_folds)
-                                if name == "rules" else rule(features))
-    return Candidates(exits, scores)
+        design_scores.append(out_of_fold_scores(fitter, variants[variant], targets, num_classes,
+                                                config.cross_fit_folds))
+    return Candidates(exits, design_scores)
+
+
+def candidate_scores(exits: Sequence[Exit], frame: ActivationFrame) -> list[np.ndarray]:
+    """Each exit's scores (``[N, C]``) on ``frame``'s rows, from its pooled features there."""
+    return [e.scores(_finite(variant_features(frame, e.column, e.pooling), e.column)) for e in exits]
+
+
+def _finite(features: np.ndarray, column: str) -> np.ndarray:
+    if not np.isfinite(features).all():
+        raise CalibrationDataError(f"the model's activations at {column} contain NaN or Inf; "
+                                   "check the calibration inputs are in the range the model expects")
+    return features

@@ -59,7 +59,10 @@ class PlannerConfig:
         ``test_fraction``: share of the rows (after any report split) that certify the
         plan; the rest fit the rules and design the plans.  When that share is too small
         for even a perfect plan to certify, the test split grows to the fewest rows that
-        can, as long as ``min_design_rows`` remain to fit rules on.
+        can, as long as ``min_design_rows`` remain to fit rules on.  ``max_design_rows``:
+        the rules split never holds more rows, the rest certify (the rules rows are read
+        into memory to fit and design on; test rows are only counted, shard by shard, so
+        planning's memory is bounded whatever the row count).
         ``report_min_rows``, ``report_fraction``, ``max_report_rows``: only calibration
         sets of at least ``report_min_rows`` rows set a report split aside (that share, at
         most that many rows); smaller sets report on the certifying rows, labelled so.
@@ -117,6 +120,7 @@ class PlannerConfig:
 
     test_fraction: float = 0.5
     min_design_rows: int = 100
+    max_design_rows: int = 50_000
     report_min_rows: int = 20_000
     report_fraction: float = 0.1
     max_report_rows: int = 2_000
@@ -166,6 +170,9 @@ class PlannerConfig:
             raise ValueError(f"cross_fit_folds must be at least 2, got {self.cross_fit_folds}")
         if self.min_design_rows < 2 * self.cross_fit_folds:
             raise ValueError(f"min_design_rows must be at least {2 * self.cross_fit_folds}, got {self.min_design_rows}")
+        if self.max_design_rows < self.min_design_rows:
+            raise ValueError(f"max_design_rows must be at least min_design_rows ({self.min_design_rows}), "
+                             f"got {self.max_design_rows}")
         if min(self.rounding_tolerance, self.rounding_floor, self.narrow_float_ulps, self.boundary_cost) < 0 \
                 or self.design_risk_factor <= 0:
             raise ValueError("rounding_tolerance, rounding_floor, narrow_float_ulps and boundary_cost must be >= 0 "

@@ -45,9 +45,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moco_compile.passes.bounds import max_certifiable_failures
-from moco_compile.passes.certify import count_failures
+from moco_compile.passes.certify import count_plans
 from moco_compile.passes.config import Budget, PlannerConfig
-from moco_compile.passes.routing import route, route_scores, stage_costs
+from moco_compile.passes.routing import route, stage_costs
 
 if TYPE_CHECKING:  # plan.py holds the data types and imports this module
     from moco_compile.passes.plan import Split
@@ -249,17 +249,18 @@ def _best_within(family: list[Plan], rows: Split, problem: DesignProblem, allowe
     """Highest saving (planning cost) on ``rows`` among plans whose disagreement there is within
     ``allowed_rate`` (and accuracy harm within ``allowed_harm``); of a long family, only
     ``PlannerConfig.family_cv_plans`` plans evenly spaced along it are routed."""
-    best = 0.0
     plans = problem.config.family_cv_plans
-    for plan in family if len(family) <= plans else [family[round(i)] for i in np.linspace(0, len(family) - 1, plans)]:
-        routing = route_scores(rows.scores, plan, problem.costs(np.isfinite(plan).any(axis=1)),
-                               problem.config.rounding, len(rows), rows.predictions)
-        failures = count_failures(routing, rows, problem.budget)
+    if len(family) > plans:
+        family = [family[round(i)] for i in np.linspace(0, len(family) - 1, plans)]
+    counts = count_plans(family, rows, problem.config.rounding)
+    best = 0.0
+    for number, plan in enumerate(family):
+        failures = counts.failures(number, problem.budget)
         if failures.disagreements > allowed_rate * len(rows):
             continue
         if allowed_harm is not None and failures.accuracy_harm > allowed_harm * len(rows):
             continue
-        best = max(best, 1 - routing.cost.mean() / problem.total_flops)
+        best = max(best, 1 - counts.mean_cost(number, problem.costs(np.isfinite(plan).any(axis=1))) / problem.total_flops)
     return best
 
 

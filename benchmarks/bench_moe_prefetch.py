@@ -46,7 +46,7 @@ from moco_compile.moe_trace import gate_parameters, routing_spec, trace_routing 
 from moco_compile.passes.expert_predictors import PREDICTORS, fit_predictors, hit_rates  # noqa: E402
 from moco_compile.runtime.expert_offload import OffloadedExperts  # noqa: E402
 from moco_compile.runtime.moe_decode import greedy_decode, reference_step  # noqa: E402
-from moco_compile.runtime.moe_timeline import Timing, simulate_decode  # noqa: E402
+from moco_compile.runtime.moe_timeline import Timing  # noqa: E402
 
 CAPACITY = 4
 PROMPTS, PROMPT_BYTES, STEPS = 16, 24, 64

@@ -104,7 +104,7 @@ def measured_timing(model: torch.nn.Module, prompts: Sequence[Sequence[int]], st
     decoded token costs (attention, norms, embedding, output, the decoding loop) is the
     token's time minus its MoE steps, spread evenly over the layers.
     """
-    layers, reference = moe_blocks(model), reference_step(model)
+    layers = moe_blocks(model)
     gate, experts, stamps = [[] for _ in layers], [[] for _ in layers], []
 
     def timed(layer: int, residual: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ they save on the test rows.
 A row counts as a disagreement when its simulated class differs from the full
 model's, or when float rounding in the shipped graph could send it out with
 another class (``Routing.could_disagree``), so the certificate covers the graph
-that is shipped, not only the simulation.
+that is shipped, not only the simulation.  Out-of-distribution guards route the
+test rows as they do in the graph (``Split.guard``, verdicts of the final guards).
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def certify_family(family: list[np.ndarray], test: "Split", stage_costs_of, plan
     p_values, failures, reductions, accuracies, planning_costs = [], [], [], [], []
     for plan in family:
         open_exits = np.isfinite(plan).any(axis=1)
-        routing = route_scores(test.scores, plan, stage_costs_of(open_exits), rounding, len(test), test.predictions)
+        routing = route_scores(test.scores, plan, stage_costs_of(open_exits), rounding, len(test), test.predictions,
+                               test.guard)
         planning_costs.append(float(planning_costs_of(open_exits)[routing.exit_index].mean()) if len(test) else 0.0)
         failed = count_failures(routing, test, budget)
         failures.append(failed)

@@ -27,13 +27,16 @@ from moco_compile.passes.certify import CertifiedFamily, certify_family
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cut_points import CutPoint
 from moco_compile.passes.design import DesignProblem, build_families, choose_family, cut_elements
-from moco_compile.passes.routing import Rounding, Routing, route_scores, stage_costs
+from moco_compile.passes.guard import OODGuard
+from moco_compile.passes.routing import GuardVerdicts, Rounding, Routing, route_scores, stage_costs
 from moco_compile.passes.rules import LinearScores
 
 
 @dataclass
 class Exit:
-    """One exit: linear scores on a cut's pooled features and per-class thresholds (inf = off)."""
+    """One exit: linear scores on a cut's pooled features and per-class thresholds (inf = off),
+    optionally guarded (rows its :class:`~moco_compile.passes.guard.OODGuard` finds unfamiliar
+    never leave here; ``rule_flops`` then includes the guard's)."""
 
     cut: CutPoint
     column: str
@@ -41,6 +44,7 @@ class Exit:
     scores: LinearScores
     thresholds: np.ndarray
     rule_flops: float
+    guard: OODGuard | None = None
 
     def margins(self, features: np.ndarray) -> np.ndarray:
         """``[N, C]`` margins; a row exits here when its largest margin is positive."""
@@ -53,7 +57,8 @@ class Exit:
                 "flops_after": self.cut.flops_after, "rule_flops": self.rule_flops,
                 "weight": self.scores.weight.tolist(), "bias": self.scores.bias.tolist(),
                 "normalize": self.scores.normalize,
-                "thresholds": [None if not np.isfinite(t) else float(t) for t in self.thresholds]}
+                "thresholds": [None if not np.isfinite(t) else float(t) for t in self.thresholds],
+                "guard": None if self.guard is None else self.guard.to_dict()}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Exit":
@@ -62,7 +67,8 @@ class Exit:
         scores = LinearScores(np.asarray(data["weight"], np.float32), np.asarray(data["bias"], np.float32),
                               data.get("normalize", "none"))
         thresholds = np.asarray([np.inf if t is None else t for t in data["thresholds"]], np.float32)
-        return cls(cut, data["column"], data["pooling"], scores, thresholds, data["rule_flops"])
+        guard = OODGuard.from_dict(data["guard"]) if data.get("guard") else None
+        return cls(cut, data["column"], data["pooling"], scores, thresholds, data["rule_flops"], guard)
 
 
 @dataclass
@@ -73,6 +79,7 @@ class PlanEvaluation:
     compiled_predictions: np.ndarray
     compute_reduction: float
     exit_rates: list[float]
+    guard_rates: list[float | None]  # per exit: share of rows its guard finds unfamiliar (None: no guard)
     disagreement: float
     disagreement_among_exited: float
     accuracy_before: float | None
@@ -105,12 +112,14 @@ class ExitPlan:
         marks the rows float rounding could send elsewhere."""
         thresholds = np.array([e.thresholds for e in self.exits], np.float32)
         scores = [e.scores(f) for e, f in zip(self.exits, features)]
-        return route_scores(scores, thresholds, self.stage_flops(), rounding, rows)
+        return route_scores(scores, thresholds, self.stage_flops(), rounding, rows,
+                            guard=guard_verdicts([e.guard for e in self.exits], features, rows, rounding))
 
     def evaluate(self, features: Sequence[np.ndarray], predictions: np.ndarray,
                  labels: np.ndarray | None = None) -> PlanEvaluation:
         """Route rows given their pooled features per exit (in exit order) and the full model's predictions."""
         routing = self.routing(features, len(predictions))
+        guard = guard_verdicts([e.guard for e in self.exits], features, len(predictions))
         exit_index = routing.exit_index
         compiled = routing.predictions(predictions)
         exited = exit_index >= 0
@@ -119,6 +128,8 @@ class ExitPlan:
             exit_index=exit_index, compiled_predictions=compiled,
             compute_reduction=float(1 - routing.cost.mean() / self.total_flops) if len(predictions) else 0.0,
             exit_rates=[float((exit_index == k).sum() / rows) for k in range(len(self.exits))],
+            guard_rates=[None if e.guard is None or guard is None else float(guard.blocked[k].sum() / rows)
+                         for k, e in enumerate(self.exits)],
             disagreement=float((compiled != predictions).sum() / rows),
             disagreement_among_exited=float((compiled[exited] != predictions[exited]).mean()) if exited.any() else 0.0,
             accuracy_before=None if labels is None else float((predictions == labels).mean()),
@@ -135,11 +146,13 @@ class ExitPlan:
 
 @dataclass
 class Split:
-    """Scores of every candidate exit on a set of rows, with the full model's predictions."""
+    """Scores of every candidate exit on a set of rows, with the full model's predictions (and,
+    with out-of-distribution guards, their verdicts at every candidate exit)."""
 
     scores: list[np.ndarray]
     predictions: np.ndarray
     labels: np.ndarray | None = None
+    guard: GuardVerdicts | None = None
 
     def __len__(self) -> int:
         return len(self.predictions)
@@ -147,7 +160,32 @@ class Split:
     def take(self, rows: np.ndarray) -> "Split":
         """The rows selected by ``rows`` (a boolean mask or indices)."""
         return Split([s[rows] for s in self.scores], self.predictions[rows],
-                     None if self.labels is None else self.labels[rows])
+                     None if self.labels is None else self.labels[rows],
+                     None if self.guard is None else self.guard.take(rows))
+
+    def without_guard(self) -> "Split":
+        """The same rows, each score of a row a guard sends on lowered so far that no threshold
+        the design sets admits it (planning treats the guard as the graph does: such rows do not
+        leave there); rows within rounding of a guard's threshold are left to certification."""
+        if self.guard is None:
+            return self
+        scores = [np.where(blocked[:, None], GUARDED_SCORE, s) for s, blocked in zip(self.scores, self.guard.blocked)]
+        return Split(scores, self.predictions, self.labels)
+
+
+GUARDED_SCORE = np.float32(-1e30)  # finite: a threshold halfway to it stays finite (inf means "class off")
+
+
+def guard_verdicts(guards: Sequence[OODGuard | None], features: Sequence[np.ndarray], rows: int,
+                   rounding: Rounding = Rounding()) -> GuardVerdicts | None:
+    """The verdicts of each exit's guard (``None``: unguarded) on ``rows`` rows given their pooled
+    features per exit; ``None`` when no exit is guarded."""
+    if all(guard is None for guard in guards):
+        return None
+    none = np.zeros(rows, bool)
+    verdicts = [(none, none) if guard is None else guard.verdicts(f, rounding.guard)
+                for guard, f in zip(guards, features)]
+    return GuardVerdicts(tuple(b for b, _ in verdicts), tuple(n for _, n in verdicts))
 
 
 class NoPlanError(Exception):
@@ -201,6 +239,7 @@ class ExitPlanner:
         budget, config = self.budget, self.config
         if budget.max_accuracy_drop is not None and (design.labels is None or test.labels is None):
             raise ValueError("max_accuracy_drop needs labels on the design and test rows")
+        design = design.without_guard()
         before = np.array([c.cut.flops_before for c in candidates], np.float64)
         rule_flops = np.array([c.rule_flops for c in candidates], np.float64)
         problem = DesignProblem.build(design, before, rule_flops, cut_elements([c.cut.shape for c in candidates]),

@@ -55,7 +55,8 @@ def plan_exits(frame: ActivationFrame, cuts: Sequence[CutPoint], num_classes: in
     predictions = frame[PREDICTIONS]
 
     def split_of(name: str) -> Split:
-        return Split(candidates.scores[name], predictions[rows[name]], None if labels is None else labels[rows[name]])
+        return Split(candidates.scores[name], predictions[rows[name]], None if labels is None else labels[rows[name]],
+                     None if candidates.guards is None else candidates.guards[name])
 
     planner = ExitPlanner(budget, config, seed)
     try:

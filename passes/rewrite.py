@@ -5,6 +5,7 @@ Structure, for exits 0..m-1 at cut tensors T_0..T_{m-1}::
     level 0 (main graph): stage 0 nodes -> T_0
         exit 0: pooled = pool(T_0); margins = pooled @ W + (b - t)
                 fired = ReduceMax(margins) > 0;  keep = Not(fired)
+                [guarded: keep = Or(keep, distance(pooled) > tau)]
                 rows = NonZero(keep)^T
                 If(Size(rows) > 0)
                     then: level 1 graph: rest = Compress(T_0 [and side inputs], keep),
@@ -17,6 +18,10 @@ Every level keeps the initializers its own nodes read inside its own graph
 (copies, renamed, where an outer level uses them too): onnxruntime cannot
 pre-pack weights that a subgraph reads from the outer scope, and such a
 remainder runs 2-3x slower.
+
+An exit with an out-of-distribution guard (``passes/guard.py``) also keeps the
+rows whose guard distance exceeds its threshold: one more ``[D, D]`` MatMul, a
+``[D, C]`` MatMul and two reductions on the pooled features.
 
 Exited rows carry the exit's margins ``score - threshold`` in place of the
 classifier output (through Softmax/LogSoftmax when the model ends in one, cast
@@ -39,6 +44,7 @@ from onnx import helper, numpy_helper
 
 from moco_compile.constants import ADDED_NODE_PREFIX, EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY
 from moco_compile.passes.graph import GraphIndex, elem_types, node_inputs
+from moco_compile.passes.guard import guard_nodes
 from moco_compile.passes.plan import Exit
 from moco_compile.passes.pooling import pooling_inputs, reduce_nodes, variant_nodes
 from moco_compile.passes.trailing_dims import has_dynamic_trailing_dims, trailing_shape_nodes
@@ -215,8 +221,13 @@ class _ExitGraphBuilder:
         top, keep = f"{p}/top", f"{p}/keep"
         rows, count, any_left = f"{p}/rows", f"{p}/rest_count", f"{p}/any_left"
         nodes.extend(reduce_nodes("ReduceMax", margins, [1], top, f"{p}/top", self.opset))
+        if exit_.guard is None:
+            nodes.append(helper.make_node("LessOrEqual", [top, f"{p}/zero"], [keep]))
+        else:
+            nodes.extend(guard_nodes(exit_.guard, pooled, f"{p}/unfamiliar", f"{p}/guard", self.opset, initializers))
+            nodes.extend([helper.make_node("LessOrEqual", [top, f"{p}/zero"], [f"{p}/not_fired"]),
+                          helper.make_node("Or", [f"{p}/not_fired", f"{p}/unfamiliar"], [keep])])
         nodes.extend([
-            helper.make_node("LessOrEqual", [top, f"{p}/zero"], [keep]),
             helper.make_node("NonZero", [keep], [f"{p}/rows_t"]),
             helper.make_node("Transpose", [f"{p}/rows_t"], [rows], perm=[1, 0]),
             helper.make_node("Size", [rows], [count]),
@@ -286,7 +297,7 @@ class _ExitGraphBuilder:
         the output's dtype; values beyond a narrower float's range (-FLT_MAX for classes an
         exit switched off) are clipped to it, so no exited row carries -inf."""
         value = margins
-        head = self._probability_head()
+        head = self.index.probability_head(self.output)
         if head:
             nodes.append(helper.make_node(head, [margins], [f"{name}/{head}"], axis=-1))
             value = f"{name}/{head}"
@@ -301,18 +312,6 @@ class _ExitGraphBuilder:
             value = f"{name}/clipped"
         nodes.append(helper.make_node("Cast", [value], [name], to=elem))
         return name
-
-    def _probability_head(self) -> str | None:
-        """``Softmax`` or ``LogSoftmax`` when the classifier output is one (through Identity/Cast)."""
-        tensor = self.output
-        while tensor in self.index.producer:
-            node = self.model.graph.node[self.index.producer[tensor]]
-            if node.op_type in ("Softmax", "LogSoftmax"):
-                return node.op_type
-            if node.op_type not in ("Identity", "Cast"):
-                return None
-            tensor = node.input[0]
-        return None
 
     def _side_inputs(self, level: int) -> set[str]:
         """Graph inputs that stages (or exits' pooling) from ``level`` on still read (e.g. an attention mask)."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 
@@ -37,6 +39,16 @@ EVALUATION_NOTES = {
     "test": "estimates on the certifying test rows (too few calibration rows for a separate report split): "
             "the plan was chosen on these rows, so they flatter it",
 }
+TRAFFIC_SCOPE = ("The certificate covers traffic like the calibration rows (exchangeable with them). Inputs unlike "
+                 "them (noise, another data set, a changed camera or tokenizer) may leave early with a wrong class "
+                 "at any rate; {guard}")
+GUARD_SCOPE = {
+    False: "compile with --ood-guard LEVEL (ood_guard=LEVEL) to send rows unlike the calibration rows to the full "
+           "network, or check live traffic with moco evaluate.",
+    True: "the out-of-distribution guard sends rows farther from the calibration rows than the 1 - {level:g} "
+          "quantile at each exit to the full network (measured on noise and on another data set in "
+          "benchmarks/RESULTS.md); it is a safeguard, not part of the certificate.",
+}
 
 
 @dataclass
@@ -60,8 +72,8 @@ class CompileResult:
 def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]], *,
             out_dir: str | os.PathLike | None = None, output: str | None = None,
             example_input: Any = None, max_disagreement: float = 0.01, confidence: float = 0.95,
-            max_accuracy_drop: float | None = None, allow_no_exit: bool = False, seed: int = 0,
-            batch_size: int = 256, measure_latency: bool = True, show_progress: bool = True,
+            max_accuracy_drop: float | None = None, ood_guard: float | None = None, allow_no_exit: bool = False,
+            seed: int = 0, batch_size: int = 256, measure_latency: bool = True, show_progress: bool = True,
             planner_config: PlannerConfig | None = None, force: bool = False) -> CompileResult:
     """Compile ``model`` into one ONNX graph with early exits.
 
@@ -86,6 +98,12 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     max_accuracy_drop:
         Optional second budget (needs labels): fraction of inputs the full model
         gets right and the compiled model gets wrong.
+    ood_guard:
+        Optional out-of-distribution guard: the share of calibration-like rows (in
+        (0, 1), e.g. 0.01) that each exit's distance check may send on to the full
+        network; rows unlike the calibration rows (noise, another data set) then run
+        the full network instead of leaving early (:mod:`~moco_compile.passes.guard`).
+        Overrides ``planner_config.ood_guard``.
     allow_no_exit:
         Emit the unchanged graph (``moco_exit`` always -1) instead of failing
         when no plan with exits meets the budget or the rows are too few to certify one.
@@ -98,6 +116,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     """
     budget = Budget(max_disagreement, confidence, max_accuracy_drop)
     config = planner_config or PlannerConfig()
+    if ood_guard is not None:
+        config = replace(config, ood_guard=ood_guard)
     inputs = _input_files(model)
     if out_dir is not None:
         check_output_dir(out_dir, inputs, force)
@@ -277,7 +297,9 @@ def _report(imported: ImportedModel, plan: ExitPlan, evaluation: PlanEvaluation,
     exits = [{"exit": k, "module": e.cut.module, "tensor": e.cut.tensor,
               "fraction_of_flops_before": e.cut.fraction_before,
               "classes_enabled": int(np.isfinite(e.thresholds).sum()),
-              "exit_rate": evaluation.exit_rates[k]} for k, e in enumerate(plan.exits)]
+              "exit_rate": evaluation.exit_rates[k], "guard_rate": evaluation.guard_rates[k]}
+             for k, e in enumerate(plan.exits)]
+    level = next((e.guard.level for e in plan.exits if e.guard is not None), None)
     report = {
         "classifier_output": imported.output,
         "flops_per_row_original": total_flops,
@@ -291,6 +313,8 @@ def _report(imported: ImportedModel, plan: ExitPlan, evaluation: PlanEvaluation,
         "accuracy_before": evaluation.accuracy_before,
         "accuracy_after": evaluation.accuracy_after,
         "bound": plan.certificate,
+        "ood_guard": level,
+        "traffic_scope": TRAFFIC_SCOPE.format(guard=GUARD_SCOPE[level is not None].format(level=level or 0)),
         "splits": {name: int((split == i).sum()) for i, name in enumerate(SPLITS)},
         "verification": verification,
         "latency": latency,

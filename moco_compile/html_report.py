@@ -319,6 +319,11 @@ class _Page:
              str(b.get("family_selection", "-"))),
             ("confidence the family was tested at", "bound_family_confidence", b.get("family_confidence"),
              percent_text(b.get("family_confidence"), 1)),
+            ("traffic the certificate covers", "traffic_scope", self.report.get("traffic_scope"),
+             str(self.report.get("traffic_scope") or "traffic exchangeable with the calibration rows")),
+            ("out-of-distribution guard level (share of calibration-like rows each exit's guard sends on)",
+             "ood_guard", self.report.get("ood_guard"),
+             "none" if self.report.get("ood_guard") is None else f"{self.report['ood_guard']:g}"),
         ]
         return table_html("certificate", "Certificate (test split)", ("item", "value"),
                       [_key_value_row(label, key, value, text) for label, key, value, text in rows])

@@ -79,12 +79,16 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
         summary.add_row(name, value)
     console.print(summary)
     exits = Table(title="Exits")
-    for column in ("exit", "module", "tensor", "FLOPs before", "classes", "exit rate"):
-        exits.add_column(column, justify="right" if column in ("exit", "FLOPs before", "classes", "exit rate") else "left")
+    guarded = report.get("ood_guard") is not None
+    columns = ("exit", "module", "tensor", "FLOPs before", "classes", "exit rate") + (("guard sends on",) * guarded)
+    for column in columns:
+        exits.add_column(column, justify="left" if column in ("module", "tensor") else "right")
     for item in report["exits"]:
         exits.add_row(str(item["exit"]), item["module"] or "-", item["tensor"],
                       _percent(item["fraction_of_flops_before"], 1), str(item["classes_enabled"]),
-                      _percent(item["exit_rate"], 1))
+                      _percent(item["exit_rate"], 1), *((_percent(item.get("guard_rate"), 1),) * guarded))
     console.print(exits)
     if bound.get("certified"):
         console.print(f"certified: {bound['certified']}\nmethod: {bound.get('method', '-')}")
+    if report.get("traffic_scope"):
+        console.print(f"scope: {report['traffic_scope']}", highlight=False)

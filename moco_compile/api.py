@@ -21,7 +21,7 @@ from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.frame import ActivationFrame, load_frame, written_by_moco
 from moco_compile.importer import ImportedModel, TextInputs, import_model
 from moco_compile.outputs import check_output_dir, check_output_file, staged_output_dir, staged_output_file
-from moco_compile.passes.calibrate import LABELS, PREDICTIONS, calibrate, variant_features
+from moco_compile.passes.calibrate import LABELS, PREDICTIONS, PROBABILITIES, calibrate, variant_features
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cost import flops_per_row, measure_shapes
 from moco_compile.passes.cut_points import CutPoint, find_cut_points, localize_side_tensors, side_inputs_of
@@ -139,7 +139,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     compiled = annotate_costs(insert_exits(imported.model, plan.exits, imported.output), plan.stage_flops(),
                               total_flops)
     evaluated_on = "report" if (split == SPLITS.index("report")).any() else "test"
-    evaluation = _evaluate(plan, frame.take(np.flatnonzero(split == SPLITS.index(evaluated_on))))
+    evaluated = frame.take(np.flatnonzero(split == SPLITS.index(evaluated_on)))
+    evaluation = _evaluate(plan, evaluated)
     kept_frame = frame.take(np.arange(len(next(iter(kept.values())))))
     expected = plan.routing([variant_features(kept_frame, e.column, e.pooling) for e in plan.exits],
                             len(kept_frame), config.rounding)
@@ -149,6 +150,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     with _stage("measuring latency (batch 1 and 64)", show_progress and measure_latency):
         latency = _latency(imported.model, compiled, kept) if measure_latency else {}
     report = _report(imported, plan, evaluation, evaluated_on, verification.to_dict(), latency, split, total_flops)
+    report["exited_confidence"] = _exited_confidence(plan, evaluated)
     report["source_model"] = source_model(inputs[0]) if inputs and inputs[0].is_file() else None
     result = CompileResult(compiled, plan, report, frame)
     if out_dir is not None:
@@ -274,6 +276,18 @@ def source_model(path: Path) -> dict:
 def _evaluate(plan: ExitPlan, frame: ActivationFrame) -> PlanEvaluation:
     features = [variant_features(frame, e.column, e.pooling) for e in plan.exits]
     return plan.evaluate(features, frame[PREDICTIONS], frame[LABELS] if LABELS in frame else None)
+
+
+def _exited_confidence(plan: ExitPlan, frame: ActivationFrame) -> dict | None:
+    """Exited rows' top probability and calibration error vs the full model's on the same rows."""
+    if PROBABILITIES not in frame:
+        return None
+    features = [variant_features(frame, e.column, e.pooling) for e in plan.exits]
+    confidence = plan.confidence(features, frame[PROBABILITIES], frame[LABELS] if LABELS in frame else None)
+    return {**confidence.to_dict(), "scales": [e.confidence_scale for e in plan.exits],
+            "note": "estimates on the evaluated rows; ece_* against the labels (15 equal-width bins), gap: mean "
+                    "|exited row's top probability - the full model's probability of that class|; uncalibrated: "
+                    "the softmax of the exit's margins (what exited rows carried before confidence scales)"}
 
 
 def _latency(original: onnx.ModelProto, compiled: onnx.ModelProto,

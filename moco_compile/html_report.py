@@ -277,6 +277,14 @@ class _Page:
         rows.append(("estimated upper bound on disagreement (not certified)", "estimated_upper_bound",
                      b.get("estimated_disagreement_upper_bound"),
                      percent_text(b.get("estimated_disagreement_upper_bound"), 2)))
+        confidence = r.get("exited_confidence") or {}
+        for label, key in (("exited rows' mean top probability, compiled (estimate)", "mean_top_probability"),
+                           ("  the full model on the same rows", "mean_top_probability_full_model"),
+                           ("  before confidence scales (softmax of margins)", "mean_top_probability_uncalibrated"),
+                           ("exited rows' calibration error (ECE vs labels), compiled", "ece"),
+                           ("  the full model on the same rows", "ece_full_model")):
+            if _is_number(confidence.get(key)):
+                rows.append((label, f"exited_{key}", confidence[key], _number(confidence[key], ".3f")))
         rows.append(("figures above measured on", "evaluated_on", r.get("evaluated_on"),
                      str(r.get("evaluation_note") or r.get("evaluated_on") or "-")))
         for name in ("batch_1", "batch_64"):

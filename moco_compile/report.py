@@ -56,6 +56,15 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
         ("accuracy before -> after", f"{_percent(report['accuracy_before'])} -> "
                                      f"{_percent(report['accuracy_after'])}"),
     ]
+    confidence = report.get("exited_confidence")
+    if confidence and confidence.get("rows"):
+        rows.append(("exited rows' mean top probability: compiled / full model (uncalibrated)",
+                     f"{confidence['mean_top_probability']:.3f} / {confidence['mean_top_probability_full_model']:.3f} "
+                     f"({confidence['mean_top_probability_uncalibrated']:.3f})"))
+        if confidence.get("ece") is not None:
+            rows.append(("  calibration error (ECE): compiled / full model (uncalibrated)",
+                         f"{confidence['ece']:.3f} / {confidence['ece_full_model']:.3f} "
+                         f"({confidence['ece_uncalibrated']:.3f})"))
     if bound.get("certified"):
         rows += [
             ("certified disagreement budget", f"<= {_percent(bound.get('max_disagreement'))} at "

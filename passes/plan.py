@@ -27,6 +27,7 @@ from moco_compile.passes.certify import CertifiedFamily, certify_family
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cut_points import CutPoint
 from moco_compile.passes.design import DesignProblem, build_families, choose_family, cut_elements
+from moco_compile.passes.exit_confidence import ExitedConfidence, exited_confidence, exited_logits
 from moco_compile.passes.guard import OODGuard
 from moco_compile.passes.routing import GuardVerdicts, Rounding, Routing, route_scores, stage_costs
 from moco_compile.passes.rules import LinearScores
@@ -36,7 +37,8 @@ from moco_compile.passes.rules import LinearScores
 class Exit:
     """One exit: linear scores on a cut's pooled features and per-class thresholds (inf = off),
     optionally guarded (rows its :class:`~moco_compile.passes.guard.OODGuard` finds unfamiliar
-    never leave here; ``rule_flops`` then includes the guard's)."""
+    never leave here; ``rule_flops`` then includes the guard's).  ``confidence_scale``: exited rows
+    carry calibrated log-probabilities (:mod:`~moco_compile.passes.exit_confidence`); None: margins."""
 
     cut: CutPoint
     column: str
@@ -45,6 +47,7 @@ class Exit:
     thresholds: np.ndarray
     rule_flops: float
     guard: OODGuard | None = None
+    confidence_scale: float | None = None
 
     def margins(self, features: np.ndarray) -> np.ndarray:
         """``[N, C]`` margins; a row exits here when its largest margin is positive."""
@@ -58,7 +61,8 @@ class Exit:
                 "weight": self.scores.weight.tolist(), "bias": self.scores.bias.tolist(),
                 "normalize": self.scores.normalize,
                 "thresholds": [None if not np.isfinite(t) else float(t) for t in self.thresholds],
-                "guard": None if self.guard is None else self.guard.to_dict()}
+                "guard": None if self.guard is None else self.guard.to_dict(),
+                "confidence_scale": self.confidence_scale}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Exit":
@@ -68,7 +72,8 @@ class Exit:
                               data.get("normalize", "none"))
         thresholds = np.asarray([np.inf if t is None else t for t in data["thresholds"]], np.float32)
         guard = OODGuard.from_dict(data["guard"]) if data.get("guard") else None
-        return cls(cut, data["column"], data["pooling"], scores, thresholds, data["rule_flops"], guard)
+        return cls(cut, data["column"], data["pooling"], scores, thresholds, data["rule_flops"], guard,
+                   data.get("confidence_scale"))
 
 
 @dataclass
@@ -134,6 +139,23 @@ class ExitPlan:
             disagreement_among_exited=float((compiled[exited] != predictions[exited]).mean()) if exited.any() else 0.0,
             accuracy_before=None if labels is None else float((predictions == labels).mean()),
             accuracy_after=None if labels is None else float((compiled == labels).mean()))
+
+    def confidence(self, features: Sequence[np.ndarray], full_probabilities: np.ndarray,
+                   labels: np.ndarray | None = None) -> ExitedConfidence:
+        """How confident exited rows are as compiled vs the full model on the same rows (estimates),
+        given pooled features per exit and the full model's ``[N, C]`` probabilities."""
+        exit_index = self.routing(features, len(full_probabilities)).exit_index
+        exited = np.flatnonzero(exit_index >= 0)
+        log_probs = np.zeros((len(exited), full_probabilities.shape[1]), np.float32)
+        margins, carried = log_probs.copy(), log_probs.copy()
+        for k, exit_ in enumerate(self.exits):
+            here = exit_index[exited] == k
+            log_probs[here] = exit_.scores(features[k][exited[here]])
+            margins[here] = log_probs[here] - exit_.thresholds
+            carried[here] = margins[here] if exit_.confidence_scale is None else \
+                exited_logits(log_probs[here], margins[here], exit_.confidence_scale)
+        return exited_confidence(carried, margins, full_probabilities[exited],
+                                 None if labels is None else labels[exited])
 
     def to_dict(self) -> dict:
         return {"total_flops": self.total_flops, "certificate": self.certificate,

@@ -6,17 +6,19 @@ benchmarks run on frames of many random calibration draws.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from moco_compile.errors import BudgetError, CalibrationDataError
 from moco_compile.frame import ActivationFrame
-from moco_compile.passes.calibrate import LABELS, PREDICTIONS
+from moco_compile.passes.calibrate import LABELS, PREDICTIONS, PROBABILITIES
 from moco_compile.passes.candidates import Candidates, fit_candidates
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cut_points import CutPoint
+from moco_compile.passes.exit_confidence import MIN_ROWS, TemperatureFitter
 from moco_compile.passes.plan import ExitPlan, ExitPlanner, NoPlanError, Split
+from moco_compile.passes.routing import route_scores
 from moco_compile.passes.splits import SPLITS, assign_splits, split_sizes
 
 
@@ -71,7 +73,31 @@ def plan_exits(frame: ActivationFrame, cuts: Sequence[CutPoint], num_classes: in
             f"{budget.confidence:g}: every plan with exits failed the test on {len(rows['test'])} held-out "
             "rows. Raise the budget, give more calibration rows, or pass --allow-no-exit to emit "
             "the unchanged graph")
+    if PROBABILITIES in frame:
+        plan = calibrate_confidence(plan, candidates, frame[PROBABILITIES][rows["rules"]])
     return Planning(plan, split, candidates, planner)
+
+
+def calibrate_confidence(plan: ExitPlan, candidates: Candidates, probabilities: np.ndarray) -> ExitPlan:
+    """``plan`` with each exit's confidence scale (:mod:`~moco_compile.passes.exit_confidence`) fitted on
+    the rule-fitting rows that leave there under it (their cross-fitted scores and guard verdicts, as
+    planning saw them; every fitting row's scores when fewer than ``MIN_ROWS`` leave there).
+    ``probabilities``: the full model's, on the rule-fitting rows.  Routing is unchanged."""
+    position = {candidate.cut.tensor: k for k, candidate in enumerate(candidates.exits)}
+    chosen = [position[e.cut.tensor] for e in plan.exits]
+    scores = [candidates.scores["rules"][k] for k in chosen]
+    guard = None if candidates.guards is None else candidates.guards["rules"].at(chosen)
+    routing = route_scores(scores, np.array([e.thresholds for e in plan.exits]), rows=len(probabilities),
+                           guard=guard)
+    fitter, exits = TemperatureFitter(), []
+    for k, exit_ in enumerate(plan.exits):
+        rows = routing.exit_index == k
+        rows = rows if rows.sum() >= MIN_ROWS else np.ones_like(rows)
+        log_probs = scores[k][rows]
+        scale = fitter.fit(log_probs, log_probs - exit_.thresholds, probabilities[rows]) \
+            if exit_.scores.normalize == "log_softmax" else None
+        exits.append(replace(exit_, confidence_scale=scale))
+    return replace(plan, exits=exits)
 
 
 def _no_exit(frame: ActivationFrame, total_flops: float, budget: Budget, config: PlannerConfig, seed: int,

@@ -27,6 +27,7 @@ from scipy.special import softmax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_fashion_resnet import run_batched  # noqa: E402
 from benchmarks.results import machine_description, write_section  # noqa: E402
 from models.export_fashion_resnet import CALIBRATION_PATH, ONNX_PATH  # noqa: E402
 from models.fashion_mnist import load_split  # noqa: E402
@@ -40,10 +41,8 @@ from moco_compile.runtime.session import make_session  # noqa: E402
 SOFTNESS = 4.0
 
 
-def run(model: onnx.ModelProto, images: np.ndarray, batch: int = 64) -> list[np.ndarray]:
-    session = make_session(model, ["CPUExecutionProvider"])
-    parts = [session.run(None, {"images": images[s:s + batch]}) for s in range(0, len(images), batch)]
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+def run(model: onnx.ModelProto, images: np.ndarray) -> list[np.ndarray]:
+    return run_batched(make_session(model, ["CPUExecutionProvider"]), images)
 
 
 def as_probabilities(values: np.ndarray, logits: bool) -> np.ndarray:

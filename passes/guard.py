@@ -17,7 +17,10 @@ model's predictions:
 2. the within-class covariance, shrunk towards a multiple of the identity
    (Ledoit-Wolf), is whitened: ``w = x @ weight + bias`` (standardisation folded in);
 3. ``distance = min_c ||w - m_c||^2 = |w|^2 + min_c (m_c . m_c - 2 w . m_c)``:
-   one ``[D, D]`` MatMul, one ``[D, C]`` MatMul and two reductions in the graph;
+   one ``[D, D]`` MatMul, one ``[D, C]`` MatMul and two reductions in the graph
+   (features wider than ``max_width``: only their ``max_width`` principal
+   within-class directions are checked, a ``[D, max_width]`` MatMul, so that a
+   4 x 2048-wide pooled cut needs neither a 2048^2 x 16 matrix nor its eigenproblem);
 4. the threshold is the ``1 - level`` quantile of the fitting rows' distances,
    each from a guard fitted without that row (cross-fitted: in-sample distances
    are biased low, and an in-sample threshold turned 3-5 times ``level`` of new
@@ -40,6 +43,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 from sklearn.covariance import ledoit_wolf
+from sklearn.utils.extmath import randomized_svd
 
 from moco_compile.passes.pooling import reduce_nodes
 from moco_compile.passes.rules import MIN_RELATIVE_SPREAD
@@ -50,7 +54,8 @@ class OODGuard:
     """A fitted guard: ``distance(x) = min_c ||x @ weight + bias - means[c]||^2``; rows with a
     distance above ``threshold`` may not leave at the exit.
 
-    ``weight`` ``[D, D]`` and ``bias`` ``[D]`` whiten the pooled features, ``means`` ``[K, D]``
+    ``weight`` ``[D, R]`` and ``bias`` ``[R]`` whiten the pooled features (``R = D``, or the
+    fitter's ``max_width`` principal directions), ``means`` ``[K, R]``
     holds the whitened class means (classes the fitting rows predicted), ``level`` the share
     of calibration-like rows the threshold was set to turn away.
     """
@@ -109,6 +114,9 @@ class GuardFitter:
     folds:
         The threshold is a quantile of distances each computed by a guard fitted
         without the row (``folds``-fold cross-fitting).
+    max_width:
+        Features wider than this are checked along their ``max_width`` principal
+        within-class directions only (randomised SVD, seeded).
 
     Attributes (after ``fit``)
     --------------------------
@@ -116,17 +124,19 @@ class GuardFitter:
         ``[N]`` cross-fitted distance of each fitting row (what the threshold is a quantile of).
     """
 
-    def __init__(self, level: float = 0.01, folds: int = 3) -> None:
+    def __init__(self, level: float = 0.01, folds: int = 3, max_width: int = 512) -> None:
         self.level = level
         self.folds = folds
+        self.max_width = max_width
 
     def fit(self, features: np.ndarray, targets: np.ndarray) -> OODGuard:
         """The guard for ``features`` (``[N, D]``) whose rows the full model assigned ``targets``."""
         if not 0 < self.level < 1:
             raise ValueError(f"the guard's level must be in (0, 1), got {self.level}; e.g. 0.01 turns away "
                              "about 1% of calibration-like rows at each exit")
-        if self.folds < 2:
-            raise ValueError(f"folds must be at least 2, got {self.folds}")
+        if self.folds < 2 or self.max_width < 1:
+            raise ValueError(f"folds must be at least 2 and max_width at least 1, got {self.folds} and "
+                             f"{self.max_width}")
         if features.ndim != 2 or len(features) != len(targets) or len(features) < 2 * self.folds:
             raise ValueError(f"features must be [N, D] with N = len(targets) >= {2 * self.folds}; got "
                              f"{features.shape} and {len(targets)} targets")
@@ -150,10 +160,13 @@ class GuardFitter:
         classes = np.unique(targets)
         class_means = np.stack([standard[targets == c].mean(axis=0) for c in classes])
         residuals = standard - class_means[np.searchsorted(classes, targets)]
-        covariance, _ = ledoit_wolf(residuals, assume_centered=True)
+        basis = np.eye(residuals.shape[1])
+        if residuals.shape[1] > self.max_width:
+            basis = randomized_svd(residuals, self.max_width, random_state=0)[2].T  # [D, max_width]
+        covariance, _ = ledoit_wolf(residuals @ basis, assume_centered=True)
         eigenvalues, eigenvectors = np.linalg.eigh(covariance)
         floor = max(float(eigenvalues.max()), 1.0) * 1e-9  # constant features: no direction divides by 0
-        whitening = eigenvectors / np.sqrt(np.maximum(eigenvalues, floor))
+        whitening = basis @ (eigenvectors / np.sqrt(np.maximum(eigenvalues, floor)))
         weight = whitening / scale[:, None]
         return OODGuard(weight.astype(np.float32), (-(mean / scale) @ whitening).astype(np.float32),
                         (class_means @ whitening).astype(np.float32), np.inf, self.level)

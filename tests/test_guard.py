@@ -69,6 +69,19 @@ def test_guard_turns_away_about_its_level_of_familiar_rows_and_every_far_row():
     assert (guard.distances(far) > guard.threshold).all()
 
 
+def test_wide_features_are_checked_along_their_principal_directions():
+    """Beyond ``max_width`` features the guard whitens only the principal within-class directions:
+    a [D, max_width] matrix, and rows far from the fitting rows are still turned away."""
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(800, 8))
+    features = (latent @ rng.normal(size=(8, 300)) + 0.1 * rng.normal(size=(800, 300))).astype(np.float32)
+    targets = (latent[:, 0] > 0).astype(np.int64)
+    guard = GuardFitter(level=0.05, max_width=16).fit(features, targets)
+    assert guard.weight.shape == (300, 16) and guard.means.shape == (2, 16)
+    assert (guard.distances(rng.normal(scale=5.0, size=(200, 300)).astype(np.float32)) > guard.threshold).all()
+    assert (guard.distances(features[:400]) > guard.threshold).mean() < 0.1
+
+
 @pytest.mark.parametrize("level", [0.0, 1.0, -0.1, 1.5])
 def test_guard_level_outside_zero_one_is_refused(level):
     with pytest.raises(ValueError, match=r"in \(0, 1\)"):

@@ -86,16 +86,21 @@ def evaluate(plan, test_frame) -> tuple[float, float]:
 def measure(name: str, onnx_path: Path, calibration: dict, test: dict, budget: Budget, exhaustive_cuts: int,
             scratch: Path) -> dict:
     timer = StageTimer()
-    fit_candidates, fit = planning.fit_candidates, planning.ExitPlanner.fit
+    fit_candidates = planning.fit_candidates
+    stages = [(planning.ExitPlanner, "design"), (planning.RowCounter, "count"), (planning.ExitPlanner, "certify")]
+    originals = [getattr(owner, method) for owner, method in stages]
     planning.fit_candidates = timer.wrap("fit rules", fit_candidates)
-    planning.ExitPlanner.fit = timer.wrap("plan", fit)
+    for (owner, method), function in zip(stages, originals):  # design, count the test rows, certify
+        setattr(owner, method, timer.wrap("plan", function))
     try:
         started = time.perf_counter()
         result = compile(onnx_path, calibration, max_disagreement=budget.max_disagreement, measure_latency=False,
                          show_progress=False)
         total = time.perf_counter() - started
     finally:
-        planning.fit_candidates, planning.ExitPlanner.fit = fit_candidates, fit
+        planning.fit_candidates = fit_candidates
+        for (owner, method), function in zip(stages, originals):
+            setattr(owner, method, function)
     test_path = scratch / f"{name}_test.arrow"
     test_path.unlink(missing_ok=True)
     test_frame = calibrate_frame(onnx_path, test, test_path, show_progress=False).in_memory()

@@ -199,11 +199,13 @@ def evaluate_plan(pool: Pool, plan: ExitPlan, rows: np.ndarray) -> PlanEvaluatio
 
 def planning_splits(pool: Pool, sample: Draw, planning: Planning) -> tuple[Split, Split]:
     """The design ("rules") and test splits ``plan_exits`` planned on, as it built them."""
-    def split_of(name: str) -> Split:
-        rows = sample.calibration[planning.split == SPLITS.index(name)]
-        return Split(planning.candidates.scores[name], pool.predictions[rows], pool.labels[rows])
-
-    return split_of("rules"), split_of("test")
+    split = planning.split
+    design = sample.calibration[split == SPLITS.index("rules")]
+    test = sample.calibration[split == SPLITS.index("test")]
+    exits = planning.candidates.exits
+    return (Split(planning.candidates.design_scores, pool.predictions[design], pool.labels[design]),
+            Split([e.scores(pool.features(e.column, e.pooling)[test]) for e in exits], pool.predictions[test],
+                  pool.labels[test]))
 
 
 def same_split(sample: Draw, planning: Planning, budget: Budget, config: PlannerConfig) -> bool:

@@ -7,11 +7,9 @@ import os
 import tempfile
 from contextlib import contextmanager
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-
-from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -21,13 +19,13 @@ from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.frame import ActivationFrame, load_frame, written_by_moco
 from moco_compile.importer import ImportedModel, TextInputs, import_model
 from moco_compile.outputs import check_output_dir, check_output_file, staged_output_dir, staged_output_file
-from moco_compile.passes.calibrate import LABELS, PREDICTIONS, PROBABILITIES, calibrate, variant_features
+from moco_compile.passes.calibrate import LABELS, PROBABILITIES, calibrate, variant_features
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cost import flops_per_row, measure_shapes
 from moco_compile.passes.cut_points import CutPoint, find_cut_points, localize_side_tensors, side_inputs_of
-from moco_compile.passes.graph import elem_types
-from moco_compile.passes.plan import ExitPlan, PlanEvaluation
-from moco_compile.passes.planning import plan_exits
+from moco_compile.passes.graph import elem_types, subgraph_nesting
+from moco_compile.passes.plan import ExitPlan, guard_verdicts
+from moco_compile.passes.planning import FrameRows, Planning, plan_rows
 from moco_compile.passes.rewrite import annotate_costs, insert_exits
 from moco_compile.passes.splits import SPLIT_COLUMN, SPLITS
 from moco_compile.passes.verify import verify_compiled
@@ -122,26 +120,26 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     if out_dir is not None:
         check_output_dir(out_dir, inputs, force)
     imported = import_model(model, output=output, example_input=example_input)
-    with tempfile.TemporaryDirectory(prefix="moco-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="moco-") as scratch:  # the Ray engine's frame shards
         if isinstance(calibration, ShardedData):
             from moco_compile.scale_out import calibrate_sharded
 
-            frame, cuts, kept = calibrate_sharded(imported, calibration, Path(scratch), batch_size, show_progress)
+            rows, cuts, kept = calibrate_sharded(imported, calibration, Path(scratch), batch_size, show_progress)
         else:
             frame, cuts, kept = _calibrate_local(imported, calibration, Path(scratch), batch_size, show_progress)
-    types = elem_types(imported.model)
-    config = config.for_cut_types(types.get(cut.tensor, onnx.TensorProto.FLOAT) for cut in cuts)
-    total_flops = cuts[0].flops_before + cuts[0].flops_after
-    with _stage("fitting rules and planning exits", show_progress):
-        planning = plan_exits(frame, cuts, imported.num_classes, total_flops, budget, config, seed, allow_no_exit)
-    plan, split = planning.plan, planning.split
-    frame = frame.with_column(SPLIT_COLUMN, split)
+            rows = FrameRows(frame)
+        types = elem_types(imported.model)
+        config = config.for_cut_types(types.get(cut.tensor, onnx.TensorProto.FLOAT) for cut in cuts) \
+            .for_model_nesting(subgraph_nesting(imported.model.graph))
+        total_flops = cuts[0].flops_before + cuts[0].flops_after
+        with _stage("fitting rules and planning exits", show_progress):
+            planning = plan_rows(rows, cuts, imported.num_classes, total_flops, budget, config, seed, allow_no_exit)
+        verified = len(next(iter(kept.values())))
+        frame = rows.kept_frame(planning.row_split, verified)
+    plan = planning.plan
     compiled = annotate_costs(insert_exits(imported.model, plan.exits, imported.output), plan.stage_flops(),
                               total_flops)
-    evaluated_on = "report" if (split == SPLITS.index("report")).any() else "test"
-    evaluated = frame.take(np.flatnonzero(split == SPLITS.index(evaluated_on)))
-    evaluation = _evaluate(plan, evaluated)
-    kept_frame = frame.take(np.arange(len(next(iter(kept.values())))))
+    kept_frame = frame.take(np.arange(verified))
     expected = plan.routing([variant_features(kept_frame, e.column, e.pooling) for e in plan.exits],
                             len(kept_frame), config.rounding)
     with _stage("verifying the compiled graph", show_progress):
@@ -149,8 +147,12 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
                                        config.rounding_tolerance)
     with _stage("measuring latency (batch 1 and 64)", show_progress and measure_latency):
         latency = _latency(imported.model, compiled, kept) if measure_latency else {}
-    report = _report(imported, plan, evaluation, evaluated_on, verification.to_dict(), latency, split, total_flops)
-    report["exited_confidence"] = _exited_confidence(plan, evaluated)
+    report = _report(imported, planning, verification.to_dict(), latency, total_flops)
+    evaluated = frame.take(np.flatnonzero(frame[SPLIT_COLUMN] == SPLITS.index(planning.evaluated_on)))
+    figures = _in_memory_figures(plan, evaluated)
+    for item, rate in zip(report["exits"], figures.pop("guard_rates")):
+        item["guard_rate"] = rate
+    report.update(figures)
     report["source_model"] = source_model(inputs[0]) if inputs and inputs[0].is_file() else None
     result = CompileResult(compiled, plan, report, frame)
     if out_dir is not None:
@@ -200,24 +202,16 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
     text = imported.text
     batches = iter_batches(calibration, calibration_spec(imported), batch_size)
     if text is not None:
-        # later layers recompute the extended mask from the compressed mask input
-        imported.model = localize_side_tensors(imported.model, text.side)
         batches = _checked_text_batches(batches, text, imported.input_names)
     batches = _peekable(batches)
     first = batches.peek()
     feed = {name: first[name][:1] for name in imported.input_names}
+    side = _localize_side_inputs(imported, feed)
     shapes = measure_shapes(imported.model, feed)
     node_flops = flops_per_row(imported.model, shapes)
-    if text is None:
-        side = side_inputs_of(imported.model, node_flops)
-        if side:  # e.g. a feature vector joined before the head: the remainder reads it compressed
-            imported.model = localize_side_tensors(imported.model, side)
-            shapes = measure_shapes(imported.model, feed)
-            node_flops = flops_per_row(imported.model, shapes)
-        cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=side)
-    else:
-        cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=text.side,
-                               sequence_mask=text.mask, min_fraction_before=0.0)
+    text_options = {} if text is None else {"sequence_mask": text.mask, "summary_token": text.summary_token,
+                                            "min_fraction_before": 0.0}
+    cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=side, **text_options)
     if not cuts:
         raise ModelError("the model has no cut point: no tensor separates it into a prefix and a "
                          "remainder with real compute on both sides, so there is nowhere to exit")
@@ -230,9 +224,19 @@ def model_for_plan(model: onnx.ModelProto, output: str | None,
     recomputed from the compressed rows, as :func:`cut_points_of` does), and its classifier
     output: where a saved plan's exits can be inserted again.  ``feed``: one row of inputs."""
     imported = import_model(model, output=output)
-    side = imported.text.side if imported.text is not None else side_inputs_of(
-        imported.model, flops_per_row(imported.model, measure_shapes(imported.model, feed)))
-    return (localize_side_tensors(imported.model, side) if side else imported.model), imported.output
+    _localize_side_inputs(imported, feed)
+    return imported.model, imported.output
+
+
+def _localize_side_inputs(imported: ImportedModel, feed: Mapping[str, np.ndarray]) -> tuple[str, ...]:
+    """Make ``imported.model``'s later layers recompute what they derive from side inputs (a text
+    model's masks; for any other model each input besides the main one that the network reads
+    cheaply, e.g. a feature vector joined before the head) from the compressed rows; the side inputs."""
+    side = tuple(imported.text.side) if imported.text is not None else tuple(side_inputs_of(
+        imported.model, flops_per_row(imported.model, measure_shapes(imported.model, feed))))
+    if side:
+        imported.model = localize_side_tensors(imported.model, side)
+    return side
 
 
 def calibration_spec(imported: ImportedModel) -> CalibrationSpec:
@@ -273,21 +277,25 @@ def source_model(path: Path) -> dict:
     return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest()}
 
 
-def _evaluate(plan: ExitPlan, frame: ActivationFrame) -> PlanEvaluation:
-    features = [variant_features(frame, e.column, e.pooling) for e in plan.exits]
-    return plan.evaluate(features, frame[PREDICTIONS], frame[LABELS] if LABELS in frame else None)
-
-
-def _exited_confidence(plan: ExitPlan, frame: ActivationFrame) -> dict | None:
-    """Exited rows' top probability and calibration error vs the full model's on the same rows."""
-    if PROBABILITIES not in frame:
-        return None
-    features = [variant_features(frame, e.column, e.pooling) for e in plan.exits]
-    confidence = plan.confidence(features, frame[PROBABILITIES], frame[LABELS] if LABELS in frame else None)
-    return {**confidence.to_dict(), "scales": [e.confidence_scale for e in plan.exits],
-            "note": "estimates on the evaluated rows; ece_* against the labels (15 equal-width bins), gap: mean "
-                    "|exited row's top probability - the full model's probability of that class|; uncalibrated: "
-                    "the softmax of the exit's margins (what exited rows carried before confidence scales)"}
+def _in_memory_figures(plan: ExitPlan, frame: ActivationFrame) -> dict:
+    """Figures read from the evaluated rows the build keeps in memory (all of them in one process;
+    with the Ray engine, those among the first rows): each exit's guard rate, and exited rows' top
+    probability and calibration error vs the full model's on the same rows."""
+    features = [variant_features(frame, e.column, e.pooling) for e in plan.exits] if len(frame) else []
+    guard = guard_verdicts([e.guard for e in plan.exits], features, len(frame)) if len(frame) else None
+    figures: dict = {"in_memory_rows": len(frame), "guard_rates": [
+        None if guard is None or e.guard is None else float(guard.blocked[k].mean())
+        for k, e in enumerate(plan.exits)], "exited_confidence": None}
+    if PROBABILITIES in frame and len(frame):
+        labels = frame[LABELS] if LABELS in frame else None
+        confidence = plan.confidence(features, frame[PROBABILITIES], labels)
+        figures["exited_confidence"] = {
+            **confidence.to_dict(), "scales": [e.confidence_scale for e in plan.exits],
+            "note": "estimates on the evaluated rows kept in memory; ece_* against the labels (15 equal-width "
+                    "bins), gap: mean |exited row's top probability - the full model's probability of that "
+                    "class|; uncalibrated: the softmax of the exit's margins (what exited rows carried before "
+                    "confidence scales)"}
+    return figures
 
 
 def _latency(original: onnx.ModelProto, compiled: onnx.ModelProto,
@@ -306,13 +314,13 @@ def _latency(original: onnx.ModelProto, compiled: onnx.ModelProto,
     return result
 
 
-def _report(imported: ImportedModel, plan: ExitPlan, evaluation: PlanEvaluation, evaluated_on: str,
-            verification: dict, latency: dict, split: np.ndarray, total_flops: float) -> dict:
+def _report(imported: ImportedModel, planning: Planning, verification: dict, latency: dict,
+            total_flops: float) -> dict:
+    plan, evaluation, evaluated_on = planning.plan, planning.evaluation, planning.evaluated_on
     exits = [{"exit": k, "module": e.cut.module, "tensor": e.cut.tensor,
               "fraction_of_flops_before": e.cut.fraction_before,
               "classes_enabled": int(np.isfinite(e.thresholds).sum()),
-              "exit_rate": evaluation.exit_rates[k], "guard_rate": evaluation.guard_rates[k]}
-             for k, e in enumerate(plan.exits)]
+              "exit_rate": evaluation.exit_rates[k]} for k, e in enumerate(plan.exits)]
     level = next((e.guard.level for e in plan.exits if e.guard is not None), None)
     report = {
         "classifier_output": imported.output,
@@ -329,7 +337,7 @@ def _report(imported: ImportedModel, plan: ExitPlan, evaluation: PlanEvaluation,
         "bound": plan.certificate,
         "ood_guard": level,
         "traffic_scope": TRAFFIC_SCOPE.format(guard=GUARD_SCOPE[level is not None].format(level=level or 0)),
-        "splits": {name: int((split == i).sum()) for i, name in enumerate(SPLITS)},
+        "splits": planning.row_split.sizes,
         "verification": verification,
         "latency": latency,
     }

@@ -51,8 +51,8 @@ def compile_command(
     engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     ray_workers: int = typer.Option(2, "--ray-workers", help="Ray actors, each with one onnxruntime session"),
-    ray_max_rows: Optional[int] = typer.Option(None, "--ray-max-rows", help="plan on at most this many rows (a "
-                                               "seeded sample): bounds the driver's memory (default: all)"),
+    ray_max_rows: Optional[int] = typer.Option(None, "--ray-max-rows", help="plan and certify on at most this many "
+                                               "rows (a seeded sample; default: all, in bounded driver memory)"),
 ) -> None:
     """Compile MODEL into an early-exit graph and print its report."""
     from moco_compile.api import compile as compile_model

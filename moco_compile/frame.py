@@ -223,18 +223,27 @@ def load_frame(path: str | os.PathLike) -> ActivationFrame:
 def load_frames(paths: Sequence[str | os.PathLike], rows: np.ndarray | None = None) -> ActivationFrame:
     """Open frame shards (same columns, e.g. one per data shard) as one frame, memory-mapped, in order.
 
-    ``rows``: sorted indices into the whole to keep; taken shard by shard, so only the kept rows
-    (and at most one shard's worth of working memory) are read.
+    ``rows``: sorted indices into the whole to keep; taken shard by shard into memory, each shard's
+    mapping released before the next is opened, so only the kept rows and one shard's pages are
+    ever held.
     """
-    tables = [load_frame(path)._table for path in paths]
-    if not tables:
+    if not paths:
         raise ValueError("no frame shards to load")
-    columns = {tuple(table.column_names) for table in tables}
+    tables, columns, start = [], set(), 0
+    for path in paths:
+        table = load_frame(path)._table
+        columns.add(tuple(table.column_names))
+        if rows is not None:
+            stop = start + table.num_rows
+            table = table.take(pa.array(rows[(rows >= start) & (rows < stop)] - start, type=pa.int64()))
+            start = stop
+        tables.append(table)
+    check_same_columns(columns)
+    return ActivationFrame(pa.concat_tables(tables))
+
+
+def check_same_columns(columns: set[tuple[str, ...]]) -> None:
+    """A ``ValueError`` unless every frame shard has the same columns (``columns``: each shard's)."""
     if len(columns) > 1:
         raise ValueError(f"frame shards have different columns: {sorted(columns)}; every shard must hold the "
                          "same inputs (and all or none of them 'labels')")
-    if rows is not None:
-        bounds = np.cumsum([0] + [table.num_rows for table in tables])
-        tables = [table.take(pa.array(rows[(rows >= low) & (rows < high)] - low, type=pa.int64()))
-                  for table, low, high in zip(tables, bounds[:-1], bounds[1:])]
-    return ActivationFrame(pa.concat_tables(tables))

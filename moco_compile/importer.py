@@ -249,10 +249,12 @@ def input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
 # -- text models ------------------------------------------------------------------------------
 
 TEXT_METADATA = "moco.text."
-# Hugging Face architectures whose export, cut points and exits are tested (tests/test_text.py).
-SUPPORTED_HF_ARCHITECTURES = ("BertForSequenceClassification", "DistilBertForSequenceClassification",
-                              "RobertaForSequenceClassification", "AlbertForSequenceClassification",
-                              "ElectraForSequenceClassification")  # encoders; decoders (last-token pooling) not yet
+# Hugging Face architectures whose export, cut points and exits are tested (tests/test_text_architectures.py).
+HF_ENCODERS = ("BertForSequenceClassification", "DistilBertForSequenceClassification",
+               "RobertaForSequenceClassification", "AlbertForSequenceClassification",
+               "ElectraForSequenceClassification")
+HF_DECODERS = ("GPT2ForSequenceClassification", "LlamaForSequenceClassification")  # classify the last token
+SUPPORTED_HF_ARCHITECTURES = HF_ENCODERS + HF_DECODERS
 _MASK_NAMES = ("attention_mask",)
 _SIDE_NAMES = ("attention_mask", "token_type_ids", "position_ids")
 
@@ -263,13 +265,16 @@ class TextInputs:
 
     ``mask``: the ``[N, S]`` attention mask (1 = real token) that sequence pooling reads;
     ``side``: graph inputs that later layers read besides the hidden state, compressed with
-    it at every exit; ``max_length``: the longest sequence the model accepts (None: unknown).
+    it at every exit; ``max_length``: the longest sequence the model accepts (None: unknown);
+    ``summary_token``: the token whose state sums the text up (``first_token`` for encoders,
+    ``last_token`` for causal decoders, whose other tokens have not seen the whole text).
     """
 
     mask: str
     side: tuple[str, ...]
     max_length: int | None = None
     architecture: str = ""
+    summary_token: str = "first_token"
 
 
 def text_inputs(model: onnx.ModelProto) -> TextInputs | None:
@@ -279,7 +284,7 @@ def text_inputs(model: onnx.ModelProto) -> TextInputs | None:
     if "mask" in meta:
         return TextInputs(meta["mask"], tuple(n for n in meta.get("side", meta["mask"]).split(",") if n),
                           int(meta["max_length"]) if meta.get("max_length") else None,
-                          meta.get("architecture", ""))
+                          meta.get("architecture", ""), meta.get("summary_token", "first_token"))
     inputs = {name: dtype for name, dtype in input_dtypes(model).items()}
     masks = [n for n in _MASK_NAMES if n in inputs and np.issubdtype(inputs[n], np.integer)]
     if not masks:
@@ -310,6 +315,47 @@ def load_hf_directory(path: Path) -> Any:
     return AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).eval()
 
 
+def _last_masked_token_classifier(model: Any) -> Any:
+    """A decoder classifier that classifies the last token the attention mask keeps.
+
+    Hugging Face's decoder classifiers find that token from ``input_ids == pad_token_id``, so
+    the token ids would cross every cut; reading the mask instead (the same token for any
+    padding the mask marks, checked here on a padded batch) keeps the ids inside the prefix.
+    The base model and head are held under their own names, so cuts keep their module paths.
+    """
+    import torch
+
+    class LastMaskedTokenClassifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.prefix = model.base_model_prefix
+            setattr(self, self.prefix, model.base_model)
+            self.score = model.score
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden = getattr(self, self.prefix)(input_ids=input_ids, attention_mask=attention_mask,
+                                                use_cache=False).last_hidden_state
+            positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+            last = (attention_mask.long() * positions).argmax(dim=1)
+            return self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+
+    wrapped = LastMaskedTokenClassifier().eval()
+    pad, vocab = model.config.pad_token_id, model.config.vocab_size
+    ids = torch.arange(3 * 9).reshape(3, 9) % (vocab - 1)
+    ids = torch.where(ids >= pad, ids + 1, ids)  # no pad token among the real ones
+    mask = torch.ones_like(ids)
+    mask[1, 6:], mask[2, 3:] = 0, 0
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        got = wrapped(ids, mask)
+    if not torch.allclose(expected, got, atol=1e-4, rtol=1e-4):
+        raise ModelError(f"{type(model).__name__}: classifying the last token the attention mask keeps does not "
+                         f"reproduce the model (max difference {float((expected - got).abs().max()):.3g}); export "
+                         "it to ONNX yourself and pass the .onnx file")
+    return wrapped
+
+
 def export_hf_sequence_classifier(model: Any, opset: int = 18) -> onnx.ModelProto:
     """Export a Hugging Face sequence classifier: inputs ``input_ids``, ``attention_mask``
     (and ``token_type_ids`` when the model has them), output ``logits``; batch and sequence
@@ -323,14 +369,17 @@ def export_hf_sequence_classifier(model: Any, opset: int = 18) -> onnx.ModelProt
     architecture = type(model).__name__
     if architecture not in SUPPORTED_HF_ARCHITECTURES:
         raise ModelError(f"{architecture} is not a supported Hugging Face architecture; moco imports "
-                         f"{', '.join(SUPPORTED_HF_ARCHITECTURES)} (encoder classifiers). Decoder-style "
-                         "classifiers that pool the last token are not supported yet. Export other models to "
+                         f"{', '.join(SUPPORTED_HF_ARCHITECTURES)}. Export other models to "
                          "ONNX yourself (inputs input_ids, attention_mask; output [batch, classes] logits) "
                          "and pass the .onnx file")
     config = model.config
     if getattr(config, "num_labels", 0) < 2:
         raise ModelError(f"{architecture} has num_labels={getattr(config, 'num_labels', None)}: moco compiles "
                          "classifiers with >= 2 classes, not regression heads")
+    if architecture in HF_DECODERS and getattr(config, "pad_token_id", None) is None:
+        raise ModelError(f"{architecture} has no pad_token_id, so it cannot tell which token of a padded row "
+                         "is the last one: set model.config.pad_token_id (e.g. to the tokenizer's "
+                         "eos_token_id, as for padding) before compiling")
     names = ["input_ids", "attention_mask"]
     if "token_type_ids" in inspect.signature(model.forward).parameters and getattr(config, "type_vocab_size", 0):
         names.append("token_type_ids")
@@ -342,6 +391,8 @@ def export_hf_sequence_classifier(model: Any, opset: int = 18) -> onnx.ModelProt
     example = {name: example[name] for name in names}
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max_length)
     model = model.eval()
+    if architecture in HF_DECODERS:
+        model = _last_masked_token_classifier(model)
     use_cache = getattr(config, "use_cache", None)
     try:
         config.use_cache = False  # decoders would also return their key/value cache
@@ -363,6 +414,7 @@ def export_hf_sequence_classifier(model: Any, opset: int = 18) -> onnx.ModelProt
         raise ModelError(f"exporting {architecture} gave outputs {[o.name for o in exported.graph.output]}, "
                          "expected one 'logits' output")
     for key, value in (("mask", "attention_mask"), ("side", ",".join(names[1:])),
-                       ("max_length", str(max_length)), ("architecture", architecture)):
+                       ("max_length", str(max_length)), ("architecture", architecture),
+                       ("summary_token", "last_token" if architecture in HF_DECODERS else "first_token")):
         exported.metadata_props.add(key=TEXT_METADATA + key, value=value)
     return exported

@@ -11,15 +11,24 @@ sees shard names and row counts, so its memory does not grow with the data; the 
 read in shard order, are exactly the frame the single-process path writes for the same rows.
 
 A worker that dies is restarted and its shard retried: Ray Data's actor pools default to
-``max_restarts=-1`` and ``max_task_retries=-1`` (Ray 2.60 deprecates setting them per call), so a
-shard that kills its worker every time is retried until the run is stopped; an exception a
-worker raises is not retried but reported.  A retried shard is rewritten whole (the frame file
-appears under its name only when complete), so no partial shard is ever read.  Ray is imported
-only here.
+``max_restarts=-1`` and ``max_task_retries=-1`` (Ray 2.60 deprecates setting them per call).  So
+that a shard which kills its worker every time does not retry forever, each start of a shard
+claims an attempt marker beside its frame file (``.part-<index>.arrow.attempt-<n>``, created
+exclusively, so it counts across restarted actors); past ``ShardedData.max_attempts`` the shard
+is not run again but reported, and the driver fails naming it.  An exception a worker raises is
+not retried but reported.  A retried shard is rewritten whole (the frame file appears under its
+name only when complete), so no partial shard is ever read.
+
+Planning's counts (:func:`count_on_ray`): one Ray task per frame shard runs the planner's
+:class:`~moco_compile.passes.planning.RowCounter` over its rows, chunk by chunk; the driver sums
+the counts as they arrive (a few integers per plan), so it never holds a shard's rows.  Ray is
+imported only here.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,9 +43,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from moco_compile.calibration import CalibrationSpec
 from moco_compile import errors
 from moco_compile.errors import CalibrationDataError, MocoError
-from moco_compile.frame import FrameWriter
+from moco_compile.frame import FrameWriter, load_frame
 from moco_compile.passes.calibrate import LABELS, FeatureProbe
 from moco_compile.passes.cut_points import CutPoint
+from moco_compile.passes.planning import Counts, RowCounter, add_counts
 from moco_compile.runtime.session import ExitSession
 from moco_compile.runtime.shadow import shadow_run
 from moco_compile.shards import ShardedData, read_shard
@@ -77,8 +87,10 @@ class ShardMapper:
     Subclasses say what a batch becomes (:meth:`columns`); their sessions are made once per actor.
     """
 
-    def __init__(self, spec: CalibrationSpec, filesystem: pafs.FileSystem, out_dir: str, batch_size: int) -> None:
+    def __init__(self, spec: CalibrationSpec, filesystem: pafs.FileSystem, out_dir: str, batch_size: int,
+                 max_attempts: int) -> None:
         self.spec, self.filesystem, self.out_dir, self.batch_size = spec, filesystem, Path(out_dir), batch_size
+        self.max_attempts = max_attempts
 
     def columns(self, batch: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
         """The frame columns of one validated batch."""
@@ -92,6 +104,7 @@ class ShardMapper:
         for index, path in zip(shards["index"], shards["path"]):
             target = self.out_dir / shard_frame_name(int(index))
             try:
+                self._claim_attempt(target, str(path))
                 rows.append(self._map(str(path), target))
                 errors.append("")
             except MocoError as error:
@@ -100,6 +113,19 @@ class ShardMapper:
             files.append(str(target))
         return {"index": shards["index"], "frame": np.array(files), "rows": np.array(rows, np.int64),
                 "error": np.array(errors)}
+
+    def _claim_attempt(self, target: Path, path: str) -> None:
+        """Count this start of the shard (a marker file per start, beside its frame file); a
+        :class:`MocoError` instead when its worker died on every one of ``max_attempts`` starts."""
+        for attempt in itertools.count(1):
+            marker = target.with_name(f".{target.name}.attempt-{attempt}")
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+            if attempt > self.max_attempts:
+                raise MocoError(_died_message(path, self.max_attempts))
+            return
 
     def _map(self, path: str, target: Path) -> int:
         count = 0
@@ -143,6 +169,13 @@ class ShardShadow(ShardMapper):
         if LABELS in batch:
             columns[LABELS] = batch[LABELS]
         return columns
+
+
+def _died_message(shard: str, attempts: int) -> str:
+    return (f"the Ray worker processing shard {shard} died on each of its {attempts} attempts (killed: out of "
+            "memory, or a crash in onnxruntime?); run that shard alone to see why (e.g. convert it to .npz and "
+            "`moco calibrate MODEL --calib SHARD.npz --out frame.arrow`), give the workers more memory, or "
+            "move the shard out of the data")
 
 
 def shard_frame_name(index: int) -> str:
@@ -191,7 +224,7 @@ def map_shards(mapper: type[ShardMapper], arguments: dict, spec: CalibrationSpec
         compute=ray.data.ActorPoolStrategy(size=min(data.workers, len(shards))),
         num_cpus=data.cpus_per_worker,
         fn_constructor_kwargs=dict(arguments, spec=spec, filesystem=filesystem, out_dir=str(out_dir),
-                                   batch_size=batch_size))
+                                   batch_size=batch_size, max_attempts=data.max_attempts))
     done: dict[int, Path] = {}
     total_rows = 0
     with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
@@ -210,3 +243,41 @@ def map_shards(mapper: type[ShardMapper], arguments: dict, spec: CalibrationSpec
             raise MocoError(f"{description} failed: {error}") from error
     log.info("%s: %d rows in %d shards", description, total_rows, len(shards))
     return [done[index] for index in range(len(shards))]
+
+
+def count_on_ray(counter: RowCounter, jobs: Sequence[tuple[str, np.ndarray | None, int]], data: ShardedData,
+                 show_progress: bool = True) -> Counts:
+    """``counter``'s counts over every job's rows, summed; one Ray task per job.
+
+    A job is ``(frame shard path, rows of it to count or None for all, position of its first row
+    among the planning rows)``.  A task whose worker dies is retried, ``data.max_attempts`` starts
+    in all; then the run fails naming the shard.
+    """
+    connect(data.address)
+    count = ray.remote(num_cpus=data.cpus_per_worker, max_retries=data.max_attempts - 1)(_count_shard)
+    shared = ray.put(counter)
+    pending = {count.remote(shared, *job): job[0] for job in jobs}
+    total: Counts | None = None
+    with Progress(TextColumn("counting plans on Ray"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
+                  TimeElapsedColumn(), disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("shards", total=len(jobs))
+        while pending:
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            shard = pending.pop(done)
+            try:
+                counts = ray.get(done)
+            except ray.exceptions.RayTaskError as error:
+                if isinstance(error.cause, MocoError):
+                    raise error.cause from None
+                raise MocoError(f"counting plans on shard {shard} failed: {error}") from error
+            except ray.exceptions.RayError as error:
+                raise MocoError(f"{_died_message(shard, data.max_attempts)} ({type(error).__name__})") from error
+            total = counts if total is None else add_counts(total, counts)
+            progress.advance(task)
+    return total
+
+
+def _count_shard(counter: RowCounter, path: str, rows: np.ndarray | None, start: int) -> Counts:
+    """On a worker: ``counter`` over a frame shard's ``rows`` (all when None), memory-mapped, chunk by chunk."""
+    frame = load_frame(path)
+    return counter.count(frame if rows is None else frame.take(rows), start)

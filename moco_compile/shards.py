@@ -36,9 +36,12 @@ class ShardedData:
     understands.  ``address``: the Ray cluster to join (``None``: use the running one or start a
     local one).  ``workers``: actors, each with one onnxruntime session and ``cpus_per_worker``
     CPUs (fractional: whole-CPU actors deadlock behind read tasks on a small machine).
-    ``max_rows``: compile plans on at most this many of the calibrated rows (the first rows, which
-    verify the compiled graph, and a ``seed``-ed uniform sample of the rest), so the driver's memory
-    is bounded whatever the data size; ``None``: every row (the single-process path's answer).
+    ``max_rows``: compile plans and certifies on at most this many of the calibrated rows (the
+    first rows, which verify the compiled graph, and a ``seed``-ed uniform sample of the rest);
+    ``None``: every row (the single-process path's answer).  The driver's memory is bounded
+    either way (it reads at most ``PlannerConfig.max_design_rows`` rules rows; the cluster counts
+    the others).  ``max_attempts``: how many times a shard may be started on a worker that then
+    dies (Ray restarts it) before the run fails naming that shard.
     """
 
     source: str
@@ -47,13 +50,15 @@ class ShardedData:
     cpus_per_worker: float = 0.5
     max_rows: int | None = None
     seed: int = 0
+    max_attempts: int = 3
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be {rule}, got {value}" for name, value, ok, rule in (
             ("workers (--ray-workers)", self.workers, self.workers >= 1, "at least 1"),
             ("cpus_per_worker", self.cpus_per_worker, self.cpus_per_worker > 0, "positive"),
             ("max_rows (--ray-max-rows)", self.max_rows, self.max_rows is None or self.max_rows >= 2,
-             "at least 2")) if not ok]
+             "at least 2"),
+            ("max_attempts", self.max_attempts, self.max_attempts >= 1, "at least 1")) if not ok]
         if problems:
             raise MocoError("; ".join(problems))
 

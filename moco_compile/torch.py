@@ -7,10 +7,12 @@
 >>> out = model(**tokenizer(texts, return_tensors="pt", padding=True))
 >>> out.logits, out.exits                       # exits[i]: index into model.exit_names, -1 = full
 
-A rule sits at a cut (``bert.embeddings``; in block ``i`` after the attention sub-layer,
+A rule sits at a cut (``bert.embeddings``; ELECTRA's ``electra.embeddings_project`` when its
+embeddings are narrower than its blocks; in block ``i`` after the attention sub-layer,
 ``bert.encoder.layer.<i>.attention``, and after the block output, ``bert.encoder.layer.<i>``,
 which :meth:`~EarlyExitTextClassificationModel.add_rule` also accepts as
-``encoder.layer.<i>.output``).  The hidden states there are pooled (mask-aware
+``encoder.layer.<i>.output``; ``roberta.`` / ``electra.`` for those models).  The hidden
+states there are pooled (mask-aware
 ``token_mean``, ``first_token``, or both joined by ``+``), scored with one linear map and
 compared with per-class thresholds: exactly the compiled ONNX graph's exit.  Rows whose best
 margin is positive leave with the rule's calibrated log-probabilities as their logits when the
@@ -20,7 +22,9 @@ the other rows continue, compressed, through the remaining layers.  A plan compi
 out-of-distribution guard (``ood_guard``) brings each exit's guard: rows it finds unfamiliar
 do not leave there (the graph's formula, ``passes/guard.py``).
 
-Supported: ``BertForSequenceClassification`` (the architectures the importer supports).
+Supported: the encoders with BERT's block layout, ``BertForSequenceClassification``,
+``RobertaForSequenceClassification`` and ``ElectraForSequenceClassification`` (the other
+architectures the importer supports compile to ONNX).
 """
 from __future__ import annotations
 
@@ -39,7 +43,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from moco_compile.errors import ModelError
 
 _NEVER = float(np.finfo(np.float32).max)
-EAGER_ARCHITECTURES = ("BertForSequenceClassification",)
+EAGER_ARCHITECTURES = ("BertForSequenceClassification", "RobertaForSequenceClassification",
+                       "ElectraForSequenceClassification")
 _POOLINGS = ("first_token", "token_mean")
 
 
@@ -118,7 +123,8 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
     Parameters
     ----------
     model:
-        A ``BertForSequenceClassification`` (any number of blocks and classes).
+        A ``BertForSequenceClassification``, ``RobertaForSequenceClassification`` or
+        ``ElectraForSequenceClassification`` (any number of blocks and classes).
     """
 
     def __init__(self, model: Any) -> None:
@@ -128,15 +134,19 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
             raise ModelError(f"{architecture} is not supported by the eager text API; supported: "
                              f"{', '.join(EAGER_ARCHITECTURES)} (other encoders compile to ONNX: moco.compile)")
         self.model = model.eval()
+        self.prefix = model.base_model_prefix  # "bert", "roberta", "electra": the cut names' first part
+        self.encoder = model.base_model
         self._rules: dict[str, list[_Rule]] = {}
 
     # -- where rules go ------------------------------------------------------------------------
     @property
     def cut_names(self) -> list[str]:
         """Where rules may go, in execution order (the module names the ONNX compile uses)."""
-        names = ["bert.embeddings"]
-        for i in range(len(self.model.bert.encoder.layer)):
-            names += [f"bert.encoder.layer.{i}.attention", f"bert.encoder.layer.{i}"]
+        names = [f"{self.prefix}.embeddings"]
+        if hasattr(self.encoder, "embeddings_project"):
+            names.append(f"{self.prefix}.embeddings_project")
+        for i in range(len(self.encoder.encoder.layer)):
+            names += [f"{self.prefix}.encoder.layer.{i}.attention", f"{self.prefix}.encoder.layer.{i}"]
         return names
 
     @property
@@ -146,16 +156,16 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
 
     def _cut(self, where: str, block: int | None, sublayer: str) -> str:
         if block is not None:
-            if where not in ("encoder", "bert.encoder"):
+            if where not in ("encoder", f"{self.prefix}.encoder"):
                 raise ModelError(f"a block index goes with where='encoder', not {where!r}")
-            blocks = len(self.model.bert.encoder.layer)
+            blocks = len(self.encoder.encoder.layer)
             if not isinstance(block, (int, np.integer)) or not 0 <= block < blocks:
                 raise ModelError(f"block index {block!r} is out of range: this model has blocks 0..{blocks - 1}")
             if sublayer not in ("attention", "output"):
                 raise ModelError(f"sublayer must be 'attention' or 'output', got {sublayer!r}")
-            return f"bert.encoder.layer.{block}" + (".attention" if sublayer == "attention" else "")
+            return f"{self.prefix}.encoder.layer.{block}" + (".attention" if sublayer == "attention" else "")
         name = re.sub(r"\.output$", "", where)
-        name = name if name.startswith("bert.") else f"bert.{name}"
+        name = name if name.startswith(f"{self.prefix}.") else f"{self.prefix}.{name}"
         if name not in self.cut_names:
             raise ModelError(f"{where!r} is not a cut point of this model; use ('embeddings'), "
                              f"('encoder', block, 'attention' | 'output') or one of {', '.join(self.cut_names)}")
@@ -207,7 +217,7 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
         bias = np.asarray(bias, np.float32)
         thresholds = np.asarray([np.inf if t is None else t for t in np.atleast_1d(thresholds)], np.float32)
         classes = self.model.config.num_labels
-        width = self.model.config.hidden_size * len(pooling.split("+"))
+        width = self._width(cut) * len(pooling.split("+"))
         if weight.shape != (width, classes) or bias.shape != (classes,) or thresholds.shape != (classes,):
             raise ModelError(f"rule at {cut} with pooling {pooling}: weights must be [{width}, {classes}], bias and "
                              f"thresholds [{classes}]; got {weight.shape}, {bias.shape}, {thresholds.shape}")
@@ -217,6 +227,12 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
         self._rules.setdefault(cut, []).append(
             _Rule(pooling, torch.from_numpy(weight), torch.from_numpy(bias), torch.from_numpy(thresholds), normalize,
                   None if guard is None else _Guard.from_dict(guard), confidence_scale))
+
+    def _width(self, cut: str) -> int:
+        """Features per token at ``cut``: ELECTRA's embeddings may be narrower than its blocks."""
+        config = self.model.config
+        narrow = cut == f"{self.prefix}.embeddings" and hasattr(self.encoder, "embeddings_project")
+        return config.embedding_size if narrow else config.hidden_size
 
     def load_plan(self, plan: str | os.PathLike | Mapping | Any) -> "EarlyExitTextClassificationModel":
         """Add the rules of a compile's ``plan.json`` (a path, its parsed dict, or an ``ExitPlan``)."""
@@ -237,7 +253,7 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> EarlyExitClassifierOutput:
         """Run like the wrapped model; exited rows carry their rule's margins as logits."""
-        bert = self.model.bert
+        encoder, prefix = self.encoder, self.prefix
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         order = {name: k for k, name in enumerate(self.exit_names)}
@@ -245,7 +261,7 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
         logits = torch.zeros(input_ids.shape[0], self.model.config.num_labels, device=input_ids.device)
         exits = torch.full((input_ids.shape[0],), -1, dtype=torch.int64, device=input_ids.device)
         mask = attention_mask
-        hidden = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        hidden = encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
 
         def check(name: str, hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor):
             rules = self._rules.get(name)
@@ -260,21 +276,30 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
             keep = ~fired
             return hidden[keep], mask[keep], rows[keep]
 
-        hidden, mask, rows = check("bert.embeddings", hidden, mask, rows)
-        for i, layer in enumerate(bert.encoder.layer):
+        hidden, mask, rows = check(f"{prefix}.embeddings", hidden, mask, rows)
+        if hasattr(encoder, "embeddings_project") and len(rows):
+            hidden, mask, rows = check(f"{prefix}.embeddings_project", encoder.embeddings_project(hidden), mask, rows)
+        for i, layer in enumerate(encoder.encoder.layer):
             if not len(rows):
                 break
-            extended = _extended_mask(bert, mask, hidden)
+            extended = _extended_mask(encoder, mask, hidden)
             attention = layer.attention(hidden, extended)[0]
-            attention, mask, rows = check(f"bert.encoder.layer.{i}.attention", attention, mask, rows)
+            attention, mask, rows = check(f"{prefix}.encoder.layer.{i}.attention", attention, mask, rows)
             if not len(rows):
                 break
             hidden = layer.feed_forward_chunk(attention)
-            hidden, mask, rows = check(f"bert.encoder.layer.{i}", hidden, mask, rows)
+            hidden, mask, rows = check(f"{prefix}.encoder.layer.{i}", hidden, mask, rows)
         if len(rows):
-            pooled = bert.pooler(hidden) if bert.pooler is not None else hidden[:, 0]
-            logits[rows] = self.model.classifier(self.model.dropout(pooled)).float()
+            logits[rows] = self._head(hidden).float()
         return EarlyExitClassifierOutput(logits=logits, exits=exits)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The classifier on the last block's states."""
+        if type(self.model).__name__ != "BertForSequenceClassification":
+            return self.model.classifier(hidden)  # RoBERTa's and ELECTRA's heads read token 0 themselves
+        pooler = self.encoder.pooler
+        pooled = pooler(hidden) if pooler is not None else hidden[:, 0]
+        return self.model.classifier(self.model.dropout(pooled))
 
 
 def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -288,9 +313,9 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tenso
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _extended_mask(bert: Any, mask: torch.Tensor, hidden: torch.Tensor) -> Any:
+def _extended_mask(encoder: Any, mask: torch.Tensor, hidden: torch.Tensor) -> Any:
     """The attention mask in the form the layers take (transformers 5, or 4's extended mask)."""
-    if hasattr(bert, "_create_attention_masks"):
-        return bert._create_attention_masks(attention_mask=mask, encoder_attention_mask=None,
-                                            embedding_output=hidden, encoder_hidden_states=None, cache=None)[0]
-    return bert.get_extended_attention_mask(mask, mask.shape)
+    if hasattr(encoder, "_create_attention_masks"):
+        return encoder._create_attention_masks(attention_mask=mask, encoder_attention_mask=None,
+                                               embedding_output=hidden, encoder_hidden_states=None, cache=None)[0]
+    return encoder.get_extended_attention_mask(mask, mask.shape)

@@ -6,7 +6,8 @@ the graph (the same nodes the compiled graph uses) and exposed as extra outputs.
 Rows are streamed into an on-disk :class:`ActivationFrame` with one column per
 (cut, pooling piece): ``<cut>`` holds the mean-pooled (or flat) features,
 ``<cut>:max`` and ``<cut>:grid`` the other pieces; for a text model's ``[N, S, D]``
-cuts, ``<cut>`` holds the mask-aware token mean and ``<cut>:first_token`` token 0.
+cuts, ``<cut>`` holds the mask-aware token mean and ``<cut>:first_token`` token 0 (a
+decoder's: ``<cut>:last_token``, the last token the mask keeps).
 ``probabilities`` holds the full model's class probabilities (its output through a
 softmax unless it ends in Softmax or LogSoftmax), which exits' confidence is fitted to.
 """
@@ -62,7 +63,7 @@ def probe_model(model: onnx.ModelProto, cuts: Sequence[CutPoint],
             probe.graph.node.append(onnx.helper.make_node("Identity", [cut.tensor], [probe_output(column, taken)]))
             probe.graph.output.append(onnx.ValueInfoProto(name=probe_output(column, taken)))
             columns.append(column)
-        for piece in pieces_for(cut.shape, cut.sequence_mask):
+        for piece in pieces_for(cut.shape, cut.sequence_mask, cut.summary_token):
             column = piece_column(cut_column(cut), piece)
             probe.graph.node.extend(piece_nodes(cut.tensor, piece, cut.shape, probe_output(column, taken),
                                                 f"moco/probe{position}"))

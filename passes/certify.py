@@ -13,12 +13,20 @@ they save on the test rows.
 A row counts as a disagreement when its simulated class differs from the full
 model's, or when float rounding in the shipped graph could send it out with
 another class (``Routing.could_disagree``), so the certificate covers the graph
-that is shipped, not only the simulation.  Out-of-distribution guards route the
-test rows as they do in the graph (``Split.guard``, verdicts of the final guards).
+that is shipped, not only the simulation.
+
+Everything certification reads is a count (:class:`PlanCounts`): per plan, rows
+leaving at each exit, failing rows, right rows.  Counts of disjoint row sets add
+up, so the test rows can be counted shard by shard, anywhere, and merged: a few
+integers per plan whatever the row count.  :func:`count_plans` is the one
+counting function; the single-process path counts its test rows as one shard.
+Out-of-distribution guards route the rows as they do in the graph (``Split.guard``:
+the verdicts of the final guards on the test rows).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,15 +55,75 @@ class Failures:
         return p_value
 
 
-def count_failures(routing: Routing, split: "Split", budget: Budget) -> Failures:
-    """Disagreements and accuracy harm of a split routed with ``full_predictions``: every row
-    whose class could differ from the full model's under float rounding counts."""
-    could_disagree = routing.could_disagree
-    certain = routing.predictions(split.predictions) != split.predictions
-    harm = None
-    if budget.max_accuracy_drop is not None:
-        harm = int(((split.predictions == split.labels) & could_disagree).sum())
-    return Failures(int(could_disagree.sum()), int((could_disagree & ~certain).sum()), harm)
+@dataclass(frozen=True)
+class PlanCounts:
+    """What each of a list of plans does on some rows, as counts: sums over rows, so counts of
+    disjoint row sets (shards) add up (``+``) to the counts of their union, exactly, in any order.
+
+    Per plan (leading axis): rows leaving at each candidate exit (``exits[:, k]``; last column:
+    the full network), rows whose class could differ from the full model's under float rounding
+    (``could_disagree``; of which ``near_threshold`` only under some rounding), rows whose
+    simulated class differs (``changed``); with labels, rows right after (``correct_after``) and
+    rows right before that could be wrong after (``harm``), and once, rows right before.
+    A row's cost is its exit's stage cost, so every cost figure is ``exits @ stage costs``.
+    """
+
+    rows: int
+    exits: np.ndarray
+    could_disagree: np.ndarray
+    near_threshold: np.ndarray
+    changed: np.ndarray
+    correct_before: int | None = None
+    correct_after: np.ndarray | None = None
+    harm: np.ndarray | None = None
+
+    def __add__(self, other: "PlanCounts") -> "PlanCounts":
+        if self.exits.shape != other.exits.shape or (self.correct_before is None) != (other.correct_before is None):
+            raise ValueError(f"cannot add counts of {self.exits.shape} plans x exits "
+                             f"({'with' if self.correct_before is not None else 'without'} labels) to "
+                             f"{other.exits.shape} ({'with' if other.correct_before is not None else 'without'})")
+        return PlanCounts(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)
+                             + getattr(other, f.name) for f in fields(self)})
+
+    def failures(self, plan: int, budget: Budget) -> Failures:
+        """Plan ``plan``'s failures against ``budget`` (accuracy harm only under an accuracy budget)."""
+        harm = None if budget.max_accuracy_drop is None else int(self.harm[plan])
+        return Failures(int(self.could_disagree[plan]), int(self.near_threshold[plan]), harm)
+
+    def mean_cost(self, plan: int, costs: np.ndarray) -> float:
+        """Mean over rows of plan ``plan``'s per-exit ``costs`` (``[exits + 1]``, last: full network)."""
+        return float(self.exits[plan] @ costs / self.rows) if self.rows else 0.0
+
+
+def count_plans(plans: Sequence[np.ndarray], rows: "Split", rounding: Rounding) -> PlanCounts:
+    """Route ``rows`` through each plan (``[exits, classes]`` thresholds over ``rows``'s candidate
+    exits) and count what it does there: the one counting function of certification, design
+    scoring and reports, whether the rows are a whole split or one shard of it."""
+    routings = [route_scores(rows.scores, plan, None, rounding, len(rows), rows.predictions, rows.guard)
+                for plan in plans]
+    return tally(routings, rows, len(rows.scores))
+
+
+def tally(routings: Sequence[Routing], rows: "Split", exits: int) -> PlanCounts:
+    """:class:`PlanCounts` of ``rows`` routed once per plan (``routings``, with ``could_disagree``)
+    through plans over ``exits`` candidate exits."""
+    predictions, labels = rows.predictions, rows.labels
+    counts = {name: [] for name in ("exits", "could_disagree", "near_threshold", "changed", "correct_after", "harm")}
+    for routing in routings:
+        compiled = routing.predictions(predictions)
+        certain = compiled != predictions
+        counts["exits"].append(np.bincount(np.where(routing.exit_index < 0, exits, routing.exit_index),
+                                           minlength=exits + 1))
+        counts["could_disagree"].append(routing.could_disagree.sum())
+        counts["near_threshold"].append((routing.could_disagree & ~certain).sum())
+        counts["changed"].append(certain.sum())
+        if labels is not None:
+            counts["correct_after"].append((compiled == labels).sum())
+            counts["harm"].append(((predictions == labels) & routing.could_disagree).sum())
+    arrays = {name: np.array(values, np.int64).reshape(len(routings), *([exits + 1] if name == "exits" else []))
+              for name, values in counts.items() if labels is not None or name not in ("correct_after", "harm")}
+    return PlanCounts(len(predictions), correct_before=None if labels is None else int((predictions == labels).sum()),
+                      **arrays)
 
 
 @dataclass(frozen=True)
@@ -71,9 +139,13 @@ class CertifiedFamily:
     accuracies: list[float | None]
 
 
-def certify_family(family: list[np.ndarray], test: "Split", stage_costs_of, planning_costs_of, total_flops: float,
-                   budget: Budget, delta: float, rounding: Rounding) -> CertifiedFamily:
-    """Test ``family``'s plans in order on ``test`` at level ``delta``.
+CostsOf = Callable[[np.ndarray], np.ndarray]  # open exits -> cost of leaving at each exit (last: full network)
+
+
+def certify_family(family: list[np.ndarray], test: PlanCounts, stage_costs_of: CostsOf, planning_costs_of: CostsOf,
+                   total_flops: float, budget: Budget, delta: float) -> CertifiedFamily:
+    """Test ``family``'s plans in order at level ``delta``, from their counts on the test rows
+    (:func:`count_plans`, summed over shards).
 
     ``stage_costs_of(open_exits)`` gives the FLOPs of leaving at each exit for a plan
     that builds ``open_exits`` (see :func:`~moco_compile.passes.routing.stage_costs`);
@@ -81,17 +153,14 @@ def certify_family(family: list[np.ndarray], test: "Split", stage_costs_of, plan
     which chooses among the certified plans.
     """
     p_values, failures, reductions, accuracies, planning_costs = [], [], [], [], []
-    for plan in family:
+    for number, plan in enumerate(family):
         open_exits = np.isfinite(plan).any(axis=1)
-        routing = route_scores(test.scores, plan, stage_costs_of(open_exits), rounding, len(test), test.predictions,
-                               test.guard)
-        planning_costs.append(float(planning_costs_of(open_exits)[routing.exit_index].mean()) if len(test) else 0.0)
-        failed = count_failures(routing, test, budget)
+        planning_costs.append(test.mean_cost(number, planning_costs_of(open_exits)))
+        failed = test.failures(number, budget)
         failures.append(failed)
-        p_values.append(failed.p_value(len(test), budget))
-        reductions.append(float(1 - routing.cost.mean() / total_flops) if len(test) else 0.0)
-        accuracies.append(None if test.labels is None else
-                          float((routing.predictions(test.predictions) == test.labels).mean()))
+        p_values.append(failed.p_value(test.rows, budget))
+        reductions.append(1 - test.mean_cost(number, stage_costs_of(open_exits)) / total_flops if test.rows else 0.0)
+        accuracies.append(None if test.correct_after is None else float(test.correct_after[number] / test.rows))
     certified = fixed_sequence(p_values, delta)
     chosen = min(range(certified + 1), key=lambda k: (planning_costs[k], -k)) if certified >= 0 else -1
     return CertifiedFamily(certified, chosen, p_values, failures, reductions, accuracies)

@@ -10,10 +10,16 @@ from dataclasses import dataclass, replace
 
 from onnx import TensorProto
 
+from moco_compile.errors import ModelError
+
 from moco_compile.passes.routing import Rounding
 
 FAMILIES = ("shared-all", "shared", "per-class")  # simplest first
 FAMILY_SELECTIONS = ("cross-validated", "bonferroni")
+# Subgraph levels an ONNX file can nest: protobuf parsers (onnx's and onnxruntime's) refuse
+# messages nested beyond 100 levels and a subgraph costs 3 (node, attribute, graph); a graph of
+# 31 nested Ifs loads, 32 do not (onnx 1.23, onnxruntime 1.32).  One level of margin.
+MAX_NESTED_GRAPHS = 30
 _FLOAT_UNIT = {TensorProto.FLOAT: 2.0 ** -23, TensorProto.DOUBLE: 2.0 ** -52, TensorProto.FLOAT16: 2.0 ** -10,
                TensorProto.BFLOAT16: 2.0 ** -7}  # machine epsilon per float element type
 
@@ -53,7 +59,10 @@ class PlannerConfig:
         ``test_fraction``: share of the rows (after any report split) that certify the
         plan; the rest fit the rules and design the plans.  When that share is too small
         for even a perfect plan to certify, the test split grows to the fewest rows that
-        can, as long as ``min_design_rows`` remain to fit rules on.
+        can, as long as ``min_design_rows`` remain to fit rules on.  ``max_design_rows``:
+        the rules split never holds more rows, the rest certify (the rules rows are read
+        into memory to fit and design on; test rows are only counted, shard by shard, so
+        planning's memory is bounded whatever the row count).
         ``report_min_rows``, ``report_fraction``, ``max_report_rows``: only calibration
         sets of at least ``report_min_rows`` rows set a report split aside (that share, at
         most that many rows); smaller sets report on the certifying rows, labelled so.
@@ -119,6 +128,7 @@ class PlannerConfig:
 
     test_fraction: float = 0.5
     min_design_rows: int = 100
+    max_design_rows: int = 50_000
     report_min_rows: int = 20_000
     report_fraction: float = 0.1
     max_report_rows: int = 2_000
@@ -137,6 +147,7 @@ class PlannerConfig:
     elimination_risk_fraction: float = 0.7
     elimination_candidates: int | None = 4
     per_class_candidates: int = 12
+    max_exits: int = 24
     boundary_cost: float = 100.0
     rounding_tolerance: float = 1e-4
     rounding_floor: float = 16 * 2.0 ** -23  # 16 units of float32 at log p = 0
@@ -162,10 +173,16 @@ class PlannerConfig:
                 or self.per_class_candidates < 1:
             raise ValueError(f"elimination_candidates (or None) and per_class_candidates must be at least 1, got "
                              f"{self.elimination_candidates} and {self.per_class_candidates}")
+        if not 1 <= self.max_exits <= MAX_NESTED_GRAPHS:
+            raise ValueError(f"max_exits must be between 1 and {MAX_NESTED_GRAPHS} (the If nesting an ONNX file "
+                             f"can hold), got {self.max_exits}")
         if self.cross_fit_folds < 2:
             raise ValueError(f"cross_fit_folds must be at least 2, got {self.cross_fit_folds}")
         if self.min_design_rows < 2 * self.cross_fit_folds:
             raise ValueError(f"min_design_rows must be at least {2 * self.cross_fit_folds}, got {self.min_design_rows}")
+        if self.max_design_rows < self.min_design_rows:
+            raise ValueError(f"max_design_rows must be at least min_design_rows ({self.min_design_rows}), "
+                             f"got {self.max_design_rows}")
         if self.ood_guard is not None and not 0 < self.ood_guard < 1:
             raise ValueError(f"ood_guard must be in (0, 1), got {self.ood_guard}: the share of calibration-like "
                              "rows each exit's guard may turn away, e.g. 0.01 (or None for no guard)")
@@ -189,6 +206,15 @@ class PlannerConfig:
         widest = self.narrow_float_ulps * max(units)
         return replace(self, rounding_tolerance=max(self.rounding_tolerance, widest),
                        guard_rounding=max(self.guard_rounding, widest))
+
+    def for_model_nesting(self, levels: int) -> "PlannerConfig":
+        """This configuration with ``max_exits`` lowered so that exits nested in a model whose own
+        subgraphs nest ``levels`` deep stay within :data:`MAX_NESTED_GRAPHS`."""
+        room = MAX_NESTED_GRAPHS - levels
+        if room < 1:
+            raise ModelError(f"the model's subgraphs (If/Loop/Scan) already nest {levels} levels deep and an ONNX "
+                             f"file holds at most {MAX_NESTED_GRAPHS + 1}: no exit can be nested in it")
+        return self if self.max_exits <= room else replace(self, max_exits=room)
 
     def family_delta(self, budget: Budget) -> float:
         """The error rate each certified family is tested at."""

@@ -38,6 +38,7 @@ class CutPoint:
     flops_after: float
     side_inputs: tuple[str, ...] = ()
     sequence_mask: str = ""  # text models: the [N, S] mask input that sequence pooling reads
+    summary_token: str = "first_token"  # text models: the token that sums a sequence up (pooling.SUMMARY_TOKENS)
 
     @property
     def fraction_before(self) -> float:
@@ -48,7 +49,7 @@ def find_cut_points(model: onnx.ModelProto, node_flops: Sequence[float],
                     shapes: Mapping[str, tuple[int, ...]],
                     scopes: Mapping[str, tuple[str, ...]] | None = None,
                     side_inputs: Iterable[str] = (), min_fraction: float = 0.02,
-                    merge_fraction: float = 0.005, sequence_mask: str = "",
+                    merge_fraction: float = 0.005, sequence_mask: str = "", summary_token: str = "first_token",
                     min_fraction_before: float | None = None) -> list[CutPoint]:
     """Return the useful cut points of ``model`` in execution order.
 
@@ -62,7 +63,8 @@ def find_cut_points(model: onnx.ModelProto, node_flops: Sequence[float],
     ``side_inputs`` are graph inputs the remainder may read (e.g.
     ``attention_mask``); tensors computed from them alone may cross a cut too
     (see :func:`side_tensors`).  ``sequence_mask`` names the ``[N, S]`` mask of a
-    text model; it is recorded on rank-3 cuts so pooling can be mask-aware.
+    text model; it is recorded on rank-3 cuts so pooling can be mask-aware, with
+    ``summary_token`` (``last_token`` for a causal decoder).
     An embedding lookup (``Gather`` from a weight matrix) starts the network
     like a heavy op does, so the embeddings' output is a candidate.
     """
@@ -97,7 +99,7 @@ def find_cut_points(model: onnx.ModelProto, node_flops: Sequence[float],
             separating.append(CutPoint(tensor, _module_name(model, index, tensor, scopes or {}),
                                        shape, flops_before, total - flops_before,
                                        tuple(sorted(carried)),
-                                       sequence_mask if sequence_mask and len(shape) == 3 else ""))
+                                       sequence_mask if sequence_mask and len(shape) == 3 else "", summary_token))
     low = min_fraction if min_fraction_before is None else min_fraction_before
     useful = [cut for cut in separating
               if low <= cut.fraction_before <= 1 - min_fraction]

@@ -14,6 +14,8 @@ certification (:mod:`moco_compile.passes.certify`) tests it in that order.
 * ``"shared-all"``: the same with every candidate exit open (the plain
   max-softmax early exit of BranchyNet / SDN): no exit set is chosen on the
   design rows, so it cannot overfit them, which matters when they are few.
+  Beyond ``PlannerConfig.max_exits`` candidates (an ONNX file cannot nest more),
+  that many are opened, spread evenly over the compute, still without the rows.
 
 Which exits ``"per-class"`` and ``"shared"`` open is chosen by backward
 elimination: starting from all, drop the exit whose removal lowers the design
@@ -43,9 +45,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moco_compile.passes.bounds import max_certifiable_failures
-from moco_compile.passes.certify import count_failures
+from moco_compile.passes.certify import count_plans
 from moco_compile.passes.config import Budget, PlannerConfig
-from moco_compile.passes.routing import route, route_scores, stage_costs
+from moco_compile.passes.routing import route, stage_costs
 
 if TYPE_CHECKING:  # plan.py holds the data types and imports this module
     from moco_compile.passes.plan import Split
@@ -109,14 +111,16 @@ def build_families(names: Sequence[str], problem: DesignProblem) -> dict[str, li
     """
     sorted_scores = [-np.sort(-s, axis=0) for s in problem.design.scores]
     everything = np.ones(len(problem.flops_before), bool)
-    cap = problem.config.per_class_candidates
+    max_exits = problem.config.max_exits
+    cap = min(problem.config.per_class_candidates, max_exits)
     capped = "per-class" in names and len(everything) > cap
     if "shared" in names or capped:
-        shared_kept, shared_path = _eliminate(_shared_path, problem, sorted_scores, everything)
+        shared_kept, shared_path = _eliminate(_shared_path, problem, sorted_scores, everything,
+                                              keep_at_most=max_exits)
     families = {}
     for name in names:
         if name == "shared-all":
-            path = _shared_path(problem, sorted_scores, everything)
+            path = _shared_path(problem, sorted_scores, _spread_evenly(problem.flops_before, max_exits))
         elif name == "shared":
             path = shared_path
         elif name == "per-class":
@@ -127,6 +131,22 @@ def build_families(names: Sequence[str], problem: DesignProblem) -> dict[str, li
             raise ValueError(f"unknown plan family {name!r}")
         families[name] = [plan for plan, _, _ in path]
     return families
+
+
+def _spread_evenly(flops_before: np.ndarray, count: int) -> np.ndarray:
+    """Every exit when there are at most ``count``, else ``count`` of them spread evenly over the
+    compute before them (the first and the last kept): chosen without looking at any row."""
+    active = np.ones(len(flops_before), bool)
+    if len(flops_before) <= count:
+        return active
+    targets = np.linspace(flops_before.min(), flops_before.max(), count)
+    chosen: set[int] = set()
+    for target in targets:  # nearest candidate not chosen yet
+        order = np.argsort(np.abs(flops_before - target), kind="stable")
+        chosen.add(int(next(k for k in order if k not in chosen)))
+    active[:] = False
+    active[sorted(chosen)] = True
+    return active
 
 
 def _eliminate(path_of: Callable[[DesignProblem, list[np.ndarray], np.ndarray], Path], problem: DesignProblem,
@@ -229,17 +249,18 @@ def _best_within(family: list[Plan], rows: Split, problem: DesignProblem, allowe
     """Highest saving (planning cost) on ``rows`` among plans whose disagreement there is within
     ``allowed_rate`` (and accuracy harm within ``allowed_harm``); of a long family, only
     ``PlannerConfig.family_cv_plans`` plans evenly spaced along it are routed."""
-    best = 0.0
     plans = problem.config.family_cv_plans
-    for plan in family if len(family) <= plans else [family[round(i)] for i in np.linspace(0, len(family) - 1, plans)]:
-        routing = route_scores(rows.scores, plan, problem.costs(np.isfinite(plan).any(axis=1)),
-                               problem.config.rounding, len(rows), rows.predictions)
-        failures = count_failures(routing, rows, problem.budget)
+    if len(family) > plans:
+        family = [family[round(i)] for i in np.linspace(0, len(family) - 1, plans)]
+    counts = count_plans(family, rows, problem.config.rounding)
+    best = 0.0
+    for number, plan in enumerate(family):
+        failures = counts.failures(number, problem.budget)
         if failures.disagreements > allowed_rate * len(rows):
             continue
         if allowed_harm is not None and failures.accuracy_harm > allowed_harm * len(rows):
             continue
-        best = max(best, 1 - routing.cost.mean() / problem.total_flops)
+        best = max(best, 1 - counts.mean_cost(number, problem.costs(np.isfinite(plan).any(axis=1))) / problem.total_flops)
     return best
 
 

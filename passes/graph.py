@@ -37,6 +37,13 @@ def exposing_every_tensor(model: onnx.ModelProto) -> onnx.ModelProto:
     return probe
 
 
+def subgraph_nesting(graph: onnx.GraphProto) -> int:
+    """How many subgraph levels (If branches, Loop/Scan bodies) nest inside ``graph``; 0 when none."""
+    return max((1 + subgraph_nesting(sub) for node in graph.node for attribute in node.attribute
+                for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else []) + list(attribute.graphs)),
+               default=0)
+
+
 def elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type (``onnx.TensorProto`` enum) of every graph input, output and value_info tensor."""
     values = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from moco_compile.passes.bounds import clopper_pearson_upper
-from moco_compile.passes.certify import CertifiedFamily, certify_family
+from moco_compile.passes.certify import CertifiedFamily, PlanCounts, certify_family, count_plans, tally
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cut_points import CutPoint
 from moco_compile.passes.design import DesignProblem, build_families, choose_family, cut_elements
@@ -78,17 +78,32 @@ class Exit:
 
 @dataclass
 class PlanEvaluation:
-    """What a plan does on a set of rows."""
+    """What a plan does on a set of rows (per row only when evaluated on rows in memory)."""
 
-    exit_index: np.ndarray
-    compiled_predictions: np.ndarray
     compute_reduction: float
     exit_rates: list[float]
-    guard_rates: list[float | None]  # per exit: share of rows its guard finds unfamiliar (None: no guard)
     disagreement: float
     disagreement_among_exited: float
     accuracy_before: float | None
     accuracy_after: float | None
+    exit_index: np.ndarray | None = None
+    compiled_predictions: np.ndarray | None = None
+
+    @classmethod
+    def from_counts(cls, counts: PlanCounts, plan: int, built: np.ndarray, costs: np.ndarray,
+                    total_flops: float) -> "PlanEvaluation":
+        """Plan ``plan`` of ``counts`` (rows summed over any shards): ``built``, the indices of the
+        exits it builds among the counted exits; ``costs``, the FLOPs of leaving at each counted
+        exit (last: the full network)."""
+        rows = max(counts.rows, 1)
+        exited = counts.rows - int(counts.exits[plan, -1])
+        changed = int(counts.changed[plan])
+        return cls(
+            compute_reduction=1 - counts.mean_cost(plan, costs) / total_flops if counts.rows else 0.0,
+            exit_rates=[float(counts.exits[plan, k] / rows) for k in built],
+            disagreement=changed / rows, disagreement_among_exited=changed / exited if exited else 0.0,
+            accuracy_before=None if counts.correct_before is None else counts.correct_before / rows,
+            accuracy_after=None if counts.correct_after is None else float(counts.correct_after[plan] / rows))
 
     def to_dict(self) -> dict:
         return {key: value for key, value in self.__dict__.items()
@@ -112,33 +127,26 @@ class ExitPlan:
         """FLOPs each row costs in the compiled graph, rules included."""
         return self.stage_flops()[exit_index]  # index -1 selects the full-network entry
 
-    def routing(self, features: Sequence[np.ndarray], rows: int, rounding: Rounding = Rounding()) -> Routing:
+    def routing(self, features: Sequence[np.ndarray], rows: int, rounding: Rounding = Rounding(),
+                full_predictions: np.ndarray | None = None) -> Routing:
         """Route ``rows`` rows given their pooled features per exit (in exit order); ``rounding``
-        marks the rows float rounding could send elsewhere."""
+        marks the rows float rounding could send elsewhere (with ``full_predictions``: those it could
+        send out with another class)."""
         thresholds = np.array([e.thresholds for e in self.exits], np.float32)
         scores = [e.scores(f) for e, f in zip(self.exits, features)]
-        return route_scores(scores, thresholds, self.stage_flops(), rounding, rows,
-                            guard=guard_verdicts([e.guard for e in self.exits], features, rows, rounding))
+        return route_scores(scores, thresholds, self.stage_flops(), rounding, rows, full_predictions,
+                            guard_verdicts([e.guard for e in self.exits], features, rows, rounding))
 
     def evaluate(self, features: Sequence[np.ndarray], predictions: np.ndarray,
                  labels: np.ndarray | None = None) -> PlanEvaluation:
-        """Route rows given their pooled features per exit (in exit order) and the full model's predictions."""
-        routing = self.routing(features, len(predictions))
-        guard = guard_verdicts([e.guard for e in self.exits], features, len(predictions))
-        exit_index = routing.exit_index
-        compiled = routing.predictions(predictions)
-        exited = exit_index >= 0
-        rows = max(len(predictions), 1)
-        return PlanEvaluation(
-            exit_index=exit_index, compiled_predictions=compiled,
-            compute_reduction=float(1 - routing.cost.mean() / self.total_flops) if len(predictions) else 0.0,
-            exit_rates=[float((exit_index == k).sum() / rows) for k in range(len(self.exits))],
-            guard_rates=[None if e.guard is None or guard is None else float(guard.blocked[k].sum() / rows)
-                         for k, e in enumerate(self.exits)],
-            disagreement=float((compiled != predictions).sum() / rows),
-            disagreement_among_exited=float((compiled[exited] != predictions[exited]).mean()) if exited.any() else 0.0,
-            accuracy_before=None if labels is None else float((predictions == labels).mean()),
-            accuracy_after=None if labels is None else float((compiled == labels).mean()))
+        """Route rows given their pooled features per exit (in exit order) and the full model's
+        predictions: the figures (from :func:`~moco_compile.passes.certify.tally`, as for rows
+        counted shard by shard) and each row's exit and class."""
+        routing = self.routing(features, len(predictions), full_predictions=predictions)
+        counts = tally([routing], Split([], predictions, labels), len(self.exits))
+        evaluation = PlanEvaluation.from_counts(counts, 0, np.arange(len(self.exits)), self.stage_flops(),
+                                                self.total_flops)
+        return replace(evaluation, exit_index=routing.exit_index, compiled_predictions=routing.predictions(predictions))
 
     def confidence(self, features: Sequence[np.ndarray], full_probabilities: np.ndarray,
                    labels: np.ndarray | None = None) -> ExitedConfidence:
@@ -234,8 +242,14 @@ class ExitPlanner:
     seed:
         Seed of the design-row halves used to choose a family.
 
-    Attributes (after ``fit``)
-    --------------------------
+    ``fit`` designs and certifies on rows in memory; :meth:`design` then :meth:`certify` do the
+    same in two steps, the test rows counted in between wherever they are (shard by shard).
+
+    Attributes (after ``design``: ``candidates_``, ``problem_``, ``families_``, ``family_scores_``;
+    after ``certify`` or ``fit``: all)
+    ------------------------------------------------------------------------------------------------
+    candidates_, problem_:
+        The candidate exits and the design problem built on the design rows.
     families_:
         Each built family's plans (``[exits, classes]`` thresholds over the candidates).
     family_scores_:
@@ -243,6 +257,8 @@ class ExitPlanner:
         selection) or test compute reduction of each certified family (Bonferroni).
     certified_:
         Each tested family's :class:`~moco_compile.passes.certify.CertifiedFamily`.
+    chosen_:
+        (family, plan index) of the certified plan.
     """
 
     def __init__(self, budget: Budget = Budget(), config: PlannerConfig = PlannerConfig(), seed: int = 0) -> None:
@@ -256,40 +272,81 @@ class ExitPlanner:
         ``candidates`` are exits with fitted scores (their thresholds are ignored);
         ``design`` and ``test`` hold each candidate's scores on those splits.
         Raises :class:`NoPlanError` when not even the plan with no exits certifies
-        (too few test rows).
+        (too few test rows).  The same as :meth:`design`, then :meth:`certify` on the test
+        rows counted in memory as one shard.
+        """
+        if self.budget.max_accuracy_drop is not None and test.labels is None:
+            raise ValueError("max_accuracy_drop needs labels on the design and test rows")
+        families = self.design(candidates, design, len(test), total_flops)
+        return self.certify({name: count_plans(family, test, self.config.rounding)
+                             for name, family in families.items()})
+
+    def design(self, candidates: Sequence[Exit], design: Split, test_rows: int,
+               total_flops: float) -> dict[str, list[np.ndarray]]:
+        """Build the families to certify on the ``design`` rows (``test_rows``: how many rows will
+        certify); returns them (``families_``), each a list of ``[candidates, classes]`` thresholds.
+
+        What certifies them is their counts on the test rows (:func:`count_plans`), wherever counted.
         """
         budget, config = self.budget, self.config
-        if budget.max_accuracy_drop is not None and (design.labels is None or test.labels is None):
+        if budget.max_accuracy_drop is not None and design.labels is None:
             raise ValueError("max_accuracy_drop needs labels on the design and test rows")
         design = design.without_guard()
-        before = np.array([c.cut.flops_before for c in candidates], np.float64)
-        rule_flops = np.array([c.rule_flops for c in candidates], np.float64)
-        problem = DesignProblem.build(design, before, rule_flops, cut_elements([c.cut.shape for c in candidates]),
-                                      total_flops, budget, config)
+        self.candidates_, self.total_flops_ = list(candidates), total_flops
+        self.flops_before_ = np.array([c.cut.flops_before for c in candidates], np.float64)
+        self.rule_flops_ = np.array([c.rule_flops for c in candidates], np.float64)
+        self.problem_ = DesignProblem.build(design, self.flops_before_, self.rule_flops_,
+                                            cut_elements([c.cut.shape for c in candidates]), total_flops, budget,
+                                            config)
         if config.family_selection == "cross-validated" and len(config.families) > 1:
-            chosen, self.family_scores_ = choose_family(problem, len(test), self.seed)
+            chosen, self.family_scores_ = choose_family(self.problem_, test_rows, self.seed)
             names = [chosen]
         else:
             names, self.family_scores_ = list(config.families), {}
+        self.families_ = build_families(names, self.problem_)
+        return self.families_
+
+    def stage_flops(self, open_exits: np.ndarray) -> np.ndarray:
+        """FLOPs of leaving at each candidate exit (last: the full network) for a plan that builds
+        ``open_exits``, rules included (what reports and certificates count); after :meth:`design`."""
+        return stage_costs(self.flops_before_, np.where(open_exits, self.rule_flops_, 0.0), self.total_flops_)
+
+    def certify(self, test: Mapping[str, PlanCounts]) -> ExitPlan:
+        """The certified plan of the designed families, from each family's counts on the test rows
+        (:func:`count_plans` of ``families_[name]``, summed over shards); after :meth:`design`.
+
+        Raises :class:`NoPlanError` when not even the plan with no exits certifies.
+        """
+        budget, config = self.budget, self.config
+        names = list(self.families_)
+        if budget.max_accuracy_drop is not None and any(test[name].correct_before is None for name in names):
+            raise ValueError("max_accuracy_drop needs labels on the design and test rows")
         delta = config.family_delta(budget)
-        self.families_ = build_families(names, problem)
-        self.certified_ = {
-            name: certify_family(family, test, lambda open_: stage_costs(before, np.where(open_, rule_flops, 0.0),
-                                                                         total_flops),
-                                 problem.costs, total_flops, budget, delta, config.rounding)
-            for name, family in self.families_.items()}
+        self.certified_ = {name: certify_family(family, test[name], self.stage_flops, self.problem_.costs,
+                                                self.total_flops_, budget, delta)
+                           for name, family in self.families_.items()}
         passed = {name: result for name, result in self.certified_.items() if result.chosen >= 0}
         if config.family_selection == "bonferroni":
             self.family_scores_ = {name: result.compute_reductions[result.chosen] if result.chosen >= 0 else None
                                    for name, result in self.certified_.items()}
+        test_rows = test[names[0]].rows
         if not passed:
-            raise NoPlanError(f"even the plan with no exits fails the test on {len(test)} rows")
+            raise NoPlanError(f"even the plan with no exits fails the test on {test_rows} rows")
         name = max(passed, key=lambda n: (passed[n].compute_reductions[passed[n].chosen], -names.index(n)))
         result = passed[name]
+        self.chosen_ = (name, result.chosen)
         thresholds = self.families_[name][result.chosen]
         exits = [replace(candidate, thresholds=thresholds[k])
-                 for k, candidate in enumerate(candidates) if np.isfinite(thresholds[k]).any()]
-        return ExitPlan(exits, total_flops, self._certificate(name, result, len(test), delta))
+                 for k, candidate in enumerate(self.candidates_) if np.isfinite(thresholds[k]).any()]
+        return ExitPlan(exits, self.total_flops_, self._certificate(name, result, test_rows, delta))
+
+    def evaluation(self, counts: Mapping[str, PlanCounts]) -> PlanEvaluation:
+        """The certified plan's figures on other rows (e.g. the report split), from the families'
+        counts there; after :meth:`certify`."""
+        name, plan = self.chosen_
+        open_exits = np.isfinite(self.families_[name][plan]).any(axis=1)
+        return PlanEvaluation.from_counts(counts[name], plan, np.flatnonzero(open_exits), self.stage_flops(open_exits),
+                                          self.total_flops_)
 
     def _certificate(self, family: str, result: CertifiedFamily, test_rows: int, delta: float) -> dict:
         """What was certified, and how; estimates are labelled as such."""

@@ -12,7 +12,9 @@ A pooling *variant* concatenates one or more *pieces*:
 * ``token_mean@<mask>``: for a ``[N, S, D]`` sequence tensor, the mean over the tokens that
   the graph input ``<mask>`` (e.g. ``attention_mask``, ``[N, S]``, 1 = real token) marks,
   so padding never changes a row's features;
-* ``first_token``: for a ``[N, S, D]`` sequence tensor, token 0 (``[CLS]`` in BERT).
+* ``first_token``: for a ``[N, S, D]`` sequence tensor, token 0 (``[CLS]`` in BERT);
+* ``last_token@<mask>``: the last token ``<mask>`` marks (right or left padding), the one
+  token a causal decoder (GPT-2, Llama) has let see the whole text.
 
 A piece may name a graph input after ``@``; the rewrite compresses that input along
 with the cut tensor and renames it inside each exit's remainder (``pooling_inputs``).
@@ -32,28 +34,33 @@ import onnx
 from onnx import helper
 
 
-SEQUENCE_PIECES = ("token_mean", "first_token")
+SEQUENCE_PIECES = ("token_mean", "first_token", "last_token")
+SUMMARY_TOKENS = ("first_token", "last_token")  # the token that sums a sequence up: encoders, decoders
 
 
-def pieces_for(shape: tuple[int, ...], sequence_mask: str = "") -> list[str]:
+def pieces_for(shape: tuple[int, ...], sequence_mask: str = "", summary_token: str = "first_token") -> list[str]:
     """Pieces that can be computed from a tensor of this (batch-first) shape.
 
     ``sequence_mask`` names the ``[N, S]`` mask input of a text model: a rank-3 tensor
-    is then read as ``[N, S, D]`` token states rather than ``[N, C, L]`` channels.
+    is then read as ``[N, S, D]`` token states rather than ``[N, C, L]`` channels, pooled
+    by the masked mean and by ``summary_token`` (one of :data:`SUMMARY_TOKENS`).
     """
     if len(shape) == 2:
         return ["flat"]
     if sequence_mask and len(shape) == 3:
-        return [f"token_mean@{sequence_mask}", "first_token"]
+        if summary_token not in SUMMARY_TOKENS:
+            raise ValueError(f"summary_token must be one of {SUMMARY_TOKENS}, got {summary_token!r}")
+        token = f"last_token@{sequence_mask}" if summary_token == "last_token" else "first_token"
+        return [f"token_mean@{sequence_mask}", token]
     pieces = ["mean", "max"]
     if len(shape) == 4 and min(shape[2:]) >= 2:
         pieces.append("grid")
     return pieces
 
 
-def variants_for(shape: tuple[int, ...], sequence_mask: str = "") -> list[str]:
+def variants_for(shape: tuple[int, ...], sequence_mask: str = "", summary_token: str = "first_token") -> list[str]:
     """Pooling variants worth trying at a cut, cheapest first."""
-    pieces = pieces_for(shape, sequence_mask)
+    pieces = pieces_for(shape, sequence_mask, summary_token)
     if pieces == ["flat"]:
         return ["flat"]
     if sequence_mask and len(shape) == 3:
@@ -85,6 +92,8 @@ def pooling_cost(shape: tuple[int, ...], variant: str) -> float:
         kind = piece_kind(piece)
         if kind == "first_token":
             cost += shape[-1]
+        elif kind == "last_token":  # position of the last masked token, then a gather
+            cost += 2.0 * shape[1] + shape[-1]
         elif kind == "token_mean":  # multiply by the mask, sum, divide
             cost += 2.0 * math.prod(shape[1:]) + shape[-1]
         else:
@@ -182,18 +191,24 @@ def _quadrant_mean_nodes(tensor: str, output: str, p: str, opset: int) -> list[o
 
 def _sequence_nodes(tensor: str, piece: str, output: str, prefix: str,
                     inputs: Mapping[str, str]) -> list[onnx.NodeProto]:
-    """``[N, S, D] -> [N, D]``: token 0, or the mean over the tokens the mask keeps.
+    """``[N, S, D] -> [N, D]`` float32: token 0, the last token the mask keeps, or the mean over
+    the tokens the mask keeps (summed in float32 whatever the states' type, so pieces
+    concatenate in any model).
 
-    A row whose mask is all zero gets zeros (its token count is clamped to 1).
+    A row whose mask is all zero gets zeros from the mean (its token count is clamped to 1)
+    and token 0 from the last-token piece.
     """
     kind = piece_kind(piece)
     p = f"{prefix}/{kind}"
     if kind == "first_token":
         return [helper.make_node("Constant", [], [f"{p}/index"], name=f"{p}/index",
                                  value=helper.make_tensor("index", onnx.TensorProto.INT64, [], [0])),
-                helper.make_node("Gather", [tensor, f"{p}/index"], [output], name=p, axis=1)]
+                helper.make_node("Gather", [tensor, f"{p}/index"], [f"{p}/token"], name=p, axis=1),
+                helper.make_node("Cast", [f"{p}/token"], [output], name=f"{p}/cast", to=onnx.TensorProto.FLOAT)]
     mask = piece.split("@", 1)[1]
     mask = inputs.get(mask, mask)
+    if kind == "last_token":
+        return _last_token_nodes(tensor, mask, output, p)
     return [
         helper.make_node("Constant", [], [f"{p}/token_axis"], name=f"{p}/token_axis",
                          value=helper.make_tensor("axis", onnx.TensorProto.INT64, [1], [1])),
@@ -212,6 +227,27 @@ def _sequence_nodes(tensor: str, piece: str, output: str, prefix: str,
                          keepdims=1),
         helper.make_node("Max", [f"{p}/count", f"{p}/one"], [f"{p}/count1"], name=f"{p}/clamp"),
         helper.make_node("Div", [f"{p}/sum", f"{p}/count1"], [output], name=f"{p}/div"),
+    ]
+
+
+def _last_token_nodes(tensor: str, mask: str, output: str, p: str) -> list[onnx.NodeProto]:
+    """The state at the largest position the mask keeps: ArgMax of ``mask * position``, GatherND."""
+    def scalar(name: str, value: int) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [f"{p}/{name}"], name=f"{p}/{name}",
+                                value=helper.make_tensor(name, onnx.TensorProto.INT64, [], [value]))
+
+    return [
+        scalar("zero", 0), scalar("one", 1),
+        helper.make_node("Cast", [mask], [f"{p}/mask"], name=f"{p}/cast_mask", to=onnx.TensorProto.INT64),
+        helper.make_node("Shape", [f"{p}/mask"], [f"{p}/length"], name=f"{p}/length", start=1, end=2),
+        helper.make_node("Squeeze", [f"{p}/length"], [f"{p}/tokens"], name=f"{p}/tokens"),
+        helper.make_node("Range", [f"{p}/zero", f"{p}/tokens", f"{p}/one"], [f"{p}/positions"],
+                         name=f"{p}/positions"),
+        helper.make_node("Mul", [f"{p}/mask", f"{p}/positions"], [f"{p}/kept_positions"], name=f"{p}/mul"),
+        helper.make_node("ArgMax", [f"{p}/kept_positions"], [f"{p}/index"], name=f"{p}/argmax", axis=1,
+                         keepdims=1),
+        helper.make_node("GatherND", [tensor, f"{p}/index"], [f"{p}/token"], name=p, batch_dims=1),
+        helper.make_node("Cast", [f"{p}/token"], [output], name=f"{p}/cast", to=onnx.TensorProto.FLOAT),
     ]
 
 

@@ -50,8 +50,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from moco_compile.constants import ADDED_NODE_PREFIX, EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY
+from moco_compile.passes.config import MAX_NESTED_GRAPHS
 from moco_compile.passes.exit_confidence import exited_logits_nodes
-from moco_compile.passes.graph import GraphIndex, elem_types, node_inputs
+from moco_compile.passes.graph import GraphIndex, elem_types, node_inputs, subgraph_nesting
 from moco_compile.passes.guard import guard_nodes
 from moco_compile.passes.plan import Exit
 from moco_compile.passes.pooling import pooling_inputs, reduce_nodes, variant_nodes
@@ -64,7 +65,15 @@ _NARROW_FLOAT_MAX = {onnx.TensorProto.FLOAT16: float(np.finfo(np.float16).max),
 
 
 def insert_exits(model: onnx.ModelProto, exits: Sequence[Exit], classifier_output: str) -> onnx.ModelProto:
-    """Return a new model with ``exits`` inserted (in graph order) and ``moco_exit`` added."""
+    """Return a new model with ``exits`` inserted (in graph order) and ``moco_exit`` added.
+
+    Raises ``ValueError`` when the exits would nest deeper than an ONNX file can hold
+    (:data:`~moco_compile.passes.config.MAX_NESTED_GRAPHS`; the planner never plans that many).
+    """
+    levels = len(exits) + subgraph_nesting(model.graph)
+    if levels > MAX_NESTED_GRAPHS:
+        raise ValueError(f"{len(exits)} exits would nest subgraphs {levels} levels deep, more than the "
+                         f"{MAX_NESTED_GRAPHS} an ONNX file can hold: plan with PlannerConfig(max_exits=...)")
     return _ExitGraphBuilder(model, list(exits), classifier_output).build()
 
 

@@ -19,7 +19,7 @@ from moco_compile.constants import EXIT_OUTPUT
 from moco_compile.frame import ActivationFrame
 from moco_compile.importer import import_model
 from moco_compile.passes.calibrate import FeatureProbe, variant_features
-from moco_compile.passes.certify import count_failures
+from moco_compile.passes.certify import count_plans
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.guard import GuardFitter, guard_nodes
 from moco_compile.passes.plan import Exit, ExitPlan, Split
@@ -219,10 +219,10 @@ def test_certificate_counts_the_test_rows_as_the_guarded_graph_routes_them(guard
     features = [variant_features(test, e.column, e.pooling) for e in plan.exits]
     config = PlannerConfig(ood_guard=LEVEL)
     routing = plan.routing(features, len(test), config.rounding)
-    split = Split([e.scores(f) for e, f in zip(plan.exits, features)], test["predictions"])
-    counted = route_scores(split.scores, np.array([e.thresholds for e in plan.exits]), None, config.rounding,
-                           len(test), test["predictions"], guard=_verdicts(plan, features, config))
-    failures = count_failures(counted, split, Budget(BUDGET))
+    split = Split([e.scores(f) for e, f in zip(plan.exits, features)], test["predictions"],
+                  guard=_verdicts(plan, features, config))
+    failures = count_plans([np.array([e.thresholds for e in plan.exits])], split, config.rounding) \
+        .failures(0, Budget(BUDGET))
     assert failures.disagreements == certificate["disagreements"]
     assert int((routing.predictions(test["predictions"]) != test["predictions"]).sum()) \
         == certificate["disagreements"] - certificate["near_threshold_rows"]

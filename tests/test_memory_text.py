@@ -52,9 +52,9 @@ def test_int8_dynamic_on_the_text_reference_is_four_times_smaller_within_half_a_
     assert quantized["rows"] == ROWS - 512
 
 
-def test_a_text_build_s_exits_go_back_on_its_int8_original(text_model, rows, tmp_path):
-    """Order 2 on a text model: the re-inserted exits read the compressed attention mask, as compiled.
-    (float16 + a text build still fails: the rewrite's masked pooling mixes float16 and float32.)"""
+def test_a_text_build_s_exits_go_back_on_its_int8_and_float16_originals(text_model, rows, tmp_path):
+    """Order 2 on a text model: the re-inserted exits read the compressed attention mask, as compiled,
+    and their pooled pieces concatenate in float32 whatever the network's precision."""
     from moco_compile import compile
     from moco_compile.memory_optimize import optimize_build
 
@@ -66,3 +66,7 @@ def test_a_text_build_s_exits_go_back_on_its_int8_original(text_model, rows, tmp
     exits = result.steps[-1]
     assert exits["step"] == "+ exits" and exits["compute_reduction"] > 0 and exits["exit_rate"] > 0
     assert exits["accuracy_drop"] <= 0.02
+    halved = optimize_build(tmp_path / "build", rows, float16=True, max_accuracy_drop=0.02, measure_latency=False)
+    exits = halved.steps[-1]
+    assert [step["step"] for step in halved.steps] == ["original", "float16", "+ exits"]
+    assert exits["exit_rate"] > 0 and exits["accuracy_drop"] <= 0.02

@@ -9,12 +9,13 @@ from scipy.special import log_softmax
 from moco_compile.passes.bounds import (binomial_p_value, clopper_pearson_upper, fixed_sequence,
                                         max_certifiable_failures, rows_needed)
 from moco_compile.passes.calibrate import variant_features
-from moco_compile.passes.certify import certify_family
+from moco_compile.passes.certify import certify_family, count_plans
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.design import DesignProblem, build_family, within_noise
 from moco_compile.passes.plan import ExitPlan, ExitPlanner, NoPlanError, Split
 from moco_compile.passes.routing import Rounding, route, route_scores, stage_costs
-from moco_compile.passes.splits import SPLITS, assign_splits, min_calibration_rows, split_sizes
+from moco_compile.passes.splits import (SPLIT_BLOCK_ROWS, SPLITS, RowSplit, assign_splits, min_calibration_rows,
+                                        split_sizes)
 
 
 # -- routing and cost -----------------------------------------------------------------------
@@ -136,6 +137,57 @@ def test_too_few_rows_names_the_rows_the_real_test_needs():
 
 
 # -- the planner on synthetic scores with known structure -------------------------------------
+def test_the_rules_split_is_capped_and_the_other_rows_certify():
+    budget, config = Budget(0.01, 0.95), PlannerConfig(max_design_rows=5_000)
+    sizes = split_sizes(1_000_000, budget, config)
+    assert sizes == {"rules": 5_000, "test": 993_000, "report": 2_000}
+    assert split_sizes(9_000, budget, config) == split_sizes(9_000, budget, PlannerConfig())  # below the cap: as before
+
+
+def test_a_split_of_one_block_is_one_seeded_permutation():
+    """Sets of up to SPLIT_BLOCK_ROWS rows split exactly as moco always has (builds stay reproducible)."""
+    sizes = split_sizes(4_000, Budget(), PlannerConfig())
+    labels = np.repeat(np.arange(len(SPLITS)), [sizes[name] for name in SPLITS])
+    np.testing.assert_array_equal(assign_splits(4_000, 7, Budget(), PlannerConfig()),
+                                  np.random.default_rng(7).permutation(labels))
+
+
+def test_any_range_of_rows_is_labelled_alone_as_in_the_whole():
+    rows = 3 * SPLIT_BLOCK_ROWS + 1234
+    sizes = {"rules": 50_000, "test": rows - 52_000, "report": 2_000}
+    split = RowSplit.draw(rows, 3, sizes)
+    whole = split.labels(0, rows)
+    assert [int((whole == i).sum()) for i in range(len(SPLITS))] == [sizes[name] for name in SPLITS]
+    assert split.sizes == sizes
+    for start, stop in [(0, 10), (SPLIT_BLOCK_ROWS - 5, 2 * SPLIT_BLOCK_ROWS + 7), (rows - 3, rows), (17, 17)]:
+        np.testing.assert_array_equal(split.labels(start, stop), whole[start:stop])
+    np.testing.assert_array_equal(split.positions("rules"), np.flatnonzero(whole == 0))
+    picked = np.array([5, SPLIT_BLOCK_ROWS + 1, rows - 1])
+    np.testing.assert_array_equal(split.labels_at(picked), whole[picked])
+    # rows of each split are spread evenly over the blocks, as a uniform permutation spreads them
+    assert np.abs(split.block_counts[:-1, 0] - 50_000 * SPLIT_BLOCK_ROWS / rows).max() < 600
+    assert not np.array_equal(RowSplit.draw(rows, 4, sizes).labels(0, 1000), whole[:1000])
+
+
+def test_counts_of_disjoint_rows_add_up_to_the_counts_of_their_union():
+    rng = np.random.default_rng(5)
+    rows = _synthetic(900, rng)
+    rows.labels = np.where(rng.random(900) < 0.9, rows.predictions, (rows.predictions + 1) % 3)
+    family = [np.full((3, 3), np.inf, np.float32)] + [np.full((3, 3), t, np.float32) for t in (-0.05, -0.5, -3.0)]
+    family[2][1] = np.inf  # a plan with an exit closed
+    whole = count_plans(family, rows, Rounding(1e-2, 0.0))
+    parts = [count_plans(family, rows.take(np.arange(900) % 3 == k), Rounding(1e-2, 0.0)) for k in range(3)]
+    summed = parts[0] + parts[1] + parts[2]
+    for name in ("exits", "could_disagree", "near_threshold", "changed", "correct_after", "harm"):
+        np.testing.assert_array_equal(getattr(summed, name), getattr(whole, name), err_msg=name)
+    assert summed.rows == whole.rows == 900 and summed.correct_before == whole.correct_before
+    assert whole.exits[0].tolist() == [0, 0, 0, 900] and whole.exits[2, 1] == 0 and whole.could_disagree[3] > 0
+    costs = np.array([10.0, 20.0, 30.0, 100.0])
+    routing = route_scores(rows.scores, family[3], costs, Rounding(1e-2, 0.0), 900, rows.predictions)
+    assert whole.mean_cost(3, costs) == pytest.approx(routing.cost.mean())
+    assert whole.could_disagree[3] == routing.could_disagree.sum()
+
+
 def _synthetic(rows: int, rng: np.random.Generator, classes: int = 3, signals=(1.0, 2.5, 4.0)):
     """Per-exit log-probability scores that get sharper at later exits, and the full model's class."""
     predictions = rng.integers(0, classes, rows)
@@ -302,7 +354,8 @@ def test_certification_keeps_the_plan_before_the_first_failure():
     test = _synthetic(400, rng)
     family = [np.full((3, 3), np.inf, np.float32)] + [np.full((3, 3), t, np.float32) for t in (-0.05, -0.5, -3.0)]
     flops = lambda open_: stage_costs(np.array([25.0, 50.0, 75.0]), np.where(open_, 1.0, 0.0), TOTAL_FLOPS)  # noqa: E731
-    result = certify_family(family, test, flops, flops, TOTAL_FLOPS, Budget(0.05, 0.9), 0.1, Rounding())
+    result = certify_family(family, count_plans(family, test, Rounding()), flops, flops, TOTAL_FLOPS, Budget(0.05, 0.9),
+                            0.1)
     rejected = [p <= 0.1 for p in result.p_values]
     first_failure = rejected.index(False) if False in rejected else len(rejected)
     assert result.certified == result.chosen == first_failure - 1
@@ -318,9 +371,10 @@ def test_certification_keeps_the_certified_plan_that_saves_most():
     family = [np.full((3, 3), np.inf, np.float32)] + [np.full((3, 3), t, np.float32) for t in (-0.01, -0.02)]
     flops = lambda open_: stage_costs(np.array([25.0, 50.0, 75.0]), np.where(open_, 1.0, 0.0), TOTAL_FLOPS)  # noqa: E731
     costly = lambda open_: stage_costs(np.array([25.0, 50.0, 75.0]), np.where(open_, 90.0, 0.0), TOTAL_FLOPS)  # noqa: E731
-    result = certify_family(family, test, flops, costly, TOTAL_FLOPS, Budget(0.05, 0.9), 0.1, Rounding())
+    counts = count_plans(family, test, Rounding())
+    result = certify_family(family, counts, flops, costly, TOTAL_FLOPS, Budget(0.05, 0.9), 0.1)
     assert result.certified == 2 and result.chosen == 0
-    assert certify_family(family, test, flops, flops, TOTAL_FLOPS, Budget(0.05, 0.9), 0.1, Rounding()).chosen == 2
+    assert certify_family(family, counts, flops, flops, TOTAL_FLOPS, Budget(0.05, 0.9), 0.1).chosen == 2
 
 
 def test_family_choice_never_reads_the_test_rows():
@@ -496,3 +550,29 @@ def test_plan_round_trips_through_json(compiled):
     predictions = result.frame["predictions"][:300]
     np.testing.assert_array_equal(again.evaluate(features, predictions).exit_index,
                                   result.plan.evaluate(features, predictions).exit_index)
+
+
+@pytest.mark.parametrize("family", ["shared-all", "shared", "per-class"])
+def test_no_plan_opens_more_than_max_exits(family):
+    """An ONNX file can nest only so many exits: with 40 candidates every plan of every family
+    stays within ``max_exits``; "shared-all" opens exits spread over the compute, not the rows."""
+    design, before = _many_candidates(500, 40, np.random.default_rng(6))
+    config = PlannerConfig(max_exits=6)
+    problem = DesignProblem.build(design, before, np.ones(40), np.full(40, 4.0), TOTAL_FLOPS, Budget(0.05), config)
+    plans = build_family(family, problem)
+    opened = [np.isfinite(p).any(axis=1) for p in plans]
+    assert max(o.sum() for o in opened) <= 6 and opened[-1].sum() >= 1
+    if family == "shared-all":
+        assert np.flatnonzero(opened[-1]).tolist() == [0, 8, 16, 23, 31, 39]
+
+
+def test_max_exits_is_bounded_by_what_an_onnx_file_can_nest():
+    from moco_compile.errors import ModelError
+    from moco_compile.passes.config import MAX_NESTED_GRAPHS
+
+    with pytest.raises(ValueError, match="max_exits"):
+        PlannerConfig(max_exits=MAX_NESTED_GRAPHS + 1)
+    assert PlannerConfig().for_model_nesting(2).max_exits == PlannerConfig().max_exits
+    assert PlannerConfig(max_exits=MAX_NESTED_GRAPHS).for_model_nesting(4).max_exits == MAX_NESTED_GRAPHS - 4
+    with pytest.raises(ModelError, match="nest"):
+        PlannerConfig().for_model_nesting(MAX_NESTED_GRAPHS)

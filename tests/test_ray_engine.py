@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,11 @@ from moco_compile.evaluation import evaluate_build
 from moco_compile.frame import load_frames
 from moco_compile.importer import import_model
 from moco_compile.passes.calibrate import calibrate
-from moco_compile.ray_engine import ShardCalibrator, calibrate_on_ray
-from moco_compile.scale_out import planning_rows
+from moco_compile.passes.config import Budget, PlannerConfig
+from moco_compile.passes.splits import SPLITS, assign_splits
+from moco_compile.passes.planning import plan_exits, plan_rows
+from moco_compile.ray_engine import ShardCalibrator, calibrate_on_ray, shard_frame_name
+from moco_compile.scale_out import ShardedRows, planning_rows
 from moco_compile.shards import ShardedData, list_shards
 
 from conftest import REFERENCE_ONNX
@@ -104,9 +108,15 @@ def test_a_planning_sample_bounds_the_rows_the_driver_plans_on(builds, shard_dir
     sampled = compile(REFERENCE_ONNX, ShardedData(str(shard_dir), max_rows=800), measure_latency=False,
                       show_progress=False)
     rows = planning_rows(sum(ROWS), 400, 800, 0)
-    assert len(sampled.frame) == 800
+    assert sum(sampled.report["splits"].values()) == 800
     assert sampled.plan.certificate["test_rows"] < builds["ray_plan"].certificate["test_rows"]
-    np.testing.assert_array_equal(sampled.frame["predictions"], builds["ray_frame"]["predictions"][rows])
+    # the build keeps the rows the driver read: the first 400 (they verify the graph) and the rules rows
+    split = sampled.frame["split"]
+    assert len(sampled.frame) == 400 + (split[400:] == SPLITS.index("rules")).sum() < 800
+    assert (split[400:] == SPLITS.index("rules")).all()
+    rules = np.flatnonzero(assign_splits(800, 0, Budget(), PlannerConfig()) == SPLITS.index("rules"))
+    kept = rows[np.union1d(np.arange(400), rules)]
+    np.testing.assert_array_equal(sampled.frame["predictions"], builds["ray_frame"]["predictions"][kept])
     assert sampled.report["verification"]["rows"] == 400
 
 
@@ -118,7 +128,14 @@ def test_planning_rows_are_the_first_rows_and_a_seeded_sample():
     assert not np.array_equal(rows, planning_rows(100_000, 100, 1_000, seed=4))
 
 
-def test_dead_worker_is_retried(cluster, shard_dir, data, tmp_path):
+@pytest.fixture(scope="module")
+def reference(data) -> dict:
+    """The reference CNN imported, what its calibration rows must hold, and its cut points."""
+    imported = import_model(REFERENCE_ONNX)
+    return {"imported": imported, "spec": calibration_spec(imported), "cuts": cut_points_of(imported, data, 256)[1]}
+
+
+def test_dead_worker_is_retried(cluster, shard_dir, data, reference, tmp_path):
     marker = tmp_path / "crashed"
 
     class CrashOnce(ShardCalibrator):
@@ -130,9 +147,7 @@ def test_dead_worker_is_retried(cluster, shard_dir, data, tmp_path):
                 os._exit(1)
             return super().__call__(shards)
 
-    imported = import_model(REFERENCE_ONNX)
-    spec = calibration_spec(imported)
-    _, cuts = cut_points_of(imported, data, 256)
+    imported, spec, cuts = reference["imported"], reference["spec"], reference["cuts"]
     filesystem, shards = list_shards(f"{shard_dir}/part*")
     paths = calibrate_on_ray(imported.model, imported.output, cuts, spec, ShardedData(str(shard_dir)), filesystem,
                              shards, tmp_path / "frames", show_progress=False, calibrator=CrashOnce)
@@ -143,6 +158,69 @@ def test_dead_worker_is_retried(cluster, shard_dir, data, tmp_path):
     assert distributed.columns == local.columns
     for column in local.columns:
         np.testing.assert_allclose(distributed[column], local[column], rtol=1e-5, atol=1e-5, err_msg=column)
+
+
+def test_a_shard_that_kills_its_worker_every_time_fails_naming_it(cluster, data, reference, tmp_path):
+    class AlwaysCrash(ShardCalibrator):
+        """Every batch kills the process (as an onnxruntime crash or the kernel's OOM killer would)."""
+
+        def columns(self, batch, where):
+            os._exit(1)
+
+    (tmp_path / "shards").mkdir()
+    np.savez(tmp_path / "shards" / "part0.npz", images=data["images"][:8])
+    imported, spec, cuts = reference["imported"], reference["spec"], reference["cuts"]
+    filesystem, shards = list_shards(str(tmp_path / "shards"))
+    with pytest.raises(MocoError, match=r"processing shard \S*part0.npz died on each of its 2 attempts .*out of memory"):
+        calibrate_on_ray(imported.model, imported.output, cuts, spec, ShardedData(str(tmp_path), max_attempts=2),
+                         filesystem, shards, tmp_path / "frames", show_progress=False, calibrator=AlwaysCrash)
+    assert sorted(path.name for path in (tmp_path / "frames").iterdir()) == [
+        ".part-000000.arrow.attempt-1", ".part-000000.arrow.attempt-2", ".part-000000.arrow.attempt-3"]
+
+
+class DriverPeak:
+    """Peak bytes this process allocates in a block: Python and numpy (tracemalloc) plus Arrow's pool."""
+
+    def __enter__(self) -> "DriverPeak":
+        self._previous = pa.default_memory_pool()
+        self._pool = pa.proxy_memory_pool(self._previous)  # its own statistics
+        pa.set_memory_pool(self._pool)
+        tracemalloc.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bytes = tracemalloc.get_traced_memory()[1] + self._pool.max_memory()
+        tracemalloc.stop()
+        pa.set_memory_pool(self._previous)
+
+
+def test_certification_counts_every_row_in_the_memory_of_one_shard(cluster, builds, reference, tmp_path):
+    """Planning over 4x as many frame shards (every row certified, none sampled) adds nothing to the
+    driver's peak: it reads the capped rules rows, the cluster counts the rest shard by shard.  The
+    plan, its certificate and its report figures equal those of the same rows counted in one process."""
+    local = builds["local"].frame
+    frame = local[[column for column in local.columns if column != "split"]]
+    shard_bytes = sum(frame[column].nbytes for column in frame.columns)
+    config = PlannerConfig(max_design_rows=300, families=("shared",), shared_step_fraction=0.01,
+                           report_min_rows=10_000)
+    total_flops = builds["local"].plan.total_flops
+    peaks = {}
+    for shards in (3, 12):
+        (tmp_path / str(shards)).mkdir()
+        paths = [frame.save(tmp_path / str(shards) / shard_frame_name(i)) for i in range(shards)]
+        rows = ShardedRows(paths, ShardedData(str(tmp_path)), first=0)
+        with DriverPeak() as peak:
+            planning = plan_rows(rows, reference["cuts"], 10, total_flops, Budget(), config)
+        peaks[shards] = peak.bytes
+        report = 1440 if shards == 12 else 0  # 14,400 rows set a report split aside (10%)
+        assert planning.row_split.sizes == {"rules": 300, "test": len(rows) - 300 - report, "report": report}
+        assert planning.evaluated_on == ("report" if report else "test")
+        in_one_process = plan_exits(load_frames(paths), reference["cuts"], 10, total_flops, Budget(), config)
+        assert planning.plan.certificate == in_one_process.plan.certificate
+        assert planning.evaluation == in_one_process.evaluation
+        assert planning.plan.exits
+    assert peaks[12] < peaks[3] + shard_bytes / 4, (peaks, shard_bytes)
+    assert peaks[12] < 2 * shard_bytes, (peaks, shard_bytes)
 
 
 def test_unreachable_address_is_a_clear_error(cluster, shard_dir, tmp_path):

@@ -1,7 +1,9 @@
-"""Hugging Face encoder classifiers beyond BERT, built offline from tiny configs (random weights)."""
+"""Hugging Face classifiers beyond BERT (encoders and last-token decoders), built offline from tiny configs
+(random weights)."""
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 transformers = pytest.importorskip("transformers")
@@ -10,7 +12,7 @@ torch = pytest.importorskip("torch")
 from moco_compile import compile  # noqa: E402
 from moco_compile.errors import ModelError  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
-from moco_compile.torch import EarlyExitTextClassificationModel  # noqa: E402
+from moco_compile.torch import EAGER_ARCHITECTURES, EarlyExitTextClassificationModel  # noqa: E402
 
 SIZES = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              num_labels=3, max_position_embeddings=128)
@@ -22,6 +24,13 @@ ENCODERS = {  # architecture -> (config, the module path every cut lies under)
     "RobertaForSequenceClassification": (transformers.RobertaConfig(**SIZES), "roberta."),
     "AlbertForSequenceClassification": (transformers.AlbertConfig(embedding_size=16, **SIZES), "albert."),
     "ElectraForSequenceClassification": (transformers.ElectraConfig(embedding_size=16, **SIZES), "electra."),
+}
+DECODERS = {  # architecture -> (config, module path prefix); they classify the last token the mask keeps
+    "GPT2ForSequenceClassification": (transformers.GPT2Config(
+        vocab_size=1000, n_embd=32, n_layer=2, n_head=2, num_labels=3, n_positions=128, pad_token_id=0,
+        bos_token_id=1, eos_token_id=1), "transformer."),
+    "LlamaForSequenceClassification": (transformers.LlamaConfig(
+        num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=1, **SIZES), "model."),
 }
 ROWS, LENGTH = 1200, 16
 
@@ -36,26 +45,76 @@ def _tokens(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def _model(architecture: str):
     torch.manual_seed(0)
-    config, _ = ENCODERS[architecture]
+    config, _ = {**ENCODERS, **DECODERS}[architecture]
     return getattr(transformers, architecture)(config).eval()
 
 
 @pytest.mark.parametrize("architecture", list(ENCODERS))
 def test_encoder_compiles_with_exits_named_by_module(architecture):
-    result = compile(_model(architecture), _tokens(ROWS), max_disagreement=0.05, measure_latency=False,
-                     show_progress=False)
+    """...and where the eager API wraps the architecture, it runs the compiled plan as the graph does."""
+    model = _model(architecture)
+    result = compile(model, _tokens(ROWS), max_disagreement=0.05, measure_latency=False, show_progress=False)
     names = [e.cut.module for e in result.plan.exits]
     assert names and len(set(names)) == len(names)
     assert all(name.startswith(ENCODERS[architecture][1]) for name in names)
     assert result.report["verification"]["rows"] > 0
+    if architecture not in EAGER_ARCHITECTURES:
+        return
+    eager = EarlyExitTextClassificationModel(model).load_plan(result.plan)
+    assert eager.exit_names == names
+    rows = _tokens(400, seed=1)
+    output = eager(**{k: torch.from_numpy(v) for k, v in rows.items()})
+    session = ort.InferenceSession(result.model.SerializeToString())
+    feed = {i.name: rows.get(i.name, np.zeros_like(rows["input_ids"])) for i in session.get_inputs()}
+    logits, exits = session.run(None, feed)
+    assert (output.exits.numpy() == exits).mean() > 0.99 and (exits >= 0).any()
+    same = output.exits.numpy() == exits
+    np.testing.assert_allclose(output.logits.numpy()[same], logits[same], atol=1e-3, rtol=1e-3)
 
 
-def test_decoder_classifier_is_refused_naming_what_is_supported():
-    config = transformers.GPT2Config(vocab_size=1000, n_embd=32, n_layer=2, n_head=2, num_labels=3, n_positions=128,
-                                     pad_token_id=0)
-    with pytest.raises(ModelError, match="Decoder-style classifiers that pool the last token") as refused:
+@pytest.mark.parametrize("architecture", list(DECODERS))
+def test_decoder_compiles_with_exits_on_the_last_token(architecture):
+    """A causal decoder's token 0 has seen only itself: its sequence cuts pool the last token the
+    mask keeps (left- and right-padded rows mixed), never the first."""
+    tokens = _tokens(ROWS)
+    tokens["attention_mask"][ROWS // 4: ROWS // 2] = tokens["attention_mask"][ROWS // 4: ROWS // 2, ::-1]  # left pad
+    tokens["input_ids"][tokens["attention_mask"] == 0] = 0
+    result = compile(_model(architecture), tokens, max_disagreement=0.05, measure_latency=False, show_progress=False)
+    names = [e.cut.module for e in result.plan.exits]
+    assert names and all(name.startswith(DECODERS[architecture][1].rstrip(".")) for name in names)
+    assert any(column.endswith(":last_token") for column in result.frame.columns)
+    assert not any("first_token" in e.pooling for e in result.plan.exits)
+    assert result.report["verification"]["rows"] > 0
+
+
+def test_last_token_piece_reads_the_last_token_the_mask_keeps():
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from moco_compile.passes.pooling import piece_nodes
+
+    nodes = piece_nodes("states", "last_token@mask", (1, 5, 3), "pooled", "p")
+    graph = helper.make_graph(nodes, "last", [helper.make_tensor_value_info("states", onnx.TensorProto.FLOAT16, [None, 5, 3]),
+                                              helper.make_tensor_value_info("mask", onnx.TensorProto.INT64, [None, 5])],
+                              [helper.make_tensor_value_info("pooled", onnx.TensorProto.FLOAT, [None, 3])])
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+                                   .SerializeToString())
+    states = np.arange(4 * 5 * 3, dtype=np.float16).reshape(4, 5, 3)
+    mask = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    pooled, = session.run(None, {"states": states, "mask": mask})
+    assert pooled.dtype == np.float32
+    assert (pooled == states[np.arange(4), [2, 4, 4, 0]].astype(np.float32)).all()
+
+
+def test_unsupported_or_unpadded_classifiers_are_refused_saying_what_to_do():
+    config = transformers.GPT2Config(vocab_size=1000, n_embd=32, n_layer=2, n_head=2, num_labels=3, n_positions=128)
+    with pytest.raises(ModelError, match="pad_token_id"):
         import_model(transformers.GPT2ForSequenceClassification(config).eval())
-    assert all(name in str(refused.value) for name in ENCODERS)
+    mpnet = transformers.MPNetConfig(**SIZES)
+    with pytest.raises(ModelError, match="not a supported Hugging Face architecture") as refused:
+        import_model(transformers.MPNetForSequenceClassification(mpnet).eval())
+    assert all(name in str(refused.value) for name in {**ENCODERS, **DECODERS})
 
 
 def test_eager_api_names_the_architectures_it_wraps():
@@ -63,12 +122,12 @@ def test_eager_api_names_the_architectures_it_wraps():
         EarlyExitTextClassificationModel(_model("DistilBertForSequenceClassification"))
 
 
-def test_readme_and_importer_list_the_tested_encoders():
+def test_readme_and_importer_list_the_tested_architectures():
     from pathlib import Path
 
     from moco_compile.importer import SUPPORTED_HF_ARCHITECTURES
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Supported models")[1].split("\n## ")[0]
-    assert list(SUPPORTED_HF_ARCHITECTURES) == list(ENCODERS)
-    assert all(f"`{name}`" in section for name in ENCODERS)
+    assert list(SUPPORTED_HF_ARCHITECTURES) == list(ENCODERS) + list(DECODERS)
+    assert all(f"`{name}`" in section for name in SUPPORTED_HF_ARCHITECTURES)

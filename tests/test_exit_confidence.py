@@ -1,9 +1,9 @@
 """Calibrated probabilities for exited rows: the temperature fit, the swap that keeps the exit's class on
 top, the graph's nodes, and a compiled softmax-ending model whose full-model probabilities are soft.
 
-The compiled model: the reference CNN with ``Softmax(logits / 4)`` as its output (a network whose
-probabilities are far less peaked than its rules': the case the issue measured), on the first 2,000
-shipped calibration rows at a 5% budget.
+The compiled model: ``guarded_soft`` (conftest): the reference CNN with ``Softmax(logits / 4)`` as its
+output (a network whose probabilities are far less peaked than its rules': the case the issue
+measured), 2,000 calibration rows, 5% budget, with an out-of-distribution guard.
 """
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ import pytest
 from onnx import helper
 from scipy.special import log_softmax, softmax
 
-from models.onnx_heads import with_soft_probabilities
-from moco_compile import compile
 from moco_compile.frame import ActivationFrame
 from moco_compile.importer import import_model
 from moco_compile.passes.calibrate import PROBABILITIES, FeatureProbe, variant_features
@@ -25,9 +23,6 @@ from moco_compile.passes.exit_confidence import (TemperatureFitter, expected_cal
                                                  exited_logits_nodes)
 from moco_compile.passes.rewrite import insert_exits
 
-ROWS = 2000
-BUDGET = 0.05
-SOFTNESS = 4.0
 
 
 def _rows(seed: int, rows: int = 500, classes: int = 5) -> np.ndarray:
@@ -106,10 +101,15 @@ def test_expected_calibration_error_by_hand():
 
 # -- a compiled softmax-ending model with soft probabilities ----------------------------------------------
 @pytest.fixture(scope="module")
-def soft(reference_model, calibration):
-    model = with_soft_probabilities(reference_model, SOFTNESS)
-    data = {k: v[:ROWS] for k, v in calibration.items()}
-    return model, compile(model, data, max_disagreement=BUDGET, measure_latency=False, show_progress=False)
+def soft(guarded_soft):
+    return guarded_soft[:2]
+
+
+@pytest.fixture(scope="module")
+def unseen(calibration, guarded_soft) -> np.ndarray:
+    """Calibration-like rows the compile did not see."""
+    rows = guarded_soft[2]
+    return calibration["images"][rows:rows + 1000]
 
 
 def _run(model: onnx.ModelProto, images: np.ndarray) -> list[np.ndarray]:
@@ -117,10 +117,10 @@ def _run(model: onnx.ModelProto, images: np.ndarray) -> list[np.ndarray]:
         .run(None, {"images": images})
 
 
-def test_exited_rows_carry_the_full_models_confidence(soft, calibration):
+def test_exited_rows_carry_the_full_models_confidence(soft, unseen):
     model, result = soft
     assert all(e.confidence_scale is not None and e.confidence_scale < 1 for e in result.plan.exits)
-    images = calibration["images"][ROWS:ROWS + 1000]  # rows the compile never saw
+    images = unseen
     probabilities, exits = _run(result.model, images)
     full, = _run(model, images)
     exited = exits >= 0
@@ -136,11 +136,11 @@ def test_exited_rows_carry_the_full_models_confidence(soft, calibration):
     assert result.report["verification"]["exited_argmax_matches_rule"]
 
 
-def test_graph_carries_the_plans_calibrated_probabilities(soft, calibration):
+def test_graph_carries_the_plans_calibrated_probabilities(soft, unseen):
     """Exited rows' outputs equal the softmax of :func:`exited_logits` on the plan's scores."""
     model, result = soft
     plan = result.plan
-    images = calibration["images"][ROWS:ROWS + 300]
+    images = unseen[:300]
     imported = import_model(model)
     frame = ActivationFrame.from_arrays(FeatureProbe(imported.model, imported.output,
                                                      [e.cut for e in plan.exits])({"images": images}, "rows"))
@@ -155,14 +155,14 @@ def test_graph_carries_the_plans_calibrated_probabilities(soft, calibration):
         np.testing.assert_allclose(probabilities[rows], expected, atol=1e-5)
 
 
-def test_a_class_with_a_far_lower_threshold_stays_the_argmax(soft, calibration):
+def test_a_class_with_a_far_lower_threshold_stays_the_argmax(soft, unseen):
     """Thresholds that let class 0 leave wherever its log-probability is above -50: rows leave with
     class 0 though the rule finds another class more probable, and their output's argmax is 0."""
     model, result = soft
     first = result.plan.exits[0]
     thresholds = np.where(np.arange(10) == 0, -50.0, np.maximum(first.thresholds, -0.01)).astype(np.float32)
     compiled = insert_exits(import_model(model).model, [replace(first, thresholds=thresholds)], "probabilities")
-    images = calibration["images"][ROWS:ROWS + 300]
+    images = unseen[:300]
     probabilities, exits = _run(compiled, images)
     exited = exits == 0
     full, = _run(model, images)

@@ -1,7 +1,7 @@
 """The out-of-distribution guard: its statistic, routing with it, the graph, the certificate, bad input.
 
-The compile: the reference CNN on the first 2,000 shipped Fashion-MNIST calibration rows at a 5%
-budget with ``ood_guard=0.01``; unfamiliar rows are uniform-noise images.
+The compile: ``guarded_soft`` (conftest: the reference CNN with a softmax head, 2,000 calibration
+rows, 5% budget, ``ood_guard=0.01``); unfamiliar rows are uniform-noise images.
 """
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ from moco_compile.passes.rewrite import insert_exits
 from moco_compile.passes.routing import GuardVerdicts, route, route_scores
 from moco_compile.passes.splits import SPLITS
 
-ROWS = 2000
-BUDGET = 0.05
+BUDGET = 0.05  # as guarded_soft compiles
 LEVEL = 0.01
 
 
@@ -147,10 +146,8 @@ def test_route_scores_reads_the_guard_of_each_open_exit():
 
 # -- a compiled reference CNN with the guard ---------------------------------------------------------------
 @pytest.fixture(scope="module")
-def guarded(reference_onnx, calibration):
-    data = {k: v[:ROWS] for k, v in calibration.items()}
-    return compile(reference_onnx, data, max_disagreement=BUDGET, ood_guard=LEVEL, measure_latency=False,
-                   show_progress=False)
+def guarded(guarded_soft):
+    return guarded_soft[1]
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +156,10 @@ def noise() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def unseen(calibration) -> np.ndarray:
+def unseen(calibration, guarded_soft) -> np.ndarray:
     """Calibration-like rows the compile did not see."""
-    return calibration["images"][ROWS:ROWS + 256]
+    rows = guarded_soft[2]
+    return calibration["images"][rows:rows + 256]
 
 
 def _exits(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
@@ -187,20 +185,20 @@ def test_every_exit_has_its_guard_in_the_graph(guarded):
     assert all(item["guard_rate"] is not None for item in guarded.report["exits"])
 
 
-def test_the_guard_sends_noise_rows_to_the_full_network(guarded, noise, reference_onnx):
+def test_the_guard_sends_noise_rows_to_the_full_network(guarded, noise, guarded_soft):
     unguarded = [replace(e, guard=None) for e in guarded.plan.exits]
-    model = import_model(reference_onnx).model
-    without = _exits(insert_exits(model, unguarded, "logits"), noise)
+    model = import_model(guarded_soft[0]).model
+    without = _exits(insert_exits(model, unguarded, "probabilities"), noise)
     with_guard = _exits(guarded.model, noise)
     assert (without >= 0).mean() > 0.5  # the rules alone take most noise rows
     assert (with_guard >= 0).mean() < 0.1, (without >= 0).mean()
 
 
-def test_graph_routes_noise_rows_as_the_plan_simulates(guarded, noise, unseen, reference_onnx):
+def test_graph_routes_noise_rows_as_the_plan_simulates(guarded, noise, unseen, guarded_soft):
     """The rows where the guard decides: the graph's exits equal the plan's routing (rows within
     rounding of a threshold excepted), with the tolerance the certificate used."""
     plan = guarded.plan
-    imported = import_model(reference_onnx)
+    imported = import_model(guarded_soft[0])
     probe = FeatureProbe(imported.model, imported.output, [e.cut for e in plan.exits])
     mixed = np.concatenate([noise, unseen])
     frame = ActivationFrame.from_arrays(probe({"images": mixed}, "rows"))

@@ -11,7 +11,8 @@ Compiles the reference CNN on its 10,000 held-out calibration images without a g
 split (10,000 images, what the certificate covers), uniform noise in [0, 1] (2,000 images),
 MNIST digits (5,000; another data set at the same shape) and the test images inverted
 (``1 - x``, 10,000).  Per build and input set: rows exiting early, disagreement with the full
-model, and compute reduction (FLOPs).  Also measures the float32 rounding of the guards'
+model, and compute reduction (FLOPs); per build, onnxruntime CPU latency vs the original on the
+test images at batch 1 and 64 (same process).  Also measures the float32 rounding of the guards'
 distances: the graph's nodes at batch 1 and 64 against numpy on features pooled at batch 256,
 as a share of the threshold (the certificate allows ``PlannerConfig.guard_rounding``).
 Writes the section "Out-of-distribution guard (reference CNN)" of ``benchmarks/RESULTS.md``.
@@ -30,7 +31,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_fashion_resnet import run_batched  # noqa: E402
+from benchmarks.bench_fashion_resnet import latency_ratios, run_batched  # noqa: E402
 from benchmarks.results import machine_description, write_section  # noqa: E402
 from models.export_fashion_resnet import CALIBRATION_PATH, ONNX_PATH  # noqa: E402
 from models.fashion_mnist import load_split  # noqa: E402
@@ -118,10 +119,13 @@ def main() -> None:
     original = import_model(ONNX_PATH).model
     full = {name: run(original, images)[0].argmax(1) for name, images in sets.items()}
 
-    rows, rounding = [], {}
+    rows, rounding, latency = [], {}, {}
     for level in [None, *args.levels]:
         result = compile(ONNX_PATH, calibration, max_disagreement=args.budget, ood_guard=level,
                          measure_latency=False, show_progress=False)
+        latency[level] = {batch: timing["ratio"] for batch, timing in
+                          latency_ratios(original, result.model, test_images).items()}
+        print(level, "latency ratio", latency[level], flush=True)
         certificate = result.plan.certificate
         for name, images in sets.items():
             rows.append({"level": level, "set": name, "exits": len(result.plan.exits),
@@ -159,6 +163,10 @@ def main() -> None:
               "planned anew, so planning noise is included): " + ", ".join(
         f"level {r['level']:g}: {100 * (r['compute_reduction'] - base['compute_reduction']):+.1f} pp"
         for r in rows if r["level"] is not None and "in distribution" in r["set"]) + "."]
+    lines += ["", "Latency, compiled / original on the test images (onnxruntime CPU, same process): " + ", ".join(
+        f"{'no guard' if level is None else f'level {level:g}'}: "
+        + " / ".join(f"{ratio:.3f} (batch {batch})" for batch, ratio in ratios.items())
+        for level, ratios in latency.items()) + "."]
     lines += ["", "Float32 rounding of the guard's distance, graph (batch 1 and 64) vs numpy (features pooled at "
               "batch 256), largest over exits and sets, as a share of the threshold (the certificate and "
               f"verification allow {PlannerConfig().guard_rounding:g}): " + ", ".join(

@@ -375,6 +375,7 @@ class _Page:
                 cell_html(", ".join(classes) or "-", ",".join(classes), class_="classes"),
                 cell_html(percent_text(rate), rate, class_="exit_rate"),
                 cell_html(percent_text(cumulative), cumulative, class_="cumulative_exit_rate"),
+                cell_html(percent_text(item.get("guard_rate")), item.get("guard_rate"), class_="guard_rate"),
             ]
             rows.append(f'<tr class="exit-row" data-exit="{html.escape(str(number))}">{"".join(cells)}</tr>')
         rest = self.report.get("exit_rate")
@@ -386,10 +387,10 @@ class _Page:
             cell_html("-", None, class_="classes_enabled"), cell_html("-", None, class_="classes"),
             cell_html(percent_text(full), full, class_="exit_rate"),
             cell_html(percent_text(1.0 if full is not None else None), 1.0 if full is not None else None,
-                  class_="cumulative_exit_rate")]) + "</tr>")
+                  class_="cumulative_exit_rate"), cell_html("-", None, class_="guard_rate")]) + "</tr>")
         return table_html("exits", f"Exits in graph order (rates on the {self._evaluated_on} rows; -1: the full network)",
                       ("exit", "module", "tensor", "pooling", "FLOPs before", "classes enabled",
-                       "classes", "exit rate", "cumulative"), rows)
+                       "classes", "exit rate", "cumulative", "guard sends on (--ood-guard)"), rows)
 
     def _splits_table(self) -> str:
         splits = self.report.get("splits") or {}

@@ -149,6 +149,7 @@ def test_exits_table_reads_back(rendered):
         assert row.find("td", class_="classes_enabled").value == item["classes_enabled"]
         assert row.find("td", class_="fraction_of_flops_before").value == \
             pytest.approx(item["fraction_of_flops_before"])
+        assert row.find("td", class_="guard_rate").text == "-" and item["guard_rate"] is None  # built unguarded
     full = table.find("tr", class_="full-row")
     assert full.find("td", class_="exit_rate").value == pytest.approx(1 - report["exit_rate"])
 

@@ -31,8 +31,8 @@ from moco_compile.runtime.latency import compare_latency  # noqa: E402
 from moco_compile.runtime.session import make_session  # noqa: E402
 
 
-def run_batched(session, images: np.ndarray, batch: int = 64) -> list[np.ndarray]:
-    parts = [session.run(None, {"images": images[s:s + batch]}) for s in range(0, len(images), batch)]
+def run_batched(session, images: np.ndarray, batch: int = 64, names: list[str] | None = None) -> list[np.ndarray]:
+    parts = [session.run(names, {"images": images[s:s + batch]}) for s in range(0, len(images), batch)]
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 

@@ -7,7 +7,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +19,15 @@ from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.frame import ActivationFrame, load_frame, written_by_moco
 from moco_compile.importer import ImportedModel, TextInputs, import_model
 from moco_compile.outputs import check_output_dir, check_output_file, staged_output_dir, staged_output_file
-from moco_compile.passes.calibrate import calibrate, variant_features
+from moco_compile.passes.calibrate import LABELS, PROBABILITIES, calibrate, variant_features
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cost import flops_per_row, measure_shapes
 from moco_compile.passes.cut_points import CutPoint, find_cut_points, localize_side_tensors, side_inputs_of
 from moco_compile.passes.graph import elem_types, subgraph_nesting
-from moco_compile.passes.plan import ExitPlan
+from moco_compile.passes.plan import ExitPlan, guard_verdicts
 from moco_compile.passes.planning import FrameRows, Planning, plan_rows
 from moco_compile.passes.rewrite import annotate_costs, insert_exits
+from moco_compile.passes.splits import SPLIT_COLUMN, SPLITS
 from moco_compile.passes.verify import verify_compiled
 from moco_compile.shards import ShardedData
 
@@ -35,6 +36,16 @@ EVALUATION_NOTES = {
     "report": "estimates on report rows that nothing was fitted or certified on",
     "test": "estimates on the certifying test rows (too few calibration rows for a separate report split): "
             "the plan was chosen on these rows, so they flatter it",
+}
+TRAFFIC_SCOPE = ("The certificate covers traffic like the calibration rows (exchangeable with them). Inputs unlike "
+                 "them (noise, another data set, a changed camera or tokenizer) may leave early with a wrong class "
+                 "at any rate; {guard}")
+GUARD_SCOPE = {
+    False: "compile with --ood-guard LEVEL (ood_guard=LEVEL) to send rows unlike the calibration rows to the full "
+           "network, or check live traffic with moco evaluate.",
+    True: "the out-of-distribution guard sends rows farther from the calibration rows than the 1 - {level:g} "
+          "quantile at each exit to the full network (measured on noise and on another data set in "
+          "benchmarks/RESULTS.md); it is a safeguard, not part of the certificate.",
 }
 
 
@@ -59,8 +70,8 @@ class CompileResult:
 def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]], *,
             out_dir: str | os.PathLike | None = None, output: str | None = None,
             example_input: Any = None, max_disagreement: float = 0.01, confidence: float = 0.95,
-            max_accuracy_drop: float | None = None, allow_no_exit: bool = False, seed: int = 0,
-            batch_size: int = 256, measure_latency: bool = True, show_progress: bool = True,
+            max_accuracy_drop: float | None = None, ood_guard: float | None = None, allow_no_exit: bool = False,
+            seed: int = 0, batch_size: int = 256, measure_latency: bool = True, show_progress: bool = True,
             planner_config: PlannerConfig | None = None, force: bool = False) -> CompileResult:
     """Compile ``model`` into one ONNX graph with early exits.
 
@@ -85,6 +96,12 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     max_accuracy_drop:
         Optional second budget (needs labels): fraction of inputs the full model
         gets right and the compiled model gets wrong.
+    ood_guard:
+        Optional out-of-distribution guard: the share of calibration-like rows (in
+        (0, 1), e.g. 0.01) that each exit's distance check may send on to the full
+        network; rows unlike the calibration rows (noise, another data set) then run
+        the full network instead of leaving early (:mod:`~moco_compile.passes.guard`).
+        Overrides ``planner_config.ood_guard``.
     allow_no_exit:
         Emit the unchanged graph (``moco_exit`` always -1) instead of failing
         when no plan with exits meets the budget or the rows are too few to certify one.
@@ -97,6 +114,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     """
     budget = Budget(max_disagreement, confidence, max_accuracy_drop)
     config = planner_config or PlannerConfig()
+    if ood_guard is not None:
+        config = replace(config, ood_guard=ood_guard)
     inputs = _input_files(model)
     if out_dir is not None:
         check_output_dir(out_dir, inputs, force)
@@ -129,6 +148,11 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     with _stage("measuring latency (batch 1 and 64)", show_progress and measure_latency):
         latency = _latency(imported.model, compiled, kept) if measure_latency else {}
     report = _report(imported, planning, verification.to_dict(), latency, total_flops)
+    evaluated = frame.take(np.flatnonzero(frame[SPLIT_COLUMN] == SPLITS.index(planning.evaluated_on)))
+    figures = _in_memory_figures(plan, evaluated)
+    for item, rate in zip(report["exits"], figures.pop("guard_rates")):
+        item["guard_rate"] = rate
+    report.update(figures)
     report["source_model"] = source_model(inputs[0]) if inputs and inputs[0].is_file() else None
     result = CompileResult(compiled, plan, report, frame)
     if out_dir is not None:
@@ -253,6 +277,27 @@ def source_model(path: Path) -> dict:
     return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest()}
 
 
+def _in_memory_figures(plan: ExitPlan, frame: ActivationFrame) -> dict:
+    """Figures read from the evaluated rows the build keeps in memory (all of them in one process;
+    with the Ray engine, those among the first rows): each exit's guard rate, and exited rows' top
+    probability and calibration error vs the full model's on the same rows."""
+    features = [variant_features(frame, e.column, e.pooling) for e in plan.exits] if len(frame) else []
+    guard = guard_verdicts([e.guard for e in plan.exits], features, len(frame)) if len(frame) else None
+    figures: dict = {"in_memory_rows": len(frame), "guard_rates": [
+        None if guard is None or e.guard is None else float(guard.blocked[k].mean())
+        for k, e in enumerate(plan.exits)], "exited_confidence": None}
+    if PROBABILITIES in frame and len(frame):
+        labels = frame[LABELS] if LABELS in frame else None
+        confidence = plan.confidence(features, frame[PROBABILITIES], labels)
+        figures["exited_confidence"] = {
+            **confidence.to_dict(), "scales": [e.confidence_scale for e in plan.exits],
+            "note": "estimates on the evaluated rows kept in memory; ece_* against the labels (15 equal-width "
+                    "bins), gap: mean |exited row's top probability - the full model's probability of that "
+                    "class|; uncalibrated: the softmax of the exit's margins (what exited rows carried before "
+                    "confidence scales)"}
+    return figures
+
+
 def _latency(original: onnx.ModelProto, compiled: onnx.ModelProto,
              inputs: Mapping[str, np.ndarray]) -> dict:
     from moco_compile.runtime.latency import compare_latency
@@ -276,6 +321,7 @@ def _report(imported: ImportedModel, planning: Planning, verification: dict, lat
               "fraction_of_flops_before": e.cut.fraction_before,
               "classes_enabled": int(np.isfinite(e.thresholds).sum()),
               "exit_rate": evaluation.exit_rates[k]} for k, e in enumerate(plan.exits)]
+    level = next((e.guard.level for e in plan.exits if e.guard is not None), None)
     report = {
         "classifier_output": imported.output,
         "flops_per_row_original": total_flops,
@@ -289,6 +335,8 @@ def _report(imported: ImportedModel, planning: Planning, verification: dict, lat
         "accuracy_before": evaluation.accuracy_before,
         "accuracy_after": evaluation.accuracy_after,
         "bound": plan.certificate,
+        "ood_guard": level,
+        "traffic_scope": TRAFFIC_SCOPE.format(guard=GUARD_SCOPE[level is not None].format(level=level or 0)),
         "splits": planning.row_split.sizes,
         "verification": verification,
         "latency": latency,

@@ -40,6 +40,10 @@ def compile_command(
     max_disagreement: float = typer.Option(0.01, help="budget: fraction of inputs whose class may change"),
     confidence: float = typer.Option(0.95, help="confidence of the certified budget"),
     max_accuracy_drop: Optional[float] = typer.Option(None, help="optional accuracy budget (needs labels)"),
+    ood_guard: Optional[float] = typer.Option(None, "--ood-guard", help="out-of-distribution guard: share of "
+                                              "calibration-like rows each exit's distance check may send to the "
+                                              "full network, e.g. 0.01; rows unlike the calibration data then "
+                                              "run the full network"),
     output: Optional[str] = typer.Option(None, "--output", help="classifier output name, if several"),
     allow_no_exit: bool = typer.Option(False, help="emit the unchanged graph when no plan meets the budget"),
     seed: int = typer.Option(0, help="seed of the calibration split"),
@@ -61,8 +65,8 @@ def compile_command(
         calibration = _calibration_data(calib, engine, ray_address, ray_workers, ray_max_rows, seed)
         result = compile_model(model, calibration, output=output,
                                max_disagreement=max_disagreement, confidence=confidence,
-                               max_accuracy_drop=max_accuracy_drop, allow_no_exit=allow_no_exit,
-                               seed=seed)
+                               max_accuracy_drop=max_accuracy_drop, ood_guard=ood_guard,
+                               allow_no_exit=allow_no_exit, seed=seed)
         write_outputs(out, result, inputs=[model, calib], force=force)
     except (MocoError, ValueError, OSError) as error:
         _fail(error)

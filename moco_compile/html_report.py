@@ -277,6 +277,14 @@ class _Page:
         rows.append(("estimated upper bound on disagreement (not certified)", "estimated_upper_bound",
                      b.get("estimated_disagreement_upper_bound"),
                      percent_text(b.get("estimated_disagreement_upper_bound"), 2)))
+        confidence = r.get("exited_confidence") or {}
+        for label, key in (("exited rows' mean top probability, compiled (estimate)", "mean_top_probability"),
+                           ("  the full model on the same rows", "mean_top_probability_full_model"),
+                           ("  before confidence scales (softmax of margins)", "mean_top_probability_uncalibrated"),
+                           ("exited rows' calibration error (ECE vs labels), compiled", "ece"),
+                           ("  the full model on the same rows", "ece_full_model")):
+            if _is_number(confidence.get(key)):
+                rows.append((label, f"exited_{key}", confidence[key], _number(confidence[key], ".3f")))
         rows.append(("figures above measured on", "evaluated_on", r.get("evaluated_on"),
                      str(r.get("evaluation_note") or r.get("evaluated_on") or "-")))
         for name in ("batch_1", "batch_64"):
@@ -319,6 +327,11 @@ class _Page:
              str(b.get("family_selection", "-"))),
             ("confidence the family was tested at", "bound_family_confidence", b.get("family_confidence"),
              percent_text(b.get("family_confidence"), 1)),
+            ("traffic the certificate covers", "traffic_scope", self.report.get("traffic_scope"),
+             str(self.report.get("traffic_scope") or "traffic exchangeable with the calibration rows")),
+            ("out-of-distribution guard level (share of calibration-like rows each exit's guard sends on)",
+             "ood_guard", self.report.get("ood_guard"),
+             "none" if self.report.get("ood_guard") is None else f"{self.report['ood_guard']:g}"),
         ]
         return table_html("certificate", "Certificate (test split)", ("item", "value"),
                       [_key_value_row(label, key, value, text) for label, key, value, text in rows])
@@ -362,6 +375,7 @@ class _Page:
                 cell_html(", ".join(classes) or "-", ",".join(classes), class_="classes"),
                 cell_html(percent_text(rate), rate, class_="exit_rate"),
                 cell_html(percent_text(cumulative), cumulative, class_="cumulative_exit_rate"),
+                cell_html(percent_text(item.get("guard_rate")), item.get("guard_rate"), class_="guard_rate"),
             ]
             rows.append(f'<tr class="exit-row" data-exit="{html.escape(str(number))}">{"".join(cells)}</tr>')
         rest = self.report.get("exit_rate")
@@ -373,10 +387,10 @@ class _Page:
             cell_html("-", None, class_="classes_enabled"), cell_html("-", None, class_="classes"),
             cell_html(percent_text(full), full, class_="exit_rate"),
             cell_html(percent_text(1.0 if full is not None else None), 1.0 if full is not None else None,
-                  class_="cumulative_exit_rate")]) + "</tr>")
+                  class_="cumulative_exit_rate"), cell_html("-", None, class_="guard_rate")]) + "</tr>")
         return table_html("exits", f"Exits in graph order (rates on the {self._evaluated_on} rows; -1: the full network)",
                       ("exit", "module", "tensor", "pooling", "FLOPs before", "classes enabled",
-                       "classes", "exit rate", "cumulative"), rows)
+                       "classes", "exit rate", "cumulative", "guard sends on (--ood-guard)"), rows)
 
     def _splits_table(self) -> str:
         splits = self.report.get("splits") or {}

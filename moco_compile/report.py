@@ -56,6 +56,15 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
         ("accuracy before -> after", f"{_percent(report['accuracy_before'])} -> "
                                      f"{_percent(report['accuracy_after'])}"),
     ]
+    confidence = report.get("exited_confidence")
+    if confidence and confidence.get("rows"):
+        rows.append(("exited rows' mean top probability: compiled / full model (uncalibrated)",
+                     f"{confidence['mean_top_probability']:.3f} / {confidence['mean_top_probability_full_model']:.3f} "
+                     f"({confidence['mean_top_probability_uncalibrated']:.3f})"))
+        if confidence.get("ece") is not None:
+            rows.append(("  calibration error (ECE): compiled / full model (uncalibrated)",
+                         f"{confidence['ece']:.3f} / {confidence['ece_full_model']:.3f} "
+                         f"({confidence['ece_uncalibrated']:.3f})"))
     if bound.get("certified"):
         rows += [
             ("certified disagreement budget", f"<= {_percent(bound.get('max_disagreement'))} at "
@@ -79,12 +88,16 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
         summary.add_row(name, value)
     console.print(summary)
     exits = Table(title="Exits")
-    for column in ("exit", "module", "tensor", "FLOPs before", "classes", "exit rate"):
-        exits.add_column(column, justify="right" if column in ("exit", "FLOPs before", "classes", "exit rate") else "left")
+    guarded = report.get("ood_guard") is not None
+    columns = ("exit", "module", "tensor", "FLOPs before", "classes", "exit rate") + (("guard sends on",) * guarded)
+    for column in columns:
+        exits.add_column(column, justify="left" if column in ("module", "tensor") else "right")
     for item in report["exits"]:
         exits.add_row(str(item["exit"]), item["module"] or "-", item["tensor"],
                       _percent(item["fraction_of_flops_before"], 1), str(item["classes_enabled"]),
-                      _percent(item["exit_rate"], 1))
+                      _percent(item["exit_rate"], 1), *((_percent(item.get("guard_rate"), 1),) * guarded))
     console.print(exits)
     if bound.get("certified"):
         console.print(f"certified: {bound['certified']}\nmethod: {bound.get('method', '-')}")
+    if report.get("traffic_scope"):
+        console.print(f"scope: {report['traffic_scope']}", highlight=False)

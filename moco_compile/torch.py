@@ -15,8 +15,12 @@ which :meth:`~EarlyExitTextClassificationModel.add_rule` also accepts as
 states there are pooled (mask-aware
 ``token_mean``, ``first_token``, or both joined by ``+``), scored with one linear map and
 compared with per-class thresholds: exactly the compiled ONNX graph's exit.  Rows whose best
-margin is positive leave with the margins as their logits (their argmax is the rule's class);
-the other rows continue, compressed, through the remaining layers.
+margin is positive leave with the rule's calibrated log-probabilities as their logits when the
+plan gave the exit a confidence scale (``passes/exit_confidence.py``), else with the margins
+(either way their argmax is the rule's class);
+the other rows continue, compressed, through the remaining layers.  A plan compiled with an
+out-of-distribution guard (``ood_guard``) brings each exit's guard: rows it finds unfamiliar
+do not leave there (the graph's formula, ``passes/guard.py``).
 
 Supported: the encoders with BERT's block layout, ``BertForSequenceClassification``,
 ``RobertaForSequenceClassification`` and ``ElectraForSequenceClassification`` (the other
@@ -53,20 +57,64 @@ class EarlyExitClassifierOutput(SequenceClassifierOutput):
 
 
 @dataclass
+class _Guard:
+    """An exit's out-of-distribution guard (``passes/guard.py`` ``OODGuard``), in torch."""
+
+    weight: torch.Tensor  # [D, D]
+    bias: torch.Tensor  # [D]
+    cross_weight: torch.Tensor  # [D, K]
+    cross_bias: torch.Tensor  # [K]
+    threshold: float
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "_Guard":
+        means = torch.tensor(np.asarray(data["means"], np.float32))
+        return cls(torch.tensor(np.asarray(data["weight"], np.float32)),
+                   torch.tensor(np.asarray(data["bias"], np.float32)), -2 * means.T.contiguous(),
+                   (means * means).sum(dim=1), float(data["threshold"]))
+
+    def unfamiliar(self, features: torch.Tensor) -> torch.Tensor:
+        """``[N]`` bool: rows whose distance exceeds the threshold (the graph's ``guard_nodes``)."""
+        weight, bias, cross_weight, cross_bias = (t.to(features.device) for t in (
+            self.weight, self.bias, self.cross_weight, self.cross_bias))
+        whitened = features @ weight + bias
+        squared = (whitened * whitened).sum(dim=1, keepdim=True)
+        return (whitened @ cross_weight + cross_bias + squared).amin(dim=1) > self.threshold
+
+
+@dataclass
 class _Rule:
     pooling: str
     weight: torch.Tensor  # [D, C]
     bias: torch.Tensor  # [C]
     thresholds: torch.Tensor  # [C], FLT_MAX where the class is off
     normalize: str  # "none" or "log_softmax" (as in LinearScores)
+    guard: _Guard | None = None
+    confidence_scale: float | None = None
 
     def margins(self, features: torch.Tensor) -> torch.Tensor:
-        """Exactly the compiled graph's margins (see passes/rewrite.py ``_margin_nodes``)."""
+        """Exactly the compiled graph's margins (see passes/rewrite.py ``_margin_nodes``); rows the
+        guard finds unfamiliar get -FLT_MAX (they never leave by this rule)."""
         weight, bias, thresholds = (t.to(features.device) for t in (self.weight, self.bias, self.thresholds))
         scores = features @ weight
         if self.normalize == "none":  # disabled classes get -FLT_MAX
-            return scores + torch.where(thresholds < _NEVER, bias - thresholds, torch.full_like(bias, -_NEVER))
-        return torch.log_softmax(scores + bias, dim=1) - thresholds
+            margins = scores + torch.where(thresholds < _NEVER, bias - thresholds, torch.full_like(bias, -_NEVER))
+        else:
+            margins = torch.log_softmax(scores + bias, dim=1) - thresholds
+        if self.guard is None:
+            return margins
+        return torch.where(self.guard.unfamiliar(features)[:, None], torch.full_like(margins, -_NEVER), margins)
+
+    def exited_logits(self, features: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
+        """What rows leaving by this rule carry: its calibrated log-probabilities with the exit's class
+        swapped into the top place (the graph's ``exited_logits_nodes``), or the margins when the rule
+        has no confidence scale."""
+        if self.confidence_scale is None or self.normalize != "log_softmax":
+            return margins
+        weight, bias = (t.to(features.device) for t in (self.weight, self.bias))
+        scaled = torch.log_softmax(features @ weight + bias, dim=1) * self.confidence_scale
+        top, cls = scaled.argmax(dim=1, keepdim=True), margins.argmax(dim=1, keepdim=True)
+        return scaled.scatter(1, top, scaled.gather(1, cls)).scatter(1, cls, scaled.gather(1, top))
 
 
 class EarlyExitTextClassificationModel(torch.nn.Module):
@@ -160,7 +208,8 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
         self._add(self._cut(where, block, sublayer), weight, biases, thresholds, pooling, "none")
         return self
 
-    def _add(self, cut: str, weight: Any, bias: Any, thresholds: Any, pooling: str, normalize: str) -> None:
+    def _add(self, cut: str, weight: Any, bias: Any, thresholds: Any, pooling: str, normalize: str,
+             guard: Mapping | None = None, confidence_scale: float | None = None) -> None:
         pooling = "+".join("token_mean@attention_mask" if p == "token_mean" else p for p in pooling.split("+"))
         if any(p.split("@")[0] not in _POOLINGS for p in pooling.split("+")):
             raise ModelError(f"pooling {pooling!r}: use first_token, token_mean or both joined by '+'")
@@ -176,7 +225,8 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
             raise ModelError(f"rule at {cut}: normalize must be 'none' or 'log_softmax', got {normalize!r}")
         thresholds = np.where(np.isfinite(thresholds), thresholds, _NEVER).astype(np.float32)
         self._rules.setdefault(cut, []).append(
-            _Rule(pooling, torch.from_numpy(weight), torch.from_numpy(bias), torch.from_numpy(thresholds), normalize))
+            _Rule(pooling, torch.from_numpy(weight), torch.from_numpy(bias), torch.from_numpy(thresholds), normalize,
+                  None if guard is None else _Guard.from_dict(guard), confidence_scale))
 
     def _width(self, cut: str) -> int:
         """Features per token at ``cut``: ELECTRA's embeddings may be narrower than its blocks."""
@@ -194,7 +244,8 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
                 raise ModelError(f"exit at tensor {exit_.get('cut')!r} has no module name; compile the model "
                                  "from a file exported with module scopes (export_hf_sequence_classifier)")
             self._add(self._cut(exit_["module"], None, ""), exit_["weight"], exit_["bias"], exit_["thresholds"],
-                      exit_["pooling"], exit_.get("normalize", "none"))
+                      exit_["pooling"], exit_.get("normalize", "none"), exit_.get("guard"),
+                      exit_.get("confidence_scale"))
         return self
 
     # -- running --------------------------------------------------------------------------------
@@ -216,9 +267,11 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
             rules = self._rules.get(name)
             if not rules or not len(rows):
                 return hidden, mask, rows
-            margins = torch.stack([rule.margins(_pool(hidden, mask, rule.pooling)) for rule in rules]).amax(0)
+            features = [_pool(hidden, mask, rule.pooling) for rule in rules]
+            margins = torch.stack([rule.margins(f) for rule, f in zip(rules, features)]).amax(0)
             fired = margins.max(dim=1).values > 0
-            logits[rows[fired]] = margins[fired]
+            exited = rules[0].exited_logits(features[0], margins) if len(rules) == 1 else margins
+            logits[rows[fired]] = exited[fired]
             exits[rows[fired]] = order[name]
             keep = ~fired
             return hidden[keep], mask[keep], rows[keep]

@@ -8,6 +8,8 @@ Rows are streamed into an on-disk :class:`ActivationFrame` with one column per
 ``<cut>:max`` and ``<cut>:grid`` the other pieces; for a text model's ``[N, S, D]``
 cuts, ``<cut>`` holds the mask-aware token mean and ``<cut>:first_token`` token 0 (a
 decoder's: ``<cut>:last_token``, the last token the mask keeps).
+``probabilities`` holds the full model's class probabilities (its output through a
+softmax unless it ends in Softmax or LogSoftmax), which exits' confidence is fitted to.
 """
 from __future__ import annotations
 
@@ -18,13 +20,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from scipy.special import softmax
 
 from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.frame import ActivationFrame, FrameWriter, load_frame
 from moco_compile.passes.cut_points import CutPoint
+from moco_compile.passes.graph import GraphIndex
 from moco_compile.passes.pooling import piece_kind, piece_nodes, pieces_for, variant_pieces
 
 PREDICTIONS = "predictions"
+PROBABILITIES = "probabilities"
 LABELS = "labels"
 
 
@@ -94,6 +99,7 @@ class FeatureProbe:
         self.input_names = [i.name for i in self._session.get_inputs()]
         taken = {name for node in model.graph.node for name in node.output} | {i.name for i in model.graph.input}
         self._fetch = [output] + [probe_output(column, taken) for column in self.columns]
+        self._head = GraphIndex(model).probability_head(output)
 
     def __call__(self, batch: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
         """Frame columns of one validated batch: pooled pieces, ``predictions``, ``labels`` if given."""
@@ -107,9 +113,21 @@ class FeatureProbe:
                                        "dtypes the model expects and values in its range") from error
         rows = {name: values.astype(np.float32) for name, values in zip(self.columns, results[1:])}
         rows[PREDICTIONS] = results[0].argmax(axis=1).astype(np.int64)
+        rows[PROBABILITIES] = output_probabilities(results[0], self._head)
         if LABELS in batch:
             rows[LABELS] = batch[LABELS]
         return rows
+
+
+def output_probabilities(values: np.ndarray, head: str | None) -> np.ndarray:
+    """``[N, C]`` float32 class probabilities from a classifier output that is ``head``
+    (``Softmax``, ``LogSoftmax``, or None: logits)."""
+    values = values.astype(np.float64)
+    if head == "Softmax":
+        return values.astype(np.float32)
+    if head == "LogSoftmax":
+        return np.exp(values).astype(np.float32)
+    return softmax(values, axis=1).astype(np.float32)
 
 
 def calibrate(model: onnx.ModelProto, output: str, cuts: Sequence[CutPoint],

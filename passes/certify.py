@@ -20,6 +20,8 @@ leaving at each exit, failing rows, right rows.  Counts of disjoint row sets add
 up, so the test rows can be counted shard by shard, anywhere, and merged: a few
 integers per plan whatever the row count.  :func:`count_plans` is the one
 counting function; the single-process path counts its test rows as one shard.
+Out-of-distribution guards route the rows as they do in the graph (``Split.guard``:
+the verdicts of the final guards on the test rows).
 """
 from __future__ import annotations
 
@@ -97,7 +99,8 @@ def count_plans(plans: Sequence[np.ndarray], rows: "Split", rounding: Rounding) 
     """Route ``rows`` through each plan (``[exits, classes]`` thresholds over ``rows``'s candidate
     exits) and count what it does there: the one counting function of certification, design
     scoring and reports, whether the rows are a whole split or one shard of it."""
-    routings = [route_scores(rows.scores, plan, None, rounding, len(rows), rows.predictions) for plan in plans]
+    routings = [route_scores(rows.scores, plan, None, rounding, len(rows), rows.predictions, rows.guard)
+                for plan in plans]
     return tally(routings, rows, len(rows.scores))
 
 

@@ -116,6 +116,14 @@ class PlannerConfig:
         units of that float's precision (:meth:`for_cut_types`; reference CNN exported
         in float16: margins in the graph differ from the simulation by up to 3e-4, a
         third of a float16 unit).
+
+    Out-of-distribution guard (see :mod:`moco_compile.passes.guard`)
+        ``ood_guard``: None (no guard), or the share of calibration-like rows each exit's
+        guard may turn away, in (0, 1): rows farther from the fitting rows than that
+        quantile cannot leave at that exit.  ``guard_rounding``: how far float rounding in
+        the shipped graph can move a guard's distance, relative to its threshold (rows
+        within it may be sent on or not; raised like ``rounding_tolerance`` for narrow
+        cut types).
     """
 
     test_fraction: float = 0.5
@@ -144,6 +152,8 @@ class PlannerConfig:
     rounding_tolerance: float = 1e-4
     rounding_floor: float = 16 * 2.0 ** -23  # 16 units of float32 at log p = 0
     narrow_float_ulps: float = 16.0
+    ood_guard: float | None = None
+    guard_rounding: float = 1e-3
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -173,15 +183,19 @@ class PlannerConfig:
         if self.max_design_rows < self.min_design_rows:
             raise ValueError(f"max_design_rows must be at least min_design_rows ({self.min_design_rows}), "
                              f"got {self.max_design_rows}")
-        if min(self.rounding_tolerance, self.rounding_floor, self.narrow_float_ulps, self.boundary_cost) < 0 \
+        if self.ood_guard is not None and not 0 < self.ood_guard < 1:
+            raise ValueError(f"ood_guard must be in (0, 1), got {self.ood_guard}: the share of calibration-like "
+                             "rows each exit's guard may turn away, e.g. 0.01 (or None for no guard)")
+        if min(self.rounding_tolerance, self.rounding_floor, self.narrow_float_ulps, self.boundary_cost,
+               self.guard_rounding) < 0 \
                 or self.design_risk_factor <= 0:
-            raise ValueError("rounding_tolerance, rounding_floor, narrow_float_ulps and boundary_cost must be >= 0 "
-                             "and design_risk_factor > 0")
+            raise ValueError("rounding_tolerance, rounding_floor, narrow_float_ulps, boundary_cost and "
+                             "guard_rounding must be >= 0 and design_risk_factor > 0")
 
     @property
     def rounding(self) -> Rounding:
         """How far float rounding in the shipped graph can move each margin."""
-        return Rounding(self.rounding_tolerance, self.rounding_floor)
+        return Rounding(self.rounding_tolerance, self.rounding_floor, self.guard_rounding)
 
     def for_cut_types(self, types: Iterable[int]) -> "PlannerConfig":
         """This configuration with ``rounding_tolerance`` raised for cut tensors of element
@@ -189,7 +203,9 @@ class PlannerConfig:
         units = [_FLOAT_UNIT[t] for t in types if _FLOAT_UNIT.get(t, 0.0) > _FLOAT_UNIT[TensorProto.FLOAT]]
         if not units:
             return self
-        return replace(self, rounding_tolerance=max(self.rounding_tolerance, self.narrow_float_ulps * max(units)))
+        widest = self.narrow_float_ulps * max(units)
+        return replace(self, rounding_tolerance=max(self.rounding_tolerance, widest),
+                       guard_rounding=max(self.guard_rounding, widest))
 
     def for_model_nesting(self, levels: int) -> "PlannerConfig":
         """This configuration with ``max_exits`` lowered so that exits nested in a model whose own

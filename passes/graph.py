@@ -97,6 +97,18 @@ class GraphIndex:
             stack.extend(node_inputs(self.model.graph.node[index]))
         return seen
 
+    def probability_head(self, output: str) -> str | None:
+        """``Softmax`` or ``LogSoftmax`` when ``output`` is one (through Identity/Cast), else None (logits)."""
+        tensor = output
+        while tensor in self.producer:
+            node = self.model.graph.node[self.producer[tensor]]
+            if node.op_type in ("Softmax", "LogSoftmax"):
+                return node.op_type
+            if node.op_type not in ("Identity", "Cast"):
+                return None
+            tensor = node.input[0]
+        return None
+
     def crossing_tensors(self, before: set[int]) -> set[str]:
         """Non-constant tensors that nodes outside ``before`` read from inside it or from graph inputs."""
         produced_before = {name for i in before for name in self.model.graph.node[i].output}

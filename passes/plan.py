@@ -27,13 +27,18 @@ from moco_compile.passes.certify import CertifiedFamily, PlanCounts, certify_fam
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cut_points import CutPoint
 from moco_compile.passes.design import DesignProblem, build_families, choose_family, cut_elements
-from moco_compile.passes.routing import Rounding, Routing, route_scores, stage_costs
+from moco_compile.passes.exit_confidence import ExitedConfidence, exited_confidence, exited_logits
+from moco_compile.passes.guard import OODGuard
+from moco_compile.passes.routing import GuardVerdicts, Rounding, Routing, route_scores, stage_costs
 from moco_compile.passes.rules import LinearScores
 
 
 @dataclass
 class Exit:
-    """One exit: linear scores on a cut's pooled features and per-class thresholds (inf = off)."""
+    """One exit: linear scores on a cut's pooled features and per-class thresholds (inf = off),
+    optionally guarded (rows its :class:`~moco_compile.passes.guard.OODGuard` finds unfamiliar
+    never leave here; ``rule_flops`` then includes the guard's).  ``confidence_scale``: exited rows
+    carry calibrated log-probabilities (:mod:`~moco_compile.passes.exit_confidence`); None: margins."""
 
     cut: CutPoint
     column: str
@@ -41,6 +46,8 @@ class Exit:
     scores: LinearScores
     thresholds: np.ndarray
     rule_flops: float
+    guard: OODGuard | None = None
+    confidence_scale: float | None = None
 
     def margins(self, features: np.ndarray) -> np.ndarray:
         """``[N, C]`` margins; a row exits here when its largest margin is positive."""
@@ -53,7 +60,9 @@ class Exit:
                 "flops_after": self.cut.flops_after, "rule_flops": self.rule_flops,
                 "weight": self.scores.weight.tolist(), "bias": self.scores.bias.tolist(),
                 "normalize": self.scores.normalize,
-                "thresholds": [None if not np.isfinite(t) else float(t) for t in self.thresholds]}
+                "thresholds": [None if not np.isfinite(t) else float(t) for t in self.thresholds],
+                "guard": None if self.guard is None else self.guard.to_dict(),
+                "confidence_scale": self.confidence_scale}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Exit":
@@ -62,7 +71,9 @@ class Exit:
         scores = LinearScores(np.asarray(data["weight"], np.float32), np.asarray(data["bias"], np.float32),
                               data.get("normalize", "none"))
         thresholds = np.asarray([np.inf if t is None else t for t in data["thresholds"]], np.float32)
-        return cls(cut, data["column"], data["pooling"], scores, thresholds, data["rule_flops"])
+        guard = OODGuard.from_dict(data["guard"]) if data.get("guard") else None
+        return cls(cut, data["column"], data["pooling"], scores, thresholds, data["rule_flops"], guard,
+                   data.get("confidence_scale"))
 
 
 @dataclass
@@ -123,7 +134,8 @@ class ExitPlan:
         send out with another class)."""
         thresholds = np.array([e.thresholds for e in self.exits], np.float32)
         scores = [e.scores(f) for e, f in zip(self.exits, features)]
-        return route_scores(scores, thresholds, self.stage_flops(), rounding, rows, full_predictions)
+        return route_scores(scores, thresholds, self.stage_flops(), rounding, rows, full_predictions,
+                            guard_verdicts([e.guard for e in self.exits], features, rows, rounding))
 
     def evaluate(self, features: Sequence[np.ndarray], predictions: np.ndarray,
                  labels: np.ndarray | None = None) -> PlanEvaluation:
@@ -136,6 +148,23 @@ class ExitPlan:
                                                 self.total_flops)
         return replace(evaluation, exit_index=routing.exit_index, compiled_predictions=routing.predictions(predictions))
 
+    def confidence(self, features: Sequence[np.ndarray], full_probabilities: np.ndarray,
+                   labels: np.ndarray | None = None) -> ExitedConfidence:
+        """How confident exited rows are as compiled vs the full model on the same rows (estimates),
+        given pooled features per exit and the full model's ``[N, C]`` probabilities."""
+        exit_index = self.routing(features, len(full_probabilities)).exit_index
+        exited = np.flatnonzero(exit_index >= 0)
+        log_probs = np.zeros((len(exited), full_probabilities.shape[1]), np.float32)
+        margins, carried = log_probs.copy(), log_probs.copy()
+        for k, exit_ in enumerate(self.exits):
+            here = exit_index[exited] == k
+            log_probs[here] = exit_.scores(features[k][exited[here]])
+            margins[here] = log_probs[here] - exit_.thresholds
+            carried[here] = margins[here] if exit_.confidence_scale is None else \
+                exited_logits(log_probs[here], margins[here], exit_.confidence_scale)
+        return exited_confidence(carried, margins, full_probabilities[exited],
+                                 None if labels is None else labels[exited])
+
     def to_dict(self) -> dict:
         return {"total_flops": self.total_flops, "certificate": self.certificate,
                 "exits": [e.to_dict() for e in self.exits]}
@@ -147,11 +176,13 @@ class ExitPlan:
 
 @dataclass
 class Split:
-    """Scores of every candidate exit on a set of rows, with the full model's predictions."""
+    """Scores of every candidate exit on a set of rows, with the full model's predictions (and,
+    with out-of-distribution guards, their verdicts at every candidate exit)."""
 
     scores: list[np.ndarray]
     predictions: np.ndarray
     labels: np.ndarray | None = None
+    guard: GuardVerdicts | None = None
 
     def __len__(self) -> int:
         return len(self.predictions)
@@ -159,7 +190,32 @@ class Split:
     def take(self, rows: np.ndarray) -> "Split":
         """The rows selected by ``rows`` (a boolean mask or indices)."""
         return Split([s[rows] for s in self.scores], self.predictions[rows],
-                     None if self.labels is None else self.labels[rows])
+                     None if self.labels is None else self.labels[rows],
+                     None if self.guard is None else self.guard.take(rows))
+
+    def without_guard(self) -> "Split":
+        """The same rows, each score of a row a guard sends on lowered so far that no threshold
+        the design sets admits it (planning treats the guard as the graph does: such rows do not
+        leave there); rows within rounding of a guard's threshold are left to certification."""
+        if self.guard is None:
+            return self
+        scores = [np.where(blocked[:, None], GUARDED_SCORE, s) for s, blocked in zip(self.scores, self.guard.blocked)]
+        return Split(scores, self.predictions, self.labels)
+
+
+GUARDED_SCORE = np.float32(-1e30)  # finite: a threshold halfway to it stays finite (inf means "class off")
+
+
+def guard_verdicts(guards: Sequence[OODGuard | None], features: Sequence[np.ndarray], rows: int,
+                   rounding: Rounding = Rounding()) -> GuardVerdicts | None:
+    """The verdicts of each exit's guard (``None``: unguarded) on ``rows`` rows given their pooled
+    features per exit; ``None`` when no exit is guarded."""
+    if all(guard is None for guard in guards):
+        return None
+    none = np.zeros(rows, bool)
+    verdicts = [(none, none) if guard is None else guard.verdicts(f, rounding.guard)
+                for guard, f in zip(guards, features)]
+    return GuardVerdicts(tuple(b for b, _ in verdicts), tuple(n for _, n in verdicts))
 
 
 class NoPlanError(Exception):
@@ -235,6 +291,7 @@ class ExitPlanner:
         budget, config = self.budget, self.config
         if budget.max_accuracy_drop is not None and design.labels is None:
             raise ValueError("max_accuracy_drop needs labels on the design and test rows")
+        design = design.without_guard()
         self.candidates_, self.total_flops_ = list(candidates), total_flops
         self.flops_before_ = np.array([c.cut.flops_before for c in candidates], np.float64)
         self.rule_flops_ = np.array([c.rule_flops for c in candidates], np.float64)

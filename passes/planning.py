@@ -18,20 +18,21 @@ whatever the row count:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
 
 from moco_compile.errors import BudgetError, CalibrationDataError
 from moco_compile.frame import ActivationFrame
-from moco_compile.passes.calibrate import LABELS, PREDICTIONS
-from moco_compile.passes.candidates import Candidates, candidate_scores, fit_candidates
+from moco_compile.passes.calibrate import LABELS, PREDICTIONS, PROBABILITIES
+from moco_compile.passes.candidates import Candidates, candidate_split, fit_candidates
 from moco_compile.passes.certify import PlanCounts, count_plans
 from moco_compile.passes.config import Budget, PlannerConfig
 from moco_compile.passes.cut_points import CutPoint
+from moco_compile.passes.exit_confidence import MIN_ROWS, TemperatureFitter
 from moco_compile.passes.plan import Exit, ExitPlan, ExitPlanner, NoPlanError, PlanEvaluation, Split
-from moco_compile.passes.routing import Rounding, stage_costs
+from moco_compile.passes.routing import Rounding, route_scores, stage_costs
 from moco_compile.passes.splits import SPLIT_COLUMN, SPLITS, RowSplit, check_split_sizes, split_sizes
 
 COUNTED_SPLITS = ("test", "report")  # the splits counted over every row (the rules rows are read)
@@ -63,10 +64,7 @@ class RowCounter:
         return total
 
     def _count(self, frame: ActivationFrame) -> dict[str, PlanCounts]:
-        classes = len(self.candidates[0].thresholds) if self.candidates else 0
-        scores = candidate_scores(self.candidates, frame) if len(frame) else \
-            [np.zeros((0, classes), np.float32) for _ in self.candidates]
-        rows = Split(scores, frame[PREDICTIONS], frame[LABELS] if LABELS in frame else None)
+        rows = candidate_split(self.candidates, frame, self.rounding)
         return {name: count_plans(plans, rows, self.rounding) for name, plans in self.families.items()}
 
 
@@ -165,7 +163,8 @@ def plan_rows(rows: PlanningRows, cuts: Sequence[CutPoint], num_classes: int, to
     design_frame = rows.read(split.positions("rules"))
     candidates = fit_candidates(design_frame, cuts, num_classes, budget, config)
     design = Split(candidates.design_scores, design_frame[PREDICTIONS],
-                   design_frame[LABELS] if rows.labelled else None)
+                   design_frame[LABELS] if rows.labelled else None, candidates.design_guard)
+    probabilities = design_frame[PROBABILITIES] if PROBABILITIES in design_frame else None
     del design_frame
     planner = ExitPlanner(budget, config, seed)
     families = planner.design(candidates.exits, design, sizes["test"], total_flops)
@@ -182,6 +181,8 @@ def plan_rows(rows: PlanningRows, cuts: Sequence[CutPoint], num_classes: int, to
             f"{budget.confidence:g}: every plan with exits failed the test on {sizes['test']} held-out "
             "rows. Raise the budget, give more calibration rows, or pass --allow-no-exit to emit "
             "the unchanged graph")
+    if probabilities is not None:
+        plan = calibrate_confidence(plan, candidates, probabilities)
     evaluated_on = _evaluated_on(split)
     return Planning(plan, split, planner.evaluation(counts[evaluated_on]), evaluated_on, candidates, planner)
 
@@ -189,6 +190,28 @@ def plan_rows(rows: PlanningRows, cuts: Sequence[CutPoint], num_classes: int, to
 def _evaluated_on(split: RowSplit) -> str:
     """Where the plan's figures come from: the report rows, or the test rows when there are none."""
     return "report" if split.sizes["report"] else "test"
+
+
+def calibrate_confidence(plan: ExitPlan, candidates: Candidates, probabilities: np.ndarray) -> ExitPlan:
+    """``plan`` with each exit's confidence scale (:mod:`~moco_compile.passes.exit_confidence`) fitted on
+    the rule-fitting rows that leave there under it (their cross-fitted scores and guard verdicts, as
+    planning saw them; every fitting row's scores when fewer than ``MIN_ROWS`` leave there).
+    ``probabilities``: the full model's, on the rule-fitting rows.  Routing is unchanged."""
+    position = {candidate.cut.tensor: k for k, candidate in enumerate(candidates.exits)}
+    chosen = [position[e.cut.tensor] for e in plan.exits]
+    scores = [candidates.design_scores[k] for k in chosen]
+    guard = None if candidates.design_guard is None else candidates.design_guard.at(chosen)
+    routing = route_scores(scores, np.array([e.thresholds for e in plan.exits]), rows=len(probabilities),
+                           guard=guard)
+    fitter, exits = TemperatureFitter(), []
+    for k, exit_ in enumerate(plan.exits):
+        rows = routing.exit_index == k
+        rows = rows if rows.sum() >= MIN_ROWS else np.ones_like(rows)
+        log_probs = scores[k][rows]
+        scale = fitter.fit(log_probs, log_probs - exit_.thresholds, probabilities[rows]) \
+            if exit_.scores.normalize == "log_softmax" else None
+        exits.append(replace(exit_, confidence_scale=scale))
+    return replace(plan, exits=exits)
 
 
 def _no_exit(rows: PlanningRows, num_classes: int, total_flops: float, budget: Budget, config: PlannerConfig,

@@ -5,6 +5,7 @@ Structure, for exits 0..m-1 at cut tensors T_0..T_{m-1}::
     level 0 (main graph): stage 0 nodes -> T_0
         exit 0: pooled = pool(T_0); margins = pooled @ W + (b - t)
                 fired = ReduceMax(margins) > 0;  keep = Not(fired)
+                [guarded: keep = Or(keep, distance(pooled) > tau)]
                 rows = NonZero(keep)^T
                 If(Size(rows) > 0)
                     then: level 1 graph: rest = Compress(T_0 [and side inputs], keep),
@@ -18,10 +19,21 @@ Every level keeps the initializers its own nodes read inside its own graph
 pre-pack weights that a subgraph reads from the outer scope, and such a
 remainder runs 2-3x slower.
 
-Exited rows carry the exit's margins ``score - threshold`` in place of the
-classifier output (through Softmax/LogSoftmax when the model ends in one, cast
-to the output's dtype and clipped to its range), so their argmax is the exit's
-class; other outputs carry zeros for exited rows, and where an output's
+An exit with an out-of-distribution guard (``passes/guard.py``) also keeps the
+rows whose guard distance exceeds its threshold: one more ``[D, D]`` MatMul, a
+``[D, C]`` MatMul and two reductions on the pooled features.
+
+Exited rows carry, in place of the classifier output, the exit's calibrated
+log-probabilities ``scale * log p_rule`` with the exit's class swapped into the
+top place (``passes/exit_confidence.py``; the scale is fitted so that their top
+probability matches the full model's confidence), or, for exits without a scale
+(plans from before scales, hand-written rules), the margins ``score -
+threshold``; through Softmax/LogSoftmax when the model ends in one, cast to the
+output's dtype and clipped to its range.  Either way their argmax is the exit's
+class.  For a model whose output is raw logits, exited rows carry those scaled
+log-probabilities as logits: logits on the full model's scale in the sense that
+their softmax matches the full model's confidence (logits are defined up to a
+per-row constant, which is not matched); other outputs carry zeros for exited rows, and where an output's
 non-batch dims are dynamic (e.g. ``[N, h*w, 4]`` for images of any size) those
 zeros, and the else branch's empty outputs, take dims computed at run time from
 the inputs' shapes (``passes/trailing_dims.py``).  Where the graph lets a cut's
@@ -39,7 +51,9 @@ from onnx import helper, numpy_helper
 
 from moco_compile.constants import ADDED_NODE_PREFIX, EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY
 from moco_compile.passes.config import MAX_NESTED_GRAPHS
+from moco_compile.passes.exit_confidence import exited_logits_nodes
 from moco_compile.passes.graph import GraphIndex, elem_types, node_inputs, subgraph_nesting
+from moco_compile.passes.guard import guard_nodes
 from moco_compile.passes.plan import Exit
 from moco_compile.passes.pooling import pooling_inputs, reduce_nodes, variant_nodes
 from moco_compile.passes.trailing_dims import has_dynamic_trailing_dims, trailing_shape_nodes
@@ -224,8 +238,13 @@ class _ExitGraphBuilder:
         top, keep = f"{p}/top", f"{p}/keep"
         rows, count, any_left = f"{p}/rows", f"{p}/rest_count", f"{p}/any_left"
         nodes.extend(reduce_nodes("ReduceMax", margins, [1], top, f"{p}/top", self.opset))
+        if exit_.guard is None:
+            nodes.append(helper.make_node("LessOrEqual", [top, f"{p}/zero"], [keep]))
+        else:
+            nodes.extend(guard_nodes(exit_.guard, pooled, f"{p}/unfamiliar", f"{p}/guard", self.opset, initializers))
+            nodes.extend([helper.make_node("LessOrEqual", [top, f"{p}/zero"], [f"{p}/not_fired"]),
+                          helper.make_node("Or", [f"{p}/not_fired", f"{p}/unfamiliar"], [keep])])
         nodes.extend([
-            helper.make_node("LessOrEqual", [top, f"{p}/zero"], [keep]),
             helper.make_node("NonZero", [keep], [f"{p}/rows_t"]),
             helper.make_node("Transpose", [f"{p}/rows_t"], [rows], perm=[1, 0]),
             helper.make_node("Size", [rows], [count]),
@@ -245,7 +264,7 @@ class _ExitGraphBuilder:
                                       then_branch=then_branch, else_branch=else_branch))
         results = []
         for position, original in enumerate(self.outputs):
-            base = self._exited_value(original, margins, top, p, nodes, initializers)
+            base = self._exited_value(original, exit_, margins, top, p, nodes, initializers)
             merged = f"{p}/merged/{original.name}"
             nodes.append(helper.make_node("ScatterND", [base, rows, rest_results[position]], [merged]))
             results.append(merged)
@@ -271,13 +290,13 @@ class _ExitGraphBuilder:
                 helper.make_node("LogSoftmax", [f"{p}/logits"], [f"{p}/log_probs"], axis=1),
                 helper.make_node("Sub", [f"{p}/log_probs", f"{p}/thresholds"], [margins])]
 
-    def _exited_value(self, original: onnx.ValueInfoProto, margins: str, top: str, p: str,
+    def _exited_value(self, original: onnx.ValueInfoProto, exit_: Exit, margins: str, top: str, p: str,
                       nodes: list, initializers: list) -> str:
         """What exited rows carry in ``original``: margins for the classifier, zeros otherwise."""
         elem = original.type.tensor_type.elem_type
         name = f"{p}/exited/{original.name}"
         if original.name == self.output:
-            return self._exited_classifier_value(elem, margins, name, nodes, initializers)
+            return self._exited_classifier_value(elem, exit_, margins, p, name, nodes, initializers)
         if original.name in self.trailing_shapes:
             trailing = self.trailing_shapes[original.name]
         else:
@@ -289,15 +308,21 @@ class _ExitGraphBuilder:
                                       value=helper.make_tensor("zero", elem, [1], [0])))
         return name
 
-    def _exited_classifier_value(self, elem: int, margins: str, name: str, nodes: list,
+    def _exited_classifier_value(self, elem: int, exit_: Exit, margins: str, p: str, name: str, nodes: list,
                                  initializers: list) -> str:
-        """The float32 margins, through the model's final Softmax/LogSoftmax if it has one, in
-        the output's dtype; values beyond a narrower float's range (-FLT_MAX for classes an
-        exit switched off) are clipped to it, so no exited row carries -inf."""
+        """The exit's calibrated log-probabilities when it has a confidence scale
+        (:func:`~moco_compile.passes.exit_confidence.exited_logits_nodes`), else its float32 margins;
+        through the model's final Softmax/LogSoftmax if it has one, in the output's dtype; values
+        beyond a narrower float's range (-FLT_MAX for classes an exit switched off) are clipped to
+        it, so no exited row carries -inf."""
         value = margins
-        head = self._probability_head()
+        if exit_.confidence_scale is not None and exit_.scores.normalize == "log_softmax":
+            value = f"{name}/calibrated"
+            nodes.extend(exited_logits_nodes(f"{p}/log_probs", margins, exit_.confidence_scale, value,
+                                             f"{p}/confidence", initializers))
+        head = self.index.probability_head(self.output)
         if head:
-            nodes.append(helper.make_node(head, [margins], [f"{name}/{head}"], axis=-1))
+            nodes.append(helper.make_node(head, [value], [f"{name}/{head}"], axis=-1))
             value = f"{name}/{head}"
         if elem == onnx.TensorProto.FLOAT:
             return value
@@ -310,18 +335,6 @@ class _ExitGraphBuilder:
             value = f"{name}/clipped"
         nodes.append(helper.make_node("Cast", [value], [name], to=elem))
         return name
-
-    def _probability_head(self) -> str | None:
-        """``Softmax`` or ``LogSoftmax`` when the classifier output is one (through Identity/Cast)."""
-        tensor = self.output
-        while tensor in self.index.producer:
-            node = self.model.graph.node[self.index.producer[tensor]]
-            if node.op_type in ("Softmax", "LogSoftmax"):
-                return node.op_type
-            if node.op_type not in ("Identity", "Cast"):
-                return None
-            tensor = node.input[0]
-        return None
 
     def _side_inputs(self, level: int) -> set[str]:
         """Graph inputs that stages (or exits' pooling) from ``level`` on still read (e.g. an attention mask)."""

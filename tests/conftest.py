@@ -42,6 +42,22 @@ def compiled(tmp_path_factory, calibration):
 
 
 @pytest.fixture(scope="session")
+def guarded_soft(reference_model, calibration):
+    """``(model, result, rows)``: the reference CNN ending in ``Softmax(logits / 4)`` (probabilities far
+    softer than its rules': exited rows' confidence scales matter) compiled on the first ``rows``
+    calibration rows at a 5% budget with an out-of-distribution guard at level 0.01.  Shared by the
+    guard and the exited-confidence tests (one compile for both)."""
+    from models.onnx_heads import with_soft_probabilities
+    from moco_compile import compile
+
+    rows = 2000
+    model = with_soft_probabilities(reference_model, 4.0)
+    result = compile(model, {k: v[:rows] for k, v in calibration.items()}, max_disagreement=0.05, ood_guard=0.01,
+                     measure_latency=False, show_progress=False)
+    return model, result, rows
+
+
+@pytest.fixture(scope="session")
 def plan_split():
     """``plan_split(result, name)``: a compile's calibration split ``name`` as a ``passes.plan.Split``."""
     return _plan_split

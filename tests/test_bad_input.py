@@ -124,7 +124,8 @@ def test_accuracy_budget_without_labels(tmp_path, calibration, reference_onnx):
     _assert_nothing_written(tmp_path / "out")
 
 
-@pytest.mark.parametrize("option, value", [("--max-disagreement", "1.5"), ("--confidence", "0")])
+@pytest.mark.parametrize("option, value", [("--max-disagreement", "1.5"), ("--confidence", "0"),
+                                           ("--ood-guard", "1")])
 def test_cli_rejects_an_impossible_budget(tmp_path, reference_onnx, option, value):
     np.savez(tmp_path / "calib.npz", images=np.zeros((10, 1, 28, 28), np.float32))
     run = CliRunner().invoke(app, ["compile", str(reference_onnx), "--calib", str(tmp_path / "calib.npz"),

@@ -122,6 +122,17 @@ def test_certificate_numbers_read_back(rendered):
     assert "an estimate, not certified" in row.text
 
 
+def test_exited_confidence_and_traffic_scope_read_back(rendered):
+    _, page, report, _ = rendered
+    summary = page.find("table", id="summary")
+    for key in ("mean_top_probability", "mean_top_probability_full_model", "mean_top_probability_uncalibrated",
+                "ece", "ece_full_model"):
+        assert summary.find("td", id=f"exited_{key}").value == pytest.approx(report["exited_confidence"][key]), key
+    certificate = page.find("table", id="certificate")
+    assert certificate.find("td", id="traffic_scope").text == report["traffic_scope"]
+    assert "calibration rows" in report["traffic_scope"] and "--ood-guard" in report["traffic_scope"]
+
+
 def test_exits_table_reads_back(rendered):
     _, page, report, plan = rendered
     table = page.find("table", id="exits")
@@ -138,6 +149,7 @@ def test_exits_table_reads_back(rendered):
         assert row.find("td", class_="classes_enabled").value == item["classes_enabled"]
         assert row.find("td", class_="fraction_of_flops_before").value == \
             pytest.approx(item["fraction_of_flops_before"])
+        assert row.find("td", class_="guard_rate").text == "-" and item["guard_rate"] is None  # built unguarded
     full = table.find("tr", class_="full-row")
     assert full.find("td", class_="exit_rate").value == pytest.approx(1 - report["exit_rate"])
 

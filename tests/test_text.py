@@ -269,6 +269,33 @@ def test_eager_api_applies_the_compiled_plan(compiled, hf_model, test_rows):
     np.testing.assert_allclose(logits[same], onnx_logits[same], atol=1e-3, rtol=1e-3)
 
 
+def test_eager_api_applies_each_exits_guard_as_the_graph_does(compiled, hf_model, text_onnx, test_rows):
+    """The compiled plan with an out-of-distribution guard on every exit (fitted here on the rule-fitting
+    rows, at a level that turns many rows away): eager PyTorch routes rows as the rewritten graph does."""
+    from dataclasses import replace
+
+    from moco_compile.api import model_for_plan
+    from moco_compile.passes.calibrate import variant_features
+    from moco_compile.passes.guard import GuardFitter
+    from moco_compile.passes.plan import ExitPlan
+    from moco_compile.passes.rewrite import insert_exits
+    from moco_compile.passes.splits import SPLITS
+    from moco_compile.torch import EarlyExitTextClassificationModel
+
+    result, _ = compiled
+    rules = result.frame[result.frame["split"] == SPLITS.index("rules")]
+    exits = [replace(e, guard=GuardFitter(level=0.3).fit(variant_features(rules, e.column, e.pooling),
+                                                         rules["predictions"])) for e in result.plan.exits]
+    rows = _inputs(test_rows)
+    model, output = model_for_plan(onnx.load(str(text_onnx)), None, {k: v[:1] for k, v in rows.items()})
+    _, graph_exits = _run(insert_exits(model, exits, output), rows)
+    eager = EarlyExitTextClassificationModel(hf_model).load_plan(ExitPlan(exits, result.plan.total_flops).to_dict())
+    eager_exits = eager(**{k: torch.from_numpy(v) for k, v in rows.items()}).exits.numpy()
+    _, unguarded = _run(result.model, rows)
+    assert (graph_exits != unguarded).mean() > 0.05  # the guards changed routes
+    assert (eager_exits == graph_exits).mean() > 0.99
+
+
 def _block_features(hf_model, feed: dict, block: int) -> np.ndarray:
     """Mask-aware token mean of block ``block``'s output, computed by the plain Hugging Face model."""
     with torch.no_grad():

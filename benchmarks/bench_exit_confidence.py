@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_fashion_resnet import run_batched  # noqa: E402
 from benchmarks.results import machine_description, write_section  # noqa: E402
-from models.export_fashion_resnet import CALIBRATION_PATH, ONNX_PATH  # noqa: E402
+from models.export_fashion_resnet import ONNX_PATH, load_calibration  # noqa: E402
 from models.fashion_mnist import load_split  # noqa: E402
 from models.onnx_heads import with_soft_probabilities  # noqa: E402
 from moco_compile import compile  # noqa: E402
@@ -53,8 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--budget", type=float, default=0.01)
     args = parser.parse_args()
-    with np.load(CALIBRATION_PATH) as data:
-        calibration = {"images": data["images"], "labels": data["labels"]}
+    calibration = load_calibration()
     images, labels = load_split("test")
     reference = import_model(ONNX_PATH).model
     rows = []

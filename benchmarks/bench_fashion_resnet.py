@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results import machine_description, write_section  # noqa: E402
-from models.export_fashion_resnet import CALIBRATION_PATH, ONNX_PATH  # noqa: E402
+from models.export_fashion_resnet import ONNX_PATH, load_calibration  # noqa: E402
 from models.fashion_mnist import load_split  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
@@ -51,8 +51,7 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.005, 0.01, 0.02])
     parser.add_argument("--latency-budget", type=float, default=0.01)
     args = parser.parse_args()
-    with np.load(CALIBRATION_PATH) as data:
-        calibration = {"images": data["images"], "labels": data["labels"]}
+    calibration = load_calibration()
     test_images, test_labels = load_split("test")
     original = import_model(ONNX_PATH).model
     original_session = make_session(original, ["CPUExecutionProvider"])

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_fashion_resnet import latency_ratios, run_batched  # noqa: E402
 from benchmarks.results import machine_description, write_section  # noqa: E402
-from models.export_fashion_resnet import CALIBRATION_PATH, ONNX_PATH  # noqa: E402
+from models.export_fashion_resnet import ONNX_PATH, load_calibration  # noqa: E402
 from models.fashion_mnist import load_split  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.frame import ActivationFrame  # noqa: E402
@@ -109,8 +109,7 @@ def main() -> None:
     parser.add_argument("--levels", type=float, nargs="+", default=[0.01, 0.05])
     parser.add_argument("--budget", type=float, default=0.01)
     args = parser.parse_args()
-    with np.load(CALIBRATION_PATH) as data:
-        calibration = {"images": data["images"], "labels": data["labels"]}
+    calibration = load_calibration()
     test_images, _ = load_split("test")
     sets = {"Fashion-MNIST test (in distribution)": test_images,
             "uniform noise": np.random.default_rng(0).random((2000, 1, 28, 28), dtype=np.float32),

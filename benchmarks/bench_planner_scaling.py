@@ -20,13 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import machine_description, write_section  # noqa: E402
-from models.export_fashion_resnet import CALIBRATION_PATH, ONNX_PATH  # noqa: E402
+from models.export_fashion_resnet import ONNX_PATH, load_calibration  # noqa: E402
 from models.fashion_mnist import load_split  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.api import calibrate_frame, cut_points_of  # noqa: E402
@@ -151,8 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     args.scratch.mkdir(parents=True, exist_ok=True)
-    with np.load(CALIBRATION_PATH) as data:
-        calibration = {"images": data["images"], "labels": data["labels"]}
+    calibration = load_calibration()
     images, labels = load_split("test")
     test = {"images": images, "labels": labels}
     budget = Budget(args.budget)

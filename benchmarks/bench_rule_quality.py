@@ -111,11 +111,10 @@ class Workload:
 
 def fashion_resnet(scratch: Path) -> Workload:
     """The reference CNN: committed calibration images, the official Fashion-MNIST test split."""
-    from models.export_fashion_resnet import CALIBRATION_PATH, ONNX_PATH
+    from models.export_fashion_resnet import ONNX_PATH, load_calibration
     from models.fashion_mnist import load_split
 
-    with np.load(CALIBRATION_PATH) as data:
-        calibration = {"images": data["images"], "labels": data["labels"]}
+    calibration = load_calibration()
     images, labels = load_split("test")
     return Workload(
         name="fashion_resnet", onnx_path=ONNX_PATH, calibration=calibration,

@@ -96,11 +96,10 @@ class Pool:
 
 
 def _fashion_resnet(scratch: Path) -> tuple[Path, dict, dict, str, str, str]:
-    from models.export_fashion_resnet import CALIBRATION_PATH, ONNX_PATH
+    from models.export_fashion_resnet import CALIBRATION_PATH, ONNX_PATH, load_calibration
     from models.fashion_mnist import load_split
 
-    with np.load(CALIBRATION_PATH) as data:
-        calibration = {"images": data["images"], "labels": data["labels"]}
+    calibration = load_calibration()
     images, labels = load_split("test")
     rows = (f"the {len(calibration['labels']):,} shipped calibration images "
             f"(`{CALIBRATION_PATH.relative_to(ROOT)}`, held-out training images) and the official "

@@ -23,6 +23,12 @@ ONNX_PATH = ARTIFACTS / "fashion_resnet.onnx"
 CALIBRATION_PATH = ARTIFACTS / "fashion_calib.npz"
 
 
+def load_calibration() -> dict[str, np.ndarray]:
+    """The shipped calibration rows of the reference CNN: ``images`` and ``labels``."""
+    with np.load(CALIBRATION_PATH) as data:
+        return {"images": data["images"], "labels": data["labels"]}
+
+
 def load_trained() -> FashionResNet:
     model = FashionResNet()
     model.load_state_dict(torch.load(ARTIFACTS / "fashion_resnet.pt", weights_only=True))

@@ -15,7 +15,10 @@ The reference CNN's shipped calibration images (tiled when more rows are asked f
    Ray engine calibrates ``--memory-rows`` rows and 10x as many; and during the whole compile of
    each, every row certified (no ``max_rows`` sample), the rules split capped at ``--design-rows``
    (``PlannerConfig.max_design_rows``; the default 50,000 caps it the same way from 100,000 rows).
-3. a projection, from the measured 2-actor rate, of the time to calibrate 100M rows on N machines.
+3. ``moco evaluate`` of the first compile's build over the ``--rows`` traffic rows: seconds and rows/s
+   in one process and on Ray (2 actors), and the driver's peak while Ray evaluates ``--memory-rows``
+   rows and 10x as many (the driver keeps each row's two classes and exit for the drift windows).
+4. a projection, from the measured 2-actor rate, of the time to calibrate 100M rows on N machines.
 
 Writes the section "Calibration on Ray" of ``benchmarks/RESULTS.md``.
 """
@@ -40,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.results import machine_description, write_section  # noqa: E402
 from moco_compile.api import calibration_spec, compile, cut_points_of  # noqa: E402
 from moco_compile.calibration import iter_batches  # noqa: E402
+from moco_compile.evaluation import evaluate_build  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.config import PlannerConfig  # noqa: E402
 from moco_compile.passes.calibrate import calibrate  # noqa: E402
@@ -129,13 +133,33 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
             started = time.perf_counter()
             with PeakRss() as peak:
                 result = compile(MODEL, ShardedData(str(scratch / f"memory{scale}")), measure_latency=False,
-                                 show_progress=False, planner_config=PlannerConfig(max_design_rows=args.design_rows))
+                                 show_progress=False, planner_config=PlannerConfig(max_design_rows=args.design_rows),
+                                 out_dir=scratch / f"build{scale}")
             results[f"compile{scale}_seconds"] = time.perf_counter() - started
             results[f"compile{scale}_mb"] = peak.growth_mb
             results[f"compile{scale}_splits"] = result.report["splits"]
             results[f"compile{scale}_reduction"] = result.report["compute_reduction"]
+        results.update(measure_evaluate(scratch, tiled, throughput_dir))
     finally:
         ray.shutdown()
+    return results
+
+
+def measure_evaluate(scratch: Path, traffic: dict[str, np.ndarray], shards: Path) -> dict:
+    """Seconds of ``moco evaluate`` of the first build over ``traffic`` in one process and over the same
+    rows' shards on Ray (2 actors); the driver's peak growth while Ray evaluates the memory runs' shards."""
+    build, results = scratch / "build1", {}
+    started = time.perf_counter()
+    evaluate_build(build, traffic, providers=["cpu"], show_progress=False)
+    results["evaluate_local_seconds"] = time.perf_counter() - started
+    started = time.perf_counter()
+    evaluate_build(build, ShardedData(str(shards), workers=2), providers=["cpu"], show_progress=False)
+    results["evaluate_ray_seconds"] = time.perf_counter() - started
+    for scale in (1, 10):
+        with PeakRss() as peak:
+            evaluate_build(build, ShardedData(str(scratch / f"memory{scale}"), workers=2), providers=["cpu"],
+                           show_progress=False)
+        results[f"evaluate{scale}_mb"] = peak.growth_mb
     return results
 
 
@@ -184,6 +208,19 @@ The driver holds the rules rows ({_frame_bytes_per_row():,} bytes per row of fra
 first rows, and a few integers per plan; the test rows are never read on the driver, so its peak does
 not grow with the data.  The smaller compile runs first in the process and also pays one-time costs
 (modules loaded and buffers grown on first use), so its growth overstates the steady state.
+
+`moco evaluate --engine ray` (the build of the {args.memory_rows:,}-row compile; original and compiled
+model on every traffic row, per-row results written by the actors, summed into the evaluation on the
+driver), vs the same evaluation in one process (default onnxruntime threads):
+
+| path | traffic rows | seconds | rows/s |
+|---|---|---|---|
+| single process | {args.rows:,} | {results['evaluate_local_seconds']:.1f} | {args.rows / results['evaluate_local_seconds']:,.0f} |
+| Ray, 2 actors | {args.rows:,} | {results['evaluate_ray_seconds']:.1f} | {args.rows / results['evaluate_ray_seconds']:,.0f} |
+
+Driver peak growth while Ray evaluates {args.memory_rows:,} rows: {results['evaluate1_mb']:.1f} MB;
+{10 * args.memory_rows:,} rows: {results['evaluate10_mb']:.1f} MB (the driver keeps each row's two classes
+and exit, about 40 bytes per row, for the drift windows: linear in the traffic, not bounded).
 
 Projection, not a measurement: hours to calibrate {TARGET_ROWS:,} rows on N machines like this one,
 assuming each machine runs 2 actors at the measured 2-actor rate ({per_machine:,.0f} rows/s), the

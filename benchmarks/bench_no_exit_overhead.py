@@ -1,0 +1,113 @@
+"""Benchmark: what exits cost when no row takes them, on the reference CNN and a 4x wider one.
+
+    python benchmarks/bench_no_exit_overhead.py [--widths 16 32 64 --widths 64 128 256]
+
+Each net gets an exit at every candidate cut (what the reference plan at 1% opens), every threshold
++inf: rows run the rules and cross every If boundary but never leave, so compiled / original latency
+is the price of the exits alone.  Latency depends on shapes, not weights: the 16/32/64 net is the
+trained reference (`models/artifacts/fashion_resnet.pt`), wider ones are random-initialised
+`FashionResNet`s (seed 0; training a 64/128/256 net takes about 16x the reference's compute).
+Measured at batch 1 and 64 with onnxruntime's CPU provider, original and compiled alternating in
+one process, at two optimisation levels: all (default; the NCHWc layout transformer on) and
+extended (no layout transformer), which shows how much of the overhead is the layout stopping at
+the If boundary (DESIGN.md).  Writes the section "No-exit overhead" of ``benchmarks/RESULTS.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results import machine_description, write_section  # noqa: E402
+from models.export_fashion_resnet import load_calibration, load_trained  # noqa: E402
+from models.fashion_resnet import FashionResNet  # noqa: E402
+from moco_compile.api import cut_points_of  # noqa: E402
+from moco_compile.importer import import_model  # noqa: E402
+from moco_compile.passes.calibrate import cut_column  # noqa: E402
+from moco_compile.passes.plan import Exit  # noqa: E402
+from moco_compile.passes.pooling import pooling_cost  # noqa: E402
+from moco_compile.passes.rewrite import insert_exits  # noqa: E402
+from moco_compile.passes.rules import LinearScores  # noqa: E402
+from moco_compile.runtime.latency import compare_latency  # noqa: E402
+
+LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
+REFERENCE_WIDTHS = (16, 32, 64)
+
+
+def net(widths: tuple[int, ...]) -> torch.nn.Module:
+    if widths == REFERENCE_WIDTHS:
+        return load_trained()
+    torch.manual_seed(0)
+    return FashionResNet(widths).eval()
+
+
+def closed_exits(imported, images: np.ndarray) -> list[Exit]:
+    """An exit at every candidate cut: mean pooling, a log-softmax rule, every class off."""
+    _, cuts = cut_points_of(imported, {imported.input_names[0]: images[:64]}, 64)
+    classes = imported.num_classes
+    exits = []
+    for cut in cuts:
+        rule = LinearScores(np.zeros((cut.shape[1], classes), np.float32), np.zeros(classes, np.float32),
+                            "log_softmax")
+        exits.append(Exit(cut, cut_column(cut), "mean", rule, np.full(classes, np.inf, np.float32),
+                          pooling_cost(cut.shape, "mean") + rule.flops))
+    return exits
+
+
+def session(model, level: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = LEVELS[level]
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def measure(widths: tuple[int, ...], images: np.ndarray) -> dict:
+    imported = import_model(net(widths), example_input=torch.from_numpy(images[:2]))
+    exits = closed_exits(imported, images)
+    compiled = insert_exits(imported.model, exits, imported.output)
+    results = {"exits": len(exits), "mflops": (exits[0].cut.flops_before + exits[0].cut.flops_after) / 1e6}
+    for level in LEVELS:
+        sessions = {"original": session(imported.model, level), "compiled": session(compiled, level)}
+        for batch, rows, seconds in ((1, 1000, 6.0), (64, len(images), 10.0)):
+            timing = compare_latency(sessions, {imported.input_names[0]: images[:rows]}, batch, min_seconds=seconds)
+            results[(level, batch)] = timing
+            print(widths, level, batch, {k: f"{1e3 * v:.3f} ms" for k, v in timing.items()},
+                  f"{timing['compiled'] / timing['original']:.3f}x", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--widths", type=int, nargs=3, action="append",
+                        help="channels of the three stages (repeatable; default: 16 32 64 and 64 128 256)")
+    args = parser.parse_args()
+    images = load_calibration()["images"][:4096]
+    nets = [tuple(w) for w in args.widths] if args.widths else [REFERENCE_WIDTHS, (64, 128, 256)]
+    results = {widths: measure(widths, images) for widths in nets}
+    lines = [f"Command: `{' '.join(['python benchmarks/bench_no_exit_overhead.py', *sys.argv[1:]])}`",
+             f"Machine: {machine_description()}", "",
+             "An exit at every candidate cut, every threshold +inf (rules run, no row leaves); compiled / "
+             "original latency, same process, alternating. The 16/32/64 net is the trained reference, wider "
+             "nets are random-initialised (latency depends on shapes, not weights).", "",
+             "| widths | MFLOPs | exits | optimisation | batch | original ms | compiled ms | overhead |",
+             "|---|---|---|---|---|---|---|---|"]
+    for widths, result in results.items():
+        for level in LEVELS:
+            for batch in (1, 64):
+                timing = result[(level, batch)]
+                lines.append(f"| {'/'.join(map(str, widths))} | {result['mflops']:.1f} | {result['exits']} | {level} "
+                             f"| {batch} | {1e3 * timing['original']:.3f} | {1e3 * timing['compiled']:.3f} "
+                             f"| {100 * (timing['compiled'] / timing['original'] - 1):+.1f}% |")
+    text = "\n".join(lines)
+    print(text)
+    write_section("No-exit overhead", text)
+
+
+if __name__ == "__main__":
+    main()

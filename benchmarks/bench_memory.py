@@ -166,9 +166,10 @@ def main() -> None:
         rows = measure(built, test_inputs, labels, args.rounds, classifier_output(model, None))
         print(table(rows), flush=True)
         refused = [r for r in ("int8 dynamic + exits", REUSED_EXITS) if r not in built]
-        note = (f"\n\nNot built: {', '.join(refused)} (int8 dynamic + exits: moco's verification refuses it, "
-                "dynamic int8 sets activation ranges per batch so a row's output depends on the rows beside it; "
-                "the float32 build's exits on int8 dynamic: see the log)") if refused else ""
+        reasons = {"int8 dynamic + exits": "moco's verification refuses it: dynamic int8 sets activation ranges "
+                   "per batch, so a row's output depends on the rows beside it",
+                   REUSED_EXITS: "failed, see the benchmark's log"}
+        note = ("\n\nNot built: " + "; ".join(f"{r} ({reasons[r]})" for r in refused) + ".") if refused else ""
         write_section(f"{SECTION}: {name}", f"Command: `python benchmarks/bench_memory.py --models {name}`\n\n"
                       f"Machine: {machine_description()} (CPU execution provider). {len(labels):,} test rows, "
                       f"exits at a {args.budget:.0%} budget.\n\n{table(rows)}{note}\n\n{LEGEND}")

@@ -115,9 +115,15 @@ def reduce_nodes(op: str, data: str, axes: list[int], output: str, name: str, op
     """
     if opset < (13 if op == "ReduceSum" else 18):
         return [helper.make_node(op, [data], [output], name=name, axes=axes, keepdims=keepdims)]
-    return [helper.make_node("Constant", [], [f"{name}/axes"], name=f"{name}/axes",
-                             value=helper.make_tensor("axes", onnx.TensorProto.INT64, [len(axes)], axes)),
+    return [_int64_constant(f"{name}/axes", axes),
             helper.make_node(op, [data, f"{name}/axes"], [output], name=name, keepdims=keepdims)]
+
+
+def _int64_constant(name: str, values: int | list[int]) -> onnx.NodeProto:
+    """A Constant node (named as its output ``name``) of int64 ``values``: a scalar for an int."""
+    dims, values = ([], [values]) if isinstance(values, int) else ([len(values)], values)
+    return helper.make_node("Constant", [], [name], name=name,
+                            value=helper.make_tensor(name.rsplit("/", 1)[-1], onnx.TensorProto.INT64, dims, values))
 
 
 def piece_nodes(tensor: str, piece: str, shape: tuple[int, ...], output: str,
@@ -158,12 +164,8 @@ def _quadrant_mean_nodes(tensor: str, output: str, p: str, opset: int) -> list[o
     Each axis splits into its first and last ``ceil(size / 2)`` entries (overlapping by one
     when the size is odd), the windows :func:`_grid_window` gives a fixed size.
     """
-    def constant(name: str, values: list[int]) -> onnx.NodeProto:
-        return helper.make_node("Constant", [], [f"{p}/{name}"], name=f"{p}/{name}",
-                                value=helper.make_tensor(name, onnx.TensorProto.INT64, [len(values)], values))
-
-    nodes = [constant("zero", [0]), constant("one", [1]), constant("two", [2]),
-             constant("rows_axis", [2]), constant("columns_axis", [3])]
+    nodes = [_int64_constant(f"{p}/{name}", [value]) for name, value in
+             (("zero", 0), ("one", 1), ("two", 2), ("rows_axis", 2), ("columns_axis", 3))]
     halves = {}
     for axis in (2, 3):
         size, kernel, start = f"{p}/size{axis}", f"{p}/kernel{axis}", f"{p}/start{axis}"
@@ -201,8 +203,7 @@ def _sequence_nodes(tensor: str, piece: str, output: str, prefix: str,
     kind = piece_kind(piece)
     p = f"{prefix}/{kind}"
     if kind == "first_token":
-        return [helper.make_node("Constant", [], [f"{p}/index"], name=f"{p}/index",
-                                 value=helper.make_tensor("index", onnx.TensorProto.INT64, [], [0])),
+        return [_int64_constant(f"{p}/index", 0),
                 helper.make_node("Gather", [tensor, f"{p}/index"], [f"{p}/token"], name=p, axis=1),
                 helper.make_node("Cast", [f"{p}/token"], [output], name=f"{p}/cast", to=onnx.TensorProto.FLOAT)]
     mask = piece.split("@", 1)[1]
@@ -210,10 +211,8 @@ def _sequence_nodes(tensor: str, piece: str, output: str, prefix: str,
     if kind == "last_token":
         return _last_token_nodes(tensor, mask, output, p)
     return [
-        helper.make_node("Constant", [], [f"{p}/token_axis"], name=f"{p}/token_axis",
-                         value=helper.make_tensor("axis", onnx.TensorProto.INT64, [1], [1])),
-        helper.make_node("Constant", [], [f"{p}/feature_axis"], name=f"{p}/feature_axis",
-                         value=helper.make_tensor("axis", onnx.TensorProto.INT64, [1], [2])),
+        _int64_constant(f"{p}/token_axis", [1]),
+        _int64_constant(f"{p}/feature_axis", [2]),
         helper.make_node("Constant", [], [f"{p}/one"], name=f"{p}/one",
                          value=helper.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0])),
         helper.make_node("Cast", [mask], [f"{p}/mask"], name=f"{p}/cast_mask", to=onnx.TensorProto.FLOAT),
@@ -232,12 +231,8 @@ def _sequence_nodes(tensor: str, piece: str, output: str, prefix: str,
 
 def _last_token_nodes(tensor: str, mask: str, output: str, p: str) -> list[onnx.NodeProto]:
     """The state at the largest position the mask keeps: ArgMax of ``mask * position``, GatherND."""
-    def scalar(name: str, value: int) -> onnx.NodeProto:
-        return helper.make_node("Constant", [], [f"{p}/{name}"], name=f"{p}/{name}",
-                                value=helper.make_tensor(name, onnx.TensorProto.INT64, [], [value]))
-
     return [
-        scalar("zero", 0), scalar("one", 1),
+        _int64_constant(f"{p}/zero", 0), _int64_constant(f"{p}/one", 1),
         helper.make_node("Cast", [mask], [f"{p}/mask"], name=f"{p}/cast_mask", to=onnx.TensorProto.INT64),
         helper.make_node("Shape", [f"{p}/mask"], [f"{p}/length"], name=f"{p}/length", start=1, end=2),
         helper.make_node("Squeeze", [f"{p}/length"], [f"{p}/tokens"], name=f"{p}/tokens"),

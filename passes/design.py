@@ -136,16 +136,14 @@ def build_families(names: Sequence[str], problem: DesignProblem) -> dict[str, li
 def _spread_evenly(flops_before: np.ndarray, count: int) -> np.ndarray:
     """Every exit when there are at most ``count``, else ``count`` of them spread evenly over the
     compute before them (the first and the last kept): chosen without looking at any row."""
-    active = np.ones(len(flops_before), bool)
     if len(flops_before) <= count:
-        return active
-    targets = np.linspace(flops_before.min(), flops_before.max(), count)
+        return np.ones(len(flops_before), bool)
     chosen: set[int] = set()
-    for target in targets:  # nearest candidate not chosen yet
+    for target in np.linspace(flops_before.min(), flops_before.max(), count):  # nearest not chosen yet
         order = np.argsort(np.abs(flops_before - target), kind="stable")
         chosen.add(int(next(k for k in order if k not in chosen)))
-    active[:] = False
-    active[sorted(chosen)] = True
+    active = np.zeros(len(flops_before), bool)
+    active[list(chosen)] = True
     return active
 
 

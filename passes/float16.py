@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import onnx
 
 from moco_compile.errors import ModelError
-from moco_compile.passes.graph import node_inputs
+from moco_compile.passes.graph import node_inputs, subgraphs
 from moco_compile.passes.toposort import topologically_sorted
 
 
@@ -57,7 +57,7 @@ def _drop_round_trip_casts(graph: onnx.GraphProto) -> None:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     outputs = {o.name for o in graph.output}
-    outputs.update(name for node in graph.node if _subgraphs(node)  # read inside a subgraph: keep
+    outputs.update(name for node in graph.node if subgraphs(node)  # read inside a subgraph: keep
                    for name in node_inputs(node) if name not in node.input)
     dropped = set()
     for narrow in graph.node:
@@ -74,9 +74,5 @@ def _drop_round_trip_casts(graph: onnx.GraphProto) -> None:
     del graph.node[:]
     graph.node.extend(kept)
     for node in graph.node:
-        for subgraph in _subgraphs(node):
+        for subgraph in subgraphs(node):
             _drop_round_trip_casts(subgraph)
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]

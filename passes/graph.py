@@ -5,6 +5,7 @@ Every pass that reasons about data flow uses this one index instead of walking
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -37,11 +38,22 @@ def exposing_every_tensor(model: onnx.ModelProto) -> onnx.ModelProto:
     return probe
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs held in ``node``'s attributes (If branches, Loop/Scan bodies)."""
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+
+
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every graph nested in it, outermost first."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from all_graphs(sub)
+
+
 def subgraph_nesting(graph: onnx.GraphProto) -> int:
     """How many subgraph levels (If branches, Loop/Scan bodies) nest inside ``graph``; 0 when none."""
-    return max((1 + subgraph_nesting(sub) for node in graph.node for attribute in node.attribute
-                for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else []) + list(attribute.graphs)),
-               default=0)
+    return max((1 + subgraph_nesting(sub) for node in graph.node for sub in subgraphs(node)), default=0)
 
 
 def elem_types(model: onnx.ModelProto) -> dict[str, int]:

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import shape_inference
 
-from moco_compile.passes.graph import node_inputs
+from moco_compile.passes.graph import all_graphs, node_inputs, subgraphs
 
 VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 WORKSPACE_OUTPUTS = {"Where": 2}
@@ -64,7 +64,7 @@ class LivenessProfile:
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of every initializer in the model and its subgraphs (rule 1)."""
     seen: dict[str, int] = {}
-    for graph in _graphs(model.graph):
+    for graph in all_graphs(model.graph):
         for init in graph.initializer:
             seen.setdefault(init.name, _tensor_bytes(init))
     return sum(seen.values())
@@ -80,17 +80,6 @@ def liveness(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]
     walk.graph(inferred.graph, base=0, outer=frozenset())
     return LivenessProfile(weight_bytes=weight_bytes(model), peak_bytes=walk.peak_bytes, peak_node=walk.peak_node,
                            live_at_peak=walk.live_at_peak, timeline=walk.timeline, unsized=sorted(sizes.unsized))
-
-
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for sub in _subgraphs(node):
-            yield from _graphs(sub)
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:
@@ -112,7 +101,7 @@ def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
 def _with_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto:
     concrete = onnx.ModelProto()
     concrete.CopyFrom(model)
-    for graph in _graphs(concrete.graph):
+    for graph in all_graphs(concrete.graph):
         del graph.value_info[:]
     for value in concrete.graph.input:
         if value.name in input_shapes:
@@ -129,7 +118,7 @@ class _SizeTable:
     def __init__(self, model: onnx.ModelProto, known_shapes: dict[str, tuple[int, ...]], batch: int) -> None:
         self.types: dict[str, onnx.TypeProto] = {}
         self.top_level = {name for node in model.graph.node for name in node.output}
-        for graph in _graphs(model.graph):
+        for graph in all_graphs(model.graph):
             for value in list(graph.value_info) + list(graph.output) + list(graph.input):
                 self.types.setdefault(value.name, value.type)
         self.known_shapes = known_shapes
@@ -174,7 +163,7 @@ class _Walk:
         for step, node in enumerate(graph.node):
             label = f"{node.name or node.output[0]} ({node.op_type})"
             branches = [self._branch(sub, base + _total(live), outer | frozenset(live.values()))
-                        for sub in _subgraphs(node)]
+                        for sub in subgraphs(node)]
             for name in filter(None, node.output):
                 is_view = node.op_type in VIEW_OPS and node.input and node.input[0] in buffer_of
                 buffer = buffer_of[node.input[0]] if is_view else name

@@ -1,0 +1,338 @@
+"""Measure moco's compiled graphs on a GPU with onnxruntime-gpu: parity with the CPU, latency, the
+price of each exit's host sync, float16, TensorRT and CUDA Graphs.
+
+On a lent GPU machine (``benchmarks/gpu_check.sh`` installs onnxruntime-gpu and runs this)::
+
+    python benchmarks/gpu_check.py --artefacts .gpu --out $OUT [--groups cnn no_exit text]
+
+Back here, to write the section "GPU (CUDA)" of ``benchmarks/RESULTS.md``::
+
+    python benchmarks/gpu_check.py --record gpu_check_*.json
+
+The graphs come from ``benchmarks/gpu_prepare.py``.  Every step records its error instead of
+stopping the run, and the JSON is rewritten after each step, so a run cut short still reports.
+Latency: ``session.run`` with host arrays in and out (what a drop-in user pays, copies included),
+compiled and original alternating in one process (``runtime.latency.compare_latency``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moco_compile.constants import EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY  # noqa: E402
+from moco_compile.passes.graph import all_graphs  # noqa: E402
+from moco_compile.runtime.latency import compare_latency  # noqa: E402
+from moco_compile.runtime.session import CPU, CUDA, TENSORRT, ExitSession, ExitStatistics  # noqa: E402
+
+STRIPPED = "moco-gpu-check: stripped, refill with noise"  # benchmarks/gpu_prepare.py marks big weights so
+BATCHES = (1, 64, 256)
+SECTION = "GPU (CUDA)"
+CNN_OUTPUT = "logits"
+ACCELERATOR = os.environ.get("MOCO_GPU_CHECK_PROVIDER", CUDA)  # CPUExecutionProvider: a dry run here
+
+
+def refilled(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
+    """Seeded noise in place of the weights ``gpu_prepare.strip_weights`` dropped."""
+    rng = np.random.default_rng(seed)
+    for graph in all_graphs(model.graph):
+        for tensor in graph.initializer:
+            if tensor.doc_string == STRIPPED:
+                values = rng.normal(0, 0.02, tuple(tensor.dims)).astype(np.float32)
+                tensor.raw_data = values.tobytes()
+                tensor.doc_string = ""
+    return model
+
+
+def model_source(path: Path) -> str | bytes:
+    """The file's path (its external weights load beside it), or its bytes with stripped weights refilled."""
+    model = onnx.load(path, load_external_data=False)
+    if any(t.doc_string == STRIPPED for graph in all_graphs(model.graph) for t in graph.initializer):
+        return refilled(model).SerializeToString()
+    return str(path)
+
+
+def session(model: str | bytes, provider: str = ACCELERATOR, **options) -> ort.InferenceSession:
+    session_options = ort.SessionOptions()
+    session_options.log_severity_level = 3
+    providers = [(provider, options), CPU] if provider != CPU else [CPU]
+    created = ort.InferenceSession(model, session_options, providers=providers)
+    if created.get_providers()[0] != provider:
+        raise RuntimeError(f"{provider} did not start: the session runs on {created.get_providers()}")
+    return created
+
+
+def run_batches(sess: ort.InferenceSession, feed: dict[str, np.ndarray], size: int = 256) -> dict[str, np.ndarray]:
+    rows = len(next(iter(feed.values())))
+    parts = [dict(zip([o.name for o in sess.get_outputs()], sess.run(None, text_trimmed(
+        {k: v[i:i + size] for k, v in feed.items()})))) for i in range(0, rows, size)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def text_trimmed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Text batches padded to their longest row (dynamic padding); other inputs unchanged."""
+    if "attention_mask" not in batch:
+        return batch
+    length = max(int(batch["attention_mask"].sum(1).max()), 1)
+    return {k: v[:, :length] for k, v in batch.items()}
+
+
+def latency(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray],
+            batches=BATCHES, seconds: float = 2.0) -> dict[str, dict[str, float]]:
+    """Median ms per batch of each session, per batch size (text rows trimmed per batch)."""
+    out = {}
+    for size in batches:
+        rows = {k: v[:max(200, size * 8)] for k, v in feed.items()}
+        if "attention_mask" in feed:  # compare_latency cannot trim per batch: use rows of one length band
+            rows = text_trimmed(rows)
+        timing = compare_latency(sessions, rows, size, min_seconds=seconds)
+        out[str(size)] = {name: 1e3 * value for name, value in timing.items()}
+    return out
+
+
+def exit_count(model: onnx.ModelProto) -> int:
+    return sum(node.op_type == "If" for graph in all_graphs(model.graph) for node in graph.node)
+
+
+def parity(name: str, model: str | bytes, feed: dict[str, np.ndarray], output: str, **cuda_options) -> dict:
+    """CPU vs CUDA on the same rows: exits identical, full-network rows within relative tolerance."""
+    cpu = run_batches(session(model, CPU), feed)
+    gpu = run_batches(session(model, ACCELERATOR, **cuda_options), feed)
+    full = np.ones(len(cpu[output]), bool)
+    result = {"rows": int(len(full))}
+    if EXIT_OUTPUT in cpu:
+        result["exit_mismatches"] = int((cpu[EXIT_OUTPUT] != gpu[EXIT_OUTPUT]).sum())
+        full = (cpu[EXIT_OUTPUT] == -1) & (gpu[EXIT_OUTPUT] == -1)
+        result["full_rows"] = int(full.sum())
+    a, b = cpu[output][full], gpu[output][full]
+    scale = np.maximum(np.abs(a).max(axis=1), 1e-6)
+    result["max_relative_difference"] = float((np.abs(a - b).max(axis=1) / scale).max()) if len(a) else 0.0
+    result["class_mismatches"] = int((cpu[output].argmax(1) != gpu[output].argmax(1)).sum())
+    print(name, result, flush=True)
+    return result
+
+
+def accuracy_on_gpu(models: dict[str, Path], feed: dict[str, np.ndarray], labels: np.ndarray, output: str) -> dict:
+    """Accuracy of each model on CUDA and its disagreement with the first; exit statistics for compiled ones."""
+    predictions, out = {}, {}
+    for name, model in models.items():
+        values = run_batches(session(model_source(model)), feed)
+        predictions[name] = values[output].argmax(1)
+        out[name] = {"accuracy": float((predictions[name] == labels).mean())}
+        if EXIT_OUTPUT in values:
+            metadata = {p.key: p.value for p in onnx.load(model, load_external_data=False).metadata_props}
+            statistics = ExitStatistics(stage_flops=json.loads(metadata[STAGE_FLOPS_KEY]),
+                                        original_flops=float(metadata[FLOPS_ORIGINAL_KEY]))
+            statistics.add(values[EXIT_OUTPUT])
+            out[name].update(statistics.to_dict())
+    first = next(iter(predictions.values()))
+    for name in models:
+        out[name]["disagreement"] = float((predictions[name] != first).mean())
+    return out
+
+
+def memory_child(model_path: str, feed_path: str) -> None:
+    """In a fresh process: GPU memory (NVML, whole device) taken by loading the model and by runs at batch 64."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+
+    def used() -> int:
+        return pynvml.nvmlDeviceGetMemoryInfo(handle).used
+
+    with np.load(feed_path) as data:
+        feed = {k: data[k][:64] for k in data.files if k != "labels"}
+    tiny = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "warm",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
+    warm = session(tiny.SerializeToString())
+    warm.run(None, {"x": np.ones(1, np.float32)})
+    base = used()
+    sess = session(model_source(Path(model_path)))
+    loaded = used()
+    peak = loaded
+    for _ in range(3):
+        sess.run(None, feed)
+        peak = max(peak, used())
+    print(json.dumps({"load_bytes": loaded - base, "peak_bytes": peak - base}))
+
+
+def memory(model_path: Path, feed_path: Path) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--memory", str(model_path), str(feed_path)],
+                          capture_output=True, text=True, timeout=120)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cnn_steps(art: Path) -> dict:
+    with np.load(art / "cnn" / "cnn_test.npz") as data:
+        feed, labels = {"images": data["images"]}, data["labels"]
+    original = Path("models/artifacts/fashion_resnet.onnx")  # what cnn_compiled and cnn_fp16 were built from
+    compiled, half = art / "cnn" / "cnn_compiled.onnx", art / "cnn" / "cnn_fp16.onnx"
+    return {
+        "parity_original": lambda: parity("original", str(original), feed, CNN_OUTPUT),
+        "parity_compiled": lambda: parity("compiled", str(compiled), feed, CNN_OUTPUT),
+        "parity_compiled_no_tf32": lambda: parity("compiled, use_tf32=0", str(compiled), feed, CNN_OUTPUT, use_tf32=0),
+        "accuracy": lambda: accuracy_on_gpu({"original": original, "compiled": compiled, "float16": half},
+                                            feed, labels, CNN_OUTPUT),
+        "latency": lambda: latency({"original": session(str(original)), "compiled": session(str(compiled))}, feed),
+        "float16_latency": lambda: latency({"float32": session(str(original)), "float16": session(str(half))},
+                                           feed, (1, 64)),
+        "float16_memory": lambda: {name: memory(path, art / "cnn" / "cnn_test.npz")
+                                   for name, path in (("float32", original), ("float16", half))},
+        "exit_session_threads": lambda: exit_session_threads(compiled, feed),
+        "tensorrt": lambda: tensorrt(str(compiled)),
+        "cuda_graph": lambda: {"original": cuda_graph(str(original), feed), "compiled": cuda_graph(str(compiled), feed)},
+    }
+
+
+def no_exit_steps(art: Path) -> dict:
+    steps = {}
+    with np.load(art / "cnn" / "cnn_test.npz") as data:
+        images = data["images"]
+    for net in ("cnn", "wide"):
+        def step(net=net) -> dict:
+            graphs = {name: art / "cnn" / f"{net}_{name}.onnx" for name in ("plain", "closed_one", "closed_all")}
+            closed = onnx.load(graphs["closed_all"], load_external_data=False)
+            result = {"exits": exit_count(closed)}
+            result["latency"] = latency({k: session(model_source(p)) for k, p in graphs.items()},
+                                        {closed.graph.input[0].name: images})
+            return result
+        steps[f"no_exit_{net}"] = step
+    return steps
+
+
+def text_steps(art: Path) -> dict:
+    with np.load(art / "text" / "text_test.npz") as data:
+        feed = {k: data[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        labels = data["labels"]
+    original, compiled, half = (art / "text" / f"text_{n}.onnx" for n in ("original", "compiled", "fp16"))
+    output = onnx.load(original, load_external_data=False).graph.output[0].name
+    return {
+        "text_parity_compiled": lambda: parity("text compiled", str(compiled), feed, output),
+        "text_accuracy": lambda: accuracy_on_gpu({"original": original, "compiled": compiled, "float16": half},
+                                                 feed, labels, output),
+        "text_latency": lambda: latency({"original": session(str(original)), "compiled": session(str(compiled))},
+                                        feed),
+        "text_float16_latency": lambda: latency({"float32": session(str(original)), "float16": session(str(half))},
+                                                feed, (1, 64)),
+        "text_float16_memory": lambda: {name: memory(path, art / "text" / "text_test.npz")
+                                        for name, path in (("float32", original), ("float16", half))},
+    }
+
+
+def exit_session_threads(path: Path, feed: dict[str, np.ndarray], threads: int = 4) -> dict:
+    """ExitSession on CUDA (I/O binding) from several threads at once: same outputs as one thread."""
+    exit_session = ExitSession(path, providers=[ACCELERATOR], require_gpu=ACCELERATOR != CPU)
+    batches = [{"images": feed["images"][i:i + 64]} for i in range(0, 512, 64)]
+    expected = [exit_session.run(b)[CNN_OUTPUT] for b in batches]
+    results: dict[int, list] = {}
+
+    def work(index: int) -> None:
+        results[index] = [exit_session.run(b)[CNN_OUTPUT] for b in batches]
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    same = all(np.array_equal(a, b) for outs in results.values() for a, b in zip(outs, expected))
+    return {"provider": exit_session.provider, "io_binding": exit_session.io_binding, "threads": threads,
+            "identical": bool(same), "statistics": exit_session.statistics.to_dict()}
+
+
+def tensorrt(model: str) -> dict:
+    import ctypes.util
+
+    result = {"available": TENSORRT in ort.get_available_providers(),
+              "libnvinfer": ctypes.util.find_library("nvinfer")}
+    try:
+        created = ort.InferenceSession(model, providers=[TENSORRT, CUDA, CPU])
+        result["runs_on"] = created.get_providers()
+    except Exception as error:  # onnxruntime's own exception types
+        result["error"] = str(error)[-600:]
+    return result
+
+
+def cuda_graph(model: str, feed: dict[str, np.ndarray]) -> dict:
+    """Whether onnxruntime's CUDA Graph capture accepts the graph (needs I/O bound on the device)."""
+    try:
+        sess = session(model, ACCELERATOR, enable_cuda_graph=1)
+        binding = sess.io_binding()
+        batch = ort.OrtValue.ortvalue_from_numpy(feed["images"][:64], "cuda", 0)
+        binding.bind_ortvalue_input("images", batch)
+        for output in sess.get_outputs():
+            binding.bind_output(output.name, "cuda")
+        sess.run_with_iobinding(binding)
+        sess.run_with_iobinding(binding)
+        return {"accepted": True}
+    except Exception as error:  # onnxruntime's own exception types
+        return {"accepted": False, "error": str(error)[-400:]}
+
+
+def environment() -> dict:
+    import shutil
+
+    smi = shutil.which("nvidia-smi")
+    gpu = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip() if smi else "no GPU (dry run)"
+    return {"gpu": gpu, "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
+            "python": sys.version.split()[0]}
+
+
+GROUPS = {"cnn": cnn_steps, "no_exit": no_exit_steps, "text": text_steps}
+
+
+def run_all(art: Path, out: Path, groups: list[str]) -> None:
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    results = {"environment": environment()}
+    print(results, flush=True)
+    steps = {name: step for group in groups for name, step in GROUPS[group](art).items()}
+    for name, step in steps.items():
+        started = time.perf_counter()
+        try:
+            results[name] = step()
+        except Exception:  # a failed step is a finding: record it and go on
+            results[name] = {"error": traceback.format_exc()[-1500:]}
+        results[name + "_seconds"] = round(time.perf_counter() - started, 1)
+        print(name, json.dumps(results[name])[:600], flush=True)
+        (out / f"gpu_check_{'_'.join(groups)}.json").write_text(json.dumps(results, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artefacts", type=Path, default=Path(".gpu"))
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--groups", nargs="+", choices=list(GROUPS), default=list(GROUPS))
+    parser.add_argument("--record", type=Path, nargs="+", help="write RESULTS.md's section from gpu_check_*.json")
+    parser.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory:
+        memory_child(*args.memory)
+    elif args.record:
+        from benchmarks.gpu_report import record
+
+        record({k: v for path in args.record for k, v in json.loads(path.read_text()).items()})
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        run_all(args.artefacts, args.out, args.groups)
+
+
+if __name__ == "__main__":
+    main()

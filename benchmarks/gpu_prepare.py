@@ -1,0 +1,156 @@
+"""Build, on this (CPU) machine, every graph that ``benchmarks/gpu_check.py`` measures on a lent GPU.
+
+    python benchmarks/gpu_prepare.py [--out .gpu]
+
+The GPU machine has a different torch and no Debian data, and device time is short, so nothing
+is compiled there.  Written to ``--out`` (git-ignored; carried to the device over several calls,
+see ``benchmarks/gpu_check.sh``), in ``cnn/`` and ``text/``:
+
+- ``cnn_*.onnx``: the reference CNN as compiled by ``moco compile`` at its default 1% budget,
+  its float16 variant (``moco optimize-memory --fp16``), and two no-exit graphs (thresholds +inf,
+  rules run, no row leaves): one exit at the first cut and an exit at every candidate cut, beside
+  the plain network they were built on (``cnn_plain.onnx``);
+  ``cnn_test.npz``: 2,048 Fashion-MNIST test images and labels.
+- ``wide_*.onnx``: the same no-exit graphs and the plain network for a 64/128/256 CNN, with the big weights stripped
+  (latency depends on shapes, not weights; the check refills them with seeded noise).
+- ``text_*.onnx``: the 6-block MiniLM Rotten Tomatoes reference, compiled at 1%, and its float16
+  variant; ``text_test.npz``: its committed test tokens.  To fit the device's transfer limit the
+  word embeddings keep only the test rows' tokens (ids remapped: same outputs, checked here) and
+  the original and compiled graphs read their weights from one shared ``text_weights.bin``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import external_data_helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_no_exit_overhead import closed_exits, net  # noqa: E402
+from benchmarks.gpu_check import STRIPPED  # noqa: E402
+from models.export_fashion_resnet import load_calibration  # noqa: E402
+from models.fashion_mnist import load_split  # noqa: E402
+from moco_compile import compile  # noqa: E402
+from moco_compile.importer import export_hf_sequence_classifier, import_model  # noqa: E402
+from moco_compile.memory_optimize import optimize_memory  # noqa: E402
+from moco_compile.passes.graph import all_graphs  # noqa: E402
+from moco_compile.passes.rewrite import insert_exits  # noqa: E402
+
+STRIP_BYTES = 1 << 16
+TEST_ROWS = 2048
+BUDGET = 0.01
+SHARE_BYTES = 1 << 10
+WORD_EMBEDDINGS = "word_embeddings.weight"
+
+
+def strip_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the data of every initializer over 64 KiB (shapes and dtypes kept, marked for refilling)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for graph in all_graphs(model.graph):
+        for tensor in graph.initializer:
+            if tensor.data_type == onnx.TensorProto.FLOAT and len(tensor.raw_data) > STRIP_BYTES:
+                tensor.ClearField("raw_data")
+                tensor.doc_string = STRIPPED
+    return model
+
+
+def no_exit_graphs(widths: tuple[int, ...], images: np.ndarray) -> dict[str, onnx.ModelProto]:
+    imported = import_model(net(widths), example_input=torch.from_numpy(images[:2]))
+    exits = closed_exits(imported, images)
+    return {"plain": imported.model, "closed_one": insert_exits(imported.model, exits[:1], imported.output),
+            "closed_all": insert_exits(imported.model, exits, imported.output)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(".gpu"))
+    args = parser.parse_args()
+    out = args.out / "cnn"
+    out.mkdir(parents=True, exist_ok=True)
+
+    calibration = load_calibration()
+    images, labels = load_split("test")
+    np.savez_compressed(out / "cnn_test.npz", images=images[:TEST_ROWS], labels=labels[:TEST_ROWS])
+    original = onnx.load("models/artifacts/fashion_resnet.onnx")
+    compiled = compile(original, calibration, max_disagreement=BUDGET, measure_latency=False, show_progress=False)
+    onnx.save(compiled.model, out / "cnn_compiled.onnx")
+    onnx.save(optimize_memory(original, calibration, float16=True, max_accuracy_drop=0.5,
+                                 measure_latency=False).model, out / "cnn_fp16.onnx")
+    for name, model in no_exit_graphs((16, 32, 64), calibration["images"][:256]).items():
+        onnx.save(model, out / f"cnn_{name}.onnx")
+    for name, model in no_exit_graphs((64, 128, 256), calibration["images"][:256]).items():
+        onnx.save(strip_weights(model), out / f"wide_{name}.onnx")
+    print(f"cnn: {len(compiled.plan.exits)} exits, {compiled.report['compute_reduction']:.1%} estimated", flush=True)
+
+    from models.text_classifier import load_reference_model, load_tokens
+
+    out = args.out / "text"
+    out.mkdir(exist_ok=True)
+    text = export_hf_sequence_classifier(load_reference_model("minilm6_rt"))
+    tokens, test = load_tokens("calibration", "rt"), load_tokens("test", "rt")
+    compiled = compile(text, tokens, max_disagreement=BUDGET, measure_latency=False, show_progress=False)
+    half = optimize_memory(text, tokens, float16=True, max_accuracy_drop=0.5, measure_latency=False).model
+    print(f"text: {len(compiled.plan.exits)} exits, {compiled.report['compute_reduction']:.1%} estimated", flush=True)
+    used = np.unique(test["input_ids"])
+    small = {name: pruned_vocabulary(model, used) for name, model in
+             (("original", text), ("compiled", compiled.model), ("fp16", half))}
+    small_test = {**test, "input_ids": np.searchsorted(used, test["input_ids"])}
+    onnx.save(small.pop("fp16"), out / "text_fp16.onnx")
+    save_sharing_weights(small, out, "text")
+    np.savez_compressed(out / "text_test.npz", **small_test)
+    check_same_outputs(text, test, out / "text_original.onnx", small_test)
+    check_same_outputs(compiled.model, test, out / "text_compiled.onnx", small_test)
+
+
+def pruned_vocabulary(model: onnx.ModelProto, used: np.ndarray) -> onnx.ModelProto:
+    """Keep only the word-embedding rows of the token ids in ``used`` (ids must be remapped to their
+    position in ``used``): same outputs on those rows, a quarter of the file."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for graph in all_graphs(model.graph):
+        for index, tensor in enumerate(graph.initializer):
+            if tensor.name.endswith(WORD_EMBEDDINGS):
+                graph.initializer[index].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor)[used], tensor.name))
+    return model
+
+
+def save_sharing_weights(models: dict[str, onnx.ModelProto], out: Path, prefix: str) -> None:
+    """Write ``{prefix}_{name}.onnx`` files whose big weights live once in ``{prefix}_weights.bin``:
+    a compiled graph keeps its original's tensors byte for byte, so both read the same bytes."""
+    location = f"{prefix}_weights.bin"
+    stored: dict[bytes, int] = {}
+    with open(out / location, "wb") as weights:
+        for name, model in models.items():
+            for graph in all_graphs(model.graph):
+                for tensor in graph.initializer:
+                    if len(tensor.raw_data) < SHARE_BYTES:
+                        continue
+                    key = hashlib.sha1(tensor.raw_data).digest() + bytes([tensor.data_type])
+                    if key not in stored:
+                        stored[key] = weights.tell()
+                        weights.write(tensor.raw_data)
+                    external_data_helper.set_external_data(tensor, location, stored[key], len(tensor.raw_data))
+                    tensor.data_location = onnx.TensorProto.EXTERNAL
+                    tensor.ClearField("raw_data")
+            (out / f"{prefix}_{name}.onnx").write_bytes(model.SerializeToString())
+
+
+def check_same_outputs(model: onnx.ModelProto, feed: dict, saved: Path, saved_feed: dict, rows: int = 128) -> None:
+    """The saved (pruned, shared-weight) graph gives the in-memory graph's outputs on the test rows."""
+    import onnxruntime as ort
+
+    names = [i.name for i in model.graph.input]
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {k: feed[k][:rows] for k in names})
+    got = ort.InferenceSession(str(saved)).run(None, {k: saved_feed[k][:rows] for k in names})
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    print(f"{saved.name}: same outputs as the in-memory graph on {rows} rows", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -31,9 +31,11 @@ CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 GPU_PROVIDERS = (TENSORRT, CUDA)
 PROVIDER_ALIASES = {"cpu": CPU, "cuda": CUDA, "gpu": CUDA, "tensorrt": TENSORRT, "trt": TENSORRT}
-# TF32 matrix products (onnxruntime's CUDA default) moved 2 of 2,048 CNN rows and 17 of 2,000 text rows
-# to another exit than the float32 run that certified the plan (H100; RESULTS.md "GPU (CUDA)").
-CUDA_OPTIONS = {"use_tf32": "0"}
+# Measured on an H100 (RESULTS.md "GPU (CUDA)"): TF32 matrix products, onnxruntime's CUDA default, moved
+# 2 of 2,048 CNN rows and 17 of 2,000 text rows to another exit than the float32 run that certified the
+# plan; cuDNN's default exhaustive search re-runs whenever a Conv's input shape changes, which the rows
+# continuing past an exit do at every batch (compiled CNN, batch 64: 194 ms; no search: 14.5 ms).
+CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "DEFAULT"}
 GPU_INSTALL_HINT = ("install the GPU build alone: pip uninstall -y onnxruntime && "
                     "pip install 'moco-compile[gpu]' (onnxruntime-gpu needs CUDA 12/13 and cuDNN 9)")
 
@@ -60,10 +62,11 @@ def default_providers() -> list[str]:
     return [p for p in (CUDA, CPU) if p in available]
 
 
-def make_session(model: str | os.PathLike | onnx.ModelProto | bytes,
-                 providers: Sequence[str] | None = None, threads: int | None = None) -> ort.InferenceSession:
+def make_session(model: str | os.PathLike | onnx.ModelProto | bytes, providers: Sequence[str] | None = None,
+                 threads: int | None = None, cuda_options: Mapping[str, str] | None = None) -> ort.InferenceSession:
     """An onnxruntime session with full graph optimisation and quiet logging; on CUDA with
-    :data:`CUDA_OPTIONS`."""
+    :data:`CUDA_OPTIONS`, updated by ``cuda_options`` (e.g. ``{"use_tf32": "1"}``: faster, not what
+    was certified)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
@@ -72,12 +75,14 @@ def make_session(model: str | os.PathLike | onnx.ModelProto | bytes,
         model = model.SerializeToString()
     elif not isinstance(model, bytes):
         model = os.fspath(model)
-    chosen = [(name, CUDA_OPTIONS) if name == CUDA else name for name in providers or default_providers()]
+    cuda = {**CUDA_OPTIONS, **(cuda_options or {})}
+    chosen = [(name, cuda) if name == CUDA else name for name in providers or default_providers()]
     return ort.InferenceSession(model, options, providers=chosen)
 
 
 def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, providers: Sequence[str] | None = None,
-                 threads: int | None = None, require_gpu: bool = False) -> ort.InferenceSession:
+                 threads: int | None = None, require_gpu: bool = False,
+                 cuda_options: Mapping[str, str] | None = None) -> ort.InferenceSession:
     """A session on the requested providers (default: CUDA if present, else CPU), with one log line
     naming the provider it runs on and, when a GPU provider was asked for but is missing, why.
 
@@ -93,7 +98,7 @@ def open_session(model: str | os.PathLike | onnx.ModelProto | bytes, providers: 
     if CPU not in usable:
         usable.append(CPU)
     try:
-        session = make_session(model, usable, threads)
+        session = make_session(model, usable, threads, cuda_options)
     except Exception as error:  # onnxruntime raises its own exception types
         raise MocoError(f"onnxruntime cannot load the model: {error}") from error
     running = session.get_providers()[0]
@@ -185,11 +190,14 @@ class ExitSession:
         Raise :class:`ProviderError` instead of falling back to CPU.
     io_binding:
         Bind inputs and outputs explicitly (default: on CUDA only).
+    cuda_options:
+        CUDA execution provider options over :data:`CUDA_OPTIONS` (TF32 off, no cuDNN search).
     """
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, providers: Sequence[str] | None = None,
-                 threads: int | None = None, require_gpu: bool = False, io_binding: bool | None = None) -> None:
-        self.session = open_session(model, providers, threads, require_gpu)
+                 threads: int | None = None, require_gpu: bool = False, io_binding: bool | None = None,
+                 cuda_options: Mapping[str, str] | None = None) -> None:
+        self.session = open_session(model, providers, threads, require_gpu, cuda_options)
         self.provider = self.session.get_providers()[0]
         self.io_binding = self.provider in GPU_PROVIDERS if io_binding is None else io_binding
         self.input_names = [i.name for i in self.session.get_inputs()]

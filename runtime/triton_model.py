@@ -68,10 +68,14 @@ class TritonPythonModel:
             self.counters[label].increment(count)
 
 
+# moco_compile.runtime.session.CUDA_OPTIONS (moco is not importable here): TF32 off, no cuDNN search.
+CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "DEFAULT"}
+
+
 def _providers(args):
     """CUDA on a GPU instance when this onnxruntime has it (on the instance's device), else CPU."""
     if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return [("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}),
+        return [("CUDAExecutionProvider", {**CUDA_OPTIONS, "device_id": int(args["model_instance_device_id"])}),
                 "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 

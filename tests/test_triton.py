@@ -2,6 +2,7 @@
 user's files left alone (``moco_compile.runtime.triton``)."""
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import shutil
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 from moco_compile.cli import app
 from moco_compile.errors import ModelError, MocoError, OutputError
 from moco_compile.outputs import MANIFEST
+from moco_compile.runtime.session import CUDA_OPTIONS
 from moco_compile.runtime.triton import (PYTHON_MODEL, TensorSpec, TritonSettings, _config_text, config_message,
                                          export_triton, model_name, tensor_spec)
 
@@ -97,6 +99,8 @@ def test_python_export_declares_the_same_io_and_ships_model_py(build, tmp_path):
     assert [(g.count, pb.ModelInstanceGroup.Kind.Name(g.kind)) for g in config.instance_group] == [(2, "KIND_GPU")]
     assert (target / "1" / "model.py").read_bytes() == PYTHON_MODEL.read_bytes()
     assert (target / "1" / "model.onnx").read_bytes() == (build / "model.onnx").read_bytes()
+    declared = next(line for line in PYTHON_MODEL.read_text().splitlines() if line.startswith("CUDA_OPTIONS = "))
+    assert ast.literal_eval(declared.split("=", 1)[1].strip()) == CUDA_OPTIONS  # model.py cannot import moco
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "python"])

@@ -158,7 +158,8 @@ def memory_child(model_path: str, feed_path: str) -> None:
     tiny = onnx.helper.make_model(onnx.helper.make_graph(
         [onnx.helper.make_node("Identity", ["x"], ["y"])], "warm",
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]),
+        ir_version=10, opset_imports=[onnx.helper.make_opsetid("", 17)])
     warm = session(tiny.SerializeToString())
     warm.run(None, {"x": np.ones(1, np.float32)})
     base = used()
@@ -190,7 +191,15 @@ def cnn_steps(art: Path) -> dict:
         "parity_compiled_no_tf32": lambda: parity("compiled, use_tf32=0", str(compiled), feed, CNN_OUTPUT, use_tf32=0),
         "accuracy": lambda: accuracy_on_gpu({"original": original, "compiled": compiled, "float16": half},
                                             feed, labels, CNN_OUTPUT),
-        "latency": lambda: latency({"original": session(str(original)), "compiled": session(str(compiled))}, feed),
+        "latency": lambda: latency({"original": session(str(original)), "compiled": session(str(compiled)),
+                                    # compiled graphs meet a new batch shape per exit subset: cuDNN's default
+                                    # exhaustive search runs once per shape, the heuristic choice never
+                                    "original_heuristic": session(str(original), cudnn_conv_algo_search="HEURISTIC"),
+                                    "compiled_heuristic": session(str(compiled), cudnn_conv_algo_search="HEURISTIC"),
+                                    "original_no_search": session(str(original), cudnn_conv_algo_search="DEFAULT"),
+                                    "compiled_no_search": session(str(compiled), cudnn_conv_algo_search="DEFAULT")},
+                                   feed),
+        "conv_batch_shapes": lambda: conv_batch_shapes(str(original), feed["images"]),
         "float16_latency": lambda: latency({"float32": session(str(original)), "float16": session(str(half))},
                                            feed, (1, 64)),
         "float16_memory": lambda: {name: memory(path, art / "cnn" / "cnn_test.npz")
@@ -225,15 +234,42 @@ def text_steps(art: Path) -> dict:
     output = onnx.load(original, load_external_data=False).graph.output[0].name
     return {
         "text_parity_compiled": lambda: parity("text compiled", str(compiled), feed, output),
+        "text_parity_compiled_no_tf32": lambda: parity("text compiled, use_tf32=0", str(compiled), feed, output,
+                                                       use_tf32=0),
         "text_accuracy": lambda: accuracy_on_gpu({"original": original, "compiled": compiled, "float16": half},
                                                  feed, labels, output),
-        "text_latency": lambda: latency({"original": session(str(original)), "compiled": session(str(compiled))},
-                                        feed),
+        "text_latency": lambda: latency({"original": session(str(original)), "compiled": session(str(compiled)),
+                                         "original_no_tf32": session(str(original), use_tf32=0),
+                                         "compiled_no_tf32": session(str(compiled), use_tf32=0)}, feed),
+        "text_fewer_exits": lambda: latency({name: session(str(art / "text" / f"text_{name}.onnx"))
+                                             for name in ("original", "compiled", "top1", "top2", "top3")},
+                                            feed, (64, 256, 1024)),
         "text_float16_latency": lambda: latency({"float32": session(str(original)), "float16": session(str(half))},
                                                 feed, (1, 64)),
         "text_float16_memory": lambda: {name: memory(path, art / "text" / "text_test.npz")
                                         for name, path in (("float32", original), ("float16", half))},
     }
+
+
+def conv_batch_shapes(model: str, images: np.ndarray, runs: int = 40) -> dict:
+    """ms per batch of the original CNN when the batch size stays fixed or changes every call, as the
+    rows continuing past an exit do (onnxruntime's CUDA Conv re-plans when its input shape changes)."""
+    sequences = {"fixed 37": [37], "fixed 64": [64], "cycling 29/37/41/53": [29, 37, 41, 53],
+                 "cycling 32/40/48/56": [32, 40, 48, 56]}
+    out = {}
+    for search in ("EXHAUSTIVE", "DEFAULT"):
+        sess = session(model, cudnn_conv_algo_search=search)
+        for name, sizes in sequences.items():
+            batches = [images[:size] for size in sizes]
+            for batch in batches:
+                sess.run(None, {"images": batch})
+            seconds = []
+            for index in range(runs):
+                started = time.perf_counter()
+                sess.run(None, {"images": batches[index % len(batches)]})
+                seconds.append(time.perf_counter() - started)
+            out[f"{name}, {search}"] = 1e3 * float(np.median(seconds))
+    return out
 
 
 def exit_session_threads(path: Path, feed: dict[str, np.ndarray], threads: int = 4) -> dict:
@@ -328,7 +364,8 @@ def main() -> None:
     elif args.record:
         from benchmarks.gpu_report import record
 
-        record({k: v for path in args.record for k, v in json.loads(path.read_text()).items()})
+        record({k: v for path in args.record for k, v in json.loads(path.read_text()).items()},
+               [str(path) for path in args.record])
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         run_all(args.artefacts, args.out, args.groups)

@@ -13,8 +13,9 @@ see ``benchmarks/gpu_check.sh``), in ``cnn/`` and ``text/``:
   ``cnn_test.npz``: 2,048 Fashion-MNIST test images and labels.
 - ``wide_*.onnx``: the same no-exit graphs and the plain network for a 64/128/256 CNN, with the big weights stripped
   (latency depends on shapes, not weights; the check refills them with seeded noise).
-- ``text_*.onnx``: the 6-block MiniLM Rotten Tomatoes reference, compiled at 1%, and its float16
-  variant; ``text_test.npz``: its committed test tokens.  To fit the device's transfer limit the
+- ``text_*.onnx``: the 6-block MiniLM Rotten Tomatoes reference, compiled at 1%, the same plan cut
+  to its 1, 2 and 3 busiest exits (``text_top{k}``; the host sync per exit is the GPU's price),
+  and its float16 variant; ``text_test.npz``: its committed test tokens.  To fit the device's transfer limit the
   word embeddings keep only the test rows' tokens (ids remapped: same outputs, checked here) and
   the original and compiled graphs read their weights from one shared ``text_weights.bin``.
 """
@@ -37,6 +38,7 @@ from benchmarks.gpu_check import STRIPPED  # noqa: E402
 from models.export_fashion_resnet import load_calibration  # noqa: E402
 from models.fashion_mnist import load_split  # noqa: E402
 from moco_compile import compile  # noqa: E402
+from moco_compile.api import cut_points_of  # noqa: E402
 from moco_compile.importer import export_hf_sequence_classifier, import_model  # noqa: E402
 from moco_compile.memory_optimize import optimize_memory  # noqa: E402
 from moco_compile.passes.graph import all_graphs  # noqa: E402
@@ -98,14 +100,25 @@ def main() -> None:
     half = optimize_memory(text, tokens, float16=True, max_accuracy_drop=0.5, measure_latency=False).model
     print(f"text: {len(compiled.plan.exits)} exits, {compiled.report['compute_reduction']:.1%} estimated", flush=True)
     used = np.unique(test["input_ids"])
-    small = {name: pruned_vocabulary(model, used) for name, model in
-             (("original", text), ("compiled", compiled.model), ("fp16", half))}
+    graphs = {"original": text, "compiled": compiled.model, "fp16": half,
+              **busiest_exits(text, tokens, compiled, counts=(1, 2, 3))}
+    small = {name: pruned_vocabulary(model, used) for name, model in graphs.items()}
     small_test = {**test, "input_ids": np.searchsorted(used, test["input_ids"])}
     onnx.save(small.pop("fp16"), out / "text_fp16.onnx")
     save_sharing_weights(small, out, "text")
     np.savez_compressed(out / "text_test.npz", **small_test)
     check_same_outputs(text, test, out / "text_original.onnx", small_test)
     check_same_outputs(compiled.model, test, out / "text_compiled.onnx", small_test)
+
+
+def busiest_exits(model: onnx.ModelProto, calibration: dict, compiled, counts: tuple[int, ...]) -> dict:
+    """Graphs keeping only the ``k`` exits of the compiled plan that calibration rows took most often
+    (thresholds unchanged: fewer rows leave, none that the full plan kept), for each ``k`` in ``counts``."""
+    imported = import_model(model)
+    cut_points_of(imported, {k: v[:256] for k, v in calibration.items() if k != "labels"}, 256)  # as compile does
+    rates = np.array([item["exit_rate"] for item in compiled.report["exits"]])
+    return {f"top{k}": insert_exits(imported.model, [compiled.plan.exits[i] for i in sorted(np.argsort(-rates)[:k])],
+                                    imported.output) for k in counts}
 
 
 def pruned_vocabulary(model: onnx.ModelProto, used: np.ndarray) -> onnx.ModelProto:

@@ -5,6 +5,7 @@ from benchmarks.results import write_section
 
 SECTION = "GPU (CUDA)"
 MIB = 2 ** 20
+VARIANTS = ("heuristic", "no_search", "no_tf32")  # session variants gpu_check times beside the defaults
 
 
 def _ok(results: dict, name: str) -> dict | None:
@@ -17,7 +18,8 @@ def parity_table(results: dict) -> list[str]:
              "|---|---|---|---|---|---|"]
     for name, label in (("parity_original", "CNN original"), ("parity_compiled", "CNN compiled"),
                         ("parity_compiled_no_tf32", "CNN compiled, `use_tf32=0`"),
-                        ("text_parity_compiled", "MiniLM-6 compiled")):
+                        ("text_parity_compiled", "MiniLM-6 compiled"),
+                        ("text_parity_compiled_no_tf32", "MiniLM-6 compiled, `use_tf32=0`")):
         if (p := _ok(results, name)) is not None:
             lines.append(f"| {label} | {p['rows']:,} | {p.get('exit_mismatches', '-')} | {p.get('full_rows', p['rows']):,} "
                          f"| {p['max_relative_difference']:.1e} | {p['class_mismatches']} |")
@@ -26,7 +28,8 @@ def parity_table(results: dict) -> list[str]:
 
 def latency_table(results: dict) -> list[str]:
     lines = ["| model | batch | original ms | compiled ms | compiled / original | FLOPs ratio (same rows) "
-             "| realized / FLOPs reduction |", "|---|---|---|---|---|---|---|"]
+             "| realized / FLOPs reduction | compiled / original, cuDNN heuristic search | no cuDNN search "
+             "| TF32 off |", "|---|---|---|---|---|---|---|---|---|---|"]
     for model, latency, accuracy in (("CNN", "latency", "accuracy"), ("MiniLM-6", "text_latency", "text_accuracy")):
         timings, stats = _ok(results, latency), _ok(results, accuracy)
         if timings is None:
@@ -36,8 +39,10 @@ def latency_table(results: dict) -> list[str]:
             ratio = t["compiled"] / t["original"]
             flops = "-" if reduction is None else f"{1 - reduction:.3f}"
             realized = "-" if not reduction else f"{(1 - ratio) / reduction:.2f}"
+            searches = [f"{t[f'compiled_{s}'] / t[f'original_{s}']:.3f} ({t[f'compiled_{s}']:.3f} ms)"
+                        if f"compiled_{s}" in t else "-" for s in VARIANTS]
             lines.append(f"| {model} | {batch} | {t['original']:.3f} | {t['compiled']:.3f} | {ratio:.3f} | {flops} "
-                         f"| {realized} |")
+                         f"| {realized} | {' | '.join(searches)} |")
     return lines
 
 
@@ -51,6 +56,23 @@ def no_exit_table(results: dict) -> list[str]:
             per_exit = (t["closed_all"] - t["plain"]) / r["exits"]
             lines.append(f"| {label} | {r['exits']} | {batch} | {t['plain']:.3f} | {t['closed_one']:.3f} "
                          f"| {t['closed_all']:.3f} | {per_exit:.3f} | {100 * (t['closed_all'] / t['plain'] - 1):+.1f}% |")
+    return lines
+
+
+def conv_shapes_table(results: dict) -> list[str]:
+    if (r := _ok(results, "conv_batch_shapes")) is None:
+        return []
+    lines = ["| batch sizes, cuDNN search | ms per batch |", "|---|---|"]
+    return lines + [f"| {name} | {ms:.3f} |" for name, ms in r.items()]
+
+
+def fewer_exits_table(results: dict) -> list[str]:
+    if (r := _ok(results, "text_fewer_exits")) is None:
+        return []
+    names = list(next(iter(r.values())))
+    lines = ["| batch | " + " | ".join(f"{n} ms" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for batch, t in r.items():
+        lines.append(f"| {batch} | " + " | ".join(f"{t[n]:.3f} ({t[n] / t['original']:.2f}x)" for n in names) + " |")
     return lines
 
 
@@ -92,11 +114,32 @@ def notes(results: dict) -> list[str]:
     return out
 
 
-def render(results: dict) -> str:
+READING = """What this shows:
+- Parity: with TF32 (onnxruntime's CUDA default) some rows take another exit than in the float32 run
+  that certified the plan; with TF32 off, exits are identical to the CPU's and full-network rows agree
+  to float32 rounding.  `ExitSession` turns TF32 off on CUDA (`cuda_options` to override).
+- Every exit costs a device-to-host sync per batch (the If condition is read on the host), about
+  0.15-0.17 ms on this machine whatever the batch or width: on small networks that is more than the
+  whole forward pass, so the no-exit overhead target (<= 5% on CUDA) is missed by far.
+- Convolutions: the rows continuing past an exit change every Conv's batch size at every call, and
+  onnxruntime's CUDA Conv (cuDNN 9 frontend) re-plans on each change, even on the plain network when
+  batch sizes alternate: exhaustive search makes the compiled CNN two orders of magnitude slower; no
+  search (moco's CUDA default now) still an order.  Early exits do not pay for CNNs on onnxruntime-CUDA.
+- Transformers (cuBLAS matrix products take any row count): with the 12 exits a CPU plan opens, the
+  syncs dominate up to batch 256; cut to 1-3 exits (`--max-exits`), the compiled graph is faster from
+  batch 256 and all variants are at batch 1024.
+- float16 on CUDA: same accuracy, less GPU memory for the text model, faster at batch 64; the tiny CNN
+  gains nothing.  TensorRT: the EP is listed but the machine has no TensorRT libraries, so onnxruntime
+  falls back to CUDA (not measured).  CUDA Graphs refuse graphs with If nodes."""
+
+
+def render(results: dict, sources: list[str]) -> str:
     env = results["environment"]
     lines = ["Command: `bash benchmarks/gpu_check.sh` on a lent GPU machine, graphs from "
-             "`python benchmarks/gpu_prepare.py` on the CPU machine; this section by "
-             "`python benchmarks/gpu_check.py --record gpu_check_*.json`.", "",
+             "`python benchmarks/gpu_prepare.py` on the CPU machine, onnxruntime-gpu packed by "
+             "`benchmarks/gpu_pack_onnxruntime.py`; this section by "
+             f"`python benchmarks/gpu_check.py --record {' '.join(sources)}` (a later file's steps replace "
+             "an earlier one's).", "",
              f"Machine: {env['gpu']}; onnxruntime-gpu {env['onnxruntime']} (CUDA execution provider), "
              f"Python {env['python']}. Latency: `session.run` with host arrays in and out (copies included), "
              "sessions alternating in one process, median of 5 rounds. Text batches padded to their longest row.", "",
@@ -105,13 +148,19 @@ def render(results: dict) -> str:
              *latency_table(results), "",
              "Exits that never fire (thresholds +inf: rules and If boundaries run, no row leaves): what each exit's "
              "host sync costs on CUDA (the If condition is read on the host):", "", *no_exit_table(results), "",
+             "The original CNN alone, batch size fixed or changing at every call (as the rows that continue past "
+             "an exit do); onnxruntime logs `OP Conv(...) running in Fallback mode. May be extremely slow.` for "
+             "the subgraph convolutions of the compiled graph:", "", *conv_shapes_table(results), "",
+             "MiniLM-6 with the plan cut to its busiest 1, 2 or 3 exits (same thresholds), ms per batch and ratio "
+             "to the original:", "", *fewer_exits_table(results), "",
              "float16 (`moco optimize-memory --fp16`) on CUDA; GPU memory by NVML in a fresh process, after a "
-             "warm-up session, default arena:", "", *float16_table(results), "", *notes(results)]
+             "warm-up session, default arena:", "", *float16_table(results), "", *notes(results), "", READING]
     return "\n".join(lines)
 
 
-def record(results: dict) -> None:
-    """Write the section from a ``gpu_check.json`` that ``gpu_check.py`` wrote on the GPU machine."""
-    text = render(results)
+def record(results: dict, sources: list[str]) -> None:
+    """Write the section from the ``gpu_check_*.json`` files (named in ``sources``) that
+    ``gpu_check.py`` wrote on the GPU machine."""
+    text = render(results, sources)
     print(text)
     write_section(SECTION, text)

@@ -1,6 +1,6 @@
 """Build, on this (CPU) machine, every graph that ``benchmarks/gpu_check.py`` measures on a lent GPU.
 
-    python benchmarks/gpu_prepare.py [--out .gpu]
+    python benchmarks/gpu_prepare.py [--out .gpu] [--models cnn text]
 
 The GPU machine has a different torch and no Debian data, and device time is short, so nothing
 is compiled there.  Written to ``--out`` (git-ignored; carried to the device over several calls,
@@ -15,6 +15,7 @@ see ``benchmarks/gpu_check.sh``), in ``cnn/`` and ``text/``:
   (latency depends on shapes, not weights; the check refills them with seeded noise).
 - ``text_*.onnx``: the 6-block MiniLM Rotten Tomatoes reference, compiled at 1%, the same plan cut
   to its 1, 2 and 3 busiest exits (``text_top{k}``; the host sync per exit is the GPU's price),
+  compiled and certified with at most 2 exits (``text_max2``),
   and its float16 variant; ``text_test.npz``: its committed test tokens.  To fit the device's transfer limit the
   word embeddings keep only the test rows' tokens (ids remapped: same outputs, checked here) and
   the original and compiled graphs read their weights from one shared ``text_weights.bin``.
@@ -41,6 +42,7 @@ from moco_compile import compile  # noqa: E402
 from moco_compile.api import cut_points_of  # noqa: E402
 from moco_compile.importer import export_hf_sequence_classifier, import_model  # noqa: E402
 from moco_compile.memory_optimize import optimize_memory  # noqa: E402
+from moco_compile.passes.config import PlannerConfig  # noqa: E402
 from moco_compile.passes.graph import all_graphs  # noqa: E402
 from moco_compile.passes.rewrite import insert_exits  # noqa: E402
 
@@ -72,10 +74,14 @@ def no_exit_graphs(widths: tuple[int, ...], images: np.ndarray) -> dict[str, onn
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(".gpu"))
+    parser.add_argument("--models", nargs="+", choices=("cnn", "text"), default=["cnn", "text"])
     args = parser.parse_args()
-    out = args.out / "cnn"
-    out.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        (args.out / name).mkdir(parents=True, exist_ok=True)
+        {"cnn": prepare_cnn, "text": prepare_text}[name](args.out / name)
 
+
+def prepare_cnn(out: Path) -> None:
     calibration = load_calibration()
     images, labels = load_split("test")
     np.savez_compressed(out / "cnn_test.npz", images=images[:TEST_ROWS], labels=labels[:TEST_ROWS])
@@ -83,24 +89,28 @@ def main() -> None:
     compiled = compile(original, calibration, max_disagreement=BUDGET, measure_latency=False, show_progress=False)
     onnx.save(compiled.model, out / "cnn_compiled.onnx")
     onnx.save(optimize_memory(original, calibration, float16=True, max_accuracy_drop=0.5,
-                                 measure_latency=False).model, out / "cnn_fp16.onnx")
+                              measure_latency=False).model, out / "cnn_fp16.onnx")
     for name, model in no_exit_graphs((16, 32, 64), calibration["images"][:256]).items():
         onnx.save(model, out / f"cnn_{name}.onnx")
     for name, model in no_exit_graphs((64, 128, 256), calibration["images"][:256]).items():
         onnx.save(strip_weights(model), out / f"wide_{name}.onnx")
     print(f"cnn: {len(compiled.plan.exits)} exits, {compiled.report['compute_reduction']:.1%} estimated", flush=True)
 
+
+def prepare_text(out: Path) -> None:
     from models.text_classifier import load_reference_model, load_tokens
 
-    out = args.out / "text"
-    out.mkdir(exist_ok=True)
     text = export_hf_sequence_classifier(load_reference_model("minilm6_rt"))
     tokens, test = load_tokens("calibration", "rt"), load_tokens("test", "rt")
     compiled = compile(text, tokens, max_disagreement=BUDGET, measure_latency=False, show_progress=False)
+    two_exits = compile(text, tokens, max_disagreement=BUDGET, measure_latency=False, show_progress=False,
+                        planner_config=PlannerConfig(max_exits=2))
     half = optimize_memory(text, tokens, float16=True, max_accuracy_drop=0.5, measure_latency=False).model
-    print(f"text: {len(compiled.plan.exits)} exits, {compiled.report['compute_reduction']:.1%} estimated", flush=True)
+    for name, result in (("default", compiled), ("max_exits=2", two_exits)):
+        print(f"text {name}: {len(result.plan.exits)} exits, {result.report['compute_reduction']:.1%} estimated",
+              flush=True)
     used = np.unique(test["input_ids"])
-    graphs = {"original": text, "compiled": compiled.model, "fp16": half,
+    graphs = {"original": text, "compiled": compiled.model, "max2": two_exits.model, "fp16": half,
               **busiest_exits(text, tokens, compiled, counts=(1, 2, 3))}
     small = {name: pruned_vocabulary(model, used) for name, model in graphs.items()}
     small_test = {**test, "input_ids": np.searchsorted(used, test["input_ids"])}

@@ -15,8 +15,13 @@ from moco_compile import compile  # noqa: E402
 from moco_compile.constants import EXIT_OUTPUT  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.api import cut_points_of  # noqa: E402
+from moco_compile.errors import BudgetError  # noqa: E402
+from moco_compile.passes.config import PlannerConfig  # noqa: E402
+from moco_compile.passes.design import cut_elements, exit_overhead  # noqa: E402
 
 ROWS = 1200
+# the rewrite is checked on every architecture, so exits are not priced out of nets this small (0.2-3 MFLOPs)
+UNPRICED_LAUNCHES = PlannerConfig(exit_fixed_cost=0.0)
 
 
 @functools.cache
@@ -63,7 +68,7 @@ def test_compiles_with_exits_and_verifies(exported, calibration):
     architecture, exporter, module, model = exported
     names = input_names(module)
     result = compile(model, model_inputs(names, calibration["images"][:ROWS]), max_disagreement=0.05,
-                     measure_latency=False, show_progress=False)
+                     measure_latency=False, show_progress=False, planner_config=UNPRICED_LAUNCHES)
     columns = [e.column for e in result.plan.exits]
     assert result.plan.exits and len(set(columns)) == len(columns)
     assert result.report["verification"]["rows"] > 0
@@ -80,6 +85,35 @@ def test_compiles_with_exits_and_verifies(exported, calibration):
     except Exception:  # onnxruntime raises its own exception types
         empty_ok = False
     assert result.report["verification"]["empty_batch_checked"] == empty_ok
+
+
+def test_exits_that_cannot_pay_for_their_launches_are_not_built(calibration):
+    """Each exit costs a fixed ~20 kernel launches per batch (PlannerConfig.exit_fixed_cost): on the
+    0.23 MFLOP MLP no cut saves that much, so the build keeps the original graph (or says why), where
+    pricing exits by their cut's size alone built one (1.6x the original's latency at batch 1)."""
+    _, model = _built("mlp", "legacy")
+    data = model_inputs(["images"], calibration["images"][:ROWS])
+    result = compile(model, data, max_disagreement=0.05, allow_no_exit=True, measure_latency=False,
+                     show_progress=False)
+    assert result.plan.exits == [] and "no exit can pay for itself" in result.plan.certificate["reason"]
+    assert "If" not in {node.op_type for node in result.model.graph.node}
+    with pytest.raises(BudgetError, match="no exit can pay for itself"):
+        compile(model, data, max_disagreement=0.05, measure_latency=False, show_progress=False)
+
+
+def test_only_exits_that_can_pay_are_built(calibration):
+    """On a 0.8 MFLOP net the late cuts cannot pay for an exit and the early ones can: the plan
+    opens only exits where a row leaving costs less than the full network, overhead included."""
+    _, model = _built("reused-module", "legacy")
+    result = compile(model, model_inputs(["images"], calibration["images"][:ROWS]), max_disagreement=0.05,
+                     measure_latency=False, show_progress=False)
+    imported = import_model(model)
+    _, cuts = cut_points_of(imported, model_inputs(["images"], np.zeros((1, 1, 28, 28), np.float32)), 1)
+    overhead = exit_overhead(cut_elements([c.shape for c in cuts]), PlannerConfig())  # rules not counted: a superset
+    saves = np.array([c.flops_before for c in cuts]) + overhead < result.plan.total_flops
+    payable = {c.tensor for c, pays in zip(cuts, saves) if pays}
+    assert 0 < len(payable) < len(cuts)
+    assert result.plan.exits and {e.cut.tensor for e in result.plan.exits} <= payable
 
 
 def test_readme_lists_exactly_the_conformance_suite():

@@ -18,10 +18,9 @@ from moco_compile.api import cut_points_of  # noqa: E402
 from moco_compile.errors import BudgetError  # noqa: E402
 from moco_compile.passes.config import PlannerConfig  # noqa: E402
 from moco_compile.passes.design import cut_elements, exit_overhead  # noqa: E402
+from tests.tiny_nets import UNPRICED_LAUNCHES  # noqa: E402
 
 ROWS = 1200
-# the rewrite is checked on every architecture, so exits are not priced out of nets this small (0.2-3 MFLOPs)
-UNPRICED_LAUNCHES = PlannerConfig(exit_fixed_cost=0.0)
 
 
 @functools.cache

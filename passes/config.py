@@ -108,10 +108,11 @@ class PlannerConfig:
         rule, NonZero, If, scatters) each cost a kernel launch, paid once per batch, so
         per row at batch 1.  onnxruntime 1.32 CPU (2 cores), exits no row takes: 35-45 us
         each at batch 1 on 1-3 MFLOP zoo nets (ConvNeXt-ish: +15% of its 260-285 us per
-        exit), about 350,000 FLOPs at the 8-12 GFLOP/s such nets run at batch 1.  Without
-        it, plans of nets this small were slower than the original at batch 1 while
-        saving FLOPs; on nets of 100 MFLOPs and more it hardly moves a plan.  Like
-        ``boundary_cost`` it only shapes plans; reported FLOPs never include it.
+        exit), 150,000-470,000 FLOPs at the 4-12 GFLOP/s such nets run at batch 1.  Without
+        it, plans of nets this small were up to 1.7x slower than the original at batch 1
+        while saving FLOPs; 350,000 also dropped a 1 MFLOP ViT's exit that ran 0.9x.  Nets
+        of 100 MFLOPs and more hardly notice it.  Like ``boundary_cost`` it only shapes
+        plans; reported FLOPs never include it.
 
     Certification (see :mod:`moco_compile.passes.certify`)
         ``rounding_tolerance``, ``rounding_floor``: how far float rounding in the shipped
@@ -158,7 +159,7 @@ class PlannerConfig:
     per_class_candidates: int = 12
     max_exits: int = 24
     boundary_cost: float = 100.0
-    exit_fixed_cost: float = 350_000.0
+    exit_fixed_cost: float = 250_000.0
     rounding_tolerance: float = 1e-4
     rounding_floor: float = 16 * 2.0 ** -23  # 16 units of float32 at log p = 0
     narrow_float_ulps: float = 16.0

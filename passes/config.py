@@ -106,9 +106,9 @@ class PlannerConfig:
         ``exit_fixed_cost``: planning cost, in FLOP-equivalents per row reaching an exit,
         of what an exit costs whatever its cut's size: the ~20 nodes it adds (pooling,
         rule, NonZero, If, scatters) each cost a kernel launch, paid once per batch, so
-        per row at batch 1.  onnxruntime 1.32 CPU (2 cores), exits no row takes: 35-45 us
-        each at batch 1 on 1-3 MFLOP zoo nets (ConvNeXt-ish: +15% of its 260-285 us per
-        exit), 150,000-470,000 FLOPs at the 4-12 GFLOP/s such nets run at batch 1.  Without
+        per row at batch 1.  onnxruntime 1.32 CPU (2 cores), exits no row takes: 16-32 us
+        each at batch 1 on 0.2-3 MFLOP zoo nets (ConvNeXt-ish: 32 us, 14% of its 233 us),
+        115,000-490,000 FLOPs at the 6-22 GFLOP/s such nets run at batch 1.  Without
         it, plans of nets this small were up to 1.7x slower than the original at batch 1
         while saving FLOPs; 350,000 also dropped a 1 MFLOP ViT's exit that ran 0.9x.  Nets
         of 100 MFLOPs and more hardly notice it.  Like ``boundary_cost`` it only shapes

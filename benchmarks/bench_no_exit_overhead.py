@@ -1,6 +1,7 @@
 """Benchmark: what exits cost when no row takes them, on the reference CNN and a 4x wider one.
 
     python benchmarks/bench_no_exit_overhead.py [--widths 16 32 64 --widths 64 128 256]
+    python benchmarks/bench_no_exit_overhead.py --zoo convnext mlp ...
 
 Each net gets an exit at every candidate cut (what the reference plan at 1% opens), every threshold
 +inf: rows run the rules and cross every If boundary but never leave, so compiled / original latency
@@ -10,7 +11,10 @@ trained reference (`models/artifacts/fashion_resnet.pt`), wider ones are random-
 Measured at batch 1 and 64 with onnxruntime's CPU provider, original and compiled alternating in
 one process, at two optimisation levels: all (default; the NCHWc layout transformer on) and
 extended (no layout transformer), which shows how much of the overhead is the layout stopping at
-the If boundary (DESIGN.md).  Writes the section "No-exit overhead" of ``benchmarks/RESULTS.md``.
+the If boundary (DESIGN.md).  Writes the section "No-exit overhead" of ``benchmarks/RESULTS.md``;
+with ``--zoo``, the named ``models.zoo_export`` architectures instead (random-initialised, legacy
+export), the section "No-exit overhead, model zoo": what an exit costs on nets of 0.2-8 MFLOPs, where
+a fixed cost per exit and batch shows (``PlannerConfig.exit_fixed_cost``).
 """
 from __future__ import annotations
 
@@ -27,11 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.results import machine_description, write_section  # noqa: E402
 from models.export_fashion_resnet import load_calibration, load_trained  # noqa: E402
 from models.fashion_resnet import FashionResNet  # noqa: E402
+from models.zoo_export import ARCHITECTURES, export, input_names, model_inputs  # noqa: E402
 from moco_compile.api import cut_points_of  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibrate import cut_column  # noqa: E402
 from moco_compile.passes.plan import Exit  # noqa: E402
-from moco_compile.passes.pooling import pooling_cost  # noqa: E402
+from moco_compile.passes.pooling import pooling_cost, variants_for  # noqa: E402
 from moco_compile.passes.rewrite import insert_exits  # noqa: E402
 from moco_compile.passes.rules import LinearScores  # noqa: E402
 from moco_compile.runtime.latency import compare_latency  # noqa: E402
@@ -47,16 +52,17 @@ def net(widths: tuple[int, ...]) -> torch.nn.Module:
     return FashionResNet(widths).eval()
 
 
-def closed_exits(imported, images: np.ndarray) -> list[Exit]:
-    """An exit at every candidate cut: mean pooling, a log-softmax rule, every class off."""
-    _, cuts = cut_points_of(imported, {imported.input_names[0]: images[:64]}, 64)
+def closed_exits(imported, inputs: dict[str, np.ndarray]) -> list[Exit]:
+    """An exit at every candidate cut: the cheapest pooling for its shape, a log-softmax rule, every class off."""
+    _, cuts = cut_points_of(imported, {name: values[:64] for name, values in inputs.items()}, 64)
     classes = imported.num_classes
     exits = []
     for cut in cuts:
+        pooling = variants_for(cut.shape)[0]  # "flat" or "mean": either gives shape[1] features
         rule = LinearScores(np.zeros((cut.shape[1], classes), np.float32), np.zeros(classes, np.float32),
                             "log_softmax")
-        exits.append(Exit(cut, cut_column(cut), "mean", rule, np.full(classes, np.inf, np.float32),
-                          pooling_cost(cut.shape, "mean") + rule.flops))
+        exits.append(Exit(cut, cut_column(cut), pooling, rule, np.full(classes, np.inf, np.float32),
+                          pooling_cost(cut.shape, pooling) + rule.flops))
     return exits
 
 
@@ -67,44 +73,70 @@ def session(model, level: str) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def measure(widths: tuple[int, ...], images: np.ndarray) -> dict:
-    imported = import_model(net(widths), example_input=torch.from_numpy(images[:2]))
-    exits = closed_exits(imported, images)
+def measure(imported, inputs: dict[str, np.ndarray], label: str) -> dict:
+    """Original and compiled-with-closed-exits latency at both optimisation levels, batch 1 and 64."""
+    exits = closed_exits(imported, inputs)
     compiled = insert_exits(imported.model, exits, imported.output)
     results = {"exits": len(exits), "mflops": (exits[0].cut.flops_before + exits[0].cut.flops_after) / 1e6}
     for level in LEVELS:
         sessions = {"original": session(imported.model, level), "compiled": session(compiled, level)}
-        for batch, rows, seconds in ((1, 1000, 6.0), (64, len(images), 10.0)):
-            timing = compare_latency(sessions, {imported.input_names[0]: images[:rows]}, batch, min_seconds=seconds)
+        for batch, rows, seconds in ((1, 1000, 6.0), (64, None, 10.0)):
+            timing = compare_latency(sessions, {name: values[:rows] for name, values in inputs.items()}, batch,
+                                     min_seconds=seconds)
             results[(level, batch)] = timing
-            print(widths, level, batch, {k: f"{1e3 * v:.3f} ms" for k, v in timing.items()},
+            print(label, level, batch, {k: f"{1e3 * v:.3f} ms" for k, v in timing.items()},
                   f"{timing['compiled'] / timing['original']:.3f}x", flush=True)
     return results
+
+
+def zoo_net(architecture: str, images: np.ndarray):
+    """A zoo architecture, random-initialised (seed 0), exported with the legacy exporter, and its inputs."""
+    torch.manual_seed(0)
+    module = ARCHITECTURES[architecture]().eval()
+    return import_model(export(module, "legacy")), model_inputs(input_names(module), images)
+
+
+def table(results: dict, name_of) -> list[str]:
+    lines = ["| net | MFLOPs | exits | optimisation | batch | original ms | compiled ms | overhead | us per exit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for net, result in results.items():
+        for level in LEVELS:
+            for batch in (1, 64):
+                timing = result[(level, batch)]
+                extra = 1e6 * (timing["compiled"] - timing["original"]) / result["exits"]
+                lines.append(f"| {name_of(net)} | {result['mflops']:.2f} | {result['exits']} | {level} | {batch} "
+                             f"| {1e3 * timing['original']:.3f} | {1e3 * timing['compiled']:.3f} "
+                             f"| {100 * (timing['compiled'] / timing['original'] - 1):+.1f}% | {extra:.0f} |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", type=int, nargs=3, action="append",
                         help="channels of the three stages (repeatable; default: 16 32 64 and 64 128 256)")
+    parser.add_argument("--zoo", nargs="+", choices=list(ARCHITECTURES),
+                        help="measure these zoo architectures instead (random-initialised, legacy export)")
     args = parser.parse_args()
     images = load_calibration()["images"][:4096]
+    command = f"Command: `{' '.join(['python benchmarks/bench_no_exit_overhead.py', *sys.argv[1:]])}`"
+    if args.zoo:
+        results = {a: measure(*zoo_net(a, images), a) for a in args.zoo}
+        text = "\n".join([command, f"Machine: {machine_description()}", "",
+                          "An exit at every candidate cut of each zoo net, every threshold +inf (rules run, no row "
+                          "leaves); random-initialised (seed 0), legacy export; compiled / original latency, same "
+                          "process, alternating; us per exit: the difference per batch over the exits.", "",
+                          *table(results, str)])
+        print(text)
+        write_section("No-exit overhead, model zoo", text)
+        return
     nets = [tuple(w) for w in args.widths] if args.widths else [REFERENCE_WIDTHS, (64, 128, 256)]
-    results = {widths: measure(widths, images) for widths in nets}
-    lines = [f"Command: `{' '.join(['python benchmarks/bench_no_exit_overhead.py', *sys.argv[1:]])}`",
-             f"Machine: {machine_description()}", "",
-             "An exit at every candidate cut, every threshold +inf (rules run, no row leaves); compiled / "
-             "original latency, same process, alternating. The 16/32/64 net is the trained reference, wider "
-             "nets are random-initialised (latency depends on shapes, not weights).", "",
-             "| widths | MFLOPs | exits | optimisation | batch | original ms | compiled ms | overhead |",
-             "|---|---|---|---|---|---|---|---|"]
-    for widths, result in results.items():
-        for level in LEVELS:
-            for batch in (1, 64):
-                timing = result[(level, batch)]
-                lines.append(f"| {'/'.join(map(str, widths))} | {result['mflops']:.1f} | {result['exits']} | {level} "
-                             f"| {batch} | {1e3 * timing['original']:.3f} | {1e3 * timing['compiled']:.3f} "
-                             f"| {100 * (timing['compiled'] / timing['original'] - 1):+.1f}% |")
-    text = "\n".join(lines)
+    results = {widths: measure(import_model(net(widths), example_input=torch.from_numpy(images[:2])),
+                               {"images": images}, str(widths)) for widths in nets}
+    text = "\n".join([command, f"Machine: {machine_description()}", "",
+                      "An exit at every candidate cut, every threshold +inf (rules run, no row leaves); compiled / "
+                      "original latency, same process, alternating. The 16/32/64 net is the trained reference, wider "
+                      "nets are random-initialised (latency depends on shapes, not weights).", "",
+                      *table(results, lambda widths: "/".join(map(str, widths)))])
     print(text)
     write_section("No-exit overhead", text)
 

@@ -66,7 +66,7 @@ from moco_compile.api import calibrate_frame, cut_points_of  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibrate import LABELS, PREDICTIONS, cut_column, variant_features  # noqa: E402
 from moco_compile.passes.config import Budget, PlannerConfig  # noqa: E402
-from moco_compile.passes.design import cut_elements  # noqa: E402
+from moco_compile.passes.design import cut_elements, exit_overhead  # noqa: E402
 from moco_compile.passes.plan import Exit, ExitPlan, ExitPlanner, Split  # noqa: E402
 from moco_compile.passes.pooling import pooling_cost, variants_for  # noqa: E402
 from moco_compile.passes.rules import (  # noqa: E402
@@ -79,7 +79,6 @@ MOCO_FITTER = "moco softmax rules"
 ONE_VS_REST = "one-vs-rest half-space per class (previous default)"
 MOCO_NO_OVERHEAD = "moco rules, planner without the exit-overhead term"
 CONFIG = PlannerConfig()  # compile's default planner configuration, used for every planned method
-BOUNDARY_COST = CONFIG.boundary_cost  # moco's planning charge per cut-tensor element and row
 BATCH_SIZE = 256  # calibration batch size, as compile's default
 TEXT_ROWS = {"rt": "Rotten Tomatoes snippets", "tweets": "tweets"}  # what a corpus's rows are, in words
 BASE_FITTERS = {"one-vs-rest": OneVsRestRuleFitter, "softmax probe": rb.SoftmaxProbeFitter,
@@ -400,7 +399,7 @@ def main() -> None:
           f"({len(shared)} distinct split{'s' if len(shared) > 1 else ''})", flush=True)
 
     accuracy_before = float((evaluation[PREDICTIONS] == evaluation[LABELS]).mean())
-    overhead = BOUNDARY_COST * cut_elements([c.shape for c in cuts])
+    overhead = exit_overhead(cut_elements([c.shape for c in cuts]), CONFIG)
     table: dict[str, dict[float, dict]] = {}
     reproduced: dict[float, bool] = {}
 
@@ -444,7 +443,7 @@ def main() -> None:
                                               rule_flops, total_flops)
             record(policy.name, budget, outcome, rule_flops, certificate)
         common = (here, cuts, variants, budget, args.confidence, total_flops, classes, args.seed)
-        outcome, rule_flops, certificate = run_richer(MOCO_FITTER, *common, replace(CONFIG, boundary_cost=0.0))
+        outcome, rule_flops, certificate = run_richer(MOCO_FITTER, *common, replace(CONFIG, boundary_cost=0.0, exit_fixed_cost=0.0))
         record(MOCO_NO_OVERHEAD, budget, outcome, rule_flops, certificate)
         outcome, rule_flops, certificate = run_richer("one-vs-rest", *common)
         record(ONE_VS_REST, budget, outcome, rule_flops, certificate)
@@ -527,9 +526,10 @@ def report(workload: Workload, table: dict[str, dict[float, dict]], budgets: lis
         "",
         *header, *rows_of(reduction),
         "",
-        f"Same plans, charging each built exit moco's planning overhead as well ({BOUNDARY_COST:g} "
+        f"Same plans, charging each built exit moco's planning overhead as well ({CONFIG.boundary_cost:g} "
         "FLOP-equivalents per cut-tensor element for every row reaching it: the Compress copy and layout "
-        "changes an exit costs in onnxruntime, see `PlannerConfig.boundary_cost`):",
+        f"changes an exit costs in onnxruntime, plus {CONFIG.exit_fixed_cost:g} per exit for its kernel "
+        "launches, see `PlannerConfig.boundary_cost` and `exit_fixed_cost`):",
         "",
         *header, *rows_of(lambda n, b: f"{100 * table[n][b]['reduction_with_overhead']:.1f}%"),
         "",
@@ -636,7 +636,8 @@ def plot(workload: Workload, table: dict[str, dict[float, dict]], budgets: list[
 
     figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     panels = (("compute_reduction", "FLOPs (rules included)"),
-              ("reduction_with_overhead", f"FLOPs + exit overhead ({BOUNDARY_COST:g} per cut element)"))
+              ("reduction_with_overhead", f"FLOPs + exit overhead ({CONFIG.boundary_cost:g} per cut element + "
+                                          f"{CONFIG.exit_fixed_cost:g})"))
     for axis, (key, title) in zip(axes, panels):
         for number, (name, per_budget) in enumerate(table.items()):
             style = "-" if name == MOCO else ("--" if name in richer or name == MOCO_NO_OVERHEAD else ":")

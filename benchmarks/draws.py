@@ -39,7 +39,7 @@ from benchmarks import rule_baselines as rb  # noqa: E402
 from moco_compile.errors import CalibrationDataError  # noqa: E402
 from moco_compile.passes.calibrate import LABELS, PREDICTIONS, cut_column, variant_features  # noqa: E402
 from moco_compile.passes.config import Budget, PlannerConfig  # noqa: E402
-from moco_compile.passes.design import cut_elements  # noqa: E402
+from moco_compile.passes.design import cut_elements, exit_overhead  # noqa: E402
 from moco_compile.passes.plan import ExitPlan, ExitPlanner, NoPlanError, PlanEvaluation, Split  # noqa: E402
 from moco_compile.passes.planning import Planning, plan_exits  # noqa: E402
 from moco_compile.passes.pooling import pooling_cost, variants_for  # noqa: E402
@@ -354,13 +354,13 @@ def shared_threshold_baseline(pool: Pool, sample: Draw, budget: Budget, poolings
 
 
 def charged_reduction(pool: Pool, cuts: Sequence, rule_flops: np.ndarray, exit_index: np.ndarray,
-                      boundary_cost: float = PlannerConfig().boundary_cost) -> float:
+                      config: PlannerConfig = PlannerConfig()) -> float:
     """Compute reduction when every built exit a row reaches also charges the exit overhead moco
-    plans with (``boundary_cost`` FLOP-equivalents per cut-tensor element: the copy of the
-    continuing rows and the layout changes an exit costs in onnxruntime); ``exit_index`` indexes
-    ``cuts`` (-1: the full network)."""
+    plans with (:func:`~moco_compile.passes.design.exit_overhead`: per cut-tensor element, the copy
+    of the continuing rows and the layout changes an exit costs in onnxruntime, plus a fixed cost per
+    exit); ``exit_index`` indexes ``cuts`` (-1: the full network)."""
     before = np.array([c.flops_before for c in cuts], np.float64)
-    overhead = boundary_cost * cut_elements([c.shape for c in cuts])
+    overhead = exit_overhead(cut_elements([c.shape for c in cuts]), config)
     costs = stage_costs(before, np.asarray(rule_flops, np.float64) + overhead, pool.total_flops)
     return float(1 - costs[exit_index].mean() / pool.total_flops)
 

@@ -103,6 +103,16 @@ class PlannerConfig:
         across it (onnxruntime 1.32 CPU, reference CNN, batch 64: an exit no row takes
         costs about 100-200).  It keeps rarely-firing exits out of the plan; reported
         FLOPs never include it.
+        ``exit_fixed_cost``: planning cost, in FLOP-equivalents per row reaching an exit,
+        of what an exit costs whatever its cut's size: the ~20 nodes it adds (pooling,
+        rule, NonZero, If, scatters) each cost a kernel launch, paid once per batch, so
+        per row at batch 1.  onnxruntime 1.32 CPU (2 cores), exits no row takes: 16-32 us
+        each at batch 1 on 0.2-3 MFLOP zoo nets (ConvNeXt-ish: 32 us, 14% of its 233 us),
+        115,000-490,000 FLOPs at the 6-22 GFLOP/s such nets run at batch 1.  Without
+        it, plans of nets this small were up to 1.7x slower than the original at batch 1
+        while saving FLOPs; 350,000 also dropped a 1 MFLOP ViT's exit that ran 0.9x.  Nets
+        of 100 MFLOPs and more hardly notice it.  Like ``boundary_cost`` it only shapes
+        plans; reported FLOPs never include it.
 
     Certification (see :mod:`moco_compile.passes.certify`)
         ``rounding_tolerance``, ``rounding_floor``: how far float rounding in the shipped
@@ -149,6 +159,7 @@ class PlannerConfig:
     per_class_candidates: int = 12
     max_exits: int = 24
     boundary_cost: float = 100.0
+    exit_fixed_cost: float = 250_000.0
     rounding_tolerance: float = 1e-4
     rounding_floor: float = 16 * 2.0 ** -23  # 16 units of float32 at log p = 0
     narrow_float_ulps: float = 16.0
@@ -187,10 +198,10 @@ class PlannerConfig:
             raise ValueError(f"ood_guard must be in (0, 1), got {self.ood_guard}: the share of calibration-like "
                              "rows each exit's guard may turn away, e.g. 0.01 (or None for no guard)")
         if min(self.rounding_tolerance, self.rounding_floor, self.narrow_float_ulps, self.boundary_cost,
-               self.guard_rounding) < 0 \
+               self.exit_fixed_cost, self.guard_rounding) < 0 \
                 or self.design_risk_factor <= 0:
-            raise ValueError("rounding_tolerance, rounding_floor, narrow_float_ulps, boundary_cost and "
-                             "guard_rounding must be >= 0 and design_risk_factor > 0")
+            raise ValueError("rounding_tolerance, rounding_floor, narrow_float_ulps, boundary_cost, exit_fixed_cost "
+                             "and guard_rounding must be >= 0 and design_risk_factor > 0")
 
     @property
     def rounding(self) -> Rounding:

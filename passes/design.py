@@ -17,6 +17,10 @@ certification (:mod:`moco_compile.passes.certify`) tests it in that order.
   Beyond ``PlannerConfig.max_exits`` candidates (an ONNX file cannot nest more),
   that many are opened, spread evenly over the compute, still without the rows.
 
+No family opens an exit that cannot pay (:meth:`DesignProblem.payable`): one where a row
+leaving costs more than the full network, its rule and overhead (``PlannerConfig.boundary_cost``
+and ``exit_fixed_cost``) included; a late exit of a small network is one.
+
 Which exits ``"per-class"`` and ``"shared"`` open is chosen by backward
 elimination: starting from all, drop the exit whose removal lowers the design
 cost most (at a fraction of the budget) while one does; opening an exit
@@ -62,7 +66,7 @@ class DesignProblem:
 
     design: Split
     flops_before: np.ndarray  # per candidate exit
-    exit_costs: np.ndarray  # planning cost of each exit per row reaching it (rule + boundary)
+    exit_costs: np.ndarray  # planning cost of each exit per row reaching it (rule + boundary + fixed)
     total_flops: float
     budget: Budget
     config: PlannerConfig
@@ -70,7 +74,7 @@ class DesignProblem:
     @classmethod
     def build(cls, design: Split, flops_before: np.ndarray, rule_flops: np.ndarray, cut_elements: np.ndarray,
               total_flops: float, budget: Budget, config: PlannerConfig) -> "DesignProblem":
-        exit_costs = rule_flops + config.boundary_cost * cut_elements
+        exit_costs = rule_flops + exit_overhead(cut_elements, config)
         return cls(design, flops_before, exit_costs, total_flops, budget, config)
 
     def on(self, design: Split) -> "DesignProblem":
@@ -91,6 +95,12 @@ class DesignProblem:
         """Design risk (in budgets) at which a path stops growing."""
         return self.config.design_risk_factor * len(self.design) * (1 + (self.budget.max_accuracy_drop is not None))
 
+    def payable(self) -> np.ndarray:
+        """Exits that could save anything: a row leaving there costs less than the full network.
+        Decided from costs alone, without rows, so even ``"shared-all"`` leaves the others closed
+        (an exit whose fixed cost exceeds the network after its cut only ever slows rows down)."""
+        return self.flops_before + self.exit_costs < self.total_flops
+
     def costs(self, active: np.ndarray) -> np.ndarray:
         """Planning cost of leaving at each exit (last: full network) with ``active`` exits built."""
         return stage_costs(self.flops_before, np.where(active, self.exit_costs, 0.0), self.total_flops)
@@ -110,22 +120,25 @@ def build_families(names: Sequence[str], problem: DesignProblem) -> dict[str, li
     one-threshold elimination runs once for both families.
     """
     sorted_scores = [-np.sort(-s, axis=0) for s in problem.design.scores]
-    everything = np.ones(len(problem.flops_before), bool)
+    payable = problem.payable()
+    if not payable.any():
+        closed = np.full((len(payable), problem.design.scores[0].shape[1]), np.inf, np.float32)
+        return {name: [closed] for name in names}
     max_exits = problem.config.max_exits
     cap = min(problem.config.per_class_candidates, max_exits)
-    capped = "per-class" in names and len(everything) > cap
+    capped = "per-class" in names and payable.sum() > cap
     if "shared" in names or capped:
-        shared_kept, shared_path = _eliminate(_shared_path, problem, sorted_scores, everything,
+        shared_kept, shared_path = _eliminate(_shared_path, problem, sorted_scores, payable,
                                               keep_at_most=max_exits)
     families = {}
     for name in names:
         if name == "shared-all":
-            path = _shared_path(problem, sorted_scores, _spread_evenly(problem.flops_before, max_exits))
+            path = _shared_path(problem, sorted_scores, _spread_evenly(problem.flops_before, payable, max_exits))
         elif name == "shared":
             path = shared_path
         elif name == "per-class":
             start = _eliminate(_shared_path, problem, sorted_scores, shared_kept, keep_at_most=cap)[0] \
-                if capped else everything
+                if capped else payable
             path = _eliminate(_per_class_path, problem, sorted_scores, start)[1]
         else:
             raise ValueError(f"unknown plan family {name!r}")
@@ -133,17 +146,19 @@ def build_families(names: Sequence[str], problem: DesignProblem) -> dict[str, li
     return families
 
 
-def _spread_evenly(flops_before: np.ndarray, count: int) -> np.ndarray:
-    """Every exit when there are at most ``count``, else ``count`` of them spread evenly over the
-    compute before them (the first and the last kept): chosen without looking at any row."""
-    if len(flops_before) <= count:
-        return np.ones(len(flops_before), bool)
+def _spread_evenly(flops_before: np.ndarray, among: np.ndarray, count: int) -> np.ndarray:
+    """The exits in ``among`` when there are at most ``count``, else ``count`` of them spread evenly over
+    the compute before them (the first and the last kept): chosen without looking at any row."""
+    if among.sum() <= count:
+        return among.copy()
+    indices = np.flatnonzero(among)
+    before = flops_before[indices]
     chosen: set[int] = set()
-    for target in np.linspace(flops_before.min(), flops_before.max(), count):  # nearest not chosen yet
-        order = np.argsort(np.abs(flops_before - target), kind="stable")
+    for target in np.linspace(before.min(), before.max(), count):  # nearest not chosen yet
+        order = np.argsort(np.abs(before - target), kind="stable")
         chosen.add(int(next(k for k in order if k not in chosen)))
     active = np.zeros(len(flops_before), bool)
-    active[list(chosen)] = True
+    active[indices[list(chosen)]] = True
     return active
 
 
@@ -431,6 +446,12 @@ class _DesignState:
             other[:, :, None]
         added += np.einsum("ncm,nc->cm", switched, self.row_risk[at_k] - self.current_risk[at_k][:, None])
         return saved, added
+
+
+def exit_overhead(elements: np.ndarray, config: PlannerConfig) -> np.ndarray:
+    """Planning cost, per row reaching it, of each exit besides its rule, given its cut's ``elements``
+    per row: ``boundary_cost`` per element plus ``exit_fixed_cost`` (see :class:`PlannerConfig`)."""
+    return config.boundary_cost * np.asarray(elements, np.float64) + config.exit_fixed_cost
 
 
 def cut_elements(shapes: Sequence[Sequence[int]]) -> np.ndarray:

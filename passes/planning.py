@@ -168,6 +168,14 @@ def plan_rows(rows: PlanningRows, cuts: Sequence[CutPoint], num_classes: int, to
     del design_frame
     planner = ExitPlanner(budget, config, seed)
     families = planner.design(candidates.exits, design, sizes["test"], total_flops)
+    if not planner.problem_.payable().any():
+        reason = (f"no exit can pay for itself: on this network ({total_flops:,.0f} FLOPs per row) leaving at any "
+                  f"cut costs more than the full network once each exit's overhead is counted (at least "
+                  f"{config.exit_fixed_cost:,.0f} FLOP-equivalents, PlannerConfig.exit_fixed_cost: its kernel "
+                  "launches, paid per batch)")
+        if not allow_no_exit:
+            raise BudgetError(f"{reason}. Pass --allow-no-exit to emit the unchanged graph")
+        return _no_exit(rows, num_classes, total_flops, budget, config, seed, reason)
     counts = rows.count(RowCounter(candidates.exits, families, split, config.rounding))
     try:
         plan = planner.certify(counts["test"])

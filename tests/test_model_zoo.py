@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import io
 
 import numpy as np
 import onnx
@@ -11,52 +10,24 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models.zoo import (MLP, BottleneckNet, ConvNeXtish, DenseNetish, MobileNetV3ish, NestedNet,  # noqa: E402
-                        ReusedPool, TinyViT, TwoInputNet)
+from models.zoo_export import ARCHITECTURES, EXPORTERS, export, input_names, model_inputs  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.constants import EXIT_OUTPUT  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.api import cut_points_of  # noqa: E402
+from moco_compile.errors import BudgetError  # noqa: E402
+from moco_compile.passes.config import PlannerConfig  # noqa: E402
+from moco_compile.passes.design import cut_elements, exit_overhead  # noqa: E402
+from tests.tiny_nets import UNPRICED_LAUNCHES  # noqa: E402
 
-ARCHITECTURES = {"nested": NestedNet, "reused-module": ReusedPool, "inline-vit": TinyViT,
-                 "two-input": TwoInputNet, "mlp": MLP, "resnet-bottleneck": BottleneckNet,
-                 "mobilenet-v3": MobileNetV3ish, "densenet": DenseNetish, "convnext": ConvNeXtish}
-EXPORTERS = ("legacy", "dynamo")
 ROWS = 1200
-
-
-def _inputs(module: torch.nn.Module) -> list[str]:
-    return ["images", "extra"] if isinstance(module, TwoInputNet) else ["images"]
-
-
-def _data(names: list[str], images: np.ndarray) -> dict[str, np.ndarray]:
-    """Images, plus a small side feature vector per row for the two-input model (seeded; with random
-    weights a large one would decide the class alone, and no rule on the image could exit)."""
-    extra = 0.1 * np.random.default_rng(len(images)).normal(size=(len(images), 8)).astype(np.float32)
-    return {"images": images, "extra": extra} if "extra" in names else {"images": images}
-
-
-def _export(module: torch.nn.Module, exporter: str) -> onnx.ModelProto:
-    buffer = io.BytesIO()
-    names = _inputs(module)
-    example = tuple(torch.from_numpy(v) for v in _data(names, np.random.rand(2, 1, 28, 28).astype(np.float32)).values())
-    with torch.no_grad():
-        if exporter == "dynamo":
-            batch = torch.export.Dim("batch")
-            program = torch.onnx.export(module, example, dynamo=True, input_names=names, output_names=["logits"],
-                                        dynamic_shapes=tuple({0: batch} for _ in names), verbose=False)
-            program.save(buffer)
-        else:
-            torch.onnx.export(module, example, buffer, dynamo=False, input_names=names, output_names=["logits"],
-                              opset_version=18, dynamic_axes={name: {0: "batch"} for name in [*names, "logits"]})
-    return onnx.load_from_string(buffer.getvalue())
 
 
 @functools.cache
 def _built(architecture: str, exporter: str) -> tuple[torch.nn.Module, onnx.ModelProto]:
     torch.manual_seed(0)
     module = ARCHITECTURES[architecture]().eval()
-    return module, _export(module, exporter)
+    return module, export(module, exporter)
 
 
 @pytest.fixture(params=[(a, e) for a in ARCHITECTURES for e in EXPORTERS], ids="-".join)
@@ -67,7 +38,7 @@ def exported(request):
 
 def _cut_names(model: onnx.ModelProto) -> list[str]:
     imported = import_model(model)
-    _, cuts = cut_points_of(imported, _data(imported.input_names, np.zeros((1, 1, 28, 28), np.float32)), 1)
+    _, cuts = cut_points_of(imported, model_inputs(imported.input_names, np.zeros((1, 1, 28, 28), np.float32)), 1)
     return [c.module for c in cuts]
 
 
@@ -94,13 +65,13 @@ def test_compiles_with_exits_and_verifies(exported, calibration):
     """Random weights: the full model's class is still a function of the input, and exits that
     match it on calibration rows must match it on fresh rows too (within the budget's reach)."""
     architecture, exporter, module, model = exported
-    names = _inputs(module)
-    result = compile(model, _data(names, calibration["images"][:ROWS]), max_disagreement=0.05,
-                     measure_latency=False, show_progress=False)
+    names = input_names(module)
+    result = compile(model, model_inputs(names, calibration["images"][:ROWS]), max_disagreement=0.05,
+                     measure_latency=False, show_progress=False, planner_config=UNPRICED_LAUNCHES)
     columns = [e.column for e in result.plan.exits]
     assert result.plan.exits and len(set(columns)) == len(columns)
     assert result.report["verification"]["rows"] > 0
-    fresh = _data(names, calibration["images"][ROWS:ROWS + 1000])
+    fresh = model_inputs(names, calibration["images"][ROWS:ROWS + 1000])
     compiled = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
     original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     logits, exits = compiled.run(["logits", EXIT_OUTPUT], fresh)
@@ -113,6 +84,35 @@ def test_compiles_with_exits_and_verifies(exported, calibration):
     except Exception:  # onnxruntime raises its own exception types
         empty_ok = False
     assert result.report["verification"]["empty_batch_checked"] == empty_ok
+
+
+def test_exits_that_cannot_pay_for_their_launches_are_not_built(calibration):
+    """Each exit costs a fixed ~20 kernel launches per batch (PlannerConfig.exit_fixed_cost): on the
+    0.23 MFLOP MLP no cut saves that much, so the build keeps the original graph (or says why), where
+    pricing exits by their cut's size alone built one (1.6x the original's latency at batch 1)."""
+    _, model = _built("mlp", "legacy")
+    data = model_inputs(["images"], calibration["images"][:ROWS])
+    result = compile(model, data, max_disagreement=0.05, allow_no_exit=True, measure_latency=False,
+                     show_progress=False)
+    assert result.plan.exits == [] and "no exit can pay for itself" in result.plan.certificate["reason"]
+    assert "If" not in {node.op_type for node in result.model.graph.node}
+    with pytest.raises(BudgetError, match="no exit can pay for itself"):
+        compile(model, data, max_disagreement=0.05, measure_latency=False, show_progress=False)
+
+
+def test_only_exits_that_can_pay_are_built(calibration):
+    """On a 0.8 MFLOP net the late cuts cannot pay for an exit and the early ones can: the plan
+    opens only exits where a row leaving costs less than the full network, overhead included."""
+    _, model = _built("reused-module", "legacy")
+    result = compile(model, model_inputs(["images"], calibration["images"][:ROWS]), max_disagreement=0.05,
+                     measure_latency=False, show_progress=False)
+    imported = import_model(model)
+    _, cuts = cut_points_of(imported, model_inputs(["images"], np.zeros((1, 1, 28, 28), np.float32)), 1)
+    overhead = exit_overhead(cut_elements([c.shape for c in cuts]), PlannerConfig())  # rules not counted: a superset
+    saves = np.array([c.flops_before for c in cuts]) + overhead < result.plan.total_flops
+    payable = {c.tensor for c, pays in zip(cuts, saves) if pays}
+    assert 0 < len(payable) < len(cuts)
+    assert result.plan.exits and {e.cut.tensor for e in result.plan.exits} <= payable
 
 
 def test_readme_lists_exactly_the_conformance_suite():

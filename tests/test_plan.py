@@ -188,6 +188,11 @@ def test_counts_of_disjoint_rows_add_up_to_the_counts_of_their_union():
     assert whole.could_disagree[3] == routing.could_disagree.sum()
 
 
+MFLOP = 1e6  # synthetic networks of 100 MFLOPs: exits' fixed cost (PlannerConfig.exit_fixed_cost) is small beside them
+TOTAL_FLOPS = 100 * MFLOP
+BEFORE = MFLOP * np.array([25.0, 50.0, 75.0])  # three exits' FLOPs before their cuts
+
+
 def _synthetic(rows: int, rng: np.random.Generator, classes: int = 3, signals=(1.0, 2.5, 4.0)):
     """Per-exit log-probability scores that get sharper at later exits, and the full model's class."""
     predictions = rng.integers(0, classes, rows)
@@ -205,18 +210,17 @@ def _candidates(count: int, classes: int = 3):
 
     exits = []
     for k in range(count):
-        cut = CutPoint(f"t{k}", f"block{k}", (1, 4), 25.0 * (k + 1), 100.0 - 25.0 * (k + 1))
+        cut = CutPoint(f"t{k}", f"block{k}", (1, 4), MFLOP * 25.0 * (k + 1), MFLOP * (100.0 - 25.0 * (k + 1)))
         exits.append(Exit(cut, f"block{k}", "flat", LinearScores(np.zeros((4, classes), np.float32),
                                                                   np.zeros(classes, np.float32)),
                           np.full(classes, np.inf), 1.0))
     return exits
 
 
-TOTAL_FLOPS = 100.0
 
 
 def _problem(design: Split, budget: Budget, config: PlannerConfig, count: int = 3) -> DesignProblem:
-    before = np.array([25.0 * (k + 1) for k in range(count)])
+    before = MFLOP * 25.0 * np.arange(1, count + 1)
     return DesignProblem.build(design, before, np.ones(count), np.full(count, 4.0), TOTAL_FLOPS, budget, config)
 
 
@@ -299,7 +303,7 @@ def test_lowering_one_threshold_moves_rows_as_routing_does():
 def _many_candidates(rows: int, count: int, rng) -> tuple[Split, np.ndarray]:
     """``count`` exits of slowly rising quality, some of them duplicates of their neighbour."""
     design = _synthetic(rows, rng, signals=np.linspace(0.5, 4.0, count))
-    return design, np.linspace(5.0, 90.0, count)
+    return design, MFLOP * np.linspace(5.0, 90.0, count)
 
 
 def test_removing_each_exit_is_priced_as_routing_does():
@@ -323,7 +327,11 @@ def test_removing_each_exit_is_priced_as_routing_does():
 def test_ranked_elimination_stays_close_to_trying_every_exit(family):
     design, before = _many_candidates(800, 10, np.random.default_rng(3))
     costs = []
-    for config in (PlannerConfig(), PlannerConfig(elimination_candidates=None, per_class_candidates=100)):
+    # exits of 2% of the network each; with exits of 1% or less ranked "shared" trails the exhaustive
+    # search by 4-7 points of compute on these rows (before exit_fixed_cost, this test's exits cost 4x the network)
+    fixed = 2 * MFLOP
+    for config in (PlannerConfig(exit_fixed_cost=fixed),
+                   PlannerConfig(exit_fixed_cost=fixed, elimination_candidates=None, per_class_candidates=100)):
         problem = DesignProblem.build(design, before, np.ones(10), np.full(10, 4.0), TOTAL_FLOPS, Budget(0.05), config)
         plans = build_family(family, problem)
         costs.append(min(_design_cost_and_risk(problem, p, np.isfinite(p).any(axis=1))[0] for p in plans
@@ -353,7 +361,7 @@ def test_certification_keeps_the_plan_before_the_first_failure():
     rng = np.random.default_rng(2)
     test = _synthetic(400, rng)
     family = [np.full((3, 3), np.inf, np.float32)] + [np.full((3, 3), t, np.float32) for t in (-0.05, -0.5, -3.0)]
-    flops = lambda open_: stage_costs(np.array([25.0, 50.0, 75.0]), np.where(open_, 1.0, 0.0), TOTAL_FLOPS)  # noqa: E731
+    flops = lambda open_: stage_costs(BEFORE, np.where(open_, 1.0, 0.0), TOTAL_FLOPS)  # noqa: E731
     result = certify_family(family, count_plans(family, test, Rounding()), flops, flops, TOTAL_FLOPS, Budget(0.05, 0.9),
                             0.1)
     rejected = [p <= 0.1 for p in result.p_values]
@@ -369,8 +377,8 @@ def test_certification_keeps_the_certified_plan_that_saves_most():
     rng = np.random.default_rng(2)
     test = _synthetic(400, rng)
     family = [np.full((3, 3), np.inf, np.float32)] + [np.full((3, 3), t, np.float32) for t in (-0.01, -0.02)]
-    flops = lambda open_: stage_costs(np.array([25.0, 50.0, 75.0]), np.where(open_, 1.0, 0.0), TOTAL_FLOPS)  # noqa: E731
-    costly = lambda open_: stage_costs(np.array([25.0, 50.0, 75.0]), np.where(open_, 90.0, 0.0), TOTAL_FLOPS)  # noqa: E731
+    flops = lambda open_: stage_costs(BEFORE, np.where(open_, 1.0, 0.0), TOTAL_FLOPS)  # noqa: E731
+    costly = lambda open_: stage_costs(BEFORE, np.where(open_, 90.0 * MFLOP, 0.0), TOTAL_FLOPS)  # noqa: E731
     counts = count_plans(family, test, Rounding())
     result = certify_family(family, counts, flops, costly, TOTAL_FLOPS, Budget(0.05, 0.9), 0.1)
     assert result.certified == 2 and result.chosen == 0
@@ -396,7 +404,8 @@ def test_a_test_split_that_disagrees_everywhere_keeps_no_exit():
     rng = np.random.default_rng(4)
     design, test = _synthetic(600, rng), _synthetic(400, rng)
     shuffled = Split(test.scores, rng.permutation(test.predictions))
-    plan = ExitPlanner(Budget(0.05, 0.9)).fit(_candidates(3), design, shuffled, TOTAL_FLOPS)
+    costly = PlannerConfig(exit_fixed_cost=5 * MFLOP)  # each exit 5% of the network for every row reaching it
+    plan = ExitPlanner(Budget(0.05, 0.9), config=costly).fit(_candidates(3), design, shuffled, TOTAL_FLOPS)
     certificate = plan.certificate
     assert certificate["disagreements"] <= max_certifiable_failures(400, 0.05, 0.1)
     assert certificate["plans_tested"] == certificate["plans_certified"] + 1  # stopped at a failure

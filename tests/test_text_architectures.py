@@ -13,6 +13,7 @@ from moco_compile import compile  # noqa: E402
 from moco_compile.errors import ModelError  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.torch import EAGER_ARCHITECTURES, EarlyExitTextClassificationModel  # noqa: E402
+from tests.tiny_nets import UNPRICED_LAUNCHES  # noqa: E402
 
 SIZES = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              num_labels=3, max_position_embeddings=128)
@@ -53,7 +54,8 @@ def _model(architecture: str):
 def test_encoder_compiles_with_exits_named_by_module(architecture):
     """...and where the eager API wraps the architecture, it runs the compiled plan as the graph does."""
     model = _model(architecture)
-    result = compile(model, _tokens(ROWS), max_disagreement=0.05, measure_latency=False, show_progress=False)
+    result = compile(model, _tokens(ROWS), max_disagreement=0.05, measure_latency=False, show_progress=False,
+                     planner_config=UNPRICED_LAUNCHES)
     names = [e.cut.module for e in result.plan.exits]
     assert names and len(set(names)) == len(names)
     assert all(name.startswith(ENCODERS[architecture][1]) for name in names)
@@ -79,7 +81,8 @@ def test_decoder_compiles_with_exits_on_the_last_token(architecture):
     tokens = _tokens(ROWS)
     tokens["attention_mask"][ROWS // 4: ROWS // 2] = tokens["attention_mask"][ROWS // 4: ROWS // 2, ::-1]  # left pad
     tokens["input_ids"][tokens["attention_mask"] == 0] = 0
-    result = compile(_model(architecture), tokens, max_disagreement=0.05, measure_latency=False, show_progress=False)
+    result = compile(_model(architecture), tokens, max_disagreement=0.05, measure_latency=False, show_progress=False,
+                     planner_config=UNPRICED_LAUNCHES)
     names = [e.cut.module for e in result.plan.exits]
     assert names and all(name.startswith(DECODERS[architecture][1].rstrip(".")) for name in names)
     assert any(column.endswith(":last_token") for column in result.frame.columns)

@@ -1,11 +1,13 @@
 #!/bin/bash
 # Run benchmarks/gpu_check.py on a lent GPU machine (the `device` tool), from the repository root.
 #
-# Here, once: python benchmarks/gpu_prepare.py (graphs into .gpu/), then pack onnxruntime-gpu for the
-# machine's Python (3.12) as .gpu/ort.tar.xz.part-* (see the section "GPU (CUDA)" of RESULTS.md for
-# how it was cut to fit the transfer limit).  Carry .gpu's files over as many calls as the 64 MiB
-# limit needs; a call runs this script with the step groups whose files have arrived
-# (e.g. --groups cnn no_exit).  Results: $OUT/gpu_check_<groups>.json.
+# Here, once: python benchmarks/gpu_prepare.py (graphs into .gpu/), then
+# python benchmarks/gpu_pack_onnxruntime.py WHEEL (onnxruntime-gpu for the machine's Python 3.12, as
+# .gpu/ort.tar.xz.part-*).  Each call sends the tracked tree too (75 MB, over the 64 MiB limit): move
+# models/artifacts' big files aside for the calls, then `git checkout -- models/artifacts`.  Stop 21's
+# calls: (1) carry part-00 + text/text_fp16.onnx; (2) part-01, cnn/ and text's small files, run
+# `--groups cnn no_exit`; (3) text/text_weights.bin, run `--groups text`.  Results:
+# $OUT/gpu_check_<groups>.json; back here, gpu_check.py --record them.
 set -euo pipefail
 SITE=/tmp/ort-gpu
 if [ ! -d "$SITE/onnxruntime" ]; then

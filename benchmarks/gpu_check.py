@@ -33,7 +33,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moco_compile.constants import EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY  # noqa: E402
-from moco_compile.passes.graph import all_graphs  # noqa: E402
+from moco_compile.passes.graph import all_graphs, all_nodes  # noqa: E402
 from moco_compile.runtime.latency import compare_latency  # noqa: E402
 from moco_compile.runtime.session import CPU, CUDA, TENSORRT, ExitSession, ExitStatistics  # noqa: E402
 
@@ -103,7 +103,7 @@ def latency(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarra
 
 
 def exit_count(model: onnx.ModelProto) -> int:
-    return sum(node.op_type == "If" for graph in all_graphs(model.graph) for node in graph.node)
+    return sum(node.op_type == "If" for node in all_nodes(model.graph))
 
 
 def parity(name: str, model: str | bytes, feed: dict[str, np.ndarray], output: str, **cuda_options) -> dict:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.results import machine_description, write_section  # noqa: E402
 from models.fashion_mnist import load_split  # noqa: E402
 from models.zoo_export import model_inputs  # noqa: E402
+from moco_compile.passes.graph import all_graphs  # noqa: E402
 from moco_compile.runtime.latency import batches_of  # noqa: E402
 
 GRAPHS = ("original", "compiled")
@@ -63,13 +64,8 @@ def optimized_operators(path: Path) -> list[str]:
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         model = onnx.load(options.optimized_model_filepath)
 
-    def walk(graph: onnx.GraphProto, prefix: str) -> list[str]:
-        found = [prefix + node.op_type for node in graph.node if node.domain in FUSED_DOMAINS]
-        for node in graph.node:
-            found += [item for attribute in node.attribute if attribute.type == onnx.AttributeProto.GRAPH
-                      for item in walk(attribute.g, "branch:")]
-        return found
-    return walk(model.graph, "")
+    return [("" if graph is model.graph else "branch:") + node.op_type
+            for graph in all_graphs(model.graph) for node in graph.node if node.domain in FUSED_DOMAINS]
 
 
 def tables(folder: Path, runs: int) -> str:

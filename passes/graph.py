@@ -51,6 +51,11 @@ def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
             yield from all_graphs(sub)
 
 
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``graph`` and of the graphs nested in it."""
+    return (node for sub in all_graphs(graph) for node in sub.node)
+
+
 def subgraph_nesting(graph: onnx.GraphProto) -> int:
     """How many subgraph levels (If branches, Loop/Scan bodies) nest inside ``graph``; 0 when none."""
     return max((1 + subgraph_nesting(sub) for node in graph.node for sub in subgraphs(node)), default=0)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from moco_compile.errors import CalibrationDataError, ModelError
+from moco_compile.passes.graph import all_nodes
 
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
                            "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulNBits", "QAttention",
@@ -49,7 +50,7 @@ class Quantized:
 
 def check_not_quantized(model: onnx.ModelProto) -> None:
     """Raise :class:`ModelError` when ``model`` already holds quantized ops or int8 weights."""
-    ops = sorted({node.op_type for node in _all_nodes(model.graph) if node.op_type in QUANTIZED_OPS})
+    ops = sorted({node.op_type for node in all_nodes(model.graph) if node.op_type in QUANTIZED_OPS})
     if ops:
         raise ModelError(f"the model is already quantized (it has {', '.join(ops)} nodes): "
                          "quantize or convert its float original instead")
@@ -106,15 +107,7 @@ def _run_quantizer(quantize, model: onnx.ModelProto) -> onnx.ModelProto:
 def _kept_float(model: onnx.ModelProto, quantizable: set[str]) -> dict[str, int]:
     weights = {init.name for init in model.graph.initializer
                if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and len(init.dims) >= 2}
-    kept = Counter(node.op_type for node in _all_nodes(model.graph)
+    kept = Counter(node.op_type for node in all_nodes(model.graph)
                    if node.op_type in _WEIGHTED_OPS and node.op_type not in quantizable
                    and any(name in weights for name in node.input))
     return dict(kept)
-
-
-def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attribute.g)

@@ -52,7 +52,7 @@ from onnx import helper, numpy_helper
 from moco_compile.constants import ADDED_NODE_PREFIX, EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY
 from moco_compile.passes.config import MAX_NESTED_GRAPHS
 from moco_compile.passes.exit_confidence import exited_logits_nodes
-from moco_compile.passes.graph import GraphIndex, elem_types, node_inputs, subgraph_nesting
+from moco_compile.passes.graph import GraphIndex, all_nodes, elem_types, node_inputs, subgraph_nesting
 from moco_compile.passes.guard import guard_nodes
 from moco_compile.passes.plan import Exit
 from moco_compile.passes.pooling import pooling_inputs, reduce_nodes, variant_nodes
@@ -395,12 +395,9 @@ class _ExitGraphBuilder:
 def _name_added_nodes(graph: onnx.GraphProto) -> None:
     """Name each node moco added (its outputs are ``moco/...``) after its first output, so later
     passes can tell moco's nodes from the model's (float16 keeps them in float32)."""
-    for node in graph.node:
+    for node in all_nodes(graph):
         if not node.name and node.output and node.output[0].startswith(ADDED_NODE_PREFIX):
             node.name = node.output[0]
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                _name_added_nodes(attribute.g)
 
 
 def _trailing_dims(value: onnx.ValueInfoProto) -> list[int | str]:

@@ -13,7 +13,7 @@ import heapq
 import onnx
 
 from moco_compile.errors import ModelError
-from moco_compile.passes.graph import node_inputs
+from moco_compile.passes.graph import node_inputs, subgraphs
 
 
 def topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -52,9 +52,8 @@ def _sort(graph: onnx.GraphProto, outer: set[str]) -> None:
     scope = available | produced_here
     sorted_nodes = [_copy(nodes[index]) for index in order]
     for node in sorted_nodes:
-        for attribute in node.attribute:
-            for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
-                _sort(sub, scope)
+        for sub in subgraphs(node):
+            _sort(sub, scope)
     graph.ClearField("node")
     graph.node.extend(sorted_nodes)
 

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from moco_compile.constants import EXIT_OUTPUT
 from moco_compile.errors import MocoError
-from moco_compile.passes.graph import all_graphs
+from moco_compile.passes.graph import all_nodes
 from moco_compile.passes.routing import Routing
 
 
@@ -86,7 +86,7 @@ def _close(actual: np.ndarray, expected: np.ndarray, tolerance: float) -> bool:
 
 
 def _has_static_quantization(model: onnx.ModelProto) -> bool:
-    ops = {node.op_type for graph in all_graphs(model.graph) for node in graph.node}
+    ops = {node.op_type for node in all_nodes(model.graph)}
     return "DequantizeLinear" in ops and "DynamicQuantizeLinear" not in ops
 
 

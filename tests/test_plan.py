@@ -217,8 +217,6 @@ def _candidates(count: int, classes: int = 3):
     return exits
 
 
-
-
 def _problem(design: Split, budget: Budget, config: PlannerConfig, count: int = 3) -> DesignProblem:
     before = MFLOP * 25.0 * np.arange(1, count + 1)
     return DesignProblem.build(design, before, np.ones(count), np.full(count, 4.0), TOTAL_FLOPS, budget, config)

@@ -133,6 +133,15 @@ def test_cli_rejects_an_impossible_budget(tmp_path, reference_onnx, option, valu
     assert run.exit_code == 2 and "must be in (0, 1)" in run.output and "Traceback" not in run.output
 
 
+@pytest.mark.parametrize("value", ["0", "31"])
+def test_cli_rejects_max_exits_an_onnx_file_cannot_hold(tmp_path, reference_onnx, value):
+    np.savez(tmp_path / "calib.npz", images=np.zeros((10, 1, 28, 28), np.float32))
+    run = CliRunner().invoke(app, ["compile", str(reference_onnx), "--calib", str(tmp_path / "calib.npz"),
+                                   "--out", str(tmp_path / "out"), "--max-exits", value])
+    assert run.exit_code == 2 and "error:" in run.output and "max_exits must be between 1 and 30" in run.output
+    assert "Traceback" not in run.output and not (tmp_path / "out").exists()
+
+
 def test_output_directory_not_writable(tmp_path, calibration, reference_onnx):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

@@ -25,6 +25,11 @@ from moco_compile.passes.graph import GraphIndex
 
 HEAVY_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "MatMulInteger", "QLinearConv",
              "QLinearMatMul", "ConvInteger"}
+# A statically quantized graph rounds a block's output through QuantizeLinear -> DequantizeLinear
+# before the next block's MatMuls; onnxruntime fuses that pair with its consumers into integer kernels.
+# A cut at the DequantizeLinear output would put the exit's Compress between them (no fusion in the
+# branch, other numbers than the model's): the float tensor before the QuantizeLinear separates too.
+_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ def find_cut_points(model: onnx.ModelProto, node_flops: Sequence[float],
         if not heavy_seen or index.is_constant_node(position):
             continue
         for tensor in node.output:
-            if not tensor or tensor in index.graph_outputs or tensor in derived \
+            if not tensor or tensor in index.graph_outputs or tensor in derived or node.op_type in _QDQ_OPS \
                     or not _is_batched_float(model, tensor, shapes):
                 continue
             before = index.ancestors(tensor)

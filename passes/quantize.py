@@ -6,9 +6,11 @@ Two passes, each one job:
    range (``reduce_range``, onnxruntime's guard against int8 kernels saturating; on the text
    reference it cut the disagreement with float32 from 2.2% to 1.1% of 3,000 rows),
    activations quantized at run time (``MatMulInteger``/``ConvInteger``).
-2. :func:`quantize_static_int8`: weights and activations int8 (QDQ format, per-channel
-   weights), activation ranges from calibration rows (MinMax), at the weighted ops only
-   (:data:`STATIC_INT8_OPS`).
+2. :func:`quantize_static_int8`: weights int8 per output channel, activations uint8 (QDQ
+   format), activation ranges from calibration rows (MinMax), at the weighted ops only
+   (:data:`STATIC_INT8_OPS`).  uint8 activations with int8 weights is the pair x86's integer
+   kernels take directly: with onnxruntime's default int8 activations the 6-block MiniLM ran
+   2.1-3.0x slower than float32 at batch 64 on this AVX512-VNNI CPU, with uint8 0.73x.
 
 Ops the chosen quantizer has no int8 kernel for keep their float weights; each pass lists
 them (:attr:`Quantized.kept_float`) so the caller can say so.  A model that is already
@@ -69,7 +71,7 @@ def quantize_dynamic_int8(model: onnx.ModelProto) -> Quantized:
 
 def quantize_static_int8(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray]) -> Quantized:
     """Rule 2: int8 weights and activations, ranges from ``calibration`` (input name -> rows)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.registry import QDQRegistry
 
     check_not_quantized(model)
@@ -89,6 +91,7 @@ def quantize_static_int8(model: onnx.ModelProto, calibration: Mapping[str, np.nd
 
     quantized = _run_quantizer(lambda source, target: quantize_static(
         source, target, _Rows(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         op_types_to_quantize=list(STATIC_INT8_OPS)), model)
     return Quantized(quantized, _kept_float(model, set(QDQRegistry) & set(STATIC_INT8_OPS)))
 

@@ -165,6 +165,7 @@ class _ExitGraphBuilder:
                          for src, dst in zip(result_names, names) if src != dst)
         graph = helper.make_graph(nodes, f"moco_level_{level}", [], [], initializers)
         graph.value_info.extend(self._rows_value_info(node.output[0], node.input[0], level) for node in entry)
+        graph.value_info.extend(self._stage_value_info(nodes, level))
         graph.output.extend(self._value_info(name, original)
                             for name, original in zip(names, [o.name for o in self.outputs] + [EXIT_OUTPUT]))
         return graph
@@ -355,6 +356,29 @@ class _ExitGraphBuilder:
         if value is None or not all(dims):
             return onnx.ValueInfoProto(name=name)
         return helper.make_tensor_value_info(name, value.type.tensor_type.elem_type, [f"moco_rows_{level}", *dims])
+
+    def _stage_value_info(self, nodes: Sequence[onnx.NodeProto], level: int) -> list[onnx.ValueInfoProto]:
+        """The model's declared shapes of the tensors ``nodes`` compute, the batch dim renamed to the
+        level's rows (``moco_rows_<level>``; dims derived from the batch dim left anonymous).
+
+        Without them onnxruntime re-infers shapes from the inputs alone, which an exporter's computed
+        Reshapes leave anonymous, and skips the fusions that check shapes: every BERT block's residual
+        Add + LayerNormalization stays two ops (SkipLayerNormalization in the original graph), in the
+        main graph too; slower, and in a statically quantized model other numbers than the model's.
+        """
+        batch = self._batch_dim()
+        declared = []
+        for name in (name for node in nodes for name in node.output if name in self.value_infos):
+            value = onnx.ValueInfoProto()
+            value.CopyFrom(self.value_infos[name])
+            if level:
+                for dim in value.type.tensor_type.shape.dim:
+                    if dim.dim_param == batch:
+                        dim.dim_param = f"moco_rows_{level}"
+                    elif batch in dim.dim_param:
+                        dim.Clear()
+            declared.append(value)
+        return declared
 
     def _empty_branch(self, level: int) -> onnx.GraphProto:
         """The If's else branch (no row left): every output with 0 rows and its non-batch dims."""

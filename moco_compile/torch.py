@@ -152,7 +152,8 @@ def _block(block: int, width: int, attention: tuple[str, StepRun], output: tuple
     return [_Step(*attention, width, block, "attention"), _Step(*output, width, block, "output")]
 
 
-def _per_token(module: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _per_token(module: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
     """A step that maps each token on its own (a projection), whatever the mask."""
     return module(hidden)
 
@@ -255,9 +256,9 @@ class _Albert(_Encoder):
     def steps(self) -> list[_Step]:
         p, config, encoder = self.prefix, self.model.config, self.base.encoder
         width = config.hidden_size
+        projection = encoder.embedding_hidden_mapping_in
         steps = [_Step(f"{p}.embeddings.LayerNorm", self._embed, config.embedding_size),
-                 _Step(f"{p}.encoder.embedding_hidden_mapping_in", partial(_per_token, encoder.embedding_hidden_mapping_in),
-                       width)]
+                 _Step(f"{p}.encoder.embedding_hidden_mapping_in", partial(_per_token, projection), width)]
         for run in range(config.num_hidden_layers):
             group = int(run / (config.num_hidden_layers / config.num_hidden_groups))  # AlbertTransformer's choice
             layers = encoder.albert_layer_groups[group].albert_layers
@@ -308,7 +309,8 @@ class _Gpt2(_Decoder):
         steps = [_Step(p, self._embed, width)]
         for i, block in enumerate(self.base.h):
             path = f"{p}.h.{i}"
-            steps += _block(i, width, (path, partial(self._attention, block)), (path, partial(self._feed_forward, block)))
+            steps += _block(i, width, (path, partial(self._attention, block)),
+                            (path, partial(self._feed_forward, block)))
         return steps
 
     def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
@@ -333,7 +335,8 @@ class _Llama(_Decoder):
         steps = [_Step(f"{p}.embed_tokens", self._embed, width)]
         for i, layer in enumerate(self.base.layers):
             path = f"{p}.layers.{i}"
-            steps += _block(i, width, (path, partial(self._attention, layer)), (path, partial(self._feed_forward, layer)))
+            steps += _block(i, width, (path, partial(self._attention, layer)),
+                            (path, partial(self._feed_forward, layer)))
         return steps
 
     def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
@@ -362,19 +365,18 @@ _FAMILIES: dict[str, type[_Family]] = {  # the importer's SUPPORTED_HF_ARCHITECT
 EAGER_ARCHITECTURES = tuple(_FAMILIES)
 
 
-def _scopes(model: torch.nn.Module, path: str) -> tuple[str, ...]:
+def _scopes(path: str) -> tuple[str, ...]:
     """The modules around the output of the module at ``path``, outermost first, as the export records
-    them: every dotted prefix but containers (``ModuleList``), which are never called."""
+    them: every dotted prefix (a container such as ``ModuleList`` is never called, so no scope, but it
+    could only be the name of a cut after its last member, the last block's output, which is no cut)."""
     parts = path.split(".")
-    prefixes = [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
-    return tuple(prefix for prefix in prefixes if not isinstance(
-        model.get_submodule(prefix), (torch.nn.ModuleList, torch.nn.ModuleDict)))
+    return tuple(".".join(parts[:k]) for k in range(1, len(parts) + 1))
 
 
-def _cut_names(model: torch.nn.Module, steps: list[_Step]) -> list[str]:
+def _cut_names(steps: list[_Step]) -> list[str]:
     """The compiled graph's name for the cut after each step but the last (after the last block only the
     head runs, far too little to cut before): the importer's rule (``passes/cut_points.py``)."""
-    scopes = [_scopes(model, step.module) for step in steps]
+    scopes = [_scopes(step.module) for step in steps]
     names = [outermost_unused_scope(own, set().union(*scopes[k + 1:])) for k, own in enumerate(scopes[:-1])]
     return numbered_repeats(names)
 
@@ -400,7 +402,7 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
         self.prefix = model.base_model_prefix  # "bert", "distilbert", "transformer", "model", ...
         self._family = _FAMILIES[architecture](model)
         self._steps = self._family.steps()
-        self._cuts = dict(zip(_cut_names(model, self._steps), self._steps))
+        self._cuts = dict(zip(_cut_names(self._steps), self._steps))
         self._rules: dict[str, list[_Rule]] = {}
 
     # -- where rules go ------------------------------------------------------------------------

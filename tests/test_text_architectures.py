@@ -52,9 +52,10 @@ def _model(architecture: str):
 
 
 def _decoder_tokens(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """As :func:`_tokens`, with the second quarter padded on the left, pads given the pad token id 0."""
+    """As :func:`_tokens`, half the padded rows padded on the left instead, pads given the pad token id 0."""
     tokens = _tokens(rows, seed)
-    tokens["attention_mask"][rows // 4: rows // 2] = tokens["attention_mask"][rows // 4: rows // 2, ::-1]
+    tokens["attention_mask"][: rows // 8] = tokens["attention_mask"][: rows // 8, ::-1]
+    assert tokens["attention_mask"][: rows // 8, 0].sum() == 0 < tokens["attention_mask"][rows // 8: rows // 4, 0].min()
     tokens["input_ids"][tokens["attention_mask"] == 0] = 0
     return tokens
 
@@ -78,14 +79,14 @@ def _assert_eager_features_are_the_frames(model, result, calibration: dict[str, 
     """At every cut, a rule on random weights over the masked mean and the summary token exits exactly
     the calibration rows whose features in the compile's frame score above its threshold, with that margin;
     the other rows get the wrapped model's own logits."""
-    rows = 300
-    feed = {k: torch.from_numpy(v[:rows]) for k, v in calibration.items()}
+    every = 3  # rows padded on the left (decoders), on the right, and unpadded
+    feed = {k: torch.from_numpy(v[::every]) for k, v in calibration.items()}
     with torch.no_grad():
         full = model(**feed).logits.numpy()
     pooling = f"token_mean@attention_mask+{summary}"
     rng = np.random.default_rng(0)
     for cut in EarlyExitTextClassificationModel(model).cut_names:
-        features = variant_features(result.frame, cut, pooling)[:rows]
+        features = variant_features(result.frame, cut, pooling)[::every]
         weights = rng.normal(size=features.shape[1])
         scores = features @ weights
         threshold = float(np.median(scores))
@@ -127,6 +128,25 @@ def test_decoder_compiles_with_exits_on_the_last_token(architecture):
     assert result.report["verification"]["rows"] > 0
     _assert_eager_routes_as_the_graph(model, result, _decoder_tokens(400, seed=1))
     _assert_eager_features_are_the_frames(model, result, tokens, "last_token@attention_mask")
+
+
+def test_eager_cut_names_are_the_importers_where_albert_runs_its_shared_layer_three_times():
+    """A module run again later names its cut by its innermost module, numbered per run; the last run's
+    attention cut by the attention module (``passes/cut_points.py``)."""
+    from moco_compile.api import cut_points_of
+
+    torch.manual_seed(0)
+    config = transformers.AlbertConfig(embedding_size=16, **{**SIZES, "num_hidden_layers": 3})
+    model = transformers.AlbertForSequenceClassification(config).eval()
+    tokens = _tokens(4)
+    _, cuts = cut_points_of(import_model(model), {**tokens, "token_type_ids": np.zeros_like(tokens["input_ids"])}, 4)
+    eager = EarlyExitTextClassificationModel(model)
+    assert eager.cut_names == [cut.module for cut in cuts]
+    layer = "albert.encoder.albert_layer_groups.0.albert_layers.0"
+    condition = {"weights": np.zeros(32), "bias": 0.0, "threshold": 1.0}
+    assert eager.add_rule(condition, 0, "encoder", 1, "attention").exit_names == [f"{layer}.attention.LayerNorm[1]"]
+    with pytest.raises(ModelError, match="block 2's output is the last state before the head"):
+        eager.add_rule(condition, 0, "encoder", 2, "output")
 
 
 def test_last_token_piece_reads_the_last_token_the_mask_keeps():

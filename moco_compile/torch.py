@@ -128,7 +128,7 @@ class _Rule:
 
 # -- architectures ---------------------------------------------------------------------------------
 
-StepRun = Callable[..., torch.Tensor]
+_StepRun = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -141,13 +141,13 @@ class _Step:
     """
 
     module: str
-    run: StepRun
+    run: _StepRun
     width: int
     block: int | None = None
     sublayer: str = ""
 
 
-def _block(block: int, width: int, attention: tuple[str, StepRun], output: tuple[str, StepRun]) -> list[_Step]:
+def _block(block: int, width: int, attention: tuple[str, _StepRun], output: tuple[str, _StepRun]) -> list[_Step]:
     """A block's two steps: up to its attention sub-layer's output, then up to the block's output."""
     return [_Step(*attention, width, block, "attention"), _Step(*output, width, block, "output")]
 

@@ -7,45 +7,54 @@
 >>> out = model(**tokenizer(texts, return_tensors="pt", padding=True))
 >>> out.logits, out.exits                       # exits[i]: index into model.exit_names, -1 = full
 
-A rule sits at a cut (``bert.embeddings``; ELECTRA's ``electra.embeddings_project`` when its
-embeddings are narrower than its blocks; in block ``i`` after the attention sub-layer,
-``bert.encoder.layer.<i>.attention``, and after the block output, ``bert.encoder.layer.<i>``,
-which :meth:`~EarlyExitTextClassificationModel.add_rule` also accepts as
-``encoder.layer.<i>.output``; ``roberta.`` / ``electra.`` for those models).  The hidden
-states there are pooled (mask-aware
-``token_mean``, ``first_token``, or both joined by ``+``), scored with one linear map and
-compared with per-class thresholds: exactly the compiled ONNX graph's exit.  Rows whose best
-margin is positive leave with the rule's calibrated log-probabilities as their logits when the
-plan gave the exit a confidence scale (``passes/exit_confidence.py``), else with the margins
-(either way their argmax is the rule's class);
+A rule sits at a cut, named as the compiled graph names it (the importer's rule: the outermost module
+around the cut's tensor that runs no more after it, numbered ``[k]`` where several cuts share a name):
+the embeddings (``bert.embeddings``; GPT-2's ``transformer``, Llama's ``model.embed_tokens``), the
+projection of narrower embeddings (ELECTRA's ``electra.embeddings_project``, ALBERT's
+``albert.encoder.embedding_hidden_mapping_in``), and in block ``i`` after the attention sub-layer and
+after the block output (``bert.encoder.layer.<i>.attention`` and ``bert.encoder.layer.<i>``;
+DistilBERT's ``distilbert.transformer.layer.<i>.sa_layer_norm`` and ``distilbert.transformer.layer.<i>``;
+GPT-2's ``transformer.h.<i>[0]`` and ``[1]``, Llama's ``model.layers.<i>[0]`` and ``[1]``, whose
+residual adds sit inline in the block; ALBERT's shared layer names each call by the innermost module
+while the layer runs again later).  :meth:`~EarlyExitTextClassificationModel.add_rule` also takes a
+cut as ``("encoder", block, "attention" | "output")`` for every architecture.  The last block's output
+is no cut: only the head follows it.  The hidden states there are pooled (mask-aware ``token_mean``,
+``first_token``, ``last_token`` (the last token the mask keeps, a decoder's summary), or two joined by
+``+``), scored with one linear map and compared with per-class thresholds: exactly the compiled ONNX
+graph's exit.  Rows whose best margin is positive leave with the rule's calibrated log-probabilities
+as their logits when the plan gave the exit a confidence scale (``passes/exit_confidence.py``), else
+with the margins (either way their argmax is the rule's class);
 the other rows continue, compressed, through the remaining layers.  A plan compiled with an
 out-of-distribution guard (``ood_guard``) brings each exit's guard: rows it finds unfamiliar
 do not leave there (the graph's formula, ``passes/guard.py``).
 
-Supported: the encoders with BERT's block layout, ``BertForSequenceClassification``,
-``RobertaForSequenceClassification`` and ``ElectraForSequenceClassification`` (the other
-architectures the importer supports compile to ONNX).
+Supported: every architecture the importer supports (:data:`EAGER_ARCHITECTURES`, one
+:class:`_Family` each): the encoders BERT, DistilBERT, RoBERTa, ALBERT, ELECTRA and the decoders GPT-2
+and Llama, which classify the last token the attention mask keeps (left or right padding), as the
+compiled graph does.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from moco_compile.errors import ModelError
+from moco_compile.passes.cut_points import numbered_repeats, outermost_unused_scope
 
 _NEVER = float(np.finfo(np.float32).max)
-EAGER_ARCHITECTURES = ("BertForSequenceClassification", "RobertaForSequenceClassification",
-                       "ElectraForSequenceClassification")
-_POOLINGS = ("first_token", "token_mean")
+_POOLINGS = ("first_token", "token_mean", "last_token")
+_MASKED_POOLINGS = ("token_mean", "last_token")  # pieces that read the attention mask
 
 
 @dataclass
@@ -117,37 +126,290 @@ class _Rule:
         return scaled.scatter(1, top, scaled.gather(1, cls)).scatter(1, cls, scaled.gather(1, top))
 
 
+# -- architectures ---------------------------------------------------------------------------------
+
+_StepRun = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Step:
+    """A stretch of the network that ends where the compiled graph may cut.
+
+    ``module``: the innermost module whose forward writes the step's output (the cut's scope in the
+    export); ``width``: features per token there; ``block`` and ``sublayer`` (``"attention"`` or
+    ``"output"``): which half of which block it is, None for the embeddings and their projection.
+    """
+
+    module: str
+    run: _StepRun
+    width: int
+    block: int | None = None
+    sublayer: str = ""
+
+
+def _block(block: int, width: int, attention: tuple[str, _StepRun], output: tuple[str, _StepRun]) -> list[_Step]:
+    """A block's two steps: up to its attention sub-layer's output, then up to the block's output."""
+    return [_Step(*attention, width, block, "attention"), _Step(*output, width, block, "output")]
+
+
+def _per_token(module: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+    """A step that maps each token on its own (a projection), whatever the mask."""
+    return module(hidden)
+
+
+class _Family:
+    """How one architecture family runs eagerly, in the steps the compiled graph cuts between.
+
+    :meth:`steps`: the embeddings first (run on ``input_ids, token_type_ids``), then any projection
+    and each block's two halves in execution order (run on ``hidden, mask``: the rows still running);
+    :meth:`head`: the logits from the last step's states.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.base = model.base_model
+        self.prefix = model.base_model_prefix
+
+    def steps(self) -> list[_Step]:
+        raise NotImplementedError
+
+    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Encoder(_Family):
+    """Encoders: every token attends to every token the mask keeps."""
+
+    def _mask(self, hidden: torch.Tensor, mask: torch.Tensor) -> Any:
+        return create_bidirectional_mask(config=self.base.config, inputs_embeds=hidden, attention_mask=mask)
+
+    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        return self.base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+
+
+class _BertLike(_Encoder):
+    """RoBERTa and ELECTRA (and BERT's blocks): ``encoder.layer.<i>`` runs ``attention``, then a
+    feed-forward chunk; ELECTRA projects narrower embeddings up (``embeddings_project``); the
+    classifier reads token 0 itself."""
+
+    def steps(self) -> list[_Step]:
+        p, base, width = self.prefix, self.base, self.model.config.hidden_size
+        steps = [_Step(f"{p}.embeddings.LayerNorm", self._embed, base.embeddings.LayerNorm.normalized_shape[-1])]
+        if hasattr(base, "embeddings_project"):
+            steps.append(_Step(f"{p}.embeddings_project", partial(_per_token, base.embeddings_project), width))
+        for i, layer in enumerate(base.encoder.layer):
+            path = f"{p}.encoder.layer.{i}"
+            steps += _block(i, width, (f"{path}.attention.output.LayerNorm", partial(self._attention, layer)),
+                            (f"{path}.output.LayerNorm", partial(_per_token, layer.feed_forward_chunk)))
+        return steps
+
+    def _attention(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return layer.attention(hidden, self._mask(hidden, mask))[0]
+
+    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.classifier(hidden)
+
+
+class _Bert(_BertLike):
+    """BERT: the head reads the pooler's output (token 0 when the model has no pooler)."""
+
+    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pooler = self.base.pooler
+        pooled = pooler(hidden) if pooler is not None else hidden[:, 0]
+        return self.model.classifier(self.model.dropout(pooled))
+
+
+class _DistilBert(_Encoder):
+    """DistilBERT: ``transformer.layer.<i>`` adds attention and feed-forward outputs to their inputs
+    inside the block (``sa_layer_norm``, ``output_layer_norm``); the head is ``pre_classifier``, ReLU,
+    ``classifier`` on token 0; no token types."""
+
+    def steps(self) -> list[_Step]:
+        p, width = self.prefix, self.model.config.hidden_size
+        steps = [_Step(f"{p}.embeddings.LayerNorm", self._embed, width)]
+        for i, layer in enumerate(self.base.transformer.layer):
+            path = f"{p}.transformer.layer.{i}"
+            steps += _block(i, width, (f"{path}.sa_layer_norm", partial(self._attention, layer)),
+                            (f"{path}.output_layer_norm", partial(self._feed_forward, layer)))
+        return steps
+
+    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        return self.base.embeddings(input_ids)
+
+    def _attention(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return layer.sa_layer_norm(layer.attention(hidden, attention_mask=self._mask(hidden, mask))[0] + hidden)
+
+    def _feed_forward(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return layer.output_layer_norm(layer.ffn(hidden) + hidden)
+
+    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pooled = torch.relu(self.model.pre_classifier(hidden[:, 0]))
+        return self.model.classifier(self.model.dropout(pooled))
+
+
+class _Albert(_Encoder):
+    """ALBERT: narrower embeddings projected up (``encoder.embedding_hidden_mapping_in``), then
+    ``num_hidden_layers`` runs of a layer group (``num_hidden_groups`` groups share them in order), each
+    run through the group's ``albert_layers``: one block per layer run, weights shared across runs."""
+
+    def steps(self) -> list[_Step]:
+        p, config, encoder = self.prefix, self.model.config, self.base.encoder
+        width = config.hidden_size
+        projection = encoder.embedding_hidden_mapping_in
+        steps = [_Step(f"{p}.embeddings.LayerNorm", self._embed, config.embedding_size),
+                 _Step(f"{p}.encoder.embedding_hidden_mapping_in", partial(_per_token, projection), width)]
+        for run in range(config.num_hidden_layers):
+            group = int(run / (config.num_hidden_layers / config.num_hidden_groups))  # AlbertTransformer's choice
+            layers = encoder.albert_layer_groups[group].albert_layers
+            for j, layer in enumerate(layers):
+                path = f"{p}.encoder.albert_layer_groups.{group}.albert_layers.{j}"
+                steps += _block(run * len(layers) + j, width,
+                                (f"{path}.attention.LayerNorm", partial(self._attention, layer)),
+                                (f"{path}.full_layer_layer_norm", partial(self._feed_forward, layer)))
+        return steps
+
+    def _attention(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return layer.attention(hidden, self._mask(hidden, mask))[0]
+
+    def _feed_forward(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return layer.full_layer_layer_norm(layer.ff_chunk(hidden) + hidden)
+
+    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.base.pooler_activation(self.base.pooler(hidden[:, 0]))
+        return self.model.classifier(self.model.dropout(pooled))
+
+
+class _Decoder(_Family):
+    """Causal decoders: each token attends to the kept tokens up to itself; positions count from 0
+    whatever the padding (the exported model is given no position ids); the head scores the last
+    token the mask keeps after the final norm, as the compiled graph does (``importer.py``)."""
+
+    final_norm = ""  # the base model's attribute
+
+    def _positions(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.arange(hidden.shape[1], device=hidden.device)[None]
+
+    def _mask(self, hidden: torch.Tensor, mask: torch.Tensor) -> Any:
+        return create_causal_mask(config=self.base.config, inputs_embeds=hidden, attention_mask=mask, cache=None,
+                                  position_ids=self._positions(hidden))
+
+    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.score(getattr(self.base, self.final_norm)(_last_tokens(hidden, mask)))
+
+
+class _Gpt2(_Decoder):
+    """GPT-2: token plus position embeddings, written inline in ``transformer``; blocks ``h.<i>`` add
+    each sub-layer's output to its input inline, so both cuts of a block take its name."""
+
+    final_norm = "ln_f"
+
+    def steps(self) -> list[_Step]:
+        p, width = self.prefix, self.model.config.hidden_size
+        steps = [_Step(p, self._embed, width)]
+        for i, block in enumerate(self.base.h):
+            path = f"{p}.h.{i}"
+            steps += _block(i, width, (path, partial(self._attention, block)),
+                            (path, partial(self._feed_forward, block)))
+        return steps
+
+    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        base = self.base
+        return base.drop(base.wte(input_ids) + base.wpe(torch.arange(input_ids.shape[1], device=input_ids.device)))
+
+    def _attention(self, block: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return hidden + block.attn(block.ln_1(hidden), attention_mask=self._mask(hidden, mask))[0]
+
+    def _feed_forward(self, block: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return hidden + block.mlp(block.ln_2(hidden))
+
+
+class _Llama(_Decoder):
+    """Llama: token embeddings only; rotary position embeddings in each attention; blocks
+    ``layers.<i>`` add each sub-layer's output to its input inline, so both cuts take the block's name."""
+
+    final_norm = "norm"
+
+    def steps(self) -> list[_Step]:
+        p, width = self.prefix, self.model.config.hidden_size
+        steps = [_Step(f"{p}.embed_tokens", self._embed, width)]
+        for i, layer in enumerate(self.base.layers):
+            path = f"{p}.layers.{i}"
+            steps += _block(i, width, (path, partial(self._attention, layer)),
+                            (path, partial(self._feed_forward, layer)))
+        return steps
+
+    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        return self.base.embed_tokens(input_ids)
+
+    def _attention(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        positions = self._positions(hidden)
+        attended = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=self._mask(hidden, mask),
+                                   position_ids=positions,
+                                   position_embeddings=self.base.rotary_emb(hidden, position_ids=positions))[0]
+        return hidden + attended
+
+    def _feed_forward(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+_FAMILIES: dict[str, type[_Family]] = {  # the importer's SUPPORTED_HF_ARCHITECTURES, in its order
+    "BertForSequenceClassification": _Bert,
+    "DistilBertForSequenceClassification": _DistilBert,
+    "RobertaForSequenceClassification": _BertLike,
+    "AlbertForSequenceClassification": _Albert,
+    "ElectraForSequenceClassification": _BertLike,
+    "GPT2ForSequenceClassification": _Gpt2,
+    "LlamaForSequenceClassification": _Llama,
+}
+EAGER_ARCHITECTURES = tuple(_FAMILIES)
+
+
+def _scopes(path: str) -> tuple[str, ...]:
+    """The modules around the output of the module at ``path``, outermost first, as the export records
+    them: every dotted prefix (a container such as ``ModuleList`` is never called, so no scope, but it
+    could only be the name of a cut after its last member, the last block's output, which is no cut)."""
+    parts = path.split(".")
+    return tuple(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+
+
+def _cut_names(steps: list[_Step]) -> list[str]:
+    """The compiled graph's name for the cut after each step but the last (after the last block only the
+    head runs, far too little to cut before): the importer's rule (``passes/cut_points.py``)."""
+    scopes = [_scopes(step.module) for step in steps]
+    names = [outermost_unused_scope(own, set().union(*scopes[k + 1:])) for k, own in enumerate(scopes[:-1])]
+    return numbered_repeats(names)
+
+
 class EarlyExitTextClassificationModel(torch.nn.Module):
     """A Hugging Face sequence classifier with early exits (eager; inference only).
 
     Parameters
     ----------
     model:
-        A ``BertForSequenceClassification``, ``RobertaForSequenceClassification`` or
-        ``ElectraForSequenceClassification`` (any number of blocks and classes).
+        A sequence classifier of one of :data:`EAGER_ARCHITECTURES` (BERT, DistilBERT, RoBERTa,
+        ALBERT, ELECTRA, GPT-2, Llama; any number of blocks and classes).
     """
 
     def __init__(self, model: Any) -> None:
         super().__init__()
         architecture = type(model).__name__
-        if architecture not in EAGER_ARCHITECTURES:
+        if architecture not in _FAMILIES:
             raise ModelError(f"{architecture} is not supported by the eager text API; supported: "
-                             f"{', '.join(EAGER_ARCHITECTURES)} (other encoders compile to ONNX: moco.compile)")
+                             f"{', '.join(EAGER_ARCHITECTURES)} (export other models to ONNX and compile them: "
+                             "moco.compile)")
         self.model = model.eval()
-        self.prefix = model.base_model_prefix  # "bert", "roberta", "electra": the cut names' first part
-        self.encoder = model.base_model
+        self.prefix = model.base_model_prefix  # "bert", "distilbert", "transformer", "model", ...
+        self._family = _FAMILIES[architecture](model)
+        self._steps = self._family.steps()
+        self._cuts = dict(zip(_cut_names(self._steps), self._steps))
         self._rules: dict[str, list[_Rule]] = {}
 
     # -- where rules go ------------------------------------------------------------------------
     @property
     def cut_names(self) -> list[str]:
         """Where rules may go, in execution order (the module names the ONNX compile uses)."""
-        names = [f"{self.prefix}.embeddings"]
-        if hasattr(self.encoder, "embeddings_project"):
-            names.append(f"{self.prefix}.embeddings_project")
-        for i in range(len(self.encoder.encoder.layer)):
-            names += [f"{self.prefix}.encoder.layer.{i}.attention", f"{self.prefix}.encoder.layer.{i}"]
-        return names
+        return list(self._cuts)
 
     @property
     def exit_names(self) -> list[str]:
@@ -156,19 +418,29 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
 
     def _cut(self, where: str, block: int | None, sublayer: str) -> str:
         if block is not None:
-            if where not in ("encoder", f"{self.prefix}.encoder"):
-                raise ModelError(f"a block index goes with where='encoder', not {where!r}")
-            blocks = len(self.encoder.encoder.layer)
-            if not isinstance(block, (int, np.integer)) or not 0 <= block < blocks:
-                raise ModelError(f"block index {block!r} is out of range: this model has blocks 0..{blocks - 1}")
-            if sublayer not in ("attention", "output"):
-                raise ModelError(f"sublayer must be 'attention' or 'output', got {sublayer!r}")
-            return f"{self.prefix}.encoder.layer.{block}" + (".attention" if sublayer == "attention" else "")
-        name = re.sub(r"\.output$", "", where)
-        name = name if name.startswith(f"{self.prefix}.") else f"{self.prefix}.{name}"
-        if name not in self.cut_names:
-            raise ModelError(f"{where!r} is not a cut point of this model; use ('embeddings'), "
-                             f"('encoder', block, 'attention' | 'output') or one of {', '.join(self.cut_names)}")
+            return self._block_cut(where, block, sublayer)
+        stripped = re.sub(r"\.output$", "", where)
+        aliases = {"embeddings": self.cut_names[0]}
+        for name in (where, stripped, f"{self.prefix}.{stripped}", aliases.get(where)):
+            if name in self._cuts:
+                return name
+        raise ModelError(f"{where!r} is not a cut point of this model; use ('embeddings'), "
+                         f"('encoder', block, 'attention' | 'output') or one of {', '.join(self.cut_names)}")
+
+    def _block_cut(self, where: str, block: int, sublayer: str) -> str:
+        """The cut after ``sublayer`` of block ``block`` (``where='encoder'`` for every architecture)."""
+        if where not in ("encoder", f"{self.prefix}.encoder"):
+            raise ModelError(f"a block index goes with where='encoder', not {where!r}")
+        blocks = 1 + max(step.block for step in self._steps if step.block is not None)
+        if not isinstance(block, (int, np.integer)) or not 0 <= block < blocks:
+            raise ModelError(f"block index {block!r} is out of range: this model has blocks 0..{blocks - 1}")
+        if sublayer not in ("attention", "output"):
+            raise ModelError(f"sublayer must be 'attention' or 'output', got {sublayer!r}")
+        name = next((name for name, step in self._cuts.items() if (step.block, step.sublayer) == (block, sublayer)),
+                    None)
+        if name is None:
+            raise ModelError(f"block {block}'s output is the last state before the head, not a cut; "
+                             "use its 'attention' sub-layer or an earlier block")
         return name
 
     # -- rules ---------------------------------------------------------------------------------
@@ -180,7 +452,8 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
         :class:`~moco_compile.analytics.SufficientRule` (its condition), or a mapping with
         ``weights``, ``bias``, ``threshold``.  The cut: ``("embeddings")``,
         ``("encoder", block, "attention" | "output")`` or a module name.  ``pooling``:
-        ``token_mean`` (over the attention mask), ``first_token`` or both joined by ``+``;
+        ``token_mean`` (over the attention mask), ``first_token``, ``last_token`` (the last token the
+        mask keeps: a decoder's summary) or two joined by ``+``;
         it must be how the condition's features were pooled.  Several rules may share a cut;
         the row takes the class with the largest margin ``score - threshold``.
         """
@@ -210,9 +483,9 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
 
     def _add(self, cut: str, weight: Any, bias: Any, thresholds: Any, pooling: str, normalize: str,
              guard: Mapping | None = None, confidence_scale: float | None = None) -> None:
-        pooling = "+".join("token_mean@attention_mask" if p == "token_mean" else p for p in pooling.split("+"))
+        pooling = "+".join(f"{p}@attention_mask" if p in _MASKED_POOLINGS else p for p in pooling.split("+"))
         if any(p.split("@")[0] not in _POOLINGS for p in pooling.split("+")):
-            raise ModelError(f"pooling {pooling!r}: use first_token, token_mean or both joined by '+'")
+            raise ModelError(f"pooling {pooling!r}: use first_token, token_mean, last_token or two joined by '+'")
         weight = np.asarray(weight, np.float32)
         bias = np.asarray(bias, np.float32)
         thresholds = np.asarray([np.inf if t is None else t for t in np.atleast_1d(thresholds)], np.float32)
@@ -229,10 +502,8 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
                   None if guard is None else _Guard.from_dict(guard), confidence_scale))
 
     def _width(self, cut: str) -> int:
-        """Features per token at ``cut``: ELECTRA's embeddings may be narrower than its blocks."""
-        config = self.model.config
-        narrow = cut == f"{self.prefix}.embeddings" and hasattr(self.encoder, "embeddings_project")
-        return config.embedding_size if narrow else config.hidden_size
+        """Features per token at ``cut``: ELECTRA's and ALBERT's embeddings may be narrower than their blocks."""
+        return self._cuts[cut].width
 
     def load_plan(self, plan: str | os.PathLike | Mapping | Any) -> "EarlyExitTextClassificationModel":
         """Add the rules of a compile's ``plan.json`` (a path, its parsed dict, or an ``ExitPlan``)."""
@@ -252,8 +523,10 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> EarlyExitClassifierOutput:
-        """Run like the wrapped model; exited rows carry their rule's margins as logits."""
-        encoder, prefix = self.encoder, self.prefix
+        """Run like the wrapped model; exited rows carry their rule's margins as logits.
+
+        ``token_type_ids`` reach the encoders that take them (BERT, RoBERTa, ALBERT, ELECTRA); the
+        others, like their compiled graphs, read none."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         order = {name: k for k, name in enumerate(self.exit_names)}
@@ -261,7 +534,6 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
         logits = torch.zeros(input_ids.shape[0], self.model.config.num_labels, device=input_ids.device)
         exits = torch.full((input_ids.shape[0],), -1, dtype=torch.int64, device=input_ids.device)
         mask = attention_mask
-        hidden = encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
 
         def check(name: str, hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor):
             rules = self._rules.get(name)
@@ -276,46 +548,34 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
             keep = ~fired
             return hidden[keep], mask[keep], rows[keep]
 
-        hidden, mask, rows = check(f"{prefix}.embeddings", hidden, mask, rows)
-        if hasattr(encoder, "embeddings_project") and len(rows):
-            hidden, mask, rows = check(f"{prefix}.embeddings_project", encoder.embeddings_project(hidden), mask, rows)
-        for i, layer in enumerate(encoder.encoder.layer):
+        hidden = self._steps[0].run(input_ids, token_type_ids)
+        for name, step in zip(self._cuts, self._steps[1:]):  # each cut, then the step after it
+            hidden, mask, rows = check(name, hidden, mask, rows)
             if not len(rows):
                 break
-            extended = _extended_mask(encoder, mask, hidden)
-            attention = layer.attention(hidden, extended)[0]
-            attention, mask, rows = check(f"{prefix}.encoder.layer.{i}.attention", attention, mask, rows)
-            if not len(rows):
-                break
-            hidden = layer.feed_forward_chunk(attention)
-            hidden, mask, rows = check(f"{prefix}.encoder.layer.{i}", hidden, mask, rows)
+            hidden = step.run(hidden, mask)
         if len(rows):
-            logits[rows] = self._head(hidden).float()
+            logits[rows] = self._family.head(hidden, mask).float()
         return EarlyExitClassifierOutput(logits=logits, exits=exits)
 
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The classifier on the last block's states."""
-        if type(self.model).__name__ != "BertForSequenceClassification":
-            return self.model.classifier(hidden)  # RoBERTa's and ELECTRA's heads read token 0 themselves
-        pooler = self.encoder.pooler
-        pooled = pooler(hidden) if pooler is not None else hidden[:, 0]
-        return self.model.classifier(self.model.dropout(pooled))
+
+def _last_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's state at the last position its mask keeps (left or right padding; ``passes/pooling.py``
+    ``last_token``: the first position for a row with no kept token)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (mask.long() * positions).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
     parts = []
     for piece in pooling.split("+"):
-        if piece == "first_token":
+        kind = piece.split("@")[0]
+        if kind == "first_token":
             parts.append(hidden[:, 0].float())
+        elif kind == "last_token":
+            parts.append(_last_tokens(hidden, mask).float())
         else:
             weights = mask.float().unsqueeze(-1)
             parts.append((hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
-def _extended_mask(encoder: Any, mask: torch.Tensor, hidden: torch.Tensor) -> Any:
-    """The attention mask in the form the layers take (transformers 5, or 4's extended mask)."""
-    if hasattr(encoder, "_create_attention_masks"):
-        return encoder._create_attention_masks(attention_mask=mask, encoder_attention_mask=None,
-                                               embedding_output=hidden, encoder_hidden_states=None, cache=None)[0]
-    return encoder.get_extended_attention_mask(mask, mask.shape)

@@ -16,7 +16,7 @@ the rewrite then compresses the side graph inputs with the cut tensor.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import onnx
@@ -116,16 +116,21 @@ def unique_names(cuts: Sequence[CutPoint]) -> list[CutPoint]:
     """``cuts`` with every module name that several share numbered in execution order
     (``blocks.0[0]``, ``blocks.0[1]``): a residual Add written inline in a block's forward, or a
     module called twice, gives cuts inside the same module."""
-    counts = Counter(cut.module for cut in cuts if cut.module)
+    return [replace(cut, module=name) for cut, name in zip(cuts, numbered_repeats([cut.module for cut in cuts]))]
+
+
+def numbered_repeats(names: Sequence[str]) -> list[str]:
+    """``names`` with each non-empty name that several share numbered in order (``a[0]``, ``a[1]``)."""
+    counts = Counter(name for name in names if name)
     seen: Counter = Counter()
-    named = []
-    for cut in cuts:
-        if counts[cut.module] > 1:
-            named.append(replace(cut, module=f"{cut.module}[{seen[cut.module]}]"))
-            seen[cut.module] += 1
+    numbered = []
+    for name in names:
+        if counts[name] > 1:
+            numbered.append(f"{name}[{seen[name]}]")
+            seen[name] += 1
         else:
-            named.append(cut)
-    return named
+            numbered.append(name)
+    return numbered
 
 
 def _is_batched_float(model: onnx.ModelProto, tensor: str, shapes: Mapping[str, tuple[int, ...]]) -> bool:
@@ -141,14 +146,16 @@ def _is_batched_float(model: onnx.ModelProto, tensor: str, shapes: Mapping[str, 
 def _module_name(model: onnx.ModelProto, index: GraphIndex, tensor: str,
                  scopes: Mapping[str, tuple[str, ...]]) -> str:
     """The outermost module whose last node produces ``tensor`` (i.e. the module's output)."""
-    own = scopes.get(tensor, ())
     position = index.producer[tensor]
-    later_scopes = [set(scopes.get(name, ())) for node in model.graph.node[position + 1:]
-                    for name in node.output[:1]]
-    for scope in own:
-        if not any(scope in later for later in later_scopes):
-            return scope
-    return own[-1] if own else ""
+    later = {scope for node in model.graph.node[position + 1:] for name in node.output[:1]
+             for scope in scopes.get(name, ())}
+    return outermost_unused_scope(scopes.get(tensor, ()), later)
+
+
+def outermost_unused_scope(own: Sequence[str], later: Collection[str]) -> str:
+    """The first of ``own`` (module scopes, outermost first) that no later node runs in; the innermost
+    when every one runs again (a module called twice, e.g. ALBERT's shared layers); "" for no scope."""
+    return next((scope for scope in own if scope not in later), own[-1] if own else "")
 
 
 def side_inputs_of(model: onnx.ModelProto, node_flops: Sequence[float], max_fraction: float = 0.05) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 from moco_compile import compile  # noqa: E402
 from moco_compile.errors import ModelError  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
+from moco_compile.passes.calibrate import variant_features  # noqa: E402
 from moco_compile.torch import EAGER_ARCHITECTURES, EarlyExitTextClassificationModel  # noqa: E402
 from tests.tiny_nets import UNPRICED_LAUNCHES  # noqa: E402
 
@@ -50,21 +51,21 @@ def _model(architecture: str):
     return getattr(transformers, architecture)(config).eval()
 
 
-@pytest.mark.parametrize("architecture", list(ENCODERS))
-def test_encoder_compiles_with_exits_named_by_module(architecture):
-    """...and where the eager API wraps the architecture, it runs the compiled plan as the graph does."""
-    model = _model(architecture)
-    result = compile(model, _tokens(ROWS), max_disagreement=0.05, measure_latency=False, show_progress=False,
-                     planner_config=UNPRICED_LAUNCHES)
-    names = [e.cut.module for e in result.plan.exits]
-    assert names and len(set(names)) == len(names)
-    assert all(name.startswith(ENCODERS[architecture][1]) for name in names)
-    assert result.report["verification"]["rows"] > 0
-    if architecture not in EAGER_ARCHITECTURES:
-        return
+def _decoder_tokens(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """As :func:`_tokens`, half the padded rows padded on the left instead, pads given the pad token id 0."""
+    tokens = _tokens(rows, seed)
+    tokens["attention_mask"][: rows // 8] = tokens["attention_mask"][: rows // 8, ::-1]
+    assert tokens["attention_mask"][: rows // 8, 0].sum() == 0 < tokens["attention_mask"][rows // 8: rows // 4, 0].min()
+    tokens["input_ids"][tokens["attention_mask"] == 0] = 0
+    return tokens
+
+
+def _assert_eager_routes_as_the_graph(model, result, rows: dict[str, np.ndarray]) -> None:
+    """The eager API, given the compiled plan, names every cut as the compile did and sends the rows out
+    of the same exits with the same logits as the compiled graph."""
     eager = EarlyExitTextClassificationModel(model).load_plan(result.plan)
-    assert eager.exit_names == names
-    rows = _tokens(400, seed=1)
+    assert {column.split(":")[0] for column in result.frame.columns if ":" in column} == set(eager.cut_names)
+    assert eager.exit_names == [e.cut.module for e in result.plan.exits]
     output = eager(**{k: torch.from_numpy(v) for k, v in rows.items()})
     session = ort.InferenceSession(result.model.SerializeToString())
     feed = {i.name: rows.get(i.name, np.zeros_like(rows["input_ids"])) for i in session.get_inputs()}
@@ -74,20 +75,78 @@ def test_encoder_compiles_with_exits_named_by_module(architecture):
     np.testing.assert_allclose(output.logits.numpy()[same], logits[same], atol=1e-3, rtol=1e-3)
 
 
+def _assert_eager_features_are_the_frames(model, result, calibration: dict[str, np.ndarray], summary: str) -> None:
+    """At every cut, a rule on random weights over the masked mean and the summary token exits exactly
+    the calibration rows whose features in the compile's frame score above its threshold, with that margin;
+    the other rows get the wrapped model's own logits."""
+    every = 3  # rows padded on the left (decoders), on the right, and unpadded
+    feed = {k: torch.from_numpy(v[::every]) for k, v in calibration.items()}
+    with torch.no_grad():
+        full = model(**feed).logits.numpy()
+    pooling = f"token_mean@attention_mask+{summary}"
+    rng = np.random.default_rng(0)
+    for cut in EarlyExitTextClassificationModel(model).cut_names:
+        features = variant_features(result.frame, cut, pooling)[::every]
+        weights = rng.normal(size=features.shape[1])
+        scores = features @ weights
+        threshold = float(np.median(scores))
+        rule = {"weights": weights, "bias": 0.0, "threshold": threshold}
+        output = EarlyExitTextClassificationModel(model).add_rule(rule, 0, cut, pooling=pooling)(**feed)
+        exited = output.exits.numpy() == 0
+        clear = np.abs(scores - threshold) > 1e-3
+        np.testing.assert_array_equal(exited[clear], (scores > threshold)[clear], err_msg=cut)
+        np.testing.assert_allclose(output.logits.numpy()[exited, 0], scores[exited] - threshold, atol=1e-3,
+                                   rtol=1e-3, err_msg=cut)
+        np.testing.assert_allclose(output.logits.numpy()[~exited], full[~exited], atol=1e-4, err_msg=cut)
+
+
+@pytest.mark.parametrize("architecture", list(ENCODERS))
+def test_encoder_compiles_with_exits_named_by_module(architecture):
+    """...and the eager API runs the compiled plan as the graph does."""
+    model = _model(architecture)
+    result = compile(model, _tokens(ROWS), max_disagreement=0.05, measure_latency=False, show_progress=False,
+                     planner_config=UNPRICED_LAUNCHES)
+    names = [e.cut.module for e in result.plan.exits]
+    assert names and len(set(names)) == len(names)
+    assert all(name.startswith(ENCODERS[architecture][1]) for name in names)
+    assert result.report["verification"]["rows"] > 0
+    _assert_eager_routes_as_the_graph(model, result, _tokens(400, seed=1))
+    _assert_eager_features_are_the_frames(model, result, _tokens(ROWS), "first_token")
+
+
 @pytest.mark.parametrize("architecture", list(DECODERS))
 def test_decoder_compiles_with_exits_on_the_last_token(architecture):
     """A causal decoder's token 0 has seen only itself: its sequence cuts pool the last token the
-    mask keeps (left- and right-padded rows mixed), never the first."""
-    tokens = _tokens(ROWS)
-    tokens["attention_mask"][ROWS // 4: ROWS // 2] = tokens["attention_mask"][ROWS // 4: ROWS // 2, ::-1]  # left pad
-    tokens["input_ids"][tokens["attention_mask"] == 0] = 0
-    result = compile(_model(architecture), tokens, max_disagreement=0.05, measure_latency=False, show_progress=False,
+    mask keeps (left- and right-padded rows mixed), never the first; the eager API does the same."""
+    model, tokens = _model(architecture), _decoder_tokens(ROWS)
+    result = compile(model, tokens, max_disagreement=0.05, measure_latency=False, show_progress=False,
                      planner_config=UNPRICED_LAUNCHES)
     names = [e.cut.module for e in result.plan.exits]
     assert names and all(name.startswith(DECODERS[architecture][1].rstrip(".")) for name in names)
     assert any(column.endswith(":last_token") for column in result.frame.columns)
     assert not any("first_token" in e.pooling for e in result.plan.exits)
     assert result.report["verification"]["rows"] > 0
+    _assert_eager_routes_as_the_graph(model, result, _decoder_tokens(400, seed=1))
+    _assert_eager_features_are_the_frames(model, result, tokens, "last_token@attention_mask")
+
+
+def test_eager_cut_names_are_the_importers_where_albert_runs_its_shared_layer_three_times():
+    """A module run again later names its cut by its innermost module, numbered per run; the last run's
+    attention cut by the attention module (``passes/cut_points.py``)."""
+    from moco_compile.api import cut_points_of
+
+    torch.manual_seed(0)
+    config = transformers.AlbertConfig(embedding_size=16, **{**SIZES, "num_hidden_layers": 3})
+    model = transformers.AlbertForSequenceClassification(config).eval()
+    tokens = _tokens(4)
+    _, cuts = cut_points_of(import_model(model), {**tokens, "token_type_ids": np.zeros_like(tokens["input_ids"])}, 4)
+    eager = EarlyExitTextClassificationModel(model)
+    assert eager.cut_names == [cut.module for cut in cuts]
+    layer = "albert.encoder.albert_layer_groups.0.albert_layers.0"
+    condition = {"weights": np.zeros(32), "bias": 0.0, "threshold": 1.0}
+    assert eager.add_rule(condition, 0, "encoder", 1, "attention").exit_names == [f"{layer}.attention.LayerNorm[1]"]
+    with pytest.raises(ModelError, match="block 2's output is the last state before the head"):
+        eager.add_rule(condition, 0, "encoder", 2, "output")
 
 
 def test_last_token_piece_reads_the_last_token_the_mask_keeps():
@@ -120,9 +179,12 @@ def test_unsupported_or_unpadded_classifiers_are_refused_saying_what_to_do():
     assert all(name in str(refused.value) for name in {**ENCODERS, **DECODERS})
 
 
-def test_eager_api_names_the_architectures_it_wraps():
-    with pytest.raises(ModelError, match="not supported by the eager text API.*moco.compile"):
-        EarlyExitTextClassificationModel(_model("DistilBertForSequenceClassification"))
+def test_eager_api_wraps_what_the_importer_imports_and_refuses_the_rest_naming_them():
+    from moco_compile.importer import SUPPORTED_HF_ARCHITECTURES
+
+    assert EAGER_ARCHITECTURES == SUPPORTED_HF_ARCHITECTURES
+    with pytest.raises(ModelError, match="not supported by the eager text API.*GPT2.*moco.compile"):
+        EarlyExitTextClassificationModel(transformers.MPNetForSequenceClassification(transformers.MPNetConfig(**SIZES)))
 
 
 def test_readme_and_importer_list_the_tested_architectures():

@@ -314,6 +314,21 @@ def _latency(original: onnx.ModelProto, compiled: onnx.ModelProto,
     return result
 
 
+SLOWER_MARGIN = 1.02  # ratios below this are within a one-second measurement's noise
+
+
+def latency_note(latency: Mapping[str, Mapping[str, float]]) -> str | None:
+    """What to do when the compiled graph ran slower than the original at some measured batch size."""
+    slower = [f"{name.replace('_', ' ')} ({timing['ratio']:.2f}x)" for name, timing in latency.items()
+              if timing["ratio"] > SLOWER_MARGIN]
+    if not slower:
+        return None
+    return (f"on this machine the compiled graph ran slower than the original at {' and '.join(slower)}: each "
+            "exit costs a fixed time per batch (its rule's operators and the If), which small batches or few "
+            "leaving rows do not repay. If you serve such batches, compile with fewer exits (--max-exits 1) or a "
+            "higher PlannerConfig.exit_fixed_cost, and measure on the serving machine (moco evaluate)")
+
+
 def _report(imported: ImportedModel, planning: Planning, verification: dict, latency: dict,
             total_flops: float) -> dict:
     plan, evaluation, evaluated_on = planning.plan, planning.evaluation, planning.evaluated_on
@@ -340,6 +355,7 @@ def _report(imported: ImportedModel, planning: Planning, verification: dict, lat
         "splits": planning.row_split.sizes,
         "verification": verification,
         "latency": latency,
+        "latency_note": latency_note(latency),
     }
     return report
 

@@ -351,8 +351,10 @@ class _Page:
         if not rows:
             return ('<p id="latency" class="missing">Latency was not measured for this compile '
                     '(onnxruntime CPU, batch 1 and 64, is measured unless turned off).</p>')
+        note = self.report.get("latency_note")
         return table_html("latency", "Latency, onnxruntime CPU, same process (ratio < 1: compiled is faster)",
-                      ("batch", "original ms", "compiled ms", "ratio"), rows)
+                          ("batch", "original ms", "compiled ms", "ratio"), rows) \
+            + (f'<p id="latency_note" class="warning">{html.escape(note)}</p>' if note else "")
 
     def _exits_table(self) -> str:
         rows = []

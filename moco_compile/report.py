@@ -99,5 +99,7 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
     console.print(exits)
     if bound.get("certified"):
         console.print(f"certified: {bound['certified']}\nmethod: {bound.get('method', '-')}")
+    if report.get("latency_note"):
+        console.print(f"latency: {report['latency_note']}", highlight=False)
     if report.get("traffic_scope"):
         console.print(f"scope: {report['traffic_scope']}", highlight=False)

@@ -103,3 +103,25 @@ def test_accuracy_budget_is_certified_with_labels(calibration, reference_onnx):
     assert bound["accuracy_harm"] <= bound["disagreements"]  # harm is a kind of disagreement
     from moco_compile.passes.bounds import binomial_p_value
     assert binomial_p_value(bound["accuracy_harm"], bound["test_rows"], 0.01) <= bound["p_value"] <= 0.05
+
+
+def test_latency_note_names_the_batch_sizes_the_build_slowed(compiled):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from moco_compile.api import latency_note
+    from moco_compile.report import print_report
+
+    def timing(ratio: float) -> dict:
+        return {"original_ms": 1.0, "compiled_ms": ratio, "ratio": ratio}
+
+    assert latency_note({"batch_1": timing(0.8), "batch_64": timing(1.01)}) is None
+    note = latency_note({"batch_1": timing(1.12), "batch_64": timing(0.9)})
+    assert "batch 1 (1.12x)" in note and "batch 64" not in note and "--max-exits 1" in note
+    result, _ = compiled
+    assert result.report["latency_note"] is None  # not measured
+    printed = StringIO()
+    print_report({**result.report, "latency": {"batch_1": timing(1.12)}, "latency_note": note},
+                 Console(file=printed, width=200))
+    assert "latency: on this machine the compiled graph ran slower" in printed.getvalue()

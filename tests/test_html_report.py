@@ -220,6 +220,18 @@ def test_text_is_escaped_and_latency_is_tabled(copy_without_frame):
         for key, value in timing.items():
             assert row.find("td", class_=key).value == value
     assert page.find("td", id="latency_ratio_batch_64").value == 0.6
+    assert not page.find_all("p", id="latency_note")  # faster at both sizes: nothing to warn about
+
+
+def test_a_slower_build_shows_what_to_do(copy_without_frame):
+    from moco_compile.api import latency_note
+
+    report = json.loads((copy_without_frame / "report.json").read_text())
+    report["latency"] = {"batch_1": {"original_ms": 0.05, "compiled_ms": 0.056, "ratio": 1.12}}
+    report["latency_note"] = latency_note(report["latency"])
+    (copy_without_frame / "report.json").write_text(json.dumps(report))
+    page = _Tree(render_report(copy_without_frame).read_text(encoding="utf-8")).root
+    assert page.find("p", id="latency_note").text == report["latency_note"]
 
 
 def test_missing_outputs_give_a_clear_error(tmp_path):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -58,23 +59,28 @@ from moco_compile.passes.plan import Exit
 from moco_compile.passes.pooling import pooling_inputs, reduce_nodes, variant_nodes
 from moco_compile.passes.trailing_dims import has_dynamic_trailing_dims, trailing_shape_nodes
 
+LAYOUTS = ("nested", "flat")
 _NEVER = float(np.finfo(np.float32).max)
 # largest finite value of float types narrower than float32 (exited classifier outputs are clipped to it)
 _NARROW_FLOAT_MAX = {onnx.TensorProto.FLOAT16: float(np.finfo(np.float16).max),
                      onnx.TensorProto.BFLOAT16: (2 - 2 ** -7) * 2.0 ** 127}
 
 
-def insert_exits(model: onnx.ModelProto, exits: Sequence[Exit], classifier_output: str) -> onnx.ModelProto:
+def insert_exits(model: onnx.ModelProto, exits: Sequence[Exit], classifier_output: str,
+                 layout: str = "nested") -> onnx.ModelProto:
     """Return a new model with ``exits`` inserted (in graph order) and ``moco_exit`` added.
 
-    Raises ``ValueError`` when the exits would nest deeper than an ONNX file can hold
+    ``layout`` is one of :data:`LAYOUTS` (see the module docstring).  Raises ``ValueError`` for
+    another, and when nested exits would nest deeper than an ONNX file can hold
     (:data:`~moco_compile.passes.config.MAX_NESTED_GRAPHS`; the planner never plans that many).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown exit layout {layout!r}: use one of {LAYOUTS}")
     levels = len(exits) + subgraph_nesting(model.graph)
-    if levels > MAX_NESTED_GRAPHS:
+    if layout == "nested" and levels > MAX_NESTED_GRAPHS:
         raise ValueError(f"{len(exits)} exits would nest subgraphs {levels} levels deep, more than the "
                          f"{MAX_NESTED_GRAPHS} an ONNX file can hold: plan with PlannerConfig(max_exits=...)")
-    return _ExitGraphBuilder(model, list(exits), classifier_output).build()
+    return _ExitGraphBuilder(model, list(exits), classifier_output, layout).build()
 
 
 def annotate_costs(model: onnx.ModelProto, stage_flops: Sequence[float], original_flops: float) -> onnx.ModelProto:
@@ -89,9 +95,20 @@ def annotate_costs(model: onnx.ModelProto, stage_flops: Sequence[float], origina
     return model
 
 
+@dataclass
+class _Body:
+    """What one stage and its exit add to a graph; ``results``: one tensor per output, then the exit ids."""
+
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto]
+    value_info: list[onnx.ValueInfoProto]
+    results: list[str] = field(default_factory=list)
+
+
 class _ExitGraphBuilder:
-    def __init__(self, model: onnx.ModelProto, exits: list[Exit], classifier_output: str) -> None:
+    def __init__(self, model: onnx.ModelProto, exits: list[Exit], classifier_output: str, layout: str) -> None:
         self.model = model
+        self.layout = layout
         self.exits = exits
         self.output = classifier_output
         self.index = GraphIndex(model)
@@ -123,16 +140,17 @@ class _ExitGraphBuilder:
         return stages
 
     def build(self) -> onnx.ModelProto:
-        graph = self._level(0, renames={})
-        graph.name = self.model.graph.name or "moco_compiled"
-        graph.input.extend(self.model.graph.input)
-        initializer_inputs = [i for i in graph.input if i.name in self.initializers]
-        for value in initializer_inputs:  # inputs that double as initializers stay top-level
-            graph.input.remove(value)
-        batch_dim = self._batch_dim()
-        del graph.output[:]
+        prologue, constants = self._trailing_shape_nodes()
+        body = self._body(0, renames={})
+        names = [o.name for o in self.outputs] + [EXIT_OUTPUT]
+        nodes = prologue + body.nodes + [helper.make_node("Identity", [src], [dst], name=f"moco/out/{dst}")
+                                         for src, dst in zip(body.results, names) if src != dst]
+        graph = helper.make_graph(nodes, self.model.graph.name or "moco_compiled", [], [],
+                                  constants + body.initializers)
+        graph.value_info.extend(body.value_info)
+        graph.input.extend(i for i in self.model.graph.input if i.name not in self.initializers)
         graph.output.extend(self.outputs)
-        graph.output.append(helper.make_tensor_value_info(EXIT_OUTPUT, onnx.TensorProto.INT64, [batch_dim]))
+        graph.output.append(helper.make_tensor_value_info(EXIT_OUTPUT, onnx.TensorProto.INT64, [self._batch_dim()]))
         graph.output[-1].doc_string = "index of the exit each row took; -1 = full network"
         compiled = helper.make_model(graph, opset_imports=list(self.model.opset_import),
                                      producer_name="moco", ir_version=self.model.ir_version)
@@ -144,44 +162,42 @@ class _ExitGraphBuilder:
         dims = next(o for o in self.outputs if o.name == self.output).type.tensor_type.shape.dim
         return dims[0].dim_param or "batch" if dims and not dims[0].HasField("dim_value") else "batch"
 
-    # -- one level of nesting -------------------------------------------------------------
-    def _level(self, level: int, renames: dict[str, str], entry: Sequence[onnx.NodeProto] = ()) -> onnx.GraphProto:
-        """Graph of ``entry`` nodes, stage ``level`` and exit ``level`` (or the final outputs)."""
+    def _trailing_shape_nodes(self) -> tuple[list, list]:
+        """Nodes (and their constants) computing, once at the top level, the non-batch dims of the
+        outputs whose dims are dynamic (``self.trailing_shapes``; see passes/trailing_dims.py)."""
+        if not (self.exits and self.dynamic_outputs):
+            return [], []
+        nodes, constants, self.trailing_shapes = trailing_shape_nodes(self.model, self.dynamic_outputs,
+                                                                      "moco/trailing_dims")
+        return nodes, constants
+
+    # -- one stage and its exit -----------------------------------------------------------
+    def _body(self, level: int, renames: dict[str, str], entry: Sequence[onnx.NodeProto] = ()) -> _Body:
+        """``entry`` nodes, stage ``level`` and exit ``level`` (with the stages after it), or the final outputs."""
         nodes, initializers = self._stage_nodes(level, renames)
-        nodes[:0] = entry
-        if level == 0 and self.exits and self.dynamic_outputs:
-            shape_nodes, constants, self.trailing_shapes = trailing_shape_nodes(
-                self.model, self.dynamic_outputs, "moco/trailing_dims")
-            nodes[:0] = shape_nodes
-            initializers.extend(constants)
-        final = level == len(self.exits)
-        if final:
-            result_names = self._final_outputs(level, nodes)
-        else:
-            result_names = self._exit(level, renames, nodes, initializers)
-        names = result_names if level else [o.name for o in self.outputs] + [EXIT_OUTPUT]
-        if level == 0:
-            nodes.extend(helper.make_node("Identity", [src], [dst], name=f"moco/out/{dst}")
-                         for src, dst in zip(result_names, names) if src != dst)
-        graph = helper.make_graph(nodes, f"moco_level_{level}", [], [], initializers)
-        graph.value_info.extend(self._rows_value_info(node.output[0], node.input[0], level) for node in entry)
-        graph.value_info.extend(self._stage_value_info(nodes, level))
-        graph.output.extend(self._value_info(name, original)
-                            for name, original in zip(names, [o.name for o in self.outputs] + [EXIT_OUTPUT]))
-        return graph
+        body = _Body([*entry, *nodes], initializers,
+                     [self._rows_value_info(node.output[0], node.input[0], level) for node in entry]
+                     + self._stage_value_info(nodes, level))
+        body.results = self._final_outputs(level, body.nodes) if level == len(self.exits) \
+            else self._exit(level, renames, body)
+        return body
 
     def _stage_nodes(self, level: int, renames: dict[str, str]) -> tuple[list, list]:
-        """Copies of the stage's nodes with inputs renamed, and private copies of their constants."""
+        """Copies of the stage's nodes with inputs renamed, and the constants they read: private copies
+        in a nested level (where an outer level defines them too), the first stage's in a flat graph."""
         nodes, initializers, local = [], [], {}
         graph_nodes = self.model.graph.node
+        in_scope = self.defined_outside if self.layout == "flat" else set()
         needed = {name for i in self.stages[level] for name in node_inputs(graph_nodes[i])}
-        constant_nodes = self._constant_closure(needed)
+        constant_nodes = [i for i in self._constant_closure(needed)
+                          if not in_scope.issuperset(name for name in graph_nodes[i].output if name)]
         for i in constant_nodes + self.stages[level]:
             node = onnx.NodeProto()
             node.CopyFrom(graph_nodes[i])
             for name in list(node_inputs(node)) + list(node.output):
                 if (name in self.initializers or i in constant_nodes) and name not in local:
-                    local[name] = name if name not in self.defined_outside else f"{name}/moco_level{level}"
+                    local[name] = f"{name}/moco_level{level}" \
+                        if name in self.defined_outside and name not in in_scope else name
             if i in constant_nodes:
                 for position, name in enumerate(node.output):
                     node.output[position] = local.get(name, name)
@@ -191,7 +207,7 @@ class _ExitGraphBuilder:
                 node.output[position] = self.full_names.get(name, name)
             nodes.append(node)
         for name, private in local.items():
-            if name in self.initializers:
+            if name in self.initializers and name not in in_scope:
                 copy = onnx.TensorProto()
                 copy.CopyFrom(self.initializers[name])
                 copy.name = private
@@ -220,8 +236,9 @@ class _ExitGraphBuilder:
                                       value=numpy_helper.from_array(np.array([-1], np.int64))))
         return outputs + [exit_ids]
 
-    def _exit(self, level: int, renames: dict[str, str], nodes: list, initializers: list) -> list[str]:
+    def _exit(self, level: int, renames: dict[str, str], body: _Body) -> list[str]:
         exit_ = self.exits[level]
+        nodes, initializers = body.nodes, body.initializers
         p = f"moco/exit{level}"
         cut = exit_.cut.tensor
         pooled = f"{p}/pooled"
@@ -232,12 +249,8 @@ class _ExitGraphBuilder:
             pooled = f"{pooled}_f32"
         margins = f"{p}/margins"
         nodes.extend(self._margin_nodes(exit_, pooled, margins, p, initializers))
-        initializers.extend([
-            numpy_helper.from_array(np.array(0.0, np.float32), f"{p}/zero"),
-            numpy_helper.from_array(np.array(0, np.int64), f"{p}/no_rows"),
-        ])
-        top, keep = f"{p}/top", f"{p}/keep"
-        rows, count, any_left = f"{p}/rows", f"{p}/rest_count", f"{p}/any_left"
+        initializers.append(numpy_helper.from_array(np.array(0.0, np.float32), f"{p}/zero"))
+        top, keep, rows = f"{p}/top", f"{p}/keep", f"{p}/rows"
         nodes.extend(reduce_nodes("ReduceMax", margins, [1], top, f"{p}/top", self.opset))
         if exit_.guard is None:
             nodes.append(helper.make_node("LessOrEqual", [top, f"{p}/zero"], [keep]))
@@ -248,21 +261,15 @@ class _ExitGraphBuilder:
         nodes.extend([
             helper.make_node("NonZero", [keep], [f"{p}/rows_t"]),
             helper.make_node("Transpose", [f"{p}/rows_t"], [rows], perm=[1, 0]),
-            helper.make_node("Size", [rows], [count]),
-            helper.make_node("Greater", [count, f"{p}/no_rows"], [any_left]),
         ])
         carried = [cut] + sorted(self._side_inputs(level + 1))
         inner, compress = dict(renames), []
-        for name in carried:  # inside the branch, so the remainder reads local tensors (keeps fusions)
+        for name in carried:  # the remainder's entry: nested, inside its branch (local tensors keep fusions)
             rest = f"{p}/rest/{name}"
             self.rest_sources[renames.get(name, name)] = name
             compress.append(helper.make_node("Compress", [renames.get(name, name), keep], [rest], axis=0))
             inner[name] = rest
-        then_branch = self._level(level + 1, inner, compress)
-        else_branch = self._empty_branch(level)
-        rest_results = [f"{p}/rest_out/{o.name}" for o in self.outputs] + [f"{p}/rest_out/exit"]
-        nodes.append(helper.make_node("If", [any_left], rest_results, name=f"{p}/if_rows_left",
-                                      then_branch=then_branch, else_branch=else_branch))
+        rest_results = self._remainder(level, inner, compress, body)
         results = []
         for position, original in enumerate(self.outputs):
             base = self._exited_value(original, exit_, margins, top, p, nodes, initializers)
@@ -274,6 +281,36 @@ class _ExitGraphBuilder:
                                       value=numpy_helper.from_array(np.array([level], np.int64))))
         nodes.append(helper.make_node("ScatterND", [f"{p}/exit_ids", rows, rest_results[-1]], [f"{p}/exit"]))
         return results + [f"{p}/exit"]
+
+    def _remainder(self, level: int, renames: dict[str, str], compress: list[onnx.NodeProto], body: _Body
+                   ) -> list[str]:
+        """The stages after exit ``level`` run on the rows left (``compress`` makes them): results, one per
+        output then the exit ids.  Flat: in ``body``'s graph, on as few as 0 rows.  Nested: in an ``If``
+        whose else branch (no row left) returns empty results."""
+        if self.layout == "flat":
+            rest = self._body(level + 1, renames, compress)
+            body.nodes.extend(rest.nodes)
+            body.initializers.extend(rest.initializers)
+            body.value_info.extend(rest.value_info)
+            return rest.results
+        p = f"moco/exit{level}"
+        body.initializers.append(numpy_helper.from_array(np.array(0, np.int64), f"{p}/no_rows"))
+        body.nodes.extend([helper.make_node("Size", [f"{p}/rows"], [f"{p}/rest_count"]),
+                           helper.make_node("Greater", [f"{p}/rest_count", f"{p}/no_rows"], [f"{p}/any_left"])])
+        rest_results = [f"{p}/rest_out/{o.name}" for o in self.outputs] + [f"{p}/rest_out/exit"]
+        body.nodes.append(helper.make_node("If", [f"{p}/any_left"], rest_results, name=f"{p}/if_rows_left",
+                                           then_branch=self._branch(level + 1, renames, compress),
+                                           else_branch=self._empty_branch(level)))
+        return rest_results
+
+    def _branch(self, level: int, renames: dict[str, str], entry: Sequence[onnx.NodeProto]) -> onnx.GraphProto:
+        """An If's then branch: stage ``level`` onwards as a subgraph of its own."""
+        body = self._body(level, renames, entry)
+        graph = helper.make_graph(body.nodes, f"moco_level_{level}", [], [], body.initializers)
+        graph.value_info.extend(body.value_info)
+        graph.output.extend(self._value_info(name, original)
+                            for name, original in zip(body.results, [o.name for o in self.outputs] + [EXIT_OUTPUT]))
+        return graph
 
     @staticmethod
     def _margin_nodes(exit_: Exit, pooled: str, margins: str, p: str, initializers: list) -> list:

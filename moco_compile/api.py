@@ -137,8 +137,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         verified = len(next(iter(kept.values())))
         frame = rows.kept_frame(planning.row_split, verified)
     plan = planning.plan
-    compiled = annotate_costs(insert_exits(imported.model, plan.exits, imported.output), plan.stage_flops(),
-                              total_flops)
+    compiled = annotate_costs(insert_exits(imported.model, plan.exits, imported.output, config.exit_layout),
+                              plan.stage_flops(), total_flops)
     kept_frame = frame.take(np.arange(verified))
     expected = plan.routing([variant_features(kept_frame, e.column, e.pooling) for e in plan.exits],
                             len(kept_frame), config.rounding)

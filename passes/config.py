@@ -20,6 +20,8 @@ FAMILY_SELECTIONS = ("cross-validated", "bonferroni")
 # messages nested beyond 100 levels and a subgraph costs 3 (node, attribute, graph); a graph of
 # 31 nested Ifs loads, 32 do not (onnx 1.23, onnxruntime 1.32).  One level of margin.
 MAX_NESTED_GRAPHS = 30
+EXIT_LAYOUTS = ("nested", "flat")  # how the rewrite lays out the stages after each exit (passes/rewrite.py)
+DEFAULT_EXIT_LAYOUT = "nested"
 _FLOAT_UNIT = {TensorProto.FLOAT: 2.0 ** -23, TensorProto.DOUBLE: 2.0 ** -52, TensorProto.FLOAT16: 2.0 ** -10,
                TensorProto.BFLOAT16: 2.0 ** -7}  # machine epsilon per float element type
 
@@ -127,6 +129,13 @@ class PlannerConfig:
         in float16: margins in the graph differ from the simulation by up to 3e-4, a
         third of a float16 unit).
 
+    The compiled graph (see :mod:`moco_compile.passes.rewrite`)
+        ``exit_layout``: ``"nested"`` (each exit runs the rest of the network inside an
+        ``If`` taken only when rows are left) or ``"flat"`` (every stage at the top level on
+        the rows left, 0 rows once all have exited).  ``max_exits``: at most this many exits
+        in a plan; nested exits nest one subgraph level each, so there it is at most
+        :data:`MAX_NESTED_GRAPHS` less the model's own nesting (:meth:`for_model_nesting`).
+
     Out-of-distribution guard (see :mod:`moco_compile.passes.guard`)
         ``ood_guard``: None (no guard), or the share of calibration-like rows each exit's
         guard may turn away, in (0, 1): rows farther from the fitting rows than that
@@ -158,6 +167,7 @@ class PlannerConfig:
     elimination_candidates: int | None = 4
     per_class_candidates: int = 12
     max_exits: int = 24
+    exit_layout: str = DEFAULT_EXIT_LAYOUT
     boundary_cost: float = 100.0
     exit_fixed_cost: float = 250_000.0
     rounding_tolerance: float = 1e-4
@@ -184,9 +194,14 @@ class PlannerConfig:
                 or self.per_class_candidates < 1:
             raise ValueError(f"elimination_candidates (or None) and per_class_candidates must be at least 1, got "
                              f"{self.elimination_candidates} and {self.per_class_candidates}")
-        if not 1 <= self.max_exits <= MAX_NESTED_GRAPHS:
+        if self.exit_layout not in EXIT_LAYOUTS:
+            raise ValueError(f"exit_layout must be one of {EXIT_LAYOUTS}, got {self.exit_layout!r}")
+        if self.exit_layout == "nested" and not 1 <= self.max_exits <= MAX_NESTED_GRAPHS:
             raise ValueError(f"max_exits must be between 1 and {MAX_NESTED_GRAPHS} (the If nesting an ONNX file "
-                             f"can hold), got {self.max_exits}")
+                             f"can hold) with exit_layout='nested', got {self.max_exits}; exit_layout='flat' "
+                             "nests nothing")
+        if self.max_exits < 1:
+            raise ValueError(f"max_exits must be at least 1, got {self.max_exits}")
         if self.cross_fit_folds < 2:
             raise ValueError(f"cross_fit_folds must be at least 2, got {self.cross_fit_folds}")
         if self.min_design_rows < 2 * self.cross_fit_folds:
@@ -220,7 +235,9 @@ class PlannerConfig:
 
     def for_model_nesting(self, levels: int) -> "PlannerConfig":
         """This configuration with ``max_exits`` lowered so that exits nested in a model whose own
-        subgraphs nest ``levels`` deep stay within :data:`MAX_NESTED_GRAPHS`."""
+        subgraphs nest ``levels`` deep stay within :data:`MAX_NESTED_GRAPHS` (flat exits nest nothing)."""
+        if self.exit_layout == "flat":
+            return self
         room = MAX_NESTED_GRAPHS - levels
         if room < 1:
             raise ModelError(f"the model's subgraphs (If/Loop/Scan) already nest {levels} levels deep and an ONNX "

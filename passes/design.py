@@ -14,7 +14,7 @@ certification (:mod:`moco_compile.passes.certify`) tests it in that order.
 * ``"shared-all"``: the same with every candidate exit open (the plain
   max-softmax early exit of BranchyNet / SDN): no exit set is chosen on the
   design rows, so it cannot overfit them, which matters when they are few.
-  Beyond ``PlannerConfig.max_exits`` candidates (an ONNX file cannot nest more),
+  Beyond ``PlannerConfig.max_exits`` candidates (nested, an ONNX file cannot hold more),
   that many are opened, spread evenly over the compute, still without the rows.
 
 No family opens an exit that cannot pay (:meth:`DesignProblem.payable`): one where a row

@@ -1,6 +1,9 @@
 """Rewrite pass: insert the plan's exits into the graph, producing one ONNX model.
 
-Structure, for exits 0..m-1 at cut tensors T_0..T_{m-1}::
+Two layouts (``PlannerConfig.exit_layout``), the same inputs, outputs and exits;
+one builder writes both (``_body``: a stage, its exit and what follows).
+
+Nested, for exits 0..m-1 at cut tensors T_0..T_{m-1}::
 
     level 0 (main graph): stage 0 nodes -> T_0
         exit 0: pooled = pool(T_0); margins = pooled @ W + (b - t)
@@ -14,7 +17,22 @@ Structure, for exits 0..m-1 at cut tensors T_0..T_{m-1}::
                 outputs = ScatterND(exit values, rows, If outputs)
     level m: stage m nodes -> the original outputs, moco_exit = -1
 
-Every level keeps the initializers its own nodes read inside its own graph
+Flat: the same nodes, every stage in the main graph, no ``If``::
+
+    stage 0 -> T_0; exit 0 -> keep_0, rows_0; rest_0 = Compress(T_0 [and side inputs], keep_0)
+    stage 1 on rest_0 -> T_1; exit 1 -> keep_1, rows_1; rest_1 = Compress(...) ... stage m -> outputs
+    outputs = ScatterND(exited_0, rows_0, ScatterND(exited_1, rows_1, ... stage m's outputs))
+
+Each exit's rows index the rows that reached it, so the scatters, innermost
+first, compose them back to batch rows.  Once every row has exited, the later
+stages run on 0 rows (onnxruntime runs Conv, MatMul, pooling, normalisations
+and the exits' own nodes on 0 rows; a Reshape inferring a dim beside a 0 dim
+it refuses, and a model with one after the first exit is laid out nested:
+``passes/empty_rows.py``).  Nothing nests, so any number of exits fits, the
+weights live once in the main graph, and onnxruntime optimises the whole chain
+as one graph (no If boundary for its CPU layout pass to stop at).
+
+Nested, every level keeps the initializers its own nodes read inside its own graph
 (copies, renamed, where an outer level uses them too): onnxruntime cannot
 pre-pack weights that a subgraph reads from the outer scope, and such a
 remainder runs 2-3x slower.
@@ -43,6 +61,7 @@ spatial dims vary, the exit's pooling is sized at run time too.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -51,7 +70,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from moco_compile.constants import ADDED_NODE_PREFIX, EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY
-from moco_compile.passes.config import MAX_NESTED_GRAPHS
+from moco_compile.passes.config import DEFAULT_EXIT_LAYOUT, EXIT_LAYOUTS, MAX_NESTED_GRAPHS
+from moco_compile.passes.empty_rows import unsafe_on_no_rows
 from moco_compile.passes.exit_confidence import exited_logits_nodes
 from moco_compile.passes.graph import GraphIndex, all_nodes, elem_types, node_inputs, subgraph_nesting
 from moco_compile.passes.guard import guard_nodes
@@ -59,7 +79,7 @@ from moco_compile.passes.plan import Exit
 from moco_compile.passes.pooling import pooling_inputs, reduce_nodes, variant_nodes
 from moco_compile.passes.trailing_dims import has_dynamic_trailing_dims, trailing_shape_nodes
 
-LAYOUTS = ("nested", "flat")
+log = logging.getLogger("moco")
 _NEVER = float(np.finfo(np.float32).max)
 # largest finite value of float types narrower than float32 (exited classifier outputs are clipped to it)
 _NARROW_FLOAT_MAX = {onnx.TensorProto.FLOAT16: float(np.finfo(np.float16).max),
@@ -67,20 +87,23 @@ _NARROW_FLOAT_MAX = {onnx.TensorProto.FLOAT16: float(np.finfo(np.float16).max),
 
 
 def insert_exits(model: onnx.ModelProto, exits: Sequence[Exit], classifier_output: str,
-                 layout: str = "nested") -> onnx.ModelProto:
+                 layout: str = DEFAULT_EXIT_LAYOUT) -> onnx.ModelProto:
     """Return a new model with ``exits`` inserted (in graph order) and ``moco_exit`` added.
 
-    ``layout`` is one of :data:`LAYOUTS` (see the module docstring).  Raises ``ValueError`` for
-    another, and when nested exits would nest deeper than an ONNX file can hold
+    ``layout`` is one of :data:`EXIT_LAYOUTS` (see the module docstring; ``"flat"`` falls back to
+    ``"nested"``, with a warning, for a model with nodes after the first exit that onnxruntime
+    cannot run on 0 rows).  Raises ``ValueError`` for another, and when nested exits would nest
+    deeper than an ONNX file can hold
     (:data:`~moco_compile.passes.config.MAX_NESTED_GRAPHS`; the planner never plans that many).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown exit layout {layout!r}: use one of {LAYOUTS}")
+    if layout not in EXIT_LAYOUTS:
+        raise ValueError(f"unknown exit layout {layout!r}: use one of {EXIT_LAYOUTS}")
+    builder = _ExitGraphBuilder(model, list(exits), classifier_output, layout)
     levels = len(exits) + subgraph_nesting(model.graph)
-    if layout == "nested" and levels > MAX_NESTED_GRAPHS:
+    if builder.layout == "nested" and levels > MAX_NESTED_GRAPHS:
         raise ValueError(f"{len(exits)} exits would nest subgraphs {levels} levels deep, more than the "
                          f"{MAX_NESTED_GRAPHS} an ONNX file can hold: plan with PlannerConfig(max_exits=...)")
-    return _ExitGraphBuilder(model, list(exits), classifier_output, layout).build()
+    return builder.build()
 
 
 def annotate_costs(model: onnx.ModelProto, stage_flops: Sequence[float], original_flops: float) -> onnx.ModelProto:
@@ -108,7 +131,6 @@ class _Body:
 class _ExitGraphBuilder:
     def __init__(self, model: onnx.ModelProto, exits: list[Exit], classifier_output: str, layout: str) -> None:
         self.model = model
-        self.layout = layout
         self.exits = exits
         self.output = classifier_output
         self.index = GraphIndex(model)
@@ -125,6 +147,7 @@ class _ExitGraphBuilder:
                                 if o.name != self.output and has_dynamic_trailing_dims(o)]
         self.trailing_shapes: dict[str, str] = {}
         self.stages = self._partition()
+        self.layout = self._usable_layout(layout)
         self.defined_outside: set[str] = set()
 
     def _partition(self) -> list[list[int]]:
@@ -138,6 +161,18 @@ class _ExitGraphBuilder:
         stages.append([i for i in range(len(self.model.graph.node))
                        if i not in assigned and not self.index.is_constant_node(i)])
         return stages
+
+    def _usable_layout(self, layout: str) -> str:
+        """``layout``, or ``"nested"`` (where no stage runs once no row is left) when a flat chain would
+        run a node after an exit that onnxruntime refuses on 0 rows (:mod:`~moco_compile.passes.empty_rows`)."""
+        unsafe = unsafe_on_no_rows(self.index, [i for stage in self.stages[1:] for i in stage]) \
+            if layout == "flat" else []
+        if unsafe:
+            log.warning("exits laid out nested, not flat: after the first exit, %s would fail on the 0 rows "
+                        "left when every row has exited (a Reshape inferring a dim beside a 0 dim)",
+                        ", ".join(unsafe))
+            return "nested"
+        return layout
 
     def build(self) -> onnx.ModelProto:
         prologue, constants = self._trailing_shape_nodes()

@@ -7,6 +7,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from tests.tiny_nets import calibrate_routes, deep_mlp, exits_at
+
 
 
 def _if_chain(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
@@ -103,36 +105,6 @@ def test_model_with_probabilities_and_logits_outputs(reference_model, calibratio
     assert (probs.argmax(1) == full_probs.argmax(1)).mean() > 0.97
 
 
-def _deep_mlp(layers: int, width: int = 8, classes: int = 3) -> onnx.ModelProto:
-    """``layers`` residual blocks ``x + relu(x @ w)`` then a classifier: one cut per block."""
-    from onnx import helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    nodes, weights, x = [], [], "x"
-    for i in range(layers):
-        weights.append(numpy_helper.from_array(rng.normal(size=(width, width)).astype(np.float32) * 0.1, f"w{i}"))
-        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"]), helper.make_node("Relu", [f"h{i}"], [f"r{i}"]),
-                  helper.make_node("Add", [x, f"r{i}"], [f"a{i}"])]
-        x = f"a{i}"
-    weights.append(numpy_helper.from_array(rng.normal(size=(width, classes)).astype(np.float32), "head"))
-    nodes.append(helper.make_node("MatMul", [x, "head"], ["logits"]))
-    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", width])],
-                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", classes])],
-                              weights)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def _exits_at(count: int, width: int = 8, classes: int = 3) -> list:
-    from moco_compile.passes.cut_points import CutPoint
-    from moco_compile.passes.plan import Exit
-    from moco_compile.passes.rules import LinearScores
-
-    rng = np.random.default_rng(1)
-    return [Exit(CutPoint(f"a{i}", f"block{i}", (1, width), float(i), 1.0), f"a{i}", "flat",
-                 LinearScores(rng.normal(size=(width, classes)).astype(np.float32), np.zeros(classes, np.float32)),
-                 np.full(classes, 4.0, np.float32), 1.0) for i in range(count)]
-
-
 def test_the_deepest_plan_allowed_loads_and_one_more_exit_is_refused():
     """Each exit nests the rest one If deeper and protobuf parsers stop at 100 message levels:
     MAX_NESTED_GRAPHS exits load in onnx and onnxruntime and route rows like numpy; one more is a
@@ -141,14 +113,9 @@ def test_the_deepest_plan_allowed_loads_and_one_more_exit_is_refused():
     from moco_compile.passes.graph import subgraph_nesting
     from moco_compile.passes.rewrite import insert_exits
 
-    model, exits = _deep_mlp(MAX_NESTED_GRAPHS + 2), _exits_at(MAX_NESTED_GRAPHS + 1)
+    model, exits = deep_mlp(MAX_NESTED_GRAPHS + 2), exits_at(MAX_NESTED_GRAPHS + 1)
     x = np.random.default_rng(2).normal(size=(512, 8)).astype(np.float32)
-    hidden, expected = x, np.full(len(x), -1)
-    for i, exit_ in enumerate(exits):  # each exit takes a twentieth of the rows still there
-        hidden = hidden + np.maximum(hidden @ onnx.numpy_helper.to_array(model.graph.initializer[i]), 0)
-        top = exit_.scores(hidden).max(axis=1)
-        exit_.thresholds[:] = np.quantile(top[expected == -1], 0.95)
-        expected[(top > exit_.thresholds[0]) & (expected == -1) & (i < MAX_NESTED_GRAPHS)] = i
+    expected = calibrate_routes(model, exits, x, MAX_NESTED_GRAPHS)
     deepest = insert_exits(model, exits[:-1], "logits")
     assert subgraph_nesting(deepest.graph) == MAX_NESTED_GRAPHS
     loaded = onnx.load_from_string(deepest.SerializeToString())

@@ -1,0 +1,204 @@
+"""The flat exit layout: no subgraph, the same rows leave with the same outputs as in the nested layout."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from moco_compile.passes.config import MAX_NESTED_GRAPHS, PlannerConfig
+from moco_compile.passes.graph import GraphIndex, all_nodes, subgraph_nesting
+from moco_compile.passes.empty_rows import unsafe_on_no_rows
+from moco_compile.passes.rewrite import insert_exits
+from tests.tiny_nets import calibrate_routes, deep_mlp, exits_at
+
+BLOCKS = 6
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _both(model: onnx.ModelProto, exits: list, feeds: dict[str, np.ndarray]) -> tuple[list, list]:
+    """Outputs of the nested and the flat graph of ``exits`` (the flat one checked to hold no subgraph)."""
+    flat = insert_exits(model, exits, "logits", "flat")
+    onnx.checker.check_model(flat, full_check=True)
+    assert subgraph_nesting(flat.graph) == 0 and "If" not in {n.op_type for n in all_nodes(flat.graph)}
+    return _run(insert_exits(model, exits, "logits", "nested"), feeds), _run(flat, feeds)
+
+
+def _with_side_input(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (a :func:`deep_mlp`) with a second input ``seq`` ``[N, L]`` (L dynamic) that the last
+    block reads, and a second output ``per_position`` ``[N, L]`` = ``seq`` + the row's feature sum."""
+    side = onnx.ModelProto()
+    side.CopyFrom(model)
+    last = side.graph.node[-1].input[0]
+    side.graph.input.append(helper.make_tensor_value_info("seq", onnx.TensorProto.FLOAT, ["N", "L"]))
+    side.graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+    side.graph.node.extend([helper.make_node("ReduceSum", [last, "axis1"], ["row_sum"]),
+                            helper.make_node("Add", ["seq", "row_sum"], ["per_position"])])
+    side.graph.output.append(helper.make_tensor_value_info("per_position", onnx.TensorProto.FLOAT, ["N", "L"]))
+    return side
+
+
+@pytest.fixture(scope="module")
+def mlp() -> tuple[onnx.ModelProto, list, np.ndarray, np.ndarray]:
+    """A residual MLP with an exit after every block but the last, each taking 5% of the rows left."""
+    model, exits = deep_mlp(BLOCKS), exits_at(BLOCKS - 1)
+    x = np.random.default_rng(2).normal(size=(512, 8)).astype(np.float32)
+    return model, exits, x, calibrate_routes(model, exits, x, len(exits))
+
+
+def test_flat_chain_routes_like_numpy_and_matches_nested(mlp):
+    model, exits, x, expected = mlp
+    (nested_logits, nested_exits), (flat_logits, flat_exits) = _both(model, exits, {"x": x})
+    original, = _run(model, {"x": x})
+    assert (flat_exits == expected).all() and (nested_exits == expected).all() and (expected == -1).any()
+    np.testing.assert_allclose(flat_logits, nested_logits, atol=1e-6)
+    np.testing.assert_allclose(flat_logits[expected == -1], original[expected == -1], atol=1e-5)
+
+
+def test_flat_weights_live_once_in_the_main_graph(mlp):
+    model, exits, _, _ = mlp
+    flat = insert_exits(model, exits, "logits", "flat")
+    names = [init.name for init in flat.graph.initializer]
+    assert len(names) == len(set(names)) and {init.name for init in model.graph.initializer} <= set(names)
+    assert not any("moco_level" in name for name in names)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 64])
+@pytest.mark.parametrize("case", ["all leave at the first exit", "none leaves"])
+def test_flat_chain_when_all_rows_leave_first_or_none_leaves(mlp, rows, case):
+    """All rows leaving at exit 0 sends 0 rows through every later stage; none leaving runs the full
+    network on every row; a batch of 0 rows runs every stage on 0 rows."""
+    model, exits, x, _ = mlp
+    threshold = -1e30 if case == "all leave at the first exit" else np.inf
+    exits = [replace(e, thresholds=np.full_like(e.thresholds, threshold if i == 0 else np.inf))
+             for i, e in enumerate(exits)]
+    (nested_logits, nested_exits), (flat_logits, flat_exits) = _both(model, exits, {"x": x[:rows]})
+    assert flat_logits.shape == (rows, 3) and flat_exits.shape == (rows,)
+    assert (flat_exits == (0 if threshold < 0 else -1)).all() and (flat_exits == nested_exits).all()
+    np.testing.assert_allclose(flat_logits, nested_logits, atol=1e-6)
+    if threshold > 0:
+        np.testing.assert_allclose(flat_logits, _run(model, {"x": x[:rows]})[0], atol=1e-5)
+
+
+def test_flat_chain_compresses_side_inputs_and_sizes_dynamic_outputs(mlp):
+    """A second input that the last stage reads travels with the rows left; the second output, of a
+    dynamic width L, holds zeros of width L for exited rows and the original's values for the others."""
+    model, exits, x, expected = mlp
+    side = _with_side_input(model)
+    seq = np.random.default_rng(3).normal(size=(len(x), 5)).astype(np.float32)
+    nested, flat = _both(side, exits, {"x": x, "seq": seq})
+    original = _run(side, {"x": x, "seq": seq})
+    full = expected == -1
+    assert (flat[2] == expected).all() and flat[1].shape == seq.shape
+    assert (flat[1][~full] == 0).all()
+    np.testing.assert_allclose(flat[1][full], original[1][full], atol=1e-5)
+    for flat_out, nested_out in zip(flat, nested):
+        np.testing.assert_allclose(flat_out, nested_out, atol=1e-6)
+    compiled = insert_exits(side, exits, "logits", "flat")
+    compressed = [n.input[0] for n in compiled.graph.node if n.op_type == "Compress"]
+    assert "seq" in compressed and sum(name.endswith("/seq") for name in compressed) == len(exits) - 1
+    empty = _run(compiled, {"x": x[:0], "seq": seq[:0]})
+    assert [a.shape for a in empty] == [(0, 3), (0, 5), (0,)]
+
+
+def test_flat_chain_holds_more_exits_than_a_file_can_nest():
+    """Nested, MAX_NESTED_GRAPHS + 10 exits are refused; flat, they load and route like numpy, and the
+    planner may plan that many."""
+    count = MAX_NESTED_GRAPHS + 10
+    model, exits = deep_mlp(count + 1), exits_at(count)
+    x = np.random.default_rng(2).normal(size=(1024, 8)).astype(np.float32)
+    expected = calibrate_routes(model, exits, x, count)
+    flat = onnx.load_from_string(insert_exits(model, exits, "logits", "flat").SerializeToString())
+    assert (_run(flat, {"x": x})[1] == expected).all() and (expected == count - 1).any()
+    with pytest.raises(ValueError, match="max_exits"):
+        insert_exits(model, exits, "logits", "nested")
+    assert PlannerConfig(max_exits=count, exit_layout="flat").for_model_nesting(3).max_exits == count
+    with pytest.raises(ValueError, match="exit_layout='flat'"):
+        PlannerConfig(max_exits=count, exit_layout="nested")
+
+
+def _reshape_model(shape: list[int]) -> onnx.ModelProto:
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array(shape, np.int64), "shape")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("shape", [[0, -1], [0, 4, -1], [-1, 64], [0, 64], [-1, 4, 16]])
+def test_unsafe_reshapes_are_exactly_those_onnxruntime_refuses_on_0_rows(shape):
+    model = _reshape_model(shape)
+    try:
+        _run(model, {"x": np.zeros((0, 64), np.float32)})
+        fails = False
+    except Exception:  # onnxruntime raises its own exception types
+        fails = True
+    assert fails == bool(unsafe_on_no_rows(GraphIndex(model), [0]))
+    assert _run(model, {"x": np.zeros((2, 64), np.float32)})[0].size == 128
+
+
+def test_a_reshape_unsafe_on_0_rows_after_an_exit_keeps_the_nested_layout(mlp, caplog):
+    """A Reshape to [0, -1] in the last stage would fail once every row has left: the graph is nested."""
+    model, exits, x, _ = mlp
+    unsafe = onnx.ModelProto()
+    unsafe.CopyFrom(model)
+    head = unsafe.graph.node[-1]
+    unsafe.graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), "flat_shape"))
+    unsafe.graph.node.insert(len(unsafe.graph.node) - 1,
+                             helper.make_node("Reshape", [head.input[0], "flat_shape"], ["flattened"], name="flatten"))
+    head.input[0] = "flattened"
+    with caplog.at_level("WARNING", logger="moco"):
+        compiled = insert_exits(unsafe, exits, "logits", "flat")
+    assert subgraph_nesting(compiled.graph) == len(exits) and "flatten" in caplog.text
+    everyone_leaves = [replace(e, thresholds=np.full_like(e.thresholds, -1e30)) for e in exits]
+    assert (_run(insert_exits(unsafe, everyone_leaves, "logits", "flat"), {"x": x})[1] == 0).all()
+
+
+def test_the_reference_plan_laid_out_flat_verifies_and_matches_nested(compiled, reference_model, calibration):
+    """The reference CNN's certified plan (the shared compile, nested) written flat passes verification
+    (parity, the certified routes, batch 1, an empty batch) and gives the nested graph's exits and outputs."""
+    from moco_compile.importer import import_model
+    from moco_compile.passes.calibrate import variant_features
+    from moco_compile.passes.verify import verify_compiled
+
+    result, _ = compiled
+    imported = import_model(reference_model)
+    flat = insert_exits(imported.model, result.plan.exits, imported.output, "flat")
+    rows = 512
+    frame = result.frame.take(np.arange(rows))  # the frame's first rows are the first calibration rows
+    expected = result.plan.routing([variant_features(frame, e.column, e.pooling) for e in result.plan.exits], rows,
+                                   PlannerConfig().rounding)
+    images = {"images": calibration["images"][:rows]}
+    verification = verify_compiled(flat, imported.model, imported.output, images, expected)
+    assert verification.empty_batch_checked and verification.exit_agreement > 0.99
+    assert subgraph_nesting(flat.graph) == 0 < subgraph_nesting(result.model.graph)
+    (flat_logits, flat_exits), (nested_logits, nested_exits) = _run(flat, images), _run(result.model, images)
+    assert (flat_exits == nested_exits).all() and len(set(flat_exits)) == len(result.plan.exits) + 1
+    np.testing.assert_allclose(flat_logits, nested_logits, atol=1e-5)
+
+
+def test_compile_writes_the_layout_the_planner_config_names(calibration):
+    """``PlannerConfig(exit_layout=...)`` reaches the rewrite: the zoo's two-input net (random weights,
+    legacy export) compiled flat has no If, its second input compressed with the rows, and verifies."""
+    pytest.importorskip("torch")
+    import torch
+
+    from models.zoo_export import ARCHITECTURES, export, input_names, model_inputs
+    from moco_compile import compile
+    from tests.tiny_nets import UNPRICED_LAUNCHES
+
+    torch.manual_seed(0)
+    module = ARCHITECTURES["two-input"]().eval()
+    model, names = export(module, "legacy"), input_names(module)
+    result = compile(model, model_inputs(names, calibration["images"][:1200]), max_disagreement=0.05,
+                     measure_latency=False, show_progress=False,
+                     planner_config=replace(UNPRICED_LAUNCHES, exit_layout="flat"))
+    assert result.plan.exits and subgraph_nesting(result.model.graph) == 0
+    assert "extra" in [n.input[0] for n in result.model.graph.node if n.op_type == "Compress"]
+    assert result.report["verification"]["empty_batch_checked"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +48,10 @@ def adamw(module: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(module.parameters(), weight_decay=0.05)
 
 
-def trained(architecture: str, train: tuple[np.ndarray, np.ndarray], epochs: int) -> torch.nn.Module:
+def trained(architecture: str, train: tuple[np.ndarray, np.ndarray], epochs: int,
+            architectures: Mapping[str, Callable[[], torch.nn.Module]] = BENCH_ARCHITECTURES) -> torch.nn.Module:
     torch.manual_seed(0)
-    module = BENCH_ARCHITECTURES[architecture]()
+    module = architectures[architecture]()
     images, labels = train
     return fit(module, model_inputs(input_names(module), images), labels, epochs, adamw, max_lr=3e-3)
 

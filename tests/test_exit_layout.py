@@ -123,24 +123,36 @@ def test_flat_chain_holds_more_exits_than_a_file_can_nest():
         PlannerConfig(max_exits=count, exit_layout="nested")
 
 
-def _reshape_model(shape: list[int]) -> onnx.ModelProto:
-    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")], "g",
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 64])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(np.array(shape, np.int64), "shape")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+def _reshape_model(shape: list[int], allowzero: int = 0) -> onnx.ModelProto:
+    """``Reshape(x, shape)`` for ``x`` of ``[N, 4, 16]``; ``shape``'s first entry ``None`` is ``x``'s batch
+    dim, computed at run time (``Shape`` then ``Concat``, as exporters write ``x.view(x.size(0), ...)``)."""
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape", allowzero=allowzero)]
+    constants = [numpy_helper.from_array(np.array([d for d in shape if d is not None], np.int64), "given")]
+    if shape[0] is None:
+        nodes[:0] = [helper.make_node("Shape", ["x"], ["batch"], start=0, end=1),
+                     helper.make_node("Concat", ["batch", "given"], ["shape"], axis=0)]
+    else:
+        constants[0].name = "shape"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 16])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], constants)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-@pytest.mark.parametrize("shape", [[0, -1], [0, 4, -1], [-1, 64], [0, 64], [-1, 4, 16]])
-def test_unsafe_reshapes_are_exactly_those_onnxruntime_refuses_on_0_rows(shape):
-    model = _reshape_model(shape)
+@pytest.mark.parametrize("shape, allowzero", [([0, -1], 0), ([0, 4, -1], 0), ([-1, 64], 0), ([0, 64], 0),
+                                              ([-1, 4, 16], 0), ([None, -1], 0), ([None, 4, -1], 0),
+                                              ([None, 64], 0), ([None, -1], 1), ([None, 4, -1], 1)])
+def test_unsafe_reshapes_are_exactly_those_onnxruntime_refuses_on_0_rows(shape, allowzero):
+    """With allowzero the batch dim Shape gives is a literal 0, from which onnxruntime still infers -1."""
+    session = ort.InferenceSession(_reshape_model(shape, allowzero).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.zeros((2, 4, 16), np.float32)})[0].size == 128
     try:
-        _run(model, {"x": np.zeros((0, 64), np.float32)})
+        session.run(None, {"x": np.zeros((0, 4, 16), np.float32)})
         fails = False
     except Exception:  # onnxruntime raises its own exception types
         fails = True
-    assert fails == bool(unsafe_on_no_rows(GraphIndex(model), [0]))
-    assert _run(model, {"x": np.zeros((2, 64), np.float32)})[0].size == 128
+    model = _reshape_model(shape, allowzero)
+    assert fails == bool(unsafe_on_no_rows(GraphIndex(model), [len(model.graph.node) - 1]))
 
 
 def test_a_reshape_unsafe_on_0_rows_after_an_exit_keeps_the_nested_layout(mlp, caplog):

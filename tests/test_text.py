@@ -223,6 +223,25 @@ def test_empty_text_runs(compiled, text_onnx):
 
 # -- bad input -------------------------------------------------------------------------------------------
 
+def test_flat_layout_of_the_text_plan_matches_nested(compiled, text_onnx, test_rows):
+    """The text plan laid out flat (no If): the attention mask travels with the rows, exits and logits
+    equal the nested graph's on padded rows, and a batch of 0 rows runs."""
+    from moco_compile.api import model_for_plan
+    from moco_compile.passes.graph import subgraph_nesting
+    from moco_compile.passes.rewrite import insert_exits
+
+    result, _ = compiled
+    rows = _inputs(test_rows)
+    model, output = model_for_plan(onnx.load(str(text_onnx)), None, {k: v[:1] for k, v in rows.items()})
+    flat = insert_exits(model, result.plan.exits, output, "flat")
+    assert subgraph_nesting(flat.graph) == 0
+    assert "attention_mask" in [n.input[0] for n in flat.graph.node if n.op_type == "Compress"]
+    (flat_logits, flat_exits), (nested_logits, nested_exits) = _run(flat, rows), _run(result.model, rows)
+    assert (flat_exits == nested_exits).all() and (flat_exits >= 0).any() and (flat_exits == -1).any()
+    np.testing.assert_allclose(flat_logits, nested_logits, atol=1e-5)
+    assert _run(flat, {k: v[:0] for k, v in rows.items()})[0].shape == (0, nested_logits.shape[1])
+
+
 def test_calibration_without_attention_mask_is_a_clear_error(text_onnx, calibration):
     from moco_compile import compile
 

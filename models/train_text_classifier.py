@@ -16,17 +16,18 @@ baseline on the same splits.
 The student ``distil4_rt`` (``python -m models.train_text_classifier --reference distil4_rt
 --epochs 2``: 22 min of training, 30 min in all with the teacher's logits and the evaluations,
 on 2 cores shared with other jobs) is a ``DistilBertForSequenceClassification`` as wide as
-MiniLM (384, 12 heads, FFN 1536) with 4 blocks, initialised from the fine-tuned ``minilm6_rt`` (:func:`student_state`): word and position embeddings (token type 0's row folded
-into the positions, as DistilBERT has no token types), the embedding LayerNorm, and teacher
-blocks 0, 1, 3, 5 as its blocks (:data:`BLOCK_NAMES`); its pre-classifier/classifier head is
-new.  Why those blocks: of the 15 ordered choices of 4 of the 6, this one's untrained student,
-read through the teacher's own pooler and classifier, agreed most with the teacher on 600 train
-rows (88.5%; the first four blocks 55.3%, every other block from 0 with the last, 0, 2, 4, 5,
-81.0%); it keeps the first two blocks, whose features every later block was trained on, and
-the last, whose output space the head reads.  Then distilled on the same train split, data
-pipeline and optimiser as above (word embeddings frozen): ``alpha`` x KL(teacher || student) on
-the teacher's logits at ``temperature`` (x its square) + (1 - ``alpha``) x cross-entropy on the
-labels, ``--temperature 2 --alpha 0.5``, lr 1e-4.  Test accuracy 82.15% (teacher 81.65%).
+MiniLM (384, 12 heads, FFN 1536) with 4 blocks, initialised from the fine-tuned ``minilm6_rt``
+(:func:`student_state`): word and position embeddings (token type 0's row folded into the
+positions, as DistilBERT has no token types), the embedding LayerNorm, and teacher blocks 0, 1,
+3, 5 as its blocks (:data:`BLOCK_NAMES`); its pre-classifier/classifier head is new. Why those
+blocks: of the 15 ordered choices of 4 of the 6, this one's untrained student, read through the
+teacher's own pooler and classifier, agreed most with the teacher on 600 train rows (88.5%; the
+first four blocks 55.3%, every other block from 0 with the last, 0, 2, 4, 5, 81.0%); it keeps
+the first two blocks, whose features every later block was trained on, and the last, whose
+output space the head reads. Then distilled on the same train split, data pipeline and optimiser
+as above (word embeddings frozen): ``alpha`` x KL(teacher || student) on the teacher's logits at
+``temperature`` (x its square) + (1 - ``alpha``) x cross-entropy on the labels,
+``--temperature 2 --alpha 0.5``, lr 1e-4. Test accuracy 82.15% (teacher 81.65%).
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 from models.text_classifier import REFERENCES, build_student, load_reference_model, reference_tokens  # noqa: E402
 from models.train_text_classifier import predict, student_state  # noqa: E402
 
-ROWS = 400  # of the committed test rows; the recorded accuracy is over all of them
+ROWS = 400  # every k-th committed test row (the rows keep the corpus's file order); the recorded accuracy is
+# over all of them
 
 
 def _trained(name: str):
@@ -31,9 +32,11 @@ def test_reference_loads_as_its_architecture_near_its_recorded_accuracy(name):
     assert model.config.num_hidden_layers == reference.num_layers
     tokens = reference_tokens("test", name)
     assert sorted(tokens) == sorted([*reference.input_names, "labels"])
-    logits = predict(model, {k: tokens[k] for k in reference.input_names}, np.arange(ROWS))
+    rows = np.arange(0, len(tokens["labels"]), len(tokens["labels"]) // ROWS)
+    logits = predict(model, {k: tokens[k] for k in reference.input_names}, rows)
     recorded = json.loads(reference.summary.read_text())["test_accuracy"]
-    assert abs((logits.argmax(1) == tokens["labels"][:ROWS]).mean() - recorded) < 0.06
+    accuracy = (logits.argmax(1) == tokens["labels"][rows]).mean()
+    assert abs(accuracy - recorded) < 0.05
 
 
 def test_student_with_all_the_teachers_blocks_computes_what_the_teacher_does():

@@ -150,7 +150,8 @@ INTRO = (
     "consecutive test rows padded to its longest row. Compiled on the calibration split (disjoint from "
     "train and test), 95% confidence. Compute reduction counts FLOPs at the calibration padding "
     "(64 tokens); latency is measured. Timings: median of the passes, sessions alternating. Each "
-    "reference's subsection names the run that measured it.")
+    "reference's subsection names the run that measured it: seconds and QPS compare only within a "
+    "subsection (runs on a shared machine at other loads), latency changes across them too.")
 
 
 def report(r: ModelResult, command: str) -> str:

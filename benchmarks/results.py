@@ -21,10 +21,26 @@ def machine_description() -> str:
             f"{platform.python_version()}, onnxruntime {onnxruntime.__version__}, {date.today()}")
 
 
+def _section_pattern(title: str) -> re.Pattern:
+    """The ``## title`` section of RESULTS.md, up to the next section; group 1 is its body."""
+    return re.compile(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", re.S | re.M)
+
+
 def write_section(title: str, body: str) -> None:
     """Replace (or append) the ``## title`` section of RESULTS.md."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     section = f"## {title}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = _section_pattern(title)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     RESULTS.write_text(text)
+
+
+def write_subsections(title: str, intro: str, subsections: dict[str, str]) -> None:
+    """Rewrite the ``## title`` section of RESULTS.md as ``intro`` and its ``### key: ...`` subsections, those
+    in ``subsections`` (key -> body starting with its ``### key:`` line) replacing or joining the ones already
+    there, the others kept as they are, in their order."""
+    match = _section_pattern(title).search(RESULTS.read_text()) if RESULTS.exists() else None
+    parts = re.split(r"^(?=### )", match.group(1), flags=re.M)[1:] if match else []
+    kept = {part[4:].split(":", 1)[0]: part.strip() for part in parts}
+    kept.update({key: body.strip() for key, body in subsections.items()})
+    write_section(title, "\n\n".join([intro.strip(), *kept.values()]))

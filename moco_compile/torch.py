@@ -285,7 +285,20 @@ class _Decoder(_Family):
     whatever the padding (the exported model is given no position ids); the head scores the last
     token the mask keeps after the final norm, as the compiled graph does (``importer.py``)."""
 
-    final_norm = ""  # the base model's attribute
+    final_norm = ""  # the base model's attributes: its final norm, its block list,
+    blocks = ""
+    embeddings = ""  # and the embeddings' cut name after the prefix ("": written inline in the base model)
+
+    def steps(self) -> list[_Step]:
+        """The embeddings, then each block's two halves; a block adds each half's output to its input
+        inline, so both cuts take the block's name."""
+        p, width = self.prefix, self.model.config.hidden_size
+        steps = [_Step(p + self.embeddings, self._embed, width)]
+        for i, block in enumerate(getattr(self.base, self.blocks)):
+            path = f"{p}.{self.blocks}.{i}"
+            steps += _block(i, width, (path, partial(self._attention, block)),
+                            (path, partial(self._feed_forward, block)))
+        return steps
 
     def _positions(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.arange(hidden.shape[1], device=hidden.device)[None]
@@ -299,19 +312,9 @@ class _Decoder(_Family):
 
 
 class _Gpt2(_Decoder):
-    """GPT-2: token plus position embeddings, written inline in ``transformer``; blocks ``h.<i>`` add
-    each sub-layer's output to its input inline, so both cuts of a block take its name."""
+    """GPT-2: token plus position embeddings, written inline in ``transformer``; blocks ``h.<i>``."""
 
-    final_norm = "ln_f"
-
-    def steps(self) -> list[_Step]:
-        p, width = self.prefix, self.model.config.hidden_size
-        steps = [_Step(p, self._embed, width)]
-        for i, block in enumerate(self.base.h):
-            path = f"{p}.h.{i}"
-            steps += _block(i, width, (path, partial(self._attention, block)),
-                            (path, partial(self._feed_forward, block)))
-        return steps
+    final_norm, blocks = "ln_f", "h"
 
     def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         base = self.base
@@ -325,19 +328,9 @@ class _Gpt2(_Decoder):
 
 
 class _Llama(_Decoder):
-    """Llama: token embeddings only; rotary position embeddings in each attention; blocks
-    ``layers.<i>`` add each sub-layer's output to its input inline, so both cuts take the block's name."""
+    """Llama: token embeddings only; rotary position embeddings in each attention; blocks ``layers.<i>``."""
 
-    final_norm = "norm"
-
-    def steps(self) -> list[_Step]:
-        p, width = self.prefix, self.model.config.hidden_size
-        steps = [_Step(f"{p}.embed_tokens", self._embed, width)]
-        for i, layer in enumerate(self.base.layers):
-            path = f"{p}.layers.{i}"
-            steps += _block(i, width, (path, partial(self._attention, layer)),
-                            (path, partial(self._feed_forward, layer)))
-        return steps
+    final_norm, blocks, embeddings = "norm", "layers", ".embed_tokens"
 
     def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         return self.base.embed_tokens(input_ids)

@@ -48,6 +48,9 @@ def compile_command(
     max_exits: Optional[int] = typer.Option(None, "--max-exits", help="at most this many exits (default 24); "
                                             "on CUDA each exit costs a device-to-host sync per batch (0.17 ms "
                                             "on an H100), so serve GPUs with 1 or 2"),
+    exit_layout: str = typer.Option("nested", "--exit-layout", help="nested: each exit runs the rest inside an "
+                                    "If, rows that leave skip it (at most 30 exits); flat: no If, any number of "
+                                    "exits (3-5% slower at batch 1, up to 4% faster at batch 64 on CPU)"),
     allow_no_exit: bool = typer.Option(False, help="emit the unchanged graph when no plan meets the budget"),
     seed: int = typer.Option(0, help="seed of the calibration split"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="output directory")),
@@ -71,7 +74,8 @@ def compile_command(
                                max_disagreement=max_disagreement, confidence=confidence,
                                max_accuracy_drop=max_accuracy_drop, ood_guard=ood_guard,
                                allow_no_exit=allow_no_exit, seed=seed,
-                               planner_config=None if max_exits is None else PlannerConfig(max_exits=max_exits))
+                               planner_config=PlannerConfig(exit_layout=exit_layout,
+                                                            **({} if max_exits is None else {"max_exits": max_exits})))
         write_outputs(out, result, inputs=[model, calib], force=force)
     except (MocoError, ValueError, OSError) as error:
         _fail(error)

@@ -142,6 +142,14 @@ def test_cli_rejects_max_exits_an_onnx_file_cannot_hold(tmp_path, reference_onnx
     assert "Traceback" not in run.output and not (tmp_path / "out").exists()
 
 
+def test_cli_rejects_an_unknown_exit_layout(tmp_path, reference_onnx):
+    np.savez(tmp_path / "calib.npz", images=np.zeros((10, 1, 28, 28), np.float32))
+    run = CliRunner().invoke(app, ["compile", str(reference_onnx), "--calib", str(tmp_path / "calib.npz"),
+                                   "--out", str(tmp_path / "out"), "--exit-layout", "sideways"])
+    assert run.exit_code == 2 and "error:" in run.output and "exit_layout must be one of" in run.output
+    assert "Traceback" not in run.output and not (tmp_path / "out").exists()
+
+
 def test_output_directory_not_writable(tmp_path, calibration, reference_onnx):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

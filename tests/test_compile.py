@@ -74,8 +74,10 @@ def test_cli_inspect_lists_cut_points_in_full_when_piped(reference_onnx):
 def test_cli_compile_writes_report(tmp_path, calibration, reference_onnx):
     np.savez(tmp_path / "calib.npz", images=calibration["images"][:2500], labels=calibration["labels"][:2500])
     run = CliRunner().invoke(app, ["compile", str(reference_onnx), "--calib", str(tmp_path / "calib.npz"),
-                                   "--out", str(tmp_path / "out"), "--max-disagreement", "0.02", "--max-exits", "2"])
+                                   "--out", str(tmp_path / "out"), "--max-disagreement", "0.02", "--max-exits", "2",
+                                   "--exit-layout", "flat"])
     assert run.exit_code == 0, run.output
+    assert not [n for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node if n.op_type == "If"]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert "compute reduction" in run.output and report["bound"]["max_disagreement"] == 0.02
     assert 1 <= len(json.loads((tmp_path / "out" / "plan.json").read_text())["exits"]) <= 2  # the reference opens 5

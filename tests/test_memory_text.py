@@ -21,7 +21,6 @@ from moco_compile.memory_optimize import optimize_memory  # noqa: E402
 from moco_compile.memory_profile import profile_memory  # noqa: E402
 
 ROWS = 1200
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ if not text_classifier.WEIGHTS.exists() or not text_classifier.TOKENS.exists():
                 allow_module_level=True)
 
 CALIBRATION_ROWS = 2400
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MODEL_INPUTS = text_classifier.BERT_INPUTS
 
 
 def _trim(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -9,8 +9,10 @@ Two passes, each one job:
 2. :func:`quantize_static_int8`: weights int8 per output channel, activations uint8 (QDQ
    format), activation ranges from calibration rows (MinMax), at the weighted ops only
    (:data:`STATIC_INT8_OPS`).  uint8 activations with int8 weights is the pair x86's integer
-   kernels take directly: with onnxruntime's default int8 activations the 6-block MiniLM ran
-   2.1-3.0x slower than float32 at batch 64 on this AVX512-VNNI CPU, with uint8 0.73x.
+   kernels take directly: with onnxruntime's default int8 activations static int8 took 1.02x
+   (6-block MiniLM) and 3.29x (reference CNN) of float32's batch-64 time on this AVX512-VNNI
+   CPU, with uint8 0.65x and 0.55x (``bench_memory``, RESULTS "Memory optimisation", before and
+   after this change).
 
 Ops the chosen quantizer has no int8 kernel for keep their float weights; each pass lists
 them (:attr:`Quantized.kept_float`) so the caller can say so.  A model that is already

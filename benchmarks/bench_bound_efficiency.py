@@ -76,17 +76,6 @@ def with_oracle(pool: d.Pool, sample: d.Draw, budget: Budget, planning: Planning
     return record
 
 
-def plan_config(pool: d.Pool, sample: d.Draw, budget: Budget, config: PlannerConfig, base: Planning) -> Planning:
-    """``plan_exits`` with ``config``; when ``config`` splits the rows as ``base`` did, its candidates are
-    reused (they do not depend on how families are chosen or certified)."""
-    if base.candidates is None or not d.same_split(sample, base, budget, config):
-        return d.plan_draw(pool, sample, budget, config)
-    planner, plan = d.refit_planner(pool, sample, base, budget, config)
-    if plan is None:
-        return d.plan_draw(pool, sample, budget, config)
-    return Planning(plan, base.split, base.candidates, planner)
-
-
 def draw_record(pool: d.Pool, sample: d.Draw, budget: Budget, configs: dict[str, PlannerConfig],
                 scratch: Path) -> dict:
     """Per configuration: moco's record with its own oracle (the families built on its own design rows)."""
@@ -101,7 +90,7 @@ def draw_record(pool: d.Pool, sample: d.Draw, budget: Budget, configs: dict[str,
         if name == DEFAULT:
             records[name] = default
             continue
-        other = plan_config(pool, sample, budget, config, planning)
+        other = d.plan_with(pool, sample, budget, config, planning)
         records[name] = with_oracle(pool, sample, budget, other, config) if other.split is not planning.split else \
             {**d.moco_record(pool, sample, budget, other), "oracle": default["oracle"]}
     return records

@@ -27,7 +27,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +226,18 @@ def refit_planner(pool: Pool, sample: Draw, planning: Planning, budget: Budget,
         return planner, planner.fit(planning.candidates.exits, design, test, pool.total_flops)
     except NoPlanError:
         return planner, None
+
+
+def plan_with(pool: Pool, sample: Draw, budget: Budget, config: PlannerConfig, base: Planning) -> Planning:
+    """``plan_exits`` with ``config``; when ``config`` splits the rows as ``base`` did, its candidates are
+    reused (they do not depend on which families are built or how one is chosen and certified)."""
+    if base.candidates is None or not same_split(sample, base, budget, config):
+        return plan_draw(pool, sample, budget, config)
+    planner, plan = refit_planner(pool, sample, base, budget, config)
+    if plan is None:
+        return plan_draw(pool, sample, budget, config)
+    rows = sample.calibration[base.split == SPLITS.index(base.evaluated_on)]  # where compile reports its figures
+    return replace(base, plan=plan, planner=planner, evaluation=evaluate_plan(pool, plan, rows))
 
 
 # ----------------------------------------------------------------------------- families on the undrawn rows

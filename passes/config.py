@@ -14,7 +14,7 @@ from moco_compile.errors import ModelError
 
 from moco_compile.passes.routing import Rounding
 
-FAMILIES = ("shared-all", "shared", "per-class")  # simplest first
+FAMILIES = ("shared-all", "shared", "per-cut", "per-class")  # simplest first
 FAMILY_SELECTIONS = ("cross-validated", "bonferroni")
 # Subgraph levels an ONNX file can nest: protobuf parsers (onnx's and onnxruntime's) refuse
 # messages nested beyond 100 levels and a subgraph costs 3 (node, attribute, graph); a graph of
@@ -77,7 +77,8 @@ class PlannerConfig:
     Plan families (see :mod:`moco_compile.passes.design`)
         ``families``, simplest first: ``"shared-all"`` (one log-probability threshold,
         every candidate exit open), ``"shared"`` (one threshold on the exits backward
-        elimination keeps) and ``"per-class"`` (greedy over every (cut, class) threshold).
+        elimination keeps), ``"per-cut"`` (greedy over one threshold per kept exit) and
+        ``"per-class"`` (greedy over every (cut, class) threshold).
         ``family_selection``: ``"cross-validated"`` chooses one family on the design rows
         (each family built on one half and scored on the other, both ways, repeated
         ``family_cv_repeats`` times; the first family listed within ``family_choice_errors``
@@ -86,8 +87,8 @@ class PlannerConfig:
         scored) and certifies it at the full confidence; ``"bonferroni"``
         certifies every family at an equal share of ``1 - confidence`` and keeps the
         certified plan that saves most.
-        ``step_fraction``, ``step_multipliers``: a per-class threshold move admits this
-        fraction of the design rows times one of the multipliers.
+        ``step_fraction``, ``step_multipliers``: a greedy (per-cut or per-class) threshold
+        move admits this fraction of the design rows times one of the multipliers.
         ``shared_step_fraction``: a shared-threshold step admits this fraction of the open
         exits' design scores (fine steps let the test stop close to the budget).
         ``design_risk_factor``: a family grows until its design risk is this multiple
@@ -97,8 +98,9 @@ class PlannerConfig:
         ``elimination_candidates``: with more open exits than this, each elimination round
         rebuilds the path only without the exits whose removal, thresholds kept, saves most
         (None: without every open exit, O(exits^2) paths).  ``per_class_candidates``: with
-        more candidate exits than this, ``"per-class"`` starts its elimination from the exits
-        ``"shared"`` keeps (its greedy path costs O(open exits) per step).
+        more candidate exits than this, ``"per-cut"`` and ``"per-class"`` start their
+        elimination from the exits ``"shared"`` keeps (a greedy path costs O(open exits)
+        per step).
         ``boundary_cost``: planning cost, in FLOP-equivalents per element of the cut
         tensor per row reaching an exit, of what an exit adds besides its rule: the copy
         of the continuing rows, layout reorders around the If boundary and fusions lost

@@ -8,6 +8,9 @@ certification (:mod:`moco_compile.passes.certify`) tests it in that order.
   threshold that buys the most cost saved per extra design risk (rows that left
   earlier no longer available), so cheap early exits and precise classes are
   preferred where they pay;
+* ``"per-cut"``: the same greedy with one threshold per cut for all its classes
+  (a max-probability rule per exit: the early exits that are sure earlier get
+  their own threshold, with a class's fewer degrees of freedom);
 * ``"shared"``: one threshold on every open exit's log-probabilities, lowered
   step by step (a max-probability rule; one degree of freedom, so it
   generalises well from few rows);
@@ -21,14 +24,14 @@ No family opens an exit that cannot pay (:meth:`DesignProblem.payable`): one whe
 leaving costs more than the full network, its rule and overhead (``PlannerConfig.boundary_cost``
 and ``exit_fixed_cost``) included; a late exit of a small network is one.
 
-Which exits ``"per-class"`` and ``"shared"`` open is chosen by backward
+Which exits ``"shared"``, ``"per-cut"`` and ``"per-class"`` open is chosen by backward
 elimination: starting from all, drop the exit whose removal lowers the design
 cost most (at a fraction of the budget) while one does; opening an exit
 charges its cost to every row reaching it, which a one-threshold-at-a-time
 search could never pay for.  So that planning scales to deep models (47 candidate
 cuts: 3 s per path, thousands of paths tried exhaustively), each round rebuilds the
 path only without the few exits whose removal, thresholds kept, saves most
-(priced for all exits in one routing), and ``"per-class"`` starts from at most
+(priced for all exits in one routing), and the greedy families start from at most
 ``PlannerConfig.per_class_candidates`` exits chosen by the one-threshold elimination.
 
 :func:`choose_family` picks one family without looking at the test rows: each
@@ -43,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -114,10 +117,10 @@ def build_family(name: str, problem: DesignProblem) -> list[Plan]:
 def build_families(names: Sequence[str], problem: DesignProblem) -> dict[str, list[Plan]]:
     """The nested plans of each family in ``names`` on ``problem``'s design rows.
 
-    ``"per-class"``'s greedy path costs O(open exits) per step, so with more than
-    ``PlannerConfig.per_class_candidates`` candidates its elimination starts from the exits the
-    cheap one-threshold elimination keeps, that elimination continued down to the cap; the
-    one-threshold elimination runs once for both families.
+    The greedy families (``"per-cut"``, ``"per-class"``) cost O(open exits) per step, so with more
+    than ``PlannerConfig.per_class_candidates`` candidates their elimination starts from the exits
+    the cheap one-threshold elimination keeps, that elimination continued down to the cap; the
+    one-threshold elimination runs once for every family.
     """
     sorted_scores = [-np.sort(-s, axis=0) for s in problem.design.scores]
     payable = problem.payable()
@@ -126,20 +129,20 @@ def build_families(names: Sequence[str], problem: DesignProblem) -> dict[str, li
         return {name: [closed] for name in names}
     max_exits = problem.config.max_exits
     cap = min(problem.config.per_class_candidates, max_exits)
-    capped = "per-class" in names and payable.sum() > cap
+    capped = any(name in _GREEDY_PATHS for name in names) and payable.sum() > cap
     if "shared" in names or capped:
         shared_kept, shared_path = _eliminate(_shared_path, problem, sorted_scores, payable,
                                               keep_at_most=max_exits)
+    if capped:
+        greedy_start = _eliminate(_shared_path, problem, sorted_scores, shared_kept, keep_at_most=cap)[0]
     families = {}
     for name in names:
         if name == "shared-all":
             path = _shared_path(problem, sorted_scores, _spread_evenly(problem.flops_before, payable, max_exits))
         elif name == "shared":
             path = shared_path
-        elif name == "per-class":
-            start = _eliminate(_shared_path, problem, sorted_scores, shared_kept, keep_at_most=cap)[0] \
-                if capped else payable
-            path = _eliminate(_per_class_path, problem, sorted_scores, start)[1]
+        elif name in _GREEDY_PATHS:
+            path = _eliminate(_GREEDY_PATHS[name], problem, sorted_scores, greedy_start if capped else payable)[1]
         else:
             raise ValueError(f"unknown plan family {name!r}")
         families[name] = [plan for plan, _, _ in path]
@@ -279,35 +282,69 @@ def _best_within(family: list[Plan], rows: Split, problem: DesignProblem, allowe
 
 def _per_class_path(problem: DesignProblem, sorted_scores: list[np.ndarray], active: np.ndarray) -> Path:
     """Greedy path over the ``active`` exits' (cut, class) thresholds."""
+    return _greedy_path(problem, sorted_scores, active, _DesignState(problem, active))
+
+
+def _per_cut_path(problem: DesignProblem, sorted_scores: list[np.ndarray], active: np.ndarray) -> Path:
+    """Greedy path over the ``active`` exits' thresholds, one per cut on its top log-probability.
+
+    One threshold for every class of a cut admits a row exactly when its top class clears it,
+    with that class: the per-class greedy on scores masked to each row's top class, each cut's
+    classes lowered together.
+    """
+    design = problem.design
+    masked = [np.where(np.arange(s.shape[1])[None, :] == s.argmax(axis=1)[:, None], s, -np.inf).astype(s.dtype)
+              for s in design.scores]
+    masked_problem = problem.on(replace(design, scores=masked))
+    sorted_top = [-np.sort(-s.max(axis=1))[:, None] for s in design.scores]
+    return _greedy_path(problem, sorted_top, active, _DesignState(masked_problem, active))
+
+
+def _greedy_path(problem: DesignProblem, sorted_columns: list[np.ndarray], active: np.ndarray,
+                 state: "_DesignState") -> Path:
+    """Starting from no exits, repeatedly lower the one threshold that buys the most cost saved per
+    extra design risk.  ``sorted_columns[k]``: ``[rows, columns]`` scores of exit k, each column sorted
+    high to low; one threshold per column (a column per class, or one for every class of the cut)."""
     rows, classes = problem.design.scores[0].shape
+    columns = sorted_columns[0].shape[1]
     step = max(1, round(problem.config.step_fraction * rows))
     sizes = step * np.asarray(problem.config.step_multipliers)  # larger moves too: the next rows by score
-    state = _DesignState(problem, active)                        # may already leave earlier
-    counts = np.zeros((len(active), classes), np.int64)
-    path = [(_thresholds(counts, sorted_scores), state.total_cost, state.risk)]
+    counts = np.zeros((len(active), columns), np.int64)         # may already leave earlier
+
+    def plan_of(counts: np.ndarray) -> Plan:
+        return np.broadcast_to(_thresholds(counts, sorted_columns), (len(active), classes)).copy()
+
+    path = [(plan_of(counts), state.total_cost, state.risk)]
     while True:
         best = None
         for k in np.flatnonzero(active):
-            admitted = np.minimum(counts[k][:, None] + sizes[None, :], rows)  # [classes, sizes]
-            saved, added_risk = state.deltas(k, _threshold_grid(sorted_scores[k], admitted))
+            admitted = np.minimum(counts[k][:, None] + sizes[None, :], rows)  # [columns, sizes]
+            grid = _threshold_grid(sorted_columns[k], admitted)
+            saved, added_risk = state.deltas(k, np.broadcast_to(grid, (classes, len(sizes))))
+            if columns == 1:  # every class moves together
+                saved, added_risk = saved.sum(axis=0, keepdims=True), added_risk.sum(axis=0, keepdims=True)
             ratio = np.where(added_risk <= 0, np.inf, saved / np.where(added_risk <= 0, 1.0, added_risk))
             ratio[(saved <= 0) | (counts[k] == rows)[:, None]] = -np.inf
-            # the first of the highest (ratio, saved), in (class, size) order
+            # the first of the highest (ratio, saved), in (column, size) order
             candidates = np.flatnonzero(ratio.ravel() == ratio.max())
             flat = candidates[np.argmax(saved.ravel()[candidates])]
-            cls, size = divmod(int(flat), len(sizes))
-            priority = (ratio[cls, size], saved[cls, size])
+            column, size = divmod(int(flat), len(sizes))
+            priority = (ratio[column, size], saved[column, size])
             if priority[0] > -np.inf and (best is None or priority > best[0]):
-                best = (priority, k, cls, int(admitted[cls, size]))
+                best = (priority, k, column, int(admitted[column, size]))
         if best is None:
             return path
-        _, k, cls, q = best
-        counts[k, cls] = q
-        thresholds = _thresholds(counts, sorted_scores)
-        state.lower(k, cls, thresholds[k, cls])
+        _, k, column, q = best
+        counts[k, column] = q
+        plan = plan_of(counts)
+        for cls in (range(classes) if columns == 1 else [column]):
+            state.lower(k, cls, plan[k, cls])
         if state.risk > problem.risk_cap():
             return path
-        path.append((thresholds, state.total_cost, state.risk))
+        path.append((plan, state.total_cost, state.risk))
+
+
+_GREEDY_PATHS = {"per-cut": _per_cut_path, "per-class": _per_class_path}
 
 
 def _shared_path(problem: DesignProblem, sorted_scores: list[np.ndarray], active: np.ndarray) -> Path:

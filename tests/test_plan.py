@@ -222,7 +222,7 @@ def _problem(design: Split, budget: Budget, config: PlannerConfig, count: int = 
     return DesignProblem.build(design, before, np.ones(count), np.full(count, 4.0), TOTAL_FLOPS, budget, config)
 
 
-@pytest.mark.parametrize("family", ["per-class", "shared", "shared-all"])
+@pytest.mark.parametrize("family", ["per-class", "per-cut", "shared", "shared-all"])
 def test_families_are_nested_and_grow_from_no_exits(family):
     design = _synthetic(600, np.random.default_rng(0))
     plans = build_family(family, _problem(design, Budget(0.05), PlannerConfig()))
@@ -230,8 +230,11 @@ def test_families_are_nested_and_grow_from_no_exits(family):
     for before, after in zip(plans, plans[1:]):
         kept = np.isfinite(before)
         assert (after[kept] <= before[kept]).all()  # thresholds only come down: each plan admits more rows
-    if family != "per-class":
+    if family.startswith("shared"):
         assert all(np.unique(plan[np.isfinite(plan)]).size <= 1 for plan in plans)
+    if family == "per-cut":  # one threshold for every class of a cut, cuts apart
+        assert all((plan == plan[:, :1]).all() | ~np.isfinite(plan).any() for plan in plans)
+        assert np.unique(plans[-1][np.isfinite(plans[-1][:, 0]), 0]).size > 1
     if family == "shared-all":
         assert all(np.isfinite(plan).all() for plan in plans[1:])  # every exit open, no elimination
 
@@ -280,6 +283,19 @@ def test_the_greedy_prices_every_threshold_move_as_routing_does():
                     assert (saved[cls, j], added[cls, j]) == pytest.approx((cost - new_cost, new_risk - risk))
 
 
+@pytest.mark.parametrize("family", ["per-cut", "per-class"])
+def test_the_greedy_paths_price_each_plan_as_routing_does(family):
+    from moco_compile.passes.design import _GREEDY_PATHS
+
+    design = _synthetic(500, np.random.default_rng(10))
+    problem = _problem(design, Budget(0.05), PlannerConfig())
+    active = np.array([True, False, True])
+    path = _GREEDY_PATHS[family](problem, [-np.sort(-s, axis=0) for s in design.scores], active)
+    assert len(path) > 20
+    for plan, cost, risk in path:  # the per-cut path designs on scores masked to the top class
+        assert (cost, risk) == pytest.approx(_design_cost_and_risk(problem, plan, active))
+
+
 def test_lowering_one_threshold_moves_rows_as_routing_does():
     from moco_compile.passes.design import _DesignState
 
@@ -321,7 +337,7 @@ def test_removing_each_exit_is_priced_as_routing_does():
     assert _design_costs_without_each(problem, plan, active) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("family", ["per-class", "shared"])
+@pytest.mark.parametrize("family", ["per-class", "per-cut", "shared"])
 def test_ranked_elimination_stays_close_to_trying_every_exit(family):
     design, before = _many_candidates(800, 10, np.random.default_rng(3))
     costs = []
@@ -338,11 +354,12 @@ def test_ranked_elimination_stays_close_to_trying_every_exit(family):
     assert ranked <= exhaustive * 1.01  # within 1% of the design cost of the exhaustive search
 
 
-def test_per_class_starts_from_at_most_its_cap_of_exits():
+@pytest.mark.parametrize("family", ["per-cut", "per-class"])
+def test_greedy_families_start_from_at_most_their_cap_of_exits(family):
     design, before = _many_candidates(600, 16, np.random.default_rng(4))
     config = PlannerConfig(per_class_candidates=5)
     problem = DesignProblem.build(design, before, np.ones(16), np.full(16, 4.0), TOTAL_FLOPS, Budget(0.05), config)
-    plans = build_family("per-class", problem)
+    plans = build_family(family, problem)
     assert 1 <= np.isfinite(plans[-1]).any(axis=1).sum() <= 5
 
 
@@ -425,15 +442,18 @@ def test_a_richer_family_must_beat_the_noise_of_overlapping_folds():
     assert not within_noise(np.array([1.0, 1.1, 0.9, 1.0, 1.05, 0.95]), errors=1.0)
     assert within_noise(np.zeros(6), errors=0.0)  # the best family itself
 
+
 def test_bonferroni_selection_certifies_each_family_at_a_share():
     rng = np.random.default_rng(6)
     design, test = _synthetic(600, rng), _synthetic(600, rng)
-    planner = ExitPlanner(Budget(0.05, 0.9), PlannerConfig(family_selection="bonferroni"))
+    config = PlannerConfig(family_selection="bonferroni")
+    planner = ExitPlanner(Budget(0.05, 0.9), config)
     plan = planner.fit(_candidates(3), design, test, TOTAL_FLOPS)
     certificate = plan.certificate
-    assert set(planner.certified_) == {"per-class", "shared", "shared-all"}
-    assert certificate["family_confidence"] == pytest.approx(1 - 0.1 / 3)
-    assert certificate["p_value"] <= 0.1 / 3
+    share = len(config.families)
+    assert set(planner.certified_) == set(config.families) and share >= 3
+    assert certificate["family_confidence"] == pytest.approx(1 - 0.1 / share)
+    assert certificate["p_value"] <= 0.1 / share
     assert certificate["test_compute_reduction"] == max(v for v in certificate["families"].values() if v is not None)
 
 
@@ -564,7 +584,7 @@ def test_plan_round_trips_through_json(compiled):
                                   result.plan.evaluate(features, predictions).exit_index)
 
 
-@pytest.mark.parametrize("family", ["shared-all", "shared", "per-class"])
+@pytest.mark.parametrize("family", ["shared-all", "shared", "per-cut", "per-class"])
 def test_no_plan_opens_more_than_max_exits(family):
     """An ONNX file can nest only so many exits: with 40 candidates every plan of every family
     stays within ``max_exits``; "shared-all" opens exits spread over the compute, not the rows."""

@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import draws as d  # noqa: E402
 from benchmarks.results import machine_description, write_section  # noqa: E402
-from moco_compile.passes.config import FAMILIES, Budget, PlannerConfig  # noqa: E402
+from moco_compile.passes.config import DEFAULT_FAMILIES, FAMILIES, Budget, PlannerConfig  # noqa: E402
 
 TITLE = "Plan families on repeated draws"
 REFERENCE = "shared-all, shared, per-class (cross-validated choice)"
 CONFIGS = {
-    REFERENCE: PlannerConfig(families=("shared-all", "shared", "per-class")),
+    REFERENCE: PlannerConfig(families=DEFAULT_FAMILIES),
     "shared-all, shared, per-cut, per-class (cross-validated choice)": PlannerConfig(families=FAMILIES),
     "per-cut only": PlannerConfig(families=("per-cut",)),
     "shared-all only": PlannerConfig(families=("shared-all",)),
@@ -72,6 +72,19 @@ def table(records: list[dict], key: str, budget: float) -> list[str]:
                      + ", ".join(f"{f} {n}" for f, n in sorted(chosen.items())) + " | "
                      f"{d.percent(disagreement.mean(), 2)} / {d.percent(disagreement.max(), 2)} | "
                      f"{int((disagreement > budget).sum())} |")
+    return lines
+
+
+def verdict(results: dict[tuple[str, float], list[dict]]) -> list[str]:
+    """Per configuration, its paired difference to the first row over every model, budget and draw
+    (with exit overhead charged: what moco plans for)."""
+    lines = []
+    for name in list(CONFIGS)[1:]:
+        diff = 100 * np.concatenate([[r[name]["overhead_compute_reduction"] - r[REFERENCE]["overhead_compute_reduction"]
+                                      for r in records] for records in results.values()])
+        lines.append(f"- {name}: {np.median(diff):+.1f} pp median per draw vs the first row ({diff.min():+.1f} to "
+                     f"{diff.max():+.1f}), ahead in {int((diff > 0).sum())}, behind in {int((diff < 0).sum())} of "
+                     f"{len(diff)} (model, budget, draw) cells.")
     return lines
 
 
@@ -126,6 +139,7 @@ def main() -> None:
             for key, measure in MEASURES.items():
                 lines += ["", f"Budget {100 * budget_value:g}%, compute reduction in {measure}:", ""]
                 lines += table(results[name, budget_value], key, budget_value)
+    lines += ["", "### Verdict", ""] + verdict(results)
     print("\n".join(lines))
     if not args.no_write:
         write_section(TITLE, "\n".join(lines))

@@ -14,7 +14,11 @@ from moco_compile.errors import ModelError
 
 from moco_compile.passes.routing import Rounding
 
-FAMILIES = ("shared-all", "shared", "per-cut", "per-class")  # simplest first
+FAMILIES = ("shared-all", "shared", "per-cut", "per-class")  # every plan family, simplest first
+# "per-cut" is built only when listed: on repeated draws it never changed the default's plan for the worse and
+# bettered it in 2 of 21 cells (benchmarks/RESULTS.md "Plan families on repeated draws"); the statistical benchmarks
+# were measured without it
+DEFAULT_FAMILIES = ("shared-all", "shared", "per-class")
 FAMILY_SELECTIONS = ("cross-validated", "bonferroni")
 # Subgraph levels an ONNX file can nest: protobuf parsers (onnx's and onnxruntime's) refuse
 # messages nested beyond 100 levels and a subgraph costs 3 (node, attribute, graph); a graph of
@@ -78,7 +82,8 @@ class PlannerConfig:
         ``families``, simplest first: ``"shared-all"`` (one log-probability threshold,
         every candidate exit open), ``"shared"`` (one threshold on the exits backward
         elimination keeps), ``"per-cut"`` (greedy over one threshold per kept exit) and
-        ``"per-class"`` (greedy over every (cut, class) threshold).
+        ``"per-class"`` (greedy over every (cut, class) threshold); default
+        :data:`DEFAULT_FAMILIES` (all but ``"per-cut"``).
         ``family_selection``: ``"cross-validated"`` chooses one family on the design rows
         (each family built on one half and scored on the other, both ways, repeated
         ``family_cv_repeats`` times; the first family listed within ``family_choice_errors``
@@ -156,7 +161,7 @@ class PlannerConfig:
     cross_fit_folds: int = 3
     variant_held_out: float = 0.25
     variant_min_gain: float = 0.01
-    families: tuple[str, ...] = FAMILIES
+    families: tuple[str, ...] = DEFAULT_FAMILIES
     family_selection: str = "cross-validated"
     family_cv_repeats: int = 3
     family_choice_errors: float = 1.0

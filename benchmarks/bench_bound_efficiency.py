@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import draws as d  # noqa: E402
 from benchmarks.results import machine_description, write_section  # noqa: E402
-from moco_compile.passes.config import DEFAULT_FAMILIES, FAMILIES, Budget, PlannerConfig  # noqa: E402
-from moco_compile.passes.planning import Planning  # noqa: E402
+from moco_compile.passes.planning.config import DEFAULT_FAMILIES, FAMILIES, Budget, PlannerConfig  # noqa: E402
+from moco_compile.passes.planning.pipeline import Planning  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TITLE = "Bound efficiency (reference CNN)"

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import draws as d  # noqa: E402
 from benchmarks.results import machine_description, write_section  # noqa: E402
-from moco_compile.passes.bounds import clopper_pearson_upper  # noqa: E402
-from moco_compile.passes.config import Budget  # noqa: E402
+from moco_compile.passes.planning.bounds import clopper_pearson_upper  # noqa: E402
+from moco_compile.passes.planning.config import Budget  # noqa: E402
 
 TITLE = "Bound validity (reference CNN)"
 MODEL = "fashion_resnet"

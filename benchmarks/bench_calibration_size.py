@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import draws as d  # noqa: E402
 from benchmarks.results import machine_description, write_section  # noqa: E402
-from moco_compile.passes.config import Budget  # noqa: E402
+from moco_compile.passes.planning.config import Budget  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TITLE = "Calibration size: moco vs a max-softmax baseline"

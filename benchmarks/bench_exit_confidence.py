@@ -34,8 +34,8 @@ from models.fashion_mnist import load_split  # noqa: E402
 from models.onnx_heads import with_soft_probabilities  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
-from moco_compile.passes.exit_confidence import expected_calibration_error  # noqa: E402
-from moco_compile.passes.rewrite import insert_exits  # noqa: E402
+from moco_compile.passes.calibration.exit_confidence import expected_calibration_error  # noqa: E402
+from moco_compile.passes.graph.rewrite import insert_exits  # noqa: E402
 from moco_compile.runtime.session import make_session  # noqa: E402
 
 SOFTNESS = 4.0

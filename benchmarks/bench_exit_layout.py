@@ -4,7 +4,7 @@
                                            [--epochs 2] [--train-rows 20000] [--calibration-rows 5000]
 
 Each net is compiled once by ``moco_compile.compile`` at the default budget; its certified plan is then
-written in both layouts of ``passes/rewrite.py`` (``nested``: each exit nests the rest in an ``If``;
+written in both layouts of ``passes/graph/rewrite.py`` (``nested``: each exit nests the rest in an ``If``;
 ``flat``: every stage at the top level on the compacted rows).  The two graphs must give the same
 outputs and exits on the test rows (checked before timing).  Latency: onnxruntime CPU, one intra-op
 thread per session, original / nested / flat alternating in this process, median of 15 rounds, at batch
@@ -41,8 +41,8 @@ from models.zoo_export import export, input_names, model_inputs  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.constants import EXIT_OUTPUT  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
-from moco_compile.passes.config import EXIT_LAYOUTS  # noqa: E402
-from moco_compile.passes.rewrite import insert_exits  # noqa: E402
+from moco_compile.passes.planning.config import EXIT_LAYOUTS  # noqa: E402
+from moco_compile.passes.graph.rewrite import insert_exits  # noqa: E402
 from moco_compile.runtime.latency import compare_latency  # noqa: E402
 from moco_compile.runtime.session import make_session  # noqa: E402
 
@@ -163,7 +163,7 @@ def main() -> None:
     text = "\n".join([
         f"Command: `{' '.join(['python benchmarks/bench_exit_layout.py', *sys.argv[1:]])}`",
         f"Machine: {machine_description()}; other work shared the 2 cores", "",
-        "One certified plan per net (default budget), written in both layouts of `passes/rewrite.py`; both give "
+        "One certified plan per net (default budget), written in both layouts of `passes/graph/rewrite.py`; both give "
         "the same exits and outputs on the timed rows (checked). Latency compiled / original, onnxruntime CPU, one "
         "intra-op thread per session, original, nested and flat alternating in one process, median of 15 rounds; "
         "flat / nested below 1: the flat chain is faster. \"none\": the same exits with every threshold +inf, so "

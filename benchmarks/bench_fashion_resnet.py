@@ -27,7 +27,7 @@ from models.export_fashion_resnet import ONNX_PATH, load_calibration  # noqa: E4
 from models.fashion_mnist import load_split  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
-from moco_compile.passes.rewrite import insert_exits  # noqa: E402
+from moco_compile.passes.graph.rewrite import insert_exits  # noqa: E402
 from moco_compile.runtime.latency import compare_latency  # noqa: E402
 from moco_compile.runtime.session import make_session  # noqa: E402
 

@@ -29,14 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results import machine_description, write_section  # noqa: E402
 from moco_compile import compile  # noqa: E402
-from moco_compile.calibration import load_npz  # noqa: E402
+from moco_compile.calibration_data import load_npz  # noqa: E402
 from moco_compile.errors import MocoError  # noqa: E402
-from moco_compile.memory_optimize import optimize_memory  # noqa: E402
-from moco_compile.passes.cost import measure_shapes  # noqa: E402
-from moco_compile.passes.memory import feed_shapes, liveness, weight_bytes  # noqa: E402
-from moco_compile.passes.verify import VerificationError  # noqa: E402
+from moco_compile.memory.optimize import optimize_memory  # noqa: E402
+from moco_compile.passes.graph.flops import measure_shapes  # noqa: E402
+from moco_compile.passes.memory.liveness import feed_shapes, liveness, weight_bytes  # noqa: E402
+from moco_compile.passes.graph.verify import VerificationError  # noqa: E402
 from moco_compile.runtime.latency import compare_passes  # noqa: E402
-from moco_compile.runtime.memory import measure_peak  # noqa: E402
+from moco_compile.runtime.memory.peak import measure_peak  # noqa: E402
 from moco_compile.runtime.session import make_session  # noqa: E402
 
 SECTION = "Memory optimisation"

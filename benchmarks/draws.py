@@ -12,7 +12,7 @@ exchangeable once pooled and drawn at random, which is what the certificate assu
 * :class:`Pool`: the frame of every pool row, the cuts, FLOPs, and pooled features per (cut, variant);
 * :func:`plan_draw`: moco's planning on a draw (``plan_exits``, ``allow_no_exit=True``);
 * :func:`evaluate_plan`: a plan on the undrawn rows (``ExitPlan.evaluate``, i.e.
-  :func:`~moco_compile.passes.routing.route_scores` and ``stage_costs``);
+  :func:`~moco_compile.passes.planning.routing.route_scores` and ``stage_costs``);
 * :func:`family_curves` / :func:`oracle`: every plan of the built families on the undrawn rows, and the
   one with the highest compute reduction within budget there (the plan a perfect test would pick);
 * :func:`shared_threshold_baseline`: a max-softmax probe per cut, one shared threshold, certified
@@ -37,15 +37,17 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import rule_baselines as rb  # noqa: E402
 from moco_compile.errors import CalibrationDataError  # noqa: E402
-from moco_compile.passes.calibrate import LABELS, PREDICTIONS, cut_column, variant_features  # noqa: E402
-from moco_compile.passes.config import Budget, PlannerConfig  # noqa: E402
-from moco_compile.passes.design import cut_elements, exit_overhead  # noqa: E402
-from moco_compile.passes.plan import ExitPlan, ExitPlanner, NoPlanError, PlanEvaluation, Split  # noqa: E402
-from moco_compile.passes.planning import Planning, plan_exits  # noqa: E402
-from moco_compile.passes.pooling import pooling_cost, variants_for  # noqa: E402
-from moco_compile.passes.routing import route_scores, stage_costs  # noqa: E402
-from moco_compile.passes.rules import SoftmaxRuleFitter  # noqa: E402
-from moco_compile.passes.splits import SPLITS, assign_splits  # noqa: E402
+from moco_compile.passes.calibration.calibrate import LABELS, PREDICTIONS, cut_column, variant_features  # noqa: E402
+from moco_compile.passes.planning.config import Budget, PlannerConfig  # noqa: E402
+from moco_compile.passes.planning.design import cut_elements, exit_overhead  # noqa: E402
+from moco_compile.passes.planning.counts import Split# noqa: E402
+from moco_compile.passes.planning.planner import ExitPlanner, NoPlanError# noqa: E402
+from moco_compile.passes.planning.types import ExitPlan, PlanEvaluation# noqa: E402
+from moco_compile.passes.planning.pipeline import Planning, plan_exits  # noqa: E402
+from moco_compile.passes.calibration.pooling import pooling_cost, variants_for  # noqa: E402
+from moco_compile.passes.planning.routing import route_scores, stage_costs  # noqa: E402
+from moco_compile.passes.calibration.rules import SoftmaxRuleFitter  # noqa: E402
+from moco_compile.passes.planning.splits import SPLITS, assign_splits  # noqa: E402
 
 SCRATCH = ROOT / "out" / "draws"  # git-ignored: pool frames, exported text model, cached draw records
 BATCH_SIZE = 256  # calibration batch size, compile's default
@@ -135,7 +137,8 @@ MODELS: dict[str, Callable[[Path], tuple]] = {
 
 def load_pool(name: str, scratch: Path = SCRATCH, show_progress: bool = True) -> Pool:
     """The pool of ``name`` (calibration rows + test rows), calibrated once and cached in ``scratch``."""
-    from moco_compile.api import calibrate_frame, cut_points_of
+    from moco_compile.api import calibrate_frame
+    from moco_compile.prepare import cut_points_of
     from moco_compile.frame import load_frame
     from moco_compile.importer import import_model
 
@@ -368,7 +371,7 @@ def shared_threshold_baseline(pool: Pool, sample: Draw, budget: Budget, poolings
 def charged_reduction(pool: Pool, cuts: Sequence, rule_flops: np.ndarray, exit_index: np.ndarray,
                       config: PlannerConfig = PlannerConfig()) -> float:
     """Compute reduction when every built exit a row reaches also charges the exit overhead moco
-    plans with (:func:`~moco_compile.passes.design.exit_overhead`: per cut-tensor element, the copy
+    plans with (:func:`~moco_compile.passes.planning.design.exit_overhead`: per cut-tensor element, the copy
     of the continuing rows and the layout changes an exit costs in onnxruntime, plus a fixed cost per
     exit); ``exit_index`` indexes ``cuts`` (-1: the full network)."""
     before = np.array([c.flops_before for c in cuts], np.float64)

@@ -33,7 +33,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moco_compile.constants import EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY  # noqa: E402
-from moco_compile.passes.graph import all_graphs, all_nodes  # noqa: E402
+from moco_compile.passes.graph.index import all_graphs, all_nodes  # noqa: E402
 from moco_compile.runtime.latency import compare_latency  # noqa: E402
 from moco_compile.runtime.session import CPU, CUDA, TENSORRT, ExitSession, ExitStatistics  # noqa: E402
 

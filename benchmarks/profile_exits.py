@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.results import machine_description, write_section  # noqa: E402
 from models.fashion_mnist import load_split  # noqa: E402
 from models.zoo_export import model_inputs  # noqa: E402
-from moco_compile.passes.graph import all_graphs  # noqa: E402
+from moco_compile.passes.graph.index import all_graphs  # noqa: E402
 from moco_compile.runtime.latency import batches_of  # noqa: E402
 
 GRAPHS = ("original", "compiled")

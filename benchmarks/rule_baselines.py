@@ -39,9 +39,9 @@ from scipy.optimize import minimize
 from scipy.special import expit, softmax
 from threadpoolctl import threadpool_limits
 
-from moco_compile.passes.bounds import binomial_p_value
-from moco_compile.passes.routing import route, stage_costs
-from moco_compile.passes.rules import SoftmaxRuleFitter
+from moco_compile.passes.planning.bounds import binomial_p_value
+from moco_compile.passes.planning.routing import route, stage_costs
+from moco_compile.passes.calibration.rules import SoftmaxRuleFitter
 
 NEVER = -1e4  # bias of a score that must never fire (class absent from the fit rows)
 
@@ -256,7 +256,7 @@ class PolytopeFitter:
 
     def _start(self, x: np.ndarray, targets: np.ndarray, classes: int) -> np.ndarray:
         """Initial (standardised) parameters: one-vs-rest, then pair differences against top confusers."""
-        from moco_compile.passes.rules import OneVsRestRuleFitter
+        from moco_compile.passes.calibration.rules import OneVsRestRuleFitter
 
         width = x.shape[1]
         ovr = OneVsRestRuleFitter(self.regularization).fit(x, targets, classes)
@@ -322,7 +322,7 @@ class Outcome:
 def first_firing(fire: Sequence[np.ndarray], classes: Sequence[np.ndarray], open_: np.ndarray) -> Outcome:
     """Each row leaves at the first built cut whose ``fire`` is set, with that cut's class.
 
-    Routed by moco's own :func:`~moco_compile.passes.routing.route`: at cut ``k`` the margin
+    Routed by moco's own :func:`~moco_compile.passes.planning.routing.route`: at cut ``k`` the margin
     of class ``classes[k]`` is positive on the rows that fire there, every other margin negative.
     """
     open_ = np.asarray(open_, bool)
@@ -340,7 +340,7 @@ def first_firing(fire: Sequence[np.ndarray], classes: Sequence[np.ndarray], open
 
 
 def row_flops(outcome: Outcome, before: np.ndarray, rule_flops: np.ndarray, total_flops: float) -> np.ndarray:
-    """Per-row FLOPs, counted by moco's :func:`~moco_compile.passes.routing.stage_costs` (as
+    """Per-row FLOPs, counted by moco's :func:`~moco_compile.passes.planning.routing.stage_costs` (as
     ``ExitPlan.row_flops``): prefix up to the exit + the rules of every built exit reached."""
     return stage_costs(before, np.where(outcome.open, rule_flops, 0.0), total_flops)[outcome.exit_index]
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __all__ = ["compile", "calibrate_frame", "load_frame", "ActivationFrame", "AnalyticsEngine", "ExitSession",
-           "MocoError"]
+           "MocoError", "PlannerConfig"]
 
 if TYPE_CHECKING:
     from moco_compile.analytics import AnalyticsEngine
     from moco_compile.api import calibrate_frame, compile
     from moco_compile.errors import MocoError
     from moco_compile.frame import ActivationFrame, load_frame
+    from moco_compile.passes.planning.config import PlannerConfig
     from moco_compile.runtime.session import ExitSession
 
 
@@ -31,6 +32,8 @@ def __getattr__(name: str):
         value = getattr(frame, name)
     elif name == "ExitSession":
         from moco_compile.runtime.session import ExitSession as value
+    elif name == "PlannerConfig":
+        from moco_compile.passes.planning.config import PlannerConfig as value
     elif name == "MocoError":
         from moco_compile.errors import MocoError as value
     else:

@@ -14,24 +14,22 @@ from typing import Any
 import numpy as np
 import onnx
 
-from moco_compile.calibration import CalibrationSpec, iter_batches
-from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.frame import ActivationFrame, load_frame, written_by_moco
-from moco_compile.importer import ImportedModel, TextInputs, import_model
+from moco_compile.importer import ImportedModel, import_model
+from moco_compile.prepare import MAX_VERIFIED_ROWS, cut_points_of
 from moco_compile.outputs import check_output_dir, check_output_file, staged_output_dir, staged_output_file
-from moco_compile.passes.calibrate import LABELS, PROBABILITIES, calibrate, variant_features
-from moco_compile.passes.config import Budget, PlannerConfig
-from moco_compile.passes.cost import flops_per_row, measure_shapes
-from moco_compile.passes.cut_points import CutPoint, find_cut_points, localize_side_tensors, side_inputs_of
-from moco_compile.passes.graph import elem_types, subgraph_nesting
-from moco_compile.passes.plan import ExitPlan, guard_verdicts
-from moco_compile.passes.planning import FrameRows, Planning, plan_rows
-from moco_compile.passes.rewrite import annotate_costs, insert_exits
-from moco_compile.passes.splits import SPLIT_COLUMN, SPLITS
-from moco_compile.passes.verify import verify_compiled
-from moco_compile.shards import ShardedData
+from moco_compile.passes.calibration.calibrate import LABELS, PROBABILITIES, calibrate, variant_features
+from moco_compile.passes.planning.config import Budget, PlannerConfig
+from moco_compile.passes.graph.cut_points import CutPoint
+from moco_compile.passes.graph.index import elem_types, subgraph_nesting
+from moco_compile.passes.planning.routing import guard_verdicts
+from moco_compile.passes.planning.types import ExitPlan
+from moco_compile.passes.planning.pipeline import FrameRows, Planning, plan_rows
+from moco_compile.passes.graph.rewrite import annotate_costs, insert_exits
+from moco_compile.passes.planning.splits import SPLIT_COLUMN, SPLITS
+from moco_compile.passes.graph.verify import verify_compiled
+from moco_compile.scale.shards import ShardedData
 
-MAX_VERIFIED_ROWS = 4096  # calibration rows whose inputs are kept to verify the compiled graph
 EVALUATION_NOTES = {
     "report": "estimates on report rows that nothing was fitted or certified on",
     "test": "estimates on the certifying test rows (too few calibration rows for a separate report split): "
@@ -83,7 +81,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     calibration:
         A mapping ``{input name: array, ..., "labels": array}`` or an iterable of
         such mappings (batches), rows on axis 0.  ``labels`` is optional.  Or
-        :class:`~moco_compile.shards.ShardedData`: shard files calibrated on a Ray cluster.
+        :class:`~moco_compile.scale.shards.ShardedData`: shard files calibrated on a Ray cluster.
     out_dir:
         When given, ``model.onnx``, ``plan.json``, ``report.json`` and
         ``frame.arrow`` are written there (all or nothing), with a manifest listing
@@ -100,7 +98,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         Optional out-of-distribution guard: the share of calibration-like rows (in
         (0, 1), e.g. 0.01) that each exit's distance check may send on to the full
         network; rows unlike the calibration rows (noise, another data set) then run
-        the full network instead of leaving early (:mod:`~moco_compile.passes.guard`).
+        the full network instead of leaving early (:mod:`~moco_compile.passes.calibration.guard`).
         Overrides ``planner_config.ood_guard``.
     allow_no_exit:
         Emit the unchanged graph (``moco_exit`` always -1) instead of failing
@@ -108,7 +106,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     seed:
         Seed of the random split of calibration rows (rules / test / report).
     planner_config:
-        How plans are designed and certified (:class:`~moco_compile.passes.config.PlannerConfig`).
+        How plans are designed and certified (:class:`~moco_compile.passes.planning.config.PlannerConfig`).
     force:
         Replace a previous moco output in ``out_dir``.
     """
@@ -122,7 +120,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     imported = import_model(model, output=output, example_input=example_input)
     with tempfile.TemporaryDirectory(prefix="moco-") as scratch:  # the Ray engine's frame shards
         if isinstance(calibration, ShardedData):
-            from moco_compile.scale_out import calibrate_sharded
+            from moco_compile.scale.driver import calibrate_sharded
 
             rows, cuts, kept = calibrate_sharded(imported, calibration, Path(scratch), batch_size, show_progress)
         else:
@@ -189,77 +187,6 @@ def calibrate_frame(model: Any, calibration: Mapping[str, Any] | Iterable[Mappin
     with staged_output_file(out, "frame", written_by_moco, inputs, force) as temporary:
         calibrate(imported.model, imported.output, cuts, batches, temporary, show_progress=show_progress, raw=raw)
     return load_frame(out)
-
-
-def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]],
-                batch_size: int) -> tuple[Iterable[dict], list[CutPoint]]:
-    """Validated calibration batches, and the model's cut points measured on the first row.
-
-    Side inputs may cross a cut (the rewrite compresses them with the rows): a text model's
-    (``imported.text``) masks, and for any other model each input besides the main one that
-    the network reads cheaply (:func:`~moco_compile.passes.cut_points.side_inputs_of`).
-    """
-    text = imported.text
-    batches = iter_batches(calibration, calibration_spec(imported), batch_size)
-    if text is not None:
-        batches = _checked_text_batches(batches, text, imported.input_names)
-    batches = _peekable(batches)
-    first = batches.peek()
-    feed = {name: first[name][:1] for name in imported.input_names}
-    side = _localize_side_inputs(imported, feed)
-    shapes = measure_shapes(imported.model, feed)
-    node_flops = flops_per_row(imported.model, shapes)
-    text_options = {} if text is None else {"sequence_mask": text.mask, "summary_token": text.summary_token,
-                                            "min_fraction_before": 0.0}
-    cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=side, **text_options)
-    if not cuts:
-        raise ModelError("the model has no cut point: no tensor separates it into a prefix and a "
-                         "remainder with real compute on both sides, so there is nowhere to exit")
-    return batches, cuts
-
-
-def model_for_plan(model: onnx.ModelProto, output: str | None,
-                   feed: Mapping[str, np.ndarray]) -> tuple[onnx.ModelProto, str]:
-    """``model`` as compile hands it to the rewrite (imported, side inputs a cut may cross
-    recomputed from the compressed rows, as :func:`cut_points_of` does), and its classifier
-    output: where a saved plan's exits can be inserted again.  ``feed``: one row of inputs."""
-    imported = import_model(model, output=output)
-    _localize_side_inputs(imported, feed)
-    return imported.model, imported.output
-
-
-def _localize_side_inputs(imported: ImportedModel, feed: Mapping[str, np.ndarray]) -> tuple[str, ...]:
-    """Make ``imported.model``'s later layers recompute what they derive from side inputs (a text
-    model's masks; for any other model each input besides the main one that the network reads
-    cheaply, e.g. a feature vector joined before the head) from the compressed rows; the side inputs."""
-    side = tuple(imported.text.side) if imported.text is not None else tuple(side_inputs_of(
-        imported.model, flops_per_row(imported.model, measure_shapes(imported.model, feed))))
-    if side:
-        imported.model = localize_side_tensors(imported.model, side)
-    return side
-
-
-def calibration_spec(imported: ImportedModel) -> CalibrationSpec:
-    """What calibration rows must hold for ``imported`` (a text model's ``token_type_ids`` may be left out)."""
-    optional = {"token_type_ids": "input_ids"} if imported.text is not None \
-        and "token_type_ids" in imported.input_names else {}
-    return CalibrationSpec(imported.model, imported.num_classes, zeros_like=optional)
-
-
-def _checked_text_batches(batches: Iterable[dict], text: TextInputs, names: list[str]) -> Iterator[dict]:
-    """Text calibration batches: token inputs of one ``[N, S]`` shape, ``S`` within the model's limit."""
-    for number, batch in enumerate(batches):
-        shapes = {name: batch[name].shape for name in names}
-        mask_shape = shapes[text.mask]
-        if any(len(shape) != 2 or shape != mask_shape for shape in shapes.values()):
-            raise CalibrationDataError(f"calibration batch {number}: the token inputs must all be "
-                                       f"[rows, sequence length] arrays of one shape, got {shapes}; "
-                                       "tokenize with padding (e.g. padding='max_length')")
-        if text.max_length is not None and mask_shape[1] > text.max_length:
-            raise CalibrationDataError(f"calibration batch {number}: sequences have {mask_shape[1]} tokens, "
-                                       f"more than the model's maximum of {text.max_length}; tokenize with "
-                                       f"truncation=True, max_length<={text.max_length}")
-        yield batch
 
 
 def _input_files(model: Any) -> list[Path]:
@@ -385,25 +312,6 @@ def _stage(description: str, show: bool) -> Iterator[None]:
 
     with Console(stderr=True).status(description):
         yield
-
-
-class _peekable:
-    def __init__(self, iterator: Iterator[dict]) -> None:
-        self._iterator = iterator
-        self._head: list[dict] = []
-
-    def peek(self) -> dict:
-        if not self._head:
-            try:
-                self._head.append(next(self._iterator))
-            except StopIteration:
-                raise CalibrationDataError("the calibration data has no rows") from None
-        return self._head[0]
-
-    def __iter__(self) -> Iterator[dict]:
-        yield from self._head
-        self._head = []
-        yield from self._iterator
 
 
 class _InputKeeper:

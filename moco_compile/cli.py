@@ -14,7 +14,7 @@ from rich.markup import escape
 from moco_compile.cli_common import FORCE_HELP
 from moco_compile.cli_common import fail as _fail
 from moco_compile.errors import MocoError
-from moco_compile.moe_cli import app as moe_app
+from moco_compile.moe.cli import app as moe_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="moco: compile classifiers into one ONNX graph where easy inputs exit early.")
@@ -64,8 +64,8 @@ def compile_command(
     from moco_compile.api import compile as compile_model
     from moco_compile.api import write_outputs
     from moco_compile.outputs import check_output_dir
-    from moco_compile.passes.config import PlannerConfig
-    from moco_compile.report import print_report
+    from moco_compile.passes.planning.config import PlannerConfig
+    from moco_compile.reports.terminal import print_report
 
     try:
         check_output_dir(out, [model, calib], force)  # fail before the long work
@@ -91,10 +91,10 @@ def inspect_command(
 ) -> None:
     """List the candidate cut points of MODEL with their FLOPs (tab-separated, full names, when the
     output is not a terminal)."""
-    from moco_compile.api import cut_points_of
-    from moco_compile.calibration import load_npz
+    from moco_compile.prepare import cut_points_of
+    from moco_compile.calibration_data import load_npz
     from moco_compile.importer import import_model
-    from moco_compile.report import cut_points_table, cut_points_tsv
+    from moco_compile.reports.terminal import cut_points_table, cut_points_tsv
 
     try:
         imported = import_model(model, output=output)
@@ -119,7 +119,7 @@ def calibrate_command(
 ) -> None:
     """Store MODEL's pooled activations at every cut point as an ActivationFrame."""
     from moco_compile.api import calibrate_frame
-    from moco_compile.calibration import load_npz
+    from moco_compile.calibration_data import load_npz
     from moco_compile.frame import written_by_moco
     from moco_compile.outputs import check_output_file
 
@@ -138,7 +138,7 @@ def report_command(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="report page")),
 ) -> None:
     """Render a compile's report as an HTML page with plots."""
-    from moco_compile.html_report import render_report
+    from moco_compile.reports.html_report import render_report
 
     try:
         path = render_report(out_dir, html, force=force)
@@ -214,7 +214,7 @@ def export_triton_command(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="model directory")),
 ) -> None:
     """Write BUILD_DIR as a model of a Triton model repository: NAME/config.pbtxt, NAME/1/model.onnx."""
-    from moco_compile.runtime.triton import TritonSettings, export_triton
+    from moco_compile.runtime.triton.repository import TritonSettings, export_triton
 
     try:
         settings = TritonSettings(max_batch_size, instances, kind, backend)
@@ -237,7 +237,7 @@ def serve_triton_command(
     """Serve REPOSITORY with nvidia-pytriton's tritonserver (python backend only) until Ctrl-C or SIGTERM."""
     import signal
 
-    from moco_compile.runtime.triton_server import TritonServer
+    from moco_compile.runtime.triton.server import TritonServer
 
     # Ctrl-C and SIGTERM both stop the server (a shell that backgrounds the command ignores SIGINT for it)
     previous = {number: signal.signal(number, signal.default_int_handler) for number in (signal.SIGINT, signal.SIGTERM)}
@@ -268,10 +268,10 @@ def profile_memory_command(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="output directory")),
 ) -> None:
     """Weights, estimated and measured peak activation memory of MODEL per batch size."""
-    from moco_compile.calibration import load_npz
+    from moco_compile.calibration_data import load_npz
     from moco_compile.importer import load_onnx
-    from moco_compile.memory_profile import check_profilable, profile_memory
-    from moco_compile.memory_report import MIB, write_memory_outputs
+    from moco_compile.memory.profile import check_profilable, profile_memory
+    from moco_compile.memory.report import MIB, write_memory_outputs
     from moco_compile.outputs import check_output_dir
 
     try:
@@ -311,10 +311,10 @@ def optimize_memory_command(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="output directory")),
 ) -> None:
     """Shrink MODEL with float16 / int8 / fusions, validating each step on untouched rows."""
-    from moco_compile.calibration import load_npz
+    from moco_compile.calibration_data import load_npz
     from moco_compile.importer import load_onnx
-    from moco_compile.memory_optimize import optimize_build, optimize_memory
-    from moco_compile.memory_report import write_memory_outputs
+    from moco_compile.memory.optimize import optimize_build, optimize_memory
+    from moco_compile.memory.report import write_memory_outputs
     from moco_compile.outputs import check_output_dir
 
     options = dict(float16=fp16, int8=int8, fuse=fuse, max_accuracy_drop=max_accuracy_drop, seed=seed)
@@ -364,8 +364,8 @@ def _batch_sizes(text: str) -> list[int]:
 def _calibration_data(source: str, engine: str, address: str | None, workers: int, max_rows: int | None = None,
                       seed: int = 0):
     """The data ``--calib``/``--traffic`` names: an in-memory ``.npz``, or shards for the Ray engine."""
-    from moco_compile.calibration import load_npz
-    from moco_compile.shards import ShardedData
+    from moco_compile.calibration_data import load_npz
+    from moco_compile.scale.shards import ShardedData
 
     if engine == "local":
         return load_npz(source)
@@ -375,7 +375,7 @@ def _calibration_data(source: str, engine: str, address: str | None, workers: in
 
 
 def _example_feed(imported, calibration: dict | None) -> dict[str, np.ndarray]:
-    from moco_compile.calibration import CalibrationSpec
+    from moco_compile.calibration_data import CalibrationSpec
 
     spec = CalibrationSpec(imported.model, imported.num_classes)
     if calibration is not None:

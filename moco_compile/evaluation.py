@@ -24,17 +24,17 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moco_compile.api import source_model
-from moco_compile.calibration import CalibrationSpec
+from moco_compile.calibration_data import CalibrationSpec
 from moco_compile.errors import CalibrationDataError, MocoError, ModelError
-from moco_compile.html_report import (
-    REPORT_JSON, NotACompileOutputError, cell_html, figure_html, load_outputs, page_html, percent_text, table_html)
-from moco_compile.html_report import written_by_moco as page_written_by_moco
+from moco_compile.reports.html import cell_html, figure_html, page_html, percent_text, table_html
+from moco_compile.reports.html_report import REPORT_JSON, NotACompileOutputError, load_outputs
+from moco_compile.reports.html_report import written_by_moco as page_written_by_moco
 from moco_compile.importer import import_model
 from moco_compile.outputs import GENERATOR, add_to_manifest, build_model, check_output_file, staged_output_file
-from moco_compile.passes.calibrate import LABELS
+from moco_compile.passes.calibration.calibrate import LABELS
 from moco_compile.runtime.session import ExitSession
 from moco_compile.runtime.shadow import ShadowRun, clopper_pearson, project_savings, shadow_run, stream_drift
-from moco_compile.shards import ShardedData
+from moco_compile.scale.shards import ShardedData
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_HTML = "evaluation.html"
@@ -53,7 +53,7 @@ def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any] | Sh
         Output directory of ``moco compile``.
     traffic:
         ``{input name: array, ...}`` (rows on axis 0, in arrival order) and optional ``labels``; or
-        :class:`~moco_compile.shards.ShardedData`: shard files (in arrival order) shadow-run on Ray.
+        :class:`~moco_compile.scale.shards.ShardedData`: shard files (in arrival order) shadow-run on Ray.
     original:
         The original ONNX model; default: the file compile recorded, refused if it changed since.
     providers, require_gpu:
@@ -78,7 +78,7 @@ def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any] | Sh
         raise ModelError(f"{original_path} takes inputs {sessions['original'].input_names} but the build's "
                          f"model takes {sessions['compiled'].input_names}: pass the model it was compiled from")
     if isinstance(traffic, ShardedData):
-        from moco_compile.scale_out import shadow_sharded
+        from moco_compile.scale.driver import shadow_sharded
 
         run, labels = shadow_sharded(original_path, compiled_path, imported.output, spec, traffic, providers,
                                      batch_size, show_progress)

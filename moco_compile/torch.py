@@ -22,11 +22,11 @@ is no cut: only the head follows it.  The hidden states there are pooled (mask-a
 ``first_token``, ``last_token`` (the last token the mask keeps, a decoder's summary), or two joined by
 ``+``), scored with one linear map and compared with per-class thresholds: exactly the compiled ONNX
 graph's exit.  Rows whose best margin is positive leave with the rule's calibrated log-probabilities
-as their logits when the plan gave the exit a confidence scale (``passes/exit_confidence.py``), else
+as their logits when the plan gave the exit a confidence scale (``passes/calibration/exit_confidence.py``), else
 with the margins (either way their argmax is the rule's class);
 the other rows continue, compressed, through the remaining layers.  A plan compiled with an
 out-of-distribution guard (``ood_guard``) brings each exit's guard: rows it finds unfamiliar
-do not leave there (the graph's formula, ``passes/guard.py``).
+do not leave there (the graph's formula, ``passes/calibration/guard.py``).
 
 Supported: every architecture the importer supports (:data:`EAGER_ARCHITECTURES`, one
 :class:`_Family` each): the encoders BERT, DistilBERT, RoBERTa, ALBERT, ELECTRA and the decoders GPT-2
@@ -50,7 +50,7 @@ from transformers.masking_utils import create_bidirectional_mask, create_causal_
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from moco_compile.errors import ModelError
-from moco_compile.passes.cut_points import numbered_repeats, outermost_unused_scope
+from moco_compile.passes.graph.cut_points import numbered_repeats, outermost_unused_scope
 
 _NEVER = float(np.finfo(np.float32).max)
 _POOLINGS = ("first_token", "token_mean", "last_token")
@@ -67,7 +67,7 @@ class EarlyExitClassifierOutput(SequenceClassifierOutput):
 
 @dataclass
 class _Guard:
-    """An exit's out-of-distribution guard (``passes/guard.py`` ``OODGuard``), in torch."""
+    """An exit's out-of-distribution guard (``passes/calibration/guard.py`` ``OODGuard``), in torch."""
 
     weight: torch.Tensor  # [D, D]
     bias: torch.Tensor  # [D]
@@ -102,7 +102,7 @@ class _Rule:
     confidence_scale: float | None = None
 
     def margins(self, features: torch.Tensor) -> torch.Tensor:
-        """Exactly the compiled graph's margins (see passes/rewrite.py ``_margin_nodes``); rows the
+        """Exactly the compiled graph's margins (see passes/graph/rewrite.py ``_margin_nodes``); rows the
         guard finds unfamiliar get -FLT_MAX (they never leave by this rule)."""
         weight, bias, thresholds = (t.to(features.device) for t in (self.weight, self.bias, self.thresholds))
         scores = features @ weight
@@ -368,7 +368,7 @@ def _scopes(path: str) -> tuple[str, ...]:
 
 def _cut_names(steps: list[_Step]) -> list[str]:
     """The compiled graph's name for the cut after each step but the last (after the last block only the
-    head runs, far too little to cut before): the importer's rule (``passes/cut_points.py``)."""
+    head runs, far too little to cut before): the importer's rule (``passes/graph/cut_points.py``)."""
     scopes = [_scopes(step.module) for step in steps]
     names = [outermost_unused_scope(own, set().union(*scopes[k + 1:])) for k, own in enumerate(scopes[:-1])]
     return numbered_repeats(names)
@@ -553,7 +553,7 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
 
 
 def _last_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Each row's state at the last position its mask keeps (left or right padding; ``passes/pooling.py``
+    """Each row's state at the last position its mask keeps (left or right padding; ``passes/calibration/pooling.py``
     ``last_token``: the first position for a row with no kept token)."""
     positions = torch.arange(mask.shape[1], device=mask.device)
     last = (mask.long() * positions).argmax(dim=1)

@@ -20,7 +20,7 @@ Tokens are UTF-8 bytes, so there is no tokenizer to ship.  The recipe is
 
 Attention can append to a key/value cache (a ``[k, v]`` list per layer), so a
 decoding step runs each layer's experts for one token only: the setting of
-expert offloading (``moco_compile.runtime.moe_decode`` drives the blocks).
+expert offloading (``moco_compile.runtime.moe.decode`` drives the blocks).
 """
 from __future__ import annotations
 

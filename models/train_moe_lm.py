@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from moco_compile.runtime.moe_decode import forward_tokens, moe_blocks, new_kv, reference_step
+from moco_compile.runtime.moe.decode import forward_tokens, moe_blocks, new_kv, reference_step
 from models.moe_lm import (ARTIFACTS, WEIGHTS, MoEConfig, MoELanguageModel, load_model, perplexity, read_corpus,
                            save_model, split_corpus, windows)
 

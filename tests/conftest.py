@@ -65,8 +65,8 @@ def plan_split():
 
 def _plan_split(result, name: str, shuffle_predictions: bool = False):
     from moco_compile.api import SPLITS
-    from moco_compile.passes.calibrate import variant_features
-    from moco_compile.passes.plan import Split
+    from moco_compile.passes.calibration.calibrate import variant_features
+    from moco_compile.passes.planning.counts import Split
 
     rows = result.frame[result.frame["split"] == SPLITS.index(name)]
     predictions = rows["predictions"]

@@ -106,8 +106,8 @@ def test_budget_no_plan_meets_fails_without_allow_no_exit(compiled):
     """When the full model's class cannot be read off any cut (here: its predictions permuted),
     every plan with exits fails a test that allows no disagreement (0.2% on 2,000 rows): an error
     naming --allow-no-exit, or with it no exits."""
-    from moco_compile.passes.config import Budget
-    from moco_compile.passes.planning import plan_exits
+    from moco_compile.passes.planning.config import Budget
+    from moco_compile.passes.planning.pipeline import plan_exits
 
     result, _ = compiled
     frame = result.frame.with_column("predictions", np.random.default_rng(0).permutation(result.frame["predictions"]))

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from moco_compile import ExitSession
 from moco_compile.cli import app
-from moco_compile.passes.plan import ExitPlan
+from moco_compile.passes.planning.types import ExitPlan
 
 
 def test_outputs_are_written(compiled):
@@ -103,7 +103,7 @@ def test_accuracy_budget_is_certified_with_labels(calibration, reference_onnx):
     bound = result.plan.certificate
     assert bound["max_accuracy_drop"] == 0.01 and bound["accuracy_harm"] is not None
     assert bound["accuracy_harm"] <= bound["disagreements"]  # harm is a kind of disagreement
-    from moco_compile.passes.bounds import binomial_p_value
+    from moco_compile.passes.planning.bounds import binomial_p_value
     assert binomial_p_value(bound["accuracy_harm"], bound["test_rows"], 0.01) <= bound["p_value"] <= 0.05
 
 
@@ -113,7 +113,7 @@ def test_latency_note_names_the_batch_sizes_the_build_slowed(compiled):
     from rich.console import Console
 
     from moco_compile.api import latency_note
-    from moco_compile.report import print_report
+    from moco_compile.reports.terminal import print_report
 
     def timing(ratio: float) -> dict:
         return {"original_ms": 1.0, "compiled_ms": ratio, "ratio": ratio}

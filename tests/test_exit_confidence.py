@@ -18,10 +18,10 @@ from scipy.special import log_softmax, softmax
 
 from moco_compile.frame import ActivationFrame
 from moco_compile.importer import import_model
-from moco_compile.passes.calibrate import PROBABILITIES, FeatureProbe, variant_features
-from moco_compile.passes.exit_confidence import (TemperatureFitter, expected_calibration_error, exited_logits,
+from moco_compile.passes.calibration.calibrate import PROBABILITIES, FeatureProbe, variant_features
+from moco_compile.passes.calibration.exit_confidence import (TemperatureFitter, expected_calibration_error, exited_logits,
                                                  exited_logits_nodes)
-from moco_compile.passes.rewrite import insert_exits
+from moco_compile.passes.graph.rewrite import insert_exits
 
 
 

@@ -9,10 +9,10 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from moco_compile.passes.config import MAX_NESTED_GRAPHS, PlannerConfig
-from moco_compile.passes.graph import GraphIndex, all_nodes, subgraph_nesting
-from moco_compile.passes.empty_rows import unsafe_on_no_rows
-from moco_compile.passes.rewrite import insert_exits
+from moco_compile.passes.planning.config import MAX_NESTED_GRAPHS, PlannerConfig
+from moco_compile.passes.graph.index import GraphIndex, all_nodes, subgraph_nesting
+from moco_compile.passes.graph.empty_rows import unsafe_on_no_rows
+from moco_compile.passes.graph.rewrite import insert_exits
 from tests.tiny_nets import calibrate_routes, deep_mlp, exits_at
 
 BLOCKS = 6
@@ -176,8 +176,8 @@ def test_the_reference_plan_laid_out_flat_verifies_and_matches_nested(compiled, 
     """The reference CNN's certified plan (the shared compile, nested) written flat passes verification
     (parity, the certified routes, batch 1, an empty batch) and gives the nested graph's exits and outputs."""
     from moco_compile.importer import import_model
-    from moco_compile.passes.calibrate import variant_features
-    from moco_compile.passes.verify import verify_compiled
+    from moco_compile.passes.calibration.calibrate import variant_features
+    from moco_compile.passes.graph.verify import verify_compiled
 
     result, _ = compiled
     imported = import_model(reference_model)

@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 import pytest
 
 from moco_compile.errors import MocoError
-from moco_compile.html_report import NotACompileOutputError, render_report
+from moco_compile.reports.html_report import NotACompileOutputError, render_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VOID = {"img", "meta", "br", "hr", "link", "input"}

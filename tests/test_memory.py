@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 
 from moco_compile.cli import app
 from moco_compile.errors import CalibrationDataError, ModelError
-from moco_compile.memory_optimize import optimize_memory
-from moco_compile.memory_profile import profile_memory
-from moco_compile.passes.float16 import to_float16
-from moco_compile.passes.memory import liveness, weight_bytes
-from moco_compile.passes.quantize import MIN_STATIC_ROWS, quantize_dynamic_int8, quantize_static_int8
-from moco_compile.passes.toposort import topologically_sorted
+from moco_compile.memory.optimize import optimize_memory
+from moco_compile.memory.profile import profile_memory
+from moco_compile.passes.memory.float16 import to_float16
+from moco_compile.passes.memory.liveness import liveness, weight_bytes
+from moco_compile.passes.memory.quantize import MIN_STATIC_ROWS, quantize_dynamic_int8, quantize_static_int8
+from moco_compile.passes.graph.toposort import topologically_sorted
 
 ROW = 4 * 1000  # bytes of one float32 row of 1000 values
 ROWS = 3000  # calibration rows the optimisation tests use: 512 tune, 2,488 validate
@@ -238,7 +238,7 @@ def _initializers(graph: onnx.GraphProto, depth: int = 0):
 
 def test_exits_then_float16_every_branch_converted_and_the_checker_passes(compiled, rows, reference_onnx):
     """Order 2: the build's certified exits on the float16 original; routing stays float32."""
-    from moco_compile.memory_optimize import optimize_build
+    from moco_compile.memory.optimize import optimize_build
 
     result, out = compiled
     optimized = optimize_build(out, rows, float16=True, measure_latency=False)

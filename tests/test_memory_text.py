@@ -17,8 +17,8 @@ pytest.importorskip("torch")
 
 from models import text_classifier  # noqa: E402
 from moco_compile.errors import CalibrationDataError  # noqa: E402
-from moco_compile.memory_optimize import optimize_memory  # noqa: E402
-from moco_compile.memory_profile import profile_memory  # noqa: E402
+from moco_compile.memory.optimize import optimize_memory  # noqa: E402
+from moco_compile.memory.profile import profile_memory  # noqa: E402
 
 ROWS = 1200
 
@@ -60,7 +60,7 @@ def test_a_text_build_s_exits_go_back_on_its_int8_and_float16_originals(text_mod
     """Order 2 on a text model: the re-inserted exits read the compressed attention mask, as compiled,
     and their pooled pieces concatenate in float32 whatever the network's precision."""
     from moco_compile import compile
-    from moco_compile.memory_optimize import optimize_build
+    from moco_compile.memory.optimize import optimize_build
 
     path = tmp_path / "minilm2.onnx"
     onnx.save(text_model, str(path))
@@ -80,7 +80,7 @@ def _fused_op_counts(model: onnx.ModelProto) -> Counter:
     """Op types of every graph level after onnxruntime's own optimisations (as a deployment runs it)."""
     import onnxruntime as ort
 
-    from moco_compile.passes.graph import all_nodes
+    from moco_compile.passes.graph.index import all_nodes
 
     with tempfile.TemporaryDirectory() as scratch:
         options = ort.SessionOptions()

@@ -7,8 +7,8 @@ import torch
 
 from models.moe_lm import load_model, perplexity
 from models.train_moe_lm import SAMPLE, routing_entropy
-from moco_compile.moe_trace import gate_parameters, routing_spec, trace_routing
-from moco_compile.passes.expert_predictors import fit_predictors, hit_rates
+from moco_compile.moe.trace import gate_parameters, routing_spec, trace_routing
+from moco_compile.passes.moe.expert_predictors import fit_predictors, hit_rates
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from moco_compile.errors import ExpertCacheError, NoMoELayersError
-from moco_compile.runtime.expert_cache import LayerCache
-from moco_compile.runtime.expert_offload import OffloadedExperts
-from moco_compile.runtime.moe_decode import greedy_decode, moe_blocks, reference_step
-from moco_compile.runtime.moe_timeline import Timing, simulate_decode
+from moco_compile.runtime.moe.expert_cache import LayerCache
+from moco_compile.runtime.moe.expert_offload import OffloadedExperts
+from moco_compile.runtime.moe.decode import greedy_decode, moe_blocks, reference_step
+from moco_compile.runtime.moe.timeline import Timing, simulate_decode
 from tests.moe_helpers import tiny_model
 
 PROMPT = torch.tensor(list(b"the film is"))
@@ -103,9 +103,9 @@ def test_a_prefetch_never_evicts_another_predicted_expert():
 
 
 def test_fitted_predictors_drive_the_runtime_without_changing_its_outputs(tmp_path):
-    from moco_compile.moe_bench import runtime_predictor
-    from moco_compile.moe_trace import gate_parameters, routing_spec, trace_routing
-    from moco_compile.passes.expert_predictors import fit_predictors
+    from moco_compile.moe.bench import runtime_predictor
+    from moco_compile.moe.trace import gate_parameters, routing_spec, trace_routing
+    from moco_compile.passes.moe.expert_predictors import fit_predictors
 
     model = tiny_model(2)
     frame = trace_routing(model, np.random.default_rng(0).integers(0, 256, (8, 32)), tmp_path / "trace.arrow")

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from moco_compile import calibrate_frame, compile, load_frame
 from moco_compile.cli import app
 from moco_compile.errors import CalibrationDataError, ModelError, OutputError
-from moco_compile.html_report import render_report
+from moco_compile.reports.html_report import render_report
 from moco_compile.outputs import MANIFEST
 
 ROWS = 1500
@@ -287,7 +287,7 @@ def test_created_files_follow_the_umask(previous, tmp_path, reference_onnx, rows
 
 
 def _cuts_and_model(reference_onnx, rows):
-    from moco_compile.api import cut_points_of
+    from moco_compile.prepare import cut_points_of
     from moco_compile.importer import import_model
 
     imported = import_model(reference_onnx)
@@ -296,7 +296,7 @@ def _cuts_and_model(reference_onnx, rows):
 
 
 def test_model_onnxruntime_cannot_load_is_a_model_error(tmp_path, reference_onnx, rows):
-    from moco_compile.passes.calibrate import calibrate
+    from moco_compile.passes.calibration.calibrate import calibrate
 
     imported, cuts = _cuts_and_model(reference_onnx, rows)
     broken = onnx.ModelProto()
@@ -308,7 +308,7 @@ def test_model_onnxruntime_cannot_load_is_a_model_error(tmp_path, reference_onnx
 
 
 def test_onnxruntime_run_failure_is_a_calibration_error(tmp_path, reference_onnx, rows):
-    from moco_compile.passes.calibrate import calibrate
+    from moco_compile.passes.calibration.calibrate import calibrate
 
     imported, cuts = _cuts_and_model(reference_onnx, rows)
     wrong = {"images": np.zeros((2, 1, 14, 14), np.float32)}

@@ -6,15 +6,18 @@ import pytest
 from scipy import stats
 from scipy.special import log_softmax
 
-from moco_compile.passes.bounds import (binomial_p_value, clopper_pearson_upper, fixed_sequence,
+from moco_compile.passes.planning.bounds import (binomial_p_value, clopper_pearson_upper, fixed_sequence,
                                         max_certifiable_failures, rows_needed)
-from moco_compile.passes.calibrate import variant_features
-from moco_compile.passes.certify import certify_family, count_plans
-from moco_compile.passes.config import Budget, PlannerConfig
-from moco_compile.passes.design import DesignProblem, build_family, within_noise
-from moco_compile.passes.plan import ExitPlan, ExitPlanner, NoPlanError, Split
-from moco_compile.passes.routing import Rounding, route, route_scores, stage_costs
-from moco_compile.passes.splits import (SPLIT_BLOCK_ROWS, SPLITS, RowSplit, assign_splits, min_calibration_rows,
+from moco_compile.passes.calibration.calibrate import variant_features
+from moco_compile.passes.planning.certify import certify_family
+from moco_compile.passes.planning.counts import count_plans
+from moco_compile.passes.planning.config import Budget, PlannerConfig
+from moco_compile.passes.planning.design import DesignProblem, build_family, within_noise
+from moco_compile.passes.planning.counts import Split
+from moco_compile.passes.planning.planner import ExitPlanner, NoPlanError
+from moco_compile.passes.planning.types import ExitPlan
+from moco_compile.passes.planning.routing import Rounding, route, route_scores, stage_costs
+from moco_compile.passes.planning.splits import (SPLIT_BLOCK_ROWS, SPLITS, RowSplit, assign_splits, min_calibration_rows,
                                         split_sizes)
 
 
@@ -204,9 +207,9 @@ def _synthetic(rows: int, rng: np.random.Generator, classes: int = 3, signals=(1
 
 
 def _candidates(count: int, classes: int = 3):
-    from moco_compile.passes.cut_points import CutPoint
-    from moco_compile.passes.plan import Exit
-    from moco_compile.passes.rules import LinearScores
+    from moco_compile.passes.graph.cut_points import CutPoint
+    from moco_compile.passes.planning.types import Exit
+    from moco_compile.passes.calibration.rules import LinearScores
 
     exits = []
     for k in range(count):
@@ -249,7 +252,7 @@ def _design_cost_and_risk(problem: DesignProblem, plan: np.ndarray, active: np.n
 
 @pytest.mark.parametrize("active", [(True, True, True), (False, True, True), (True, False, True)])
 def test_the_shared_path_prices_each_plan_as_routing_does(active):
-    from moco_compile.passes.design import _shared_path
+    from moco_compile.passes.planning.design import _shared_path
 
     design = _synthetic(500, np.random.default_rng(7))
     problem = _problem(design, Budget(0.05), PlannerConfig())
@@ -261,7 +264,7 @@ def test_the_shared_path_prices_each_plan_as_routing_does(active):
 
 
 def test_the_greedy_prices_every_threshold_move_as_routing_does():
-    from moco_compile.passes.design import _DesignState
+    from moco_compile.passes.planning.design import _DesignState
 
     rng = np.random.default_rng(8)
     design = _synthetic(400, rng)
@@ -285,7 +288,7 @@ def test_the_greedy_prices_every_threshold_move_as_routing_does():
 
 @pytest.mark.parametrize("family", ["per-cut", "per-class"])
 def test_the_greedy_paths_price_each_plan_as_routing_does(family):
-    from moco_compile.passes.design import _GREEDY_PATHS
+    from moco_compile.passes.planning.design import _GREEDY_PATHS
 
     design = _synthetic(500, np.random.default_rng(10))
     problem = _problem(design, Budget(0.05), PlannerConfig())
@@ -297,7 +300,7 @@ def test_the_greedy_paths_price_each_plan_as_routing_does(family):
 
 
 def test_lowering_one_threshold_moves_rows_as_routing_does():
-    from moco_compile.passes.design import _DesignState
+    from moco_compile.passes.planning.design import _DesignState
 
     rng = np.random.default_rng(9)
     design = _synthetic(400, rng)
@@ -321,7 +324,7 @@ def _many_candidates(rows: int, count: int, rng) -> tuple[Split, np.ndarray]:
 
 
 def test_removing_each_exit_is_priced_as_routing_does():
-    from moco_compile.passes.design import _design_costs_without_each
+    from moco_compile.passes.planning.design import _design_costs_without_each
 
     design, before = _many_candidates(500, 6, np.random.default_rng(5))
     problem = DesignProblem.build(design, before, np.ones(6), np.full(6, 4.0), TOTAL_FLOPS, Budget(0.05),
@@ -600,7 +603,7 @@ def test_no_plan_opens_more_than_max_exits(family):
 
 def test_max_exits_is_bounded_by_what_an_onnx_file_can_nest():
     from moco_compile.errors import ModelError
-    from moco_compile.passes.config import MAX_NESTED_GRAPHS
+    from moco_compile.passes.planning.config import MAX_NESTED_GRAPHS
 
     with pytest.raises(ValueError, match="max_exits"):
         PlannerConfig(max_exits=MAX_NESTED_GRAPHS + 1)

@@ -69,7 +69,7 @@ def test_remainder_weights_live_inside_their_subgraph(compiled):
 
 def test_no_row_exits_runs_the_full_graph_unchanged(compiled, reference_model, calibration):
     """With every threshold at +inf the compiled graph equals the original on all rows."""
-    from moco_compile.passes.rewrite import insert_exits
+    from moco_compile.passes.graph.rewrite import insert_exits
     from moco_compile.importer import import_model
 
     result, _ = compiled
@@ -109,9 +109,9 @@ def test_the_deepest_plan_allowed_loads_and_one_more_exit_is_refused():
     """Each exit nests the rest one If deeper and protobuf parsers stop at 100 message levels:
     MAX_NESTED_GRAPHS exits load in onnx and onnxruntime and route rows like numpy; one more is a
     clear error, not a DecodeError from the parser."""
-    from moco_compile.passes.config import MAX_NESTED_GRAPHS
-    from moco_compile.passes.graph import subgraph_nesting
-    from moco_compile.passes.rewrite import insert_exits
+    from moco_compile.passes.planning.config import MAX_NESTED_GRAPHS
+    from moco_compile.passes.graph.index import subgraph_nesting
+    from moco_compile.passes.graph.rewrite import insert_exits
 
     model, exits = deep_mlp(MAX_NESTED_GRAPHS + 2), exits_at(MAX_NESTED_GRAPHS + 1)
     x = np.random.default_rng(2).normal(size=(512, 8)).astype(np.float32)

@@ -21,10 +21,10 @@ from torch import nn  # noqa: E402
 
 from moco_compile import compile  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
-from moco_compile.passes.calibrate import variant_features  # noqa: E402
-from moco_compile.passes.pooling import variant_nodes, variants_for  # noqa: E402
-from moco_compile.passes.rewrite import insert_exits  # noqa: E402
-from moco_compile.passes.trailing_dims import UndeterminedDimError  # noqa: E402
+from moco_compile.passes.calibration.calibrate import variant_features  # noqa: E402
+from moco_compile.passes.calibration.pooling import variant_nodes, variants_for  # noqa: E402
+from moco_compile.passes.graph.rewrite import insert_exits  # noqa: E402
+from moco_compile.passes.graph.trailing_dims import UndeterminedDimError  # noqa: E402
 from models.fashion_resnet import FashionResNet  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "models" / "artifacts"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moco_compile.passes.rules import OneVsRestRuleFitter, SoftmaxRuleFitter
+from moco_compile.passes.calibration.rules import OneVsRestRuleFitter, SoftmaxRuleFitter
 
 
 @pytest.mark.parametrize("fitter", [SoftmaxRuleFitter(), OneVsRestRuleFitter()])

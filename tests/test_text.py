@@ -106,7 +106,7 @@ def test_import_from_a_saved_directory_offline(hf_model, text_onnx, test_rows, t
 # -- cut points and pooling ------------------------------------------------------------------------------
 
 def test_cut_points_inside_the_encoder_let_the_mask_cross(text_onnx, calibration):
-    from moco_compile.api import cut_points_of
+    from moco_compile.prepare import cut_points_of
     from moco_compile.importer import import_model
 
     imported = import_model(text_onnx)
@@ -137,7 +137,7 @@ def test_cli_inspect_lists_encoder_cuts(text_onnx, calibration, tmp_path):
 
 
 def test_sequence_pooling_nodes_match_numpy():
-    from moco_compile.passes.pooling import variant_nodes
+    from moco_compile.passes.calibration.pooling import variant_nodes
 
     rng = np.random.default_rng(0)
     states = rng.normal(size=(4, 6, 5)).astype(np.float32)
@@ -226,9 +226,9 @@ def test_empty_text_runs(compiled, text_onnx):
 def test_flat_layout_of_the_text_plan_matches_nested(compiled, text_onnx, test_rows):
     """The text plan laid out flat (no If): the attention mask travels with the rows, exits and logits
     equal the nested graph's on padded rows, and a batch of 0 rows runs."""
-    from moco_compile.api import model_for_plan
-    from moco_compile.passes.graph import subgraph_nesting
-    from moco_compile.passes.rewrite import insert_exits
+    from moco_compile.prepare import model_for_plan
+    from moco_compile.passes.graph.index import subgraph_nesting
+    from moco_compile.passes.graph.rewrite import insert_exits
 
     result, _ = compiled
     rows = _inputs(test_rows)
@@ -293,12 +293,12 @@ def test_eager_api_applies_each_exits_guard_as_the_graph_does(compiled, hf_model
     rows, at a level that turns many rows away): eager PyTorch routes rows as the rewritten graph does."""
     from dataclasses import replace
 
-    from moco_compile.api import model_for_plan
-    from moco_compile.passes.calibrate import variant_features
-    from moco_compile.passes.guard import GuardFitter
-    from moco_compile.passes.plan import ExitPlan
-    from moco_compile.passes.rewrite import insert_exits
-    from moco_compile.passes.splits import SPLITS
+    from moco_compile.prepare import model_for_plan
+    from moco_compile.passes.calibration.calibrate import variant_features
+    from moco_compile.passes.calibration.guard import GuardFitter
+    from moco_compile.passes.planning.types import ExitPlan
+    from moco_compile.passes.graph.rewrite import insert_exits
+    from moco_compile.passes.planning.splits import SPLITS
     from moco_compile.torch import EarlyExitTextClassificationModel
 
     result, _ = compiled

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from moco_compile import compile  # noqa: E402
 from moco_compile.errors import ModelError  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
-from moco_compile.passes.calibrate import variant_features  # noqa: E402
+from moco_compile.passes.calibration.calibrate import variant_features  # noqa: E402
 from moco_compile.torch import EAGER_ARCHITECTURES, EarlyExitTextClassificationModel  # noqa: E402
 from tests.tiny_nets import UNPRICED_LAUNCHES  # noqa: E402
 
@@ -132,8 +132,8 @@ def test_decoder_compiles_with_exits_on_the_last_token(architecture):
 
 def test_eager_cut_names_are_the_importers_where_albert_runs_its_shared_layer_three_times():
     """A module run again later names its cut by its innermost module, numbered per run; the last run's
-    attention cut by the attention module (``passes/cut_points.py``)."""
-    from moco_compile.api import cut_points_of
+    attention cut by the attention module (``passes/graph/cut_points.py``)."""
+    from moco_compile.prepare import cut_points_of
 
     torch.manual_seed(0)
     config = transformers.AlbertConfig(embedding_size=16, **{**SIZES, "num_hidden_layers": 3})
@@ -154,7 +154,7 @@ def test_last_token_piece_reads_the_last_token_the_mask_keeps():
     import onnxruntime as ort
     from onnx import helper
 
-    from moco_compile.passes.pooling import piece_nodes
+    from moco_compile.passes.calibration.pooling import piece_nodes
 
     nodes = piece_nodes("states", "last_token@mask", (1, 5, 3), "pooled", "p")
     graph = helper.make_graph(nodes, "last", [helper.make_tensor_value_info("states", onnx.TensorProto.FLOAT16, [None, 5, 3]),

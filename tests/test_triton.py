@@ -1,5 +1,5 @@
 """``moco export-triton``: a Triton model repository entry whose config matches the graph, and the
-user's files left alone (``moco_compile.runtime.triton``)."""
+user's files left alone (``moco_compile.runtime.triton.repository``)."""
 from __future__ import annotations
 
 import ast
@@ -20,7 +20,7 @@ from moco_compile.cli import app
 from moco_compile.errors import ModelError, MocoError, OutputError
 from moco_compile.outputs import MANIFEST
 from moco_compile.runtime.session import CUDA_OPTIONS
-from moco_compile.runtime.triton import (PYTHON_MODEL, TensorSpec, TritonSettings, _config_text, config_message,
+from moco_compile.runtime.triton.repository import (PYTHON_MODEL, TensorSpec, TritonSettings, _config_text, config_message,
                                          export_triton, model_name, tensor_spec)
 
 

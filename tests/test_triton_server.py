@@ -28,8 +28,8 @@ from typer.testing import CliRunner
 from moco_compile.cli import app
 from moco_compile.constants import EXIT_OUTPUT
 from moco_compile.errors import MocoError
-from moco_compile.runtime.triton import TritonSettings, export_triton
-from moco_compile.runtime.triton_server import TritonServer, triton_env
+from moco_compile.runtime.triton.repository import TritonSettings, export_triton
+from moco_compile.runtime.triton.server import TritonServer, triton_env
 
 TRITON_ENV = Path(__file__).resolve().parents[1] / ".triton-env"
 PACKAGES = ["nvidia-pytriton==0.7.0", "numpy<2", "onnxruntime"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from moco_compile.passes.config import PlannerConfig
+from moco_compile.passes.planning.config import PlannerConfig
 
 # exits are not priced out of nets this small (0.2-3 MFLOPs): every architecture must get some to check
 UNPRICED_LAUNCHES = PlannerConfig(exit_fixed_cost=0.0)
@@ -31,9 +31,9 @@ def deep_mlp(layers: int, width: int = 8, classes: int = 3) -> onnx.ModelProto:
 
 
 def exits_at(count: int, width: int = 8, classes: int = 3) -> list:
-    from moco_compile.passes.cut_points import CutPoint
-    from moco_compile.passes.plan import Exit
-    from moco_compile.passes.rules import LinearScores
+    from moco_compile.passes.graph.cut_points import CutPoint
+    from moco_compile.passes.planning.types import Exit
+    from moco_compile.passes.calibration.rules import LinearScores
 
     rng = np.random.default_rng(1)
     return [Exit(CutPoint(f"a{i}", f"block{i}", (1, width), float(i), 1.0), f"a{i}", "flat",

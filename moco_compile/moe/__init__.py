@@ -1,0 +1,1 @@
+"""``moco moe``: routing traces, expert predictors and offloaded-decoding benchmarks."""

@@ -1,0 +1,112 @@
+"""From the user's model and calibration data to what the passes read.
+
+Validated calibration batches, the model's cut points measured on the first row, and
+side inputs made recomputable from the compressed rows; the same preparation again for a
+saved plan (:func:`model_for_plan`), so a plan re-applied to a model meets the graph the
+compile rewrote.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+
+from moco_compile.calibration_data import CalibrationSpec, iter_batches
+from moco_compile.errors import CalibrationDataError, ModelError
+from moco_compile.importer import ImportedModel, TextInputs, import_model
+from moco_compile.passes.graph.cut_points import CutPoint, find_cut_points, localize_side_tensors, side_inputs_of
+from moco_compile.passes.graph.flops import flops_per_row, measure_shapes
+
+MAX_VERIFIED_ROWS = 4096  # calibration rows whose inputs are kept to verify the compiled graph
+
+
+def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]],
+                batch_size: int) -> tuple[Iterable[dict], list[CutPoint]]:
+    """Validated calibration batches, and the model's cut points measured on the first row.
+
+    Side inputs may cross a cut (the rewrite compresses them with the rows): a text model's
+    (``imported.text``) masks, and for any other model each input besides the main one that
+    the network reads cheaply (:func:`~moco_compile.passes.graph.cut_points.side_inputs_of`).
+    """
+    text = imported.text
+    batches = iter_batches(calibration, calibration_spec(imported), batch_size)
+    if text is not None:
+        batches = _checked_text_batches(batches, text, imported.input_names)
+    batches = _peekable(batches)
+    first = batches.peek()
+    feed = {name: first[name][:1] for name in imported.input_names}
+    side = _localize_side_inputs(imported, feed)
+    shapes = measure_shapes(imported.model, feed)
+    node_flops = flops_per_row(imported.model, shapes)
+    text_options = {} if text is None else {"sequence_mask": text.mask, "summary_token": text.summary_token,
+                                            "min_fraction_before": 0.0}
+    cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=side, **text_options)
+    if not cuts:
+        raise ModelError("the model has no cut point: no tensor separates it into a prefix and a "
+                         "remainder with real compute on both sides, so there is nowhere to exit")
+    return batches, cuts
+
+
+def model_for_plan(model: onnx.ModelProto, output: str | None,
+                   feed: Mapping[str, np.ndarray]) -> tuple[onnx.ModelProto, str]:
+    """``model`` as compile hands it to the rewrite (imported, side inputs a cut may cross
+    recomputed from the compressed rows, as :func:`cut_points_of` does), and its classifier
+    output: where a saved plan's exits can be inserted again.  ``feed``: one row of inputs."""
+    imported = import_model(model, output=output)
+    _localize_side_inputs(imported, feed)
+    return imported.model, imported.output
+
+
+def _localize_side_inputs(imported: ImportedModel, feed: Mapping[str, np.ndarray]) -> tuple[str, ...]:
+    """Make ``imported.model``'s later layers recompute what they derive from side inputs (a text
+    model's masks; for any other model each input besides the main one that the network reads
+    cheaply, e.g. a feature vector joined before the head) from the compressed rows; the side inputs."""
+    side = tuple(imported.text.side) if imported.text is not None else tuple(side_inputs_of(
+        imported.model, flops_per_row(imported.model, measure_shapes(imported.model, feed))))
+    if side:
+        imported.model = localize_side_tensors(imported.model, side)
+    return side
+
+
+def calibration_spec(imported: ImportedModel) -> CalibrationSpec:
+    """What calibration rows must hold for ``imported`` (a text model's ``token_type_ids`` may be left out)."""
+    optional = {"token_type_ids": "input_ids"} if imported.text is not None \
+        and "token_type_ids" in imported.input_names else {}
+    return CalibrationSpec(imported.model, imported.num_classes, zeros_like=optional)
+
+
+def _checked_text_batches(batches: Iterable[dict], text: TextInputs, names: list[str]) -> Iterator[dict]:
+    """Text calibration batches: token inputs of one ``[N, S]`` shape, ``S`` within the model's limit."""
+    for number, batch in enumerate(batches):
+        shapes = {name: batch[name].shape for name in names}
+        mask_shape = shapes[text.mask]
+        if any(len(shape) != 2 or shape != mask_shape for shape in shapes.values()):
+            raise CalibrationDataError(f"calibration batch {number}: the token inputs must all be "
+                                       f"[rows, sequence length] arrays of one shape, got {shapes}; "
+                                       "tokenize with padding (e.g. padding='max_length')")
+        if text.max_length is not None and mask_shape[1] > text.max_length:
+            raise CalibrationDataError(f"calibration batch {number}: sequences have {mask_shape[1]} tokens, "
+                                       f"more than the model's maximum of {text.max_length}; tokenize with "
+                                       f"truncation=True, max_length<={text.max_length}")
+        yield batch
+
+
+class _peekable:
+    def __init__(self, iterator: Iterator[dict]) -> None:
+        self._iterator = iterator
+        self._head: list[dict] = []
+
+    def peek(self) -> dict:
+        if not self._head:
+            try:
+                self._head.append(next(self._iterator))
+            except StopIteration:
+                raise CalibrationDataError("the calibration data has no rows") from None
+        return self._head[0]
+
+    def __iter__(self) -> Iterator[dict]:
+        yield from self._head
+        self._head = []
+        yield from self._iterator

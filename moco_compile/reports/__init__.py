@@ -1,0 +1,1 @@
+"""Reports of a build: terminal tables and the HTML page."""

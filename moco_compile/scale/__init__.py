@@ -1,0 +1,1 @@
+"""Scale-out: sharded calibration data and the Ray engine (``--engine ray``)."""

@@ -1,0 +1,1 @@
+"""Memory passes: liveness and weight bytes, float16, int8 quantization, offline fusion."""

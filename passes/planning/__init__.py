@@ -1,0 +1,1 @@
+"""Planning and certification: from scored calibration rows to a certified exit plan."""

@@ -1,0 +1,257 @@
+"""What the user asks of a plan (:class:`Budget`) and how the planner works (:class:`PlannerConfig`).
+
+Every constant of planning lives here, documented once; ``compile(...,
+planner_config=PlannerConfig(...))`` reaches them from the API.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from onnx import TensorProto
+
+from moco_compile.errors import ModelError
+
+from moco_compile.passes.planning.routing import Rounding
+
+FAMILIES = ("shared-all", "shared", "per-cut", "per-class")  # every plan family, simplest first
+# "per-cut" is built only when listed: on repeated draws it never changed the default's plan for the worse and
+# bettered it in 2 of 21 cells (benchmarks/RESULTS.md "Plan families on repeated draws"); the statistical benchmarks
+# were measured without it
+DEFAULT_FAMILIES = ("shared-all", "shared", "per-class")
+FAMILY_SELECTIONS = ("cross-validated", "bonferroni")
+# Subgraph levels an ONNX file can nest: protobuf parsers (onnx's and onnxruntime's) refuse
+# messages nested beyond 100 levels and a subgraph costs 3 (node, attribute, graph); a graph of
+# 31 nested Ifs loads, 32 do not (onnx 1.23, onnxruntime 1.32).  One level of margin.
+MAX_NESTED_GRAPHS = 30
+EXIT_LAYOUTS = ("nested", "flat")  # how the rewrite lays out the stages after each exit (passes/graph/rewrite.py)
+DEFAULT_EXIT_LAYOUT = "nested"
+_FLOAT_UNIT = {TensorProto.FLOAT: 2.0 ** -23, TensorProto.DOUBLE: 2.0 ** -52, TensorProto.FLOAT16: 2.0 ** -10,
+               TensorProto.BFLOAT16: 2.0 ** -7}  # machine epsilon per float element type
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The certified promise: with probability ``confidence``, the compiled model's class
+    differs from the full model's on at most ``max_disagreement`` of inputs (and, when
+    ``max_accuracy_drop`` is set, at most that fraction of inputs is right before and wrong
+    after; this needs labels)."""
+
+    max_disagreement: float = 0.01
+    confidence: float = 0.95
+    max_accuracy_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_disagreement < 1:
+            raise ValueError(f"max_disagreement must be in (0, 1), got {self.max_disagreement}; "
+                             "e.g. 0.01 allows 1% of inputs to change class")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}; e.g. 0.95")
+        if self.max_accuracy_drop is not None and not 0 < self.max_accuracy_drop < 1:
+            raise ValueError(f"max_accuracy_drop must be in (0, 1), got {self.max_accuracy_drop}; "
+                             "e.g. 0.005 allows half a point of accuracy")
+
+    @property
+    def delta(self) -> float:
+        """Allowed probability that the certified statement is false."""
+        return 1 - self.confidence
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """How calibration rows are split and how plans are designed and certified.
+
+    Splits (see :mod:`moco_compile.passes.planning.splits`)
+        ``test_fraction``: share of the rows (after any report split) that certify the
+        plan; the rest fit the rules and design the plans.  When that share is too small
+        for even a perfect plan to certify, the test split grows to the fewest rows that
+        can, as long as ``min_design_rows`` remain to fit rules on.  ``max_design_rows``:
+        the rules split never holds more rows, the rest certify (the rules rows are read
+        into memory to fit and design on; test rows are only counted, shard by shard, so
+        planning's memory is bounded whatever the row count).
+        ``report_min_rows``, ``report_fraction``, ``max_report_rows``: only calibration
+        sets of at least ``report_min_rows`` rows set a report split aside (that share, at
+        most that many rows); smaller sets report on the certifying rows, labelled so.
+
+    Rules (see :mod:`moco_compile.passes.planning.candidates`)
+        ``cross_fit_folds``: the design scores of a row come from rules fitted without it.
+        ``variant_held_out``, ``variant_min_gain``: pooling variants are compared on this
+        share of the fitting rows; a costlier variant must admit this much more.
+
+    Plan families (see :mod:`moco_compile.passes.planning.design`)
+        ``families``, simplest first: ``"shared-all"`` (one log-probability threshold,
+        every candidate exit open), ``"shared"`` (one threshold on the exits backward
+        elimination keeps), ``"per-cut"`` (greedy over one threshold per kept exit) and
+        ``"per-class"`` (greedy over every (cut, class) threshold); default
+        :data:`DEFAULT_FAMILIES` (all but ``"per-cut"``).
+        ``family_selection``: ``"cross-validated"`` chooses one family on the design rows
+        (each family built on one half and scored on the other, both ways, repeated
+        ``family_cv_repeats`` times; the first family listed within ``family_choice_errors``
+        standard errors of the best wins, the error corrected for folds that share rows as
+        Nadeau and Bengio do; ``family_cv_plans`` plans evenly spaced along each family are
+        scored) and certifies it at the full confidence; ``"bonferroni"``
+        certifies every family at an equal share of ``1 - confidence`` and keeps the
+        certified plan that saves most.
+        ``step_fraction``, ``step_multipliers``: a greedy (per-cut or per-class) threshold
+        move admits this fraction of the design rows times one of the multipliers.
+        ``shared_step_fraction``: a shared-threshold step admits this fraction of the open
+        exits' design scores (fine steps let the test stop close to the budget).
+        ``design_risk_factor``: a family grows until its design risk is this multiple
+        of the budget.
+        ``elimination_risk_fraction``: backward elimination compares exit sets by their
+        design cost at this fraction of the budget.
+        ``elimination_candidates``: with more open exits than this, each elimination round
+        rebuilds the path only without the exits whose removal, thresholds kept, saves most
+        (None: without every open exit, O(exits^2) paths).  ``per_class_candidates``: with
+        more candidate exits than this, ``"per-cut"`` and ``"per-class"`` start their
+        elimination from the exits ``"shared"`` keeps (a greedy path costs O(open exits)
+        per step).
+        ``boundary_cost``: planning cost, in FLOP-equivalents per element of the cut
+        tensor per row reaching an exit, of what an exit adds besides its rule: the copy
+        of the continuing rows, layout reorders around the If boundary and fusions lost
+        across it (onnxruntime 1.32 CPU, reference CNN, batch 64: an exit no row takes
+        costs about 100-200).  It keeps rarely-firing exits out of the plan; reported
+        FLOPs never include it.
+        ``exit_fixed_cost``: planning cost, in FLOP-equivalents per row reaching an exit,
+        of what an exit costs whatever its cut's size: the ~20 nodes it adds (pooling,
+        rule, NonZero, If, scatters) each cost a kernel launch, paid once per batch, so
+        per row at batch 1.  onnxruntime 1.32 CPU (2 cores), exits no row takes: 16-32 us
+        each at batch 1 on 0.2-3 MFLOP zoo nets (ConvNeXt-ish: 32 us, 14% of its 233 us),
+        115,000-490,000 FLOPs at the 6-22 GFLOP/s such nets run at batch 1.  Without
+        it, plans of nets this small were up to 1.7x slower than the original at batch 1
+        while saving FLOPs; 350,000 also dropped a 1 MFLOP ViT's exit that ran 0.9x.  Nets
+        of 100 MFLOPs and more hardly notice it.  Like ``boundary_cost`` it only shapes
+        plans; reported FLOPs never include it.
+
+    Certification (see :mod:`moco_compile.passes.planning.certify`)
+        ``rounding_tolerance``, ``rounding_floor``: how far float rounding in the shipped
+        graph can move a log-probability score (of magnitude 1 or more; a score ``s``
+        nearer 0 moves ``|s|`` times less, plus ``rounding_floor``: see
+        :class:`~moco_compile.passes.planning.routing.Rounding`).  Rows whose route such a change
+        could flip count against the budget, and are the only rows the shipped graph may
+        route differently from the simulation.
+        ``narrow_float_ulps``: models whose cut tensors are narrower than float32 pool
+        them in that precision in the graph, so the tolerance is raised to this many
+        units of that float's precision (:meth:`for_cut_types`; reference CNN exported
+        in float16: margins in the graph differ from the simulation by up to 3e-4, a
+        third of a float16 unit).
+
+    The compiled graph (see :mod:`moco_compile.passes.graph.rewrite`)
+        ``exit_layout``: ``"nested"`` (each exit runs the rest of the network inside an
+        ``If`` taken only when rows are left) or ``"flat"`` (every stage at the top level on
+        the rows left, 0 rows once all have exited).  ``max_exits``: at most this many exits
+        in a plan; nested exits nest one subgraph level each, so there it is at most
+        :data:`MAX_NESTED_GRAPHS` less the model's own nesting (:meth:`for_model_nesting`).
+
+    Out-of-distribution guard (see :mod:`moco_compile.passes.calibration.guard`)
+        ``ood_guard``: None (no guard), or the share of calibration-like rows each exit's
+        guard may turn away, in (0, 1): rows farther from the fitting rows than that
+        quantile cannot leave at that exit.  ``guard_rounding``: how far float rounding in
+        the shipped graph can move a guard's distance, relative to its threshold (rows
+        within it may be sent on or not; raised like ``rounding_tolerance`` for narrow
+        cut types).
+    """
+
+    test_fraction: float = 0.5
+    min_design_rows: int = 100
+    max_design_rows: int = 50_000
+    report_min_rows: int = 20_000
+    report_fraction: float = 0.1
+    max_report_rows: int = 2_000
+    cross_fit_folds: int = 3
+    variant_held_out: float = 0.25
+    variant_min_gain: float = 0.01
+    families: tuple[str, ...] = DEFAULT_FAMILIES
+    family_selection: str = "cross-validated"
+    family_cv_repeats: int = 3
+    family_choice_errors: float = 1.0
+    family_cv_plans: int = 100
+    step_fraction: float = 0.005
+    step_multipliers: tuple[int, ...] = (1, 4, 16, 64)
+    shared_step_fraction: float = 0.001
+    design_risk_factor: float = 3.0
+    elimination_risk_fraction: float = 0.7
+    elimination_candidates: int | None = 4
+    per_class_candidates: int = 12
+    max_exits: int = 24
+    exit_layout: str = DEFAULT_EXIT_LAYOUT
+    boundary_cost: float = 100.0
+    exit_fixed_cost: float = 250_000.0
+    rounding_tolerance: float = 1e-4
+    rounding_floor: float = 16 * 2.0 ** -23  # 16 units of float32 at log p = 0
+    narrow_float_ulps: float = 16.0
+    ood_guard: float | None = None
+    guard_rounding: float = 1e-3
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if not self.families or unknown:
+            raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {tuple(self.families)}")
+        if self.family_selection not in FAMILY_SELECTIONS:
+            raise ValueError(f"family_selection must be one of {FAMILY_SELECTIONS}, got {self.family_selection!r}")
+        for name in ("test_fraction", "report_fraction", "variant_held_out", "step_fraction",
+                     "shared_step_fraction", "elimination_risk_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.family_cv_repeats < 1 or self.family_choice_errors < 0 or self.family_cv_plans < 2:
+            raise ValueError(f"family_cv_repeats must be at least 1, family_choice_errors >= 0 and "
+                             f"family_cv_plans at least 2, got {self.family_cv_repeats}, "
+                             f"{self.family_choice_errors} and {self.family_cv_plans}")
+        if (self.elimination_candidates is not None and self.elimination_candidates < 1) \
+                or self.per_class_candidates < 1:
+            raise ValueError(f"elimination_candidates (or None) and per_class_candidates must be at least 1, got "
+                             f"{self.elimination_candidates} and {self.per_class_candidates}")
+        if self.exit_layout not in EXIT_LAYOUTS:
+            raise ValueError(f"exit_layout must be one of {EXIT_LAYOUTS}, got {self.exit_layout!r}")
+        if self.exit_layout == "nested" and not 1 <= self.max_exits <= MAX_NESTED_GRAPHS:
+            raise ValueError(f"max_exits must be between 1 and {MAX_NESTED_GRAPHS} (the If nesting an ONNX file "
+                             f"can hold) with exit_layout='nested', got {self.max_exits}; exit_layout='flat' "
+                             "nests nothing")
+        if self.max_exits < 1:
+            raise ValueError(f"max_exits must be at least 1, got {self.max_exits}")
+        if self.cross_fit_folds < 2:
+            raise ValueError(f"cross_fit_folds must be at least 2, got {self.cross_fit_folds}")
+        if self.min_design_rows < 2 * self.cross_fit_folds:
+            raise ValueError(f"min_design_rows must be at least {2 * self.cross_fit_folds}, got {self.min_design_rows}")
+        if self.max_design_rows < self.min_design_rows:
+            raise ValueError(f"max_design_rows must be at least min_design_rows ({self.min_design_rows}), "
+                             f"got {self.max_design_rows}")
+        if self.ood_guard is not None and not 0 < self.ood_guard < 1:
+            raise ValueError(f"ood_guard must be in (0, 1), got {self.ood_guard}: the share of calibration-like "
+                             "rows each exit's guard may turn away, e.g. 0.01 (or None for no guard)")
+        if min(self.rounding_tolerance, self.rounding_floor, self.narrow_float_ulps, self.boundary_cost,
+               self.exit_fixed_cost, self.guard_rounding) < 0 \
+                or self.design_risk_factor <= 0:
+            raise ValueError("rounding_tolerance, rounding_floor, narrow_float_ulps, boundary_cost, exit_fixed_cost "
+                             "and guard_rounding must be >= 0 and design_risk_factor > 0")
+
+    @property
+    def rounding(self) -> Rounding:
+        """How far float rounding in the shipped graph can move each margin."""
+        return Rounding(self.rounding_tolerance, self.rounding_floor, self.guard_rounding)
+
+    def for_cut_types(self, types: Iterable[int]) -> "PlannerConfig":
+        """This configuration with ``rounding_tolerance`` raised for cut tensors of element
+        types (``onnx.TensorProto`` enums) narrower than float32."""
+        units = [_FLOAT_UNIT[t] for t in types if _FLOAT_UNIT.get(t, 0.0) > _FLOAT_UNIT[TensorProto.FLOAT]]
+        if not units:
+            return self
+        widest = self.narrow_float_ulps * max(units)
+        return replace(self, rounding_tolerance=max(self.rounding_tolerance, widest),
+                       guard_rounding=max(self.guard_rounding, widest))
+
+    def for_model_nesting(self, levels: int) -> "PlannerConfig":
+        """This configuration with ``max_exits`` lowered so that exits nested in a model whose own
+        subgraphs nest ``levels`` deep stay within :data:`MAX_NESTED_GRAPHS` (flat exits nest nothing)."""
+        if self.exit_layout == "flat":
+            return self
+        room = MAX_NESTED_GRAPHS - levels
+        if room < 1:
+            raise ModelError(f"the model's subgraphs (If/Loop/Scan) already nest {levels} levels deep and an ONNX "
+                             f"file holds at most {MAX_NESTED_GRAPHS + 1}: no exit can be nested in it")
+        return self if self.max_exits <= room else replace(self, max_exits=room)
+
+    def family_delta(self, budget: Budget) -> float:
+        """The error rate each certified family is tested at."""
+        share = len(self.families) if self.family_selection == "bonferroni" else 1
+        return budget.delta / share

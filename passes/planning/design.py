@@ -1,0 +1,492 @@
+"""Plan design: nested families of exit plans, built on the design rows only.
+
+A plan is a ``[exits, classes]`` threshold matrix (``inf`` = class off).  A
+family is a list of plans ordered from no exits to more and more rows leaving;
+certification (:mod:`moco_compile.passes.planning.certify`) tests it in that order.
+
+* ``"per-class"``: starting from no exits, repeatedly lower the one (cut, class)
+  threshold that buys the most cost saved per extra design risk (rows that left
+  earlier no longer available), so cheap early exits and precise classes are
+  preferred where they pay;
+* ``"per-cut"``: the same greedy with one threshold per cut for all its classes
+  (a max-probability rule per exit: the early exits that are sure earlier get
+  their own threshold, with a class's fewer degrees of freedom);
+* ``"shared"``: one threshold on every open exit's log-probabilities, lowered
+  step by step (a max-probability rule; one degree of freedom, so it
+  generalises well from few rows);
+* ``"shared-all"``: the same with every candidate exit open (the plain
+  max-softmax early exit of BranchyNet / SDN): no exit set is chosen on the
+  design rows, so it cannot overfit them, which matters when they are few.
+  Beyond ``PlannerConfig.max_exits`` candidates (nested, an ONNX file cannot hold more),
+  that many are opened, spread evenly over the compute, still without the rows.
+
+No family opens an exit that cannot pay (:meth:`DesignProblem.payable`): one where a row
+leaving costs more than the full network, its rule and overhead (``PlannerConfig.boundary_cost``
+and ``exit_fixed_cost``) included; a late exit of a small network is one.
+
+Which exits ``"shared"``, ``"per-cut"`` and ``"per-class"`` open is chosen by backward
+elimination: starting from all, drop the exit whose removal lowers the design
+cost most (at a fraction of the budget) while one does; opening an exit
+charges its cost to every row reaching it, which a one-threshold-at-a-time
+search could never pay for.  So that planning scales to deep models (47 candidate
+cuts: 3 s per path, thousands of paths tried exhaustively), each round rebuilds the
+path only without the few exits whose removal, thresholds kept, saves most
+(priced for all exits in one routing), and the greedy families start from at most
+``PlannerConfig.per_class_candidates`` exits chosen by the one-threshold elimination.
+
+:func:`choose_family` picks one family without looking at the test rows: each
+family is built on one half of the design rows and scored on the other, both
+ways and repeatedly, at the disagreement the test split could certify; the
+simplest family within one standard error of the best wins (the error of
+repeated cross-validation corrected for its overlapping folds, Nadeau & Bengio
+2003: without it a richer family won on noise and trailed the plain max-softmax
+rule on small calibration sets).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from moco_compile.passes.planning.bounds import max_certifiable_failures
+from moco_compile.passes.planning.counts import Split, count_plans
+from moco_compile.passes.planning.config import Budget, PlannerConfig
+from moco_compile.passes.planning.routing import route, stage_costs
+
+Plan = np.ndarray  # [exits, classes] thresholds
+Path = list[tuple[Plan, float, float]]  # (plan, design cost, design risk) per step
+
+
+@dataclass(frozen=True)
+class DesignProblem:
+    """What every family construction reads: design scores, costs, the budget and the config."""
+
+    design: Split
+    flops_before: np.ndarray  # per candidate exit
+    exit_costs: np.ndarray  # planning cost of each exit per row reaching it (rule + boundary + fixed)
+    total_flops: float
+    budget: Budget
+    config: PlannerConfig
+
+    @classmethod
+    def build(cls, design: Split, flops_before: np.ndarray, rule_flops: np.ndarray, cut_elements: np.ndarray,
+              total_flops: float, budget: Budget, config: PlannerConfig) -> "DesignProblem":
+        exit_costs = rule_flops + exit_overhead(cut_elements, config)
+        return cls(design, flops_before, exit_costs, total_flops, budget, config)
+
+    def on(self, design: Split) -> "DesignProblem":
+        """The same problem on other design rows."""
+        return DesignProblem(design, self.flops_before, self.exit_costs, self.total_flops, self.budget, self.config)
+
+    def row_risk(self, split: Split) -> np.ndarray:
+        """``[N, C]``: risk (in budgets) a row adds if it leaves with class c."""
+        classes = split.scores[0].shape[1]
+        wrong = (np.arange(classes)[None, :] != split.predictions[:, None]) / self.budget.max_disagreement
+        if self.budget.max_accuracy_drop is not None:
+            harmed = (split.predictions == split.labels)[:, None] & \
+                (np.arange(classes)[None, :] != split.labels[:, None])
+            wrong = wrong + harmed / self.budget.max_accuracy_drop
+        return wrong
+
+    def risk_cap(self) -> float:
+        """Design risk (in budgets) at which a path stops growing."""
+        return self.config.design_risk_factor * len(self.design) * (1 + (self.budget.max_accuracy_drop is not None))
+
+    def payable(self) -> np.ndarray:
+        """Exits that could save anything: a row leaving there costs less than the full network.
+        Decided from costs alone, without rows, so even ``"shared-all"`` leaves the others closed
+        (an exit whose fixed cost exceeds the network after its cut only ever slows rows down)."""
+        return self.flops_before + self.exit_costs < self.total_flops
+
+    def costs(self, active: np.ndarray) -> np.ndarray:
+        """Planning cost of leaving at each exit (last: full network) with ``active`` exits built."""
+        return stage_costs(self.flops_before, np.where(active, self.exit_costs, 0.0), self.total_flops)
+
+
+def build_family(name: str, problem: DesignProblem) -> list[Plan]:
+    """The nested plans of family ``name`` on ``problem``'s design rows."""
+    return build_families([name], problem)[name]
+
+
+def build_families(names: Sequence[str], problem: DesignProblem) -> dict[str, list[Plan]]:
+    """The nested plans of each family in ``names`` on ``problem``'s design rows.
+
+    The greedy families (``"per-cut"``, ``"per-class"``) cost O(open exits) per step, so with more
+    than ``PlannerConfig.per_class_candidates`` candidates their elimination starts from the exits
+    the cheap one-threshold elimination keeps, that elimination continued down to the cap; the
+    one-threshold elimination runs once for every family.
+    """
+    sorted_scores = [-np.sort(-s, axis=0) for s in problem.design.scores]
+    payable = problem.payable()
+    if not payable.any():
+        closed = np.full((len(payable), problem.design.scores[0].shape[1]), np.inf, np.float32)
+        return {name: [closed] for name in names}
+    max_exits = problem.config.max_exits
+    cap = min(problem.config.per_class_candidates, max_exits)
+    capped = any(name in _GREEDY_PATHS for name in names) and payable.sum() > cap
+    if "shared" in names or capped:
+        shared_kept, shared_path = _eliminate(_shared_path, problem, sorted_scores, payable,
+                                              keep_at_most=max_exits)
+    if capped:
+        greedy_start = _eliminate(_shared_path, problem, sorted_scores, shared_kept, keep_at_most=cap)[0]
+    families = {}
+    for name in names:
+        if name == "shared-all":
+            path = _shared_path(problem, sorted_scores, _spread_evenly(problem.flops_before, payable, max_exits))
+        elif name == "shared":
+            path = shared_path
+        elif name in _GREEDY_PATHS:
+            path = _eliminate(_GREEDY_PATHS[name], problem, sorted_scores, greedy_start if capped else payable)[1]
+        else:
+            raise ValueError(f"unknown plan family {name!r}")
+        families[name] = [plan for plan, _, _ in path]
+    return families
+
+
+def _spread_evenly(flops_before: np.ndarray, among: np.ndarray, count: int) -> np.ndarray:
+    """The exits in ``among`` when there are at most ``count``, else ``count`` of them spread evenly over
+    the compute before them (the first and the last kept): chosen without looking at any row."""
+    if among.sum() <= count:
+        return among.copy()
+    indices = np.flatnonzero(among)
+    before = flops_before[indices]
+    chosen: set[int] = set()
+    for target in np.linspace(before.min(), before.max(), count):  # nearest not chosen yet
+        order = np.argsort(np.abs(before - target), kind="stable")
+        chosen.add(int(next(k for k in order if k not in chosen)))
+    active = np.zeros(len(flops_before), bool)
+    active[indices[list(chosen)]] = True
+    return active
+
+
+def _eliminate(path_of: Callable[[DesignProblem, list[np.ndarray], np.ndarray], Path], problem: DesignProblem,
+               sorted_scores: list[np.ndarray], active: np.ndarray,
+               keep_at_most: int | None = None) -> tuple[np.ndarray, Path]:
+    """Backward elimination from ``active``: drop the exit whose removal lowers the design cost at
+    ``elimination_risk_fraction`` of the budget most, while one does (and, down to ``keep_at_most``
+    exits, the one whose removal raises it least); the kept exits and their path."""
+    risk = problem.config.elimination_risk_fraction * len(problem.design)
+    active = active.copy()
+    path = path_of(problem, sorted_scores, active)
+    value = _cost_within(path, risk)
+    while active.sum() > 1:
+        trials = []
+        for k in _removal_candidates(problem, path, active, risk):
+            trial = active.copy()
+            trial[k] = False
+            trial_path = path_of(problem, sorted_scores, trial)
+            trials.append((_cost_within(trial_path, risk), k, trial_path))
+        trial_value, k, trial_path = min(trials, key=lambda t: t[:2])
+        if trial_value >= value and (keep_at_most is None or active.sum() <= keep_at_most):
+            break
+        active[k], value, path = False, trial_value, trial_path
+    return active, path
+
+
+def _removal_candidates(problem: DesignProblem, path: Path, active: np.ndarray, risk: float) -> np.ndarray:
+    """The exits backward elimination tries to drop this round: every open exit, or, beyond
+    ``PlannerConfig.elimination_candidates`` of them, those whose removal lowers the design cost
+    of the path's best plan within ``risk`` most with its other thresholds unchanged (one
+    routing per exit instead of one path)."""
+    open_ = np.flatnonzero(active)
+    limit = problem.config.elimination_candidates
+    if limit is None or len(open_) <= limit:
+        return open_
+    costs_without = _design_costs_without_each(problem, _cheapest_within(path, risk)[0], active)
+    return open_[np.argsort(costs_without, kind="stable")[:limit]]
+
+
+def _design_costs_without_each(problem: DesignProblem, plan: Plan, active: np.ndarray) -> np.ndarray:
+    """For each open exit, the design cost of ``plan`` with that exit removed, in O(rows x exits)
+    for all of them: rows that left there go on to the next open exit that fires for them, every
+    other row reaching it saves its exit cost."""
+    open_ = np.flatnonzero(active)
+    margins = [s - t for s, t in zip(problem.design.scores, plan)]
+    routing = route(margins, problem.costs(active))
+    costs = []
+    for k in open_:
+        trial = active.copy()
+        trial[k] = False
+        at_k = routing.exit_index == k
+        later = open_[open_ > k]
+        moved = route([margins[j][at_k] for j in later], problem.costs(trial)[np.append(later, -1)],
+                      rows=int(at_k.sum()))
+        reaching = ~at_k & ((routing.exit_index < 0) | (routing.exit_index > k))
+        costs.append(routing.cost[~at_k].sum() - problem.exit_costs[k] * reaching.sum() + moved.cost.sum())
+    return np.array(costs)
+
+
+def choose_family(problem: DesignProblem, test_rows: int, seed: int = 0) -> tuple[str, dict[str, float]]:
+    """The simplest family whose held-out saving is within one (corrected) standard error of the
+    best's; and each family's held-out saving (planning cost, mean over folds).
+
+    Each family is built on one half of the design rows and scored on the other, both ways,
+    ``PlannerConfig.family_cv_repeats`` times: its saving is that of its best plan within the
+    disagreement a ``test_rows``-row test could certify.  Families are listed simplest first
+    (``PlannerConfig.families``); a richer one is kept only when it beats the simpler ones by more
+    than the noise of the folds, since on few design rows its extra choices mostly fit noise.
+    """
+    config, budget = problem.config, problem.budget
+    delta = config.family_delta(budget)
+    allowed_rate = max(max_certifiable_failures(test_rows, budget.max_disagreement, delta), 0) / test_rows
+    allowed_harm = None if budget.max_accuracy_drop is None else \
+        max(max_certifiable_failures(test_rows, budget.max_accuracy_drop, delta), 0) / test_rows
+    rng = np.random.default_rng(seed)
+    saved: dict[str, list[float]] = {name: [] for name in config.families}
+    for _ in range(config.family_cv_repeats):
+        half = rng.permutation(len(problem.design)) % 2 == 0
+        for build_on in (half, ~half):
+            on, held_out = problem.on(problem.design.take(build_on)), problem.design.take(~build_on)
+            for name, family in build_families(config.families, on).items():
+                saved[name].append(_best_within(family, held_out, problem, allowed_rate, allowed_harm))
+    scores = {name: float(np.mean(values)) for name, values in saved.items()}
+    best = max(scores, key=lambda name: (scores[name], -config.families.index(name)))
+
+    chosen = next(name for name in config.families  # the best always is within noise of itself
+                  if within_noise(np.subtract(saved[best], saved[name]), config.family_choice_errors))
+    return chosen, scores
+
+
+def within_noise(gaps: np.ndarray, errors: float) -> bool:
+    """Whether trailing the best family by ``gaps`` (one per fold of repeated 2-fold CV) is within
+    ``errors`` standard errors.  The folds share rows, so the naive error (std / sqrt(folds)) is far
+    too small; Nadeau & Bengio's correction adds held-out / fitting rows (1 for halves) to 1 / folds."""
+    return gaps.mean() <= errors * gaps.std(ddof=1) * math.sqrt(1 / len(gaps) + 1)
+
+
+def _best_within(family: list[Plan], rows: Split, problem: DesignProblem, allowed_rate: float,
+                 allowed_harm: float | None) -> float:
+    """Highest saving (planning cost) on ``rows`` among plans whose disagreement there is within
+    ``allowed_rate`` (and accuracy harm within ``allowed_harm``); of a long family, only
+    ``PlannerConfig.family_cv_plans`` plans evenly spaced along it are routed."""
+    plans = problem.config.family_cv_plans
+    if len(family) > plans:
+        family = [family[round(i)] for i in np.linspace(0, len(family) - 1, plans)]
+    counts = count_plans(family, rows, problem.config.rounding)
+    best = 0.0
+    for number, plan in enumerate(family):
+        failures = counts.failures(number, problem.budget)
+        if failures.disagreements > allowed_rate * len(rows):
+            continue
+        if allowed_harm is not None and failures.accuracy_harm > allowed_harm * len(rows):
+            continue
+        best = max(best, 1 - counts.mean_cost(number, problem.costs(np.isfinite(plan).any(axis=1))) / problem.total_flops)
+    return best
+
+
+def _per_class_path(problem: DesignProblem, sorted_scores: list[np.ndarray], active: np.ndarray) -> Path:
+    """Greedy path over the ``active`` exits' (cut, class) thresholds."""
+    return _greedy_path(problem, sorted_scores, active, _DesignState(problem, active))
+
+
+def _per_cut_path(problem: DesignProblem, sorted_scores: list[np.ndarray], active: np.ndarray) -> Path:
+    """Greedy path over the ``active`` exits' thresholds, one per cut on its top log-probability.
+
+    One threshold for every class of a cut admits a row exactly when its top class clears it,
+    with that class: the per-class greedy on scores masked to each row's top class, each cut's
+    classes lowered together.
+    """
+    design = problem.design
+    masked = [np.where(np.arange(s.shape[1])[None, :] == s.argmax(axis=1)[:, None], s, -np.inf).astype(s.dtype)
+              for s in design.scores]
+    masked_problem = problem.on(replace(design, scores=masked))
+    sorted_top = [-np.sort(-s.max(axis=1))[:, None] for s in design.scores]
+    return _greedy_path(problem, sorted_top, active, _DesignState(masked_problem, active))
+
+
+def _greedy_path(problem: DesignProblem, sorted_columns: list[np.ndarray], active: np.ndarray,
+                 state: "_DesignState") -> Path:
+    """Starting from no exits, repeatedly lower the one threshold that buys the most cost saved per
+    extra design risk.  ``sorted_columns[k]``: ``[rows, columns]`` scores of exit k, each column sorted
+    high to low; one threshold per column (a column per class, or one for every class of the cut)."""
+    rows, classes = problem.design.scores[0].shape
+    columns = sorted_columns[0].shape[1]
+    step = max(1, round(problem.config.step_fraction * rows))
+    sizes = step * np.asarray(problem.config.step_multipliers)  # larger moves too: the next rows by score
+    counts = np.zeros((len(active), columns), np.int64)         # may already leave earlier
+
+    def plan_of(counts: np.ndarray) -> Plan:
+        return np.broadcast_to(_thresholds(counts, sorted_columns), (len(active), classes)).copy()
+
+    path = [(plan_of(counts), state.total_cost, state.risk)]
+    while True:
+        best = None
+        for k in np.flatnonzero(active):
+            admitted = np.minimum(counts[k][:, None] + sizes[None, :], rows)  # [columns, sizes]
+            grid = _threshold_grid(sorted_columns[k], admitted)
+            saved, added_risk = state.deltas(k, np.broadcast_to(grid, (classes, len(sizes))))
+            if columns == 1:  # every class moves together
+                saved, added_risk = saved.sum(axis=0, keepdims=True), added_risk.sum(axis=0, keepdims=True)
+            ratio = np.where(added_risk <= 0, np.inf, saved / np.where(added_risk <= 0, 1.0, added_risk))
+            ratio[(saved <= 0) | (counts[k] == rows)[:, None]] = -np.inf
+            # the first of the highest (ratio, saved), in (column, size) order
+            candidates = np.flatnonzero(ratio.ravel() == ratio.max())
+            flat = candidates[np.argmax(saved.ravel()[candidates])]
+            column, size = divmod(int(flat), len(sizes))
+            priority = (ratio[column, size], saved[column, size])
+            if priority[0] > -np.inf and (best is None or priority > best[0]):
+                best = (priority, k, column, int(admitted[column, size]))
+        if best is None:
+            return path
+        _, k, column, q = best
+        counts[k, column] = q
+        plan = plan_of(counts)
+        for cls in (range(classes) if columns == 1 else [column]):
+            state.lower(k, cls, plan[k, cls])
+        if state.risk > problem.risk_cap():
+            return path
+        path.append((plan, state.total_cost, state.risk))
+
+
+_GREEDY_PATHS = {"per-cut": _per_cut_path, "per-class": _per_class_path}
+
+
+def _shared_path(problem: DesignProblem, sorted_scores: list[np.ndarray], active: np.ndarray) -> Path:
+    """One threshold for every class of every ``active`` exit, lowered step by step.
+
+    A row leaves at the first open exit whose top score is above the threshold, so as the
+    threshold falls it moves to an earlier exit exactly when it passes that exit's top score
+    and that score beats every earlier exit's.  Those moves, sorted by score, price every step
+    of the path with one cumulative sum.
+    """
+    rows, classes = problem.design.scores[0].shape
+    open_ = np.flatnonzero(active)
+    costs, row_risk = problem.costs(active), problem.row_risk(problem.design)
+    top = np.stack([problem.design.scores[k].max(axis=1) for k in open_], axis=1)  # [rows, open exits]
+    top_class = np.stack([problem.design.scores[k].argmax(axis=1) for k in open_], axis=1)
+    earlier_best = np.concatenate([np.full((rows, 1), -np.inf, top.dtype),
+                                   np.maximum.accumulate(top, axis=1)[:, :-1]], axis=1)
+    row, column = np.nonzero(top > earlier_best)  # (row, exit) pairs the row ever leaves at; row-major
+    # the move into (row, column) comes from the row's next such exit, or from the full network
+    last = np.append(row[1:] != row[:-1], True)
+    source = np.where(last, -1, np.roll(column, -1))
+    source_stage = np.where(source < 0, len(costs) - 1, open_[source])
+    source_risk = np.where(source < 0, 0.0, row_risk[row, top_class[row, np.maximum(source, 0)]])
+    cost_change = costs[open_[column]] - costs[source_stage]
+    risk_change = row_risk[row, top_class[row, column]] - source_risk
+    order = np.argsort(-top[row, column], kind="stable")
+    move_scores = top[row, column][order]  # descending
+    cost_after = rows * costs[-1] + np.concatenate([[0.0], np.cumsum(cost_change[order])])
+    risk_after = np.concatenate([[0.0], np.cumsum(risk_change[order])])
+
+    off = np.full((len(active), classes), np.inf, np.float32)
+    path = [(off, float(cost_after[0]), 0.0)]
+    best = -np.sort(-top.ravel())
+    stride = max(1, round(problem.config.shared_step_fraction * len(best)))
+    moved = 0
+    for count in range(stride, len(best) + 1, stride):
+        threshold = np.float32(_threshold(best, count))
+        now_moved = int(np.searchsorted(-move_scores, -threshold, side="left"))  # moves with score > threshold
+        if risk_after[now_moved] > problem.risk_cap():
+            break
+        if now_moved != moved:  # a plan that moves no design row adds only a test
+            path.append((np.where(active[:, None], threshold, off), float(cost_after[now_moved]),
+                         float(risk_after[now_moved])))
+            moved = now_moved
+    return path
+
+
+def _cheapest_within(path: Path, risk: float) -> tuple[Plan, float, float]:
+    """The step of a path with the lowest design cost among plans whose design risk is at most ``risk``."""
+    return min((step for step in path if step[2] <= risk), key=lambda step: step[1])
+
+
+def _cost_within(path: Path, risk: float) -> float:
+    """Lowest design cost on a path among plans whose design risk is at most ``risk``."""
+    return _cheapest_within(path, risk)[1]
+
+
+def _threshold(descending: np.ndarray, count: int) -> float:
+    """Threshold between the ``count``-th and the next highest score (inf for count 0)."""
+    return float(_threshold_grid(descending[:, None], np.array([[count]]))[0, 0])
+
+
+def _threshold_grid(descending: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``[classes, m]`` thresholds admitting the top ``counts[c, j]`` of column c of ``descending``
+    (each column sorted high to low; inf where the count is 0)."""
+    rows = len(descending)
+    columns = np.arange(descending.shape[1])[:, None]
+    above = descending[np.maximum(counts - 1, 0), columns]
+    below = np.where(counts < rows, descending[np.minimum(counts, rows - 1), columns], descending[-1][:, None] - 1.0)
+    return np.where(counts == 0, np.inf, ((above + below) / 2).astype(np.float64))
+
+
+def _thresholds(counts: np.ndarray, sorted_scores: Sequence[np.ndarray]) -> Plan:
+    """Per (cut, class) thresholds admitting the top ``counts[k, c]`` design scores."""
+    return np.array([_threshold_grid(scores, counts[k][:, None])[:, 0] for k, scores in enumerate(sorted_scores)],
+                    np.float32).reshape(counts.shape)
+
+
+class _DesignState:
+    """Where each design row exits under the current thresholds, what it costs and risks.
+
+    Every row reaching an ``active`` exit pays that exit's planning cost.  ``delta``
+    prices lowering one threshold in O(rows), so the greedy search can try every
+    (cut, class) move at each step.
+    """
+
+    def __init__(self, problem: DesignProblem, active: np.ndarray) -> None:
+        self.scores = problem.design.scores
+        self.row_risk = problem.row_risk(problem.design)
+        self.costs = problem.costs(active)
+        self.update(np.full((len(self.scores), self.scores[0].shape[1]), np.inf, np.float32))
+
+    def update(self, thresholds: Plan) -> None:
+        margins = [s - t for s, t in zip(self.scores, thresholds)]
+        routing = route(margins, self.costs)
+        self.exit_index, self.exit_class, self.cost = routing.exit_index, routing.exit_class, routing.cost
+        rows = np.arange(len(self.exit_index))
+        exited = self.exit_index >= 0
+        self.margin = np.full(len(rows), -np.inf)
+        self.margin[exited] = np.stack(margins)[self.exit_index[exited], rows[exited], self.exit_class[exited]]
+        self.current_risk = np.where(exited, self.row_risk[rows, np.maximum(self.exit_class, 0)], 0.0)
+        self.risk = float(self.current_risk.sum())
+        self.total_cost = float(self.cost.sum())
+
+    def lower(self, k: int, cls: int, threshold: np.float32) -> None:
+        """Lower threshold (k, cls) to ``threshold``, the only change since the last update: only
+        rows reaching exit k whose margin for ``cls`` there becomes positive (or beats the margin
+        they leave k with) move, to k with class ``cls``.  O(rows), where ``update`` routes anew."""
+        margin = self.scores[k][:, cls] - np.float32(threshold)
+        waiting = (self.exit_index < 0) | (self.exit_index > k)
+        at_k = self.exit_index == k
+        moved = (waiting & (margin > 0)) | (at_k & (self.exit_class != cls) & (margin > self.margin))
+        raised = at_k & (self.exit_class == cls)
+        self.margin[raised] = margin[raised]
+        self.exit_index[moved], self.exit_class[moved], self.margin[moved] = k, cls, margin[moved]
+        self.cost[moved] = self.costs[k]
+        self.current_risk[moved] = self.row_risk[moved, cls]
+        self.risk = float(self.current_risk.sum())
+        self.total_cost = float(self.cost.sum())
+
+    def deltas(self, k: int, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(cost saved, risk added) on the design rows, each ``[classes, m]``, if threshold
+        (k, c) alone became ``thresholds[c, j]``."""
+        scores, thresholds = self.scores[k], thresholds.astype(np.float32)  # as the plan will hold them
+        at_k = self.exit_index == k
+        waiting = ((self.exit_index < 0) | (self.exit_index > k))  # reach k and do not leave there yet
+        # rows that would newly leave at k: they save what they cost now minus the cost of leaving at k
+        newly = (scores[waiting][:, :, None] - thresholds[None]) > 0
+        gain = self.cost[waiting] - self.costs[k]
+        risk = self.row_risk[waiting] - self.current_risk[waiting][:, None]
+        saved = np.einsum("ncm,n->cm", newly, gain)
+        added = np.einsum("ncm,nc->cm", newly, risk)
+        # rows leaving at k with another class whose margin for this class would become larger
+        other = np.arange(scores.shape[1])[None, :] != self.exit_class[at_k][:, None]
+        switched = ((scores[at_k][:, :, None] - thresholds[None]) > self.margin[at_k][:, None, None]) & \
+            other[:, :, None]
+        added += np.einsum("ncm,nc->cm", switched, self.row_risk[at_k] - self.current_risk[at_k][:, None])
+        return saved, added
+
+
+def exit_overhead(elements: np.ndarray, config: PlannerConfig) -> np.ndarray:
+    """Planning cost, per row reaching it, of each exit besides its rule, given its cut's ``elements``
+    per row: ``boundary_cost`` per element plus ``exit_fixed_cost`` (see :class:`PlannerConfig`)."""
+    return config.boundary_cost * np.asarray(elements, np.float64) + config.exit_fixed_cost
+
+
+def cut_elements(shapes: Sequence[Sequence[int]]) -> np.ndarray:
+    """Elements per row of each cut tensor (what the boundary cost is charged per)."""
+    return np.array([math.prod(shape[1:]) for shape in shapes], np.float64)

@@ -1,0 +1,238 @@
+"""From calibration rows to a certified exit plan: split the rows, fit candidate exits, plan.
+
+This is what ``compile`` runs between calibration and the rewrite (and what benchmarks run
+on frames of many random calibration draws), whether the rows are one frame in memory or
+frame shards on a cluster (:class:`PlanningRows`).  Memory stays bounded by the design rows
+whatever the row count:
+
+1. split (:class:`~moco_compile.passes.planning.splits.RowSplit`): sizes from the row count, at most
+   ``PlannerConfig.max_design_rows`` rules rows; labels drawn block by block;
+2. read the rules rows into memory, fit the candidate exits there and design the plan
+   families on their cross-fitted scores (:meth:`ExitPlanner.design`);
+3. count what every plan of every family does on the test and report rows
+   (:class:`RowCounter`, chunk by chunk; the rows may be counted shard by shard anywhere
+   and the counts summed);
+4. certify from the test counts (:meth:`ExitPlanner.certify`), report from the report
+   counts (or the test counts, labelled so, when there is no report split).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+
+from moco_compile.errors import BudgetError, CalibrationDataError
+from moco_compile.frame import ActivationFrame
+from moco_compile.passes.calibration.calibrate import LABELS, PREDICTIONS, PROBABILITIES
+from moco_compile.passes.planning.candidates import Candidates, candidate_split, fit_candidates
+from moco_compile.passes.planning.counts import count_plans, PlanCounts
+from moco_compile.passes.planning.config import Budget, PlannerConfig
+from moco_compile.passes.graph.cut_points import CutPoint
+from moco_compile.passes.calibration.exit_confidence import MIN_ROWS, TemperatureFitter
+from moco_compile.passes.planning.counts import Split
+from moco_compile.passes.planning.planner import ExitPlanner, NoPlanError
+from moco_compile.passes.planning.types import Exit, ExitPlan, PlanEvaluation
+from moco_compile.passes.planning.routing import Rounding, route_scores, stage_costs
+from moco_compile.passes.planning.splits import SPLIT_COLUMN, SPLITS, RowSplit, check_split_sizes, split_sizes
+
+COUNTED_SPLITS = ("test", "report")  # the splits counted over every row (the rules rows are read)
+COUNT_CHUNK_ROWS = 16_384  # rows scored and routed at once while counting
+Counts = dict[str, dict[str, PlanCounts]]  # split name -> family name -> counts of its plans
+
+
+@dataclass(frozen=True)
+class RowCounter:
+    """Counts what each plan of ``families`` (thresholds over ``candidates``) does on the test and
+    report rows of a frame chunk, the chunk's split labels drawn from ``split``.  Small and
+    picklable: workers receive it and count their own rows."""
+
+    candidates: list[Exit]
+    families: dict[str, list[np.ndarray]]
+    split: RowSplit
+    rounding: Rounding
+
+    def count(self, frame: ActivationFrame, start: int = 0, chunk_rows: int = COUNT_CHUNK_ROWS) -> Counts:
+        """Counts of ``frame``'s rows, which are rows ``start``, ``start + 1``, ... of the split,
+        ``chunk_rows`` rows in memory at a time."""
+        total: Counts | None = None
+        for offset in range(0, max(len(frame), 1), chunk_rows):
+            part = frame[offset:offset + chunk_rows]
+            labels = self.split.labels(start + offset, start + offset + len(part))
+            counts = {name: self._count(part.take(np.flatnonzero(labels == SPLITS.index(name))))
+                      for name in COUNTED_SPLITS}
+            total = counts if total is None else add_counts(total, counts)
+        return total
+
+    def _count(self, frame: ActivationFrame) -> dict[str, PlanCounts]:
+        rows = candidate_split(self.candidates, frame, self.rounding)
+        return {name: count_plans(plans, rows, self.rounding) for name, plans in self.families.items()}
+
+
+def add_counts(first: Counts, second: Counts) -> Counts:
+    """The counts of two disjoint sets of rows, summed."""
+    return {split: {family: counts + second[split][family] for family, counts in families.items()}
+            for split, families in first.items()}
+
+
+class PlanningRows(Protocol):
+    """Calibration rows as planning reads them: a row count, a few rows in memory, counts over all."""
+
+    labelled: bool  # whether the rows have labels
+
+    def __len__(self) -> int:
+        """How many rows there are."""
+
+    def read(self, positions: np.ndarray) -> ActivationFrame:
+        """The rows at sorted ``positions``, in memory."""
+
+    def count(self, counter: RowCounter) -> Counts:
+        """``counter``'s counts summed over every row."""
+
+    def kept_frame(self, split: RowSplit, first: int) -> ActivationFrame:
+        """The rows a build keeps, with their split (column ``SPLIT_COLUMN``): at least the rules
+        rows and the ``first`` rows (they verify the compiled graph), in row order."""
+
+
+class FrameRows:
+    """Rows of one frame (in memory or memory-mapped), counted in this process."""
+
+    def __init__(self, frame: ActivationFrame) -> None:
+        self.frame = frame
+        self.labelled = LABELS in frame
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def read(self, positions: np.ndarray) -> ActivationFrame:
+        return self.frame.take(positions)
+
+    def count(self, counter: RowCounter) -> Counts:
+        return counter.count(self.frame)
+
+    def kept_frame(self, split: RowSplit, first: int) -> ActivationFrame:
+        """Every row (they are in memory already)."""
+        return self.frame.with_column(SPLIT_COLUMN, split.labels(0, len(self)))
+
+
+@dataclass
+class Planning:
+    """The plan, the split of the calibration rows, the plan's figures on the report rows (or the
+    test rows when there is no report split: ``evaluated_on``), and how it was found
+    (``candidates`` and ``planner`` are None when planning was skipped for too few rows)."""
+
+    plan: ExitPlan
+    row_split: RowSplit
+    evaluation: PlanEvaluation
+    evaluated_on: str
+    candidates: Candidates | None
+    planner: ExitPlanner | None
+
+    @property
+    def split(self) -> np.ndarray:
+        """Every calibration row's split (index into ``SPLITS``; one label per row in memory)."""
+        return self.row_split.labels(0, self.row_split.rows)
+
+
+def plan_exits(frame: ActivationFrame, cuts: Sequence[CutPoint], num_classes: int, total_flops: float,
+               budget: Budget, config: PlannerConfig = PlannerConfig(), seed: int = 0,
+               allow_no_exit: bool = False) -> Planning:
+    """:func:`plan_rows` of one frame's rows."""
+    return plan_rows(FrameRows(frame), cuts, num_classes, total_flops, budget, config, seed, allow_no_exit)
+
+
+def plan_rows(rows: PlanningRows, cuts: Sequence[CutPoint], num_classes: int, total_flops: float,
+              budget: Budget, config: PlannerConfig = PlannerConfig(), seed: int = 0,
+              allow_no_exit: bool = False) -> Planning:
+    """Split ``rows`` (seeded), fit candidate exits on the rules rows, design plan families there and
+    certify one on the counts of the test rows.
+
+    Raises :class:`CalibrationDataError` when there are too few rows to certify
+    anything and :class:`BudgetError` when no plan with exits is certified; with
+    ``allow_no_exit`` both give the plan with no exits instead, its certificate saying why.
+    """
+    if budget.max_accuracy_drop is not None and not rows.labelled:
+        raise CalibrationDataError("--max-accuracy-drop needs labels: add a 'labels' array to the calibration "
+                                   "data, or drop --max-accuracy-drop")
+    try:
+        sizes = check_split_sizes(len(rows), budget, config)
+    except CalibrationDataError as error:
+        if not allow_no_exit:
+            raise
+        return _no_exit(rows, num_classes, total_flops, budget, config, seed, str(error))
+    split = RowSplit.draw(len(rows), seed, sizes)
+    design_frame = rows.read(split.positions("rules"))
+    candidates = fit_candidates(design_frame, cuts, num_classes, budget, config)
+    design = Split(candidates.design_scores, design_frame[PREDICTIONS],
+                   design_frame[LABELS] if rows.labelled else None, candidates.design_guard)
+    probabilities = design_frame[PROBABILITIES] if PROBABILITIES in design_frame else None
+    del design_frame
+    planner = ExitPlanner(budget, config, seed)
+    families = planner.design(candidates.exits, design, sizes["test"], total_flops)
+    if not planner.problem_.payable().any():
+        reason = (f"no exit can pay for itself: on this network ({total_flops:,.0f} FLOPs per row) leaving at any "
+                  f"cut costs more than the full network once each exit's overhead is counted (at least "
+                  f"{config.exit_fixed_cost:,.0f} FLOP-equivalents, PlannerConfig.exit_fixed_cost: its kernel "
+                  "launches, paid per batch)")
+        if not allow_no_exit:
+            raise BudgetError(f"{reason}. Pass --allow-no-exit to emit the unchanged graph")
+        return _no_exit(rows, num_classes, total_flops, budget, config, seed, reason)
+    counts = rows.count(RowCounter(candidates.exits, families, split, config.rounding))
+    try:
+        plan = planner.certify(counts["test"])
+    except NoPlanError as error:
+        if not allow_no_exit:
+            raise BudgetError(f"no exit plan can be certified ({error})") from error
+        return _no_exit(rows, num_classes, total_flops, budget, config, seed, str(error))
+    if not plan.exits and not allow_no_exit:
+        raise BudgetError(
+            f"no exit plan meets --max-disagreement {budget.max_disagreement:g} at --confidence "
+            f"{budget.confidence:g}: every plan with exits failed the test on {sizes['test']} held-out "
+            "rows. Raise the budget, give more calibration rows, or pass --allow-no-exit to emit "
+            "the unchanged graph")
+    if probabilities is not None:
+        plan = calibrate_confidence(plan, candidates, probabilities)
+    evaluated_on = _evaluated_on(split)
+    return Planning(plan, split, planner.evaluation(counts[evaluated_on]), evaluated_on, candidates, planner)
+
+
+def _evaluated_on(split: RowSplit) -> str:
+    """Where the plan's figures come from: the report rows, or the test rows when there are none."""
+    return "report" if split.sizes["report"] else "test"
+
+
+def calibrate_confidence(plan: ExitPlan, candidates: Candidates, probabilities: np.ndarray) -> ExitPlan:
+    """``plan`` with each exit's confidence scale (:mod:`~moco_compile.passes.calibration.exit_confidence`) fitted on
+    the rule-fitting rows that leave there under it (their cross-fitted scores and guard verdicts, as
+    planning saw them; every fitting row's scores when fewer than ``MIN_ROWS`` leave there).
+    ``probabilities``: the full model's, on the rule-fitting rows.  Routing is unchanged."""
+    position = {candidate.cut.tensor: k for k, candidate in enumerate(candidates.exits)}
+    chosen = [position[e.cut.tensor] for e in plan.exits]
+    scores = [candidates.design_scores[k] for k in chosen]
+    guard = None if candidates.design_guard is None else candidates.design_guard.at(chosen)
+    routing = route_scores(scores, np.array([e.thresholds for e in plan.exits]), rows=len(probabilities),
+                           guard=guard)
+    fitter, exits = TemperatureFitter(), []
+    for k, exit_ in enumerate(plan.exits):
+        rows = routing.exit_index == k
+        rows = rows if rows.sum() >= MIN_ROWS else np.ones_like(rows)
+        log_probs = scores[k][rows]
+        scale = fitter.fit(log_probs, log_probs - exit_.thresholds, probabilities[rows]) \
+            if exit_.scores.normalize == "log_softmax" else None
+        exits.append(replace(exit_, confidence_scale=scale))
+    return replace(plan, exits=exits)
+
+
+def _no_exit(rows: PlanningRows, num_classes: int, total_flops: float, budget: Budget, config: PlannerConfig,
+             seed: int, reason: str) -> Planning:
+    """The unchanged model as a plan: nothing is certified because nothing changes."""
+    split = RowSplit.draw(len(rows), seed, split_sizes(len(rows), budget, config))
+    certificate = {"certified": None, "reason": f"no exits: {reason}", "max_disagreement": budget.max_disagreement,
+                   "max_accuracy_drop": budget.max_accuracy_drop, "confidence": budget.confidence}
+    no_exit = np.zeros((0, num_classes), np.float32)
+    evaluated_on = _evaluated_on(split)
+    counts = rows.count(RowCounter([], {"none": [no_exit]}, split, config.rounding))[evaluated_on]["none"]
+    evaluation = PlanEvaluation.from_counts(counts, 0, np.zeros(0, np.int64), stage_costs(np.zeros(0), np.zeros(0),
+                                                                                          total_flops), total_flops)
+    return Planning(ExitPlan([], total_flops, certificate), split, evaluation, evaluated_on, None, None)

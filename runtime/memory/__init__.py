@@ -1,0 +1,1 @@
+"""Measured peak memory of onnxruntime runs."""

@@ -1,0 +1,1 @@
+"""Serving mixture-of-experts decoders with offloaded experts: decoding, expert cache, timeline."""

@@ -1,4 +1,7 @@
-"""Writing benchmark figures into benchmarks/RESULTS.md, one section per benchmark."""
+"""Writing benchmark figures into benchmarks/RESULTS.md, one section per benchmark.
+
+A section is found by its ``## title`` heading wherever it sits and only it is rewritten: the file's order and
+its preamble (headline table, contents) are kept by hand, and a new title is appended at the end."""
 from __future__ import annotations
 
 import os

@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import tempfile
-from contextlib import contextmanager
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,12 +16,13 @@ import onnx
 from moco_compile.frame import ActivationFrame, load_frame, written_by_moco
 from moco_compile.importer import ImportedModel, import_model
 from moco_compile.prepare import MAX_VERIFIED_ROWS, cut_points_of
+from moco_compile.progress import Phases
 from moco_compile.outputs import check_output_dir, check_output_file, staged_output_dir, staged_output_file
 from moco_compile.passes.calibration.calibrate import LABELS, PROBABILITIES, calibrate, variant_features
 from moco_compile.passes.planning.config import Budget, PlannerConfig
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.graph.index import elem_types, subgraph_nesting
-from moco_compile.passes.planning.routing import guard_verdicts
+from moco_compile.passes.planning.routing import Routing
 from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.passes.planning.pipeline import FrameRows, Planning, plan_rows
 from moco_compile.passes.graph.rewrite import annotate_costs, insert_exits
@@ -69,7 +69,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
             out_dir: str | os.PathLike | None = None, output: str | None = None,
             example_input: Any = None, max_disagreement: float = 0.01, confidence: float = 0.95,
             max_accuracy_drop: float | None = None, ood_guard: float | None = None, allow_no_exit: bool = False,
-            seed: int = 0, batch_size: int = 256, measure_latency: bool = True, show_progress: bool = True,
+            seed: int = 0, batch_size: int = 256, measure_latency: bool = True,
+            latency_seconds: float | None = None, show_progress: bool = True,
             planner_config: PlannerConfig | None = None, force: bool = False) -> CompileResult:
     """Compile ``model`` into one ONNX graph with early exits.
 
@@ -105,6 +106,12 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         when no plan with exits meets the budget or the rows are too few to certify one.
     seed:
         Seed of the random split of calibration rows (rules / test / report).
+    measure_latency, latency_seconds:
+        Time the compiled graph against the original at batch 1 and 64 on CPU, within
+        ``latency_seconds`` in all (default: 10% of the compile so far, between
+        2 and 15 seconds); the report says how many batches were timed.
+    show_progress:
+        Show each phase on stderr as it runs; ``report["phases"]`` holds their seconds either way.
     planner_config:
         How plans are designed and certified (:class:`~moco_compile.passes.planning.config.PlannerConfig`).
     force:
@@ -117,41 +124,48 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     inputs = _input_files(model)
     if out_dir is not None:
         check_output_dir(out_dir, inputs, force)
-    imported = import_model(model, output=output, example_input=example_input)
+    phases = Phases(show_progress)
+    with phases("import"):
+        imported = import_model(model, output=output, example_input=example_input)
     with tempfile.TemporaryDirectory(prefix="moco-") as scratch:  # the Ray engine's frame shards
-        if isinstance(calibration, ShardedData):
-            from moco_compile.scale.driver import calibrate_sharded
+        with phases("calibration", spinner=False):
+            if isinstance(calibration, ShardedData):
+                from moco_compile.scale.driver import calibrate_sharded
 
-            rows, cuts, kept = calibrate_sharded(imported, calibration, Path(scratch), batch_size, show_progress)
-        else:
-            frame, cuts, kept = _calibrate_local(imported, calibration, Path(scratch), batch_size, show_progress)
-            rows = FrameRows(frame)
+                rows, cuts, kept = calibrate_sharded(imported, calibration, Path(scratch), batch_size, show_progress)
+            else:
+                frame, cuts, kept = _calibrate_local(imported, calibration, Path(scratch), batch_size, show_progress)
+                rows = FrameRows(frame)
         types = elem_types(imported.model)
         config = config.for_cut_types(types.get(cut.tensor, onnx.TensorProto.FLOAT) for cut in cuts) \
             .for_model_nesting(subgraph_nesting(imported.model.graph))
         total_flops = cuts[0].flops_before + cuts[0].flops_after
-        with _stage("fitting rules and planning exits", show_progress):
-            planning = plan_rows(rows, cuts, imported.num_classes, total_flops, budget, config, seed, allow_no_exit)
+        planning = plan_rows(rows, cuts, imported.num_classes, total_flops, budget, config, seed, allow_no_exit,
+                             phase=phases)
         verified = len(next(iter(kept.values())))
         frame = rows.kept_frame(planning.row_split, verified)
     plan = planning.plan
-    compiled = annotate_costs(insert_exits(imported.model, plan.exits, imported.output, config.exit_layout),
-                              plan.stage_flops(), total_flops)
-    kept_frame = frame.take(np.arange(verified))
-    expected = plan.routing([variant_features(kept_frame, e.column, e.pooling) for e in plan.exits],
-                            len(kept_frame), config.rounding)
-    with _stage("verifying the compiled graph", show_progress):
-        verification = verify_compiled(compiled, imported.model, imported.output, kept, expected,
-                                       config.rounding_tolerance)
-    with _stage("measuring latency (batch 1 and 64)", show_progress and measure_latency):
-        latency = _latency(imported.model, compiled, kept) if measure_latency else {}
+    with phases("rewrite"):
+        compiled = annotate_costs(insert_exits(imported.model, plan.exits, imported.output, config.exit_layout),
+                                  plan.stage_flops(), total_flops)
+    features = [variant_features(frame, e.column, e.pooling) for e in plan.exits]
+    routing = plan.routing(features, len(frame), config.rounding)  # the chosen plan, routed once
+    with phases("verification"):
+        verification = verify_compiled(compiled, imported.model, imported.output, kept,
+                                       routing.take(np.arange(verified)), config.rounding_tolerance)
+    latency = {}
+    if measure_latency:
+        seconds = latency_seconds if latency_seconds is not None else latency_budget(phases.elapsed())
+        with phases("latency", f"timing batch 1 and 64 for about {seconds:.0f} s"):
+            latency = _latency(imported.model, compiled, kept, seconds)
     report = _report(imported, planning, verification.to_dict(), latency, total_flops)
-    evaluated = frame.take(np.flatnonzero(frame[SPLIT_COLUMN] == SPLITS.index(planning.evaluated_on)))
-    figures = _in_memory_figures(plan, evaluated)
+    evaluated = np.flatnonzero(frame[SPLIT_COLUMN] == SPLITS.index(planning.evaluated_on))
+    figures = _in_memory_figures(plan, frame, evaluated, features, routing)
     for item, rate in zip(report["exits"], figures.pop("guard_rates")):
         item["guard_rate"] = rate
     report.update(figures)
     report["source_model"] = source_model(inputs[0]) if inputs and inputs[0].is_file() else None
+    report["phases"] = phases.to_dict()
     result = CompileResult(compiled, plan, report, frame)
     if out_dir is not None:
         write_outputs(Path(out_dir), result, inputs=inputs, force=force)
@@ -204,18 +218,20 @@ def source_model(path: Path) -> dict:
     return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest()}
 
 
-def _in_memory_figures(plan: ExitPlan, frame: ActivationFrame) -> dict:
-    """Figures read from the evaluated rows the build keeps in memory (all of them in one process;
-    with the Ray engine, those among the first rows): each exit's guard rate, and exited rows' top
-    probability and calibration error vs the full model's on the same rows."""
-    features = [variant_features(frame, e.column, e.pooling) for e in plan.exits] if len(frame) else []
-    guard = guard_verdicts([e.guard for e in plan.exits], features, len(frame)) if len(frame) else None
-    figures: dict = {"in_memory_rows": len(frame), "guard_rates": [
+def _in_memory_figures(plan: ExitPlan, frame: ActivationFrame, evaluated: np.ndarray,
+                       features: list[np.ndarray], routing: Routing) -> dict:
+    """Figures read from the evaluated rows (indices ``evaluated`` into ``frame``, the rows the
+    build keeps in memory: all of them in one process; with the Ray engine, those among the first
+    rows), given every kept row's pooled features per exit and the plan's ``routing`` of them: each
+    exit's guard rate, and exited rows' top probability and calibration error vs the full model's."""
+    guard = None if routing.guard is None or not len(evaluated) else routing.guard.take(evaluated)
+    figures: dict = {"in_memory_rows": len(evaluated), "guard_rates": [
         None if guard is None or e.guard is None else float(guard.blocked[k].mean())
         for k, e in enumerate(plan.exits)], "exited_confidence": None}
-    if PROBABILITIES in frame and len(frame):
-        labels = frame[LABELS] if LABELS in frame else None
-        confidence = plan.confidence(features, frame[PROBABILITIES], labels)
+    if PROBABILITIES in frame and len(evaluated):
+        labels = frame[LABELS][evaluated] if LABELS in frame else None
+        confidence = plan.confidence([f[evaluated] for f in features], frame[PROBABILITIES][evaluated], labels,
+                                     routing.exit_index[evaluated])
         figures["exited_confidence"] = {
             **confidence.to_dict(), "scales": [e.confidence_scale for e in plan.exits],
             "note": "estimates on the evaluated rows kept in memory; ece_* against the labels (15 equal-width "
@@ -225,19 +241,33 @@ def _in_memory_figures(plan: ExitPlan, frame: ActivationFrame) -> dict:
     return figures
 
 
-def _latency(original: onnx.ModelProto, compiled: onnx.ModelProto,
-             inputs: Mapping[str, np.ndarray]) -> dict:
-    from moco_compile.runtime.latency import compare_latency
+LATENCY_SECONDS = (2.0, 15.0)  # the latency comparison's default time, at least / at most
+LATENCY_SHARE = 0.1  # of the compile so far
+
+
+def latency_budget(elapsed: float) -> float:
+    """Seconds the latency comparison may take by default: 10% of the compile so far, within
+    :data:`LATENCY_SECONDS` (a one-second comparison of a fast model is noise; a slow model's
+    compile should not wait minutes for a figure the serving machine measures better)."""
+    low, high = LATENCY_SECONDS
+    return min(high, max(low, LATENCY_SHARE * elapsed))
+
+
+def _latency(original: onnx.ModelProto, compiled: onnx.ModelProto, inputs: Mapping[str, np.ndarray],
+             seconds: float) -> dict:
+    """Compiled vs original on CPU at batch 1 and 64, ``seconds`` in all (half each)."""
+    from moco_compile.runtime.latency import time_sessions
     from moco_compile.runtime.session import make_session
 
     sessions = {"original": make_session(original, ["CPUExecutionProvider"]),
                 "compiled": make_session(compiled, ["CPUExecutionProvider"])}
     result = {}
     for batch_size in (1, 64):
-        seconds = compare_latency(sessions, inputs, batch_size, min_seconds=1.0)
-        result[f"batch_{batch_size}"] = {"original_ms": seconds["original"] * 1e3,
-                                         "compiled_ms": seconds["compiled"] * 1e3,
-                                         "ratio": seconds["compiled"] / seconds["original"]}
+        timing = time_sessions(sessions, inputs, batch_size, seconds / 2 / len(sessions))
+        result[f"batch_{batch_size}"] = {"original_ms": timing.seconds["original"] * 1e3,
+                                         "compiled_ms": timing.seconds["compiled"] * 1e3,
+                                         "ratio": timing.seconds["compiled"] / timing.seconds["original"],
+                                         "batches_timed": timing.batches_timed}
     return result
 
 
@@ -300,18 +330,6 @@ def write_outputs(out_dir: Path, result: CompileResult, *, inputs: Iterable[str 
         (staging / "report.json").write_text(json.dumps(result.report, indent=2))
         result.frame.save(staging / "frame.arrow")
     return out_dir
-
-
-@contextmanager
-def _stage(description: str, show: bool) -> Iterator[None]:
-    """A spinner on stderr while a stage of the compile runs (when ``show``)."""
-    if not show:
-        yield
-        return
-    from rich.console import Console
-
-    with Console(stderr=True).status(description):
-        yield
 
 
 class _InputKeeper:

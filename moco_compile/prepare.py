@@ -37,8 +37,10 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
     batches = _peekable(batches)
     first = batches.peek()
     feed = {name: first[name][:1] for name in imported.input_names}
-    side = _localize_side_inputs(imported, feed)
-    shapes = measure_shapes(imported.model, feed)
+    shapes = None if text is not None else measure_shapes(imported.model, feed)
+    side = _localize_side_inputs(imported, feed, shapes)
+    if side or shapes is None:  # localizing changed the graph: its shapes are measured (again) on the new one
+        shapes = measure_shapes(imported.model, feed)
     node_flops = flops_per_row(imported.model, shapes)
     text_options = {} if text is None else {"sequence_mask": text.mask, "summary_token": text.summary_token,
                                             "min_fraction_before": 0.0}
@@ -59,12 +61,16 @@ def model_for_plan(model: onnx.ModelProto, output: str | None,
     return imported.model, imported.output
 
 
-def _localize_side_inputs(imported: ImportedModel, feed: Mapping[str, np.ndarray]) -> tuple[str, ...]:
+def _localize_side_inputs(imported: ImportedModel, feed: Mapping[str, np.ndarray],
+                          shapes: Mapping[str, tuple] | None = None) -> tuple[str, ...]:
     """Make ``imported.model``'s later layers recompute what they derive from side inputs (a text
     model's masks; for any other model each input besides the main one that the network reads
-    cheaply, e.g. a feature vector joined before the head) from the compressed rows; the side inputs."""
+    cheaply, e.g. a feature vector joined before the head) from the compressed rows; the side inputs.
+    ``shapes``: the model's tensor shapes on ``feed``, when measured already."""
+    if imported.text is None and shapes is None:
+        shapes = measure_shapes(imported.model, feed)
     side = tuple(imported.text.side) if imported.text is not None else tuple(side_inputs_of(
-        imported.model, flops_per_row(imported.model, measure_shapes(imported.model, feed))))
+        imported.model, flops_per_row(imported.model, shapes)))
     if side:
         imported.model = localize_side_tensors(imported.model, side)
     return side

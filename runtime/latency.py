@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -40,12 +41,31 @@ def compare_passes(sessions: Mapping[str, ort.InferenceSession], batches: Sequen
     return timings
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Median seconds per batch of each session, and how many batches each session ran while timed."""
+
+    seconds: dict[str, float]
+    batches_timed: int
+
+
+def time_sessions(sessions: Mapping[str, ort.InferenceSession], inputs: Mapping[str, np.ndarray],
+                  batch_size: int, seconds: float = 1.0, rounds: int = 5) -> Timing:
+    """Time ``sessions`` on the same batches of ``batch_size`` rows for about ``seconds`` per session
+    (after a three-batch probe): fewer batches than ``inputs`` holds when a pass over all of them
+    would take longer, the same batches repeated when it would be shorter; ``rounds`` passes each,
+    alternating sessions, and the median pass."""
+    batches = batches_of(inputs, batch_size)
+    slowest = max(_one_pass(session, batches[:3]) / min(3, len(batches)) for session in sessions.values())
+    wanted = max(1, int(seconds / rounds / max(slowest, 1e-9)))  # batches per timed pass
+    batches = batches[:wanted] * max(1, math.ceil(wanted / len(batches)))
+    timings = compare_passes(sessions, batches, rounds, warmup=0)
+    return Timing({name: float(np.median(values)) / len(batches) for name, values in timings.items()},
+                  rounds * len(batches))
+
+
 def compare_latency(sessions: Mapping[str, ort.InferenceSession], inputs: Mapping[str, np.ndarray],
                     batch_size: int, min_seconds: float = 1.0, rounds: int = 5) -> dict[str, float]:
     """Median seconds per batch of each session over the same batches of ``batch_size`` rows,
-    measuring for about ``min_seconds`` per session in all."""
-    batches = batches_of(inputs, batch_size)
-    slowest = max(_one_pass(session, batches[:3]) / min(3, len(batches)) for session in sessions.values())
-    repeats = max(1, math.ceil(min_seconds / rounds / max(slowest * len(batches), 1e-9)))
-    timings = compare_passes(sessions, batches * repeats, rounds, warmup=0)
-    return {name: float(np.median(values)) / (len(batches) * repeats) for name, values in timings.items()}
+    measuring for about ``min_seconds`` per session in all (:func:`time_sessions`)."""
+    return time_sessions(sessions, inputs, batch_size, min_seconds, rounds).seconds

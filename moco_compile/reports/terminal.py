@@ -82,8 +82,10 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
     for name in ("batch_1", "batch_64"):
         if name in report.get("latency", {}):
             timing = report["latency"][name]
-            rows.append((f"latency {name.replace('_', ' ')} (compiled / original)",
-                         f"{timing['compiled_ms']:.3f} / {timing['original_ms']:.3f} ms = {timing['ratio']:.3f}x"))
+            timed = f", {timing['batches_timed']} batches timed" if "batches_timed" in timing else ""
+            rows.append((f"latency {name.replace('_', ' ')} (compiled / original, CPU)",
+                         f"{timing['compiled_ms']:.3f} / {timing['original_ms']:.3f} ms = {timing['ratio']:.3f}x"
+                         f"{timed}"))
     for name, value in rows:
         summary.add_row(name, value)
     console.print(summary)
@@ -103,3 +105,7 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
         console.print(f"latency: {report['latency_note']}", highlight=False)
     if report.get("traffic_scope"):
         console.print(f"scope: {report['traffic_scope']}", highlight=False)
+    phases = report.get("phases")
+    if phases:
+        spent = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases["seconds"].items())
+        console.print(f"time: {phases['total']:.1f} s ({spent})", highlight=False)

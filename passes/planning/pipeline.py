@@ -17,7 +17,8 @@ whatever the row count:
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -26,17 +27,17 @@ import numpy as np
 from moco_compile.errors import BudgetError, CalibrationDataError
 from moco_compile.frame import ActivationFrame
 from moco_compile.passes.calibration.calibrate import LABELS, PREDICTIONS, PROBABILITIES
-from moco_compile.passes.planning.candidates import Candidates, candidate_split, fit_candidates
-from moco_compile.passes.planning.counts import count_plans, PlanCounts
-from moco_compile.passes.planning.config import Budget, PlannerConfig
-from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.calibration.exit_confidence import MIN_ROWS, TemperatureFitter
-from moco_compile.passes.planning.counts import Split
+from moco_compile.passes.graph.cut_points import CutPoint
+from moco_compile.passes.planning.candidates import Candidates, candidate_split, fit_candidates
+from moco_compile.passes.planning.config import Budget, PlannerConfig
+from moco_compile.passes.planning.counts import PlanCounts, Split, count_plans
 from moco_compile.passes.planning.planner import ExitPlanner, NoPlanError
-from moco_compile.passes.planning.types import Exit, ExitPlan, PlanEvaluation
 from moco_compile.passes.planning.routing import Rounding, route_scores, stage_costs
 from moco_compile.passes.planning.splits import SPLIT_COLUMN, SPLITS, RowSplit, check_split_sizes, split_sizes
+from moco_compile.passes.planning.types import Exit, ExitPlan, PlanEvaluation
 
+PhaseTimer = Callable[[str], AbstractContextManager]  # phase name -> a context the phase runs in
 COUNTED_SPLITS = ("test", "report")  # the splits counted over every row (the rules rows are read)
 COUNT_CHUNK_ROWS = 16_384  # rows scored and routed at once while counting
 Counts = dict[str, dict[str, PlanCounts]]  # split name -> family name -> counts of its plans
@@ -135,6 +136,11 @@ class Planning:
         return self.row_split.labels(0, self.row_split.rows)
 
 
+def untimed(name: str) -> AbstractContextManager:
+    """The default :data:`PhaseTimer`: phases run as they are."""
+    return nullcontext()
+
+
 def plan_exits(frame: ActivationFrame, cuts: Sequence[CutPoint], num_classes: int, total_flops: float,
                budget: Budget, config: PlannerConfig = PlannerConfig(), seed: int = 0,
                allow_no_exit: bool = False) -> Planning:
@@ -144,9 +150,10 @@ def plan_exits(frame: ActivationFrame, cuts: Sequence[CutPoint], num_classes: in
 
 def plan_rows(rows: PlanningRows, cuts: Sequence[CutPoint], num_classes: int, total_flops: float,
               budget: Budget, config: PlannerConfig = PlannerConfig(), seed: int = 0,
-              allow_no_exit: bool = False) -> Planning:
+              allow_no_exit: bool = False, phase: PhaseTimer = untimed) -> Planning:
     """Split ``rows`` (seeded), fit candidate exits on the rules rows, design plan families there and
-    certify one on the counts of the test rows.
+    certify one on the counts of the test rows.  ``phase(name)`` wraps each of the three phases
+    (``rules``, ``design``, ``certification``), e.g. to time them.
 
     Raises :class:`CalibrationDataError` when there are too few rows to certify
     anything and :class:`BudgetError` when no plan with exits is certified; with
@@ -162,14 +169,16 @@ def plan_rows(rows: PlanningRows, cuts: Sequence[CutPoint], num_classes: int, to
             raise
         return _no_exit(rows, num_classes, total_flops, budget, config, seed, str(error))
     split = RowSplit.draw(len(rows), seed, sizes)
-    design_frame = rows.read(split.positions("rules"))
-    candidates = fit_candidates(design_frame, cuts, num_classes, budget, config)
+    with phase("rules"):
+        design_frame = rows.read(split.positions("rules"))
+        candidates = fit_candidates(design_frame, cuts, num_classes, budget, config)
     design = Split(candidates.design_scores, design_frame[PREDICTIONS],
                    design_frame[LABELS] if rows.labelled else None, candidates.design_guard)
     probabilities = design_frame[PROBABILITIES] if PROBABILITIES in design_frame else None
     del design_frame
     planner = ExitPlanner(budget, config, seed)
-    families = planner.design(candidates.exits, design, sizes["test"], total_flops)
+    with phase("design"):
+        families = planner.design(candidates.exits, design, sizes["test"], total_flops)
     if not planner.problem_.payable().any():
         reason = (f"no exit can pay for itself: on this network ({total_flops:,.0f} FLOPs per row) leaving at any "
                   f"cut costs more than the full network once each exit's overhead is counted (at least "
@@ -178,9 +187,10 @@ def plan_rows(rows: PlanningRows, cuts: Sequence[CutPoint], num_classes: int, to
         if not allow_no_exit:
             raise BudgetError(f"{reason}. Pass --allow-no-exit to emit the unchanged graph")
         return _no_exit(rows, num_classes, total_flops, budget, config, seed, reason)
-    counts = rows.count(RowCounter(candidates.exits, families, split, config.rounding))
     try:
-        plan = planner.certify(counts["test"])
+        with phase("certification"):
+            counts = rows.count(RowCounter(candidates.exits, families, split, config.rounding))
+            plan = planner.certify(counts["test"])
     except NoPlanError as error:
         if not allow_no_exit:
             raise BudgetError(f"no exit plan can be certified ({error})") from error

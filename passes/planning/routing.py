@@ -79,13 +79,21 @@ class GuardVerdicts:
 class Routing:
     """Where each row goes: exit index and class (-1: full network), its cost, whether float
     rounding could change that, and (given the full model's predictions) whether the row's class
-    could differ from the full model's under some rounding."""
+    could differ from the full model's under some rounding; ``guard``: the out-of-distribution
+    guards' verdicts at every exit it routed through (None: no guard)."""
 
     exit_index: np.ndarray
     exit_class: np.ndarray
     cost: np.ndarray
     near_threshold: np.ndarray
     could_disagree: np.ndarray | None = None
+    guard: GuardVerdicts | None = None
+
+    def take(self, rows: np.ndarray) -> "Routing":
+        """The rows selected by ``rows`` (a boolean mask or indices)."""
+        return Routing(self.exit_index[rows], self.exit_class[rows], self.cost[rows], self.near_threshold[rows],
+                       None if self.could_disagree is None else self.could_disagree[rows],
+                       None if self.guard is None else self.guard.take(rows))
 
     def predictions(self, full_predictions: np.ndarray) -> np.ndarray:
         """The compiled model's class per row: the exit's class, or the full model's."""
@@ -149,7 +157,8 @@ def route(margins: Sequence[np.ndarray], costs: np.ndarray | None = None, tolera
         exit_class[fired] = best[fired]
         remaining &= ~fired
     cost = np.zeros(rows) if costs is None else np.asarray(costs, np.float64)[exit_index]
-    return Routing(exit_index, exit_class, cost, near, None if full_predictions is None else could_disagree)
+    return Routing(exit_index, exit_class, cost, near, None if full_predictions is None else could_disagree,
+                   guard)
 
 
 def route_scores(scores: Sequence[np.ndarray], thresholds: np.ndarray, costs: np.ndarray | None = None,
@@ -173,7 +182,7 @@ def route_scores(scores: Sequence[np.ndarray], thresholds: np.ndarray, costs: np
                     full_predictions, None if guard is None else guard.at(open_))
     exit_index = np.where(routing.exit_index >= 0, open_[np.maximum(routing.exit_index, 0)], -1) \
         if len(open_) else routing.exit_index
-    return replace(routing, exit_index=exit_index)
+    return replace(routing, exit_index=exit_index, guard=guard)
 
 
 def guard_verdicts(guards: Sequence[OODGuard | None], features: Sequence[np.ndarray], rows: int,

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from moco_compile.passes.calibration.exit_confidence import ExitedConfidence, exited_confidence, exited_logits
+from moco_compile.passes.calibration.exit_confidence import exited_confidence, exited_logits, ExitedConfidence
 from moco_compile.passes.calibration.guard import OODGuard
 from moco_compile.passes.calibration.rules import LinearScores
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.planning.counts import PlanCounts, Split, tally
-from moco_compile.passes.planning.routing import Rounding, Routing, guard_verdicts, route_scores, stage_costs
+from moco_compile.passes.planning.routing import guard_verdicts, Rounding, route_scores, Routing, stage_costs
 
 
 @dataclass
@@ -136,10 +136,12 @@ class ExitPlan:
         return replace(evaluation, exit_index=routing.exit_index, compiled_predictions=routing.predictions(predictions))
 
     def confidence(self, features: Sequence[np.ndarray], full_probabilities: np.ndarray,
-                   labels: np.ndarray | None = None) -> ExitedConfidence:
+                   labels: np.ndarray | None = None, exit_index: np.ndarray | None = None) -> ExitedConfidence:
         """How confident exited rows are as compiled vs the full model on the same rows (estimates),
-        given pooled features per exit and the full model's ``[N, C]`` probabilities."""
-        exit_index = self.routing(features, len(full_probabilities)).exit_index
+        given pooled features per exit and the full model's ``[N, C]`` probabilities (and, when the
+        rows were routed already, their ``exit_index``)."""
+        if exit_index is None:
+            exit_index = self.routing(features, len(full_probabilities)).exit_index
         exited = np.flatnonzero(exit_index >= 0)
         log_probs = np.zeros((len(exited), full_probabilities.shape[1]), np.float32)
         margins, carried = log_probs.copy(), log_probs.copy()

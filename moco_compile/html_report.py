@@ -41,6 +41,7 @@ PROJECTION_ROWS = 2000  # rows subsampled from the frame for each projection plo
 _GENERATOR_MARK = b'<meta name="generator" content="moco'  # how a page moco wrote begins (then the version)
 HOW_TO_COMPILE = ("make one with `moco compile MODEL.onnx --calib CALIB.npz --out DIR` "
                   "(or `moco_compile.compile(model, calibration, out_dir=DIR)`)")
+RECOMPILE = "recompile with " + HOW_TO_COMPILE.removeprefix("make one with ")
 
 
 class NotACompileOutputError(MocoError, FileNotFoundError):
@@ -67,7 +68,11 @@ def render_report(out_dir: str | os.PathLike, html_path: str | os.PathLike | Non
     html_path = Path(html_path) if html_path is not None else out_dir / REPORT_HTML
     report, plan = load_outputs(out_dir)
     check_output_file(html_path, "report page", written_by_moco, force=force)
-    text = _Page(out_dir, report, plan).render()
+    try:
+        text = _Page(out_dir, report, plan).render()
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError) as error:  # a shape load_outputs let by
+        raise ReportRenderError(f"the report.json and plan.json in {out_dir} hold values `moco report` cannot "
+                                f"render ({type(error).__name__}: {error}); {RECOMPILE}") from error
     with staged_output_file(html_path, "report page", written_by_moco, force=force) as temporary:
         temporary.write_text(text, encoding="utf-8")
     add_to_manifest(html_path)
@@ -102,17 +107,76 @@ def load_outputs(out_dir: Path) -> tuple[dict, dict]:
             f"`moco report` needs report.json and plan.json (frame.arrow for the projection plots); "
             f"{HOW_TO_COMPILE}")
     loaded = []
-    for name in (REPORT_JSON, PLAN_JSON):
+    for name, what, fields in ((REPORT_JSON, "report", _REPORT_FIELDS), (PLAN_JSON, "plan", _PLAN_FIELDS)):
+        path = out_dir / name
         try:
-            data = json.loads((out_dir / name).read_text())
+            data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ReportRenderError(f"{out_dir / name} is not valid JSON ({error}); the output directory "
-                                    f"is damaged: compile again") from error
-        if not isinstance(data, dict):
-            raise ReportRenderError(f"{out_dir / name} does not hold a JSON object; the output directory "
-                                    f"is damaged: compile again")
+            raise ReportRenderError(f"{path} is not valid JSON ({error}); the output directory is damaged: "
+                                    f"{RECOMPILE}") from None
+        problem = _shape_problem(data, fields)
+        if problem:
+            raise ReportRenderError(f"{path} is not a moco {what}: {problem}; it is damaged or another program's "
+                                    f"file: {RECOMPILE}")
         loaded.append(data)
     return loaded[0], loaded[1]
+
+
+# What `moco report` reads from report.json and plan.json, checked before anything is rendered:
+# key -> (required, kind, the fields of its items or of itself when an object).  An optional key may
+# also be null.  Only the keys the page reads are listed; others are ignored.
+_EXIT_ROW_FIELDS = {"exit_rate": (False, "number", None), "fraction_of_flops_before": (False, "number", None),
+                    "module": (False, "string", None)}
+_CERTIFICATE_FIELDS = {"curve": (False, "list of objects", None)}
+_REPORT_FIELDS = {
+    "compute_reduction": (True, "number", None),
+    "exit_rate": (True, "number", None),
+    "disagreement": (True, "number", None),
+    "exits": (True, "list of objects", _EXIT_ROW_FIELDS),
+    "bound": (False, "object", _CERTIFICATE_FIELDS),
+    "latency": (False, "object", None),
+    "splits": (False, "object", None),
+    "verification": (False, "object", None),
+    "ood_guard": (False, "number", None),
+    "latency_note": (False, "string", None),
+}
+_PLAN_FIELDS = {
+    "total_flops": (True, "number", None),
+    "exits": (True, "list of objects", {"thresholds": (False, "list", None)}),
+    "certificate": (False, "object", _CERTIFICATE_FIELDS),
+}
+_KINDS: dict[str, Callable[[Any], bool]] = {
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "string": lambda v: isinstance(v, str),
+    "list": lambda v: isinstance(v, list),
+    "list of objects": lambda v: isinstance(v, list) and all(isinstance(item, dict) for item in v),
+}
+
+
+def _shape_problem(data: Any, fields: Mapping[str, tuple], where: str = "") -> str | None:
+    """What about ``data`` (a JSON value found at path ``where``) does not fit ``fields``, or None."""
+    if not isinstance(data, dict):
+        found = {list: "a list", str: "a string", bool: "a boolean"}.get(type(data), "a number")
+        found = "null" if data is None else found
+        return f"{repr(where) if where else 'it'} should be a JSON object, it is {found}"
+    for key, (required, kind, inner) in fields.items():
+        path = f"{where}.{key}" if where else key
+        value = data.get(key)
+        if value is None:
+            if required:
+                return f"it has no {path!r}" if key not in data else f"{path!r} is null"
+            continue
+        if not _KINDS[kind](value):
+            article = "an" if kind[0] in "aeiou" else "a"
+            return f"{path!r} should be {article} {kind}, it is {json.dumps(value)[:60]}"
+        items = [(path, value)] if kind == "object" else \
+            [(f"{path}[{k}]", item) for k, item in enumerate(value)] if kind == "list of objects" else []
+        for item_path, item in items if inner else []:
+            problem = _shape_problem(item, inner, item_path)
+            if problem:
+                return problem
+    return None
 
 
 # ----------------------------------------------------------------------------- formatting

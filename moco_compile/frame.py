@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -39,29 +40,74 @@ def _schema_for(columns: Mapping[str, np.ndarray]) -> pa.Schema:
     return pa.schema(fields)
 
 
+_GIVE_ARRAY = "give a numpy array whose axis 0 is the row axis (shape [N] or [N, *row_shape])"
+
+
+def _as_column(name: object, values: object) -> np.ndarray:
+    """``values`` as a numpy array with a row axis, or a ``TypeError``/``ValueError`` saying what is wrong."""
+    if not isinstance(name, str):
+        raise TypeError(f"column names must be strings, got {name!r} ({type(name).__name__})")
+    if isinstance(values, (str, bytes)) or values is None:
+        array = None
+    else:
+        try:
+            array = np.asarray(values)
+        except ValueError:  # ragged nested lists
+            array = None
+    if array is not None and array.dtype == object and array.ndim > 1:
+        raise TypeError(f"column {name!r} is a multi-dimensional array of Python objects (dtype object); "
+                        f"{_GIVE_ARRAY}, of a numeric dtype")
+    if array is None or array.ndim == 0:
+        raise TypeError(f"column {name!r} is not an array with one entry per row (got {type(values).__name__} "
+                        f"{reprlib.repr(values)}); {_GIVE_ARRAY}")
+    return array
+
+
+def _table_from_columns(columns: Mapping[str, np.ndarray]) -> pa.Table:
+    """An Arrow table from column name -> array (rows on axis 0), checked: arrays, equally many rows."""
+    arrays = {name: _as_column(name, values) for name, values in columns.items()}
+    lengths = {name: len(values) for name, values in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        described = ", ".join(f"{name!r} has {length}" for name, length in lengths.items())
+        raise ValueError(f"columns have different row counts ({described}); every column needs one entry per "
+                         "row, rows on axis 0")
+    converted, fields = [], []
+    for name, values in arrays.items():
+        try:
+            array, metadata = _to_arrow(values)
+        except pa.ArrowException as error:
+            raise TypeError(f"column {name!r} holds values Arrow cannot store ({error}); {_GIVE_ARRAY}") from None
+        if pa.types.is_nested(array.type) and not metadata:
+            raise TypeError(f"column {name!r} holds nested sequences, not one value or array per row; {_GIVE_ARRAY}")
+        converted.append(array)
+        fields.append(pa.field(name, array.type, metadata=metadata or None))
+    return pa.Table.from_arrays(converted, schema=pa.schema(fields))
+
+
 class ActivationFrame:
     """A DataFrame-like table of per-row arrays backed by an Arrow table.
 
-    >>> frame = ActivationFrame.from_arrays({"x": np.zeros((3, 2)), "y": np.arange(3)})
+    Built, as ``pandas.DataFrame`` is, from a mapping of column name to array (rows on axis 0;
+    a column may be ``[N]`` or ``[N, *row_shape]``), or from a ``pyarrow.Table``.
+
+    >>> frame = ActivationFrame({"x": np.zeros((3, 2)), "y": np.arange(3)})
     >>> frame["x"].shape
     (3, 2)
     """
 
-    def __init__(self, table: pa.Table) -> None:
-        self._table = table
+    def __init__(self, data: "pa.Table | Mapping[str, np.ndarray]") -> None:
+        if isinstance(data, pa.Table):
+            self._table = data
+        elif isinstance(data, Mapping):
+            self._table = _table_from_columns(data)
+        else:
+            raise TypeError(f"ActivationFrame takes a mapping of column name to numpy array (rows on axis 0) "
+                            f"or a pyarrow.Table, not {type(data).__name__}")
 
     @classmethod
     def from_arrays(cls, columns: Mapping[str, np.ndarray]) -> "ActivationFrame":
-        """Build a frame in memory from equally long arrays (row axis first)."""
-        lengths = {name: len(values) for name, values in columns.items()}
-        if len(set(lengths.values())) > 1:
-            raise ValueError(f"columns have different row counts: {lengths}")
-        arrays, fields = [], []
-        for name, values in columns.items():
-            array, metadata = _to_arrow(np.asarray(values))
-            arrays.append(array)
-            fields.append(pa.field(name, array.type, metadata=metadata or None))
-        return cls(pa.Table.from_arrays(arrays, schema=pa.schema(fields)))
+        """Build a frame in memory from equally long arrays (row axis first); same as ``ActivationFrame(columns)``."""
+        return cls(_table_from_columns(columns))
 
     @property
     def columns(self) -> list[str]:

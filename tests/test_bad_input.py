@@ -1,6 +1,8 @@
 """Bad input: a clear error naming the problem, and never a partly written output directory."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -131,6 +133,30 @@ def test_cli_rejects_an_impossible_budget(tmp_path, reference_onnx, option, valu
     run = CliRunner().invoke(app, ["compile", str(reference_onnx), "--calib", str(tmp_path / "calib.npz"),
                                    "--out", str(tmp_path / "out"), option, value])
     assert run.exit_code == 2 and "must be in (0, 1)" in run.output and "Traceback" not in run.output
+
+
+@pytest.mark.parametrize("value, message", [
+    ("1e-300", r"max_disagreement 1e-300 is too small to certify: at confidence 0.95 .* needs 3.00e\+300 test rows.*"
+               r"smallest max_disagreement it certifies is about 3e-12"),
+    ("0", r"max_disagreement must be in \(0, 1\), got 0.0"), ("-0.5", "must be in"), ("1", "must be in"),
+    ("nan", "must be in .* got nan"), ("inf", "must be in .* got inf")])
+def test_cli_rejects_a_budget_no_calibration_set_can_certify(tmp_path, reference_onnx, value, message):
+    np.savez(tmp_path / "calib.npz", images=np.zeros((10, 1, 28, 28), np.float32))
+    run = CliRunner().invoke(app, ["compile", str(reference_onnx), "--calib", str(tmp_path / "calib.npz"),
+                                   "--out", str(tmp_path / "out"), "--max-disagreement", value])
+    text = " ".join(run.output.split())
+    assert run.exit_code == 2 and text.startswith("error: ") and re.search(message, text), text
+    assert isinstance(run.exception, SystemExit) and "Traceback" not in run.output
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_api_rejects_a_budget_no_calibration_set_can_certify(tmp_path, calibration, reference_onnx):
+    """Refused before the model runs (it raised ZeroDivisionError after calibrating)."""
+    with pytest.raises(ValueError, match=r"1e-300 is too small to certify.*about 3e-12"):
+        _compile(reference_onnx, calibration, tmp_path / "out", max_disagreement=1e-300)
+    with pytest.raises(ValueError, match=r"max_accuracy_drop 1e-300 is too small to certify"):
+        _compile(reference_onnx, calibration, tmp_path / "out", max_accuracy_drop=1e-300)
+    _assert_nothing_written(tmp_path / "out")
 
 
 @pytest.mark.parametrize("value", ["0", "31"])

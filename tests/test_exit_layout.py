@@ -155,6 +155,27 @@ def test_unsafe_reshapes_are_exactly_those_onnxruntime_refuses_on_0_rows(shape, 
     assert fails == bool(unsafe_on_no_rows(GraphIndex(model), [len(model.graph.node) - 1]))
 
 
+def test_the_empty_batch_probe_prints_no_onnxruntime_errors(capfd):
+    """Verification runs both graphs on 0 rows; a model whose Reshape fails there (every legacy-exported
+    text model) is told apart as before, but onnxruntime's own "[E:onnxruntime:...] Non-zero status code"
+    line no longer reaches stderr (it logs from C++: capfd reads file descriptor 2)."""
+    from moco_compile.constants import EXIT_OUTPUT
+    from moco_compile.passes.verify import VerificationError, _check_empty_batch, _session
+
+    fails, runs = _reshape_model([None, -1]), _reshape_model([None, 64])  # [N, -1] cannot take 0 rows
+    assert unsafe_on_no_rows(GraphIndex(fails), [len(fails.graph.node) - 1]) == ["reshape"]
+    fails_with_exits = onnx.ModelProto()
+    fails_with_exits.CopyFrom(fails)
+    fails_with_exits.graph.node.append(helper.make_node("Shape", ["x"], [EXIT_OUTPUT], start=0, end=1))
+    fails_with_exits.graph.output.append(helper.make_tensor_value_info(EXIT_OUTPUT, onnx.TensorProto.INT64, [1]))
+    rows = {"x": np.zeros((3, 4, 16), np.float32)}
+    capfd.readouterr()
+    assert _check_empty_batch(_session(runs), _session(fails), rows, "y", (64,)) is False  # original fails: unchecked
+    with pytest.raises(VerificationError, match=r"fails on a batch of 0 rows: .*Non-zero status code.*'reshape'"):
+        _check_empty_batch(_session(fails_with_exits), _session(runs), rows, "y", (64,))
+    assert "Non-zero status code" not in capfd.readouterr().err
+
+
 def test_a_reshape_unsafe_on_0_rows_after_an_exit_keeps_the_nested_layout(mlp, caplog):
     """A Reshape to [0, -1] in the last stage would fail once every row has left: the graph is nested."""
     model, exits, x, _ = mlp

@@ -59,3 +59,31 @@ def test_calibrate_frame_writes_and_overwrites_a_frame(tmp_path, reference_onnx,
     assert {"layer1.0", "layer1.0:max", "layer1.0:grid", "predictions", "labels"} <= set(loaded.columns)
     np.testing.assert_allclose(loaded["layer1.0"], loaded["layer1.0:raw"].mean(axis=(2, 3)), atol=1e-5)
     assert frame.columns == loaded.columns
+
+
+def test_frame_from_a_dict_of_arrays_round_trips(tmp_path):
+    """``ActivationFrame({...})`` takes column name -> array (rows on axis 0), as ``pandas.DataFrame`` does."""
+    features = np.arange(12, dtype=np.float32).reshape(4, 3)
+    labels = np.array([3, 1, 4, 1])
+    frame = ActivationFrame({"features": features, "labels": labels})
+    assert len(frame) == 4 and frame.columns == ["features", "labels"] and frame.row_shape("features") == (3,)
+    loaded = load_frame(frame.save(tmp_path / "d.arrow"))
+    np.testing.assert_array_equal(loaded["features"], features)
+    np.testing.assert_array_equal(loaded["labels"], labels)
+    assert loaded.row_shape("features") == (3,) and loaded.row_shape("labels") == ()
+
+
+def test_frame_from_a_dict_names_columns_of_different_lengths():
+    with pytest.raises(ValueError, match=r"different row counts \('features' has 4, 'labels' has 3\)"):
+        ActivationFrame({"features": np.zeros((4, 3)), "labels": np.zeros(3)})
+
+
+@pytest.mark.parametrize("value", [3.0, "abc", None, [[1], [1, 2]]])
+def test_frame_from_a_dict_rejects_values_that_are_not_arrays(value):
+    with pytest.raises(TypeError, match="column 'x' is not an array with one entry per row"):
+        ActivationFrame({"x": value})
+
+
+def test_frame_rejects_what_is_neither_a_mapping_nor_a_table():
+    with pytest.raises(TypeError, match="mapping of column name to numpy array"):
+        ActivationFrame([np.zeros(3)])

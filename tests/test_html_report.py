@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 from html.parser import HTMLParser
 
@@ -266,3 +267,50 @@ def test_cli_report_command_writes_the_page(compiled, tmp_path):
     assert page.read_text().count("<img") >= 3
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "does not exist" in missing.output and "moco compile" in missing.output
+
+
+_REPORT = {"compute_reduction": 0.3, "exit_rate": 0.4, "disagreement": 0.005, "exits": []}
+_PLAN = {"total_flops": 1e6, "exits": [], "certificate": {"curve": []}}
+
+
+def _report_cli(tmp_path, report, plan):
+    """``moco report`` on a directory holding ``report`` and ``plan`` (objects, or text written as is)."""
+    from typer.testing import CliRunner
+
+    from moco_compile.cli import app
+
+    for name, content in (("report.json", report), ("plan.json", plan)):
+        (tmp_path / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    run = CliRunner().invoke(app, ["report", str(tmp_path)])
+    return run, sorted(p.name for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("report, plan, message", [
+    ([_REPORT], _PLAN, r"report.json is not a moco report: it should be a JSON object, it is a list"),
+    ({"name": "left-pad", "version": "1.3.0"}, _PLAN, r"report.json is not a moco report: it has no 'compute_reduction'"),
+    ({**_REPORT, "exits": [1, 2]}, _PLAN, r"report.json is not a moco report: 'exits' should be a list of objects"),
+    ({**_REPORT, "exits": [{"exit_rate": "high"}]}, _PLAN, r"'exits\[0\].exit_rate' should be a number"),
+    ({**_REPORT, "bound": 5}, _PLAN, r"report.json is not a moco report: 'bound' should be an object"),
+    (_REPORT, {"exits": []}, r"plan.json is not a moco plan: it has no 'total_flops'"),
+    (_REPORT, {**_PLAN, "certificate": "certified"}, r"plan.json is not a moco plan: 'certificate' should be an object"),
+    (_REPORT, {**_PLAN, "certificate": {"curve": 3}}, r"'certificate.curve' should be a list of objects"),
+    (_REPORT, '{"total_flops": 1e6,', r"plan.json is not valid JSON"),
+    (b"\xff\xfe".decode("latin-1"), _PLAN, r"report.json is not valid JSON"),
+], ids=["list", "foreign", "exits-not-objects", "exit-rate-text", "bound-number", "plan-missing-key",
+        "certificate-text", "curve-number", "plan-truncated", "report-not-json"])
+def test_cli_report_on_files_of_the_wrong_shape_says_so(tmp_path, report, plan, message):
+    """Valid JSON of the wrong shape (or no JSON): `error: ...`, exit 2, no traceback, nothing written."""
+    run, files = _report_cli(tmp_path, report, plan)
+    assert run.exit_code == 2, run.output
+    assert isinstance(run.exception, SystemExit) and "Traceback" not in run.output
+    text = " ".join(run.output.split())
+    assert text.startswith("error: ") and re.search(message, text), text
+    assert "recompile with `moco compile" in text
+    assert files == ["plan.json", "report.json"]
+
+
+def test_cli_report_renders_the_least_report_it_accepts(tmp_path):
+    """The shape check asks only for what a compile always writes: a bare report renders."""
+    run, files = _report_cli(tmp_path, _REPORT, _PLAN)
+    assert run.exit_code == 0, run.output
+    assert files == ["plan.json", "report.html", "report.json"]

@@ -469,11 +469,31 @@ def test_accuracy_budget_needs_labels():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_disagreement": 2.0}, "max_disagreement must be in"),
+    ({"max_disagreement": 1.0}, "max_disagreement must be in"),
+    ({"max_disagreement": 0.0}, "max_disagreement must be in"),
+    ({"max_disagreement": -0.01}, "max_disagreement must be in"),
+    ({"max_disagreement": float("nan")}, r"max_disagreement must be in \(0, 1\), got nan"),
+    ({"max_disagreement": float("inf")}, r"max_disagreement must be in \(0, 1\), got inf"),
+    ({"max_disagreement": "0.01"}, "max_disagreement must be a number"),
+    ({"max_disagreement": 1e-300}, r"max_disagreement 1e-300 is too small to certify: .* needs 3.00e\+300 test rows"),
+    ({"max_disagreement": 5e-324}, r"too small to certify: .* needs more than 1e308 test rows"),
+    ({"max_disagreement": 1e-12, "confidence": 0.95}, r"smallest max_disagreement it certifies is about 3e-12"),
     ({"confidence": 1.0}, "confidence must be in"),
-    ({"max_accuracy_drop": 0.0}, "max_accuracy_drop must be in")])
+    ({"confidence": float("nan")}, "confidence must be in"),
+    ({"max_accuracy_drop": 0.0}, "max_accuracy_drop must be in"),
+    ({"max_accuracy_drop": 1e-300}, "max_accuracy_drop 1e-300 is too small to certify")])
 def test_budget_is_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Budget(**kwargs)
+
+
+def test_smallest_budget_named_by_the_error_is_accepted():
+    from moco_compile.passes.bounds import rows_needed
+    from moco_compile.passes.config import MAX_TEST_ROWS
+
+    assert Budget(3e-12).max_disagreement == 3e-12 and rows_needed(3e-12, 0.95) <= MAX_TEST_ROWS
+    assert rows_needed(1e-300, 0.95) > MAX_TEST_ROWS  # 1 - 1e-300 rounds to 1: no division by zero
+    assert rows_needed(0.01, 0.95) == 299  # ordinary budgets as before
 
 
 def test_rounding_tolerance_follows_the_cut_tensors_precision():

@@ -20,12 +20,14 @@ from __future__ import annotations
 import html
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from moco_compile.errors import MocoError
+from moco_compile.build_schema import PLAN_FIELDS, REPORT_FIELDS, shape_problem
 from moco_compile.outputs import add_to_manifest, check_output_file, staged_output_file
 from moco_compile.reports.html import (
     ReportRenderError, cell_html, figure_html, is_number, key_value_row, number_text, page_html, percent_text, table_html)
@@ -39,6 +41,7 @@ PROJECTION_ROWS = 2000  # rows subsampled from the frame for each projection plo
 _GENERATOR_MARK = b'<meta name="generator" content="moco'  # how a page moco wrote begins (then the version)
 HOW_TO_COMPILE = ("make one with `moco compile MODEL.onnx --calib CALIB.npz --out DIR` "
                   "(or `moco_compile.compile(model, calibration, out_dir=DIR)`)")
+RECOMPILE = "recompile with " + HOW_TO_COMPILE.removeprefix("make one with ")
 
 
 class NotACompileOutputError(MocoError, FileNotFoundError):
@@ -61,7 +64,11 @@ def render_report(out_dir: str | os.PathLike, html_path: str | os.PathLike | Non
     html_path = Path(html_path) if html_path is not None else out_dir / REPORT_HTML
     report, plan = load_outputs(out_dir)
     check_output_file(html_path, "report page", written_by_moco, force=force)
-    text = _Page(out_dir, report, plan).render()
+    try:
+        text = _Page(out_dir, report, plan).render()
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError) as error:  # a shape load_outputs let by
+        raise ReportRenderError(f"the report.json and plan.json in {out_dir} hold values `moco report` cannot "
+                                f"render ({type(error).__name__}: {error}); {RECOMPILE}") from error
     with staged_output_file(html_path, "report page", written_by_moco, force=force) as temporary:
         temporary.write_text(text, encoding="utf-8")
     add_to_manifest(html_path)
@@ -96,15 +103,17 @@ def load_outputs(out_dir: Path) -> tuple[dict, dict]:
             f"`moco report` needs report.json and plan.json (frame.arrow for the projection plots); "
             f"{HOW_TO_COMPILE}")
     loaded = []
-    for name in (REPORT_JSON, PLAN_JSON):
+    for name, what, fields in ((REPORT_JSON, "report", REPORT_FIELDS), (PLAN_JSON, "plan", PLAN_FIELDS)):
+        path = out_dir / name
         try:
-            data = json.loads((out_dir / name).read_text())
+            data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ReportRenderError(f"{out_dir / name} is not valid JSON ({error}); the output directory "
-                                    f"is damaged: compile again") from error
-        if not isinstance(data, dict):
-            raise ReportRenderError(f"{out_dir / name} does not hold a JSON object; the output directory "
-                                    f"is damaged: compile again")
+            raise ReportRenderError(f"{path} is not valid JSON ({error}); the output directory is damaged: "
+                                    f"{RECOMPILE}") from None
+        problem = shape_problem(data, fields)
+        if problem:
+            raise ReportRenderError(f"{path} is not a moco {what}: {problem}; it is damaged or another program's "
+                                    f"file: {RECOMPILE}")
         loaded.append(data)
     return loaded[0], loaded[1]
 

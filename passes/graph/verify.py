@@ -93,13 +93,19 @@ def _has_static_quantization(model: onnx.ModelProto) -> bool:
 def _check_empty_batch(session: ort.InferenceSession, original: ort.InferenceSession,
                        inputs: Mapping[str, np.ndarray], output: str, trailing: tuple[int, ...]) -> bool:
     """A batch of 0 rows gives 0-row outputs of the right trailing shape; False (not checked) when
-    the original model itself fails on 0 rows (e.g. a Reshape to ``[0, C, -1]``)."""
+    the original model itself fails on 0 rows (e.g. a Reshape to ``[0, C, -1]``).
+
+    These runs log nothing: a failure is an answer here (or becomes the error raised), and
+    onnxruntime would otherwise print its own ``[E:onnxruntime:...] Non-zero status code`` line
+    to stderr in the middle of a compile that succeeds."""
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # fatal only: this run's kernel errors come back as the exception alone
     try:
-        original.run([output], {k: v[:0] for k, v in inputs.items()})
+        original.run([output], {k: v[:0] for k, v in inputs.items()}, quiet)
     except Exception:  # onnxruntime raises its own exception types
         return False
     try:
-        out, exits = session.run([output, EXIT_OUTPUT], {k: v[:0] for k, v in inputs.items()})
+        out, exits = session.run([output, EXIT_OUTPUT], {k: v[:0] for k, v in inputs.items()}, quiet)
     except Exception as error:  # onnxruntime raises its own exception types
         raise VerificationError(f"the compiled graph fails on a batch of 0 rows: {error}") from error
     if out.shape != (0, *trailing) or exits.shape != (0,):

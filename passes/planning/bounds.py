@@ -25,8 +25,16 @@ def clopper_pearson_upper(failures: int, rows: int, confidence: float) -> float:
 
 
 def rows_needed(budget: float, confidence: float) -> int:
-    """Fewest rows for which zero failures certify a rate below ``budget`` at ``confidence``."""
-    return math.ceil(math.log(1 - confidence) / math.log(1 - budget))
+    """Fewest rows for which zero failures certify a rate below ``budget`` at ``confidence``.
+
+    ``1 - budget`` rounds to 1 for budgets below about 1e-16: their logarithm is taken with ``log1p``
+    (as for every budget below 0.5: exact where ``log(1 - budget)`` loses digits)."""
+    step = math.log1p(-budget) if budget < 0.5 else math.log(1 - budget)
+    rows = math.log(1 - confidence) / step
+    if not math.isfinite(rows):
+        raise ValueError(f"certifying a rate below {budget:g} at confidence {confidence:g} needs more rows than "
+                         "can be counted")
+    return math.ceil(rows)
 
 
 def max_certifiable_failures(rows: int, budget: float, delta: float) -> int:

@@ -5,8 +5,10 @@ planner_config=PlannerConfig(...))`` reaches them from the API.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from numbers import Real
 
 from onnx import TensorProto
 
@@ -30,6 +32,21 @@ _FLOAT_UNIT = {TensorProto.FLOAT: 2.0 ** -23, TensorProto.DOUBLE: 2.0 ** -52, Te
                TensorProto.BFLOAT16: 2.0 ** -7}  # machine epsilon per float element type
 
 
+# A budget needing more test rows than this to certify even a plan that never disagrees is refused up front:
+# no calibration set is that large (rows_needed ~ ln(1 / delta) / budget: a budget of 3e-12 at 95% confidence).
+MAX_TEST_ROWS = 10 ** 12
+_BUDGET_FIELDS = (  # (field, may be None, what a plan must never do to need fewest rows, example)
+    ("max_disagreement", False, "disagrees", "e.g. 0.01 allows 1% of inputs to change class"),
+    ("confidence", False, None, "e.g. 0.95"),
+    ("max_accuracy_drop", True, "costs accuracy", "e.g. 0.005 allows half a point of accuracy"),
+)  # each must be a number in (0, 1); a rate (harm given) must need at most MAX_TEST_ROWS rows to certify
+
+def _round_up(value: float) -> float:
+    """``value`` rounded up to two significant digits."""
+    scale = 10.0 ** (math.floor(math.log10(value)) - 1)
+    return math.ceil(value / scale) * scale
+
+
 @dataclass(frozen=True)
 class Budget:
     """The certified promise: with probability ``confidence``, the compiled model's class
@@ -42,14 +59,32 @@ class Budget:
     max_accuracy_drop: float | None = None
 
     def __post_init__(self) -> None:
-        if not 0 < self.max_disagreement < 1:
-            raise ValueError(f"max_disagreement must be in (0, 1), got {self.max_disagreement}; "
-                             "e.g. 0.01 allows 1% of inputs to change class")
-        if not 0 < self.confidence < 1:
-            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}; e.g. 0.95")
-        if self.max_accuracy_drop is not None and not 0 < self.max_accuracy_drop < 1:
-            raise ValueError(f"max_accuracy_drop must be in (0, 1), got {self.max_accuracy_drop}; "
-                             "e.g. 0.005 allows half a point of accuracy")
+        for name, optional, _, example in _BUDGET_FIELDS:
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if not isinstance(value, Real) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a number in (0, 1), got {value!r}; {example}")
+            if not 0 < value < 1:  # NaN fails this too
+                raise ValueError(f"{name} must be in (0, 1), got {value}; {example}")
+        from moco_compile.passes.bounds import rows_needed  # (scipy: imported only once a budget is made)
+
+        for name, _, harm, _ in _BUDGET_FIELDS:
+            value = getattr(self, name)
+            if harm is None or value is None:
+                continue
+            try:
+                needed = rows_needed(value, self.confidence)
+            except ValueError:  # more than a float can count
+                needed = math.inf
+            if needed > MAX_TEST_ROWS:
+                smallest = _round_up(-math.expm1(math.log(self.delta) / MAX_TEST_ROWS))
+                rows = f"{needed:.2e}" if math.isfinite(needed) else "more than 1e308"
+                raise ValueError(
+                    f"{name} {value:g} is too small to certify: at confidence {self.confidence:g} even a plan that "
+                    f"never {harm} needs {rows} test rows, more than any calibration set holds (moco refuses "
+                    f"budgets that need over {MAX_TEST_ROWS:.0e}); at this confidence the smallest {name} it "
+                    f"certifies is about {smallest:g}: raise {name} to that or more, or lower the confidence")
 
     @property
     def delta(self) -> float:

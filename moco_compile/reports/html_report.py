@@ -20,9 +20,8 @@ from __future__ import annotations
 import html
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 

@@ -160,7 +160,7 @@ def test_the_empty_batch_probe_prints_no_onnxruntime_errors(capfd):
     text model) is told apart as before, but onnxruntime's own "[E:onnxruntime:...] Non-zero status code"
     line no longer reaches stderr (it logs from C++: capfd reads file descriptor 2)."""
     from moco_compile.constants import EXIT_OUTPUT
-    from moco_compile.passes.verify import VerificationError, _check_empty_batch, _session
+    from moco_compile.passes.graph.verify import VerificationError, _check_empty_batch, _session
 
     fails, runs = _reshape_model([None, -1]), _reshape_model([None, 64])  # [N, -1] cannot take 0 rows
     assert unsafe_on_no_rows(GraphIndex(fails), [len(fails.graph.node) - 1]) == ["reshape"]

@@ -488,8 +488,8 @@ def test_budget_is_validated(kwargs, message):
 
 
 def test_smallest_budget_named_by_the_error_is_accepted():
-    from moco_compile.passes.bounds import rows_needed
-    from moco_compile.passes.config import MAX_TEST_ROWS
+    from moco_compile.passes.planning.bounds import rows_needed
+    from moco_compile.passes.planning.config import MAX_TEST_ROWS
 
     assert Budget(3e-12).max_disagreement == 3e-12 and rows_needed(3e-12, 0.95) <= MAX_TEST_ROWS
     assert rows_needed(1e-300, 0.95) > MAX_TEST_ROWS  # 1 - 1e-300 rounds to 1: no division by zero

@@ -67,7 +67,7 @@ class Budget:
                 raise ValueError(f"{name} must be a number in (0, 1), got {value!r}; {example}")
             if not 0 < value < 1:  # NaN fails this too
                 raise ValueError(f"{name} must be in (0, 1), got {value}; {example}")
-        from moco_compile.passes.bounds import rows_needed  # (scipy: imported only once a budget is made)
+        from moco_compile.passes.planning.bounds import rows_needed  # (scipy: imported only once a budget is made)
 
         for name, _, harm, _ in _BUDGET_FIELDS:
             value = getattr(self, name)

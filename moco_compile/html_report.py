@@ -300,6 +300,7 @@ class _Page:
         rows = [
             ("what is certified", "bound_certified", b.get("certified"),
              str(b.get("certified") or b.get("reason") or "-")),
+            *([("note", "bound_note", None, str(b["note"]))] if b.get("note") else []),
             ("method", "bound_method", b.get("method"), str(b.get("method", "-"))),
             ("disagreement budget", "bound_max_disagreement", b.get("max_disagreement"),
              percent_text(b.get("max_disagreement"), 2)),

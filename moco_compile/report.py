@@ -79,6 +79,8 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
         ]
     else:
         rows.append(("certificate", str(bound.get("reason", "nothing certified"))))
+    if bound.get("note"):
+        rows.append(("certificate note", str(bound["note"])))
     for name in ("batch_1", "batch_64"):
         if name in report.get("latency", {}):
             timing = report["latency"][name]

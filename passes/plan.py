@@ -222,6 +222,10 @@ class NoPlanError(Exception):
     """Not even the plan with no exits passed the test (too few test rows)."""
 
 
+RETRY_NOTE = ("retrying on these calibration rows with another budget, confidence or seed voids the stated "
+              "confidence (the test has seen them): a valid retry needs new calibration rows")
+
+
 CERTIFIED_STATEMENT = ("with probability >= confidence, the compiled model's class differs from the full "
                        "model's on at most max_disagreement of inputs (and, when set, at most max_accuracy_drop "
                        "of inputs are right before and wrong after), for traffic exchangeable with the "
@@ -331,7 +335,7 @@ class ExitPlanner:
                                    for name, result in self.certified_.items()}
         test_rows = test[names[0]].rows
         if not passed:
-            raise NoPlanError(f"even the plan with no exits fails the test on {test_rows} rows")
+            raise NoPlanError(f"even the plan with no exits fails the test on {test_rows} rows; {RETRY_NOTE}")
         name = max(passed, key=lambda n: (passed[n].compute_reductions[passed[n].chosen], -names.index(n)))
         result = passed[name]
         self.chosen_ = (name, result.chosen)

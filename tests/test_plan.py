@@ -432,7 +432,7 @@ def test_a_test_split_that_disagrees_everywhere_keeps_no_exit():
 
 def test_too_small_a_test_split_certifies_nothing():
     rng = np.random.default_rng(5)
-    with pytest.raises(NoPlanError, match="on 20 rows"):
+    with pytest.raises(NoPlanError, match="on 20 rows.*voids the stated confidence.*new calibration rows"):
         ExitPlanner(Budget(0.01, 0.95)).fit(_candidates(3), _synthetic(300, rng), _synthetic(20, rng), TOTAL_FLOPS)
 
 

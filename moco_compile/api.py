@@ -37,9 +37,11 @@ EVALUATION_NOTES = {
     "test": "estimates on the certifying test rows (too few calibration rows for a separate report split): "
             "the plan was chosen on these rows, so they flatter it",
 }
-TRAFFIC_SCOPE = ("The certificate covers traffic like the calibration rows (exchangeable with them). Inputs unlike "
-                 "them (noise, another data set, a changed camera or tokenizer) may leave early with a wrong class "
-                 "at any rate; {guard}")
+TRAFFIC_SCOPE = ("The certificate covers traffic like the calibration rows (exchangeable with them), and what it "
+                 "bounds is a rate over such traffic, not the fraction on any particular stretch of it (a day's "
+                 "or a batch's fraction varies around the rate). Inputs unlike the calibration rows (noise, "
+                 "another data set, a changed camera or tokenizer) may leave early with a wrong class at any "
+                 "rate; {guard}")
 GUARD_SCOPE = {
     False: "compile with --ood-guard LEVEL (ood_guard=LEVEL) to send rows unlike the calibration rows to the full "
            "network, or check live traffic with moco evaluate.",
@@ -91,8 +93,10 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         only the files its manifest lists; never the current or home directory or the
         directory of the model file.  Checked before the work starts and again at the end.
     max_disagreement, confidence:
-        With probability ``confidence``, the compiled model's class differs from
-        the full model's on at most ``max_disagreement`` of inputs.
+        With probability ``confidence``, the rate at which the compiled model's class
+        differs from the full model's, over inputs exchangeable with the calibration
+        rows, is at most ``max_disagreement``: a population rate, not the fraction on
+        any particular stretch of traffic.
     max_accuracy_drop:
         Optional second budget (needs labels): fraction of inputs the full model
         gets right and the compiled model gets wrong.

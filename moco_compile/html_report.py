@@ -273,7 +273,8 @@ class _Page:
         budget = b.get("max_disagreement")
         certified = (f"<= {percent_text(budget, 2)} at {percent_text(b.get('confidence'), 0)} confidence"
                      if _is_number(budget) else "-")
-        rows.append(("certified disagreement budget", "certified_budget", budget, certified))
+        rows.append(("certified disagreement rate (a rate over traffic like the calibration rows, not the "
+                     "fraction on any particular stretch of it)", "certified_budget", budget, certified))
         rows.append(("estimated upper bound on disagreement (not certified)", "estimated_upper_bound",
                      b.get("estimated_disagreement_upper_bound"),
                      percent_text(b.get("estimated_disagreement_upper_bound"), 2)))

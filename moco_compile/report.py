@@ -67,8 +67,8 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
                          f"({confidence['ece_uncalibrated']:.3f})"))
     if bound.get("certified"):
         rows += [
-            ("certified disagreement budget", f"<= {_percent(bound.get('max_disagreement'))} at "
-                                              f"{_percent(bound.get('confidence'), 0)} confidence"),
+            ("certified disagreement rate (over traffic like the calibration rows)",
+             f"<= {_percent(bound.get('max_disagreement'))} at {_percent(bound.get('confidence'), 0)} confidence"),
             ("  test rows / disagreements (rounding) / p-value",
              f"{bound.get('test_rows')} / {bound.get('disagreements')} ({bound.get('near_threshold_rows')}) / "
              f"{bound.get('p_value', 1):.3g}"),

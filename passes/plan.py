@@ -226,10 +226,12 @@ RETRY_NOTE = ("retrying on these calibration rows with another budget, confidenc
               "confidence (the test has seen them): a valid retry needs new calibration rows")
 
 
-CERTIFIED_STATEMENT = ("with probability >= confidence, the compiled model's class differs from the full "
-                       "model's on at most max_disagreement of inputs (and, when set, at most max_accuracy_drop "
-                       "of inputs are right before and wrong after), for traffic exchangeable with the "
-                       "calibration rows")
+CERTIFIED_STATEMENT = ("with probability >= confidence (over the draw of the calibration rows), the rate at which "
+                       "the compiled model's class differs from the full model's is at most max_disagreement (and, "
+                       "when set, the rate of inputs right before and wrong after is at most max_accuracy_drop), "
+                       "for traffic exchangeable with the calibration rows. A rate is a population figure, the "
+                       "chance that such an input changes class: the fraction on any particular stretch of "
+                       "traffic varies around it and can exceed it (binomial noise, larger on fewer inputs)")
 ESTIMATE_NOTE = ("Clopper-Pearson bound on the chosen plan's test disagreements: the plan was chosen on "
                  "these rows, so this is an estimate, not part of the certificate")
 

@@ -148,7 +148,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
                             len(kept_frame), config.rounding)
     with _stage("verifying the compiled graph", show_progress):
         verification = verify_compiled(compiled, imported.model, imported.output, kept, expected,
-                                       config.rounding_tolerance)
+                                       config.rounding_tolerance,
+                                       rows_described=f"the first {verified} calibration rows (of every split)")
     with _stage("measuring latency (batch 1 and 64)", show_progress and measure_latency):
         latency = _latency(imported.model, compiled, kept) if measure_latency else {}
     report = _report(imported, planning, verification.to_dict(), latency, total_flops)

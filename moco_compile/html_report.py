@@ -413,15 +413,21 @@ class _Page:
 
     def _verification_table(self) -> str:
         verification = self.report.get("verification") or {}
+        scope = verification.get("scope")
         rows = []
         for key, value in verification.items():
+            if key == "scope":
+                continue
             if isinstance(value, (dict, list)):
                 value = json.dumps(value)
             text = _number(value, ".3g") if not isinstance(value, str) else value
             rows.append(f'<tr data-key="{html.escape(key)}"><th>{html.escape(key.replace("_", " "))}</th>'
                         f'{cell_html(text, value, id_=f"verification_{key}")}</tr>')
-        return table_html("verification", "Parity of the compiled graph with the original on report rows",
-                      ("check", "value"), rows)
+        checked = f"the first {verification['rows']} calibration rows" if _is_number(verification.get("rows")) \
+            else "calibration rows"
+        return (f'<p id="verification_scope">{html.escape(str(scope))}</p>' if scope else "") + \
+            table_html("verification", f"Parity of the compiled graph with the original and with the certified "
+                       f"simulation on {checked} (onnxruntime CPU)", ("check", "value"), rows)
 
     # ---- plots
 

@@ -105,3 +105,5 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
         console.print(f"latency: {report['latency_note']}", highlight=False)
     if report.get("traffic_scope"):
         console.print(f"scope: {report['traffic_scope']}", highlight=False)
+    if (report.get("verification") or {}).get("scope"):
+        console.print(f"verified: {report['verification']['scope']}", highlight=False)

@@ -161,7 +161,10 @@ def test_splits_and_verification_read_back(rendered):
         assert splits.find("tr", data_split=name).find("td", class_="rows").value == rows
     verification = page.find("table", id="verification")
     for key, value in report["verification"].items():
-        assert verification.find("td", id=f"verification_{key}").value == pytest.approx(value), key
+        if key != "scope":
+            assert verification.find("td", id=f"verification_{key}").value == pytest.approx(value), key
+    assert page.find("p", id="verification_scope").text == report["verification"]["scope"]
+    assert f"the first {report['verification']['rows']} calibration rows" in verification.find("caption").text
 
 
 def test_plots_are_embedded_pngs(rendered):

@@ -34,7 +34,7 @@ from moco_compile.shards import ShardedData
 MAX_VERIFIED_ROWS = 4096  # calibration rows whose inputs are kept to verify the compiled graph
 EVALUATION_NOTES = {
     "report": "estimates on report rows that nothing was fitted or certified on",
-    "test": "estimates on the certifying test rows (too few calibration rows for a separate report split): "
+    "test": "estimates on the certifying test rows (too few calibration rows to keep some apart for the report): "
             "the plan was chosen on these rows, so they flatter it",
 }
 TRAFFIC_SCOPE = ("The certificate covers traffic like the calibration rows (exchangeable with them), and what it "

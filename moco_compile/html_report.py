@@ -220,8 +220,7 @@ class _Page:
             f"<h1>{html.escape(title)}</h1>",
             self._header(),
             "<h2>Summary</h2>",
-            "<p>Measured on the <em>report</em> split: calibration rows that neither fitting the rules "
-            "nor certifying the plan touched.</p>",
+            self._measured_on(),
             self._summary_table(),
             "<h2>Certificate</h2>",
             self._certificate_table(),
@@ -237,6 +236,16 @@ class _Page:
             self._verification_table(),
         ]
         return page_html(title, body, self.notes)
+
+    def _measured_on(self) -> str:
+        """Where the summary's figures come from (``evaluated_on``: the report split, or the test
+        split when the calibration set was too small for one), in one sentence."""
+        split = self._evaluated_on
+        rows = (self.report.get("splits") or {}).get(split)
+        note = self.report.get("evaluation_note") or f"estimates on the {split} rows"
+        counted = f" ({rows} rows)" if _is_number(rows) else ""
+        return (f'<p id="measured_on" data-split="{html.escape(str(split))}">Figures other than the certificate are '
+                f"measured on the <em>{html.escape(str(split))}</em> split{counted}: {html.escape(note)}.</p>")
 
     def _header(self) -> str:
         files = [name for name in (MODEL_ONNX, PLAN_JSON, REPORT_JSON, FRAME_ARROW) if (self.out_dir / name).exists()]
@@ -434,7 +443,8 @@ class _Page:
     def _figures(self) -> list[str]:
         figures = [
             figure_html("exit-rates", "Exit rate per exit",
-                        "Fraction of report-split rows leaving at each exit; the grey bar runs the full network.",
+                        f"Fraction of {self._evaluated_on}-split rows leaving at each exit; the grey bar runs the "
+                        "full network.",
                         self._draw_exit_rates),
             figure_html("cumulative-compute", "Cumulative compute",
                         "Against the position in the network (fraction of the original FLOPs per row): the "
@@ -448,7 +458,7 @@ class _Page:
                 "pareto", "Compute / disagreement curve",
                 f"The nested plan family on the test split ({self.certificate.get('test_rows', '?')} rows), "
                 "tested in order; plans before the first failure are certified, the last of them is chosen. "
-                "The report-split figure of the chosen plan is drawn for comparison.",
+                f"The chosen plan's figure on the {self._evaluated_on} split is drawn for comparison.",
                 self._draw_pareto))
         else:
             self.notes.append("plan.json has no certificate curve: the compute / disagreement plot is skipped.")

@@ -32,12 +32,14 @@ from moco_compile.scale.shards import ShardedData
 
 EVALUATION_NOTES = {
     "report": "estimates on report rows that nothing was fitted or certified on",
-    "test": "estimates on the certifying test rows (too few calibration rows for a separate report split): "
+    "test": "estimates on the certifying test rows (too few calibration rows to keep some apart for the report): "
             "the plan was chosen on these rows, so they flatter it",
 }
-TRAFFIC_SCOPE = ("The certificate covers traffic like the calibration rows (exchangeable with them). Inputs unlike "
-                 "them (noise, another data set, a changed camera or tokenizer) may leave early with a wrong class "
-                 "at any rate; {guard}")
+TRAFFIC_SCOPE = ("The certificate covers traffic like the calibration rows (exchangeable with them), and what it "
+                 "bounds is a rate over such traffic, not the fraction on any particular stretch of it (a day's "
+                 "or a batch's fraction varies around the rate). Inputs unlike the calibration rows (noise, "
+                 "another data set, a changed camera or tokenizer) may leave early with a wrong class at any "
+                 "rate; {guard}")
 GUARD_SCOPE = {
     False: "compile with --ood-guard LEVEL (ood_guard=LEVEL) to send rows unlike the calibration rows to the full "
            "network, or check live traffic with moco evaluate.",
@@ -90,8 +92,10 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         only the files its manifest lists; never the current or home directory or the
         directory of the model file.  Checked before the work starts and again at the end.
     max_disagreement, confidence:
-        With probability ``confidence``, the compiled model's class differs from
-        the full model's on at most ``max_disagreement`` of inputs.
+        With probability ``confidence``, the rate at which the compiled model's class
+        differs from the full model's, over inputs exchangeable with the calibration
+        rows, is at most ``max_disagreement``: a population rate, not the fraction on
+        any particular stretch of traffic.
     max_accuracy_drop:
         Optional second budget (needs labels): fraction of inputs the full model
         gets right and the compiled model gets wrong.
@@ -152,7 +156,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     routing = plan.routing(features, len(frame), config.rounding)  # the chosen plan, routed once
     with phases("verification"):
         verification = verify_compiled(compiled, imported.model, imported.output, kept,
-                                       routing.take(np.arange(verified)), config.rounding_tolerance)
+                                       routing.take(np.arange(verified)), config.rounding_tolerance,
+                                       rows_described=f"the first {verified} calibration rows (of every split)")
     latency = {}
     if measure_latency:
         seconds = latency_seconds if latency_seconds is not None else latency_budget(phases.elapsed())

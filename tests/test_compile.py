@@ -37,6 +37,27 @@ def test_plan_saves_compute_within_the_certified_budget(compiled):
     assert report["verification"]["exited_argmax_matches_rule"]
 
 
+def test_report_states_what_was_verified_and_what_is_certified(compiled):
+    """Verification covers the first calibration rows on onnxruntime CPU, and says so; the
+    certificate is a rate over traffic like the calibration rows, not a fraction of a stretch."""
+    report = compiled[0].report
+    verification = report["verification"]
+    assert f"the first {verification['rows']} calibration rows" in verification["scope"]
+    assert "CPUExecutionProvider" in verification["scope"] and "TF32" in verification["scope"]
+    assert "rate" in report["bound"]["certified"] and "particular stretch of traffic" in report["bound"]["certified"]
+    assert "not the fraction on any particular stretch" in report["traffic_scope"]
+    from io import StringIO
+
+    from rich.console import Console
+
+    from moco_compile.report import print_report
+
+    printed = StringIO()
+    print_report(report, Console(file=printed, width=4000))
+    assert f"verified: {verification['scope']}" in printed.getvalue()
+    assert "certified disagreement rate" in printed.getvalue()
+
+
 def test_compiled_model_runs_per_row_exits(compiled, reference_onnx, calibration):
     result, out = compiled
     images = calibration["images"][-256:]

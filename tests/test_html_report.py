@@ -162,7 +162,10 @@ def test_splits_and_verification_read_back(rendered):
         assert splits.find("tr", data_split=name).find("td", class_="rows").value == rows
     verification = page.find("table", id="verification")
     for key, value in report["verification"].items():
-        assert verification.find("td", id=f"verification_{key}").value == pytest.approx(value), key
+        if key != "scope":
+            assert verification.find("td", id=f"verification_{key}").value == pytest.approx(value), key
+    assert page.find("p", id="verification_scope").text == report["verification"]["scope"]
+    assert f"the first {report['verification']['rows']} calibration rows" in verification.find("caption").text
 
 
 def test_plots_are_embedded_pngs(rendered):
@@ -201,6 +204,24 @@ def test_without_frame_projections_are_skipped_with_a_note(copy_without_frame):
         ["exit-rates", "cumulative-compute", "pareto"]
     notes = page.find("ul", id="notes").text
     assert "frame.arrow" in notes and "skipped" in notes
+
+
+def test_the_page_says_which_split_its_figures_come_from(copy_without_frame):
+    """The shared compile (4,000 rows) has no report split: its figures are on the test rows, and
+    nothing on the page says "report split"; a build with one says so, with its row count."""
+    report = json.loads((copy_without_frame / "report.json").read_text())
+    assert report["evaluated_on"] == "test" and not report["splits"]["report"]
+    text = render_report(copy_without_frame).read_text(encoding="utf-8")
+    measured = _Tree(text).root.find("p", id="measured_on")
+    assert measured.attrs["data-split"] == "test" and "measured on the test split" in measured.text
+    assert "flatter" in measured.text
+    assert "report split" not in text.lower() and "report-split" not in text.lower()
+    report.update(evaluated_on="report", evaluation_note="estimates on report rows that nothing was fitted or "
+                  "certified on", splits={**report["splits"], "report": 5000})
+    (copy_without_frame / "report.json").write_text(json.dumps(report))
+    measured = _Tree(render_report(copy_without_frame, force=True).read_text(encoding="utf-8")).root.find(
+        "p", id="measured_on")
+    assert measured.attrs["data-split"] == "report" and "measured on the report split (5000 rows)" in measured.text
 
 
 def test_text_is_escaped_and_latency_is_tabled(copy_without_frame):

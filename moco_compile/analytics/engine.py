@@ -342,8 +342,8 @@ class AnalyticsEngine:
         """A linear rule that, where it fires, gives ``cls`` in ``target_column`` with ``precision``.
 
         The linear score of "target == cls" is fitted on the fit rows; the threshold is
-        chosen on the held-out rows.  Thresholds are tried in a fixed sequence, strictest
-        first (each step fires on one more distinct held-out score), and the search stops
+        chosen on the held-out rows.  Thresholds are tried in order, strictest first
+        (each step fires on one more distinct held-out score), and the search stops
         at the first threshold that fails, so it never jumps over a stretch of thresholds
         that fell short:
 
@@ -355,10 +355,34 @@ class AnalyticsEngine:
         * with ``certify=True`` the test is the one-sided Clopper-Pearson upper bound of
           the error rate among fired rows staying within ``1 - precision`` at
           ``confidence``, starting where enough rows fire for the bound to be reachable
-          (``log(1 - confidence) / log(precision)`` rows, 299 at the defaults).  The order
-          is fixed before the data is seen, so with probability at least ``confidence``
-          the chosen rule's precision on new rows of the same distribution is at least
-          ``precision`` (Bauer's fixed-sequence testing).
+          (``log(1 - confidence) / log(precision)`` rows, 299 at the defaults).  The claim:
+          with probability at least ``confidence`` over the held-out rows, the chosen rule's
+          precision (the probability that a new row it fires on is ``cls``, for rows
+          exchangeable with the held-out rows: a rate, not the fraction on any given batch)
+          is at least ``precision``.  What it rests on, and what it assumes:
+
+          - the score is fitted on the fit rows only, so each real threshold ``t`` is a rule
+            fixed before the held-out rows are seen, and the rules, strictest first, are
+            nested (each fires on every row a stricter one fires on);
+          - the thresholds tried do come from the held-out rows' own scores, but a rule's
+            test reads only the rows it fires on, so the search is Bauer's fixed-sequence
+            test over every real threshold, strictest first, evaluated where its outcome can
+            change, stopping at the first failure; for a fixed threshold the Clopper-Pearson
+            test is valid (conservative) given how many rows fire.  Started at the strictest
+            threshold, this would bound the chance that any threshold it passes falls short
+            by ``1 - confidence``, whatever the shape of the precision curve;
+          - but it starts at the first threshold firing on enough rows (testing stricter
+            ones would stop it at once), a start the held-out rows choose.  The claim covers
+            that when the true precision does not rise as the threshold is lowered
+            (monotone precision): the thresholds that fall short are then one stretch at the
+            lenient end, and a wrong certificate needs either the stretch's first threshold
+            (a fixed rule) or the first threshold tested (given its score, the rows above
+            it are an i.i.d. sample from above it, for continuous scores) to pass its level
+            ``1 - confidence`` test (the scores alone decide which of the two: at most
+            ``1 - confidence`` together).  Monotone precision holds for a score that ranks rows
+            by their probability of the class; for a fitted linear score it is an assumption.
+            Where precision dips below ``precision`` among the skipped strictest thresholds
+            and recovers, the confidence is not proven.
 
         ``metadata`` (see :class:`SufficientRule`) keeps estimates and bounds apart:
         ``held_out_precision``, ``coverage`` and ``class_coverage`` are point estimates on

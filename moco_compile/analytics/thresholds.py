@@ -40,7 +40,10 @@ def last_certified(fired: np.ndarray, errors: np.ndarray, precision: float, conf
     """Fixed-sequence test of "precision among fired rows >= ``precision``": index of the last
     threshold before the first whose one-sided Clopper-Pearson upper bound of the error rate at
     ``confidence`` exceeds ``1 - precision``, starting at the first threshold firing on enough
-    rows for the bound to be reachable; -1 when the first tested threshold fails."""
+    rows for the bound to be reachable; -1 when the first tested threshold fails.  Why the
+    thresholds, taken from the held-out scores themselves, still give a valid certificate, and
+    the monotone-precision assumption the data-dependent start needs: see
+    :meth:`~moco_compile.analytics.AnalyticsEngine.compute_linear_sufficient_rule`."""
     start = int(np.searchsorted(fired, rows_needed(1 - precision, confidence)))
     failed = np.flatnonzero(cp_upper(errors[start:], fired[start:], confidence) > 1 - precision)
     passed = int(failed[0]) if len(failed) else len(fired) - start

@@ -139,8 +139,7 @@ class _Page:
             f"<h1>{html.escape(title)}</h1>",
             self._header(),
             "<h2>Summary</h2>",
-            "<p>Measured on the <em>report</em> split: calibration rows that neither fitting the rules "
-            "nor certifying the plan touched.</p>",
+            self._measured_on(),
             self._summary_table(),
             "<h2>Certificate</h2>",
             self._certificate_table(),
@@ -156,6 +155,16 @@ class _Page:
             self._verification_table(),
         ]
         return page_html(title, body, self.notes)
+
+    def _measured_on(self) -> str:
+        """Where the summary's figures come from (``evaluated_on``: the report split, or the test
+        split when the calibration set was too small for one), in one sentence."""
+        split = self._evaluated_on
+        rows = (self.report.get("splits") or {}).get(split)
+        note = self.report.get("evaluation_note") or f"estimates on the {split} rows"
+        counted = f" ({rows} rows)" if is_number(rows) else ""
+        return (f'<p id="measured_on" data-split="{html.escape(str(split))}">Figures other than the certificate are '
+                f"measured on the <em>{html.escape(str(split))}</em> split{counted}: {html.escape(note)}.</p>")
 
     def _header(self) -> str:
         files = [name for name in (MODEL_ONNX, PLAN_JSON, REPORT_JSON, FRAME_ARROW) if (self.out_dir / name).exists()]
@@ -192,7 +201,8 @@ class _Page:
         budget = b.get("max_disagreement")
         certified = (f"<= {percent_text(budget, 2)} at {percent_text(b.get('confidence'), 0)} confidence"
                      if is_number(budget) else "-")
-        rows.append(("certified disagreement budget", "certified_budget", budget, certified))
+        rows.append(("certified disagreement rate (a rate over traffic like the calibration rows, not the "
+                     "fraction on any particular stretch of it)", "certified_budget", budget, certified))
         rows.append(("estimated upper bound on disagreement (not certified)", "estimated_upper_bound",
                      b.get("estimated_disagreement_upper_bound"),
                      percent_text(b.get("estimated_disagreement_upper_bound"), 2)))
@@ -219,6 +229,7 @@ class _Page:
         rows = [
             ("what is certified", "bound_certified", b.get("certified"),
              str(b.get("certified") or b.get("reason") or "-")),
+            *([("note", "bound_note", None, str(b["note"]))] if b.get("note") else []),
             ("method", "bound_method", b.get("method"), str(b.get("method", "-"))),
             ("disagreement budget", "bound_max_disagreement", b.get("max_disagreement"),
              percent_text(b.get("max_disagreement"), 2)),
@@ -330,22 +341,29 @@ class _Page:
 
     def _verification_table(self) -> str:
         verification = self.report.get("verification") or {}
+        scope = verification.get("scope")
         rows = []
         for key, value in verification.items():
+            if key == "scope":
+                continue
             if isinstance(value, (dict, list)):
                 value = json.dumps(value)
             text = number_text(value, ".3g") if not isinstance(value, str) else value
             rows.append(f'<tr data-key="{html.escape(key)}"><th>{html.escape(key.replace("_", " "))}</th>'
                         f'{cell_html(text, value, id_=f"verification_{key}")}</tr>')
-        return table_html("verification", "Parity of the compiled graph with the original on report rows",
-                      ("check", "value"), rows)
+        checked = f"the first {verification['rows']} calibration rows" if is_number(verification.get("rows")) \
+            else "calibration rows"
+        return (f'<p id="verification_scope">{html.escape(str(scope))}</p>' if scope else "") + \
+            table_html("verification", f"Parity of the compiled graph with the original and with the certified "
+                       f"simulation on {checked} (onnxruntime CPU)", ("check", "value"), rows)
 
     # ---- plots
 
     def _figures(self) -> list[str]:
         figures = [
             figure_html("exit-rates", "Exit rate per exit",
-                        "Fraction of report-split rows leaving at each exit; the grey bar runs the full network.",
+                        f"Fraction of {self._evaluated_on}-split rows leaving at each exit; the grey bar runs the "
+                        "full network.",
                         self._draw_exit_rates),
             figure_html("cumulative-compute", "Cumulative compute",
                         "Against the position in the network (fraction of the original FLOPs per row): the "
@@ -359,7 +377,7 @@ class _Page:
                 "pareto", "Compute / disagreement curve",
                 f"The nested plan family on the test split ({self.certificate.get('test_rows', '?')} rows), "
                 "tested in order; plans before the first failure are certified, the last of them is chosen. "
-                "The report-split figure of the chosen plan is drawn for comparison.",
+                f"The chosen plan's figure on the {self._evaluated_on} split is drawn for comparison.",
                 self._draw_pareto))
         else:
             self.notes.append("plan.json has no certificate curve: the compute / disagreement plot is skipped.")

@@ -67,8 +67,8 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
                          f"({confidence['ece_uncalibrated']:.3f})"))
     if bound.get("certified"):
         rows += [
-            ("certified disagreement budget", f"<= {_percent(bound.get('max_disagreement'))} at "
-                                              f"{_percent(bound.get('confidence'), 0)} confidence"),
+            ("certified disagreement rate (over traffic like the calibration rows)",
+             f"<= {_percent(bound.get('max_disagreement'))} at {_percent(bound.get('confidence'), 0)} confidence"),
             ("  test rows / disagreements (rounding) / p-value",
              f"{bound.get('test_rows')} / {bound.get('disagreements')} ({bound.get('near_threshold_rows')}) / "
              f"{bound.get('p_value', 1):.3g}"),
@@ -79,6 +79,8 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
         ]
     else:
         rows.append(("certificate", str(bound.get("reason", "nothing certified"))))
+    if bound.get("note"):
+        rows.append(("certificate note", str(bound["note"])))
     for name in ("batch_1", "batch_64"):
         if name in report.get("latency", {}):
             timing = report["latency"][name]
@@ -105,6 +107,8 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
         console.print(f"latency: {report['latency_note']}", highlight=False)
     if report.get("traffic_scope"):
         console.print(f"scope: {report['traffic_scope']}", highlight=False)
+    if (report.get("verification") or {}).get("scope"):
+        console.print(f"verified: {report['verification']['scope']}", highlight=False)
     phases = report.get("phases")
     if phases:
         spent = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases["seconds"].items())

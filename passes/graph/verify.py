@@ -1,4 +1,6 @@
-"""Verify pass: check a compiled graph against the original on held-out rows.
+"""Verify pass: check a compiled graph against the original on the rows given (``compile``: the
+first calibration rows, of every split), with onnxruntime on CPU only (``Verification.scope``
+says so in the report):
 
 * ``onnx.checker`` (full check) and shape inference pass;
 * rows that run the full network (``moco_exit == -1``) match the original
@@ -41,9 +43,18 @@ class Verification:
     batch1_rows: int
     batch1_max_abs_diff: float
     empty_batch_checked: bool  # False: the original model fails on 0 rows too
+    scope: str = ""  # what was checked, where, and what was not (VERIFICATION_SCOPE)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+VERIFICATION_SCOPE = ("the compiled graph was checked against the certified simulation on {rows}, with onnxruntime "
+                      "{version} on CPU (CPUExecutionProvider) in batches of {batch_size} (the first {batch1_rows} "
+                      "also one at a time): every row took the exit the simulation gives it, except rows within the "
+                      "rounding tolerance of a threshold (counted against the budget at certification). Other rows, "
+                      "other execution providers and other settings were not checked: CUDA with TF32 on, for one, "
+                      "rounds differently and can route rows differently (moco's ExitSession turns TF32 off)")
 
 
 BATCH_DEPENDENCE = ("the other rows in its batch (dynamic int8 quantization sets activation ranges per batch), exits "
@@ -116,11 +127,12 @@ def _check_empty_batch(session: ort.InferenceSession, original: ort.InferenceSes
 
 def verify_compiled(compiled: onnx.ModelProto, original: onnx.ModelProto, output: str,
                     inputs: Mapping[str, np.ndarray], expected: Routing, tolerance: float = 1e-4,
-                    batch1_rows: int = 16, batch_size: int = 64) -> Verification:
+                    batch1_rows: int = 16, batch_size: int = 64, rows_described: str | None = None) -> Verification:
     """Run the checks; raise :class:`VerificationError` naming the first that fails.
 
     ``expected`` is the plan's routing of ``inputs``' rows, computed with the rounding
-    tolerance the plan was certified with.
+    tolerance the plan was certified with.  ``rows_described`` says in the result's ``scope``
+    which rows ``inputs`` are (default: "N rows").
     """
     try:
         onnx.checker.check_model(compiled, full_check=True)
@@ -159,5 +171,7 @@ def verify_compiled(compiled: onnx.ModelProto, original: onnx.ModelProto, output
             f"row depends on {BATCH_DEPENDENCE}")
     empty_batch = _check_empty_batch(compiled_session, original_session, inputs, output, compiled_out.shape[1:])
     agreement = float((~rerouted).mean()) if len(exits) else 1.0
+    scope = VERIFICATION_SCOPE.format(rows=rows_described or f"{len(exits)} rows", version=ort.__version__,
+                                      batch_size=batch_size, batch1_rows=count)
     return Verification(len(exits), int(full.sum()), diff, agreement, int(expected.near_threshold.sum()),
-                        int(rerouted.sum()), argmax_ok, count, batch1_diff, empty_batch)
+                        int(rerouted.sum()), argmax_ok, count, batch1_diff, empty_batch, scope)

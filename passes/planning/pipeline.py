@@ -32,7 +32,7 @@ from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.planning.candidates import Candidates, candidate_split, fit_candidates
 from moco_compile.passes.planning.config import Budget, PlannerConfig
 from moco_compile.passes.planning.counts import PlanCounts, Split, count_plans
-from moco_compile.passes.planning.planner import ExitPlanner, NoPlanError
+from moco_compile.passes.planning.planner import RETRY_NOTE, ExitPlanner, NoPlanError
 from moco_compile.passes.planning.routing import Rounding, route_scores, stage_costs
 from moco_compile.passes.planning.splits import SPLIT_COLUMN, SPLITS, RowSplit, check_split_sizes, split_sizes
 from moco_compile.passes.planning.types import Exit, ExitPlan, PlanEvaluation
@@ -195,12 +195,18 @@ def plan_rows(rows: PlanningRows, cuts: Sequence[CutPoint], num_classes: int, to
         if not allow_no_exit:
             raise BudgetError(f"no exit plan can be certified ({error})") from error
         return _no_exit(rows, num_classes, total_flops, budget, config, seed, str(error))
-    if not plan.exits and not allow_no_exit:
-        raise BudgetError(
-            f"no exit plan meets --max-disagreement {budget.max_disagreement:g} at --confidence "
-            f"{budget.confidence:g}: every plan with exits failed the test on {sizes['test']} held-out "
-            "rows. Raise the budget, give more calibration rows, or pass --allow-no-exit to emit "
-            "the unchanged graph")
+    if not plan.exits:
+        passed = max(result.certified for result in planner.certified_.values()) > 0
+        failed = (f"the plans with exits that passed the test on {sizes['test']} held-out rows save no compute "
+                  "there once their exits' cost is counted" if passed else
+                  f"every plan with exits failed the test on {sizes['test']} held-out rows at --max-disagreement "
+                  f"{budget.max_disagreement:g} and --confidence {budget.confidence:g}")
+        if not allow_no_exit:
+            raise BudgetError(
+                f"no exit plan {'is worth building' if passed else 'meets the budget'}: {failed}. Note that "
+                f"{RETRY_NOTE} (more rows certify smaller budgets). Or pass --allow-no-exit to emit the unchanged "
+                "graph")
+        plan = replace(plan, certificate={**plan.certificate, "note": f"no exits: {failed}; {RETRY_NOTE}"})
     if probabilities is not None:
         plan = calibrate_confidence(plan, candidates, probabilities)
     evaluated_on = _evaluated_on(split)

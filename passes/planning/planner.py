@@ -36,10 +36,16 @@ class NoPlanError(Exception):
     """Not even the plan with no exits passed the test (too few test rows)."""
 
 
-CERTIFIED_STATEMENT = ("with probability >= confidence, the compiled model's class differs from the full "
-                       "model's on at most max_disagreement of inputs (and, when set, at most max_accuracy_drop "
-                       "of inputs are right before and wrong after), for traffic exchangeable with the "
-                       "calibration rows")
+RETRY_NOTE = ("retrying on these calibration rows with another budget, confidence or seed voids the stated "
+              "confidence (the test has seen them): a valid retry needs new calibration rows")
+
+
+CERTIFIED_STATEMENT = ("with probability >= confidence (over the draw of the calibration rows), the rate at which "
+                       "the compiled model's class differs from the full model's is at most max_disagreement (and, "
+                       "when set, the rate of inputs right before and wrong after is at most max_accuracy_drop), "
+                       "for traffic exchangeable with the calibration rows. A rate is a population figure, the "
+                       "chance that such an input changes class: the fraction on any particular stretch of "
+                       "traffic varies around it and can exceed it (binomial noise, larger on fewer inputs)")
 ESTIMATE_NOTE = ("Clopper-Pearson bound on the chosen plan's test disagreements: the plan was chosen on "
                  "these rows, so this is an estimate, not part of the certificate")
 
@@ -145,7 +151,7 @@ class ExitPlanner:
                                    for name, result in self.certified_.items()}
         test_rows = test[names[0]].rows
         if not passed:
-            raise NoPlanError(f"even the plan with no exits fails the test on {test_rows} rows")
+            raise NoPlanError(f"even the plan with no exits fails the test on {test_rows} rows; {RETRY_NOTE}")
         name = max(passed, key=lambda n: (passed[n].compute_reductions[passed[n].chosen], -names.index(n)))
         result = passed[name]
         self.chosen_ = (name, result.chosen)

@@ -50,7 +50,7 @@ def test_report_states_what_was_verified_and_what_is_certified(compiled):
 
     from rich.console import Console
 
-    from moco_compile.report import print_report
+    from moco_compile.reports.terminal import print_report
 
     printed = StringIO()
     print_report(report, Console(file=printed, width=4000))

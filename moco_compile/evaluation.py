@@ -32,8 +32,9 @@ from moco_compile.reports.html_report import written_by_moco as page_written_by_
 from moco_compile.importer import import_model
 from moco_compile.outputs import GENERATOR, add_to_manifest, build_model, check_output_file, staged_output_file
 from moco_compile.passes.calibration.calibrate import LABELS
+from moco_compile.passes.planning.bounds import clopper_pearson_interval
 from moco_compile.runtime.session import ExitSession
-from moco_compile.runtime.shadow import ShadowRun, clopper_pearson, project_savings, shadow_run, stream_drift
+from moco_compile.runtime.shadow import ShadowRun, project_savings, shadow_run, stream_drift
 from moco_compile.scale.shards import ShardedData
 
 EVALUATION_JSON = "evaluation.json"
@@ -157,7 +158,7 @@ def _evaluation(build_dir: Path, report: dict, original_path: Path, run: ShadowR
     bound = report["bound"]
     budget, confidence = float(bound["max_disagreement"]), float(bound.get("confidence", 0.95))
     disagreements = int(run.disagrees.sum())
-    low, high = clopper_pearson(disagreements, run.rows, confidence)
+    low, high = clopper_pearson_interval(disagreements, run.rows, confidence)
     expected_exit_rate = float(report.get("exit_rate") or 0.0)
     stream = stream_drift(run.exits, run.disagrees, expected_exit_rate, budget, windows, confidence)
     seconds = {"original": run.original_seconds / run.rows, "compiled": run.compiled_seconds / run.rows}

@@ -32,13 +32,13 @@ from moco_compile.passes.memory.float16 import to_float16
 from moco_compile.passes.memory.fusion import fused
 from moco_compile.passes.graph.index import GraphIndex, exposing_every_tensor
 from moco_compile.passes.memory.liveness import feed_shapes, liveness, weight_bytes
+from moco_compile.passes.planning.bounds import clopper_pearson_interval
 from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.passes.memory.quantize import check_not_quantized, quantize_dynamic_int8, quantize_static_int8
 from moco_compile.passes.graph.rewrite import annotate_costs, insert_exits
 from moco_compile.runtime.latency import batches_of, compare_latency
 from moco_compile.runtime.memory.peak import can_measure, measure_peak
 from moco_compile.runtime.session import ExitSession, open_session
-from moco_compile.runtime.shadow import clopper_pearson
 
 INT8_MODES = ("dynamic", "static")
 MIN_VALIDATION_ROWS = 100
@@ -167,7 +167,7 @@ class _Validator:
         predictions = logits.argmax(axis=1)
         rows = len(predictions)
         differ = int((predictions != self.reference).sum())
-        low, high = clopper_pearson(differ, rows, 0.95)
+        low, high = clopper_pearson_interval(differ, rows, 0.95)
         row = {
             "step": name, "rows": rows,
             "non_finite_outputs": int((~np.isfinite(logits)).any(axis=1).sum()),

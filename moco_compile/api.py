@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 import onnx
 
+from moco_compile.constants import LABELS, PROBABILITIES, SPLIT_COLUMN
 from moco_compile.frame import ActivationFrame, load_frame, written_by_moco
 from moco_compile.importer import ImportedModel, import_model
 from moco_compile.prepare import MAX_VERIFIED_ROWS, cut_points_of
 from moco_compile.outputs import check_output_dir, check_output_file, staged_output_dir, staged_output_file
-from moco_compile.passes.calibration.calibrate import LABELS, PROBABILITIES, calibrate, variant_features
+from moco_compile.passes.calibration.calibrate import calibrate, variant_features
 from moco_compile.passes.planning.config import Budget, PlannerConfig
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.graph.index import elem_types, subgraph_nesting
@@ -26,7 +27,7 @@ from moco_compile.passes.planning.routing import guard_verdicts
 from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.passes.planning.pipeline import FrameRows, Planning, plan_rows
 from moco_compile.passes.graph.rewrite import annotate_costs, insert_exits
-from moco_compile.passes.planning.splits import SPLIT_COLUMN, SPLITS
+from moco_compile.passes.planning.splits import SPLITS
 from moco_compile.passes.graph.verify import verify_compiled
 from moco_compile.scale.shards import ShardedData
 

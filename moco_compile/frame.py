@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from moco_compile.constants import LABELS
 from moco_compile.outputs import GENERATOR
 
 _SHAPE_KEY = b"moco.shape"
@@ -246,4 +247,4 @@ def check_same_columns(columns: set[tuple[str, ...]]) -> None:
     """A ``ValueError`` unless every frame shard has the same columns (``columns``: each shard's)."""
     if len(columns) > 1:
         raise ValueError(f"frame shards have different columns: {sorted(columns)}; every shard must hold the "
-                         "same inputs (and all or none of them 'labels')")
+                         f"same inputs (and all or none of them '{LABELS}')")

@@ -42,6 +42,7 @@ from moco_compile.analytics.plots import class_colours, new_figure, pad2, save_p
 from moco_compile.analytics.results import (AnalyticsError, CoveragePrecisionCurve, LinearCondition, NoRuleError,
                                             Separability, SufficientRule)
 from moco_compile.analytics.thresholds import last_certified, last_precise, threshold_table
+from moco_compile.constants import LABELS, PREDICTIONS
 from moco_compile.frame import ActivationFrame
 from moco_compile.passes.calibration.rules import LinearScores, OneVsRestRuleFitter
 from moco_compile.passes.planning.bounds import clopper_pearson_upper, rows_needed
@@ -49,8 +50,6 @@ from moco_compile.passes.planning.bounds import clopper_pearson_upper, rows_need
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-PREDICTIONS = "predictions"
-LABELS = "labels"
 _FRAME_TARGETS = (PREDICTIONS, LABELS)
 _PROJECTIONS = ("pca", "tsne", "umap")
 

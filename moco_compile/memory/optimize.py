@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from moco_compile.prepare import model_for_plan
-from moco_compile.constants import EXIT_OUTPUT
+from moco_compile.constants import EXIT_OUTPUT, LABELS
 from moco_compile.errors import CalibrationDataError, MocoError, ModelError
 from moco_compile.evaluation import load_build, original_model_path
 from moco_compile.importer import classifier_output, load_onnx
@@ -134,7 +134,7 @@ def split_rows(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray],
     missing = [name for name in names if name not in calibration]
     if missing:
         raise CalibrationDataError(f"the calibration data has no array for the model input(s) {missing}; it has "
-                                   f"{sorted(calibration)}. Give one array per model input (+ optional 'labels')")
+                                   f"{sorted(calibration)}. Give one array per model input (+ optional '{LABELS}')")
     rows = len(calibration[names[0]])
     tuning_rows = min(MAX_TUNING_ROWS, rows // 2)
     if rows - tuning_rows < MIN_VALIDATION_ROWS:
@@ -142,7 +142,7 @@ def split_rows(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray],
                                    f"touched, beside the tuning rows; {rows} calibration rows leave "
                                    f"{rows - tuning_rows}. Give at least {2 * MIN_VALIDATION_ROWS} rows")
     order = np.random.default_rng(seed).permutation(rows)
-    keys = [*names, *(["labels"] if "labels" in calibration else [])]
+    keys = [*names, *([LABELS] if LABELS in calibration else [])]
     tuning = {name: calibration[name][order[:tuning_rows]] for name in names}
     validation = {name: calibration[name][order[tuning_rows:]] for name in keys}
     return tuning, validation
@@ -153,8 +153,8 @@ class _Validator:
 
     def __init__(self, original: onnx.ModelProto, validation: Mapping[str, np.ndarray], measure_latency: bool):
         self.output = classifier_output(original, None)
-        self.labels = validation.get("labels")
-        self.inputs = {k: v for k, v in validation.items() if k != "labels"}
+        self.labels = validation.get(LABELS)
+        self.inputs = {k: v for k, v in validation.items() if k != LABELS}
         self.reference = self._logits(_exit_session(original)).argmax(axis=1)
         self.original_session = _session(original)
         self.measure_latency = measure_latency

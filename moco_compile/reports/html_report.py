@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moco_compile.constants import PREDICTIONS
 from moco_compile.errors import MocoError
 from moco_compile.outputs import add_to_manifest, check_output_file, staged_output_file
 from moco_compile.reports.html import (
@@ -487,7 +488,7 @@ class _Page:
 
             plan = ExitPlan.from_dict(self.plan)
             features = [_exit_features(frame, e.column, e.pooling)[0] for e in plan.exits]
-            exit_index = plan.evaluate(features, frame["predictions"]).exit_index
+            exit_index = plan.evaluate(features, frame[PREDICTIONS]).exit_index
         except Exception:  # marking exited rows is optional
             exit_index = None
         return frame, exit_index, rows
@@ -495,7 +496,7 @@ class _Page:
     def _draw_projection(self, figure, features: np.ndarray, frame, exit_index, position: int, label: str) -> None:
         ax = figure.add_subplot()
         points, explained = _pca_2d(features)
-        predictions = frame["predictions"] if "predictions" in frame else np.zeros(len(points), np.int64)
+        predictions = frame[PREDICTIONS] if PREDICTIONS in frame else np.zeros(len(points), np.int64)
         classes = np.unique(predictions)
         import matplotlib
 

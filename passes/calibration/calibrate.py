@@ -22,16 +22,12 @@ import onnxruntime as ort
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from scipy.special import softmax
 
+from moco_compile.constants import LABELS, PREDICTIONS, PROBABILITIES
 from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.frame import ActivationFrame, FrameWriter, load_frame
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.graph.index import GraphIndex
 from moco_compile.passes.calibration.pooling import piece_kind, piece_nodes, pieces_for, variant_pieces
-
-PREDICTIONS = "predictions"
-PROBABILITIES = "probabilities"
-LABELS = "labels"
-
 
 def cut_column(cut: CutPoint) -> str:
     """Name of a cut in the frame: its module name where known, else its tensor."""

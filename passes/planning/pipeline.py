@@ -23,9 +23,9 @@ from typing import Protocol
 
 import numpy as np
 
+from moco_compile.constants import LABELS, PREDICTIONS, PROBABILITIES, SPLIT_COLUMN
 from moco_compile.errors import BudgetError, CalibrationDataError
 from moco_compile.frame import ActivationFrame
-from moco_compile.passes.calibration.calibrate import LABELS, PREDICTIONS, PROBABILITIES
 from moco_compile.passes.planning.candidates import Candidates, candidate_split, fit_candidates
 from moco_compile.passes.planning.counts import count_plans, PlanCounts
 from moco_compile.passes.planning.config import Budget, PlannerConfig
@@ -35,7 +35,7 @@ from moco_compile.passes.planning.counts import Split
 from moco_compile.passes.planning.planner import ExitPlanner, NoPlanError
 from moco_compile.passes.planning.types import Exit, ExitPlan, PlanEvaluation
 from moco_compile.passes.planning.routing import Rounding, route_scores, stage_costs
-from moco_compile.passes.planning.splits import SPLIT_COLUMN, SPLITS, RowSplit, check_split_sizes, split_sizes
+from moco_compile.passes.planning.splits import SPLITS, RowSplit, check_split_sizes, split_sizes
 
 COUNTED_SPLITS = ("test", "report")  # the splits counted over every row (the rules rows are read)
 COUNT_CHUNK_ROWS = 16_384  # rows scored and routed at once while counting
@@ -153,7 +153,7 @@ def plan_rows(rows: PlanningRows, cuts: Sequence[CutPoint], num_classes: int, to
     ``allow_no_exit`` both give the plan with no exits instead, its certificate saying why.
     """
     if budget.max_accuracy_drop is not None and not rows.labelled:
-        raise CalibrationDataError("--max-accuracy-drop needs labels: add a 'labels' array to the calibration "
+        raise CalibrationDataError(f"--max-accuracy-drop needs labels: add a '{LABELS}' array to the calibration "
                                    "data, or drop --max-accuracy-drop")
     try:
         sizes = check_split_sizes(len(rows), budget, config)

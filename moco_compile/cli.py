@@ -121,11 +121,10 @@ def calibrate_command(
     """Store MODEL's pooled activations at every cut point as an ActivationFrame."""
     from moco_compile.api import calibrate_frame
     from moco_compile.calibration_data import load_npz
-    from moco_compile.frame import written_by_moco
     from moco_compile.outputs import check_output_file
 
     try:
-        check_output_file(out, "frame", written_by_moco, [model, calib], force)
+        check_output_file(out, "frame", "frame", [model, calib], force)
         frame = calibrate_frame(model, load_npz(calib), out, output=output, raw=raw, force=force)
     except (MocoError, ValueError, OSError) as error:
         _fail(error)

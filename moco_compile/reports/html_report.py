@@ -37,7 +37,6 @@ FRAME_ARROW = "frame.arrow"
 MODEL_ONNX = "model.onnx"
 REPORT_HTML = "report.html"
 PROJECTION_ROWS = 2000  # rows subsampled from the frame for each projection plot
-_GENERATOR_MARK = b'<meta name="generator" content="moco'  # how a page moco wrote begins (then the version)
 HOW_TO_COMPILE = ("make one with `moco compile MODEL.onnx --calib CALIB.npz --out DIR` "
                   "(or `moco_compile.compile(model, calibration, out_dir=DIR)`)")
 
@@ -61,22 +60,12 @@ def render_report(out_dir: str | os.PathLike, html_path: str | os.PathLike | Non
     out_dir = Path(out_dir)
     html_path = Path(html_path) if html_path is not None else out_dir / REPORT_HTML
     report, plan = load_outputs(out_dir)
-    check_output_file(html_path, "report page", written_by_moco, force=force)
+    check_output_file(html_path, "report page", "page", force=force)
     text = _Page(out_dir, report, plan).render()
-    with staged_output_file(html_path, "report page", written_by_moco, force=force) as temporary:
+    with staged_output_file(html_path, "report page", "page", force=force) as temporary:
         temporary.write_text(text, encoding="utf-8")
     add_to_manifest(html_path)
     return html_path
-
-
-def written_by_moco(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a report page moco wrote (it starts with moco's generator ``<meta>``)."""
-    try:
-        with open(path, "rb") as stream:
-            head = stream.read(1024)
-    except OSError:
-        return False
-    return _GENERATOR_MARK in head
 
 
 # ----------------------------------------------------------------------------- loading

@@ -39,9 +39,14 @@ def piece_column(column: str, piece: str) -> str:
     return column if kind in ("mean", "flat", "token_mean") else f"{column}:{kind}"
 
 
+def variant_columns(column: str, variant: str) -> list[str]:
+    """The frame columns of a cut's pooling variant, one per piece."""
+    return [piece_column(column, piece) for piece in variant_pieces(variant)]
+
+
 def variant_features(frame: ActivationFrame, column: str, variant: str) -> np.ndarray:
     """``[N, D]`` features of a pooling variant, concatenated from the frame's piece columns."""
-    parts = [frame[piece_column(column, piece)].reshape(len(frame), -1) for piece in variant_pieces(variant)]
+    parts = [frame[name].reshape(len(frame), -1) for name in variant_columns(column, variant)]
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 

@@ -31,7 +31,8 @@ from moco_compile.api import calibrate_frame# noqa: E402
 from moco_compile.prepare import cut_points_of# noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.planning import pipeline as planning  # noqa: E402
-from moco_compile.passes.calibration.calibrate import PREDICTIONS, variant_features  # noqa: E402
+from moco_compile.constants import PREDICTIONS  # noqa: E402
+from moco_compile.passes.calibration.calibrate import variant_features  # noqa: E402
 from moco_compile.passes.planning.config import Budget, PlannerConfig  # noqa: E402
 
 EXHAUSTIVE = PlannerConfig(elimination_candidates=None, per_class_candidates=10 ** 6)

@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import rule_baselines as rb  # noqa: E402
 from moco_compile.errors import CalibrationDataError  # noqa: E402
-from moco_compile.passes.calibration.calibrate import LABELS, PREDICTIONS, cut_column, variant_features  # noqa: E402
+from moco_compile.constants import LABELS, PREDICTIONS  # noqa: E402
+from moco_compile.passes.calibration.calibrate import cut_column, variant_features  # noqa: E402
 from moco_compile.passes.planning.config import Budget, PlannerConfig  # noqa: E402
 from moco_compile.passes.planning.design import cut_elements, exit_overhead  # noqa: E402
 from moco_compile.passes.planning.counts import Split# noqa: E402

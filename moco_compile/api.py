@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from moco_compile.frame import ActivationFrame, load_frame, written_by_moco
+from moco_compile.constants import LABELS, PROBABILITIES, SPLIT_COLUMN
+from moco_compile.frame import ActivationFrame, load_frame
 from moco_compile.importer import ImportedModel, import_model
 from moco_compile.prepare import MAX_VERIFIED_ROWS, cut_points_of
 from moco_compile.progress import Phases
 from moco_compile.outputs import check_output_dir, check_output_file, staged_output_dir, staged_output_file
-from moco_compile.passes.calibration.calibrate import LABELS, PROBABILITIES, calibrate, variant_features
+from moco_compile.passes.calibration.calibrate import calibrate, variant_features
 from moco_compile.passes.planning.config import Budget, PlannerConfig
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.graph.index import elem_types, subgraph_nesting
@@ -26,7 +27,7 @@ from moco_compile.passes.planning.routing import Routing
 from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.passes.planning.pipeline import FrameRows, Planning, plan_rows
 from moco_compile.passes.graph.rewrite import annotate_costs, insert_exits
-from moco_compile.passes.planning.splits import SPLIT_COLUMN, SPLITS
+from moco_compile.passes.planning.splits import SPLITS
 from moco_compile.passes.graph.verify import verify_compiled
 from moco_compile.scale.shards import ShardedData
 
@@ -200,10 +201,10 @@ def calibrate_frame(model: Any, calibration: Mapping[str, Any] | Iterable[Mappin
     replaced only with ``force``.  Checked before the run and again before the rename.
     """
     inputs = _input_files(model)
-    check_output_file(out, "frame", written_by_moco, inputs, force)
+    check_output_file(out, "frame", "frame", inputs, force)
     imported = import_model(model, output=output, example_input=example_input)
     batches, cuts = cut_points_of(imported, calibration, batch_size)
-    with staged_output_file(out, "frame", written_by_moco, inputs, force) as temporary:
+    with staged_output_file(out, "frame", "frame", inputs, force) as temporary:
         calibrate(imported.model, imported.output, cuts, batches, temporary, show_progress=show_progress, raw=raw)
     return load_frame(out)
 

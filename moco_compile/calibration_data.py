@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from moco_compile.constants import LABELS
 from moco_compile.errors import CalibrationDataError
-
-LABELS = "labels"
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from moco_compile.cli_common import FORCE_HELP
 from moco_compile.cli_common import fail as _fail
+from moco_compile.constants import LABELS
 from moco_compile.errors import MocoError
 from moco_compile.moe.cli import app as moe_app
 
@@ -34,7 +35,7 @@ def _check_onnxruntime() -> None:
 @app.command("compile")
 def compile_command(
     model: Path = typer.Argument(..., help="ONNX classifier to compile"),
-    calib: str = typer.Option(..., "--calib", help=".npz with one array per model input (+ optional 'labels'); "
+    calib: str = typer.Option(..., "--calib", help=f".npz with one array per model input (+ optional '{LABELS}'); "
                               "with --engine ray, a directory or glob of .parquet/.npz shards (local or a URI)"),
     out: Path = typer.Option(..., "--out", help="output directory (model.onnx, plan.json, report.json)"),
     max_disagreement: float = typer.Option(0.01, help="budget: fraction of inputs whose class may change"),
@@ -113,7 +114,7 @@ def inspect_command(
 @app.command("calibrate")
 def calibrate_command(
     model: Path = typer.Argument(..., help="ONNX classifier"),
-    calib: Path = typer.Option(..., "--calib", help=".npz with one array per model input (+ optional 'labels')"),
+    calib: Path = typer.Option(..., "--calib", help=f".npz with one array per model input (+ optional '{LABELS}')"),
     out: Path = typer.Option(..., "--out", help="ActivationFrame file to write (Arrow IPC)"),
     raw: bool = typer.Option(False, help="also store the unpooled cut tensors"),
     output: Optional[str] = typer.Option(None, "--output", help="classifier output name, if several"),
@@ -122,11 +123,10 @@ def calibrate_command(
     """Store MODEL's pooled activations at every cut point as an ActivationFrame."""
     from moco_compile.api import calibrate_frame
     from moco_compile.calibration_data import load_npz
-    from moco_compile.frame import written_by_moco
     from moco_compile.outputs import check_output_file
 
     try:
-        check_output_file(out, "frame", written_by_moco, [model, calib], force)
+        check_output_file(out, "frame", "frame", [model, calib], force)
         frame = calibrate_frame(model, load_npz(calib), out, output=output, raw=raw, force=force)
     except (MocoError, ValueError, OSError) as error:
         _fail(error)
@@ -153,7 +153,7 @@ def report_command(
 def evaluate_command(
     build: Path = typer.Argument(..., help="output directory of 'moco compile'"),
     traffic: str = typer.Option(..., "--traffic", help=".npz sample of real traffic: one array per model "
-                                "input, rows in arrival order (+ optional 'labels'); with --engine ray, a "
+                                f"input, rows in arrival order (+ optional '{LABELS}'); with --engine ray, a "
                                 "directory or glob of .parquet/.npz shards (in arrival order by name)"),
     original: Optional[Path] = typer.Option(None, "--original", help="the model the build was compiled from "
                                             "(default: the file compile recorded)"),
@@ -298,7 +298,7 @@ def profile_memory_command(
 def optimize_memory_command(
     model: Path = typer.Argument(..., help="float ONNX classifier, or the output directory of 'moco compile' "
                                  "(the original is optimised and the build's exits put back on it)"),
-    calib: Path = typer.Option(..., "--calib", help=".npz with one array per model input (+ optional 'labels'); "
+    calib: Path = typer.Option(..., "--calib", help=f".npz with one array per model input (+ optional '{LABELS}'); "
                                "split into tuning and validation rows"),
     original: Optional[Path] = typer.Option(None, "--original", help="with a build directory: the model it was "
                                             "compiled from (default: the file compile recorded)"),

@@ -1,7 +1,13 @@
-"""Names every part of moco shares: the compiled graph's extra output and cost metadata."""
+"""Names every part of moco shares: the compiled graph's extra output and cost metadata, and the
+columns of the calibration frame (``labels`` is also the key of the labels in calibration data)."""
 from __future__ import annotations
 
 EXIT_OUTPUT = "moco_exit"  # int64 per row: the index of the exit the row took, -1 = full network
 STAGE_FLOPS_KEY = "moco.stage_flops"  # metadata: JSON list, FLOPs of a row leaving at exit k (last: full network)
 FLOPS_ORIGINAL_KEY = "moco.flops_original"  # metadata: the original model's FLOPs per row
 ADDED_NODE_PREFIX = "moco/"  # names of the tensors and nodes the rewrite adds to a model
+
+PREDICTIONS = "predictions"  # frame column, int64 per row: the full model's class
+PROBABILITIES = "probabilities"  # frame column, per row and class: the full model's output as probabilities
+LABELS = "labels"  # frame column and calibration-data key, int per row: the true class (optional)
+SPLIT_COLUMN = "split"  # frame column of a build's kept rows: index into passes.planning.splits.SPLITS

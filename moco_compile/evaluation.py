@@ -25,15 +25,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from moco_compile.api import source_model
 from moco_compile.calibration_data import CalibrationSpec
+from moco_compile.constants import LABELS
 from moco_compile.errors import CalibrationDataError, MocoError, ModelError
 from moco_compile.reports.html import cell_html, figure_html, page_html, percent_text, table_html
 from moco_compile.reports.html_report import REPORT_JSON, NotACompileOutputError, load_outputs
-from moco_compile.reports.html_report import written_by_moco as page_written_by_moco
 from moco_compile.importer import import_model
 from moco_compile.outputs import GENERATOR, add_to_manifest, build_model, check_output_file, staged_output_file
-from moco_compile.passes.calibration.calibrate import LABELS
+from moco_compile.passes.planning.bounds import clopper_pearson_interval
 from moco_compile.runtime.session import ExitSession
-from moco_compile.runtime.shadow import ShadowRun, clopper_pearson, project_savings, shadow_run, stream_drift
+from moco_compile.runtime.shadow import ShadowRun, project_savings, shadow_run, stream_drift
 from moco_compile.scale.shards import ShardedData
 
 EVALUATION_JSON = "evaluation.json"
@@ -157,7 +157,7 @@ def _evaluation(build_dir: Path, report: dict, original_path: Path, run: ShadowR
     bound = report["bound"]
     budget, confidence = float(bound["max_disagreement"]), float(bound.get("confidence", 0.95))
     disagreements = int(run.disagrees.sum())
-    low, high = clopper_pearson(disagreements, run.rows, confidence)
+    low, high = clopper_pearson_interval(disagreements, run.rows, confidence)
     expected_exit_rate = float(report.get("exit_rate") or 0.0)
     stream = stream_drift(run.exits, run.disagrees, expected_exit_rate, budget, windows, confidence)
     seconds = {"original": run.original_seconds / run.rows, "compiled": run.compiled_seconds / run.rows}
@@ -208,23 +208,14 @@ def _flags(low: float, budget: float, confidence: float, stream: Sequence) -> li
 
 # ----------------------------------------------------------------------------- writing
 
-def json_written_by_moco(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is an evaluation moco wrote (a JSON object with moco's ``generator``)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and str(data.get("generator", "")).startswith("moco")
-
-
 def check_evaluation_paths(build_dir: str | os.PathLike, *, json_path: str | os.PathLike | None = None,
                            html_path: str | os.PathLike | None = None, force: bool = False) -> tuple[Path, Path]:
     """The paths the evaluation goes to (default: in ``build_dir``); :class:`OutputError` unless both may
     be written (new, or an evaluation moco wrote there and ``force``)."""
     json_path = Path(json_path) if json_path is not None else Path(build_dir) / EVALUATION_JSON
     html_path = Path(html_path) if html_path is not None else Path(build_dir) / EVALUATION_HTML
-    check_output_file(json_path, "shadow evaluation", json_written_by_moco, force=force)
-    check_output_file(html_path, "shadow evaluation page", page_written_by_moco, force=force)
+    check_output_file(json_path, "shadow evaluation", "json", force=force)
+    check_output_file(html_path, "shadow evaluation page", "page", force=force)
     return json_path, html_path
 
 
@@ -234,9 +225,9 @@ def write_evaluation(build_dir: str | os.PathLike, evaluation: dict, *, json_pat
     a file already there is replaced only when moco wrote it and ``force`` is given."""
     json_path, html_path = check_evaluation_paths(build_dir, json_path=json_path, html_path=html_path, force=force)
     page = evaluation_page(evaluation)
-    with staged_output_file(json_path, "shadow evaluation", json_written_by_moco, force=force) as temporary:
+    with staged_output_file(json_path, "shadow evaluation", "json", force=force) as temporary:
         temporary.write_text(json.dumps(evaluation, indent=2))
-    with staged_output_file(html_path, "shadow evaluation page", page_written_by_moco, force=force) as temporary:
+    with staged_output_file(html_path, "shadow evaluation page", "page", force=force) as temporary:
         temporary.write_text(page, encoding="utf-8")
     add_to_manifest(json_path)
     add_to_manifest(html_path)

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from moco_compile.outputs import GENERATOR
+from moco_compile.constants import LABELS
+from moco_compile.outputs import FRAME_MARK_KEY, GENERATOR
 
 _SHAPE_KEY = b"moco.shape"
-_GENERATOR_KEY = b"moco.generator"  # schema metadata of every frame file moco writes
 
 
 def _to_arrow(values: np.ndarray) -> tuple[pa.Array, dict[bytes, bytes]]:
@@ -232,8 +232,9 @@ class FrameWriter:
         self._writer.write_batch(batch)
 
     def _open(self, schema: pa.Schema) -> None:
-        """Start the file; its schema metadata marks it as written by moco (see :func:`written_by_moco`)."""
-        marked = schema.with_metadata({**(schema.metadata or {}), _GENERATOR_KEY: GENERATOR.encode()})
+        """Start the file; its schema metadata marks it as written by moco (see
+        :func:`moco_compile.outputs.written_by_moco`)."""
+        marked = schema.with_metadata({**(schema.metadata or {}), FRAME_MARK_KEY: GENERATOR.encode()})
         self._writer = pa.ipc.new_file(str(self._temporary), marked)
 
     def __exit__(self, error_type, error, traceback) -> None:
@@ -245,16 +246,6 @@ class FrameWriter:
             os.replace(self._temporary, self.path)
         else:
             self._temporary.unlink(missing_ok=True)
-
-
-def written_by_moco(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a frame file moco wrote (its schema metadata carries moco's mark)."""
-    try:
-        with pa.memory_map(str(path), "r") as source:
-            metadata = pa.ipc.open_file(source).schema.metadata or {}
-    except (OSError, pa.ArrowException):
-        return False
-    return metadata.get(_GENERATOR_KEY, b"").startswith(b"moco")
 
 
 def load_frame(path: str | os.PathLike) -> ActivationFrame:
@@ -292,4 +283,4 @@ def check_same_columns(columns: set[tuple[str, ...]]) -> None:
     """A ``ValueError`` unless every frame shard has the same columns (``columns``: each shard's)."""
     if len(columns) > 1:
         raise ValueError(f"frame shards have different columns: {sorted(columns)}; every shard must hold the "
-                         "same inputs (and all or none of them 'labels')")
+                         f"same inputs (and all or none of them '{LABELS}')")

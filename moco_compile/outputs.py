@@ -12,7 +12,8 @@ before the long work starts and again just before the write:
    ``1/model.onnx``), ``force`` is given and it holds no file the manifest does
    not list.
 3. An output file is never an input.  An existing one is replaced only when moco
-   wrote it (the writer's own recogniser says so) and ``force`` is given.
+   wrote it (:func:`written_by_moco`: the mark its kind of file carries names moco) and
+   ``force`` is given.
 4. Writes go to a staging sibling that is renamed into place: a directory by
    moving the old output aside, renaming the new one in, and only then removing
    the old one's listed files; a file by ``os.replace``.  What moco creates
@@ -23,8 +24,10 @@ that says what to do.
 """
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -45,6 +48,59 @@ def _generator() -> str:
 
 
 GENERATOR = _generator()  # marks the files moco writes (manifest, frame metadata, HTML <meta>)
+FRAME_MARK_KEY = b"moco.generator"  # schema metadata of every frame (Arrow IPC) file moco writes: GENERATOR
+PAGE_MARK = f'<meta name="generator" content="{html.escape(GENERATOR)}">'  # in the <head> of every page moco writes
+_PAGE_MARK = re.compile(rb'<meta name="generator" content="([^"]*)"')
+_PAGE_HEAD_BYTES = 1024  # a page's mark is looked for this far in
+
+
+def _frame_mark(path: Path) -> str:
+    import pyarrow as pa  # the frame format's library, needed only to read a frame's mark
+
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            metadata = pa.ipc.open_file(source).schema.metadata or {}
+    except pa.ArrowException:  # not an Arrow IPC file
+        return ""
+    return metadata.get(FRAME_MARK_KEY, b"").decode("utf-8", "replace")
+
+
+def _page_mark(path: Path) -> str:
+    with open(path, "rb") as stream:
+        found = _PAGE_MARK.search(stream.read(_PAGE_HEAD_BYTES))
+    return found.group(1).decode("utf-8", "replace") if found else ""
+
+
+def _json_mark(path: Path) -> str:
+    return _generator_of(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _names_moco(generator: str) -> bool:
+    """The one rule for every kind of file: its mark names moco (any version)."""
+    return generator.startswith("moco")
+
+
+def _generator_of(data: object) -> str:
+    """The ``generator`` of a parsed JSON file (a manifest, an evaluation): "" unless it is an object."""
+    return str(data.get("generator", "")) if isinstance(data, dict) else ""
+
+
+# How each kind of file moco writes carries its mark: a reader of the generator it names.
+MARKS: dict[str, Callable[[Path], str]] = {
+    "frame": _frame_mark,  # Arrow IPC: schema metadata FRAME_MARK_KEY
+    "page": _page_mark,  # HTML: PAGE_MARK, a generator <meta> near the top
+    "json": _json_mark,  # a JSON object with a "generator" key (evaluations; the manifest too)
+}
+
+
+def written_by_moco(path: str | os.PathLike, kind: str) -> bool:
+    """Whether the ``kind`` file (a key of :data:`MARKS`) at ``path`` is one moco wrote: its mark
+    names moco.  A file that cannot be read or parsed as that kind is not."""
+    reader = MARKS[kind]
+    try:
+        return _names_moco(reader(Path(path)))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: not a file moco wrote
+        return False
 
 
 def check_output_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
@@ -82,11 +138,11 @@ def staged_output_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.Path
             _remove_listed(staging, _files_under(staging))
 
 
-def check_output_file(path: str | os.PathLike, what: str, written_by_moco: Callable[[Path], bool],
+def check_output_file(path: str | os.PathLike, what: str, kind: str,
                       inputs: Iterable[str | os.PathLike] = (), force: bool = False) -> None:
     """Raise :class:`OutputError` unless the ``what`` (e.g. "frame") may be written at ``path`` (rule 3).
 
-    ``written_by_moco(path)`` tells whether an existing file is one moco wrote.
+    ``kind`` (a key of :data:`MARKS`) says how a file there would carry moco's mark.
     """
     path = Path(path)
     if path.is_dir():
@@ -94,7 +150,7 @@ def check_output_file(path: str | os.PathLike, what: str, written_by_moco: Calla
     if any(path.resolve() == Path(source).resolve() for source in inputs):
         raise OutputError(f"{path} is an input of this command; give another path for the {what}")
     if path.exists():
-        if not written_by_moco(path):
+        if not written_by_moco(path, kind):
             raise OutputError(f"{path} exists and was not written by moco, which never overwrites such a "
                               f"file; give another path for the {what} or move the file away")
         if not force:
@@ -104,13 +160,13 @@ def check_output_file(path: str | os.PathLike, what: str, written_by_moco: Calla
 
 
 @contextmanager
-def staged_output_file(path: str | os.PathLike, what: str, written_by_moco: Callable[[Path], bool],
+def staged_output_file(path: str | os.PathLike, what: str, kind: str,
                        inputs: Iterable[str | os.PathLike] = (), force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; on success, check ``path`` again and
     ``os.replace`` the temporary file onto it (rule 4)."""
     path = Path(path)
     inputs = list(inputs)
-    check_output_file(path, what, written_by_moco, inputs, force)
+    check_output_file(path, what, kind, inputs, force)
     temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +174,7 @@ def staged_output_file(path: str | os.PathLike, what: str, written_by_moco: Call
         os.close(handle)
         temporary = Path(name)
         yield temporary
-        check_output_file(path, what, written_by_moco, inputs, force)
+        check_output_file(path, what, kind, inputs, force)
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except OSError as error:
@@ -246,9 +302,9 @@ def _read_manifest(directory: Path) -> list[str] | None:
     """The file names a moco manifest in ``directory`` lists, or None when there is no valid one."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
         return None
-    if not (isinstance(manifest, dict) and str(manifest.get("generator", "")).startswith("moco")):
+    if not _names_moco(_generator_of(manifest)):
         return None
     files = manifest.get("files")
     if not isinstance(files, list) or not all(isinstance(name, str) and _relative(name) for name in files):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import beta, binom
+from scipy.stats import binom
 
 from moco_compile.constants import EXIT_OUTPUT
 from moco_compile.runtime.session import ExitSession
@@ -64,14 +64,6 @@ def shadow_run(original: ExitSession, compiled: ExitSession, batches: Iterable[M
     joined = {name: np.concatenate(values) if values else np.zeros(0, np.int64) for name, values in parts.items()}
     return ShadowRun(joined["original"], joined["compiled"], joined["exits"], seconds["original"],
                      seconds["compiled"])
-
-
-def clopper_pearson(successes: int, trials: int, confidence: float) -> tuple[float, float]:
-    """Two-sided exact binomial interval for a proportion."""
-    alpha = 1 - confidence
-    low = float(beta.ppf(alpha / 2, successes, trials - successes + 1)) if successes else 0.0
-    high = float(beta.ppf(1 - alpha / 2, successes + 1, trials - successes)) if successes < trials else 1.0
-    return low, high
 
 
 @dataclass

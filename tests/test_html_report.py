@@ -335,3 +335,71 @@ def test_cli_report_renders_the_least_report_it_accepts(tmp_path):
     run, files = _report_cli(tmp_path, _REPORT, _PLAN)
     assert run.exit_code == 0, run.output
     assert files == ["plan.json", "report.html", "report.json"]
+
+
+# -- damaged outputs fail loudly; expected gaps are noted on the page ---------------------------
+
+@pytest.fixture
+def copy_with_frame(copy_without_frame, compiled):
+    """The JSON outputs of the shared compile and its frame (not the model)."""
+    _, out = compiled
+    shutil.copy(out / "frame.arrow", copy_without_frame / "frame.arrow")
+    return copy_without_frame
+
+
+def _edit_plan(edit):
+    def damage(folder):
+        plan = json.loads((folder / "plan.json").read_text())
+        edit(plan)
+        (folder / "plan.json").write_text(json.dumps(plan))
+    return damage
+
+
+def _truncate_frame(folder):
+    data = (folder / "frame.arrow").read_bytes()
+    (folder / "frame.arrow").write_bytes(data[: len(data) // 2])
+
+
+def _foreign_frame(folder):
+    (folder / "frame.arrow").write_text("not a frame")
+
+
+DAMAGES = {
+    "plan without total_flops": (_edit_plan(lambda plan: plan.pop("total_flops")), "plan.json is not a moco plan"),
+    "plan exit without weights": (_edit_plan(lambda plan: plan["exits"].append({"cut": "x", "module": "x"})),
+                                  "plan.json is not a moco plan"),
+    "plan exits not a list": (_edit_plan(lambda plan: plan.update(exits="none")), "plan.json is not a moco plan"),
+    "truncated frame": (_truncate_frame, "frame.arrow could not be read"),
+    "foreign frame": (_foreign_frame, "frame.arrow could not be read"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_output_fails_loudly_and_writes_no_page(copy_with_frame, damage):
+    from typer.testing import CliRunner
+
+    from moco_compile.cli import app
+    from moco_compile.reports.html import ReportRenderError
+
+    apply, named = DAMAGES[damage]
+    apply(copy_with_frame)
+    before = sorted(p.name for p in copy_with_frame.iterdir())
+    with pytest.raises(ReportRenderError, match=f"{named}.*compile again"):
+        render_report(copy_with_frame)
+    run = CliRunner().invoke(app, ["report", str(copy_with_frame)])
+    assert run.exit_code == 2, run.output
+    assert "error:" in run.output and named in run.output and "Traceback" not in run.output
+    assert sorted(p.name for p in copy_with_frame.iterdir()) == before  # no page, no partial file
+
+
+def test_a_frame_without_predictions_is_plotted_unmarked_with_a_note(copy_with_frame):
+    from moco_compile.constants import PREDICTIONS
+    from moco_compile.frame import ActivationFrame, load_frame
+
+    frame = load_frame(copy_with_frame / "frame.arrow")
+    kept = ActivationFrame.from_arrays({name: frame[name] for name in frame.columns if name != PREDICTIONS})
+    kept.save(copy_with_frame / "frame.arrow")
+    page = _Tree(render_report(copy_with_frame).read_text(encoding="utf-8")).root
+    plots = [image.attrs["data-plot"] for image in page.find_all("img")]
+    assert plots[:3] == ["exit-rates", "cumulative-compute", "pareto"] and len(plots) > 3
+    assert "not marked" in page.find("ul", id="notes").text

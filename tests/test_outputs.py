@@ -19,7 +19,7 @@ from moco_compile import calibrate_frame, compile, load_frame
 from moco_compile.cli import app
 from moco_compile.errors import CalibrationDataError, ModelError, OutputError
 from moco_compile.reports.html_report import render_report
-from moco_compile.outputs import MANIFEST
+from moco_compile.outputs import GENERATOR, MANIFEST, MARKS, check_output_file, staged_output_dir, written_by_moco
 
 ROWS = 1500
 OUTPUT_FILES = ["frame.arrow", "model.onnx", "plan.json", "report.json"]
@@ -175,6 +175,66 @@ def test_manifest_not_written_by_moco_is_not_trusted(previous, tmp_path):
     with pytest.raises(OutputError, match="is not a moco output"):
         result.save(out, force=True)
     assert _tree(tmp_path) == before
+
+
+def _moco_files(kind: str, folder: Path) -> list[Path]:
+    """Files of ``kind`` as moco's own writers write them."""
+    from moco_compile.frame import FrameWriter
+    from moco_compile.reports.html import page_html
+
+    folder.mkdir()
+    if kind == "frame":
+        with FrameWriter(folder / "frame.arrow") as writer:
+            writer.write({"x": np.arange(3), "y": np.ones((3, 2), np.float32)})
+        return [folder / "frame.arrow"]
+    if kind == "page":
+        (folder / "page.html").write_text(page_html("a page", ["<p>body</p>"], ["a note"]), encoding="utf-8")
+        return [folder / "page.html"]
+    with staged_output_dir(folder / "out") as staging:  # the manifest moco lists its files in
+        (staging / "a.txt").write_text("a")
+    (folder / "evaluation.json").write_text(json.dumps({"generator": GENERATOR, "traffic_rows": 3}))
+    return [folder / "out" / MANIFEST, folder / "evaluation.json"]
+
+
+def _foreign_files(kind: str, folder: Path) -> list[Path]:
+    """Files of ``kind`` moco did not write: unmarked, marked by another tool, damaged, empty."""
+    import pyarrow as pa
+
+    folder.mkdir()
+    files = {"empty": b"", "text": b"mine\n", "binary": bytes(range(256))}
+    if kind == "frame":
+        for name, metadata in (("plain", None), ("other", {b"moco.generator": b"other tool 1.0"})):
+            schema = pa.schema([("x", pa.int64())], metadata=metadata)
+            with pa.ipc.new_file(str(folder / f"{name}.arrow"), schema) as writer:
+                writer.write_batch(pa.RecordBatch.from_arrays([pa.array([1, 2])], schema=schema))
+    elif kind == "page":
+        files.update({"plain.html": b"<html><head><title>mine</title></head></html>",
+                      "other.html": b'<html><head><meta name="generator" content="Hugo 0.1"></head></html>',
+                      "late.html": b"<html>" + b" " * 2048 + b'<meta name="generator" content="moco 1">'})
+    else:
+        files.update({"plain.json": b'{"files": ["a.txt"]}', "other.json": b'{"generator": "other tool"}',
+                      "list.json": b'["moco"]', "string.json": b'"moco"', "damaged.json": b'{"generator": "moco"'})
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return sorted(p for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("kind", sorted(MARKS))
+def test_each_kind_of_file_moco_writes_is_recognised_and_a_foreign_one_is_not(kind, tmp_path):
+    ours, foreign = _moco_files(kind, tmp_path / "ours"), _foreign_files(kind, tmp_path / "foreign")
+    for path in ours:
+        assert written_by_moco(path, kind), path
+        check_output_file(path, kind, kind, force=True)  # moco may replace its own file
+        for other in set(MARKS) - {kind}:
+            assert not written_by_moco(path, other), (path, other)
+    for path in foreign:
+        assert not written_by_moco(path, kind), path
+        before = path.read_bytes()
+        with pytest.raises(OutputError, match="was not written by moco, which never overwrites"):
+            check_output_file(path, kind, kind, force=True)
+        assert path.read_bytes() == before
+    assert not written_by_moco(tmp_path / "missing", kind)
+    assert not written_by_moco(tmp_path, kind)  # a directory
 
 
 def test_force_replaces_a_previous_output_completely(previous_output, reference_onnx, calib_npz):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from moco_compile.runtime.shadow import clopper_pearson, project_savings, stream_drift
+from moco_compile.passes.planning.bounds import clopper_pearson_interval as clopper_pearson
+from moco_compile.runtime.shadow import project_savings, stream_drift
 
 
 @pytest.mark.parametrize("rows, rate", [(200, 0.01), (2000, 0.01), (2000, 0.2)])

@@ -41,7 +41,8 @@ from moco_compile.analytics.inputs import POOLINGS, check_embedding, check_targe
 from moco_compile.analytics.plots import class_colours, new_figure, pad2, save_png
 from moco_compile.analytics.results import (AnalyticsError, CoveragePrecisionCurve, LinearCondition, NoRuleError,
                                             Separability, SufficientRule)
-from moco_compile.analytics.thresholds import cp_upper, last_certified, last_precise, threshold_table
+from moco_compile.analytics.thresholds import last_certified, last_precise, threshold_table
+from moco_compile.constants import LABELS, PREDICTIONS
 from moco_compile.frame import ActivationFrame
 from moco_compile.passes.calibration.rules import LinearScores, OneVsRestRuleFitter
 from moco_compile.passes.planning.bounds import clopper_pearson_upper, rows_needed
@@ -49,8 +50,6 @@ from moco_compile.passes.planning.bounds import clopper_pearson_upper, rows_need
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-PREDICTIONS = "predictions"
-LABELS = "labels"
 _FRAME_TARGETS = (PREDICTIONS, LABELS)
 _PROJECTIONS = ("pca", "tsne", "umap")
 
@@ -477,7 +476,7 @@ class AnalyticsEngine:
             fired, errors = table["fired"], table["errors"]
             curves[int(c)] = CoveragePrecisionCurve(
                 int(c), table["thresholds"], fired / len(hits), (fired - errors) / max(int(hits.sum()), 1),
-                (fired - errors) / fired, 1 - cp_upper(errors, fired, confidence), confidence)
+                (fired - errors) / fired, 1 - clopper_pearson_upper(errors, fired, confidence), confidence)
         return curves
 
     def plot_coverage_precision(self, path: str | os.PathLike | None = None, target_column: str = PREDICTIONS,

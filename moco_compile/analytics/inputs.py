@@ -6,6 +6,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from moco_compile.analytics.results import AnalyticsError
+from moco_compile.constants import PREDICTIONS
 
 POOLINGS = ("mean", "max", "flatten")
 
@@ -55,7 +56,7 @@ def check_embedding(embedding: np.ndarray, name: str) -> np.ndarray:
 
 def check_targets(targets: Mapping[str, np.ndarray], rows: int, name: str) -> dict[str, np.ndarray]:
     if not isinstance(targets, Mapping):
-        raise AnalyticsError(f"targets must be a dict {{name: [N] class ids}}, e.g. {{'predictions': preds}}; "
+        raise AnalyticsError(f"targets must be a dict {{name: [N] class ids}}, e.g. {{'{PREDICTIONS}': preds}}; "
                              f"got {type(targets).__name__}")
     checked = {}
     for key, values in targets.items():

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 
-from moco_compile.passes.planning.bounds import rows_needed
+from moco_compile.passes.planning.bounds import clopper_pearson_upper, rows_needed
 
 
 def threshold_table(scores: np.ndarray, hits: np.ndarray) -> dict[str, np.ndarray]:
@@ -45,15 +44,7 @@ def last_certified(fired: np.ndarray, errors: np.ndarray, precision: float, conf
     the monotone-precision assumption the data-dependent start needs: see
     :meth:`~moco_compile.analytics.AnalyticsEngine.compute_linear_sufficient_rule`."""
     start = int(np.searchsorted(fired, rows_needed(1 - precision, confidence)))
-    failed = np.flatnonzero(cp_upper(errors[start:], fired[start:], confidence) > 1 - precision)
+    failed = np.flatnonzero(clopper_pearson_upper(errors[start:], fired[start:], confidence) > 1 - precision)
     passed = int(failed[0]) if len(failed) else len(fired) - start
     return start + passed - 1 if passed else -1
 
-
-def cp_upper(errors: np.ndarray, rows: np.ndarray, confidence: float) -> np.ndarray:
-    """Vectorised :func:`moco_compile.passes.planning.bounds.clopper_pearson_upper`."""
-    errors, rows = np.asarray(errors), np.asarray(rows)
-    valid = (rows > 0) & (errors < rows)
-    bound = np.ones(errors.shape, np.float64)
-    bound[valid] = stats.beta.ppf(confidence, errors[valid] + 1, rows[valid] - errors[valid])
-    return bound

@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from moco_compile.prepare import model_for_plan
-from moco_compile.constants import EXIT_OUTPUT
+from moco_compile.constants import EXIT_OUTPUT, LABELS
 from moco_compile.errors import CalibrationDataError, MocoError, ModelError
 from moco_compile.evaluation import load_build, original_model_path
 from moco_compile.importer import classifier_output, load_onnx
@@ -32,13 +32,13 @@ from moco_compile.passes.memory.float16 import to_float16
 from moco_compile.passes.memory.fusion import fused
 from moco_compile.passes.graph.index import GraphIndex, exposing_every_tensor
 from moco_compile.passes.memory.liveness import feed_shapes, liveness, weight_bytes
+from moco_compile.passes.planning.bounds import clopper_pearson_interval
 from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.passes.memory.quantize import check_not_quantized, quantize_dynamic_int8, quantize_static_int8
 from moco_compile.passes.graph.rewrite import annotate_costs, insert_exits
 from moco_compile.runtime.latency import batches_of, compare_latency
 from moco_compile.runtime.memory.peak import can_measure, measure_peak
 from moco_compile.runtime.session import ExitSession, open_session
-from moco_compile.runtime.shadow import clopper_pearson
 
 INT8_MODES = ("dynamic", "static")
 MIN_VALIDATION_ROWS = 100
@@ -134,7 +134,7 @@ def split_rows(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray],
     missing = [name for name in names if name not in calibration]
     if missing:
         raise CalibrationDataError(f"the calibration data has no array for the model input(s) {missing}; it has "
-                                   f"{sorted(calibration)}. Give one array per model input (+ optional 'labels')")
+                                   f"{sorted(calibration)}. Give one array per model input (+ optional '{LABELS}')")
     rows = len(calibration[names[0]])
     tuning_rows = min(MAX_TUNING_ROWS, rows // 2)
     if rows - tuning_rows < MIN_VALIDATION_ROWS:
@@ -142,7 +142,7 @@ def split_rows(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray],
                                    f"touched, beside the tuning rows; {rows} calibration rows leave "
                                    f"{rows - tuning_rows}. Give at least {2 * MIN_VALIDATION_ROWS} rows")
     order = np.random.default_rng(seed).permutation(rows)
-    keys = [*names, *(["labels"] if "labels" in calibration else [])]
+    keys = [*names, *([LABELS] if LABELS in calibration else [])]
     tuning = {name: calibration[name][order[:tuning_rows]] for name in names}
     validation = {name: calibration[name][order[tuning_rows:]] for name in keys}
     return tuning, validation
@@ -153,8 +153,8 @@ class _Validator:
 
     def __init__(self, original: onnx.ModelProto, validation: Mapping[str, np.ndarray], measure_latency: bool):
         self.output = classifier_output(original, None)
-        self.labels = validation.get("labels")
-        self.inputs = {k: v for k, v in validation.items() if k != "labels"}
+        self.labels = validation.get(LABELS)
+        self.inputs = {k: v for k, v in validation.items() if k != LABELS}
         self.reference = self._logits(_exit_session(original)).argmax(axis=1)
         self.original_session = _session(original)
         self.measure_latency = measure_latency
@@ -167,7 +167,7 @@ class _Validator:
         predictions = logits.argmax(axis=1)
         rows = len(predictions)
         differ = int((predictions != self.reference).sum())
-        low, high = clopper_pearson(differ, rows, 0.95)
+        low, high = clopper_pearson_interval(differ, rows, 0.95)
         row = {
             "step": name, "rows": rows,
             "non_finite_outputs": int((~np.isfinite(logits)).any(axis=1).sum()),

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from moco_compile.errors import MocoError
-from moco_compile.outputs import GENERATOR
+from moco_compile.outputs import PAGE_MARK
 
 
 class ReportRenderError(MocoError):
@@ -100,9 +100,8 @@ def page_html(title: str, body: Sequence[str], notes: Sequence[str] = ()) -> str
     if notes:
         items = "".join(f'<li class="note">{html.escape(note)}</li>' for note in notes)
         body += ["<h2>Notes</h2>", f'<ul id="notes">{items}</ul>']
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"generator\" content=\"{html.escape(GENERATOR)}\">"
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">" + PAGE_MARK
+            + f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 

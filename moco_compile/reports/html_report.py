@@ -24,10 +24,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
+from moco_compile.constants import PREDICTIONS
 from moco_compile.errors import MocoError
 from moco_compile.build_schema import PLAN_FIELDS, REPORT_FIELDS, shape_problem
+from moco_compile.frame import ActivationFrame, load_frame
 from moco_compile.outputs import add_to_manifest, check_output_file, staged_output_file
+from moco_compile.passes.calibration.calibrate import variant_columns, variant_features
+from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.reports.html import (
     ReportRenderError, cell_html, figure_html, is_number, key_value_row, number_text, page_html, percent_text, table_html)
 
@@ -37,7 +42,6 @@ FRAME_ARROW = "frame.arrow"
 MODEL_ONNX = "model.onnx"
 REPORT_HTML = "report.html"
 PROJECTION_ROWS = 2000  # rows subsampled from the frame for each projection plot
-_GENERATOR_MARK = b'<meta name="generator" content="moco'  # how a page moco wrote begins (then the version)
 HOW_TO_COMPILE = ("make one with `moco compile MODEL.onnx --calib CALIB.npz --out DIR` "
                   "(or `moco_compile.compile(model, calibration, out_dir=DIR)`)")
 RECOMPILE = "recompile with " + HOW_TO_COMPILE.removeprefix("make one with ")
@@ -57,38 +61,26 @@ def render_report(out_dir: str | os.PathLike, html_path: str | os.PathLike | Non
     output.  An existing file there is replaced only when it is a page moco wrote
     and ``force`` is given (:class:`~moco_compile.errors.OutputError` otherwise).
     Raises :class:`NotACompileOutputError` when ``out_dir`` lacks ``report.json``
-    or ``plan.json``.  Without ``frame.arrow`` the projection plots are skipped.
+    or ``plan.json``, and :class:`~moco_compile.reports.html.ReportRenderError` when one of
+    them or ``frame.arrow`` is damaged (no page is written then).  Without ``frame.arrow``
+    the projection plots are skipped, with a note on the page.
     """
     out_dir = Path(out_dir)
     html_path = Path(html_path) if html_path is not None else out_dir / REPORT_HTML
     report, plan = load_outputs(out_dir)
-    check_output_file(html_path, "report page", written_by_moco, force=force)
-    try:
-        text = _Page(out_dir, report, plan).render()
-    except (TypeError, AttributeError, KeyError, ValueError, IndexError) as error:  # a shape load_outputs let by
-        raise ReportRenderError(f"the report.json and plan.json in {out_dir} hold values `moco report` cannot "
-                                f"render ({type(error).__name__}: {error}); {RECOMPILE}") from error
-    with staged_output_file(html_path, "report page", written_by_moco, force=force) as temporary:
+    check_output_file(html_path, "report page", "page", force=force)
+    text = _Page(out_dir, report, plan).render()
+    with staged_output_file(html_path, "report page", "page", force=force) as temporary:
         temporary.write_text(text, encoding="utf-8")
     add_to_manifest(html_path)
     return html_path
 
 
-def written_by_moco(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a report page moco wrote (it starts with moco's generator ``<meta>``)."""
-    try:
-        with open(path, "rb") as stream:
-            head = stream.read(1024)
-    except OSError:
-        return False
-    return _GENERATOR_MARK in head
-
-
 # ----------------------------------------------------------------------------- loading
 
 def load_outputs(out_dir: Path) -> tuple[dict, dict]:
-    """``report.json`` and ``plan.json`` of a compile output; :class:`NotACompileOutputError` or
-    :class:`ReportRenderError` saying what is missing or damaged."""
+    """``report.json`` and ``plan.json`` of a compile output (a plan :class:`ExitPlan` reads);
+    :class:`NotACompileOutputError` or :class:`ReportRenderError` saying what is missing or damaged."""
     if not out_dir.exists():
         raise NotACompileOutputError(f"{out_dir} does not exist; `moco report` reads the output directory "
                                      f"of a compile: {HOW_TO_COMPILE}")
@@ -114,7 +106,17 @@ def load_outputs(out_dir: Path) -> tuple[dict, dict]:
             raise ReportRenderError(f"{path} is not a moco {what}: {problem}; it is damaged or another program's "
                                     f"file: {RECOMPILE}")
         loaded.append(data)
+    exit_plan_of(out_dir, loaded[1])
     return loaded[0], loaded[1]
+
+
+def exit_plan_of(out_dir: Path, plan: dict) -> ExitPlan:
+    """The plan ``plan.json`` holds (``plan``, parsed); :class:`ReportRenderError` when it is not one."""
+    try:
+        return ExitPlan.from_dict(plan)
+    except (KeyError, TypeError, ValueError) as error:  # a key missing, a value of the wrong type or shape
+        raise ReportRenderError(f"{out_dir / PLAN_JSON} is not a moco plan ({type(error).__name__}: {error}); the "
+                                "output directory is damaged: compile again") from error
 
 
 class _Page:
@@ -126,6 +128,7 @@ class _Page:
         self.certificate = plan.get("certificate") or self.bound
         self.exits = list(report.get("exits") or [])
         self.plan_exits = list(plan.get("exits") or [])
+        self.exit_plan = exit_plan_of(out_dir, plan)
         self.total_flops = plan.get("total_flops") or report.get("flops_per_row_original")
         self._evaluated_on = report.get("evaluated_on", "report")
         self.notes: list[str] = []
@@ -467,7 +470,7 @@ class _Page:
         ax.grid(alpha=0.3)
 
     def _projection_figures(self) -> list[str]:
-        if not self.plan_exits:
+        if not self.exit_plan.exits:
             self.notes.append("the plan has no exits: no projection plots.")
             return []
         path = self.out_dir / FRAME_ARROW
@@ -475,22 +478,17 @@ class _Page:
             self.notes.append(f"{FRAME_ARROW} is not in {self.out_dir}: the projection plots are skipped "
                               "(moco compile writes it next to report.json).")
             return []
-        try:
-            sample = self._projection_sample(path)
-        except Exception as error:  # a damaged or foreign frame must not stop the rest of the report
-            self.notes.append(f"{FRAME_ARROW} could not be read ({type(error).__name__}: {error}): "
-                              "the projection plots are skipped.")
-            return []
-        frame, exit_index, rows = sample
+        frame, rows = _frame_sample(path)
+        exit_index = self._exit_index(frame)
         figures = []
-        for position, planned in enumerate(self.plan_exits):
-            column = planned.get("column") or planned.get("module") or planned.get("cut")
-            try:
-                features, described = _exit_features(frame, column, planned.get("pooling"))
-            except KeyError:
-                self.notes.append(f"{FRAME_ARROW} has no column {column!r}: no projection plot for exit {position}.")
+        for position, planned in enumerate(self.exit_plan.exits):
+            found = _exit_features(frame, planned.column, planned.pooling)
+            if found is None:
+                self.notes.append(f"{FRAME_ARROW} has no column {planned.column!r}: no projection plot for exit "
+                                  f"{position}.")
                 continue
-            label = self._exit_labels()[position] if position < len(self.exits) else f"{position}: {column}"
+            features, described = found
+            label = self._exit_labels()[position] if position < len(self.exits) else f"{position}: {planned.column}"
             figures.append(figure_html(
                 f"projection-{position}", f"Projection at exit {label}",
                 f"Exit {label}: 2-D PCA of the standardised {described} ({len(rows)} frame rows sampled from all splits), "
@@ -500,28 +498,22 @@ class _Page:
                 size=(6.4, 4.8)))
         return figures
 
-    def _projection_sample(self, path: Path):
-        from moco_compile.frame import load_frame
-
-        frame = load_frame(path)
-        rng = np.random.default_rng(0)
-        rows = np.sort(rng.choice(len(frame), size=min(len(frame), PROJECTION_ROWS), replace=False))
-        frame = frame.take(rows)
-        exit_index = None
-        try:
-            from moco_compile.passes.planning.types import ExitPlan
-
-            plan = ExitPlan.from_dict(self.plan)
-            features = [_exit_features(frame, e.column, e.pooling)[0] for e in plan.exits]
-            exit_index = plan.evaluate(features, frame["predictions"]).exit_index
-        except Exception:  # marking exited rows is optional
-            exit_index = None
-        return frame, exit_index, rows
+    def _exit_index(self, frame: ActivationFrame) -> np.ndarray | None:
+        """The exit each sampled row takes under the plan; None, with a note, when the frame lacks a
+        column the plan reads (the rows leaving at each exit are then not marked)."""
+        needed = [PREDICTIONS, *(name for e in self.exit_plan.exits for name in variant_columns(e.column, e.pooling))]
+        missing = [name for name in needed if name not in frame]
+        if missing:
+            self.notes.append(f"{FRAME_ARROW} has no column {', '.join(map(repr, missing))}: the rows leaving at "
+                              "each exit are not marked in the projection plots.")
+            return None
+        features = [variant_features(frame, e.column, e.pooling) for e in self.exit_plan.exits]
+        return self.exit_plan.evaluate(features, frame[PREDICTIONS]).exit_index
 
     def _draw_projection(self, figure, features: np.ndarray, frame, exit_index, position: int, label: str) -> None:
         ax = figure.add_subplot()
         points, explained = _pca_2d(features)
-        predictions = frame["predictions"] if "predictions" in frame else np.zeros(len(points), np.int64)
+        predictions = frame[PREDICTIONS] if PREDICTIONS in frame else np.zeros(len(points), np.int64)
         classes = np.unique(predictions)
         import matplotlib
 
@@ -544,16 +536,28 @@ class _Page:
         ax.grid(alpha=0.3)
 
 
-def _exit_features(frame, column: str, pooling: str | None) -> tuple[np.ndarray, str]:
-    """The features an exit's rule reads (its pooling variant), else the cut's plain column."""
-    if pooling:
-        try:
-            from moco_compile.passes.calibration.calibrate import variant_features
+def _frame_sample(path: Path) -> tuple[ActivationFrame, np.ndarray]:
+    """At most :data:`PROJECTION_ROWS` rows of the frame at ``path`` (seeded) and their indices;
+    :class:`ReportRenderError` when the file is not a readable frame."""
+    try:
+        frame = load_frame(path)
+        rows = np.sort(np.random.default_rng(0).choice(len(frame), size=min(len(frame), PROJECTION_ROWS),
+                                                       replace=False))
+        return frame.take(rows), rows
+    except (OSError, pa.ArrowException) as error:  # truncated, not Arrow IPC, damaged data
+        raise ReportRenderError(f"{path} could not be read ({type(error).__name__}: {error}); the output directory "
+                                f"is damaged: compile again, or move {FRAME_ARROW} away to render the page without "
+                                "the projection plots") from error
 
-            return variant_features(frame, column, pooling).astype(np.float64), f"'{pooling}'-pooled features of {column}"
-        except KeyError:
-            pass
-    return frame[column].reshape(len(frame), -1).astype(np.float64), f"pooled features of {column}"
+
+def _exit_features(frame: ActivationFrame, column: str, pooling: str | None) -> tuple[np.ndarray, str] | None:
+    """The features an exit's rule reads (its pooling variant), else the cut's plain column; None when
+    the frame has neither."""
+    if pooling and all(name in frame for name in variant_columns(column, pooling)):
+        return variant_features(frame, column, pooling).astype(np.float64), f"'{pooling}'-pooled features of {column}"
+    if column in frame:
+        return frame[column].reshape(len(frame), -1).astype(np.float64), f"pooled features of {column}"
+    return None
 
 
 def _pca_2d(features: np.ndarray) -> tuple[np.ndarray, list[float]]:

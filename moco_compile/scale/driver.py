@@ -24,13 +24,13 @@ import onnx
 
 from moco_compile.prepare import MAX_VERIFIED_ROWS, calibration_spec, cut_points_of
 from moco_compile.calibration_data import CalibrationSpec
+from moco_compile.constants import LABELS, SPLIT_COLUMN
 from moco_compile.errors import CalibrationDataError, MocoError
 from moco_compile.frame import ActivationFrame, check_same_columns, load_frame, load_frames
 from moco_compile.importer import ImportedModel
-from moco_compile.passes.calibration.calibrate import LABELS
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.planning.pipeline import Counts, RowCounter
-from moco_compile.passes.planning.splits import SPLIT_COLUMN, RowSplit
+from moco_compile.passes.planning.splits import RowSplit
 from moco_compile.runtime.shadow import ShadowRun
 from moco_compile.scale.shards import ShardedData, list_shards, read_shard
 

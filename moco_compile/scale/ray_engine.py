@@ -41,10 +41,11 @@ import ray
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moco_compile.calibration_data import CalibrationSpec
+from moco_compile.constants import LABELS
 from moco_compile import errors
 from moco_compile.errors import CalibrationDataError, MocoError
 from moco_compile.frame import FrameWriter, load_frame
-from moco_compile.passes.calibration.calibrate import LABELS, FeatureProbe
+from moco_compile.passes.calibration.calibrate import FeatureProbe
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.planning.pipeline import Counts, RowCounter, add_counts
 from moco_compile.runtime.session import ExitSession

@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from moco_compile.calibration_data import CalibrationSpec
+from moco_compile.constants import LABELS
 from moco_compile.errors import CalibrationDataError, MocoError
 
 SHARD_SUFFIXES = (".parquet", ".npz")
@@ -86,7 +87,7 @@ def list_shards(source: str) -> tuple[pafs.FileSystem, list[str]]:
     if not shards:
         raise CalibrationDataError(f"{source} holds no shard files (*{' or *'.join(SHARD_SUFFIXES)}); write the "
                                    "calibration data as Parquet (one column per model input, plus optional "
-                                   "'labels') or as .npz files, and point at their directory or a glob")
+                                   f"'{LABELS}') or as .npz files, and point at their directory or a glob")
     return filesystem, shards
 
 

@@ -22,16 +22,12 @@ import onnxruntime as ort
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from scipy.special import softmax
 
+from moco_compile.constants import LABELS, PREDICTIONS, PROBABILITIES
 from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.frame import ActivationFrame, FrameWriter, load_frame
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.graph.index import GraphIndex
 from moco_compile.passes.calibration.pooling import piece_kind, piece_nodes, pieces_for, variant_pieces
-
-PREDICTIONS = "predictions"
-PROBABILITIES = "probabilities"
-LABELS = "labels"
-
 
 def cut_column(cut: CutPoint) -> str:
     """Name of a cut in the frame: its module name where known, else its tensor."""
@@ -43,9 +39,14 @@ def piece_column(column: str, piece: str) -> str:
     return column if kind in ("mean", "flat", "token_mean") else f"{column}:{kind}"
 
 
+def variant_columns(column: str, variant: str) -> list[str]:
+    """The frame columns of a cut's pooling variant, one per piece."""
+    return [piece_column(column, piece) for piece in variant_pieces(variant)]
+
+
 def variant_features(frame: ActivationFrame, column: str, variant: str) -> np.ndarray:
     """``[N, D]`` features of a pooling variant, concatenated from the frame's piece columns."""
-    parts = [frame[piece_column(column, piece)].reshape(len(frame), -1) for piece in variant_pieces(variant)]
+    parts = [frame[name].reshape(len(frame), -1) for name in variant_columns(column, variant)]
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 

@@ -1,27 +1,61 @@
-"""Exact binomial statistics for the risk of an exit plan (disagreement rate, accuracy harm)."""
+"""Exact binomial statistics for the risk of an exit plan (disagreement rate, accuracy harm) and
+for proportions measured elsewhere (shadow evaluations, memory steps, analytics rules).
+
+Every function here is the one place moco computes its statistic.  :func:`binomial_p_value`,
+:func:`clopper_pearson_upper` and :func:`clopper_pearson_interval` take scalars or numpy arrays
+(broadcast together): scalars give floats, arrays give arrays.
+"""
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
+import numpy as np
 from scipy import stats
 
 
-def binomial_p_value(failures: int, rows: int, budget: float) -> float:
+def _result(values: np.ndarray):
+    """A float for a 0-d result, else the array."""
+    return float(values) if values.ndim == 0 else values
+
+
+def binomial_p_value(failures, rows, budget: float):
     """p-value of H0 "true failure rate >= budget" after ``failures`` in ``rows`` i.i.d. rows.
 
-    Exact binomial tail P(Binom(rows, budget) <= failures); small values reject H0.
+    Exact binomial tail P(Binom(rows, budget) <= failures); small values reject H0; 1 for no rows.
     """
-    if rows == 0:
-        return 1.0
-    return float(stats.binom.cdf(failures, rows, budget))
+    failures, rows = np.broadcast_arrays(np.asarray(failures), np.asarray(rows))
+    return _result(np.where(rows == 0, 1.0, stats.binom.cdf(failures, rows, budget)))
 
 
-def clopper_pearson_upper(failures: int, rows: int, confidence: float) -> float:
-    """One-sided Clopper-Pearson upper confidence bound of a binomial rate."""
-    if rows == 0 or failures >= rows:
-        return 1.0
-    return float(stats.beta.ppf(confidence, failures + 1, rows - failures))
+def _upper(failures: np.ndarray, rows: np.ndarray, level: float) -> np.ndarray:
+    """The ``level`` quantile of the exact upper bound's beta (1 where every row failed or none exists)."""
+    reachable = (rows > 0) & (failures < rows)
+    bound = np.ones(failures.shape, np.float64)
+    bound[reachable] = stats.beta.ppf(level, failures[reachable] + 1, rows[reachable] - failures[reachable])
+    return bound
+
+
+def _lower(successes: np.ndarray, rows: np.ndarray, level: float) -> np.ndarray:
+    """The ``level`` quantile of the exact lower bound's beta (0 where nothing succeeded)."""
+    reachable = successes > 0
+    bound = np.zeros(successes.shape, np.float64)
+    bound[reachable] = stats.beta.ppf(level, successes[reachable], rows[reachable] - successes[reachable] + 1)
+    return bound
+
+
+def clopper_pearson_upper(failures, rows, confidence: float):
+    """One-sided Clopper-Pearson upper confidence bound of a binomial rate (1 for no rows)."""
+    failures, rows = np.broadcast_arrays(np.asarray(failures), np.asarray(rows))
+    return _result(_upper(failures, rows, confidence))
+
+
+def clopper_pearson_interval(successes, rows, confidence: float):
+    """Two-sided Clopper-Pearson (exact) interval ``(low, high)`` of a proportion: each tail
+    holds at most ``(1 - confidence) / 2``."""
+    successes, rows = np.broadcast_arrays(np.asarray(successes), np.asarray(rows))
+    alpha = 1 - confidence
+    return _result(_lower(successes, rows, alpha / 2)), _result(_upper(successes, rows, 1 - alpha / 2))
 
 
 def rows_needed(budget: float, confidence: float) -> int:

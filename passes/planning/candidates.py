@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moco_compile.constants import LABELS, PREDICTIONS
 from moco_compile.errors import CalibrationDataError
 from moco_compile.frame import ActivationFrame
-from moco_compile.passes.calibration.calibrate import LABELS, PREDICTIONS, cut_column, variant_features
+from moco_compile.passes.calibration.calibrate import cut_column, variant_features
 from moco_compile.passes.planning.config import Budget, PlannerConfig
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.calibration.guard import GuardFitter

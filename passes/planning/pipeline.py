@@ -24,9 +24,9 @@ from typing import Protocol
 
 import numpy as np
 
+from moco_compile.constants import LABELS, PREDICTIONS, PROBABILITIES, SPLIT_COLUMN
 from moco_compile.errors import BudgetError, CalibrationDataError
 from moco_compile.frame import ActivationFrame
-from moco_compile.passes.calibration.calibrate import LABELS, PREDICTIONS, PROBABILITIES
 from moco_compile.passes.calibration.exit_confidence import MIN_ROWS, TemperatureFitter
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.planning.candidates import Candidates, candidate_split, fit_candidates
@@ -34,7 +34,7 @@ from moco_compile.passes.planning.config import Budget, PlannerConfig
 from moco_compile.passes.planning.counts import PlanCounts, Split, count_plans
 from moco_compile.passes.planning.planner import RETRY_NOTE, ExitPlanner, NoPlanError
 from moco_compile.passes.planning.routing import Rounding, route_scores, stage_costs
-from moco_compile.passes.planning.splits import SPLIT_COLUMN, SPLITS, RowSplit, check_split_sizes, split_sizes
+from moco_compile.passes.planning.splits import SPLITS, RowSplit, check_split_sizes, split_sizes
 from moco_compile.passes.planning.types import Exit, ExitPlan, PlanEvaluation
 
 PhaseTimer = Callable[[str], AbstractContextManager]  # phase name -> a context the phase runs in
@@ -160,7 +160,7 @@ def plan_rows(rows: PlanningRows, cuts: Sequence[CutPoint], num_classes: int, to
     ``allow_no_exit`` both give the plan with no exits instead, its certificate saying why.
     """
     if budget.max_accuracy_drop is not None and not rows.labelled:
-        raise CalibrationDataError("--max-accuracy-drop needs labels: add a 'labels' array to the calibration "
+        raise CalibrationDataError(f"--max-accuracy-drop needs labels: add a '{LABELS}' array to the calibration "
                                    "data, or drop --max-accuracy-drop")
     try:
         sizes = check_split_sizes(len(rows), budget, config)

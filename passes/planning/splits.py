@@ -36,7 +36,6 @@ from moco_compile.passes.planning.bounds import rows_needed
 from moco_compile.passes.planning.config import Budget, PlannerConfig
 
 SPLITS = ("rules", "test", "report")
-SPLIT_COLUMN = "split"  # frame column: index into SPLITS
 SPLIT_BLOCK_ROWS = 1 << 16  # rows labelled together (memory per labelled range: one block)
 
 

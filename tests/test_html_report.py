@@ -8,8 +8,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from moco_compile.errors import MocoError
-from moco_compile.reports.html_report import NotACompileOutputError, render_report
+from moco_compile.errors import MocoError, NotACompileOutputError
+from moco_compile.reports.html_report import render_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VOID = {"img", "meta", "br", "hr", "link", "input"}

@@ -25,24 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from moco_compile.errors import MocoError
+from moco_compile.build import FRAME_ARROW, MODEL_ONNX, PLAN_JSON, REPORT_JSON, Build
 from moco_compile.outputs import add_to_manifest, check_output_file, staged_output_file
 from moco_compile.reports.html import (
-    ReportRenderError, cell_html, figure_html, is_number, key_value_row, number_text, page_html, percent_text, table_html)
+    cell_html, figure_html, is_number, key_value_row, number_text, page_html, percent_text, table_html)
 
-REPORT_JSON = "report.json"
-PLAN_JSON = "plan.json"
-FRAME_ARROW = "frame.arrow"
-MODEL_ONNX = "model.onnx"
 REPORT_HTML = "report.html"
 PROJECTION_ROWS = 2000  # rows subsampled from the frame for each projection plot
 _GENERATOR_MARK = b'<meta name="generator" content="moco'  # how a page moco wrote begins (then the version)
-HOW_TO_COMPILE = ("make one with `moco compile MODEL.onnx --calib CALIB.npz --out DIR` "
-                  "(or `moco_compile.compile(model, calibration, out_dir=DIR)`)")
-
-
-class NotACompileOutputError(MocoError, FileNotFoundError):
-    """The directory given to ``moco report`` is not (a complete) output of ``moco compile``."""
 
 
 def render_report(out_dir: str | os.PathLike, html_path: str | os.PathLike | None = None, *,
@@ -54,14 +44,16 @@ def render_report(out_dir: str | os.PathLike, html_path: str | os.PathLike | Non
     and listed in the manifest of the directory it lands in when that is a moco
     output.  An existing file there is replaced only when it is a page moco wrote
     and ``force`` is given (:class:`~moco_compile.errors.OutputError` otherwise).
-    Raises :class:`NotACompileOutputError` when ``out_dir`` lacks ``report.json``
-    or ``plan.json``.  Without ``frame.arrow`` the projection plots are skipped.
+    Needs only ``report.json`` and ``plan.json`` (:meth:`Build.load` with ``complete=False``:
+    :class:`~moco_compile.errors.NotACompileOutputError` when one is missing,
+    :class:`~moco_compile.errors.BuildError` when one is damaged).  Without ``frame.arrow``
+    the projection plots are skipped.
     """
     out_dir = Path(out_dir)
     html_path = Path(html_path) if html_path is not None else out_dir / REPORT_HTML
-    report, plan = load_outputs(out_dir)
+    build = Build.load(out_dir, complete=False)
     check_output_file(html_path, "report page", written_by_moco, force=force)
-    text = _Page(out_dir, report, plan).render()
+    text = _Page(out_dir, build).render()
     with staged_output_file(html_path, "report page", written_by_moco, force=force) as temporary:
         temporary.write_text(text, encoding="utf-8")
     add_to_manifest(html_path)
@@ -78,42 +70,12 @@ def written_by_moco(path: str | os.PathLike) -> bool:
     return _GENERATOR_MARK in head
 
 
-# ----------------------------------------------------------------------------- loading
-
-def load_outputs(out_dir: Path) -> tuple[dict, dict]:
-    """``report.json`` and ``plan.json`` of a compile output; :class:`NotACompileOutputError` or
-    :class:`ReportRenderError` saying what is missing or damaged."""
-    if not out_dir.exists():
-        raise NotACompileOutputError(f"{out_dir} does not exist; `moco report` reads the output directory "
-                                     f"of a compile: {HOW_TO_COMPILE}")
-    if not out_dir.is_dir():
-        raise NotACompileOutputError(f"{out_dir} is not a directory; `moco report` reads the output directory "
-                                     f"of a compile: {HOW_TO_COMPILE}")
-    missing = [name for name in (REPORT_JSON, PLAN_JSON) if not (out_dir / name).is_file()]
-    if missing:
-        raise NotACompileOutputError(
-            f"{out_dir} is not a moco compile output: it has no {' or '.join(missing)}. "
-            f"`moco report` needs report.json and plan.json (frame.arrow for the projection plots); "
-            f"{HOW_TO_COMPILE}")
-    loaded = []
-    for name in (REPORT_JSON, PLAN_JSON):
-        try:
-            data = json.loads((out_dir / name).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ReportRenderError(f"{out_dir / name} is not valid JSON ({error}); the output directory "
-                                    f"is damaged: compile again") from error
-        if not isinstance(data, dict):
-            raise ReportRenderError(f"{out_dir / name} does not hold a JSON object; the output directory "
-                                    f"is damaged: compile again")
-        loaded.append(data)
-    return loaded[0], loaded[1]
-
-
 class _Page:
-    def __init__(self, out_dir: Path, report: dict, plan: dict) -> None:
+    def __init__(self, out_dir: Path, build: Build) -> None:
         self.out_dir = out_dir
-        self.report = report
-        self.plan = plan
+        self.report = report = build.report
+        self.exit_plan = build.plan
+        self.plan = plan = build.plan.to_dict()
         self.bound = report.get("bound") or plan.get("certificate") or {}
         self.certificate = plan.get("certificate") or self.bound
         self.exits = list(report.get("exits") or [])
@@ -483,9 +445,7 @@ class _Page:
         frame = frame.take(rows)
         exit_index = None
         try:
-            from moco_compile.passes.planning.types import ExitPlan
-
-            plan = ExitPlan.from_dict(self.plan)
+            plan = self.exit_plan
             features = [_exit_features(frame, e.column, e.pooling)[0] for e in plan.exits]
             exit_index = plan.evaluate(features, frame["predictions"]).exit_index
         except Exception:  # marking exited rows is optional

@@ -24,7 +24,7 @@ from moco_compile.passes.graph.index import elem_types, subgraph_nesting
 from moco_compile.passes.planning.routing import guard_verdicts
 from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.passes.planning.pipeline import FrameRows, Planning, plan_rows
-from moco_compile.passes.graph.rewrite import annotate_costs, insert_exits
+from moco_compile.passes.graph.rewrite import apply_plan
 from moco_compile.passes.planning.splits import SPLIT_COLUMN, SPLITS
 from moco_compile.passes.graph.verify import verify_compiled
 from moco_compile.scale.shards import ShardedData
@@ -119,8 +119,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         verified = len(next(iter(kept.values())))
         frame = rows.kept_frame(planning.row_split, verified)
     plan = planning.plan
-    compiled = annotate_costs(insert_exits(imported.model, plan.exits, imported.output, config.exit_layout),
-                              plan.stage_flops(), total_flops)
+    compiled = apply_plan(imported.model, plan, imported.output, config.exit_layout)
     kept_frame = frame.take(np.arange(verified))
     expected = plan.routing([variant_features(kept_frame, e.column, e.pooling) for e in plan.exits],
                             len(kept_frame), config.rounding)

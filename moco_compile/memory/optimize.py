@@ -32,7 +32,7 @@ from moco_compile.passes.memory.fusion import fused
 from moco_compile.passes.graph.index import GraphIndex, exposing_every_tensor
 from moco_compile.passes.memory.liveness import feed_shapes, liveness, weight_bytes
 from moco_compile.passes.memory.quantize import check_not_quantized, quantize_dynamic_int8, quantize_static_int8
-from moco_compile.passes.graph.rewrite import annotate_costs, insert_exits
+from moco_compile.passes.graph.rewrite import apply_plan
 from moco_compile.runtime.latency import batches_of, compare_latency
 from moco_compile.runtime.memory.peak import can_measure, measure_peak
 from moco_compile.runtime.session import ExitSession, open_session
@@ -70,8 +70,8 @@ class MemoryOptimization:
 def optimize_memory(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray], *, float16: bool = False,
                     int8: str | None = None, fuse: bool = False, max_accuracy_drop: float = 0.005,
                     seed: int = 0, measure_latency: bool = True, build: Build | None = None) -> MemoryOptimization:
-    """Apply the requested optimisations to ``model`` in order (precision, the exits of ``build``,
-    fusions), each validated on rows no choice touched; raise
+    """Apply the requested optimisations to ``model`` in order (precision, the exits of ``build``
+    in its layout, fusions), each validated on rows no choice touched; raise
     :class:`OptimizationRejectedError` on the first one that breaks ``max_accuracy_drop`` (a
     fraction: 0.005 = half a point)."""
     if float16 and int8:
@@ -101,8 +101,7 @@ def optimize_memory(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray
         current = _validated(judge, "int8 static", quantized.model, max_accuracy_drop, result)
     if build is not None:
         prepared, output = model_for_plan(current, judge.output, {k: v[:1] for k, v in judge.inputs.items()})
-        current = _validated(judge, "+ exits", annotate_costs(insert_exits(prepared, build.plan.exits, output),
-                                                              build.plan.stage_flops(), build.plan.total_flops),
+        current = _validated(judge, "+ exits", apply_plan(prepared, build.plan, output, build.exit_layout),
                              max_accuracy_drop, result)
     if fuse:
         current = _validated(judge, "+ fusions" if len(result.steps) > 1 else "fusions", fused(current),
@@ -113,7 +112,8 @@ def optimize_memory(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray
 
 def optimize_build(build_dir: str | os.PathLike, calibration: Mapping[str, np.ndarray], *,
                    original: str | os.PathLike | None = None, **options: Any) -> MemoryOptimization:
-    """Optimise the model a moco build was compiled from, then put the build's exits back on it.
+    """Optimise the model a moco build was compiled from, then put the build's exits back on it,
+    in the exit layout the build records (:func:`~moco_compile.passes.graph.rewrite.apply_plan`).
 
     The exit rules and thresholds are the build's (fitted and certified on the float32 model) and
     stay float32 in the graph; they now read the optimised network's activations, so the

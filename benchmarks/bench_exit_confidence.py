@@ -35,7 +35,7 @@ from models.onnx_heads import with_soft_probabilities  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibration.exit_confidence import expected_calibration_error  # noqa: E402
-from moco_compile.passes.graph.rewrite import insert_exits  # noqa: E402
+from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
 from moco_compile.runtime.session import make_session  # noqa: E402
 
 SOFTNESS = 4.0
@@ -63,8 +63,8 @@ def main() -> None:
         result = compile(model, calibration, max_disagreement=args.budget, measure_latency=False,
                          show_progress=False)
         output = result.model.graph.output[0].name
-        unscaled = insert_exits(import_model(model).model, [replace(e, confidence_scale=None)
-                                                            for e in result.plan.exits], output)
+        unscaled = apply_plan(import_model(model).model, replace(result.plan, exits=[
+            replace(e, confidence_scale=None) for e in result.plan.exits]), output, result.exit_layout)
         full = as_probabilities(run(model, images)[0], logits)
         scaled_values, exits = run(result.model, images)
         plain_values, plain_exits = run(unscaled, images)

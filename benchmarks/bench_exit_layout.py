@@ -42,7 +42,8 @@ from moco_compile import compile  # noqa: E402
 from moco_compile.constants import EXIT_OUTPUT  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.planning.config import EXIT_LAYOUTS  # noqa: E402
-from moco_compile.passes.graph.rewrite import insert_exits  # noqa: E402
+from moco_compile.passes.planning.types import ExitPlan  # noqa: E402
+from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
 from moco_compile.runtime.latency import compare_latency  # noqa: E402
 from moco_compile.runtime.session import make_session  # noqa: E402
 
@@ -53,9 +54,9 @@ TIMED_ROWS = {1: 512, 64: 1024}
 CHECKED_ROWS = 4096
 
 
-def layouts(model: onnx.ModelProto, exits: list, output: str) -> dict[str, onnx.ModelProto]:
-    """The original model and ``exits`` written in each layout."""
-    return {"original": model, **{layout: insert_exits(model, exits, output, layout) for layout in EXIT_LAYOUTS}}
+def layouts(model: onnx.ModelProto, plan: ExitPlan, output: str) -> dict[str, onnx.ModelProto]:
+    """The original model and ``plan`` written in each layout."""
+    return {"original": model, **{layout: apply_plan(model, plan, output, layout) for layout in EXIT_LAYOUTS}}
 
 
 def check_same(graphs: dict[str, onnx.ModelProto], inputs: dict[str, np.ndarray], output: str) -> float:
@@ -86,13 +87,14 @@ def measure(model: onnx.ModelProto, calibration: dict[str, np.ndarray], test: di
     imported = import_model(model)
     test = {name: values[:CHECKED_ROWS] for name, values in test.items()}
     every_cut = closed_exits(imported, {name: calibration[name] for name in imported.input_names})
-    figures = {"plan": len(plan.exits), "no-exit": len(plan.exits), "every-cut": len(every_cut), "timings": {}}
+    figures = {"plan": len(plan.exits), "no-exit": len(plan.exits), "every-cut": len(every_cut.exits), "timings": {}}
     if plan.exits:
-        graphs = layouts(imported.model, plan.exits, imported.output)
+        graphs = layouts(imported.model, plan, imported.output)
         figures["exit_rate"] = check_same(graphs, test, imported.output)
         figures["timings"]["plan"] = timings(graphs, test)
         closed = [replace(e, thresholds=np.full_like(e.thresholds, np.inf)) for e in plan.exits]
-        figures["timings"]["no-exit"] = timings(layouts(imported.model, closed, imported.output), test)
+        figures["timings"]["no-exit"] = timings(layouts(imported.model, replace(plan, exits=closed), imported.output),
+                                                test)
     figures["timings"]["every-cut"] = timings(layouts(imported.model, every_cut, imported.output), test)
     return figures
 

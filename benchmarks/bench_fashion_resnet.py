@@ -27,7 +27,7 @@ from models.export_fashion_resnet import ONNX_PATH, load_calibration  # noqa: E4
 from models.fashion_mnist import load_split  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
-from moco_compile.passes.graph.rewrite import insert_exits  # noqa: E402
+from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
 from moco_compile.runtime.latency import compare_latency  # noqa: E402
 from moco_compile.runtime.session import make_session  # noqa: E402
 
@@ -96,7 +96,8 @@ def main() -> None:
     result = compiled_for_latency or result
     latency = latency_ratios(original, result.model, test_images)
     closed = [replace(e, thresholds=np.full_like(e.thresholds, np.inf)) for e in result.plan.exits]
-    overhead = latency_ratios(original, insert_exits(original, closed, "logits"), test_images)
+    overhead = latency_ratios(original, apply_plan(original, replace(result.plan, exits=closed), "logits",
+                                                   result.exit_layout), test_images)
     chosen = next(r for r in rows if r["budget"] == result.plan.certificate["max_disagreement"])
     ideal = chosen["compute_reduction"]
 

@@ -83,7 +83,7 @@ def variants(model, calibration, budget: float, log) -> dict[str, onnx.ModelProt
         built[name] = optimize_memory(model, calibration, max_accuracy_drop=0.5, measure_latency=False,
                                       **options).model
         log(f"{name}: {time.perf_counter() - started:.0f} s")
-    float_plan = None
+    float_build = None
     for base in ("float32", "int8 dynamic", "int8 static"):
         started = time.perf_counter()
         try:
@@ -96,10 +96,10 @@ def variants(model, calibration, budget: float, log) -> dict[str, onnx.ModelProt
         log(f"{base} + exits: compile {time.perf_counter() - started:.0f} s, "
             f"{len(result.plan.exits)} exits, {result.report['compute_reduction']:.1%} estimated")
         if base == "float32":
-            float_plan = result.plan
-    if float_plan is not None and "int8 dynamic + exits" not in built:  # the other order: the float32 build's exits, not re-certified
+            float_build = result
+    if float_build is not None and "int8 dynamic + exits" not in built:  # the other order: the float32 build's exits, not re-certified
         try:
-            built[REUSED_EXITS] = optimize_memory(model, calibration, int8="dynamic", exits=float_plan,
+            built[REUSED_EXITS] = optimize_memory(model, calibration, int8="dynamic", build=float_build,
                                                   max_accuracy_drop=0.5, measure_latency=False).model
         except MocoError as failed:  # e.g. a plan whose cuts the optimised model no longer has
             log(f"{REUSED_EXITS}: failed: {failed}")

@@ -35,9 +35,10 @@ from models.zoo_export import ARCHITECTURES, export, input_names, model_inputs  
 from moco_compile.prepare import cut_points_of# noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibration.calibrate import cut_column  # noqa: E402
-from moco_compile.passes.planning.types import Exit# noqa: E402
+from moco_compile.passes.planning.config import DEFAULT_EXIT_LAYOUT  # noqa: E402
+from moco_compile.passes.planning.types import Exit, ExitPlan  # noqa: E402
 from moco_compile.passes.calibration.pooling import pooling_cost, variants_for  # noqa: E402
-from moco_compile.passes.graph.rewrite import insert_exits  # noqa: E402
+from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
 from moco_compile.passes.calibration.rules import LinearScores  # noqa: E402
 from moco_compile.runtime.latency import compare_latency  # noqa: E402
 
@@ -52,8 +53,9 @@ def net(widths: tuple[int, ...]) -> torch.nn.Module:
     return FashionResNet(widths).eval()
 
 
-def closed_exits(imported, inputs: dict[str, np.ndarray]) -> list[Exit]:
-    """An exit at every candidate cut: the cheapest pooling for its shape, a log-softmax rule, every class off."""
+def closed_exits(imported, inputs: dict[str, np.ndarray]) -> ExitPlan:
+    """A plan with an exit at every candidate cut: the cheapest pooling for its shape, a log-softmax rule,
+    every class off."""
     _, cuts = cut_points_of(imported, {name: values[:64] for name, values in inputs.items()}, 64)
     classes = imported.num_classes
     exits = []
@@ -63,7 +65,7 @@ def closed_exits(imported, inputs: dict[str, np.ndarray]) -> list[Exit]:
                             "log_softmax")
         exits.append(Exit(cut, cut_column(cut), pooling, rule, np.full(classes, np.inf, np.float32),
                           pooling_cost(cut.shape, pooling) + rule.flops))
-    return exits
+    return ExitPlan(exits, cuts[0].flops_before + cuts[0].flops_after)
 
 
 def session(model, level: str) -> ort.InferenceSession:
@@ -75,9 +77,9 @@ def session(model, level: str) -> ort.InferenceSession:
 
 def measure(imported, inputs: dict[str, np.ndarray], label: str) -> dict:
     """Original and compiled-with-closed-exits latency at both optimisation levels, batch 1 and 64."""
-    exits = closed_exits(imported, inputs)
-    compiled = insert_exits(imported.model, exits, imported.output)
-    results = {"exits": len(exits), "mflops": (exits[0].cut.flops_before + exits[0].cut.flops_after) / 1e6}
+    plan = closed_exits(imported, inputs)
+    compiled = apply_plan(imported.model, plan, imported.output, DEFAULT_EXIT_LAYOUT)
+    results = {"exits": len(plan.exits), "mflops": plan.total_flops / 1e6}
     for level in LEVELS:
         sessions = {"original": session(imported.model, level), "compiled": session(compiled, level)}
         for batch, rows, seconds in ((1, 1000, 6.0), (64, None, 10.0)):

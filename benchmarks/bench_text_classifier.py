@@ -38,7 +38,7 @@ from models.text_classifier import REFERENCES, load_reference_model, reference_t
 from moco_compile import compile  # noqa: E402
 from moco_compile.prepare import cut_points_of# noqa: E402
 from moco_compile.importer import export_hf_sequence_classifier, import_model  # noqa: E402
-from moco_compile.passes.graph.rewrite import insert_exits  # noqa: E402
+from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
 from moco_compile.runtime.latency import compare_passes  # noqa: E402
 from moco_compile.runtime.session import make_session  # noqa: E402
 
@@ -91,12 +91,13 @@ class ModelResult:
     seconds: float = 0.0
 
 
-def no_exit_model(path: Path, calibration: dict, plan) -> onnx.ModelProto:
-    """The compiled graph of ``plan`` with every threshold at +inf: same exits and Ifs, no row leaves."""
+def no_exit_model(path: Path, calibration: dict, plan, layout: str) -> onnx.ModelProto:
+    """The compiled graph of ``plan`` (in ``layout``) with every threshold at +inf: same exits and Ifs, no
+    row leaves."""
     imported = import_model(path)
     cut_points_of(imported, calibration, 256)  # prepares the graph exactly as compile does
     closed = [replace(e, thresholds=np.full_like(e.thresholds, np.inf)) for e in plan.exits]
-    return insert_exits(imported.model, closed, imported.output)
+    return apply_plan(imported.model, replace(plan, exits=closed), imported.output, layout)
 
 
 def benchmark(name: str, budgets: list[float], rounds: int, batch1_rows: int, scratch: Path) -> ModelResult:
@@ -115,7 +116,7 @@ def benchmark(name: str, budgets: list[float], rounds: int, batch1_rows: int, sc
     plans = {}
     for budget in budgets:
         compiled = compile(path, calibration, max_disagreement=budget, measure_latency=False, show_progress=False)
-        plans[budget] = compiled.plan
+        plans[budget] = compiled.plan, compiled.exit_layout
         session = sessions[compiled_name(budget)] = make_session(compiled.model, ["CPUExecutionProvider"])
         logits, exits = run_all(session, batches)
         predictions = logits.argmax(1)
@@ -129,7 +130,7 @@ def benchmark(name: str, budgets: list[float], rounds: int, batch1_rows: int, sc
             "accuracy_after": float((predictions == labels).mean())})
         print(f"{name}: {result.budgets[-1]} ({time.perf_counter() - started:.0f} s)", flush=True)
     default = DEFAULT_BUDGET if DEFAULT_BUDGET in plans else budgets[0]
-    sessions[NO_EXIT] = make_session(no_exit_model(path, calibration, plans[default]), ["CPUExecutionProvider"])
+    sessions[NO_EXIT] = make_session(no_exit_model(path, calibration, *plans[default]), ["CPUExecutionProvider"])
     result.batch64 = {k: float(np.median(v)) for k, v in compare_passes(sessions, batches, rounds).items()}
     print(f"{name}: batch 64 {result.batch64} ({time.perf_counter() - started:.0f} s)", flush=True)
     single = padded_batches({k: v[:batch1_rows] for k, v in test.items()}, 1)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,9 @@ from moco_compile import compile  # noqa: E402
 from moco_compile.prepare import cut_points_of# noqa: E402
 from moco_compile.importer import export_hf_sequence_classifier, import_model  # noqa: E402
 from moco_compile.memory.optimize import optimize_memory  # noqa: E402
-from moco_compile.passes.planning.config import PlannerConfig  # noqa: E402
+from moco_compile.passes.planning.config import DEFAULT_EXIT_LAYOUT, PlannerConfig  # noqa: E402
 from moco_compile.passes.graph.index import all_graphs  # noqa: E402
-from moco_compile.passes.graph.rewrite import insert_exits  # noqa: E402
+from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
 
 STRIP_BYTES = 1 << 16
 TEST_ROWS = 2048
@@ -66,9 +67,11 @@ def strip_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def no_exit_graphs(widths: tuple[int, ...], images: np.ndarray) -> dict[str, onnx.ModelProto]:
     imported = import_model(net(widths), example_input=torch.from_numpy(images[:2]))
-    exits = closed_exits(imported, images)
-    return {"plain": imported.model, "closed_one": insert_exits(imported.model, exits[:1], imported.output),
-            "closed_all": insert_exits(imported.model, exits, imported.output)}
+    plan = closed_exits(imported, images)
+    return {"plain": imported.model,
+            "closed_one": apply_plan(imported.model, replace(plan, exits=plan.exits[:1]), imported.output,
+                                     DEFAULT_EXIT_LAYOUT),
+            "closed_all": apply_plan(imported.model, plan, imported.output, DEFAULT_EXIT_LAYOUT)}
 
 
 def main() -> None:
@@ -127,8 +130,9 @@ def busiest_exits(model: onnx.ModelProto, calibration: dict, compiled, counts: t
     imported = import_model(model)
     cut_points_of(imported, {k: v[:256] for k, v in calibration.items() if k != "labels"}, 256)  # as compile does
     rates = np.array([item["exit_rate"] for item in compiled.report["exits"]])
-    return {f"top{k}": insert_exits(imported.model, [compiled.plan.exits[i] for i in sorted(np.argsort(-rates)[:k])],
-                                    imported.output) for k in counts}
+    busiest = {k: [compiled.plan.exits[i] for i in sorted(np.argsort(-rates)[:k])] for k in counts}
+    return {f"top{k}": apply_plan(imported.model, replace(compiled.plan, exits=exits), imported.output,
+                                  compiled.exit_layout) for k, exits in busiest.items()}
 
 
 def pruned_vocabulary(model: onnx.ModelProto, used: np.ndarray) -> onnx.ModelProto:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__all__ = ["compile", "calibrate_frame", "load_frame", "ActivationFrame", "AnalyticsEngine", "ExitSession",
+__all__ = ["compile", "calibrate_frame", "load_frame", "ActivationFrame", "AnalyticsEngine", "Build", "ExitSession",
            "MocoError", "PlannerConfig"]
 
 if TYPE_CHECKING:
     from moco_compile.analytics import AnalyticsEngine
     from moco_compile.api import calibrate_frame, compile
+    from moco_compile.build import Build
     from moco_compile.errors import MocoError
     from moco_compile.frame import ActivationFrame, load_frame
     from moco_compile.passes.planning.config import PlannerConfig
@@ -25,6 +26,8 @@ def __getattr__(name: str):
     if name in ("compile", "calibrate_frame"):
         from moco_compile import api
         value = getattr(api, name)
+    elif name == "Build":
+        from moco_compile.build import Build as value
     elif name == "AnalyticsEngine":
         from moco_compile.analytics import AnalyticsEngine as value
     elif name in ("load_frame", "ActivationFrame"):

@@ -1,32 +1,31 @@
 """Public API: ``compile`` a classifier into an early-exit ONNX graph."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
+from moco_compile.build import Build, source_model
 from moco_compile.constants import LABELS, PROBABILITIES, SPLIT_COLUMN
 from moco_compile.frame import ActivationFrame, load_frame
 from moco_compile.importer import ImportedModel, import_model
+from moco_compile.outputs import check_output_dir, check_output_file, staged_output_file
+from moco_compile.passes.calibration.calibrate import calibrate, variant_features
 from moco_compile.prepare import MAX_VERIFIED_ROWS, cut_points_of
 from moco_compile.progress import Phases
-from moco_compile.outputs import check_output_dir, check_output_file, staged_output_dir, staged_output_file
-from moco_compile.passes.calibration.calibrate import calibrate, variant_features
 from moco_compile.passes.planning.config import Budget, PlannerConfig
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.graph.index import elem_types, subgraph_nesting
 from moco_compile.passes.planning.routing import Routing
 from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.passes.planning.pipeline import FrameRows, Planning, plan_rows
-from moco_compile.passes.graph.rewrite import annotate_costs, insert_exits
+from moco_compile.passes.graph.rewrite import apply_plan
 from moco_compile.passes.planning.splits import SPLITS
 from moco_compile.passes.graph.verify import verify_compiled
 from moco_compile.scale.shards import ShardedData
@@ -50,22 +49,7 @@ GUARD_SCOPE = {
 }
 
 
-@dataclass
-class CompileResult:
-    """Everything ``compile`` produced; ``save`` writes it to a directory."""
-
-    model: onnx.ModelProto
-    plan: ExitPlan
-    report: dict
-    frame: ActivationFrame
-
-    def save(self, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
-        """Write ``model.onnx``, ``plan.json``, ``report.json`` and ``frame.arrow`` atomically.
-
-        A non-empty ``out_dir`` is replaced only when it holds a previous moco output and
-        ``force`` is given (see :mod:`moco_compile.outputs`).
-        """
-        return write_outputs(Path(out_dir), self, force=force)
+CompileResult = Build  # what ``compile`` returns: the build, its graph in memory; ``save`` writes it
 
 
 def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]], *,
@@ -151,8 +135,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         frame = rows.kept_frame(planning.row_split, verified)
     plan = planning.plan
     with phases("rewrite"):
-        compiled = annotate_costs(insert_exits(imported.model, plan.exits, imported.output, config.exit_layout),
-                                  plan.stage_flops(), total_flops)
+        compiled = apply_plan(imported.model, plan, imported.output, config.exit_layout)
     features = [variant_features(frame, e.column, e.pooling) for e in plan.exits]
     routing = plan.routing(features, len(frame), config.rounding)  # the chosen plan, routed once
     with phases("verification"):
@@ -172,9 +155,9 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     report.update(figures)
     report["source_model"] = source_model(inputs[0]) if inputs and inputs[0].is_file() else None
     report["phases"] = phases.to_dict()
-    result = CompileResult(compiled, plan, report, frame)
+    result = Build(compiled, plan, report, frame, exit_layout=config.exit_layout, seed=seed, planner_config=config)
     if out_dir is not None:
-        write_outputs(Path(out_dir), result, inputs=inputs, force=force)
+        result.save(out_dir, inputs=inputs, force=force)
     return result
 
 
@@ -212,16 +195,6 @@ def calibrate_frame(model: Any, calibration: Mapping[str, Any] | Iterable[Mappin
 def _input_files(model: Any) -> list[Path]:
     """The input files an output must not touch: the model, when it is given as a path."""
     return [Path(model)] if isinstance(model, (str, os.PathLike)) else []
-
-
-def source_model(path: Path) -> dict:
-    """Where the compiled model came from: its absolute path and the SHA-256 of its bytes, so that
-    later steps (``moco evaluate``) can find the original and tell whether it changed since."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest()}
 
 
 def _in_memory_figures(plan: ExitPlan, frame: ActivationFrame, evaluated: np.ndarray,
@@ -323,19 +296,6 @@ def _report(imported: ImportedModel, planning: Planning, verification: dict, lat
     return report
 
 
-def write_outputs(out_dir: Path, result: CompileResult, *, inputs: Iterable[str | os.PathLike] = (),
-                  force: bool = False) -> Path:
-    """Write all outputs into a staging sibling directory and swap it into place at ``out_dir``.
-
-    ``inputs``: files whose directory must not be replaced.  The rules and the swap are
-    :func:`moco_compile.outputs.staged_output_dir`'s.
-    """
-    with staged_output_dir(out_dir, inputs, force) as staging:
-        onnx.save(result.model, str(staging / "model.onnx"))
-        (staging / "plan.json").write_text(json.dumps(result.plan.to_dict(), indent=1))
-        (staging / "report.json").write_text(json.dumps(result.report, indent=2))
-        result.frame.save(staging / "frame.arrow")
-    return out_dir
 
 
 class _InputKeeper:

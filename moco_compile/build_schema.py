@@ -6,18 +6,20 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-# What `moco report` reads from report.json and plan.json, checked before anything is rendered:
+# What moco's readers use from report.json and plan.json, checked when a build is loaded:
 # key -> (required, kind, the fields of its items or of itself when an object).  An optional key may
 # also be null.  Only the keys the page reads are listed; others are ignored.
 _EXIT_ROW_FIELDS = {"exit_rate": (False, "number", None), "fraction_of_flops_before": (False, "number", None),
                     "module": (False, "string", None)}
 _CERTIFICATE_FIELDS = {"curve": (False, "list of objects", None)}
+RECOMPILE = "recompile with `moco compile MODEL.onnx --calib CALIB.npz --out DIR`"
 REPORT_FIELDS = {
+    "classifier_output": (True, "string", None),
     "compute_reduction": (True, "number", None),
     "exit_rate": (True, "number", None),
     "disagreement": (True, "number", None),
     "exits": (True, "list of objects", _EXIT_ROW_FIELDS),
-    "bound": (False, "object", _CERTIFICATE_FIELDS),
+    "bound": (True, "object", _CERTIFICATE_FIELDS),
     "latency": (False, "object", None),
     "splits": (False, "object", None),
     "verification": (False, "object", None),

@@ -65,7 +65,6 @@ def compile_command(
 ) -> None:
     """Compile MODEL into an early-exit graph and print its report."""
     from moco_compile.api import compile as compile_model
-    from moco_compile.api import write_outputs
     from moco_compile.outputs import check_output_dir
     from moco_compile.passes.planning.config import PlannerConfig
     from moco_compile.reports.terminal import print_report
@@ -79,7 +78,7 @@ def compile_command(
                                allow_no_exit=allow_no_exit, seed=seed, measure_latency=latency,
                                planner_config=PlannerConfig(exit_layout=exit_layout,
                                                             **({} if max_exits is None else {"max_exits": max_exits})))
-        write_outputs(out, result, inputs=[model, calib], force=force)
+        result.save(out, inputs=[model, calib], force=force)
     except (MocoError, ValueError, OSError) as error:
         _fail(error)
     print_report(result.report, console)

@@ -22,6 +22,16 @@ class OutputError(MocoError):
     """The output location cannot be written."""
 
 
+class BuildError(MocoError):
+    """A directory given as a moco build is damaged: JSON that does not parse or has the wrong
+    shape, a frame that does not load (:class:`moco_compile.build.Build`)."""
+
+
+class NotACompileOutputError(BuildError, FileNotFoundError):
+    """A directory given as a moco build is not one: missing, foreign, or without the files
+    ``moco compile`` writes there."""
+
+
 class NoMoELayersError(ModelError):
     """The model has no mixture-of-experts layers to trace, predict or offload."""
 

@@ -23,14 +23,13 @@ from typing import Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from moco_compile.api import source_model
+from moco_compile.build import Build
 from moco_compile.calibration_data import CalibrationSpec
 from moco_compile.constants import LABELS
 from moco_compile.errors import CalibrationDataError, MocoError, ModelError
 from moco_compile.reports.html import cell_html, figure_html, page_html, percent_text, table_html
-from moco_compile.reports.html_report import REPORT_JSON, NotACompileOutputError, load_outputs
 from moco_compile.importer import import_model
-from moco_compile.outputs import GENERATOR, add_to_manifest, build_model, check_output_file, staged_output_file
+from moco_compile.outputs import GENERATOR, add_to_manifest, check_output_file, staged_output_file
 from moco_compile.passes.planning.bounds import clopper_pearson_interval
 from moco_compile.runtime.session import ExitSession
 from moco_compile.runtime.shadow import ShadowRun, project_savings, shadow_run, stream_drift
@@ -68,8 +67,8 @@ def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any] | Sh
     """
     _check_settings(batch_size, qps, days, utilisation, device_hour_price, windows)
     build_dir = Path(build_dir)
-    compiled_path, report, _ = load_build(build_dir)
-    original_path = original_model_path(report, original)
+    build = Build.load(build_dir)
+    compiled_path, report, original_path = build.model_path, build.report, build.original_model(original)
     imported = import_model(original_path, output=report.get("classifier_output"))
     spec = CalibrationSpec(imported.model, imported.num_classes)
     sessions = {name: ExitSession(path, providers, require_gpu=require_gpu)
@@ -119,36 +118,6 @@ def _check_settings(batch_size: int, qps: float, days: float, utilisation: float
         ("--windows", windows, windows >= 1, "at least 1")) if not ok]
     if problems:
         raise MocoError("; ".join(problems))
-
-
-def load_build(build_dir: Path) -> tuple[Path, dict, dict]:
-    """The build's compiled graph, its report (with the certified bound) and its plan."""
-    model = build_model(build_dir)
-    report, plan = load_outputs(build_dir)
-    if not isinstance(report.get("bound"), dict):
-        raise NotACompileOutputError(f"{build_dir / REPORT_JSON} is not a moco report; compile again")
-    return model, report, plan
-
-
-def original_model_path(report: dict, original: str | os.PathLike | None) -> Path:
-    """The model a build was compiled from: ``original`` when given, else the file its report
-    records, refused when gone or changed since (SHA-256)."""
-    if original is not None:
-        path = Path(original)
-        if not path.is_file():
-            raise ModelError(f"--original {path} is not a file; give the ONNX model the build was compiled from")
-        return path
-    recorded = report.get("source_model") or {}
-    if not recorded.get("path"):
-        raise ModelError("the build does not record a model file (it was compiled from an in-memory model); "
-                         "pass --original MODEL.onnx, the model it was compiled from")
-    path = Path(recorded["path"])
-    if not path.is_file():
-        raise ModelError(f"the model the build was compiled from, {path}, is gone; pass --original MODEL.onnx")
-    if source_model(path)["sha256"] != recorded.get("sha256"):
-        raise ModelError(f"{path} changed since the build was compiled (its SHA-256 differs); pass --original "
-                         "with the model it was compiled from, or compile again")
-    return path
 
 
 def _evaluation(build_dir: Path, report: dict, original_path: Path, run: ShadowRun,

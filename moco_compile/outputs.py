@@ -34,10 +34,12 @@ from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 
-from moco_compile.errors import MocoError, OutputError
+from moco_compile.errors import NotACompileOutputError, OutputError
 
 BUILD_MODEL = "model.onnx"  # the compiled graph in a build directory
 MANIFEST = "moco-manifest.json"  # in every output directory moco writes: the files it wrote there
+HOW_TO_COMPILE = ("give the directory `moco compile MODEL.onnx --calib CALIB.npz --out DIR` "
+                  "(or `moco_compile.compile(model, calibration, out_dir=DIR)`) wrote")
 
 
 def _generator() -> str:
@@ -193,15 +195,37 @@ def listed_files(directory: str | os.PathLike) -> list[str] | None:
 
 def build_model(build_dir: str | os.PathLike) -> Path:
     """The compiled graph of the moco build in ``build_dir`` (its manifest lists ``model.onnx``);
-    :class:`~moco_compile.errors.MocoError` if ``build_dir`` is no such build."""
-    build_dir = Path(build_dir)
+    :class:`~moco_compile.errors.NotACompileOutputError` if ``build_dir`` is no such build.  What
+    the runtime reads of a build; :class:`moco_compile.build.Build` reads the rest."""
+    return build_files(build_dir, [BUILD_MODEL])[0]
+
+
+def build_files(build_dir: str | os.PathLike, names: Iterable[str], *, manifest: bool = True) -> list[Path]:
+    """The paths of ``names`` in the moco build ``build_dir``, each a file there and, with
+    ``manifest``, listed in its manifest; :class:`~moco_compile.errors.NotACompileOutputError`
+    saying what is missing and what to do otherwise."""
+    build_dir, names = Path(build_dir), list(names)
+    if not build_dir.exists():
+        raise NotACompileOutputError(f"{build_dir} does not exist; {HOW_TO_COMPILE}")
     if not build_dir.is_dir():
-        raise MocoError(f"{build_dir} is not a directory; give the output directory of `moco compile`")
-    listed = listed_files(build_dir)
-    if listed is None or BUILD_MODEL not in listed or not (build_dir / BUILD_MODEL).is_file():
-        raise MocoError(f"{build_dir} is not a moco build (it needs {BUILD_MODEL} listed in {MANIFEST}); give the "
-                        f"directory `moco compile MODEL --calib DATA --out DIR` wrote")
-    return build_dir / BUILD_MODEL
+        raise NotACompileOutputError(f"{build_dir} is not a directory; {HOW_TO_COMPILE}")
+    if manifest:
+        listed = listed_files(build_dir)
+        if listed is None:
+            raise NotACompileOutputError(f"{build_dir} is not a moco build: it has no {MANIFEST} listing the files "
+                                         f"moco wrote there; {HOW_TO_COMPILE}")
+        unlisted = [name for name in names if name not in listed]
+        if unlisted:
+            raise NotACompileOutputError(f"{build_dir} is not a moco build: its {MANIFEST} does not list "
+                                         f"{', '.join(unlisted)} (another moco command's output?); {HOW_TO_COMPILE}")
+    absent = [name for name in names if not (build_dir / name).is_file()]
+    if absent and manifest:
+        raise NotACompileOutputError(f"{build_dir} is a damaged moco build: it lacks {', '.join(absent)}, listed in "
+                                     f"its {MANIFEST}; compile again")
+    if absent:
+        raise NotACompileOutputError(f"{build_dir} is not a moco compile output: it has no {' or '.join(absent)}; "
+                                     f"{HOW_TO_COMPILE}")
+    return [build_dir / name for name in names]
 
 
 def add_to_manifest(path: str | os.PathLike) -> None:

@@ -9,8 +9,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from moco_compile.errors import MocoError
-from moco_compile.reports.html_report import NotACompileOutputError, render_report
+from moco_compile.errors import MocoError, NotACompileOutputError
+from moco_compile.reports.html_report import render_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VOID = {"img", "meta", "br", "hr", "link", "input"}
@@ -290,7 +290,8 @@ def test_cli_report_command_writes_the_page(compiled, tmp_path):
     assert missing.exit_code == 2 and "does not exist" in missing.output and "moco compile" in missing.output
 
 
-_REPORT = {"compute_reduction": 0.3, "exit_rate": 0.4, "disagreement": 0.005, "exits": []}
+_REPORT = {"classifier_output": "logits", "bound": {}, "compute_reduction": 0.3, "exit_rate": 0.4,
+           "disagreement": 0.005, "exits": []}
 _PLAN = {"total_flops": 1e6, "exits": [], "certificate": {"curve": []}}
 
 
@@ -379,12 +380,12 @@ def test_a_damaged_output_fails_loudly_and_writes_no_page(copy_with_frame, damag
     from typer.testing import CliRunner
 
     from moco_compile.cli import app
-    from moco_compile.reports.html import ReportRenderError
+    from moco_compile.errors import MocoError
 
     apply, named = DAMAGES[damage]
     apply(copy_with_frame)
     before = sorted(p.name for p in copy_with_frame.iterdir())
-    with pytest.raises(ReportRenderError, match=f"{named}.*compile again"):
+    with pytest.raises(MocoError, match=f"{named}.*compile"):
         render_report(copy_with_frame)
     run = CliRunner().invoke(app, ["report", str(copy_with_frame)])
     assert run.exit_code == 2, run.output

@@ -270,3 +270,37 @@ def test_a_compiled_graph_is_refused_with_the_way_to_compose(compiled, rows):
     result, _ = compiled
     with pytest.raises(ModelError, match="give its build directory"):
         optimize_memory(result.model, rows, float16=True)
+
+
+@pytest.fixture(scope="module")
+def flat_build(rows, tmp_path_factory, reference_onnx):
+    """The reference CNN compiled with ``--exit-layout flat``, written to disk."""
+    from moco_compile import compile
+    from moco_compile.passes.planning.config import PlannerConfig
+
+    out = tmp_path_factory.mktemp("flat") / "build"
+    result = compile(reference_onnx, rows, out_dir=out, planner_config=PlannerConfig(exit_layout="flat"),
+                     measure_latency=False, show_progress=False)
+    return result, out
+
+
+def test_a_flat_build_keeps_its_layout_through_optimize_memory(flat_build, rows):
+    """The build's plan re-inserted on the optimised original in the layout the build records: no If, and
+    the rows take the build graph's exits (fusions move no row across a threshold here)."""
+    from moco_compile.build import Build
+    from moco_compile.constants import EXIT_OUTPUT
+    from moco_compile.memory.optimize import optimize_build
+    from moco_compile.passes.graph.index import all_nodes
+
+    result, out = flat_build
+    build = Build.load(out)
+    assert build.exit_layout == "flat" and build.planner_config.exit_layout == "flat" and len(build.plan.exits) > 1
+    optimized = optimize_build(out, rows, fuse=True, measure_latency=False)
+    assert [s["step"] for s in optimized.steps] == ["original", "+ exits", "+ fusions"]
+    assert "If" not in {node.op_type for node in all_nodes(optimized.model.graph)}
+    assert "If" not in {node.op_type for node in all_nodes(result.model.graph)}
+    images = {"images": rows["images"][:1024]}
+    built, = ort.InferenceSession(str(out / "model.onnx")).run([EXIT_OUTPUT], images)
+    again, = ort.InferenceSession(optimized.model.SerializeToString()).run([EXIT_OUTPUT], images)
+    assert set(np.unique(built)) == set(range(-1, len(build.plan.exits)))
+    np.testing.assert_array_equal(again, built)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ import onnxruntime as ort
 from moco_compile.prepare import model_for_plan
 from moco_compile.constants import EXIT_OUTPUT, LABELS
 from moco_compile.errors import CalibrationDataError, MocoError, ModelError
-from moco_compile.evaluation import load_build, original_model_path
+from moco_compile.build import Build
 from moco_compile.importer import classifier_output, load_onnx
 from moco_compile.passes.graph.flops import measure_shapes
 from moco_compile.passes.memory.float16 import to_float16
@@ -33,9 +32,8 @@ from moco_compile.passes.memory.fusion import fused
 from moco_compile.passes.graph.index import GraphIndex, exposing_every_tensor
 from moco_compile.passes.memory.liveness import feed_shapes, liveness, weight_bytes
 from moco_compile.passes.planning.bounds import clopper_pearson_interval
-from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.passes.memory.quantize import check_not_quantized, quantize_dynamic_int8, quantize_static_int8
-from moco_compile.passes.graph.rewrite import annotate_costs, insert_exits
+from moco_compile.passes.graph.rewrite import apply_plan
 from moco_compile.runtime.latency import batches_of, compare_latency
 from moco_compile.runtime.memory.peak import can_measure, measure_peak
 from moco_compile.runtime.session import ExitSession, open_session
@@ -71,10 +69,11 @@ class MemoryOptimization:
 
 def optimize_memory(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray], *, float16: bool = False,
                     int8: str | None = None, fuse: bool = False, max_accuracy_drop: float = 0.005,
-                    seed: int = 0, measure_latency: bool = True, exits: ExitPlan | None = None) -> MemoryOptimization:
-    """Apply the requested optimisations to ``model`` in order (precision, ``exits``, fusions),
-    each validated on rows no choice touched; raise :class:`OptimizationRejectedError` on the
-    first one that breaks ``max_accuracy_drop`` (a fraction: 0.005 = half a point)."""
+                    seed: int = 0, measure_latency: bool = True, build: Build | None = None) -> MemoryOptimization:
+    """Apply the requested optimisations to ``model`` in order (precision, the exits of ``build``
+    in its layout, fusions), each validated on rows no choice touched; raise
+    :class:`OptimizationRejectedError` on the first one that breaks ``max_accuracy_drop`` (a
+    fraction: 0.005 = half a point)."""
     if float16 and int8:
         raise ValueError("choose float16 or int8, not both: int8 already stores weights in a quarter of float32")
     if int8 not in (None, *INT8_MODES):
@@ -100,10 +99,9 @@ def optimize_memory(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray
         quantized = quantize_static_int8(current, tuning)
         result.notes.extend(_kept_float_notes(quantized.kept_float, "static"))
         current = _validated(judge, "int8 static", quantized.model, max_accuracy_drop, result)
-    if exits is not None:
+    if build is not None:
         prepared, output = model_for_plan(current, judge.output, {k: v[:1] for k, v in judge.inputs.items()})
-        current = _validated(judge, "+ exits", annotate_costs(insert_exits(prepared, exits.exits, output),
-                                                              exits.stage_flops(), exits.total_flops),
+        current = _validated(judge, "+ exits", apply_plan(prepared, build.plan, output, build.exit_layout),
                              max_accuracy_drop, result)
     if fuse:
         current = _validated(judge, "+ fusions" if len(result.steps) > 1 else "fusions", fused(current),
@@ -114,16 +112,16 @@ def optimize_memory(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray
 
 def optimize_build(build_dir: str | os.PathLike, calibration: Mapping[str, np.ndarray], *,
                    original: str | os.PathLike | None = None, **options: Any) -> MemoryOptimization:
-    """Optimise the model a moco build was compiled from, then put the build's exits back on it.
+    """Optimise the model a moco build was compiled from, then put the build's exits back on it,
+    in the exit layout the build records (:func:`~moco_compile.passes.graph.rewrite.apply_plan`).
 
     The exit rules and thresholds are the build's (fitted and certified on the float32 model) and
     stay float32 in the graph; they now read the optimised network's activations, so the
     build's certificate does not carry over: the validation rows measure what the combination
     does.  To certify exits on the optimised model, compile that model instead.
     """
-    _, report, plan = load_build(Path(build_dir))
-    return optimize_memory(load_onnx(original_model_path(report, original)), calibration,
-                           exits=ExitPlan.from_dict(plan), **options)
+    build = Build.load(build_dir)
+    return optimize_memory(load_onnx(build.original_model(original)), calibration, build=build, **options)
 
 
 def split_rows(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray],

@@ -18,7 +18,7 @@ from moco_compile.outputs import PAGE_MARK
 
 
 class ReportRenderError(MocoError):
-    """A compile output exists but cannot be turned into a report (damaged files, missing plotting library)."""
+    """A report cannot be drawn (the plotting library is missing); damaged build files are a BuildError."""
 
 
 def figure_html(plot_id: str, title: str, caption: str, draw: Callable[[Any], None],

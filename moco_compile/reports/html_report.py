@@ -26,29 +26,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from moco_compile.build import FRAME_ARROW, MODEL_ONNX, PLAN_JSON, REPORT_JSON, Build
 from moco_compile.constants import PREDICTIONS
-from moco_compile.errors import MocoError
-from moco_compile.build_schema import PLAN_FIELDS, REPORT_FIELDS, shape_problem
 from moco_compile.frame import ActivationFrame, load_frame
 from moco_compile.outputs import add_to_manifest, check_output_file, staged_output_file
 from moco_compile.passes.calibration.calibrate import variant_columns, variant_features
-from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.reports.html import (
     ReportRenderError, cell_html, figure_html, is_number, key_value_row, number_text, page_html, percent_text, table_html)
 
-REPORT_JSON = "report.json"
-PLAN_JSON = "plan.json"
-FRAME_ARROW = "frame.arrow"
-MODEL_ONNX = "model.onnx"
 REPORT_HTML = "report.html"
 PROJECTION_ROWS = 2000  # rows subsampled from the frame for each projection plot
-HOW_TO_COMPILE = ("make one with `moco compile MODEL.onnx --calib CALIB.npz --out DIR` "
-                  "(or `moco_compile.compile(model, calibration, out_dir=DIR)`)")
-RECOMPILE = "recompile with " + HOW_TO_COMPILE.removeprefix("make one with ")
-
-
-class NotACompileOutputError(MocoError, FileNotFoundError):
-    """The directory given to ``moco report`` is not (a complete) output of ``moco compile``."""
 
 
 def render_report(out_dir: str | os.PathLike, html_path: str | os.PathLike | None = None, *,
@@ -60,75 +47,34 @@ def render_report(out_dir: str | os.PathLike, html_path: str | os.PathLike | Non
     and listed in the manifest of the directory it lands in when that is a moco
     output.  An existing file there is replaced only when it is a page moco wrote
     and ``force`` is given (:class:`~moco_compile.errors.OutputError` otherwise).
-    Raises :class:`NotACompileOutputError` when ``out_dir`` lacks ``report.json``
-    or ``plan.json``, and :class:`~moco_compile.reports.html.ReportRenderError` when one of
-    them or ``frame.arrow`` is damaged (no page is written then).  Without ``frame.arrow``
-    the projection plots are skipped, with a note on the page.
+    Needs only ``report.json`` and ``plan.json`` (:meth:`Build.load` with ``complete=False``:
+    :class:`~moco_compile.errors.NotACompileOutputError` when one is missing,
+    :class:`~moco_compile.errors.BuildError` when one is damaged).  Without ``frame.arrow``
+    the projection plots are skipped.
     """
     out_dir = Path(out_dir)
     html_path = Path(html_path) if html_path is not None else out_dir / REPORT_HTML
-    report, plan = load_outputs(out_dir)
+    build = Build.load(out_dir, complete=False)
     check_output_file(html_path, "report page", "page", force=force)
-    text = _Page(out_dir, report, plan).render()
+    text = _Page(out_dir, build).render()
     with staged_output_file(html_path, "report page", "page", force=force) as temporary:
         temporary.write_text(text, encoding="utf-8")
     add_to_manifest(html_path)
     return html_path
 
 
-# ----------------------------------------------------------------------------- loading
-
-def load_outputs(out_dir: Path) -> tuple[dict, dict]:
-    """``report.json`` and ``plan.json`` of a compile output (a plan :class:`ExitPlan` reads);
-    :class:`NotACompileOutputError` or :class:`ReportRenderError` saying what is missing or damaged."""
-    if not out_dir.exists():
-        raise NotACompileOutputError(f"{out_dir} does not exist; `moco report` reads the output directory "
-                                     f"of a compile: {HOW_TO_COMPILE}")
-    if not out_dir.is_dir():
-        raise NotACompileOutputError(f"{out_dir} is not a directory; `moco report` reads the output directory "
-                                     f"of a compile: {HOW_TO_COMPILE}")
-    missing = [name for name in (REPORT_JSON, PLAN_JSON) if not (out_dir / name).is_file()]
-    if missing:
-        raise NotACompileOutputError(
-            f"{out_dir} is not a moco compile output: it has no {' or '.join(missing)}. "
-            f"`moco report` needs report.json and plan.json (frame.arrow for the projection plots); "
-            f"{HOW_TO_COMPILE}")
-    loaded = []
-    for name, what, fields in ((REPORT_JSON, "report", REPORT_FIELDS), (PLAN_JSON, "plan", PLAN_FIELDS)):
-        path = out_dir / name
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ReportRenderError(f"{path} is not valid JSON ({error}); the output directory is damaged: "
-                                    f"{RECOMPILE}") from None
-        problem = shape_problem(data, fields)
-        if problem:
-            raise ReportRenderError(f"{path} is not a moco {what}: {problem}; it is damaged or another program's "
-                                    f"file: {RECOMPILE}")
-        loaded.append(data)
-    exit_plan_of(out_dir, loaded[1])
-    return loaded[0], loaded[1]
-
-
-def exit_plan_of(out_dir: Path, plan: dict) -> ExitPlan:
-    """The plan ``plan.json`` holds (``plan``, parsed); :class:`ReportRenderError` when it is not one."""
-    try:
-        return ExitPlan.from_dict(plan)
-    except (KeyError, TypeError, ValueError) as error:  # a key missing, a value of the wrong type or shape
-        raise ReportRenderError(f"{out_dir / PLAN_JSON} is not a moco plan ({type(error).__name__}: {error}); the "
-                                "output directory is damaged: compile again") from error
 
 
 class _Page:
-    def __init__(self, out_dir: Path, report: dict, plan: dict) -> None:
+    def __init__(self, out_dir: Path, build: Build) -> None:
         self.out_dir = out_dir
-        self.report = report
-        self.plan = plan
+        self.report = report = build.report
+        self.exit_plan = build.plan
+        self.plan = plan = build.plan.to_dict()
         self.bound = report.get("bound") or plan.get("certificate") or {}
         self.certificate = plan.get("certificate") or self.bound
         self.exits = list(report.get("exits") or [])
         self.plan_exits = list(plan.get("exits") or [])
-        self.exit_plan = exit_plan_of(out_dir, plan)
         self.total_flops = plan.get("total_flops") or report.get("flops_per_row_original")
         self._evaluated_on = report.get("evaluated_on", "report")
         self.notes: list[str] = []

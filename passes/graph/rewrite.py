@@ -75,7 +75,7 @@ from moco_compile.passes.graph.empty_rows import unsafe_on_no_rows
 from moco_compile.passes.calibration.exit_confidence import exited_logits_nodes
 from moco_compile.passes.graph.index import GraphIndex, all_nodes, elem_types, node_inputs, subgraph_nesting
 from moco_compile.passes.calibration.guard import guard_nodes
-from moco_compile.passes.planning.types import Exit
+from moco_compile.passes.planning.types import Exit, ExitPlan
 from moco_compile.passes.calibration.pooling import pooling_inputs, reduce_nodes, variant_nodes
 from moco_compile.passes.graph.trailing_dims import has_dynamic_trailing_dims, trailing_shape_nodes
 
@@ -104,6 +104,15 @@ def insert_exits(model: onnx.ModelProto, exits: Sequence[Exit], classifier_outpu
         raise ValueError(f"{len(exits)} exits would nest subgraphs {levels} levels deep, more than the "
                          f"{MAX_NESTED_GRAPHS} an ONNX file can hold: plan with PlannerConfig(max_exits=...)")
     return builder.build()
+
+
+def apply_plan(model: onnx.ModelProto, plan: ExitPlan, classifier_output: str, layout: str) -> onnx.ModelProto:
+    """The one way a plan becomes a graph: a new model with ``plan``'s exits inserted in ``layout``
+    (:func:`insert_exits`) and the cost of leaving at each recorded (:func:`annotate_costs`).
+    ``compile`` calls it on the model it planned; ``optimize-memory`` on an optimised original with
+    the layout its build records.  ``layout`` has no default, so no caller loses a build's layout."""
+    return annotate_costs(insert_exits(model, plan.exits, classifier_output, layout), plan.stage_flops(),
+                          plan.total_flops)
 
 
 def annotate_costs(model: onnx.ModelProto, stage_flops: Sequence[float], original_flops: float) -> onnx.ModelProto:

@@ -6,8 +6,8 @@ planner_config=PlannerConfig(...))`` reaches them from the API.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields, replace
 from numbers import Real
 
 from onnx import TensorProto
@@ -259,6 +259,21 @@ class PlannerConfig:
                 or self.design_risk_factor <= 0:
             raise ValueError("rounding_tolerance, rounding_floor, narrow_float_ulps, boundary_cost, exit_fixed_cost "
                              "and guard_rounding must be >= 0 and design_risk_factor > 0")
+
+    def to_dict(self) -> dict:
+        """Every field by name, JSON-ready (tuples as lists); :meth:`from_dict` reads it back."""
+        return {f.name: list(value) if isinstance(value, tuple) else value
+                for f in fields(self) for value in [getattr(self, f.name)]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "PlannerConfig":
+        """The configuration :meth:`to_dict` wrote, validated as on creation; ``ValueError`` for a field
+        this version does not know.  Fields ``data`` lacks (written by an older moco) take their defaults."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown planner settings {unknown}; known: {sorted(known)}")
+        return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in data.items()})
 
     @property
     def rounding(self) -> Rounding:

@@ -309,7 +309,7 @@ def _report_cli(tmp_path, report, plan):
 
 @pytest.mark.parametrize("report, plan, message", [
     ([_REPORT], _PLAN, r"report.json is not a moco report: it should be a JSON object, it is a list"),
-    ({"name": "left-pad", "version": "1.3.0"}, _PLAN, r"report.json is not a moco report: it has no 'compute_reduction'"),
+    ({"name": "left-pad", "version": "1.3.0"}, _PLAN, r"report.json is not a moco report: it has no 'classifier_output'"),
     ({**_REPORT, "exits": [1, 2]}, _PLAN, r"report.json is not a moco report: 'exits' should be a list of objects"),
     ({**_REPORT, "exits": [{"exit_rate": "high"}]}, _PLAN, r"'exits\[0\].exit_rate' should be a number"),
     ({**_REPORT, "bound": 5}, _PLAN, r"report.json is not a moco report: 'bound' should be an object"),

@@ -41,9 +41,9 @@ from models.zoo_export import export, input_names, model_inputs  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.constants import EXIT_OUTPUT  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
+from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
 from moco_compile.passes.planning.config import EXIT_LAYOUTS  # noqa: E402
 from moco_compile.passes.planning.types import ExitPlan  # noqa: E402
-from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
 from moco_compile.runtime.latency import compare_latency  # noqa: E402
 from moco_compile.runtime.session import make_session  # noqa: E402
 

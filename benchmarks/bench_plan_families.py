@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import draws as d  # noqa: E402
 from benchmarks.results import machine_description, write_section  # noqa: E402
-from moco_compile.passes.planning.config import DEFAULT_FAMILIES, FAMILIES, Budget, PlannerConfig  # noqa: E402
+from moco_compile.passes.planning.config import Budget, DEFAULT_FAMILIES, FAMILIES, PlannerConfig  # noqa: E402
 
 TITLE = "Plan families on repeated draws"
 REFERENCE = "shared-all, shared, per-class (cross-validated choice)"

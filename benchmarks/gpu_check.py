@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moco_compile.constants import EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY  # noqa: E402
 from moco_compile.passes.graph.index import all_graphs, all_nodes  # noqa: E402
 from moco_compile.runtime.latency import compare_latency  # noqa: E402
-from moco_compile.runtime.session import CPU, CUDA, TENSORRT, ExitSession, ExitStatistics  # noqa: E402
+from moco_compile.runtime.session import CPU, CUDA, ExitSession, ExitStatistics, TENSORRT  # noqa: E402
 
 STRIPPED = "moco-gpu-check: stripped, refill with noise"  # benchmarks/gpu_prepare.py marks big weights so
 BATCHES = (1, 64, 256)

@@ -39,9 +39,9 @@ from scipy.optimize import minimize
 from scipy.special import expit, softmax
 from threadpoolctl import threadpool_limits
 
+from moco_compile.passes.calibration.rules import SoftmaxRuleFitter
 from moco_compile.passes.planning.bounds import binomial_p_value
 from moco_compile.passes.planning.routing import route, stage_costs
-from moco_compile.passes.calibration.rules import SoftmaxRuleFitter
 
 NEVER = -1e4  # bias of a score that must never fire (class absent from the fit rows)
 

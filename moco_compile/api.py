@@ -12,22 +12,22 @@ import numpy as np
 import onnx
 
 from moco_compile.build import Build, source_model
-from moco_compile.constants import LABELS, PROBABILITIES, SPLIT_COLUMN
+from moco_compile.constants import LABELS, OUTPUTS, PROBABILITIES, SPLIT_COLUMN
 from moco_compile.frame import ActivationFrame, load_frame
 from moco_compile.importer import ImportedModel, import_model
 from moco_compile.outputs import check_output_dir, check_output_file, staged_output_file
 from moco_compile.passes.calibration.calibrate import calibrate, variant_features
-from moco_compile.prepare import MAX_VERIFIED_ROWS, cut_points_of
-from moco_compile.progress import Phases
-from moco_compile.passes.planning.config import Budget, PlannerConfig
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.graph.index import elem_types, subgraph_nesting
-from moco_compile.passes.planning.routing import Routing
-from moco_compile.passes.planning.types import ExitPlan
-from moco_compile.passes.planning.pipeline import FrameRows, Planning, plan_rows
 from moco_compile.passes.graph.rewrite import apply_plan
-from moco_compile.passes.planning.splits import SPLITS
 from moco_compile.passes.graph.verify import verify_compiled
+from moco_compile.passes.planning.config import Budget, PlannerConfig
+from moco_compile.passes.planning.pipeline import FrameRows, Planning, plan_rows
+from moco_compile.passes.planning.routing import Routing
+from moco_compile.passes.planning.splits import SPLITS
+from moco_compile.passes.planning.types import ExitPlan
+from moco_compile.prepare import MAX_VERIFIED_ROWS, cut_points_of
+from moco_compile.progress import Phases
 from moco_compile.scale.shards import ShardedData
 
 EVALUATION_NOTES = {
@@ -141,7 +141,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     with phases("verification"):
         verification = verify_compiled(compiled, imported.model, imported.output, kept,
                                        routing.take(np.arange(verified)), config.rounding_tolerance,
-                                       rows_described=f"the first {verified} calibration rows (of every split)")
+                                       rows_described=f"the first {verified} calibration rows (of every split)",
+                                       original_outputs=frame[OUTPUTS][:verified] if OUTPUTS in frame else None)
     latency = {}
     if measure_latency:
         seconds = latency_seconds if latency_seconds is not None else latency_budget(phases.elapsed())

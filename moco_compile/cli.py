@@ -11,8 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from moco_compile.cli_common import FORCE_HELP
-from moco_compile.cli_common import fail as _fail
+from moco_compile.cli_common import FORCE_HELP, fail as _fail
 from moco_compile.constants import LABELS
 from moco_compile.errors import MocoError
 from moco_compile.moe.cli import app as moe_app

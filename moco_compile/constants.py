@@ -9,5 +9,6 @@ ADDED_NODE_PREFIX = "moco/"  # names of the tensors and nodes the rewrite adds t
 
 PREDICTIONS = "predictions"  # frame column, int64 per row: the full model's class
 PROBABILITIES = "probabilities"  # frame column, per row and class: the full model's output as probabilities
+OUTPUTS = "outputs"  # frame column, per row: the full model's classifier output as the model gives it
 LABELS = "labels"  # frame column and calibration-data key, int per row: the true class (optional)
 SPLIT_COLUMN = "split"  # frame column of a build's kept rows: index into passes.planning.splits.SPLITS

@@ -27,10 +27,10 @@ from moco_compile.build import Build
 from moco_compile.calibration_data import CalibrationSpec
 from moco_compile.constants import LABELS
 from moco_compile.errors import CalibrationDataError, MocoError, ModelError
-from moco_compile.reports.html import cell_html, figure_html, page_html, percent_text, table_html
 from moco_compile.importer import import_model
 from moco_compile.outputs import GENERATOR, add_to_manifest, check_output_file, staged_output_file
 from moco_compile.passes.planning.bounds import clopper_pearson_interval
+from moco_compile.reports.html import cell_html, figure_html, page_html, percent_text, table_html
 from moco_compile.runtime.session import ExitSession
 from moco_compile.runtime.shadow import ShadowRun, project_savings, shadow_run, stream_drift
 from moco_compile.scale.shards import ShardedData

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from moco_compile.build import FRAME_ARROW, MODEL_ONNX, PLAN_JSON, REPORT_JSON, Build
+from moco_compile.build import Build, FRAME_ARROW, MODEL_ONNX, PLAN_JSON, REPORT_JSON
 from moco_compile.cli import app
 from moco_compile.errors import BuildError, MocoError, NotACompileOutputError
 from moco_compile.outputs import MANIFEST

@@ -7,8 +7,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from moco_compile.importer import import_model
-from moco_compile.passes.graph.flops import flops_per_row, measure_shapes
 from moco_compile.passes.graph.cut_points import find_cut_points
+from moco_compile.passes.graph.flops import flops_per_row, measure_shapes
 from moco_compile.passes.graph.index import GraphIndex
 
 

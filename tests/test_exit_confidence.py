@@ -16,9 +16,9 @@ import pytest
 from onnx import helper
 from scipy.special import log_softmax, softmax
 
+from moco_compile.constants import PROBABILITIES
 from moco_compile.frame import ActivationFrame
 from moco_compile.importer import import_model
-from moco_compile.constants import PROBABILITIES
 from moco_compile.passes.calibration.calibrate import FeatureProbe, variant_features
 from moco_compile.passes.calibration.exit_confidence import (TemperatureFitter, expected_calibration_error, exited_logits,
                                                  exited_logits_nodes)

@@ -9,10 +9,10 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from moco_compile.passes.planning.config import MAX_NESTED_GRAPHS, PlannerConfig
-from moco_compile.passes.graph.index import GraphIndex, all_nodes, subgraph_nesting
 from moco_compile.passes.graph.empty_rows import unsafe_on_no_rows
+from moco_compile.passes.graph.index import GraphIndex, all_nodes, subgraph_nesting
 from moco_compile.passes.graph.rewrite import insert_exits
+from moco_compile.passes.planning.config import MAX_NESTED_GRAPHS, PlannerConfig
 from tests.tiny_nets import calibrate_routes, deep_mlp, exits_at
 
 BLOCKS = 6

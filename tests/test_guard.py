@@ -19,14 +19,13 @@ from moco_compile.constants import EXIT_OUTPUT
 from moco_compile.frame import ActivationFrame
 from moco_compile.importer import import_model
 from moco_compile.passes.calibration.calibrate import FeatureProbe, variant_features
-from moco_compile.passes.planning.counts import count_plans
-from moco_compile.passes.planning.config import Budget, PlannerConfig
 from moco_compile.passes.calibration.guard import GuardFitter, guard_nodes
-from moco_compile.passes.planning.counts import Split
-from moco_compile.passes.planning.types import Exit, ExitPlan
 from moco_compile.passes.graph.rewrite import insert_exits
+from moco_compile.passes.planning.config import Budget, PlannerConfig
+from moco_compile.passes.planning.counts import Split, count_plans
 from moco_compile.passes.planning.routing import GuardVerdicts, route, route_scores
 from moco_compile.passes.planning.splits import SPLITS
+from moco_compile.passes.planning.types import Exit, ExitPlan
 
 BUDGET = 0.05  # as guarded_soft compiles
 LEVEL = 0.01

@@ -10,8 +10,8 @@ torch = pytest.importorskip("torch")
 from models.fashion_resnet import FashionResNet  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
-from moco_compile.passes.graph.flops import flops_per_row, measure_shapes  # noqa: E402
 from moco_compile.passes.graph.cut_points import find_cut_points  # noqa: E402
+from moco_compile.passes.graph.flops import flops_per_row, measure_shapes  # noqa: E402
 
 WEIGHTS = "models/artifacts/fashion_resnet.pt"
 

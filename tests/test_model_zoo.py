@@ -13,11 +13,11 @@ torch = pytest.importorskip("torch")
 from models.zoo_export import ARCHITECTURES, EXPORTERS, export, input_names, model_inputs  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.constants import EXIT_OUTPUT  # noqa: E402
-from moco_compile.importer import import_model  # noqa: E402
-from moco_compile.prepare import cut_points_of# noqa: E402
 from moco_compile.errors import BudgetError  # noqa: E402
+from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.planning.config import PlannerConfig  # noqa: E402
 from moco_compile.passes.planning.design import cut_elements, exit_overhead  # noqa: E402
+from moco_compile.prepare import cut_points_of# noqa: E402
 from tests.tiny_nets import UNPRICED_LAUNCHES  # noqa: E402
 
 ROWS = 1200

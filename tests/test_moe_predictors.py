@@ -7,7 +7,7 @@ import torch
 
 from moco_compile.errors import TraceMismatchError
 from moco_compile.frame import ActivationFrame
-from moco_compile.moe.frame import POSITION, WINDOW, RoutingSpec, check_trace, experts_column, hidden_column
+from moco_compile.moe.frame import POSITION, RoutingSpec, WINDOW, check_trace, experts_column, hidden_column
 from moco_compile.moe.trace import gate_parameters, routing_spec, trace_routing
 from moco_compile.passes.moe.expert_predictors import (PREDICTORS, FittedPredictors, fit_predictors, held_out_windows,
                                                    hit_rates, previous_experts, recall_at_k)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from moco_compile.errors import ExpertCacheError, NoMoELayersError
+from moco_compile.runtime.moe.decode import greedy_decode, moe_blocks, reference_step
 from moco_compile.runtime.moe.expert_cache import LayerCache
 from moco_compile.runtime.moe.expert_offload import OffloadedExperts
-from moco_compile.runtime.moe.decode import greedy_decode, moe_blocks, reference_step
 from moco_compile.runtime.moe.timeline import Timing, simulate_decode
 from tests.moe_helpers import tiny_model
 

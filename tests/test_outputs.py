@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from moco_compile import calibrate_frame, compile, load_frame
 from moco_compile.cli import app
 from moco_compile.errors import CalibrationDataError, ModelError, OutputError
-from moco_compile.reports.html_report import render_report
 from moco_compile.outputs import GENERATOR, MANIFEST, MARKS, check_output_file, staged_output_dir, written_by_moco
+from moco_compile.reports.html_report import render_report
 
 ROWS = 1500
 OUTPUT_FILES = ["frame.arrow", "model.onnx", "plan.json", "report.json"]

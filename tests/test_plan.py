@@ -12,13 +12,12 @@ from moco_compile.passes.planning.bounds import (binomial_p_value, clopper_pears
                                         fixed_sequence, max_certifiable_failures, rows_needed)
 from moco_compile.passes.calibration.calibrate import variant_features
 from moco_compile.passes.planning.certify import certify_family
-from moco_compile.passes.planning.counts import count_plans
 from moco_compile.passes.planning.config import Budget, PlannerConfig
+from moco_compile.passes.planning.counts import Split, count_plans
 from moco_compile.passes.planning.design import DesignProblem, build_family, within_noise
-from moco_compile.passes.planning.counts import Split
 from moco_compile.passes.planning.planner import ExitPlanner, NoPlanError
-from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.passes.planning.routing import Rounding, route, route_scores, stage_costs
+from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.passes.planning.splits import (SPLIT_BLOCK_ROWS, SPLITS, RowSplit, assign_splits, min_calibration_rows,
                                         split_sizes)
 

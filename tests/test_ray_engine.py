@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 
 import moco_compile
 from moco_compile.api import compile
-from moco_compile.prepare import calibration_spec, cut_points_of
 from moco_compile.calibration_data import iter_batches
 from moco_compile.cli import app
 from moco_compile.errors import CalibrationDataError, MocoError
@@ -27,10 +26,11 @@ from moco_compile.frame import load_frames
 from moco_compile.importer import import_model
 from moco_compile.passes.calibration.calibrate import calibrate
 from moco_compile.passes.planning.config import Budget, PlannerConfig
-from moco_compile.passes.planning.splits import SPLITS, assign_splits
 from moco_compile.passes.planning.pipeline import plan_exits, plan_rows
-from moco_compile.scale.ray_engine import ShardCalibrator, calibrate_on_ray, shard_frame_name
+from moco_compile.passes.planning.splits import SPLITS, assign_splits
+from moco_compile.prepare import calibration_spec, cut_points_of
 from moco_compile.scale.driver import ShardedRows, planning_rows
+from moco_compile.scale.ray_engine import ShardCalibrator, calibrate_on_ray, shard_frame_name
 from moco_compile.scale.shards import ShardedData, list_shards
 
 from conftest import REFERENCE_ONNX

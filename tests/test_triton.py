@@ -17,7 +17,7 @@ from tritonclient.utils import np_to_triton_dtype
 from typer.testing import CliRunner
 
 from moco_compile.cli import app
-from moco_compile.errors import ModelError, MocoError, OutputError
+from moco_compile.errors import MocoError, ModelError, OutputError
 from moco_compile.outputs import MANIFEST
 from moco_compile.runtime.session import CUDA_OPTIONS
 from moco_compile.runtime.triton.repository import (PYTHON_MODEL, TensorSpec, TritonSettings, _config_text, config_message,

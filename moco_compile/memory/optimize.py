@@ -21,19 +21,19 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from moco_compile.prepare import model_for_plan
+from moco_compile.build import Build
 from moco_compile.constants import EXIT_OUTPUT, LABELS
 from moco_compile.errors import CalibrationDataError, MocoError, ModelError
-from moco_compile.build import Build
 from moco_compile.importer import classifier_output, load_onnx
 from moco_compile.passes.graph.flops import measure_shapes
+from moco_compile.passes.graph.index import GraphIndex, exposing_every_tensor
+from moco_compile.passes.graph.rewrite import apply_plan
 from moco_compile.passes.memory.float16 import to_float16
 from moco_compile.passes.memory.fusion import fused
-from moco_compile.passes.graph.index import GraphIndex, exposing_every_tensor
 from moco_compile.passes.memory.liveness import feed_shapes, liveness, weight_bytes
-from moco_compile.passes.planning.bounds import clopper_pearson_interval
 from moco_compile.passes.memory.quantize import check_not_quantized, quantize_dynamic_int8, quantize_static_int8
-from moco_compile.passes.graph.rewrite import apply_plan
+from moco_compile.passes.planning.bounds import clopper_pearson_interval
+from moco_compile.prepare import model_for_plan
 from moco_compile.runtime.latency import batches_of, compare_latency
 from moco_compile.runtime.memory.peak import can_measure, measure_peak
 from moco_compile.runtime.session import ExitSession, open_session

@@ -9,8 +9,8 @@ from typing import Any
 
 import onnx
 
-from moco_compile.reports.html import cell_html, figure_html, page_html, percent_text, table_html
 from moco_compile.outputs import staged_output_dir
+from moco_compile.reports.html import cell_html, figure_html, page_html, percent_text, table_html
 
 MIB = 2 ** 20
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moco_compile.passes.moe.expert_predictors import PREDICTORS, FittedPredictors
-from moco_compile.runtime.moe.expert_offload import Predict
+from moco_compile.passes.moe.expert_predictors import FittedPredictors, PREDICTORS
 from moco_compile.runtime.moe.decode import greedy_decode, moe_blocks, reference_step
+from moco_compile.runtime.moe.expert_offload import Predict
 from moco_compile.runtime.moe.timeline import Timing, simulate_decode
 
 

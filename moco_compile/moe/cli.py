@@ -21,9 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from moco_compile.cli_common import FORCE_HELP
-from moco_compile.cli_common import fail as _fail
-from moco_compile.errors import ModelError, MocoError
+from moco_compile.cli_common import FORCE_HELP, fail as _fail
+from moco_compile.errors import MocoError, ModelError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Mixture-of-experts expert prefetching: trace routing, fit predictors, benchmark TPOT.")

@@ -10,7 +10,7 @@ import torch
 
 from moco_compile.errors import ModelError
 from moco_compile.frame import ActivationFrame, FrameWriter, load_frame
-from moco_compile.moe.frame import POSITION, WINDOW, RoutingSpec, experts_column, hidden_column
+from moco_compile.moe.frame import POSITION, RoutingSpec, WINDOW, experts_column, hidden_column
 from moco_compile.runtime.moe.decode import forward_tokens, moe_blocks, new_kv, reference_step
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from moco_compile.build import FRAME_ARROW, MODEL_ONNX, PLAN_JSON, REPORT_JSON, Build
+from moco_compile.build import Build, FRAME_ARROW, MODEL_ONNX, PLAN_JSON, REPORT_JSON
 from moco_compile.constants import PREDICTIONS
 from moco_compile.frame import ActivationFrame, load_frame
 from moco_compile.outputs import add_to_manifest, check_output_file, staged_output_file

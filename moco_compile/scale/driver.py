@@ -22,7 +22,6 @@ from types import ModuleType
 import numpy as np
 import onnx
 
-from moco_compile.prepare import MAX_VERIFIED_ROWS, calibration_spec, cut_points_of
 from moco_compile.calibration_data import CalibrationSpec
 from moco_compile.constants import LABELS, SPLIT_COLUMN
 from moco_compile.errors import CalibrationDataError, MocoError
@@ -31,6 +30,7 @@ from moco_compile.importer import ImportedModel
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.planning.pipeline import Counts, RowCounter
 from moco_compile.passes.planning.splits import RowSplit
+from moco_compile.prepare import MAX_VERIFIED_ROWS, calibration_spec, cut_points_of
 from moco_compile.runtime.shadow import ShadowRun
 from moco_compile.scale.shards import ShardedData, list_shards, read_shard
 

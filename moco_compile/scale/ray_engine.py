@@ -40,9 +40,9 @@ import pyarrow.fs as pafs
 import ray
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from moco_compile import errors
 from moco_compile.calibration_data import CalibrationSpec
 from moco_compile.constants import LABELS
-from moco_compile import errors
 from moco_compile.errors import CalibrationDataError, MocoError
 from moco_compile.frame import FrameWriter, load_frame
 from moco_compile.passes.calibration.calibrate import FeatureProbe

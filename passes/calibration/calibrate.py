@@ -22,12 +22,12 @@ import onnxruntime as ort
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from scipy.special import softmax
 
-from moco_compile.constants import LABELS, PREDICTIONS, PROBABILITIES
+from moco_compile.constants import LABELS, OUTPUTS, PREDICTIONS, PROBABILITIES
 from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.frame import ActivationFrame, FrameWriter, load_frame
+from moco_compile.passes.calibration.pooling import piece_kind, piece_nodes, pieces_for, variant_pieces
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.graph.index import GraphIndex
-from moco_compile.passes.calibration.pooling import piece_kind, piece_nodes, pieces_for, variant_pieces
 
 def cut_column(cut: CutPoint) -> str:
     """Name of a cut in the frame: its module name where known, else its tensor."""
@@ -103,7 +103,8 @@ class FeatureProbe:
         self._head = GraphIndex(model).probability_head(output)
 
     def __call__(self, batch: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
-        """Frame columns of one validated batch: pooled pieces, ``predictions``, ``labels`` if given."""
+        """Frame columns of one validated batch: pooled pieces, ``predictions``, ``probabilities``,
+        ``outputs`` (the classifier output itself), ``labels`` if given."""
         feed = {name: batch[name] for name in self.input_names}
         try:
             results = self._session.run(self._fetch, feed)
@@ -115,6 +116,7 @@ class FeatureProbe:
         rows = {name: values.astype(np.float32) for name, values in zip(self.columns, results[1:])}
         rows[PREDICTIONS] = results[0].argmax(axis=1).astype(np.int64)
         rows[PROBABILITIES] = output_probabilities(results[0], self._head)
+        rows[OUTPUTS] = results[0]  # the original's output: verification compares the compiled graph with it
         if LABELS in batch:
             rows[LABELS] = batch[LABELS]
         return rows

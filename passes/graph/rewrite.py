@@ -70,14 +70,14 @@ import onnx
 from onnx import helper, numpy_helper
 
 from moco_compile.constants import ADDED_NODE_PREFIX, EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY
-from moco_compile.passes.planning.config import DEFAULT_EXIT_LAYOUT, EXIT_LAYOUTS, MAX_NESTED_GRAPHS
-from moco_compile.passes.graph.empty_rows import unsafe_on_no_rows
 from moco_compile.passes.calibration.exit_confidence import exited_logits_nodes
-from moco_compile.passes.graph.index import GraphIndex, all_nodes, elem_types, node_inputs, subgraph_nesting
 from moco_compile.passes.calibration.guard import guard_nodes
-from moco_compile.passes.planning.types import Exit, ExitPlan
 from moco_compile.passes.calibration.pooling import pooling_inputs, reduce_nodes, variant_nodes
+from moco_compile.passes.graph.empty_rows import unsafe_on_no_rows
+from moco_compile.passes.graph.index import GraphIndex, all_nodes, elem_types, node_inputs, subgraph_nesting
 from moco_compile.passes.graph.trailing_dims import has_dynamic_trailing_dims, trailing_shape_nodes
+from moco_compile.passes.planning.config import DEFAULT_EXIT_LAYOUT, EXIT_LAYOUTS, MAX_NESTED_GRAPHS
+from moco_compile.passes.planning.types import Exit, ExitPlan
 
 log = logging.getLogger("moco")
 _NEVER = float(np.finfo(np.float32).max)

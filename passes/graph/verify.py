@@ -125,21 +125,37 @@ def _check_empty_batch(session: ort.InferenceSession, original: ort.InferenceSes
     return True
 
 
+def _original_outputs(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], output: str,
+                      batch_size: int, recorded: np.ndarray | None, tolerance: float) -> np.ndarray:
+    """The original's ``output`` on ``inputs``: ``recorded`` when given and its first batch is what
+    ``session`` gives (else an error: the recorded outputs are not this model's), else run."""
+    if recorded is None:
+        return _run(session, inputs, [output], batch_size)[0]
+    first, = _run(session, {k: v[:batch_size] for k, v in inputs.items()}, [output], batch_size)
+    if first.shape != recorded[:batch_size].shape or not _close(recorded[:batch_size], first, tolerance):
+        raise VerificationError("the original model's outputs recorded while calibrating differ from what it gives "
+                                "now on the same rows; its output for a row depends on more than the row")
+    return recorded
+
+
 def verify_compiled(compiled: onnx.ModelProto, original: onnx.ModelProto, output: str,
                     inputs: Mapping[str, np.ndarray], expected: Routing, tolerance: float = 1e-4,
-                    batch1_rows: int = 16, batch_size: int = 64, rows_described: str | None = None) -> Verification:
+                    batch1_rows: int = 16, batch_size: int = 64, rows_described: str | None = None,
+                    original_outputs: np.ndarray | None = None) -> Verification:
     """Run the checks; raise :class:`VerificationError` naming the first that fails.
 
     ``expected`` is the plan's routing of ``inputs``' rows, computed with the rounding
     tolerance the plan was certified with.  ``rows_described`` says in the result's ``scope``
-    which rows ``inputs`` are (default: "N rows").
+    which rows ``inputs`` are (default: "N rows").  ``original_outputs``: the original model's
+    ``output`` on those rows when it ran on them already (the calibration run); the original
+    then runs on the first batch only, to check those outputs are its own.
     """
     try:
         onnx.checker.check_model(compiled, full_check=True)
     except Exception as error:
         raise VerificationError(f"the compiled graph fails onnx.checker: {error}") from error
     original_session = _session(original)
-    original_out, = _run(original_session, inputs, [output], batch_size)
+    original_out = _original_outputs(original_session, inputs, output, batch_size, original_outputs, tolerance)
     compiled_session = _session(compiled)
     compiled_out, exits = _run(compiled_session, inputs, [output, EXIT_OUTPUT], batch_size)
     full = exits == -1

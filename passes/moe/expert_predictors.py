@@ -27,7 +27,7 @@ import numpy as np
 
 from moco_compile.errors import TraceMismatchError
 from moco_compile.frame import ActivationFrame
-from moco_compile.moe.frame import POSITION, WINDOW, RoutingSpec, check_trace, experts_column, hidden_column
+from moco_compile.moe.frame import POSITION, RoutingSpec, WINDOW, check_trace, experts_column, hidden_column
 from moco_compile.passes.calibration.rules import LinearScores, SoftmaxRuleFitter
 
 PREDICTORS = ("most_frequent", "previous_token", "speculative", "learned")

@@ -24,15 +24,14 @@ from moco_compile.constants import LABELS, PREDICTIONS
 from moco_compile.errors import CalibrationDataError
 from moco_compile.frame import ActivationFrame
 from moco_compile.passes.calibration.calibrate import cut_column, variant_features
-from moco_compile.passes.planning.config import Budget, PlannerConfig
-from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.calibration.guard import GuardFitter
-from moco_compile.passes.planning.counts import Split
-from moco_compile.passes.planning.routing import guard_verdicts
-from moco_compile.passes.planning.types import Exit
 from moco_compile.passes.calibration.pooling import pooling_cost, variants_for
-from moco_compile.passes.planning.routing import GuardVerdicts, Rounding
 from moco_compile.passes.calibration.rules import SoftmaxRuleFitter, out_of_fold_scores, select_variant
+from moco_compile.passes.graph.cut_points import CutPoint
+from moco_compile.passes.planning.config import Budget, PlannerConfig
+from moco_compile.passes.planning.counts import Split
+from moco_compile.passes.planning.routing import GuardVerdicts, Rounding, guard_verdicts
+from moco_compile.passes.planning.types import Exit
 
 
 @dataclass

@@ -51,8 +51,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from moco_compile.passes.planning.bounds import max_certifiable_failures
-from moco_compile.passes.planning.counts import Split, count_plans
 from moco_compile.passes.planning.config import Budget, PlannerConfig
+from moco_compile.passes.planning.counts import Split, count_plans
 from moco_compile.passes.planning.routing import route, stage_costs
 
 Plan = np.ndarray  # [exits, classes] thresholds

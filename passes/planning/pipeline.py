@@ -32,9 +32,9 @@ from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.planning.candidates import Candidates, candidate_split, fit_candidates
 from moco_compile.passes.planning.config import Budget, PlannerConfig
 from moco_compile.passes.planning.counts import PlanCounts, Split, count_plans
-from moco_compile.passes.planning.planner import RETRY_NOTE, ExitPlanner, NoPlanError
+from moco_compile.passes.planning.planner import ExitPlanner, NoPlanError, RETRY_NOTE
 from moco_compile.passes.planning.routing import Rounding, route_scores, stage_costs
-from moco_compile.passes.planning.splits import SPLITS, RowSplit, check_split_sizes, split_sizes
+from moco_compile.passes.planning.splits import RowSplit, SPLITS, check_split_sizes, split_sizes
 from moco_compile.passes.planning.types import Exit, ExitPlan, PlanEvaluation
 
 PhaseTimer = Callable[[str], AbstractContextManager]  # phase name -> a context the phase runs in

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from moco_compile.passes.calibration.exit_confidence import exited_confidence, exited_logits, ExitedConfidence
+from moco_compile.passes.calibration.exit_confidence import ExitedConfidence, exited_confidence, exited_logits
 from moco_compile.passes.calibration.guard import OODGuard
 from moco_compile.passes.calibration.rules import LinearScores
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.planning.counts import PlanCounts, Split, tally
-from moco_compile.passes.planning.routing import guard_verdicts, Rounding, route_scores, Routing, stage_costs
+from moco_compile.passes.planning.routing import Rounding, Routing, guard_verdicts, route_scores, stage_costs
 
 
 @dataclass

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moco_compile.runtime.moe.expert_cache import LayerCache, check_capacity
 from moco_compile.runtime.moe.decode import moe_blocks
+from moco_compile.runtime.moe.expert_cache import LayerCache, check_capacity
 
 # (next layer, hidden state entering this layer's MoE [D], next layer's experts for the previous token) -> experts
 Predict = Callable[[int, np.ndarray, np.ndarray], Sequence[int]]

@@ -37,7 +37,7 @@ from pathlib import Path
 import onnx
 
 from moco_compile.constants import EXIT_OUTPUT
-from moco_compile.errors import ModelError, MocoError, OutputError
+from moco_compile.errors import MocoError, ModelError, OutputError
 from moco_compile.outputs import build_model, listed_files, staged_output_dir
 
 VERSION = "1"  # the model version directory Triton loads

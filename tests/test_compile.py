@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from moco_compile import ExitSession
 from moco_compile.cli import app
 from moco_compile.passes.planning.types import ExitPlan
+from moco_compile.progress import PHASES
 
 
 def test_outputs_are_written(compiled):
@@ -105,6 +106,18 @@ def test_cli_compile_writes_report(tmp_path, calibration, reference_onnx):
     for batch in ("batch_1", "batch_64"):  # measured: both sessions ran, the ratio is theirs
         timing = report["latency"][batch]
         assert timing["original_ms"] > 0 and timing["ratio"] == pytest.approx(timing["compiled_ms"] / timing["original_ms"])
+        assert timing["batches_timed"] >= 5  # five alternating rounds of at least one batch each
+    assert list(report["phases"]["seconds"]) == list(PHASES)  # every phase ran, in pipeline order
+    for phase in PHASES:  # each phase shown as it ended
+        assert f"done {phase} in" in run.output
+
+
+def test_report_says_where_the_compile_time_went(compiled):
+    """Without the latency comparison every other phase is timed, in order, within the total."""
+    phases = compiled[0].report["phases"]
+    assert list(phases["seconds"]) == [phase for phase in PHASES if phase != "latency"]
+    assert all(seconds >= 0 for seconds in phases["seconds"].values())
+    assert sum(phases["seconds"].values()) <= phases["total"]
 
 
 def test_seed_changes_the_split_and_keeps_the_certificate(calibration, compiled, reference_onnx):

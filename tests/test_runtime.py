@@ -98,3 +98,18 @@ def test_bad_provider_and_feed_are_clear_errors(compiled, fresh_images):
         session.run({"pixels": fresh_images[:2]})
     with pytest.raises(MocoError, match="could not run the batch"):
         session.run({"images": fresh_images[:2, :, :14]})
+
+
+def test_latency_comparison_times_as_many_batches_as_fit_its_time(reference_onnx, fresh_images):
+    """Given a short time, the comparison times a slice of the rows (five rounds of it), not every
+    row: a compile's latency figure costs about its budget whatever the calibration set's size."""
+    from moco_compile.runtime.latency import time_sessions
+    from moco_compile.runtime.session import make_session
+
+    sessions = {name: make_session(str(reference_onnx), ["CPUExecutionProvider"]) for name in ("a", "b")}
+    inputs = {"images": fresh_images}
+    short = time_sessions(sessions, inputs, batch_size=1, seconds=0.05)
+    assert 5 <= short.batches_timed < 5 * len(fresh_images)  # rounds x a slice of the 512 single-row batches
+    longer = time_sessions(sessions, inputs, batch_size=1, seconds=0.5)
+    assert longer.batches_timed > short.batches_timed
+    assert set(short.seconds) == {"a", "b"} and all(value > 0 for value in short.seconds.values())

@@ -39,7 +39,7 @@ from moco_compile.passes.calibration.rules import LinearScores  # noqa: E402
 from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
 from moco_compile.passes.planning.config import DEFAULT_EXIT_LAYOUT  # noqa: E402
 from moco_compile.passes.planning.types import Exit, ExitPlan  # noqa: E402
-from moco_compile.prepare import cut_points_of# noqa: E402
+from moco_compile.prepare import cut_points_of  # noqa: E402
 from moco_compile.runtime.latency import compare_latency  # noqa: E402
 
 LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}

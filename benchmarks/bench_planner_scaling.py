@@ -27,13 +27,13 @@ from benchmarks.results import machine_description, write_section  # noqa: E402
 from models.export_fashion_resnet import ONNX_PATH, load_calibration  # noqa: E402
 from models.fashion_mnist import load_split  # noqa: E402
 from moco_compile import compile  # noqa: E402
-from moco_compile.api import calibrate_frame# noqa: E402
+from moco_compile.api import calibrate_frame  # noqa: E402
 from moco_compile.constants import PREDICTIONS  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibration.calibrate import variant_features  # noqa: E402
 from moco_compile.passes.planning import pipeline as planning  # noqa: E402
 from moco_compile.passes.planning.config import Budget, PlannerConfig  # noqa: E402
-from moco_compile.prepare import cut_points_of# noqa: E402
+from moco_compile.prepare import cut_points_of  # noqa: E402
 
 EXHAUSTIVE = PlannerConfig(elimination_candidates=None, per_class_candidates=10 ** 6)
 WIDTHS = (8, 16, 32)

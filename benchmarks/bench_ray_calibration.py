@@ -41,13 +41,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import machine_description, write_section  # noqa: E402
-from moco_compile.api import compile# noqa: E402
+from moco_compile.api import compile  # noqa: E402
 from moco_compile.calibration_data import iter_batches  # noqa: E402
 from moco_compile.evaluation import evaluate_build  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibration.calibrate import calibrate  # noqa: E402
 from moco_compile.passes.planning.config import PlannerConfig  # noqa: E402
-from moco_compile.prepare import calibration_spec, cut_points_of# noqa: E402
+from moco_compile.prepare import calibration_spec, cut_points_of  # noqa: E402
 from moco_compile.scale.ray_engine import calibrate_on_ray  # noqa: E402
 from moco_compile.scale.shards import ShardedData, list_shards  # noqa: E402
 

@@ -62,17 +62,17 @@ from benchmarks import rule_baselines as rb  # noqa: E402
 from benchmarks.results import machine_description, write_section  # noqa: E402
 from models.text_classifier import REFERENCES  # noqa: E402
 from moco_compile import compile  # noqa: E402
-from moco_compile.api import calibrate_frame# noqa: E402
+from moco_compile.api import calibrate_frame  # noqa: E402
 from moco_compile.constants import LABELS, PREDICTIONS, SPLIT_COLUMN  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibration.calibrate import cut_column, variant_features  # noqa: E402
 from moco_compile.passes.calibration.pooling import pooling_cost, variants_for  # noqa: E402
 from moco_compile.passes.planning.config import Budget, PlannerConfig  # noqa: E402
-from moco_compile.passes.planning.counts import Split# noqa: E402
+from moco_compile.passes.planning.counts import Split  # noqa: E402
 from moco_compile.passes.planning.design import cut_elements, exit_overhead  # noqa: E402
-from moco_compile.passes.planning.planner import ExitPlanner# noqa: E402
-from moco_compile.passes.planning.types import Exit, ExitPlan# noqa: E402
-from moco_compile.prepare import cut_points_of# noqa: E402
+from moco_compile.passes.planning.planner import ExitPlanner  # noqa: E402
+from moco_compile.passes.planning.types import Exit, ExitPlan  # noqa: E402
+from moco_compile.prepare import cut_points_of  # noqa: E402
 from moco_compile.passes.calibration.rules import (  # noqa: E402
     OneVsRestRuleFitter, SoftmaxRuleFitter, high_precision_coverage, out_of_fold_scores)
 from moco_compile.passes.planning.splits import SPLITS  # noqa: E402

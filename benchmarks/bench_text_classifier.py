@@ -38,7 +38,7 @@ from models.text_classifier import REFERENCES, load_reference_model, reference_t
 from moco_compile import compile  # noqa: E402
 from moco_compile.importer import export_hf_sequence_classifier, import_model  # noqa: E402
 from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
-from moco_compile.prepare import cut_points_of# noqa: E402
+from moco_compile.prepare import cut_points_of  # noqa: E402
 from moco_compile.runtime.latency import compare_passes  # noqa: E402
 from moco_compile.runtime.session import make_session  # noqa: E402
 

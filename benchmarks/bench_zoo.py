@@ -37,7 +37,7 @@ from moco_compile import compile  # noqa: E402
 from moco_compile.constants import EXIT_OUTPUT  # noqa: E402
 from moco_compile.errors import MocoError  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
-from moco_compile.prepare import cut_points_of# noqa: E402
+from moco_compile.prepare import cut_points_of  # noqa: E402
 from moco_compile.runtime.session import make_session  # noqa: E402
 
 BENCH_ARCHITECTURES = {"resnet-basic": lambda: FashionResNet((16, 32, 64), 1), **ARCHITECTURES}

@@ -42,13 +42,13 @@ from moco_compile.passes.calibration.calibrate import cut_column, variant_featur
 from moco_compile.passes.calibration.pooling import pooling_cost, variants_for  # noqa: E402
 from moco_compile.passes.calibration.rules import SoftmaxRuleFitter  # noqa: E402
 from moco_compile.passes.planning.config import Budget, PlannerConfig  # noqa: E402
-from moco_compile.passes.planning.counts import Split# noqa: E402
+from moco_compile.passes.planning.counts import Split  # noqa: E402
 from moco_compile.passes.planning.design import cut_elements, exit_overhead  # noqa: E402
 from moco_compile.passes.planning.pipeline import Planning, plan_exits  # noqa: E402
-from moco_compile.passes.planning.planner import ExitPlanner, NoPlanError# noqa: E402
+from moco_compile.passes.planning.planner import ExitPlanner, NoPlanError  # noqa: E402
 from moco_compile.passes.planning.routing import route_scores, stage_costs  # noqa: E402
 from moco_compile.passes.planning.splits import SPLITS, assign_splits  # noqa: E402
-from moco_compile.passes.planning.types import ExitPlan, PlanEvaluation# noqa: E402
+from moco_compile.passes.planning.types import ExitPlan, PlanEvaluation  # noqa: E402
 
 SCRATCH = ROOT / "out" / "draws"  # git-ignored: pool frames, exported text model, cached draw records
 BATCH_SIZE = 256  # calibration batch size, compile's default

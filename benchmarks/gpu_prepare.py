@@ -45,7 +45,7 @@ from moco_compile.memory.optimize import optimize_memory  # noqa: E402
 from moco_compile.passes.graph.index import all_graphs  # noqa: E402
 from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
 from moco_compile.passes.planning.config import DEFAULT_EXIT_LAYOUT, PlannerConfig  # noqa: E402
-from moco_compile.prepare import cut_points_of# noqa: E402
+from moco_compile.prepare import cut_points_of  # noqa: E402
 
 STRIP_BYTES = 1 << 16
 TEST_ROWS = 2048

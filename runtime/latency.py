@@ -52,11 +52,13 @@ class Timing:
 def time_sessions(sessions: Mapping[str, ort.InferenceSession], inputs: Mapping[str, np.ndarray],
                   batch_size: int, seconds: float = 1.0, rounds: int = 5) -> Timing:
     """Time ``sessions`` on the same batches of ``batch_size`` rows for about ``seconds`` per session
-    (after a three-batch probe): fewer batches than ``inputs`` holds when a pass over all of them
+    (a three-batch probe included): fewer batches than ``inputs`` holds when a pass over all of them
     would take longer, the same batches repeated when it would be shorter; ``rounds`` passes each,
     alternating sessions, and the median pass."""
     batches = batches_of(inputs, batch_size)
+    started = time.perf_counter()
     slowest = max(_one_pass(session, batches[:3]) / min(3, len(batches)) for session in sessions.values())
+    seconds -= (time.perf_counter() - started) / len(sessions)  # the probe is part of the time
     wanted = max(1, int(seconds / rounds / max(slowest, 1e-9)))  # batches per timed pass
     batches = batches[:wanted] * max(1, math.ceil(wanted / len(batches)))
     timings = compare_passes(sessions, batches, rounds, warmup=0)

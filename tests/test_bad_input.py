@@ -104,6 +104,7 @@ def test_allow_no_exit_emits_the_unchanged_graph_when_rows_are_too_few(tmp_path,
     assert (outputs[1] == -1).all()
 
 
+@pytest.mark.slow
 def test_budget_no_plan_meets_fails_without_allow_no_exit(compiled):
     """When the full model's class cannot be read off any cut (here: its predictions permuted), no
     plan with exits both passes a test that allows almost no disagreement (0.2% on 2,000 rows) and

@@ -74,6 +74,7 @@ def test_compiled_model_runs_per_row_exits(compiled, reference_onnx, calibration
     assert sum(session.exit_counts.values()) == 256
 
 
+@pytest.mark.slow
 def test_same_inputs_same_plan(calibration, tmp_path, compiled, reference_onnx):
     from moco_compile import compile
 
@@ -93,6 +94,7 @@ def test_cli_inspect_lists_cut_points_in_full_when_piped(reference_onnx):
     assert all(len(row) == len(header) and row[1] in tensors for row in rows)
 
 
+@pytest.mark.slow
 def test_cli_compile_writes_report(tmp_path, calibration, reference_onnx):
     np.savez(tmp_path / "calib.npz", images=calibration["images"][:2500], labels=calibration["labels"][:2500])
     run = CliRunner().invoke(app, ["compile", str(reference_onnx), "--calib", str(tmp_path / "calib.npz"),
@@ -120,6 +122,7 @@ def test_report_says_where_the_compile_time_went(compiled):
     assert sum(phases["seconds"].values()) <= phases["total"]
 
 
+@pytest.mark.slow
 def test_seed_changes_the_split_and_keeps_the_certificate(calibration, compiled, reference_onnx):
     from moco_compile import compile
 
@@ -129,6 +132,7 @@ def test_seed_changes_the_split_and_keeps_the_certificate(calibration, compiled,
     assert other.plan.certificate["p_value"] <= 0.05 and other.plan.exits
 
 
+@pytest.mark.slow
 def test_accuracy_budget_is_certified_with_labels(calibration, reference_onnx):
     from moco_compile import compile
 

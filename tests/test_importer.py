@@ -50,6 +50,7 @@ def test_module_export_names_inputs_after_forward_and_keeps_batch_dynamic(traine
     assert _modules(imported) == ["layer1.0", "layer1", "layer2.0", "layer2", "layer3.0"]
 
 
+@pytest.mark.slow
 def test_compile_an_nn_module_from_a_loader_of_dicts(trained_module, calibration):
     images = torch.from_numpy(calibration["images"][:2400])
     labels = torch.from_numpy(calibration["labels"][:2400])

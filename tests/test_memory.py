@@ -21,6 +21,8 @@ from moco_compile.passes.memory.float16 import to_float16
 from moco_compile.passes.memory.liveness import liveness, weight_bytes
 from moco_compile.passes.memory.quantize import MIN_STATIC_ROWS, quantize_dynamic_int8, quantize_static_int8
 
+pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
+
 ROW = 4 * 1000  # bytes of one float32 row of 1000 values
 ROWS = 3000  # calibration rows the optimisation tests use: 512 tune, 2,488 validate
 

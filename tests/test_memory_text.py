@@ -20,6 +20,8 @@ from moco_compile.errors import CalibrationDataError  # noqa: E402
 from moco_compile.memory.optimize import optimize_memory  # noqa: E402
 from moco_compile.memory.profile import profile_memory  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
+
 ROWS = 1200
 
 

@@ -17,8 +17,10 @@ from moco_compile.errors import BudgetError  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.planning.config import PlannerConfig  # noqa: E402
 from moco_compile.passes.planning.design import cut_elements, exit_overhead  # noqa: E402
-from moco_compile.prepare import cut_points_of# noqa: E402
+from moco_compile.prepare import cut_points_of  # noqa: E402
 from tests.tiny_nets import UNPRICED_LAUNCHES  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
 
 ROWS = 1200
 

@@ -237,6 +237,7 @@ def test_each_kind_of_file_moco_writes_is_recognised_and_a_foreign_one_is_not(ki
     assert not written_by_moco(tmp_path, kind)  # a directory
 
 
+@pytest.mark.slow
 def test_force_replaces_a_previous_output_completely(previous_output, reference_onnx, calib_npz):
     render_report(previous_output)  # the page is listed in the manifest, so it may be replaced too
     (previous_output / "report.json").write_text("{}")

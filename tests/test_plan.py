@@ -384,6 +384,7 @@ def test_removing_each_exit_is_priced_as_routing_does():
     assert _design_costs_without_each(problem, plan, active) == pytest.approx(expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["per-class", "per-cut", "shared"])
 def test_ranked_elimination_stays_close_to_trying_every_exit(family):
     design, before = _many_candidates(800, 10, np.random.default_rng(3))

@@ -35,6 +35,8 @@ from moco_compile.scale.shards import ShardedData, list_shards
 
 from conftest import REFERENCE_ONNX
 
+pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
+
 REPO = Path(moco_compile.__file__).resolve().parents[1]
 ROWS = (500, 400, 300)  # rows per shard: an .npz, a Parquet file, an .npz
 THRESHOLD_TOLERANCE = 1e-4  # on log-probabilities: the engines batch rows differently (onnxruntime rounding)

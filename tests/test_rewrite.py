@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
 from tests.tiny_nets import calibrate_routes, deep_mlp, exits_at
 
@@ -83,6 +84,7 @@ def test_no_row_exits_runs_the_full_graph_unchanged(compiled, reference_model, c
     np.testing.assert_allclose(logits, expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_model_with_probabilities_and_logits_outputs(reference_model, calibration, tmp_path):
     """Two outputs: the named classifier output (Softmax) carries exit probabilities, the other zeros."""
     from moco_compile import compile

@@ -27,6 +27,8 @@ from moco_compile.passes.graph.rewrite import insert_exits  # noqa: E402
 from moco_compile.passes.graph.trailing_dims import UndeterminedDimError  # noqa: E402
 from models.fashion_resnet import FashionResNet  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
+
 ARTIFACTS = Path(__file__).resolve().parents[1] / "models" / "artifacts"
 ROWS = 2000
 BUDGET = 0.05  # max_disagreement: 2,000 rows certify exits at every exit of these models

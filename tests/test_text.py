@@ -15,6 +15,8 @@ torch = pytest.importorskip("torch")
 from models import text_classifier  # noqa: E402
 from moco_compile.errors import CalibrationDataError, ModelError  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
+
 if not text_classifier.WEIGHTS.exists() or not text_classifier.TOKENS.exists():
     pytest.skip("reference text model not trained (python -m models.train_text_classifier)",
                 allow_module_level=True)

@@ -16,6 +16,8 @@ from moco_compile.passes.calibration.calibrate import variant_features  # noqa: 
 from moco_compile.torch import EAGER_ARCHITECTURES, EarlyExitTextClassificationModel  # noqa: E402
 from tests.tiny_nets import UNPRICED_LAUNCHES  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
+
 SIZES = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              num_labels=3, max_position_embeddings=128)
 ENCODERS = {  # architecture -> (config, the module path every cut lies under)

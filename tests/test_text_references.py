@@ -14,6 +14,8 @@ torch = pytest.importorskip("torch")
 from models.text_classifier import REFERENCES, build_student, load_reference_model, reference_tokens  # noqa: E402
 from models.train_text_classifier import predict, student_state  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
+
 ROWS = 400  # every k-th committed test row (the rows keep the corpus's file order); the recorded accuracy is
 # over all of them
 

@@ -31,6 +31,8 @@ from moco_compile.errors import MocoError
 from moco_compile.runtime.triton.repository import TritonSettings, export_triton
 from moco_compile.runtime.triton.server import TritonServer, triton_env
 
+pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
+
 TRITON_ENV = Path(__file__).resolve().parents[1] / ".triton-env"
 PACKAGES = ["nvidia-pytriton==0.7.0", "numpy<2", "onnxruntime"]
 MODEL = "cnn"

@@ -242,8 +242,10 @@ def test_force_replaces_a_previous_output_completely(previous_output, reference_
     render_report(previous_output)  # the page is listed in the manifest, so it may be replaced too
     (previous_output / "report.json").write_text("{}")
     run = _cli("compile", reference_onnx, "--calib", calib_npz, "--out", previous_output, "--force",
-               "--max-disagreement", "0.02", "--allow-no-exit")
+               "--max-disagreement", "0.02", "--allow-no-exit", "--no-latency")
     assert run.exit_code == 0, run.output
+    report = json.loads((previous_output / "report.json").read_text())
+    assert report["latency"] == {} and "latency" not in report["phases"]["seconds"]  # --no-latency skips it
     assert sorted(p.name for p in previous_output.iterdir()) == sorted([*OUTPUT_FILES, MANIFEST])
     assert json.loads((previous_output / MANIFEST).read_text())["files"] == OUTPUT_FILES
     assert json.loads((previous_output / "report.json").read_text())["bound"]["max_disagreement"] == 0.02

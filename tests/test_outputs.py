@@ -53,10 +53,9 @@ def rows(calibration):
 
 
 @pytest.fixture(scope="module")
-def previous(tmp_path_factory, reference_onnx, rows):
-    """One real compile of the reference CNN, written to a new directory."""
-    out = tmp_path_factory.mktemp("previous") / "out"
-    return _compile(reference_onnx, rows, out), out
+def previous(compiled):
+    """One real compile of the reference CNN written to a new directory: the suite's shared one."""
+    return compiled
 
 
 @pytest.fixture

@@ -155,6 +155,15 @@ def test_exits_table_reads_back(rendered):
     assert full.find("td", class_="exit_rate").value == pytest.approx(1 - report["exit_rate"])
 
 
+def test_compile_time_reads_back_phase_by_phase(rendered):
+    _, page, report, _ = rendered
+    table = page.find("table", id="phases")
+    for name, seconds in report["phases"]["seconds"].items():
+        row = table.find("tr", data_phase=name)
+        assert row.find("td", class_="seconds").value == pytest.approx(seconds)
+        assert row.find("td", class_="share").value == pytest.approx(seconds / report["phases"]["total"])
+
+
 def test_splits_and_verification_read_back(rendered):
     _, page, report, _ = rendered
     splits = page.find("table", id="splits")

@@ -94,6 +94,7 @@ class _Page:
             self._certificate_table(),
             "<h2>Latency</h2>",
             self._latency_table(),
+            *self._phases_table(),
             "<h2>Exits</h2>",
             self._exits_table(),
             "<h2>Plots</h2>",
@@ -234,6 +235,19 @@ class _Page:
         return table_html("latency", "Latency, onnxruntime CPU, same process (ratio < 1: compiled is faster)",
                           ("batch", "original ms", "compiled ms", "ratio"), rows) \
             + (f'<p id="latency_note" class="warning">{html.escape(note)}</p>' if note else "")
+
+    def _phases_table(self) -> list[str]:
+        """Where the compile's time went (``report["phases"]``), when the report records it."""
+        phases = self.report.get("phases") or {}
+        seconds, total = phases.get("seconds") or {}, phases.get("total")
+        if not seconds or not is_number(total) or total <= 0:
+            return []
+        rows = [f'<tr data-phase="{html.escape(name)}">{cell_html(name, name, class_="phase")}'
+                f'{cell_html(number_text(value, ".1f"), value, class_="seconds")}'
+                f'{cell_html(percent_text(value / total), value / total, class_="share")}</tr>'
+                for name, value in seconds.items() if is_number(value)]
+        return ["<h2>Compile time</h2>", table_html("phases", f"Seconds per phase of the compile ({total:.1f} s in all)",
+                                                    ("phase", "seconds", "share"), rows)]
 
     def _exits_table(self) -> str:
         rows = []

@@ -50,16 +50,13 @@ GUARD_SCOPE = {
 }
 
 
-CompileResult = Build  # what ``compile`` returns: the build, its graph in memory; ``save`` writes it
-
-
 def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]], *,
             out_dir: str | os.PathLike | None = None, output: str | None = None,
             example_input: Any = None, max_disagreement: float = 0.01, confidence: float = 0.95,
             max_accuracy_drop: float | None = None, ood_guard: float | None = None, allow_no_exit: bool = False,
             seed: int = 0, batch_size: int = 256, measure_latency: bool = True,
             latency_seconds: float | None = None, show_progress: bool = True,
-            planner_config: PlannerConfig | None = None, force: bool = False) -> CompileResult:
+            planner_config: PlannerConfig | None = None, force: bool = False) -> Build:
     """Compile ``model`` into one ONNX graph with early exits.
 
     Parameters

@@ -26,8 +26,13 @@ FAMILY_SELECTIONS = ("cross-validated", "bonferroni")
 # messages nested beyond 100 levels and a subgraph costs 3 (node, attribute, graph); a graph of
 # 31 nested Ifs loads, 32 do not (onnx 1.23, onnxruntime 1.32).  One level of margin.
 MAX_NESTED_GRAPHS = 30
-EXIT_LAYOUTS = ("nested", "flat")  # how the rewrite lays out the stages after each exit (passes/graph/rewrite.py)
+# how the rewrite lays out the stages after each exit: passes/graph/rewrite.py (nested, flat) and
+# passes/graph/buckets.py (bucketed: the continuing rows padded to fixed batch sizes, for GPUs)
+EXIT_LAYOUTS = ("nested", "flat", "bucketed")
 DEFAULT_EXIT_LAYOUT = "nested"
+# Batch sizes a bucketed graph pads the continuing rows to: every Conv/MatMul instance then sees one
+# shape, which cuDNN's one-plan-per-node cache needs (DESIGN.md "On CUDA").
+DEFAULT_BATCH_BUCKETS = (1, 8, 16, 32, 64, 128, 256)
 _FLOAT_UNIT = {TensorProto.FLOAT: 2.0 ** -23, TensorProto.DOUBLE: 2.0 ** -52, TensorProto.FLOAT16: 2.0 ** -10,
                TensorProto.BFLOAT16: 2.0 ** -7}  # machine epsilon per float element type
 
@@ -40,6 +45,25 @@ _BUDGET_FIELDS = (  # (field, may be None, what a plan must never do to need few
     ("confidence", False, None, "e.g. 0.95"),
     ("max_accuracy_drop", True, "costs accuracy", "e.g. 0.005 allows half a point of accuracy"),
 )  # each must be a number in (0, 1); a rate (harm given) must need at most MAX_TEST_ROWS rows to certify
+
+def checked_buckets(buckets: Iterable) -> tuple[int, ...]:
+    """``buckets`` as a tuple of batch sizes, or ``ValueError`` saying what is wrong with them: they must
+    be positive integers, strictly increasing (sorted, none repeated), at least one."""
+    values = tuple(buckets)
+    example = f"e.g. {','.join(map(str, DEFAULT_BATCH_BUCKETS))}"
+    if not values:
+        raise ValueError(f"batch buckets are empty: give at least one batch size, {example}")
+    wrong = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if wrong:
+        raise ValueError(f"batch bucket {wrong[0]!r} is not a positive whole number of rows; {example}")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"batch bucket {repeated[0]} is given more than once; list each size once, {example}")
+    if list(values) != sorted(values):
+        raise ValueError(f"batch buckets {','.join(map(str, values))} are not in increasing order: list them "
+                         f"smallest first, {','.join(map(str, sorted(values)))}")
+    return values
+
 
 def _round_up(value: float) -> float:
     """``value`` rounded up to two significant digits."""
@@ -173,10 +197,14 @@ class PlannerConfig:
 
     The compiled graph (see :mod:`moco_compile.passes.graph.rewrite`)
         ``exit_layout``: ``"nested"`` (each exit runs the rest of the network inside an
-        ``If`` taken only when rows are left) or ``"flat"`` (every stage at the top level on
-        the rows left, 0 rows once all have exited).  ``max_exits``: at most this many exits
+        ``If`` taken only when rows are left), ``"flat"`` (every stage at the top level on
+        the rows left, 0 rows once all have exited) or ``"bucketed"`` (nested, with the rows
+        entering each stage padded to the smallest of ``batch_buckets`` that holds them and
+        one instance of the stage per bucket: shapes a GPU's kernels keep plans for; see
+        :mod:`moco_compile.passes.graph.buckets`).  ``max_exits``: at most this many exits
         in a plan; nested exits nest one subgraph level each, so there it is at most
-        :data:`MAX_NESTED_GRAPHS` less the model's own nesting (:meth:`for_model_nesting`).
+        :data:`MAX_NESTED_GRAPHS` less the model's own nesting (:meth:`for_model_nesting`),
+        and bucketed ones one more level per bucket.
 
     Out-of-distribution guard (see :mod:`moco_compile.passes.calibration.guard`)
         ``ood_guard``: None (no guard), or the share of calibration-like rows each exit's
@@ -210,6 +238,7 @@ class PlannerConfig:
     per_class_candidates: int = 12
     max_exits: int = 24
     exit_layout: str = DEFAULT_EXIT_LAYOUT
+    batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS
     boundary_cost: float = 100.0
     exit_fixed_cost: float = 250_000.0
     rounding_tolerance: float = 1e-4
@@ -238,10 +267,11 @@ class PlannerConfig:
                              f"{self.elimination_candidates} and {self.per_class_candidates}")
         if self.exit_layout not in EXIT_LAYOUTS:
             raise ValueError(f"exit_layout must be one of {EXIT_LAYOUTS}, got {self.exit_layout!r}")
-        if self.exit_layout == "nested" and not 1 <= self.max_exits <= MAX_NESTED_GRAPHS:
+        checked_buckets(self.batch_buckets)
+        if self.exit_layout != "flat" and not 1 <= self.max_exits <= MAX_NESTED_GRAPHS:
             raise ValueError(f"max_exits must be between 1 and {MAX_NESTED_GRAPHS} (the If nesting an ONNX file "
-                             f"can hold) with exit_layout='nested', got {self.max_exits}; exit_layout='flat' "
-                             "nests nothing")
+                             f"can hold) with exit_layout={self.exit_layout!r}, got {self.max_exits}; "
+                             "exit_layout='flat' nests nothing")
         if self.max_exits < 1:
             raise ValueError(f"max_exits must be at least 1, got {self.max_exits}")
         if self.cross_fit_folds < 2:
@@ -290,12 +320,18 @@ class PlannerConfig:
         return replace(self, rounding_tolerance=max(self.rounding_tolerance, widest),
                        guard_rounding=max(self.guard_rounding, widest))
 
+    @property
+    def nesting_room(self) -> int:
+        """Subgraph levels left for exits: :data:`MAX_NESTED_GRAPHS`, less one per batch bucket when
+        bucketed (a stage's instances sit in a chain of ``If`` nodes, one per bucket)."""
+        return MAX_NESTED_GRAPHS - (len(self.batch_buckets) if self.exit_layout == "bucketed" else 0)
+
     def for_model_nesting(self, levels: int) -> "PlannerConfig":
         """This configuration with ``max_exits`` lowered so that exits nested in a model whose own
         subgraphs nest ``levels`` deep stay within :data:`MAX_NESTED_GRAPHS` (flat exits nest nothing)."""
         if self.exit_layout == "flat":
             return self
-        room = MAX_NESTED_GRAPHS - levels
+        room = self.nesting_room - levels
         if room < 1:
             raise ModelError(f"the model's subgraphs (If/Loop/Scan) already nest {levels} levels deep and an ONNX "
                              f"file holds at most {MAX_NESTED_GRAPHS + 1}: no exit can be nested in it")

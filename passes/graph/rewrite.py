@@ -69,22 +69,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from moco_compile.constants import ADDED_NODE_PREFIX, EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY
-from moco_compile.passes.calibration.exit_confidence import exited_logits_nodes
-from moco_compile.passes.calibration.guard import guard_nodes
-from moco_compile.passes.calibration.pooling import pooling_inputs, reduce_nodes, variant_nodes
+from moco_compile.constants import EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY
 from moco_compile.passes.graph.empty_rows import unsafe_on_no_rows
-from moco_compile.passes.graph.index import GraphIndex, all_nodes, elem_types, node_inputs, subgraph_nesting
-from moco_compile.passes.graph.trailing_dims import has_dynamic_trailing_dims, trailing_shape_nodes
+from moco_compile.passes.graph.exit_graph import ExitGraphBuilder, name_added_nodes, trailing_dims
+from moco_compile.passes.graph.index import node_inputs, subgraph_nesting
 from moco_compile.passes.planning.config import DEFAULT_EXIT_LAYOUT, EXIT_LAYOUTS, MAX_NESTED_GRAPHS
 from moco_compile.passes.planning.types import Exit, ExitPlan
 
 log = logging.getLogger("moco")
-_NEVER = float(np.finfo(np.float32).max)
-# largest finite value of float types narrower than float32 (exited classifier outputs are clipped to it)
-_NARROW_FLOAT_MAX = {onnx.TensorProto.FLOAT16: float(np.finfo(np.float16).max),
-                     onnx.TensorProto.BFLOAT16: (2 - 2 ** -7) * 2.0 ** 127}
-
 
 def insert_exits(model: onnx.ModelProto, exits: Sequence[Exit], classifier_output: str,
                  layout: str = DEFAULT_EXIT_LAYOUT) -> onnx.ModelProto:
@@ -137,39 +129,11 @@ class _Body:
     results: list[str] = field(default_factory=list)
 
 
-class _ExitGraphBuilder:
+class _ExitGraphBuilder(ExitGraphBuilder):
     def __init__(self, model: onnx.ModelProto, exits: list[Exit], classifier_output: str, layout: str) -> None:
-        self.model = model
-        self.exits = exits
-        self.output = classifier_output
-        self.index = GraphIndex(model)
-        self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-        self.initializers = {init.name: init for init in model.graph.initializer}
-        self.outputs = [o for o in model.graph.output]
-        self.value_infos = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + self.outputs}
-        self.types = elem_types(model)
-        self.full_names = {o.name: f"moco/full/{o.name}" for o in self.outputs}
-        self.rest_sources: dict[str, str] = {}  # compressed tensor -> original tensor
-        # outputs besides the classifier whose non-batch dims are dynamic: exited rows get zeros
-        # shaped by int64 tensors computed once in the main graph (see passes/graph/trailing_dims.py)
-        self.dynamic_outputs = [o.name for o in self.outputs
-                                if o.name != self.output and has_dynamic_trailing_dims(o)]
-        self.trailing_shapes: dict[str, str] = {}
-        self.stages = self._partition()
+        super().__init__(model, exits, classifier_output)
         self.layout = self._usable_layout(layout)
         self.defined_outside: set[str] = set()
-
-    def _partition(self) -> list[list[int]]:
-        """Node indices of each stage: stage k ends at exit k's cut; the last stage is the rest."""
-        assigned: set[int] = set()
-        stages = []
-        for exit_ in self.exits:
-            ancestors = self.index.ancestors(exit_.cut.tensor)
-            stages.append(sorted(ancestors - assigned))
-            assigned |= ancestors
-        stages.append([i for i in range(len(self.model.graph.node))
-                       if i not in assigned and not self.index.is_constant_node(i)])
-        return stages
 
     def _usable_layout(self, layout: str) -> str:
         """``layout``, or ``"nested"`` (where no stage runs once no row is left) when a flat chain would
@@ -199,21 +163,8 @@ class _ExitGraphBuilder:
         compiled = helper.make_model(graph, opset_imports=list(self.model.opset_import),
                                      producer_name="moco", ir_version=self.model.ir_version)
         compiled.metadata_props.extend(self.model.metadata_props)
-        _name_added_nodes(compiled.graph)
+        name_added_nodes(compiled.graph)
         return compiled
-
-    def _batch_dim(self) -> str | int:
-        dims = next(o for o in self.outputs if o.name == self.output).type.tensor_type.shape.dim
-        return dims[0].dim_param or "batch" if dims and not dims[0].HasField("dim_value") else "batch"
-
-    def _trailing_shape_nodes(self) -> tuple[list, list]:
-        """Nodes (and their constants) computing, once at the top level, the non-batch dims of the
-        outputs whose dims are dynamic (``self.trailing_shapes``; see passes/graph/trailing_dims.py)."""
-        if not (self.exits and self.dynamic_outputs):
-            return [], []
-        nodes, constants, self.trailing_shapes = trailing_shape_nodes(self.model, self.dynamic_outputs,
-                                                                      "moco/trailing_dims")
-        return nodes, constants
 
     # -- one stage and its exit -----------------------------------------------------------
     def _body(self, level: int, renames: dict[str, str], entry: Sequence[onnx.NodeProto] = ()) -> _Body:
@@ -259,18 +210,6 @@ class _ExitGraphBuilder:
         self.defined_outside |= set(local)
         return nodes, initializers
 
-    def _constant_closure(self, needed: set[str]) -> list[int]:
-        """Constant nodes (computed from initializers only) whose outputs ``needed`` reaches."""
-        found: set[int] = set()
-        stack = [n for n in needed if n in self.index.constants and n in self.index.producer]
-        while stack:
-            producer = self.index.producer[stack.pop()]
-            if producer in found:
-                continue
-            found.add(producer)
-            stack.extend(n for n in node_inputs(self.model.graph.node[producer]) if n in self.index.producer)
-        return sorted(found)
-
     def _final_outputs(self, level: int, nodes: list) -> list[str]:
         outputs = [self.full_names[o.name] for o in self.outputs]
         shape = f"moco/level{level}/batch"
@@ -285,23 +224,8 @@ class _ExitGraphBuilder:
         nodes, initializers = body.nodes, body.initializers
         p = f"moco/exit{level}"
         cut = exit_.cut.tensor
-        pooled = f"{p}/pooled"
-        nodes.extend(variant_nodes(cut, exit_.pooling, exit_.cut.shape, pooled, p, inputs=renames,
-                                   fixed_size=self._fixed_size(cut), opset=self.opset))
-        if self.types.get(cut, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
-            nodes.append(helper.make_node("Cast", [pooled], [f"{pooled}_f32"], to=onnx.TensorProto.FLOAT))
-            pooled = f"{pooled}_f32"
-        margins = f"{p}/margins"
-        nodes.extend(self._margin_nodes(exit_, pooled, margins, p, initializers))
-        initializers.append(numpy_helper.from_array(np.array(0.0, np.float32), f"{p}/zero"))
-        top, keep, rows = f"{p}/top", f"{p}/keep", f"{p}/rows"
-        nodes.extend(reduce_nodes("ReduceMax", margins, [1], top, f"{p}/top", self.opset))
-        if exit_.guard is None:
-            nodes.append(helper.make_node("LessOrEqual", [top, f"{p}/zero"], [keep]))
-        else:
-            nodes.extend(guard_nodes(exit_.guard, pooled, f"{p}/unfamiliar", f"{p}/guard", self.opset, initializers))
-            nodes.extend([helper.make_node("LessOrEqual", [top, f"{p}/zero"], [f"{p}/not_fired"]),
-                          helper.make_node("Or", [f"{p}/not_fired", f"{p}/unfamiliar"], [keep])])
+        margins, top, keep = self._exit_rule(level, renames, p, nodes, initializers)
+        rows = f"{p}/rows"
         nodes.extend([
             helper.make_node("NonZero", [keep], [f"{p}/rows_t"]),
             helper.make_node("Transpose", [f"{p}/rows_t"], [rows], perm=[1, 0]),
@@ -356,75 +280,6 @@ class _ExitGraphBuilder:
                             for name, original in zip(body.results, [o.name for o in self.outputs] + [EXIT_OUTPUT]))
         return graph
 
-    @staticmethod
-    def _margin_nodes(exit_: Exit, pooled: str, margins: str, p: str, initializers: list) -> list:
-        """``margins = scores - thresholds``; disabled classes (threshold inf) get -FLT_MAX."""
-        thresholds = np.where(np.isfinite(exit_.thresholds), exit_.thresholds, _NEVER)
-        initializers.append(numpy_helper.from_array(exit_.scores.weight.astype(np.float32), f"{p}/weight"))
-        matmul = helper.make_node("MatMul", [pooled, f"{p}/weight"], [f"{p}/linear"])
-        if exit_.scores.normalize == "none":  # fold the thresholds into the bias: one Add
-            offset = np.where(np.isfinite(exit_.thresholds), exit_.scores.bias - exit_.thresholds, -_NEVER)
-            initializers.append(numpy_helper.from_array(offset.astype(np.float32), f"{p}/offset"))
-            return [matmul, helper.make_node("Add", [f"{p}/linear", f"{p}/offset"], [margins])]
-        initializers.extend([numpy_helper.from_array(exit_.scores.bias.astype(np.float32), f"{p}/bias"),
-                             numpy_helper.from_array(thresholds.astype(np.float32), f"{p}/thresholds")])
-        return [matmul, helper.make_node("Add", [f"{p}/linear", f"{p}/bias"], [f"{p}/logits"]),
-                helper.make_node("LogSoftmax", [f"{p}/logits"], [f"{p}/log_probs"], axis=1),
-                helper.make_node("Sub", [f"{p}/log_probs", f"{p}/thresholds"], [margins])]
-
-    def _exited_value(self, original: onnx.ValueInfoProto, exit_: Exit, margins: str, top: str, p: str,
-                      nodes: list, initializers: list) -> str:
-        """What exited rows carry in ``original``: margins for the classifier, zeros otherwise."""
-        elem = original.type.tensor_type.elem_type
-        name = f"{p}/exited/{original.name}"
-        if original.name == self.output:
-            return self._exited_classifier_value(elem, exit_, margins, p, name, nodes, initializers)
-        if original.name in self.trailing_shapes:
-            trailing = self.trailing_shapes[original.name]
-        else:
-            trailing = f"{name}/trailing"
-            initializers.append(numpy_helper.from_array(np.array(_trailing_dims(original), np.int64), trailing))
-        nodes.append(helper.make_node("Shape", [top], [f"{name}/batch"]))
-        nodes.append(helper.make_node("Concat", [f"{name}/batch", trailing], [f"{name}/shape"], axis=0))
-        nodes.append(helper.make_node("ConstantOfShape", [f"{name}/shape"], [name],
-                                      value=helper.make_tensor("zero", elem, [1], [0])))
-        return name
-
-    def _exited_classifier_value(self, elem: int, exit_: Exit, margins: str, p: str, name: str, nodes: list,
-                                 initializers: list) -> str:
-        """The exit's calibrated log-probabilities when it has a confidence scale
-        (:func:`~moco_compile.passes.calibration.exit_confidence.exited_logits_nodes`), else its float32 margins;
-        through the model's final Softmax/LogSoftmax if it has one, in the output's dtype; values
-        beyond a narrower float's range (-FLT_MAX for classes an exit switched off) are clipped to
-        it, so no exited row carries -inf."""
-        value = margins
-        if exit_.confidence_scale is not None and exit_.scores.normalize == "log_softmax":
-            value = f"{name}/calibrated"
-            nodes.extend(exited_logits_nodes(f"{p}/log_probs", margins, exit_.confidence_scale, value,
-                                             f"{p}/confidence", initializers))
-        head = self.index.probability_head(self.output)
-        if head:
-            nodes.append(helper.make_node(head, [value], [f"{name}/{head}"], axis=-1))
-            value = f"{name}/{head}"
-        if elem == onnx.TensorProto.FLOAT:
-            return value
-        if elem in _NARROW_FLOAT_MAX:
-            limit = _NARROW_FLOAT_MAX[elem]
-            initializers.extend([numpy_helper.from_array(np.array(-limit, np.float32), f"{name}/lowest"),
-                                 numpy_helper.from_array(np.array(limit, np.float32), f"{name}/highest")])
-            nodes.append(helper.make_node("Clip", [value, f"{name}/lowest", f"{name}/highest"],
-                                          [f"{name}/clipped"]))
-            value = f"{name}/clipped"
-        nodes.append(helper.make_node("Cast", [value], [name], to=elem))
-        return name
-
-    def _side_inputs(self, level: int) -> set[str]:
-        """Graph inputs that stages (or exits' pooling) from ``level`` on still read (e.g. an attention mask)."""
-        inputs = set(self.index.graph_inputs)
-        pooled = {name for exit_ in self.exits[level:] for name in pooling_inputs(exit_.pooling)}
-        return pooled | {name for stage in self.stages[level:] for i in stage
-                         for name in node_inputs(self.model.graph.node[i]) if name in inputs}
-
     def _rows_value_info(self, name: str, original: str, level: int) -> onnx.ValueInfoProto:
         """Declare a compressed tensor's shape with a named row dimension.
 
@@ -470,7 +325,7 @@ class _ExitGraphBuilder:
             if original is None:
                 elem, dims, name = onnx.TensorProto.INT64, [], f"moco/exit{level}/empty/exit"
             else:
-                elem, dims = original.type.tensor_type.elem_type, _trailing_dims(original)
+                elem, dims = original.type.tensor_type.elem_type, trailing_dims(original)
                 name = f"moco/exit{level}/empty/{original.name}"
             outputs.append(helper.make_tensor_value_info(name, elem, [0, *dims]))
             if original is not None and original.name in self.trailing_shapes:
@@ -484,27 +339,3 @@ class _ExitGraphBuilder:
                 initializers.append(numpy_helper.from_array(np.zeros([0, *dims], dtype), name))
         return helper.make_graph(nodes, f"moco_level_{level + 1}_skipped", [], outputs, initializers)
 
-    def _value_info(self, name: str, original: str) -> onnx.ValueInfoProto:
-        if original == EXIT_OUTPUT:
-            return helper.make_tensor_value_info(name, onnx.TensorProto.INT64, ["rows"])
-        value = next(o for o in self.outputs if o.name == original)
-        return helper.make_tensor_value_info(name, value.type.tensor_type.elem_type, ["rows", *_trailing_dims(value)])
-
-    def _fixed_size(self, tensor: str) -> bool:
-        """True when the graph fixes every non-batch dim of ``tensor`` (pooling may bake them in)."""
-        value = self.value_infos.get(tensor)
-        return value is not None and value.type.tensor_type.HasField("shape") \
-            and not has_dynamic_trailing_dims(value)
-
-
-def _name_added_nodes(graph: onnx.GraphProto) -> None:
-    """Name each node moco added (its outputs are ``moco/...``) after its first output, so later
-    passes can tell moco's nodes from the model's (float16 keeps them in float32)."""
-    for node in all_nodes(graph):
-        if not node.name and node.output and node.output[0].startswith(ADDED_NODE_PREFIX):
-            node.name = node.output[0]
-
-
-def _trailing_dims(value: onnx.ValueInfoProto) -> list[int | str]:
-    """Declared non-batch dims of ``value``: numbers, or names (``""`` when anonymous)."""
-    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim[1:]]

@@ -133,7 +133,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         frame = rows.kept_frame(planning.row_split, verified)
     plan = planning.plan
     with phases("rewrite"):
-        compiled = apply_plan(imported.model, plan, imported.output, config.exit_layout)
+        compiled = apply_plan(imported.model, plan, imported.output, config.exit_layout, config.batch_buckets)
     features = [variant_features(frame, e.column, e.pooling) for e in plan.exits]
     routing = plan.routing(features, len(frame), config.rounding)  # the chosen plan, routed once
     with phases("verification"):

@@ -44,7 +44,7 @@ from moco_compile.build_schema import PLAN_FIELDS, RECOMPILE, REPORT_FIELDS, sha
 from moco_compile.errors import BuildError, ModelError
 from moco_compile.frame import ActivationFrame, load_frame
 from moco_compile.outputs import BUILD_MODEL, build_files, staged_output_dir
-from moco_compile.passes.planning.config import DEFAULT_EXIT_LAYOUT, EXIT_LAYOUTS, PlannerConfig
+from moco_compile.passes.planning.config import DEFAULT_BATCH_BUCKETS, DEFAULT_EXIT_LAYOUT, EXIT_LAYOUTS, PlannerConfig
 from moco_compile.passes.planning.types import ExitPlan
 
 MODEL_ONNX = BUILD_MODEL
@@ -77,6 +77,12 @@ class Build:
         if self.planner_config is not None and self.planner_config.exit_layout != self.exit_layout:
             raise ValueError(f"exit_layout {self.exit_layout!r} differs from the planner configuration's "
                              f"{self.planner_config.exit_layout!r}")
+
+    @property
+    def batch_buckets(self) -> tuple[int, ...]:
+        """The batch sizes a bucketed graph pads its stages to (the planner configuration's; the
+        default for builds that recorded none)."""
+        return DEFAULT_BATCH_BUCKETS if self.planner_config is None else self.planner_config.batch_buckets
 
     @property
     def model_path(self) -> Path | None:

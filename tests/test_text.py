@@ -370,3 +370,22 @@ def test_eager_api_rejects_bad_rules(hf_model):
         eager.add_rule(condition, 0, "embeddings", pooling="token_mean+first_token")
     with pytest.raises(ModelError, match="missing threshold"):
         eager.add_rule({"weights": np.zeros(384), "bias": 0.0}, 0, "embeddings")
+
+
+def test_bucketed_layout_of_the_text_plan_matches_nested(compiled, text_onnx, test_rows):
+    """The text plan bucketed: the attention mask is gathered with the rows into each bucket (padding
+    rows repeat real ones), exits and logits equal the nested graph's, for batches of 0 to 300 rows."""
+    from moco_compile.prepare import model_for_plan
+    from moco_compile.passes.graph.rewrite import insert_exits
+
+    result, _ = compiled
+    rows = _inputs(test_rows)
+    model, output = model_for_plan(onnx.load(str(text_onnx)), None, {k: v[:1] for k, v in rows.items()})
+    bucketed = insert_exits(model, result.plan.exits, output, "bucketed", (1, 8, 32, 128))
+    onnx.checker.check_model(bucketed, full_check=True)
+    for size in (0, 1, 5, 8, 33, 300):
+        batch = {k: v[:size] for k, v in rows.items()}
+        (logits, exits), (nested_logits, nested_exits) = _run(bucketed, batch), _run(result.model, batch)
+        assert (exits == nested_exits).all() and logits.shape == nested_logits.shape
+        np.testing.assert_allclose(logits, nested_logits, atol=1e-5)
+    assert (nested_exits >= 0).any() and (nested_exits == -1).any()

@@ -101,8 +101,8 @@ def optimize_memory(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray
         current = _validated(judge, "int8 static", quantized.model, max_accuracy_drop, result)
     if build is not None:
         prepared, output = model_for_plan(current, judge.output, {k: v[:1] for k, v in judge.inputs.items()})
-        current = _validated(judge, "+ exits", apply_plan(prepared, build.plan, output, build.exit_layout),
-                             max_accuracy_drop, result)
+        with_exits = apply_plan(prepared, build.plan, output, build.exit_layout, build.batch_buckets)
+        current = _validated(judge, "+ exits", with_exits, max_accuracy_drop, result)
     if fuse:
         current = _validated(judge, "+ fusions" if len(result.steps) > 1 else "fusions", fused(current),
                              max_accuracy_drop, result)

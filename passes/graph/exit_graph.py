@@ -59,7 +59,7 @@ class ExitGraphBuilder:
         exit_ = self.exits[level]
         cut = exit_.cut.tensor
         pooled = f"{p}/pooled"
-        nodes.extend(variant_nodes(cut, exit_.pooling, exit_.cut.shape, pooled, p, inputs=renames,
+        nodes.extend(variant_nodes(renames.get(cut, cut), exit_.pooling, exit_.cut.shape, pooled, p, inputs=renames,
                                    fixed_size=self._fixed_size(cut), opset=self.opset))
         if self.types.get(cut, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
             nodes.append(helper.make_node("Cast", [pooled], [f"{pooled}_f32"], to=onnx.TensorProto.FLOAT))
@@ -182,6 +182,29 @@ class ExitGraphBuilder:
         pooled = {name for exit_ in self.exits[level:] for name in pooling_inputs(exit_.pooling)}
         return pooled | {name for stage in self.stages[level:] for i in stage
                          for name in node_inputs(self.model.graph.node[i]) if name in inputs}
+
+    def _empty_branch(self, level: int) -> onnx.GraphProto:
+        """The If's else branch (no row left): every output with 0 rows and its non-batch dims."""
+        no_rows = f"moco/exit{level}/empty/no_rows"
+        nodes, outputs = [], []
+        initializers = [numpy_helper.from_array(np.array([0], np.int64), no_rows)] if self.trailing_shapes else []
+        for original in self.outputs + [None]:
+            if original is None:
+                elem, dims, name = onnx.TensorProto.INT64, [], f"moco/exit{level}/empty/exit"
+            else:
+                elem, dims = original.type.tensor_type.elem_type, trailing_dims(original)
+                name = f"moco/exit{level}/empty/{original.name}"
+            outputs.append(helper.make_tensor_value_info(name, elem, [0, *dims]))
+            if original is not None and original.name in self.trailing_shapes:
+                nodes.extend([
+                    helper.make_node("Concat", [no_rows, self.trailing_shapes[original.name]], [f"{name}/shape"],
+                                     axis=0),
+                    helper.make_node("ConstantOfShape", [f"{name}/shape"], [name],
+                                     value=helper.make_tensor("zero", elem, [1], [0]))])
+            else:
+                dtype = helper.tensor_dtype_to_np_dtype(elem)
+                initializers.append(numpy_helper.from_array(np.zeros([0, *dims], dtype), name))
+        return helper.make_graph(nodes, f"moco_level_{level + 1}_skipped", [], outputs, initializers)
 
     def _value_info(self, name: str, original: str) -> onnx.ValueInfoProto:
         if original == EXIT_OUTPUT:

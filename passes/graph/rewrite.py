@@ -1,7 +1,9 @@
 """Rewrite pass: insert the plan's exits into the graph, producing one ONNX model.
 
 Two layouts (``PlannerConfig.exit_layout``), the same inputs, outputs and exits;
-one builder writes both (``_body``: a stage, its exit and what follows).
+one builder writes both (``_body``: a stage, its exit and what follows).  A third,
+``"bucketed"`` (stages at fixed batch sizes, for GPUs), is written by
+:mod:`~moco_compile.passes.graph.buckets`; :func:`insert_exits` dispatches to it.
 
 Nested, for exits 0..m-1 at cut tensors T_0..T_{m-1}::
 
@@ -70,41 +72,47 @@ import onnx
 from onnx import helper, numpy_helper
 
 from moco_compile.constants import EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY
+from moco_compile.passes.graph.buckets import insert_bucketed_exits
 from moco_compile.passes.graph.empty_rows import unsafe_on_no_rows
-from moco_compile.passes.graph.exit_graph import ExitGraphBuilder, name_added_nodes, trailing_dims
+from moco_compile.passes.graph.exit_graph import ExitGraphBuilder, name_added_nodes
 from moco_compile.passes.graph.index import node_inputs, subgraph_nesting
-from moco_compile.passes.planning.config import DEFAULT_EXIT_LAYOUT, EXIT_LAYOUTS, MAX_NESTED_GRAPHS
+from moco_compile.passes.planning.config import DEFAULT_BATCH_BUCKETS, DEFAULT_EXIT_LAYOUT, EXIT_LAYOUTS, MAX_NESTED_GRAPHS
 from moco_compile.passes.planning.types import Exit, ExitPlan
 
 log = logging.getLogger("moco")
 
 def insert_exits(model: onnx.ModelProto, exits: Sequence[Exit], classifier_output: str,
-                 layout: str = DEFAULT_EXIT_LAYOUT) -> onnx.ModelProto:
+                 layout: str = DEFAULT_EXIT_LAYOUT, batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS
+                 ) -> onnx.ModelProto:
     """Return a new model with ``exits`` inserted (in graph order) and ``moco_exit`` added.
 
     ``layout`` is one of :data:`EXIT_LAYOUTS` (see the module docstring; ``"flat"`` falls back to
     ``"nested"``, with a warning, for a model with nodes after the first exit that onnxruntime
-    cannot run on 0 rows).  Raises ``ValueError`` for another, and when nested exits would nest
-    deeper than an ONNX file can hold
+    cannot run on 0 rows; ``"bucketed"`` pads the rows entering each stage to ``batch_buckets``:
+    :mod:`~moco_compile.passes.graph.buckets`).  Raises ``ValueError`` for another, and when exits
+    would nest deeper than an ONNX file can hold
     (:data:`~moco_compile.passes.planning.config.MAX_NESTED_GRAPHS`; the planner never plans that many).
     """
     if layout not in EXIT_LAYOUTS:
         raise ValueError(f"unknown exit layout {layout!r}: use one of {EXIT_LAYOUTS}")
-    builder = _ExitGraphBuilder(model, list(exits), classifier_output, layout)
-    levels = len(exits) + subgraph_nesting(model.graph)
-    if builder.layout == "nested" and levels > MAX_NESTED_GRAPHS:
+    levels = len(exits) + subgraph_nesting(model.graph) + (len(batch_buckets) if layout == "bucketed" else 0)
+    if layout != "flat" and levels > MAX_NESTED_GRAPHS:
         raise ValueError(f"{len(exits)} exits would nest subgraphs {levels} levels deep, more than the "
                          f"{MAX_NESTED_GRAPHS} an ONNX file can hold: plan with PlannerConfig(max_exits=...)")
-    return builder.build()
+    if layout == "bucketed":
+        return insert_bucketed_exits(model, exits, classifier_output, batch_buckets)
+    return _ExitGraphBuilder(model, list(exits), classifier_output, layout).build()
 
 
-def apply_plan(model: onnx.ModelProto, plan: ExitPlan, classifier_output: str, layout: str) -> onnx.ModelProto:
+def apply_plan(model: onnx.ModelProto, plan: ExitPlan, classifier_output: str, layout: str,
+               batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS) -> onnx.ModelProto:
     """The one way a plan becomes a graph: a new model with ``plan``'s exits inserted in ``layout``
-    (:func:`insert_exits`) and the cost of leaving at each recorded (:func:`annotate_costs`).
-    ``compile`` calls it on the model it planned; ``optimize-memory`` on an optimised original with
-    the layout its build records.  ``layout`` has no default, so no caller loses a build's layout."""
-    return annotate_costs(insert_exits(model, plan.exits, classifier_output, layout), plan.stage_flops(),
-                          plan.total_flops)
+    (:func:`insert_exits`; ``batch_buckets`` for the bucketed layout) and the cost of leaving at each
+    recorded (:func:`annotate_costs`).  ``compile`` calls it on the model it planned; ``optimize-memory``
+    on an optimised original with the layout its build records.  ``layout`` has no default, so no
+    caller loses a build's layout."""
+    return annotate_costs(insert_exits(model, plan.exits, classifier_output, layout, batch_buckets),
+                          plan.stage_flops(), plan.total_flops)
 
 
 def annotate_costs(model: onnx.ModelProto, stage_flops: Sequence[float], original_flops: float) -> onnx.ModelProto:
@@ -315,27 +323,4 @@ class _ExitGraphBuilder(ExitGraphBuilder):
                         dim.Clear()
             declared.append(value)
         return declared
-
-    def _empty_branch(self, level: int) -> onnx.GraphProto:
-        """The If's else branch (no row left): every output with 0 rows and its non-batch dims."""
-        no_rows = f"moco/exit{level}/empty/no_rows"
-        nodes, outputs = [], []
-        initializers = [numpy_helper.from_array(np.array([0], np.int64), no_rows)] if self.trailing_shapes else []
-        for original in self.outputs + [None]:
-            if original is None:
-                elem, dims, name = onnx.TensorProto.INT64, [], f"moco/exit{level}/empty/exit"
-            else:
-                elem, dims = original.type.tensor_type.elem_type, trailing_dims(original)
-                name = f"moco/exit{level}/empty/{original.name}"
-            outputs.append(helper.make_tensor_value_info(name, elem, [0, *dims]))
-            if original is not None and original.name in self.trailing_shapes:
-                nodes.extend([
-                    helper.make_node("Concat", [no_rows, self.trailing_shapes[original.name]], [f"{name}/shape"],
-                                     axis=0),
-                    helper.make_node("ConstantOfShape", [f"{name}/shape"], [name],
-                                     value=helper.make_tensor("zero", elem, [1], [0]))])
-            else:
-                dtype = helper.tensor_dtype_to_np_dtype(elem)
-                initializers.append(numpy_helper.from_array(np.zeros([0, *dims], dtype), name))
-        return helper.make_graph(nodes, f"moco_level_{level + 1}_skipped", [], outputs, initializers)
 

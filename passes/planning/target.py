@@ -95,6 +95,8 @@ class TargetProfile:
             return self._rates[-1][1]
         upper = next(k for k, b in enumerate(batches) if b >= batch)
         (b0, r0), (b1, r1) = self._rates[upper - 1], self._rates[upper]
+        if b1 == batch:
+            return r1
         share = math.log(batch / b0) / math.log(b1 / b0)
         return math.exp(math.log(r0) + share * math.log(r1 / r0))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from moco_compile.passes.planning.config import Budget, PlannerConfig
 from moco_compile.passes.planning.pipeline import FrameRows, Planning, plan_rows
 from moco_compile.passes.planning.routing import Routing
 from moco_compile.passes.planning.splits import SPLITS
+from moco_compile.passes.planning.target import TargetProfile, resolve_target
 from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.prepare import MAX_VERIFIED_ROWS, cut_points_of
 from moco_compile.progress import Phases
@@ -56,7 +57,9 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
             max_accuracy_drop: float | None = None, ood_guard: float | None = None, allow_no_exit: bool = False,
             seed: int = 0, batch_size: int = 256, measure_latency: bool = True,
             latency_seconds: float | None = None, show_progress: bool = True,
-            planner_config: PlannerConfig | None = None, force: bool = False) -> Build:
+            planner_config: PlannerConfig | None = None, target: str | None = None,
+            serving_batch: int | None = None, batch_buckets: Sequence[int] | None = None,
+            target_profile: str | os.PathLike | TargetProfile | None = None, force: bool = False) -> Build:
     """Compile ``model`` into one ONNX graph with early exits.
 
     Parameters
@@ -101,6 +104,15 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         Show each phase on stderr as it runs; ``report["phases"]`` holds their seconds either way.
     planner_config:
         How plans are designed and certified (:class:`~moco_compile.passes.planning.config.PlannerConfig`).
+    target, serving_batch, batch_buckets, target_profile:
+        The machine that will serve the graph, and how (:func:`~moco_compile.passes.planning.target.resolve_target`
+        prices ``planner_config``'s exit costs from them, once, before any work).  ``target``: ``"cpu"``
+        (default; ``planner_config``'s own figures, unchanged, unless a profile is given), ``"cuda"`` (the
+        built-in H100 figures) or ``"cuda:<device>"`` (needs a profile); GPU targets write the bucketed layout.
+        ``serving_batch``: rows per batch served (GPU default 64; at most the largest bucket).
+        ``batch_buckets``: batch sizes the continuing rows are padded to (default
+        ``planner_config.batch_buckets``).  ``target_profile``: a :class:`TargetProfile` or the JSON file
+        ``moco profile-target`` wrote, measured on the serving machine.
     force:
         Replace a previous moco output in ``out_dir``.
     """
@@ -108,6 +120,9 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     config = planner_config or PlannerConfig()
     if ood_guard is not None:
         config = replace(config, ood_guard=ood_guard)
+    if target_profile is not None and not isinstance(target_profile, TargetProfile):
+        target_profile = TargetProfile.from_json(target_profile)
+    config, pricing = resolve_target(config, target, serving_batch, batch_buckets, target_profile)
     inputs = _input_files(model)
     if out_dir is not None:
         check_output_dir(out_dir, inputs, force)
@@ -153,11 +168,32 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         item["guard_rate"] = rate
     report.update(figures)
     report["source_model"] = source_model(inputs[0]) if inputs and inputs[0].is_file() else None
+    report["target"] = _target_record(config, pricing)
     report["phases"] = phases.to_dict()
     result = Build(compiled, plan, report, frame, exit_layout=config.exit_layout, seed=seed, planner_config=config)
     if out_dir is not None:
         result.save(out_dir, inputs=inputs, force=force)
     return result
+
+
+def _target_record(config: PlannerConfig, pricing: TargetProfile | None) -> dict:
+    """report.json's ``target``: what the exits were priced for, and from what."""
+    if pricing is None:
+        note = "exit costs: moco's CPU figures, measured at batch 1 (PlannerConfig.exit_fixed_cost, boundary_cost)"
+    else:
+        note = (f"exit costs priced for batches of {config.serving_batch} rows on {config.target} from "
+                f"{pricing.name} ({pricing.machine}, {pricing.onnxruntime}, {pricing.measured_on}): "
+                f"{pricing.exit_fixed_seconds * 1e3:.3g} ms per exit and batch, "
+                f"{pricing.rate(config.serving_batch):.3g} FLOP/s; estimates that shape the plan, not part of the "
+                "certificate"
+                + ("; the padding of continuing rows up to a bucket is not priced"
+                   if config.exit_layout == "bucketed" else ""))
+    return {"name": config.target, "serving_batch": config.serving_batch, "exit_layout": config.exit_layout,
+            "batch_buckets": list(config.batch_buckets) if config.exit_layout == "bucketed" else None,
+            "exit_fixed_cost": config.exit_fixed_cost, "boundary_cost": config.boundary_cost,
+            "priced_from": None if pricing is None else
+            {key: value for key, value in pricing.to_dict().items() if key not in ("generator", "format", "version")},
+            "note": note}
 
 
 def _calibrate_local(imported: ImportedModel, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]],

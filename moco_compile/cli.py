@@ -1,4 +1,5 @@
-"""Command line: ``moco compile``, ``inspect``, ``calibrate``, ``report``, ``evaluate``, ``export-triton``, ``serve-triton``."""
+"""Command line: ``moco compile``, ``inspect``, ``calibrate``, ``report``, ``evaluate``, ``export-triton``,
+``serve-triton``, ``profile-target``, ``profile-memory``, ``optimize-memory``."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,6 +16,7 @@ from moco_compile.cli_common import FORCE_HELP, fail as _fail
 from moco_compile.constants import LABELS
 from moco_compile.errors import MocoError
 from moco_compile.moe.cli import app as moe_app
+from moco_compile.passes.planning.config import DEFAULT_BATCH_BUCKETS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="moco: compile classifiers into one ONNX graph where easy inputs exit early.")
@@ -48,9 +50,23 @@ def compile_command(
     max_exits: Optional[int] = typer.Option(None, "--max-exits", help="at most this many exits (default 24); "
                                             "on CUDA each exit costs a device-to-host sync per batch (0.17 ms "
                                             "on an H100), so serve GPUs with 1 or 2"),
-    exit_layout: str = typer.Option("nested", "--exit-layout", help="nested: each exit runs the rest inside an "
-                                    "If, rows that leave skip it (at most 30 exits); flat: no If, any number of "
-                                    "exits (3-5% slower at batch 1, up to 4% faster at batch 64 on CPU)"),
+    exit_layout: Optional[str] = typer.Option(None, "--exit-layout", help="nested (default on CPU): each exit "
+                                              "runs the rest inside an If, rows that leave skip it (at most 30 "
+                                              "exits); flat: no If, any number of exits (3-5% slower at batch 1, "
+                                              "up to 4% faster at batch 64 on CPU); bucketed (GPU targets): "
+                                              "nested, the continuing rows padded to --batch-buckets"),
+    target: Optional[str] = typer.Option(None, "--target", help="the machine that serves the graph: cpu "
+                                         "(default: moco's CPU figures), cuda (measured H100 figures) or "
+                                         "cuda:<device> (with --target-profile); exits are priced for it"),
+    serving_batch: Optional[int] = typer.Option(None, "--serving-batch", help="rows per batch you serve, what a "
+                                                "GPU target's exits are priced at (default 64): an exit's fixed "
+                                                "time per batch is shared by the batch's rows"),
+    batch_buckets: Optional[str] = typer.Option(None, "--batch-buckets", help="comma-separated batch sizes the "
+                                                "rows continuing past an exit are padded to on GPU targets "
+                                                f"(default {','.join(map(str, DEFAULT_BATCH_BUCKETS))})"),
+    target_profile: Optional[Path] = typer.Option(None, "--target-profile", help="the JSON file `moco "
+                                                  "profile-target` wrote on the serving machine: its measured "
+                                                  "constants price the exits"),
     allow_no_exit: bool = typer.Option(False, help="emit the unchanged graph when no plan meets the budget"),
     seed: int = typer.Option(0, help="seed of the calibration split"),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="time the compiled graph against the "
@@ -70,13 +86,20 @@ def compile_command(
 
     try:
         check_output_dir(out, [model, calib], force)  # fail before the long work
+        if exit_layout not in (None, "bucketed") and (target or "cpu") != "cpu":
+            raise ValueError(f"--exit-layout {exit_layout} does not go with --target {target}: GPU targets write the "
+                             "bucketed layout (the rows continuing past an exit padded to fixed batch sizes, whose "
+                             "kernels keep their plans); drop --exit-layout")
+        settings = {name: value for name, value in (("exit_layout", exit_layout), ("max_exits", max_exits))
+                    if value is not None}
+        buckets = None if batch_buckets is None else _batch_buckets(batch_buckets)
         calibration = _calibration_data(calib, engine, ray_address, ray_workers, ray_max_rows, seed)
         result = compile_model(model, calibration, output=output,
                                max_disagreement=max_disagreement, confidence=confidence,
                                max_accuracy_drop=max_accuracy_drop, ood_guard=ood_guard,
                                allow_no_exit=allow_no_exit, seed=seed, measure_latency=latency,
-                               planner_config=PlannerConfig(exit_layout=exit_layout,
-                                                            **({} if max_exits is None else {"max_exits": max_exits})))
+                               planner_config=PlannerConfig(**settings), target=target, serving_batch=serving_batch,
+                               batch_buckets=buckets, target_profile=target_profile)
         result.save(out, inputs=[model, calib], force=force)
     except (MocoError, ValueError, OSError) as error:
         _fail(error)
@@ -258,6 +281,35 @@ def serve_triton_command(
     _fail(MocoError(f"tritonserver exited with status {status} while serving; its last errors:\n{server.errors()}"))
 
 
+@app.command("profile-target")
+def profile_target_command(
+    out: Path = typer.Option(..., "--out", help="the target profile to write (JSON), for `moco compile "
+                             "--target-profile`"),
+    providers: Optional[str] = typer.Option(None, "--providers", help="cpu or cuda (default: CUDA when this "
+                                            "onnxruntime has it, else CPU); a GPU asked for but missing fails"),
+    seconds: float = typer.Option(12.0, "--seconds", help="time budget of the measurements (longer: steadier)"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="target profile")),
+) -> None:
+    """Measure what an exit costs on this machine: its fixed time per batch, the dense compute rate
+    at batch 1, 8, 64 and 256, and the bandwidth of copying rows."""
+    from moco_compile.outputs import check_output_file
+    from moco_compile.passes.planning.target import TargetProfile
+    from moco_compile.runtime.profile_target import profile_target
+
+    try:
+        check_output_file(out, "target profile", "json", force=force)  # fail before measuring
+        profile = TargetProfile.from_dict(profile_target(providers.split(",") if providers else None, seconds),
+                                          "the measured profile")
+        profile.to_json(out, force=force)
+    except (MocoError, ValueError, OSError) as error:
+        _fail(error)
+    rates = ", ".join(f"{rate / 1e9:,.1f} at {batch}" for batch, rate in profile.flops_per_second.items())
+    console.print(f"{escape(profile.name)} on {profile.provider} ({escape(profile.machine)}): an exit costs "
+                  f"{profile.exit_fixed_seconds * 1e6:,.1f} us per batch; GFLOP/s by batch: {rates}; rows copy at "
+                  f"{profile.copy_bytes_per_second / 1e9:,.1f} GB/s", highlight=False)
+    console.print(f"wrote {out}; compile with --target {profile.kind} --target-profile {out}", highlight=False)
+
+
 @app.command("profile-memory")
 def profile_memory_command(
     model: Path = typer.Argument(..., help="ONNX model to profile"),
@@ -359,6 +411,17 @@ def _batch_sizes(text: str) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise ValueError(f"--batch-sizes takes comma-separated positive integers, got {text!r}")
     return sizes
+
+
+def _batch_buckets(text: str) -> tuple[int, ...]:
+    """``--batch-buckets`` as batch sizes, checked (positive, increasing, none repeated)."""
+    from moco_compile.passes.planning.config import checked_buckets
+
+    parts = [part.strip() for part in text.split(",")] if text.strip() else []
+    if not all(part.isdigit() for part in parts):
+        raise ValueError(f"--batch-buckets takes comma-separated whole numbers of rows, smallest first, e.g. "
+                         f"{','.join(map(str, DEFAULT_BATCH_BUCKETS))}; got {text!r}")
+    return checked_buckets(int(part) for part in parts)
 
 
 def _calibration_data(source: str, engine: str, address: str | None, workers: int, max_rows: int | None = None,

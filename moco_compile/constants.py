@@ -12,3 +12,11 @@ PROBABILITIES = "probabilities"  # frame column, per row and class: the full mod
 OUTPUTS = "outputs"  # frame column, per row: the full model's classifier output as the model gives it
 LABELS = "labels"  # frame column and calibration-data key, int per row: the true class (optional)
 SPLIT_COLUMN = "split"  # frame column of a build's kept rows: index into passes.planning.splits.SPLITS
+
+# A target profile (``moco profile-target --out target.json``): what the runtime measures
+# (runtime/profile_target.py writes these keys) and the planner reads
+# (passes/planning/target.py, TargetProfile.from_dict).
+TARGET_PROFILE_FORMAT = "moco-target-profile"  # the file's "format"
+TARGET_PROFILE_VERSION = 1  # the file's "version"; a reader refuses others
+TARGET_PROFILE_FIELDS = ("name", "provider", "exit_fixed_seconds", "flops_per_second", "copy_bytes_per_second",
+                         "machine", "onnxruntime", "measured_on")  # besides format, version and generator

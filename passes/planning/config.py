@@ -181,6 +181,11 @@ class PlannerConfig:
         while saving FLOPs; 350,000 also dropped a 1 MFLOP ViT's exit that ran 0.9x.  Nets
         of 100 MFLOPs and more hardly notice it.  Like ``boundary_cost`` it only shapes
         plans; reported FLOPs never include it.
+        ``target``, ``serving_batch``: what the two costs above were priced for: ``"cpu"`` and None
+        (the figures above, measured at batch 1) unless
+        :func:`~moco_compile.passes.planning.target.priced_config` priced them for a device (e.g.
+        ``"cuda:h100"``) serving batches of ``serving_batch`` rows.  Messages about exits that
+        cannot pay name them.
 
     Certification (see :mod:`moco_compile.passes.planning.certify`)
         ``rounding_tolerance``, ``rounding_floor``: how far float rounding in the shipped
@@ -241,6 +246,8 @@ class PlannerConfig:
     batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS
     boundary_cost: float = 100.0
     exit_fixed_cost: float = 250_000.0
+    target: str = "cpu"
+    serving_batch: int | None = None
     rounding_tolerance: float = 1e-4
     rounding_floor: float = 16 * 2.0 ** -23  # 16 units of float32 at log p = 0
     narrow_float_ulps: float = 16.0
@@ -268,6 +275,17 @@ class PlannerConfig:
         if self.exit_layout not in EXIT_LAYOUTS:
             raise ValueError(f"exit_layout must be one of {EXIT_LAYOUTS}, got {self.exit_layout!r}")
         checked_buckets(self.batch_buckets)
+        if self.serving_batch is not None:
+            if isinstance(self.serving_batch, bool) or not isinstance(self.serving_batch, int) \
+                    or self.serving_batch < 1:
+                raise ValueError(f"serving batch must be a positive whole number of rows, got {self.serving_batch!r}; "
+                                 "e.g. 64")
+            if self.exit_layout == "bucketed" and self.serving_batch > self.batch_buckets[-1]:
+                raise ValueError(f"serving batch {self.serving_batch} is above the largest batch bucket "
+                                 f"{self.batch_buckets[-1]}: the rows continuing past an exit are padded to a "
+                                 f"bucket, so add one of at least {self.serving_batch} (--batch-buckets "
+                                 f"{','.join(map(str, self.batch_buckets))},{self.serving_batch}) or serve "
+                                 "smaller batches")
         if self.exit_layout != "flat" and not 1 <= self.max_exits <= MAX_NESTED_GRAPHS:
             raise ValueError(f"max_exits must be between 1 and {MAX_NESTED_GRAPHS} (the If nesting an ONNX file "
                              f"can hold) with exit_layout={self.exit_layout!r}, got {self.max_exits}; "

@@ -180,10 +180,7 @@ def plan_rows(rows: PlanningRows, cuts: Sequence[CutPoint], num_classes: int, to
     with phase("design"):
         families = planner.design(candidates.exits, design, sizes["test"], total_flops)
     if not planner.problem_.payable().any():
-        reason = (f"no exit can pay for itself: on this network ({total_flops:,.0f} FLOPs per row) leaving at any "
-                  f"cut costs more than the full network once each exit's overhead is counted (at least "
-                  f"{config.exit_fixed_cost:,.0f} FLOP-equivalents, PlannerConfig.exit_fixed_cost: its kernel "
-                  "launches, paid per batch)")
+        reason = _unpayable(config, total_flops)
         if not allow_no_exit:
             raise BudgetError(f"{reason}. Pass --allow-no-exit to emit the unchanged graph")
         return _no_exit(rows, num_classes, total_flops, budget, config, seed, reason)
@@ -211,6 +208,18 @@ def plan_rows(rows: PlanningRows, cuts: Sequence[CutPoint], num_classes: int, to
         plan = calibrate_confidence(plan, candidates, probabilities)
     evaluated_on = _evaluated_on(split)
     return Planning(plan, split, planner.evaluation(counts[evaluated_on]), evaluated_on, candidates, planner)
+
+
+def _unpayable(config: PlannerConfig, total_flops: float) -> str:
+    """Why no exit can pay for itself, naming the serving batch and target the exits were priced for."""
+    priced = "" if config.serving_batch is None else f" at batch {config.serving_batch} on {config.target}"
+    advice = "" if config.serving_batch is None else (
+        f"; each exit's fixed time per batch is shared by the batch's rows: serve larger batches "
+        f"(--serving-batch above {config.serving_batch}) or compile for another target")
+    return (f"no exit can pay for itself{priced}: on this network ({total_flops:,.0f} FLOPs per row) leaving at any "
+            f"cut costs more than the full network once each exit's overhead is counted (at least "
+            f"{config.exit_fixed_cost:,.0f} FLOP-equivalents per row reaching it, PlannerConfig.exit_fixed_cost: "
+            f"its kernel launches{'' if config.target == 'cpu' else ' and host sync'}, paid per batch){advice}")
 
 
 def _evaluated_on(split: RowSplit) -> str:

@@ -20,3 +20,28 @@ TARGET_PROFILE_FORMAT = "moco-target-profile"  # the file's "format"
 TARGET_PROFILE_VERSION = 1  # the file's "version"; a reader refuses others
 TARGET_PROFILE_FIELDS = ("name", "provider", "exit_fixed_seconds", "flops_per_second", "copy_bytes_per_second",
                          "machine", "onnxruntime", "measured_on")  # besides format, version and generator
+
+
+# Names in a bucketed graph (passes/graph/buckets.py) that the stage runner (runtime/staged.py) cuts it
+# back by: the subgraph of each (stage, bucket) instance, its inputs (the rows it gathers) and its
+# outputs (named by role: carry/<tensor>, keep, exited/<output>, out/<output>).  Bucket None: the
+# instance that runs a stage on exactly its rows.
+def instance_tag(stage: int, bucket: int | None) -> str:
+    """The tag an instance's names carry: ``moco_s<stage>_b<bucket>``, ``moco_s<stage>_bN`` for the
+    instance that runs a stage on exactly its rows (a count above the largest bucket, or none)."""
+    return f"moco_s{stage}_b{'N' if bucket is None else bucket}"
+
+
+def instance_graph_name(stage: int, bucket: int | None) -> str:
+    """The name of the subgraph holding stage ``stage``'s instance for ``bucket``."""
+    return f"moco_stage{stage}_bucket{'N' if bucket is None else bucket}"
+
+
+def instance_input(tag: str, tensor: str) -> str:
+    """The name of the rows of ``tensor`` an instance gathers into its bucket."""
+    return f"moco/{tag}/in/{tensor}"
+
+
+def instance_output(tag: str, role: str) -> str:
+    """The name of an instance's output playing ``role``."""
+    return f"moco/{tag}/{role}"

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from moco_compile.passes.graph.buckets import instance_graph_name
+from moco_compile.constants import instance_graph_name
 from moco_compile.passes.graph.index import all_graphs, all_nodes, subgraph_nesting
 from moco_compile.passes.graph.rewrite import apply_plan, insert_exits
 from moco_compile.passes.planning.config import MAX_NESTED_GRAPHS

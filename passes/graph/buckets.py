@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from moco_compile.constants import EXIT_OUTPUT
+from moco_compile.constants import EXIT_OUTPUT, instance_graph_name, instance_input, instance_output, instance_tag
 from moco_compile.passes.graph.exit_graph import ExitGraphBuilder, name_added_nodes
 from moco_compile.passes.graph.index import subgraphs
 from moco_compile.passes.planning.config import checked_buckets
@@ -49,15 +49,6 @@ from moco_compile.passes.planning.types import Exit
 INT64 = onnx.TensorProto.INT64
 
 
-def instance_tag(stage: int, bucket: int | None) -> str:
-    """The tag an instance's names carry: ``moco_s<stage>_b<bucket>``, ``moco_s<stage>_bN`` for the
-    instance that runs a stage on exactly its rows (a count above the largest bucket, or none)."""
-    return f"moco_s{stage}_b{'N' if bucket is None else bucket}"
-
-
-def instance_graph_name(stage: int, bucket: int | None) -> str:
-    """The name of the subgraph holding stage ``stage``'s instance for ``bucket``."""
-    return f"moco_stage{stage}_bucket{'N' if bucket is None else bucket}"
 
 
 def insert_bucketed_exits(model: onnx.ModelProto, exits: Sequence[Exit], classifier_output: str,
@@ -203,13 +194,16 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
         tag = instance_tag(stage, bucket)
         nodes: list = []
         local: dict[str, str] = {}
+        gathered: list[onnx.ValueInfoProto] = []
         if bucket is None and order is None:
             local.update(sources)
         else:
             positions = self._positions(bucket, rows, order, tag, nodes)
             for name, source in sources.items():
-                local[name] = f"{name}/{tag}/in"
+                local[name] = instance_input(tag, name)
                 nodes.append(helper.make_node("Gather", [source, positions], [local[name]], name=local[name], axis=0))
+                if name in self.value_infos:
+                    gathered.append(self._renamed_value(self.value_infos[name], local[name], stage, bucket))
         stage_nodes = [self.model.graph.node[i] for i in self.stages[stage]]
         for node in stage_nodes:
             local.update({name: f"{name}/{tag}" for name in node.output if name})
@@ -219,15 +213,19 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
             results = [local[o.name] for o in self.outputs]
         else:
             results = self._exit_results(stage, bucket, rows, local, tag, nodes, initializers)
+        roles = self._roles(stage)
+        outputs = [instance_output(tag, role) for role in roles]  # named by role, for the stage runner
         produced = {name for node in nodes for name in node.output}
-        for position, name in enumerate(results):  # a subgraph's outputs must be made inside it
-            if name not in produced:
-                results[position] = f"{name}/{tag}/out"
-                nodes.append(helper.make_node("Identity", [name], [results[position]], name=results[position]))
+        renames = {name: output for name, output in zip(results, outputs) if name in produced}
+        for node in nodes:  # no copy on the way out: the producing node writes the role's name
+            node.input[:] = [renames.get(name, name) for name in node.input]
+            node.output[:] = [renames.get(name, name) for name in node.output]
+        nodes.extend(helper.make_node("Identity", [name], [output], name=output)  # outer tensors passed on
+                     for name, output in zip(results, outputs) if name not in produced)
         graph = helper.make_graph(nodes, instance_graph_name(stage, bucket), [], [])
-        graph.value_info.extend(self._declared(stage_nodes, local, stage, bucket))
-        graph.output.extend(self._role_value(role, name, stage, bucket)
-                            for role, name in zip(self._roles(stage), results))
+        graph.value_info.extend(value for value in gathered + self._declared(stage_nodes, local, stage, bucket)
+                                if value.name not in renames)
+        graph.output.extend(self._role_value(role, name, stage, bucket) for role, name in zip(roles, outputs))
         self._hoist(graph, initializers, tag)
         return graph
 

@@ -65,6 +65,11 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
         self.buckets = buckets
         self.hoisted: dict[str, onnx.TensorProto] = {}  # constants every instance reads, kept once
         self.inputs = [i.name for i in model.graph.input if i.name not in self.initializers]
+        carried = {exit_.cut.tensor for exit_ in exits} - set(self.value_infos)
+        if carried:  # the stage runner reads the type of every tensor an instance gathers
+            inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
+            self.value_infos.update({value.name: value for value in inferred if value.name in carried})
+            self.types.update({value.name: value.type.tensor_type.elem_type for value in inferred})
 
     def build(self) -> onnx.ModelProto:
         nodes, constants = self._trailing_shape_nodes()

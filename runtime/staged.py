@@ -56,7 +56,8 @@ class StagedSession:
         self.exits, self.buckets = plan_buckets(record, name)
         self.input_names = [value.name for value in compiled.graph.input
                             if value.name not in {init.name for init in compiled.graph.initializer}]
-        self.output_names = [value.name for value in compiled.graph.output]
+        self._outputs = list(compiled.graph.output)
+        self.output_names = [value.name for value in self._outputs]
         if self.output_names[-1:] != [EXIT_OUTPUT]:
             raise PlanMismatchError(f"{name} is not a graph moco compiled: its last output is not {EXIT_OUTPUT}")
         self.providers = provider_names(providers) or default_providers()
@@ -79,6 +80,10 @@ class StagedSession:
         if len(rows) != 1:
             raise MocoError(f"the inputs {self.input_names} hold different numbers of rows ({sorted(rows)})")
         count = rows.pop()
+        if not count:  # as the graph does: no stage runs on 0 rows
+            return {value.name: np.zeros([0, *(d.dim_value for d in value.type.tensor_type.shape.dim[1:])],
+                                         helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+                    for value in self._outputs}
         with self._lock:
             sources = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feed[name]), self.device, 0)
                        for name in self.input_names}

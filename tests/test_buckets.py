@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import helper, numpy_helper
 
 from moco_compile.constants import instance_graph_name
 from moco_compile.passes.graph.index import all_graphs, all_nodes, subgraph_nesting
@@ -132,10 +134,28 @@ def test_bucketed_nesting_is_bounded_and_bad_buckets_are_refused():
     exits = exits_at(MAX_NESTED_GRAPHS - 4)
     with pytest.raises(ValueError, match="levels deep"):
         insert_exits(model, exits, "logits", "bucketed", (1, 2, 4, 8, 16))
-    fits = insert_exits(model, exits[:MAX_NESTED_GRAPHS - 5], "logits", "bucketed", (1, 2, 4, 8, 16))
+    fits = insert_exits(model, exits[:MAX_NESTED_GRAPHS - 6], "logits", "bucketed", (1, 2, 4, 8, 16))
     assert subgraph_nesting(fits.graph) <= MAX_NESTED_GRAPHS
     for buckets, message in (((), "empty"), ((0, 8), "positive"), ((8, 1), "increasing"),
                              ((1, 8, 8), "more than once")):
         with pytest.raises(ValueError, match=message):
             insert_exits(model, exits[:2], "logits", "bucketed", buckets)
 
+
+
+def test_no_op_runs_on_0_rows_so_a_reshape_that_cannot_is_safe():
+    """A Reshape to [0, -1] fails on 0 rows (onnxruntime infers -1 beside a 0 dim); the bucketed graph
+    never runs a stage on 0 rows, whether the batch is empty or every row has left."""
+    model, exits = deep_mlp(4), exits_at(3)
+    head = model.graph.node[-1]
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), "flat_shape"))
+    model.graph.node.insert(len(model.graph.node) - 1,
+                            helper.make_node("Reshape", [head.input[0], "flat_shape"], ["flattened"], name="flatten"))
+    head.input[0] = "flattened"
+    with pytest.raises(Exception, match="flatten"):
+        _session(model).run(None, {"x": np.zeros((0, 8), np.float32)})
+    x = np.random.default_rng(4).normal(size=(40, 8)).astype(np.float32)
+    everyone_leaves = [replace(e, thresholds=np.full_like(e.thresholds, -1e30)) for e in exits]
+    for plan, rows, expected in ((exits, x[:0], []), (everyone_leaves, x, [0] * len(x))):
+        logits, routes = _session(insert_exits(model, plan, "logits", "bucketed", (1, 8, 64))).run(None, {"x": rows})
+        assert routes.tolist() == expected and logits.shape == (len(rows), 3)

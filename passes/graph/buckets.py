@@ -8,7 +8,8 @@ rows, run, and are dropped on the way back), and each stage has one instance per
 at run time, so each Conv / MatMul / Gemm node instance sees one input shape.  For exits
 0..m-1 and buckets B_1 < ... < B_n::
 
-    main graph: N = Shape(inputs)[0]; the initializers, once (every instance reads them)
+    main graph: N = Shape(inputs)[0]; the initializers, once (every instance reads them);
+    If(N > 0), so that no op of the model ever runs on 0 rows, then:
       switch(N): If(N <= B_1) then [pos = Min(arange(B_1), N - 1); stage 0 on Gather(inputs, pos),
                  exit 0's rule, keep = not fired and pos < N] else If(N <= B_2) ... else [stage 0 on
                  the N rows as they are]                    -> cut_0, keep_0, exited values: b_0 rows
@@ -27,7 +28,7 @@ graph where the count is read, so onnxruntime places them on the CPU and the cou
 host once per exit reached (``If`` conditions, ``Slice`` ends and ``TopK``'s K are CPU inputs).
 Instances grow as stages x (buckets + 1), never as a tree: a stage's instances sit in one chain of
 ``If`` nodes, and the next exit's routing sits beside that chain.  A count above the largest bucket
-(or a batch of 0 rows) runs the stage on exactly its rows, as the nested layout would.  Tensor and
+runs the stage on exactly its rows, as the nested layout would.  Tensor and
 node names inside an instance carry its tag (``moco_s<stage>_b<bucket>``, ``_bN`` for the exact
 fallback), so names are unique across the whole graph; the rules' constants are hoisted to the main
 graph once, beside the model's weights.
@@ -75,18 +76,20 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
         nodes, constants = self._trailing_shape_nodes()
         graph_nodes = self.model.graph.node
         nodes = nodes + [graph_nodes[i] for i in range(len(graph_nodes)) if self.index.is_constant_node(i)]
-        rows = "moco/entry/rows"
-        nodes.append(helper.make_node("Shape", [self.inputs[0]], [rows], start=0, end=1))
-        # 0 rows take the exact instance (a gather of 0 rows has no row to repeat)
-        empty, beyond = self._constant("moco/entry/none", [0]), self._constant("moco/entry/beyond",
-                                                                              [self.buckets[-1] + 1])
-        nodes.extend([helper.make_node("Equal", [rows, empty], ["moco/entry/no_rows"]),
-                      helper.make_node("Where", ["moco/entry/no_rows", beyond, rows], ["moco/entry/switch_rows"])])
-        results = self._level(0, rows, "moco/entry/switch_rows", {name: name for name in self.inputs}, None, nodes)
-        zero = self._constant("moco/zero1", [0])
+        rows, zero = "moco/entry/rows", self._constant("moco/zero1", [0])
+        nodes.extend([helper.make_node("Shape", [self.inputs[0]], [rows], start=0, end=1),
+                      helper.make_node("Greater", [rows, zero], ["moco/entry/any_rows"])])
+        # a batch of 0 rows runs no stage: no op of the model ever sees 0 rows
+        batch: list = []
+        results = self._level(0, rows, rows, {name: name for name in self.inputs}, None, batch)
         names = [o.name for o in self.outputs] + [EXIT_OUTPUT]
-        nodes.extend(helper.make_node("Slice", [src, zero, rows, zero], [dst], name=f"moco/out/{dst}")
-                     for src, dst in zip(results, names))
+        cut = [f"moco/entry/result/{name}" for name in names]
+        batch.extend(helper.make_node("Slice", [src, zero, rows, zero], [dst]) for src, dst in zip(results, cut))
+        rows_graph = helper.make_graph(batch, "moco_batch", [], [])
+        rows_graph.output.extend(self._value_info(name, original) for name, original in zip(cut, names))
+        nodes.append(helper.make_node("If", ["moco/entry/any_rows"], names, name="moco/entry/if_rows",
+                                      then_branch=rows_graph,
+                                      else_branch=self._empty_branch("moco/entry", "moco_batch_empty")))
         graph = helper.make_graph(nodes, self.model.graph.name or "moco_compiled", [], [],
                                   list(self.model.graph.initializer) + constants + list(self.hoisted.values()))
         graph.input.extend(i for i in self.model.graph.input if i.name not in self.initializers)
@@ -149,7 +152,7 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
                                  for name, original in zip(kept, [o.name for o in self.outputs] + [EXIT_OUTPUT]))
         rest = [f"{p}/rest_out/{o.name}" for o in self.outputs] + [f"{p}/rest_out/exit"]
         nodes.append(helper.make_node("If", [f"{p}/any_left"], rest, name=f"{p}/if_rows_left",
-                                      then_branch=then_graph, else_branch=self._empty_branch(stage)))
+                                      then_branch=then_graph, else_branch=self._empty_branch(p, f"moco_level_{stage + 1}_skipped")))
         results = []
         for position, original in enumerate(self.outputs):
             merged = f"{p}/merged/{original.name}"

@@ -183,17 +183,18 @@ class ExitGraphBuilder:
         return pooled | {name for stage in self.stages[level:] for i in stage
                          for name in node_inputs(self.model.graph.node[i]) if name in inputs}
 
-    def _empty_branch(self, level: int) -> onnx.GraphProto:
-        """The If's else branch (no row left): every output with 0 rows and its non-batch dims."""
-        no_rows = f"moco/exit{level}/empty/no_rows"
+    def _empty_branch(self, prefix: str, graph_name: str) -> onnx.GraphProto:
+        """An If's else branch (no row left): every output with 0 rows and its non-batch dims, as
+        tensors named ``<prefix>/empty/<output>`` (``.../exit`` for the exit ids)."""
+        no_rows = f"{prefix}/empty/no_rows"
         nodes, outputs = [], []
         initializers = [numpy_helper.from_array(np.array([0], np.int64), no_rows)] if self.trailing_shapes else []
         for original in self.outputs + [None]:
             if original is None:
-                elem, dims, name = onnx.TensorProto.INT64, [], f"moco/exit{level}/empty/exit"
+                elem, dims, name = onnx.TensorProto.INT64, [], f"{prefix}/empty/exit"
             else:
                 elem, dims = original.type.tensor_type.elem_type, trailing_dims(original)
-                name = f"moco/exit{level}/empty/{original.name}"
+                name = f"{prefix}/empty/{original.name}"
             outputs.append(helper.make_tensor_value_info(name, elem, [0, *dims]))
             if original is not None and original.name in self.trailing_shapes:
                 nodes.extend([
@@ -204,7 +205,7 @@ class ExitGraphBuilder:
             else:
                 dtype = helper.tensor_dtype_to_np_dtype(elem)
                 initializers.append(numpy_helper.from_array(np.zeros([0, *dims], dtype), name))
-        return helper.make_graph(nodes, f"moco_level_{level + 1}_skipped", [], outputs, initializers)
+        return helper.make_graph(nodes, graph_name, [], outputs, initializers)
 
     def _value_info(self, name: str, original: str) -> onnx.ValueInfoProto:
         if original == EXIT_OUTPUT:

@@ -95,7 +95,7 @@ def insert_exits(model: onnx.ModelProto, exits: Sequence[Exit], classifier_outpu
     """
     if layout not in EXIT_LAYOUTS:
         raise ValueError(f"unknown exit layout {layout!r}: use one of {EXIT_LAYOUTS}")
-    levels = len(exits) + subgraph_nesting(model.graph) + (len(batch_buckets) if layout == "bucketed" else 0)
+    levels = len(exits) + subgraph_nesting(model.graph) + (len(batch_buckets) + 1 if layout == "bucketed" else 0)
     if layout != "flat" and levels > MAX_NESTED_GRAPHS:
         raise ValueError(f"{len(exits)} exits would nest subgraphs {levels} levels deep, more than the "
                          f"{MAX_NESTED_GRAPHS} an ONNX file can hold: plan with PlannerConfig(max_exits=...)")
@@ -276,7 +276,7 @@ class _ExitGraphBuilder(ExitGraphBuilder):
         rest_results = [f"{p}/rest_out/{o.name}" for o in self.outputs] + [f"{p}/rest_out/exit"]
         body.nodes.append(helper.make_node("If", [f"{p}/any_left"], rest_results, name=f"{p}/if_rows_left",
                                            then_branch=self._branch(level + 1, renames, compress),
-                                           else_branch=self._empty_branch(level)))
+                                           else_branch=self._empty_branch(p, f"moco_level_{level + 1}_skipped")))
         return rest_results
 
     def _branch(self, level: int, renames: dict[str, str], entry: Sequence[onnx.NodeProto]) -> onnx.GraphProto:

@@ -209,7 +209,7 @@ class PlannerConfig:
         :mod:`moco_compile.passes.graph.buckets`).  ``max_exits``: at most this many exits
         in a plan; nested exits nest one subgraph level each, so there it is at most
         :data:`MAX_NESTED_GRAPHS` less the model's own nesting (:meth:`for_model_nesting`),
-        and bucketed ones one more level per bucket.
+        and bucketed ones one more level per bucket, and one more.
 
     Out-of-distribution guard (see :mod:`moco_compile.passes.calibration.guard`)
         ``ood_guard``: None (no guard), or the share of calibration-like rows each exit's
@@ -340,9 +340,10 @@ class PlannerConfig:
 
     @property
     def nesting_room(self) -> int:
-        """Subgraph levels left for exits: :data:`MAX_NESTED_GRAPHS`, less one per batch bucket when
-        bucketed (a stage's instances sit in a chain of ``If`` nodes, one per bucket)."""
-        return MAX_NESTED_GRAPHS - (len(self.batch_buckets) if self.exit_layout == "bucketed" else 0)
+        """Subgraph levels left for exits: :data:`MAX_NESTED_GRAPHS`, less one per batch bucket and one
+        for the batch when bucketed (a stage's instances sit in a chain of ``If`` nodes, one per bucket,
+        inside an ``If`` that skips batches of 0 rows)."""
+        return MAX_NESTED_GRAPHS - (len(self.batch_buckets) + 1 if self.exit_layout == "bucketed" else 0)
 
     def for_model_nesting(self, levels: int) -> "PlannerConfig":
         """This configuration with ``max_exits`` lowered so that exits nested in a model whose own

@@ -134,7 +134,7 @@ class StagedSession:
         """``source``'s rows at ``positions``, on the device, written into ``into`` when given."""
         key = (source.data_type(), len(source.shape()))
         if key not in self._gathers:
-            self._gathers[key] = make_session(_gather_model(*key), self.providers, self.threads)
+            self._gathers[key] = make_session(_gather_model(*key), self.providers, self.threads, spinning=False)
         session = self._gathers[key]
         binding = session.io_binding()
         binding.bind_ortvalue_input("x", source)
@@ -158,12 +158,12 @@ class _Stage:
         self.captured = False
         if capture:
             try:
-                self.session = make_session(graph.model, providers, threads, {"enable_cuda_graph": "1"})
+                self.session = make_session(graph.model, providers, threads, {"enable_cuda_graph": "1"}, spinning=False)
                 self.captured = True
             except Exception as error:  # onnxruntime refuses capture when a node runs on the CPU
                 log.warning("stage %d, bucket %s runs without a CUDA graph: %s", graph.stage, graph.bucket, error)
         if not self.captured:
-            self.session = make_session(graph.model, providers, threads)
+            self.session = make_session(graph.model, providers, threads, spinning=False)
         self.inputs: dict[str, ort.OrtValue] = {}
         self.outputs: dict[str, ort.OrtValue] = {}
         self.binding: ort.IOBinding | None = None

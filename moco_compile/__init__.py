@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __all__ = ["compile", "calibrate_frame", "load_frame", "ActivationFrame", "AnalyticsEngine", "Build", "ExitSession",
-           "MocoError", "PlannerConfig"]
+           "MocoError", "PlannerConfig", "StagedSession"]
 
 if TYPE_CHECKING:
     from moco_compile.analytics import AnalyticsEngine
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from moco_compile.frame import ActivationFrame, load_frame
     from moco_compile.passes.planning.config import PlannerConfig
     from moco_compile.runtime.session import ExitSession
+    from moco_compile.runtime.staged import StagedSession
 
 
 def __getattr__(name: str):
@@ -35,6 +36,8 @@ def __getattr__(name: str):
         value = getattr(frame, name)
     elif name == "ExitSession":
         from moco_compile.runtime.session import ExitSession as value
+    elif name == "StagedSession":
+        from moco_compile.runtime.staged import StagedSession as value
     elif name == "PlannerConfig":
         from moco_compile.passes.planning.config import PlannerConfig as value
     elif name == "MocoError":

@@ -192,3 +192,29 @@ def test_a_gpu_build_records_its_target(tmp_path, reference_onnx, calib_npz):
         resolve_target(PlannerConfig(), "cuda", 256)[0]
     assert report["target"]["name"] == "cuda:h100" and report["target"]["serving_batch"] == 256
     assert report["target"]["priced_from"]["machine"].startswith("NVIDIA H100")
+
+
+def test_a_gpu_profile_where_exits_pay_writes_a_bucketed_build_the_stage_runner_serves(tmp_path, reference_onnx,
+                                                                                       calib_npz, calibration):
+    """A GPU whose exits cost little (1 us per batch) opens exits: the build is bucketed, verified by the
+    compile, and runs staged from its directory with the graph's exits and outputs."""
+    import onnxruntime as ort
+
+    from moco_compile.runtime.staged import StagedSession
+
+    profile_path = tmp_path / "gpu.json"
+    _profile(exit_fixed_seconds=1e-6).to_json(profile_path)
+    out = tmp_path / "out"
+    run = _compile(reference_onnx, calib_npz, out, "--target-profile", str(profile_path), "--serving-batch", "64",
+                   "--batch-buckets", "1,8,64")
+    assert run.exit_code == 0, run.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["exit_layout"] == "bucketed" and plan["exits"] and plan["planner_config"]["batch_buckets"] == [1, 8, 64]
+    staged = StagedSession(out / "model.onnx", out / "plan.json", providers=["cpu"])
+    single = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for size in (1, 5, 64, 100):
+        images = calibration["images"][-size:]
+        outputs = staged.run({"images": images})
+        logits, exits = single.run(None, {"images": images})
+        np.testing.assert_array_equal(outputs["moco_exit"], exits)
+        np.testing.assert_allclose(outputs["logits"], logits, atol=1e-5, rtol=1e-5)

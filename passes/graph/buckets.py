@@ -42,12 +42,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from moco_compile.constants import EXIT_OUTPUT, instance_graph_name, instance_input, instance_output, instance_tag
-from moco_compile.passes.graph.exit_graph import ExitGraphBuilder, name_added_nodes
+from moco_compile.passes.graph.exit_graph import ExitGraphBuilder
 from moco_compile.passes.graph.index import subgraphs
 from moco_compile.passes.planning.config import checked_buckets
 from moco_compile.passes.planning.types import Exit
 
-INT64 = onnx.TensorProto.INT64
 
 
 
@@ -90,17 +89,7 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
         nodes.append(helper.make_node("If", ["moco/entry/any_rows"], names, name="moco/entry/if_rows",
                                       then_branch=rows_graph,
                                       else_branch=self._empty_branch("moco/entry", "moco_batch_empty")))
-        graph = helper.make_graph(nodes, self.model.graph.name or "moco_compiled", [], [],
-                                  list(self.model.graph.initializer) + constants + list(self.hoisted.values()))
-        graph.input.extend(i for i in self.model.graph.input if i.name not in self.initializers)
-        graph.output.extend(self.outputs)
-        graph.output.append(helper.make_tensor_value_info(EXIT_OUTPUT, INT64, [self._batch_dim()]))
-        graph.output[-1].doc_string = "index of the exit each row took; -1 = full network"
-        compiled = helper.make_model(graph, opset_imports=list(self.model.opset_import),
-                                     producer_name="moco", ir_version=self.model.ir_version)
-        compiled.metadata_props.extend(self.model.metadata_props)
-        name_added_nodes(compiled.graph)
-        return compiled
+        return self._compiled_model(nodes, list(self.model.graph.initializer) + constants + list(self.hoisted.values()))
 
     # -- one level: a stage's instances, then its exit's routing ------------------------------
     def _level(self, stage: int, rows: str, switch_rows: str, sources: dict[str, str], order: str | None,

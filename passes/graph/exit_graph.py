@@ -51,6 +51,21 @@ class ExitGraphBuilder:
         self.trailing_shapes: dict[str, str] = {}
         self.stages = self._partition()
 
+    def _compiled_model(self, nodes: list, initializers: list, value_info: list = ()) -> onnx.ModelProto:
+        """The compiled model around a main graph of ``nodes``: the model's inputs, its outputs plus
+        ``moco_exit``, its opsets and metadata; moco's nodes named."""
+        graph = helper.make_graph(nodes, self.model.graph.name or "moco_compiled", [], [], initializers)
+        graph.value_info.extend(value_info)
+        graph.input.extend(i for i in self.model.graph.input if i.name not in self.initializers)
+        graph.output.extend(self.outputs)
+        graph.output.append(helper.make_tensor_value_info(EXIT_OUTPUT, onnx.TensorProto.INT64, [self._batch_dim()]))
+        graph.output[-1].doc_string = "index of the exit each row took; -1 = full network"
+        compiled = helper.make_model(graph, opset_imports=list(self.model.opset_import),
+                                     producer_name="moco", ir_version=self.model.ir_version)
+        compiled.metadata_props.extend(self.model.metadata_props)
+        name_added_nodes(compiled.graph)
+        return compiled
+
     def _exit_rule(self, level: int, renames: dict[str, str], p: str, nodes: list, initializers: list
                    ) -> tuple[str, str, str]:
         """Exit ``level``'s rule on its cut tensor (read through ``renames``), in tensors prefixed ``p``:

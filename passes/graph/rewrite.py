@@ -74,7 +74,7 @@ from onnx import helper, numpy_helper
 from moco_compile.constants import EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY
 from moco_compile.passes.graph.buckets import insert_bucketed_exits
 from moco_compile.passes.graph.empty_rows import unsafe_on_no_rows
-from moco_compile.passes.graph.exit_graph import ExitGraphBuilder, name_added_nodes
+from moco_compile.passes.graph.exit_graph import ExitGraphBuilder
 from moco_compile.passes.graph.index import node_inputs, subgraph_nesting
 from moco_compile.passes.planning.config import DEFAULT_BATCH_BUCKETS, DEFAULT_EXIT_LAYOUT, EXIT_LAYOUTS, MAX_NESTED_GRAPHS
 from moco_compile.passes.planning.types import Exit, ExitPlan
@@ -161,18 +161,7 @@ class _ExitGraphBuilder(ExitGraphBuilder):
         names = [o.name for o in self.outputs] + [EXIT_OUTPUT]
         nodes = prologue + body.nodes + [helper.make_node("Identity", [src], [dst], name=f"moco/out/{dst}")
                                          for src, dst in zip(body.results, names) if src != dst]
-        graph = helper.make_graph(nodes, self.model.graph.name or "moco_compiled", [], [],
-                                  constants + body.initializers)
-        graph.value_info.extend(body.value_info)
-        graph.input.extend(i for i in self.model.graph.input if i.name not in self.initializers)
-        graph.output.extend(self.outputs)
-        graph.output.append(helper.make_tensor_value_info(EXIT_OUTPUT, onnx.TensorProto.INT64, [self._batch_dim()]))
-        graph.output[-1].doc_string = "index of the exit each row took; -1 = full network"
-        compiled = helper.make_model(graph, opset_imports=list(self.model.opset_import),
-                                     producer_name="moco", ir_version=self.model.ir_version)
-        compiled.metadata_props.extend(self.model.metadata_props)
-        name_added_nodes(compiled.graph)
-        return compiled
+        return self._compiled_model(nodes, constants + body.initializers, body.value_info)
 
     # -- one stage and its exit -----------------------------------------------------------
     def _body(self, level: int, renames: dict[str, str], entry: Sequence[onnx.NodeProto] = ()) -> _Body:

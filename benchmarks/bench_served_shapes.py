@@ -163,8 +163,9 @@ def served_shape(shape: str, settings: Settings, provider: str = ACCELERATOR) ->
     cut = third_cut(model, random_rows(model, 1, SEEDS["cut"]))
     pooling = pooling_for(cut)
     classes = model.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    providers = [(provider, CUDA_OPTIONS), CPU] if provider != CPU else [CPU]  # as the timed sessions run
     features = pooled_features(model, cut, pooling, random_rows(model, settings.sample_rows, SEEDS["sample"]),
-                               [provider])
+                               providers)
     plans = profile_plans(cut, pooling, random_rule(features, classes), features)
     errors: dict[str, str] = {}
     graphs = compiled_graphs(model, plans, OUTPUT, settings.layouts, errors)

@@ -12,6 +12,9 @@
 #       command: bash benchmarks/gpu_check.sh --groups served cycling
 #   call 2, about 3 min: carry .gpu/cnn .gpu/text; timeout_s 360;
 #       command: bash benchmarks/gpu_check.sh --groups cnn no_exit text
+#   (text_fp16.onnx, 29 MB, fits neither call: gpu_pack.sh keeps it in .gpu/fp16, so call 2 records the text
+#   float16 steps as errors; an optional call 3 carries .gpu/fp16 and runs
+#   `mkdir -p .gpu/text && cp .gpu/fp16/text_fp16.onnx .gpu/text/ && bash benchmarks/gpu_check.sh --groups text`.)
 # Each writes $OUT/gpu_check_<groups>.json (rewritten after every step: a call cut short still reports) and
 # $OUT/gpu_check_<groups>.log.  Back here: copy the JSON files to benchmarks/gpu_runs/, run
 # `python benchmarks/gpu_check.py --record benchmarks/gpu_runs/<both files>` (RESULTS.md, "GPU (CUDA)" and

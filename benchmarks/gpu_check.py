@@ -1,9 +1,13 @@
 """Measure moco's compiled graphs on a GPU with onnxruntime-gpu: parity with the CPU, latency, the
-price of each exit's host sync, float16, TensorRT and CUDA Graphs.
+price of each exit's host sync, float16, TensorRT and CUDA Graphs; and early exits on the model shapes
+people serve (groups ``served`` and ``cycling``, ``benchmarks/bench_served_shapes.py``).
 
 On a lent GPU machine (``benchmarks/gpu_check.sh`` installs onnxruntime-gpu and runs this)::
 
-    python benchmarks/gpu_check.py --artefacts .gpu --out $OUT [--groups cnn no_exit text]
+    python benchmarks/gpu_check.py --artefacts .gpu --out $OUT [--groups served cycling cnn no_exit text]
+
+A dry run here: ``MOCO_GPU_CHECK_PROVIDER=CPUExecutionProvider python benchmarks/gpu_check.py --groups served
+cycling --small --out /tmp/served`` (``--small``: the served shapes at a fraction of their widths).
 
 Back here, to write the section "GPU (CUDA)" of ``benchmarks/RESULTS.md``::
 
@@ -18,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -32,6 +35,8 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_served_shapes import LAYOUTS, Settings, cycling_steps, served_steps  # noqa: E402
+from benchmarks.gpu_common import ACCELERATOR, session  # noqa: E402
 from moco_compile.constants import EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY  # noqa: E402
 from moco_compile.passes.graph.index import all_graphs, all_nodes  # noqa: E402
 from moco_compile.runtime.latency import compare_latency  # noqa: E402
@@ -41,7 +46,6 @@ STRIPPED = "moco-gpu-check: stripped, refill with noise"  # benchmarks/gpu_prepa
 BATCHES = (1, 64, 256)
 SECTION = "GPU (CUDA)"
 CNN_OUTPUT = "logits"
-ACCELERATOR = os.environ.get("MOCO_GPU_CHECK_PROVIDER", CUDA)  # CPUExecutionProvider: a dry run here
 
 
 def refilled(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
@@ -62,16 +66,6 @@ def model_source(path: Path) -> str | bytes:
     if any(t.doc_string == STRIPPED for graph in all_graphs(model.graph) for t in graph.initializer):
         return refilled(model).SerializeToString()
     return str(path)
-
-
-def session(model: str | bytes, provider: str = ACCELERATOR, **options) -> ort.InferenceSession:
-    session_options = ort.SessionOptions()
-    session_options.log_severity_level = 3
-    providers = [(provider, options), CPU] if provider != CPU else [CPU]
-    created = ort.InferenceSession(model, session_options, providers=providers)
-    if created.get_providers()[0] != provider:
-        raise RuntimeError(f"{provider} did not start: the session runs on {created.get_providers()}")
-    return created
 
 
 def run_batches(sess: ort.InferenceSession, feed: dict[str, np.ndarray], size: int = 256) -> dict[str, np.ndarray]:
@@ -332,14 +326,16 @@ def environment() -> dict:
 
 
 GROUPS = {"cnn": cnn_steps, "no_exit": no_exit_steps, "text": text_steps}
+SERVED_GROUPS = {"served": served_steps, "cycling": cycling_steps}  # these take the run's Settings too
 
 
-def run_all(art: Path, out: Path, groups: list[str]) -> None:
+def run_all(art: Path, out: Path, groups: list[str], settings: Settings = Settings()) -> None:
     if hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
     results = {"environment": environment()}
     print(results, flush=True)
-    steps = {name: step for group in groups for name, step in GROUPS[group](art).items()}
+    steps = {name: step for group in groups for name, step in
+             (SERVED_GROUPS[group](art, settings) if group in SERVED_GROUPS else GROUPS[group](art)).items()}
     for name, step in steps.items():
         started = time.perf_counter()
         try:
@@ -355,7 +351,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artefacts", type=Path, default=Path(".gpu"))
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--groups", nargs="+", choices=list(GROUPS), default=list(GROUPS))
+    parser.add_argument("--groups", nargs="+", choices=[*SERVED_GROUPS, *GROUPS], default=[*SERVED_GROUPS, *GROUPS])
+    parser.add_argument("--small", action="store_true", help="served shapes at small widths (a dry run)")
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS),
+                        help="exit layouts of the served shapes: nested, flat, bucketed, staged (the stage runner)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="timing per served-shape session and batch size")
     parser.add_argument("--record", type=Path, nargs="+", help="write RESULTS.md's section from gpu_check_*.json")
     parser.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -368,7 +368,9 @@ def main() -> None:
                [str(path) for path in args.record])
     else:
         args.out.mkdir(parents=True, exist_ok=True)
-        run_all(args.artefacts, args.out, args.groups)
+        settings = Settings(small=args.small, layouts=tuple(args.layouts), seconds=args.seconds,
+                            **({"sample_rows": 512, "fresh_rows": 512} if args.small else {}))
+        run_all(args.artefacts, args.out, args.groups, settings)
 
 
 if __name__ == "__main__":

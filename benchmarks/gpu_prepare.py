@@ -6,7 +6,9 @@ The GPU machine has a different torch and no Debian data, and device time is sho
 is compiled there.  Written to ``--out`` (git-ignored; carried to the device over several calls,
 see ``benchmarks/gpu_check.sh``), in ``cnn/`` and ``text/``:
 
-- ``cnn_*.onnx``: the reference CNN as compiled by ``moco compile`` at its default 1% budget,
+- ``cnn_*.onnx``: the reference CNN as compiled by ``moco compile`` at its default 1% budget, and
+  the graph it rewrote (``cnn_prepared.onnx``) with the certified plan (``cnn_plan.json``: the plan and
+  the classifier output) for the device to lay out in any exit layout (``gpu_check.py --groups cycling``);
   its float16 variant (``moco optimize-memory --fp16``), and two no-exit graphs (thresholds +inf,
   rules run, no row leaves): one exit at the first cut and an exit at every candidate cut, beside
   the plain network they were built on (``cnn_plain.onnx``);
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -45,7 +48,7 @@ from moco_compile.memory.optimize import optimize_memory  # noqa: E402
 from moco_compile.passes.graph.index import all_graphs  # noqa: E402
 from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
 from moco_compile.passes.planning.config import DEFAULT_EXIT_LAYOUT, PlannerConfig  # noqa: E402
-from moco_compile.prepare import cut_points_of  # noqa: E402
+from moco_compile.prepare import cut_points_of, model_for_plan  # noqa: E402
 
 STRIP_BYTES = 1 << 16
 TEST_ROWS = 2048
@@ -67,7 +70,7 @@ def strip_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def no_exit_graphs(widths: tuple[int, ...], images: np.ndarray) -> dict[str, onnx.ModelProto]:
     imported = import_model(net(widths), example_input=torch.from_numpy(images[:2]))
-    plan = closed_exits(imported, images)
+    plan = closed_exits(imported, {imported.input_names[0]: images})
     return {"plain": imported.model,
             "closed_one": apply_plan(imported.model, replace(plan, exits=plan.exits[:1]), imported.output,
                                      DEFAULT_EXIT_LAYOUT),
@@ -91,6 +94,9 @@ def prepare_cnn(out: Path) -> None:
     original = onnx.load("models/artifacts/fashion_resnet.onnx")
     compiled = compile(original, calibration, max_disagreement=BUDGET, measure_latency=False, show_progress=False)
     onnx.save(compiled.model, out / "cnn_compiled.onnx")
+    prepared, output = model_for_plan(original, None, {"images": calibration["images"][:1]})
+    onnx.save(prepared, out / "cnn_prepared.onnx")
+    (out / "cnn_plan.json").write_text(json.dumps({"output": output, **compiled.plan.to_dict()}))
     onnx.save(optimize_memory(original, calibration, float16=True, max_accuracy_drop=0.5,
                               measure_latency=False).model, out / "cnn_fp16.onnx")
     for name, model in no_exit_graphs((16, 32, 64), calibration["images"][:256]).items():

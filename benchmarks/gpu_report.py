@@ -1,7 +1,12 @@
-"""Render ``benchmarks/gpu_check.py``'s JSON as the section "GPU (CUDA)" of ``benchmarks/RESULTS.md``."""
+"""Render ``benchmarks/gpu_check.py``'s JSON as the section "GPU (CUDA)" of ``benchmarks/RESULTS.md``: the
+reference models' steps as the section's text, the served shapes' (``gpu_served_report.py``) as its
+subsection "Served shapes"."""
 from __future__ import annotations
 
-from benchmarks.results import write_section
+import re
+
+from benchmarks import gpu_served_report, results as results_file
+from benchmarks.results import write_subsections
 
 SECTION = "GPU (CUDA)"
 MIB = 2 ** 20
@@ -164,9 +169,23 @@ def render(results: dict, sources: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _reference_steps(results: dict) -> bool:
+    """Whether ``results`` holds any step of the reference models' groups (``cnn``, ``no_exit``, ``text``)."""
+    return any(key != "environment" and not key.startswith("served_") and not key.endswith("_seconds")
+               for key in results)
+
+
+def _current_text() -> str:
+    """The section's text before its first subsection, as RESULTS.md holds it now."""
+    match = results_file._section_pattern(SECTION).search(results_file.RESULTS.read_text())
+    return re.split(r"^### ", match.group(1), maxsplit=1, flags=re.M)[0] if match else ""
+
+
 def record(results: dict, sources: list[str]) -> None:
-    """Write the section from the ``gpu_check_*.json`` files (named in ``sources``) that
-    ``gpu_check.py`` wrote on the GPU machine."""
-    text = render(results, sources)
-    print(text)
-    write_section(SECTION, text)
+    """Write the section from the ``gpu_check_*.json`` files (named in ``sources``) that ``gpu_check.py``
+    wrote on the GPU machine: the reference models' text when they hold its steps (else the text is kept as
+    it stands), the subsection "Served shapes" when they hold served-shape steps (else it is kept)."""
+    text = render(results, sources) if _reference_steps(results) else _current_text()
+    served = gpu_served_report.render(results) if any(key.startswith("served_") for key in results) else None
+    print(text if served is None else served)
+    write_subsections(SECTION, text, {} if served is None else {gpu_served_report.SUBSECTION: served})

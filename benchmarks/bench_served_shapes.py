@@ -35,7 +35,7 @@ from benchmarks.exit_profiles import pooled_features, pooling_for, profile_plans
 from benchmarks.gpu_common import ACCELERATOR, BoundRunner, RunAdapter, session
 from benchmarks.served_shapes import OUTPUT, SHAPES, random_rows
 from moco_compile.passes.graph.rewrite import apply_plan
-from moco_compile.passes.planning.config import DEFAULT_BATCH_BUCKETS
+from moco_compile.passes.planning.config import DEFAULT_BATCH_BUCKETS, PlannerConfig
 from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.runtime.latency import compare_latency, compare_passes
 from moco_compile.runtime.session import CPU, CUDA_OPTIONS
@@ -90,7 +90,9 @@ def staged_session(graph: onnx.ModelProto, plan: ExitPlan, provider: str):
     """moco's stage runner over a bucketed graph (CUDA Graphs on CUDA), timed like a session."""
     from moco_compile.runtime.staged import StagedSession  # issue 26's runner: absent from older checkouts
 
-    return RunAdapter(StagedSession(graph, plan, providers=[provider]))
+    record = {**plan.to_dict(), "exit_layout": "bucketed",  # what a bucketed build's plan.json holds
+              "planner_config": PlannerConfig(exit_layout="bucketed", batch_buckets=DEFAULT_BATCH_BUCKETS).to_dict()}
+    return RunAdapter(StagedSession(graph, record, providers=[provider]))
 
 
 def runners(graphs: Mapping[str, onnx.ModelProto], plans: Mapping[str, ExitPlan], layouts: tuple[str, ...],

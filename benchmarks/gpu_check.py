@@ -36,7 +36,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_served_shapes import LAYOUTS, Settings, cycling_steps, served_steps  # noqa: E402
-from benchmarks.gpu_common import ACCELERATOR, session  # noqa: E402
+from benchmarks.gpu_common import ACCELERATOR, RunAdapter, session  # noqa: E402
 from moco_compile.constants import EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY  # noqa: E402
 from moco_compile.passes.graph.index import all_graphs, all_nodes  # noqa: E402
 from moco_compile.runtime.latency import compare_latency  # noqa: E402
@@ -220,6 +220,13 @@ def no_exit_steps(art: Path) -> dict:
     return steps
 
 
+def staged(model: Path, plan: Path) -> RunAdapter:
+    """moco's stage runner over a bucketed build (a CUDA graph per stage and bucket), timed like a session."""
+    from moco_compile.runtime.staged import StagedSession
+
+    return RunAdapter(StagedSession(model, plan, providers=[ACCELERATOR]))
+
+
 def text_steps(art: Path) -> dict:
     with np.load(art / "text" / "text_test.npz") as data:
         feed = {k: data[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -238,6 +245,11 @@ def text_steps(art: Path) -> dict:
         "text_fewer_exits": lambda: latency({name: session(str(art / "text" / f"text_{name}.onnx"))
                                              for name in ("original", "compiled", "max2", "top1", "top2", "top3")},
                                             feed, (64, 256, 1024)),
+        "text_target_cuda": lambda: latency({"original": session(str(original)),
+                                             "target_cuda": session(str(art / "text" / "text_cuda.onnx")),
+                                             "target_cuda_staged": staged(art / "text" / "text_cuda.onnx",
+                                                                          art / "text" / "text_cuda_plan.json")},
+                                            feed, (1, 64, 256)),
         "text_float16_latency": lambda: latency({"float32": session(str(original)), "float16": session(str(half))},
                                                 feed, (1, 64)),
         "text_float16_memory": lambda: {name: memory(path, art / "text" / "text_test.npz")

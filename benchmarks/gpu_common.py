@@ -61,11 +61,12 @@ class BoundRunner:
 
 
 class RunAdapter:
-    """Anything with ``run(feeds) -> list of outputs`` (moco's stage runner), timed like a session."""
+    """Anything with ``run(feeds) -> {output: array}`` in the graph's output order (moco's stage runner),
+    timed like a session."""
 
     def __init__(self, runner) -> None:
         self.runner = runner
 
     def run(self, _names: Sequence[str] | None, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """``runner.run(feed)``, called as ``InferenceSession.run(None, feed)``."""
-        return self.runner.run(dict(feed))
+        """``runner.run(feed)``'s outputs in order, called as ``InferenceSession.run(None, feed)``."""
+        return list(self.runner.run(dict(feed)).values())

@@ -114,12 +114,15 @@ def prepare_text(out: Path) -> None:
     compiled = compile(text, tokens, max_disagreement=BUDGET, measure_latency=False, show_progress=False)
     two_exits = compile(text, tokens, max_disagreement=BUDGET, measure_latency=False, show_progress=False,
                         planner_config=PlannerConfig(max_exits=2))
+    gpu = compile(text, tokens, max_disagreement=BUDGET, measure_latency=False, show_progress=False,
+                  target="cuda", serving_batch=64, allow_no_exit=True)  # priced for an H100 at batch 64: bucketed
+    (out / "text_cuda_plan.json").write_text(json.dumps(gpu.plan_record()))
     half = optimize_memory(text, tokens, float16=True, max_accuracy_drop=0.5, measure_latency=False).model
-    for name, result in (("default", compiled), ("max_exits=2", two_exits)):
+    for name, result in (("default", compiled), ("max_exits=2", two_exits), ("--target cuda", gpu)):
         print(f"text {name}: {len(result.plan.exits)} exits, {result.report['compute_reduction']:.1%} estimated",
               flush=True)
     used = np.unique(test["input_ids"])
-    graphs = {"original": text, "compiled": compiled.model, "max2": two_exits.model, "fp16": half,
+    graphs = {"original": text, "compiled": compiled.model, "max2": two_exits.model, "cuda": gpu.model, "fp16": half,
               **busiest_exits(text, tokens, compiled, counts=(1, 2, 3))}
     small = {name: pruned_vocabulary(model, used) for name, model in graphs.items()}
     small_test = {**test, "input_ids": np.searchsorted(used, test["input_ids"])}

@@ -374,18 +374,29 @@ def test_eager_api_rejects_bad_rules(hf_model):
 
 def test_bucketed_layout_of_the_text_plan_matches_nested(compiled, text_onnx, test_rows):
     """The text plan bucketed: the attention mask is gathered with the rows into each bucket (padding
-    rows repeat real ones), exits and logits equal the nested graph's, for batches of 0 to 300 rows."""
+    rows repeat real ones), exits and logits equal the nested graph's, for batches of 0 to 300 rows,
+    as one graph and through the stage runner."""
     from moco_compile.prepare import model_for_plan
     from moco_compile.passes.graph.rewrite import insert_exits
 
     result, _ = compiled
     rows = _inputs(test_rows)
     model, output = model_for_plan(onnx.load(str(text_onnx)), None, {k: v[:1] for k, v in rows.items()})
-    bucketed = insert_exits(model, result.plan.exits, output, "bucketed", (1, 8, 32, 128))
+    from moco_compile.passes.planning.config import PlannerConfig
+    from moco_compile.runtime.staged import StagedSession
+
+    buckets = (1, 8, 32, 128)
+    bucketed = insert_exits(model, result.plan.exits, output, "bucketed", buckets)
     onnx.checker.check_model(bucketed, full_check=True)
+    record = {**result.plan.to_dict(), "exit_layout": "bucketed",
+              "planner_config": PlannerConfig(exit_layout="bucketed", batch_buckets=buckets).to_dict()}
+    staged = StagedSession(bucketed, record, providers=["cpu"])  # the mask travels between stages too
     for size in (0, 1, 5, 8, 33, 300):
         batch = {k: v[:size] for k, v in rows.items()}
         (logits, exits), (nested_logits, nested_exits) = _run(bucketed, batch), _run(result.model, batch)
         assert (exits == nested_exits).all() and logits.shape == nested_logits.shape
         np.testing.assert_allclose(logits, nested_logits, atol=1e-5)
+        served = staged.run(batch)
+        assert (served["moco_exit"] == exits).all()
+        np.testing.assert_allclose(served[output], logits, atol=1e-5)
     assert (nested_exits >= 0).any() and (nested_exits == -1).any()

@@ -212,7 +212,8 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
             results = self._exit_results(stage, bucket, rows, local, tag, nodes, initializers)
         roles = self._roles(stage)
         outputs = [instance_output(tag, role) for role in roles]  # named by role, for the stage runner
-        produced = {name for node in nodes for name in node.output}
+        gathered_names = {value for value in local.values() if value.startswith(instance_input(tag, ""))}
+        produced = {name for node in nodes for name in node.output} - gathered_names  # the runner cuts gathers off
         renames = {name: output for name, output in zip(results, outputs) if name in produced}
         for node in nodes:  # no copy on the way out: the producing node writes the role's name
             node.input[:] = [renames.get(name, name) for name in node.input]

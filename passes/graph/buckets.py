@@ -80,7 +80,8 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
                       helper.make_node("Greater", [rows, zero], ["moco/entry/any_rows"])])
         # a batch of 0 rows runs no stage: no op of the model ever sees 0 rows
         batch: list = []
-        results = self._level(0, rows, rows, {name: name for name in self.inputs}, None, batch)
+        fits = self._fits(0, rows, nodes)
+        results = self._level(0, rows, fits, {name: name for name in self.inputs}, None, batch)
         names = [o.name for o in self.outputs] + [EXIT_OUTPUT]
         cut = [f"moco/entry/result/{name}" for name in names]
         batch.extend(helper.make_node("Slice", [src, zero, rows, zero], [dst]) for src, dst in zip(results, cut))
@@ -92,7 +93,7 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
         return self._compiled_model(nodes, list(self.model.graph.initializer) + constants + list(self.hoisted.values()))
 
     # -- one level: a stage's instances, then its exit's routing ------------------------------
-    def _level(self, stage: int, rows: str, switch_rows: str, sources: dict[str, str], order: str | None,
+    def _level(self, stage: int, rows: str, fits: list[str], sources: dict[str, str], order: str | None,
                nodes: list) -> list[str]:
         """Stage ``stage`` on the ``rows`` (int64 ``[1]``) rows that reach it, its exit and the levels
         after it, appended to ``nodes``: results (one per output, then the exit ids) on the bucket's
@@ -100,7 +101,7 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
         ``order``: the previous level's rows, continuing ones first (None at the entry)."""
         roles = self._roles(stage)
         switched = [f"moco/stage{stage}/{role}" for role in roles]
-        nodes.extend(self._switch(stage, rows, switch_rows, sources, order, switched))
+        nodes.append(self._switch(stage, rows, fits, sources, order, switched))
         if stage == len(self.exits):
             ids = f"moco/level{stage}/exit"
             nodes.extend([helper.make_node("Shape", [switched[0]], [f"{ids}/rows"], start=0, end=1),
@@ -131,7 +132,8 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
         ])
         carried = [self.exits[stage].cut.tensor] + sorted(self._side_inputs(stage + 1))
         then_nodes: list = []
-        inner = self._level(stage + 1, count, count, {name: by_role[f"carry/{name}"] for name in carried},
+        fits = self._fits(stage + 1, count, nodes)  # beside the count: onnxruntime keeps them on the host
+        inner = self._level(stage + 1, count, fits, {name: by_role[f"carry/{name}"] for name in carried},
                             order_next, then_nodes)
         zero = self._constant("moco/zero1", [0])
         kept = [f"{p}/continued/{o.name}" for o in self.outputs] + [f"{p}/continued/exit"]
@@ -161,27 +163,33 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
         carried = [self.exits[stage].cut.tensor] + sorted(self._side_inputs(stage + 1))
         return [f"carry/{name}" for name in carried] + ["keep"] + [f"exited/{o.name}" for o in self.outputs]
 
-    def _switch(self, stage: int, rows: str, switch_rows: str, sources: dict[str, str], order: str | None,
-                outputs: list[str]) -> list[onnx.NodeProto]:
-        """The chain of ``If`` nodes choosing stage ``stage``'s instance: the conditions are computed
-        here, beside the count they read, and reach the nested branches from the outer scope."""
-        conditions = [f"moco/stage{stage}/fits_b{bucket}" for bucket in self.buckets]
-        nodes = [helper.make_node("LessOrEqual", [switch_rows, self._constant(f"moco/bucket{bucket}", [bucket])],
-                                  [condition]) for bucket, condition in zip(self.buckets, conditions)]
+    def _fits(self, stage: int, rows: str, nodes: list) -> list[str]:
+        """``rows <= B`` for each bucket ``B``, appended to ``nodes``: the graph where ``rows`` is read
+        from a shape, so that onnxruntime runs them on the host (it places a node there only when its
+        inputs are host tensors of its own graph or small constants; an outer-scope count would be
+        copied to the device and each condition read back, one more sync per bucket tried)."""
+        fits = [f"moco/stage{stage}/fits_b{bucket}" for bucket in self.buckets]
+        nodes.extend(helper.make_node("LessOrEqual", [rows, self._constant(f"moco/bucket{bucket}", [bucket])], [fit])
+                     for bucket, fit in zip(self.buckets, fits))
+        return fits
+
+    def _switch(self, stage: int, rows: str, fits: list[str], sources: dict[str, str], order: str | None,
+                outputs: list[str]) -> onnx.NodeProto:
+        """The chain of ``If`` nodes choosing stage ``stage``'s instance by the conditions ``fits``
+        (:meth:`_fits`), which reach the nested branches from the outer scope."""
         chain = self._instance(stage, None, rows, sources, order)
-        for position in reversed(range(len(self.buckets))):
-            names = outputs if position == 0 else [f"{name}/from_b{self.buckets[position]}" for name in outputs]
-            choice = helper.make_node("If", [conditions[position]], names,
+        for position in reversed(range(1, len(self.buckets))):
+            names = [f"{name}/from_b{self.buckets[position]}" for name in outputs]
+            choice = helper.make_node("If", [fits[position]], names,
                                       name=f"moco/stage{stage}/switch_b{self.buckets[position]}",
                                       then_branch=self._instance(stage, self.buckets[position], rows, sources, order),
                                       else_branch=chain)
-            if position == 0:
-                nodes.append(choice)
-            else:
-                chain = helper.make_graph([choice], f"moco_stage{stage}_above_b{self.buckets[position - 1]}", [], [])
-                chain.output.extend(self._role_value(role, name, stage, None)
-                                    for role, name in zip(self._roles(stage), names))
-        return nodes
+            chain = helper.make_graph([choice], f"moco_stage{stage}_above_b{self.buckets[position - 1]}", [], [])
+            chain.output.extend(self._role_value(role, name, stage, None)
+                                for role, name in zip(self._roles(stage), names))
+        return helper.make_node("If", [fits[0]], outputs, name=f"moco/stage{stage}/switch_b{self.buckets[0]}",
+                                then_branch=self._instance(stage, self.buckets[0], rows, sources, order),
+                                else_branch=chain)
 
     # -- one instance: a stage (and its exit's rule) at one batch size ------------------------
     def _instance(self, stage: int, bucket: int | None, rows: str, sources: dict[str, str],

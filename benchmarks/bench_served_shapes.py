@@ -23,6 +23,7 @@ the rest is measured.  Dry run on a CPU, at small widths::
 from __future__ import annotations
 
 import json
+import tempfile
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from benchmarks.exit_profiles import pooled_features, pooling_for, profile_plans, random_rule, realized, third_cut
 from benchmarks.gpu_common import ACCELERATOR, BoundRunner, RunAdapter, session
@@ -203,6 +205,12 @@ def cycling(art: Path, settings: Settings, provider: str = ACCELERATOR, repeats:
              **runners(graphs, {"certified": plan}, settings.layouts, errors, provider)}
     result = {"realized": realized_exits(graphs, {k: v for k, v in timed.items() if k != ORIGINAL},
                                          {name: images[:512]}, errors), "ms_per_call": {}}
+    if "certified/bucketed" in graphs:
+        try:
+            result["host_reads"] = host_reads(graphs["certified/bucketed"], [{name: images[:size]} for size in CYCLE * 5],
+                                              len(plan.exits), provider)
+        except Exception:
+            errors["host_reads"] = _error()
     fixed = round(float(np.mean(CYCLE)))
     for label, sizes in ((f"fixed {fixed}", [fixed]), ("cycling " + "/".join(map(str, CYCLE)), list(CYCLE))):
         batches = [{name: images[:size]} for size in sizes] * (repeats * len(CYCLE) // len(sizes))
@@ -214,6 +222,27 @@ def cycling(art: Path, settings: Settings, provider: str = ACCELERATOR, repeats:
         print(" ", label, {k: round(v, 3) for k, v in result["ms_per_call"].get(label, {}).items()}, flush=True)
     result["errors"] = errors
     return result
+
+
+def host_reads(model: onnx.ModelProto, batches: list[dict[str, np.ndarray]], exits: int, provider: str) -> dict:
+    """Per run of the bucketed graph (onnxruntime's profiler): the exits reached, the NonZero nodes run
+    (each reads its count back to the host once) and the copies to the host onnxruntime inserted
+    (MemcpyToHost nodes: each one more sync), summed over ``batches``."""
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as scratch:
+        options.profile_file_prefix = str(Path(scratch) / "host_reads")
+        providers = [(provider, CUDA_OPTIONS), CPU] if provider != CPU else [CPU]
+        profiled = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        reached = 0
+        for batch in batches:
+            routes = profiled.run(None, batch)[-1]
+            reached += int(max((route + 1 if route >= 0 else exits) for route in routes.tolist()))
+        events = json.loads(Path(profiled.end_profiling()).read_text())
+    ops = [event["args"].get("op_name", "") for event in events
+           if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")]
+    return {"runs": len(batches), "exits_reached": reached, "nonzero_runs": ops.count("NonZero"),
+            "memcpy_to_host_runs": ops.count("MemcpyToHost"), "provider": provider}
 
 
 def served_steps(art: Path, settings: Settings) -> dict[str, Callable[[], dict]]:

@@ -111,25 +111,8 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
         p = f"moco/exit{stage}"
         by_role = dict(zip(roles, switched))
         keep = by_role["keep"]
-        left, count = f"{p}/rows_t", f"{p}/count"
-        key, order_next = f"{p}/order_key", f"{p}/order"
-        nodes.extend([
-            helper.make_node("NonZero", [keep], [left]),  # the exit's one device-to-host read
-            helper.make_node("Transpose", [left], [f"{p}/rows"], perm=[1, 0]),
-            helper.make_node("Shape", [left], [count], start=1, end=2),
-            helper.make_node("Greater", [count, self._constant("moco/zero1", [0])], [f"{p}/any_left"]),
-            # continuing rows first, in row order: key = 2b * keep - position, largest first
-            helper.make_node("Shape", [keep], [f"{p}/width"]),
-            helper.make_node("Cast", [f"{p}/width"], [f"{p}/width_f"], to=onnx.TensorProto.FLOAT),
-            helper.make_node("Add", [f"{p}/width_f", f"{p}/width_f"], [f"{p}/lift"]),
-            helper.make_node("Cast", [keep], [f"{p}/keep_f"], to=onnx.TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{p}/keep_f", f"{p}/lift"], [f"{p}/lifted"]),
-            helper.make_node("Squeeze", [f"{p}/width_f", self._constant("moco/zero1", [0])], [f"{p}/width_s"]),
-            helper.make_node("Range", [self._constant("moco/zero_f", 0.0, np.float32), f"{p}/width_s",
-                                       self._constant("moco/one_f", 1.0, np.float32)], [f"{p}/positions"]),
-            helper.make_node("Sub", [f"{p}/lifted", f"{p}/positions"], [key]),
-            helper.make_node("TopK", [key, f"{p}/width"], [f"{p}/order_values", order_next], axis=0),
-        ])
+        count, order_next = f"{p}/count", f"{p}/order"
+        nodes.extend(self._routing_nodes(p, keep, count, order_next))
         carried = [self.exits[stage].cut.tensor] + sorted(self._side_inputs(stage + 1))
         then_nodes: list = []
         fits = self._fits(stage + 1, count, nodes)  # beside the count: onnxruntime keeps them on the host
@@ -142,8 +125,9 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
         then_graph.output.extend(self._value_info(name, original)
                                  for name, original in zip(kept, [o.name for o in self.outputs] + [EXIT_OUTPUT]))
         rest = [f"{p}/rest_out/{o.name}" for o in self.outputs] + [f"{p}/rest_out/exit"]
+        skipped = self._empty_branch(p, f"moco_level_{stage + 1}_skipped")
         nodes.append(helper.make_node("If", [f"{p}/any_left"], rest, name=f"{p}/if_rows_left",
-                                      then_branch=then_graph, else_branch=self._empty_branch(p, f"moco_level_{stage + 1}_skipped")))
+                                      then_branch=then_graph, else_branch=skipped))
         results = []
         for position, original in enumerate(self.outputs):
             merged = f"{p}/merged/{original.name}"
@@ -154,6 +138,29 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
                                        value=numpy_helper.from_array(np.array([stage], np.int64))),
                       helper.make_node("ScatterND", [f"{p}/exit_ids", f"{p}/rows", rest[-1]], [f"{p}/exit"])])
         return results + [f"{p}/exit"]
+
+    def _routing_nodes(self, p: str, keep: str, count: str, order: str) -> list[onnx.NodeProto]:
+        """An exit's routing from ``keep``: ``<p>/rows`` (``[count, 1]``, the continuing rows for the
+        scatters), ``count`` (int64 ``[1]``, from a shape: on the host), ``<p>/any_left`` and ``order``
+        (every row, the continuing ones first in row order: ``TopK`` of ``2 * width * keep - position``,
+        its K a shape too)."""
+        zero = self._constant("moco/zero1", [0])
+        return [
+            helper.make_node("NonZero", [keep], [f"{p}/rows_t"]),  # the exit's one device-to-host read
+            helper.make_node("Transpose", [f"{p}/rows_t"], [f"{p}/rows"], perm=[1, 0]),
+            helper.make_node("Shape", [f"{p}/rows_t"], [count], start=1, end=2),
+            helper.make_node("Greater", [count, zero], [f"{p}/any_left"]),
+            helper.make_node("Shape", [keep], [f"{p}/width"]),
+            helper.make_node("Cast", [f"{p}/width"], [f"{p}/width_f"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Add", [f"{p}/width_f", f"{p}/width_f"], [f"{p}/lift"]),
+            helper.make_node("Cast", [keep], [f"{p}/keep_f"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{p}/keep_f", f"{p}/lift"], [f"{p}/lifted"]),
+            helper.make_node("Squeeze", [f"{p}/width_f", zero], [f"{p}/width_s"]),
+            helper.make_node("Range", [self._constant("moco/zero_f", 0.0, np.float32), f"{p}/width_s",
+                                       self._constant("moco/one_f", 1.0, np.float32)], [f"{p}/positions"]),
+            helper.make_node("Sub", [f"{p}/lifted", f"{p}/positions"], [f"{p}/order_key"]),
+            helper.make_node("TopK", [f"{p}/order_key", f"{p}/width"], [f"{p}/order_values", order], axis=0),
+        ]
 
     def _roles(self, stage: int) -> list[str]:
         """What a stage's instances return, in order: the final outputs for the last stage; else the

@@ -16,8 +16,12 @@ from tritonclient.grpc import model_config_pb2 as pb
 from typer.testing import CliRunner
 
 from moco_compile import compile
+from moco_compile.build import Build
 from moco_compile.cli import app
 from moco_compile.constants import EXIT_OUTPUT
+from moco_compile.passes.graph.rewrite import apply_plan
+from moco_compile.passes.planning.config import PlannerConfig
+from moco_compile.prepare import model_for_plan
 from moco_compile.runtime.triton.repository import PYTHON_MODEL
 from moco_compile.runtime.triton.staged import ENTRY_MODEL
 
@@ -77,16 +81,14 @@ def test_every_model_is_a_config_triton_parses(compiled, staged):
             assert roles == {"out/logits"}
 
 
-def test_stage_models_chained_give_the_single_graph(compiled, staged, calibration):
-    """The stage graphs, run in turn on the rows that continue, give the build's outputs and exits."""
-    images = calibration["images"][-64:]
-    expected = dict(zip(["logits", EXIT_OUTPUT], ort.InferenceSession(str(compiled[1] / "model.onnx")).run(
-        ["logits", EXIT_OUTPUT], {"images": images})))
-    routing = json.loads(_config(staged / "cnn").parameters["moco_stages"].string_value)
-    logits, exits = np.zeros_like(expected["logits"]), np.full(len(images), -2, np.int64)
+def _chained(repository: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stage graphs of the staged export in ``repository`` run in turn on the rows that continue,
+    as the entry model routes them: (logits, exits)."""
+    routing = json.loads(_config(repository / "cnn").parameters["moco_stages"].string_value)
+    logits, exits = np.zeros((len(images), 10), np.float32), np.full(len(images), -2, np.int64)
     rows, tensors = np.arange(len(images)), {"images": images}
     for k, stage in enumerate(routing):
-        session = ort.InferenceSession(str(staged / stage["model"] / "1" / "model.onnx"))
+        session = ort.InferenceSession(str(repository / stage["model"] / "1" / "model.onnx"))
         outputs = dict(zip(stage["outputs"].values(), session.run(list(stage["outputs"]),
                                                                   {n: tensors[t] for n, t in stage["inputs"].items()})))
         if k == len(routing) - 1:
@@ -96,9 +98,34 @@ def test_stage_models_chained_give_the_single_graph(compiled, staged, calibratio
         logits[rows[~keep]], exits[rows[~keep]] = outputs["exited/logits"][~keep], k
         rows = rows[keep]
         tensors = {role.split("/", 1)[1]: value[keep] for role, value in outputs.items() if role.startswith("carry/")}
-    np.testing.assert_array_equal(exits, expected[EXIT_OUTPUT])
+    return logits, exits
+
+
+def _assert_single_graph(model_path: Path, repository: Path, images: np.ndarray) -> None:
+    expected = ort.InferenceSession(str(model_path)).run(["logits", EXIT_OUTPUT], {"images": images})
+    logits, exits = _chained(repository, images)
+    np.testing.assert_array_equal(exits, expected[1])
     assert len(set(exits.tolist())) >= 3
-    np.testing.assert_allclose(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits, expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_stage_models_chained_give_the_single_graph(compiled, staged, calibration):
+    """A nested build: the stages of its plan applied again give its outputs and exits."""
+    _assert_single_graph(compiled[1] / "model.onnx", staged, calibration["images"][-64:])
+
+
+def test_a_bucketed_builds_stages_are_cut_from_its_graph(compiled, reference_model, calibration, tmp_path):
+    result = compiled[0]
+    model, output = model_for_plan(reference_model, None, {"images": calibration["images"][:1]})
+    config = PlannerConfig(exit_layout="bucketed", batch_buckets=(1, 8))
+    build = Build(apply_plan(model, result.plan, output, "bucketed", (1, 8)), result.plan, result.report, None,
+                  exit_layout="bucketed", planner_config=config)
+    build.save(tmp_path / "build")
+    (tmp_path / "gone.onnx").write_bytes(b"")  # a bucketed build needs no original: a bad one is never read
+    run = _cli(tmp_path / "build", "--repository", tmp_path / "repo", "--name", "cnn", "--staged",
+               "--original", tmp_path / "gone.onnx")
+    assert run.exit_code == 0, run.output
+    _assert_single_graph(compiled[1] / "model.onnx", tmp_path / "repo", calibration["images"][-64:])
 
 
 def test_plan_without_an_exit_is_refused(tmp_path, calibration, reference_onnx):

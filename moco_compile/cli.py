@@ -234,17 +234,41 @@ def export_triton_command(
     kind: str = typer.Option("cpu", help="where the instances run: cpu or gpu"),
     backend: str = typer.Option("onnxruntime", help="onnxruntime (Triton's ONNX backend) or python (model.py "
                                                     "running onnxruntime; counts rows per exit as a metric)"),
+    preferred_batch_sizes: Optional[str] = typer.Option(None, "--preferred-batch-sizes", help="batch sizes "
+                                                        "dynamic batching aims for, e.g. 16,32,64 (default: "
+                                                        "--max-batch-size)"),
+    max_queue_delay_us: int = typer.Option(100, "--max-queue-delay-us", help="microseconds dynamic batching "
+                                           "waits to fill a preferred batch"),
+    staged: bool = typer.Option(False, "--staged", help="one model per stage of the plan (--backend: theirs) "
+                                "and an entry model NAME (python, BLS) sending the continuing rows on, "
+                                "batched across requests"),
+    original: Optional[Path] = typer.Option(None, "--original", help="--staged, a build not laid out bucketed: "
+                                            "the model it was compiled from (default: the one its report records)"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="model directory")),
 ) -> None:
-    """Write BUILD_DIR as a model of a Triton model repository: NAME/config.pbtxt, NAME/1/model.onnx."""
+    """Write BUILD_DIR as a model of a Triton model repository: NAME/config.pbtxt, NAME/1/model.onnx
+    (with --staged: NAME and NAME_stage0, NAME_stage1, ...)."""
     from moco_compile.runtime.triton.repository import TritonSettings, export_triton
+    from moco_compile.stage_models import export_triton_staged
 
     try:
-        settings = TritonSettings(max_batch_size, instances, kind, backend)
-        target = export_triton(build_dir, repository, name, settings, force=force)
+        sizes = tuple(_batch_sizes(preferred_batch_sizes, "--preferred-batch-sizes")) if preferred_batch_sizes else ()
+    except ValueError as error:
+        _fail(error)
+    try:
+        settings = TritonSettings(max_batch_size, instances, kind, backend, sizes, max_queue_delay_us)
+        if staged:
+            targets = export_triton_staged(build_dir, repository, name, settings, force, original)
+        else:
+            targets = [export_triton(build_dir, repository, name, settings, force=force)]
     except (MocoError, OSError) as error:
         _fail(error)
-    console.print(f"wrote {target}: config.pbtxt, 1/model.onnx" + (", 1/model.py" if backend == "python" else ""))
+    files = "config.pbtxt, 1/model.onnx" + (", 1/model.py" if backend == "python" else "")
+    if staged:
+        console.print(f"wrote {targets[0]} (entry: config.pbtxt, 1/model.py) and {len(targets) - 1} stage models "
+                      f"{', '.join(target.name for target in targets[1:])} ({files})", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"wrote {targets[0]}: {files}", highlight=False, soft_wrap=True)
 
 
 @app.command("serve-triton")
@@ -403,13 +427,14 @@ def _print_steps(steps: list[dict]) -> None:
     console.print(table)
 
 
-def _batch_sizes(text: str) -> list[int]:
+def _batch_sizes(text: str, option: str = "--batch-sizes") -> list[int]:
+    """``option``'s comma-separated positive integers (ValueError naming ``option`` otherwise)."""
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"--batch-sizes takes comma-separated positive integers, got {text!r}") from None
+        raise ValueError(f"{option} takes comma-separated positive integers, got {text!r}") from None
     if not sizes or min(sizes) < 1:
-        raise ValueError(f"--batch-sizes takes comma-separated positive integers, got {text!r}")
+        raise ValueError(f"{option} takes comma-separated positive integers, got {text!r}")
     return sizes
 
 

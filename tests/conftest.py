@@ -1,7 +1,10 @@
-"""Shared fixtures: the shipped reference CNN, its calibration data, and one compile of it."""
+"""Shared fixtures: the shipped reference CNN, its calibration data, one compile of it, and the
+environment a Triton server runs from."""
 from __future__ import annotations
 
 import os
+import subprocess
+import venv
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,8 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "models" / "artifacts"
 REFERENCE_ONNX = ARTIFACTS / "fashion_resnet.onnx"
 CALIBRATION_NPZ = ARTIFACTS / "fashion_calib.npz"
 COMPILE_ROWS = 4000
+TRITON_ENV = Path(__file__).resolve().parents[1] / ".triton-env"
+TRITON_PACKAGES = ["nvidia-pytriton==0.7.0", "numpy<2", "onnxruntime"]
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +44,25 @@ def compiled(tmp_path_factory, calibration):
     out = tmp_path_factory.mktemp("compiled") / "out"
     result = compile(REFERENCE_ONNX, calibration, out_dir=out, measure_latency=False, show_progress=False)
     return result, out
+
+
+@pytest.fixture(scope="session")
+def server_env() -> Path:
+    """A Triton server's environment (``TRITON_PACKAGES``) in the git-ignored ``.triton-env/``: reused
+    when valid, else (re)built with pip; fails with the reason."""
+    from moco_compile.errors import MocoError
+    from moco_compile.runtime.triton.server import triton_env
+
+    try:
+        triton_env(TRITON_ENV)
+        return TRITON_ENV
+    except MocoError:
+        pass
+    venv.EnvBuilder(with_pip=True).create(TRITON_ENV)
+    subprocess.run([str(TRITON_ENV / "bin" / "python"), "-m", "pip", "install", "-q", *TRITON_PACKAGES],
+                   check=True, timeout=900)
+    triton_env(TRITON_ENV)
+    return TRITON_ENV
 
 
 @pytest.fixture(scope="session")

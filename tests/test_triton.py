@@ -107,9 +107,13 @@ def test_python_export_declares_the_same_io_and_ships_model_py(build, tmp_path):
 def test_hand_written_config_is_the_protobuf_config(backend):
     inputs = [TensorSpec("input_ids", "TYPE_INT64", (-1,)), TensorSpec('odd "name"\\', "TYPE_BOOL", (3, -1))]
     outputs = [TensorSpec("logits", "TYPE_FP16", (2,)), TensorSpec("moco_exit", "TYPE_INT64", (1,), ())]
-    settings = TritonSettings(max_batch_size=16, instances=2, kind="gpu", backend=backend)
-    by_hand = text_format.Parse(_config_text("text", inputs, outputs, settings), pb.ModelConfig())
-    assert by_hand == config_message("text", inputs, outputs, settings)
+    settings = TritonSettings(max_batch_size=16, instances=2, kind="gpu", backend=backend,
+                              preferred_batch_sizes=(16, 4), max_queue_delay_us=0)
+    parameters = {"exit_output": "moco_exit", "moco_stages": json.dumps([{"model": 'a "b"\\c'}])}
+    by_hand = text_format.Parse(_config_text("text", inputs, outputs, settings, parameters), pb.ModelConfig())
+    assert by_hand == config_message("text", inputs, outputs, settings, parameters)
+    assert list(by_hand.dynamic_batching.preferred_batch_size) == [4, 16]
+    assert json.loads(by_hand.parameters["moco_stages"].string_value) == [{"model": 'a "b"\\c'}]
 
 
 def test_dynamic_axes_are_minus_one_and_a_fixed_batch_axis_is_refused():

@@ -1,8 +1,8 @@
 """A python-backend export of the reference CNN served by a real Triton server (the ``tritonserver``
 nvidia-pytriton ships), queried over HTTP and gRPC, against onnxruntime on the build's model.
 
-The server's environment (nvidia-pytriton, numpy < 2, onnxruntime) is built once in the git-ignored
-``.triton-env/`` of the checkout and reused while it is valid.
+The server's environment is conftest's ``server_env`` (nvidia-pytriton, numpy < 2, onnxruntime, built
+once in the git-ignored ``.triton-env/`` of the checkout and reused while it is valid).
 """
 from __future__ import annotations
 
@@ -29,28 +29,11 @@ from moco_compile.cli import app
 from moco_compile.constants import EXIT_OUTPUT
 from moco_compile.errors import MocoError
 from moco_compile.runtime.triton.repository import TritonSettings, export_triton
-from moco_compile.runtime.triton.server import TritonServer, triton_env
+from moco_compile.runtime.triton.server import TritonServer
 
 pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
 
-TRITON_ENV = Path(__file__).resolve().parents[1] / ".triton-env"
-PACKAGES = ["nvidia-pytriton==0.7.0", "numpy<2", "onnxruntime"]
 MODEL = "cnn"
-
-
-@pytest.fixture(scope="session")
-def server_env() -> Path:
-    """The server's environment: reused when valid, else (re)built with pip; fails with the reason."""
-    try:
-        triton_env(TRITON_ENV)
-        return TRITON_ENV
-    except MocoError:
-        pass
-    venv.EnvBuilder(with_pip=True).create(TRITON_ENV)
-    subprocess.run([str(TRITON_ENV / "bin" / "python"), "-m", "pip", "install", "-q", *PACKAGES],
-                   check=True, timeout=900)
-    triton_env(TRITON_ENV)
-    return TRITON_ENV
 
 
 @pytest.fixture(scope="module")

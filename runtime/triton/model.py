@@ -1,8 +1,8 @@
 """Triton python-backend model serving a moco build's ``model.onnx`` with onnxruntime.
 
 Not imported by moco: ``moco export-triton --backend python`` copies this file as ``1/model.py``
-beside ``1/model.onnx``, and Triton's python backend runs it in an environment that has numpy < 2
-and onnxruntime (moco itself need not be installed there).
+beside ``1/model.onnx`` (with ``--staged``, beside each stage's graph), and Triton's python backend
+runs it in an environment that has numpy < 2 and onnxruntime (moco itself need not be installed there).
 
 * The session uses CUDA on a KIND_GPU instance when that environment's onnxruntime has it, else CPU.
 * The requests of one call run as one batch when their inputs agree on every axis but the first
@@ -10,7 +10,7 @@ and onnxruntime (moco itself need not be installed there).
 * Every output of the graph is returned.  The rows that took each exit are counted in the counter
   ``moco_exit_rows_total{model, version, exit}`` (exit "-1" = full network) on Triton's metrics
   endpoint, when this backend supports custom metrics.  The exit output's name comes from the
-  config's ``exit_output`` parameter.
+  config's ``exit_output`` parameter; a model without it (a stage of a staged export) counts nothing.
 """
 import json
 import os
@@ -31,9 +31,10 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(path, providers=_providers(args))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.exit_output = config["parameters"]["exit_output"]["string_value"]
+        exit_output = config.get("parameters", {}).get("exit_output")
+        self.exit_output = exit_output and exit_output["string_value"]
         self.labels = {"model": args["model_name"], "version": args["model_version"]}
-        self.family = _exit_metric_family()
+        self.family = self.exit_output and _exit_metric_family()
         self.counters = {}
 
     def execute(self, requests):
@@ -49,7 +50,8 @@ class TritonPythonModel:
             values = self.session.run(self.output_names, batch)
         except Exception as error:  # onnxruntime's own errors: each client gets the message
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))) for _ in feeds]
-        self._count(values[self.output_names.index(self.exit_output)])
+        if self.exit_output:
+            self._count(values[self.output_names.index(self.exit_output)])
         starts = np.cumsum([len(feed[self.input_names[0]]) for feed in feeds])[:-1]
         pieces = [np.split(value, starts) for value in values]
         return [pb_utils.InferenceResponse([pb_utils.Tensor(name, piece[i])

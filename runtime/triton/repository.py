@@ -14,8 +14,8 @@ The configuration is read off the graph:
    -1 where dynamic.  A tensor with only the batch axis (``moco_exit``: int64 ``[batch]``) is
    declared ``dims: [1]`` with ``reshape: { shape: [] }``, as Triton requires.
 3. ``max_batch_size``, dynamic batching that prefers full batches (each exit's fixed cost is
-   paid once per batch, so batch-64 latency gains more than batch-1), ``instance_group`` with
-   the count and kind asked for.
+   paid once per batch, so batch-64 latency gains more than batch-1) or the preferred sizes given,
+   with the maximum queue delay given, ``instance_group`` with the count and kind asked for.
 4. ``--backend onnxruntime``: ``platform: "onnxruntime_onnx"``.  ``--backend python``:
    ``backend: "python"`` and the parameter ``exit_output`` naming the exit output for model.py.
 
@@ -30,7 +30,7 @@ import numbers
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,16 +79,36 @@ class TritonSettings:
     instances: int = 1
     kind: str = "cpu"
     backend: str = "onnxruntime"
+    preferred_batch_sizes: tuple[int, ...] = ()  # the batches dynamic batching aims for; () = (max_batch_size,)
+    max_queue_delay_us: int = MAX_QUEUE_DELAY_US  # how long dynamic batching waits to fill one
 
     def __post_init__(self) -> None:
-        for field, value in (("max_batch_size", self.max_batch_size), ("instances", self.instances)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        for field, value in (("max_batch_size", self.max_batch_size), ("instances", self.instances),
+                             *(("preferred_batch_sizes", size) for size in self.preferred_batch_sizes)):
+            if not _whole(value) or value < 1:
                 raise MocoError(f"--{field.replace('_', '-')} must be a whole number of at least 1, "
                                 f"not {value!r}")
+        too_large = [size for size in self.preferred_batch_sizes if size > self.max_batch_size]
+        if too_large:
+            raise MocoError(f"--preferred-batch-sizes {too_large[0]} is larger than --max-batch-size "
+                            f"{self.max_batch_size}; Triton forms no batch beyond the maximum")
+        if not _whole(self.max_queue_delay_us) or self.max_queue_delay_us < 0:
+            raise MocoError(f"--max-queue-delay-us must be a whole number of microseconds, 0 or more, "
+                            f"not {self.max_queue_delay_us!r}")
         if self.kind not in KINDS:
             raise MocoError(f"--kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
         if self.backend not in BACKENDS:
             raise MocoError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+
+    @property
+    def preferred(self) -> tuple[int, ...]:
+        """The preferred batch sizes, ascending: those given, else the maximum alone (full batches)."""
+        return tuple(sorted(set(self.preferred_batch_sizes))) or (self.max_batch_size,)
+
+
+def _whole(value: object) -> bool:
+    """Whether ``value`` is a whole number (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def export_triton(build_dir: str | os.PathLike, repository: str | os.PathLike, name: str | None = None,
@@ -103,8 +123,9 @@ def export_triton(build_dir: str | os.PathLike, repository: str | os.PathLike, n
     model_path = build_model(build_dir)
     model = compiled_graph(model_path)
     name = model_name(build_dir) if name is None else checked_name(name)
+    parameters = {EXIT_PARAMETER: EXIT_OUTPUT} if settings.backend == "python" else {}
     config = config_text(name, tensor_specs(model.graph.input, model.graph.initializer),
-                         tensor_specs(model.graph.output), settings)
+                         tensor_specs(model.graph.output), settings, parameters)
     target = Path(repository) / name
     check_previous_export(target)
     with staged_output_dir(target, [model_path], force) as staging:
@@ -181,19 +202,21 @@ def tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(value.name, DATA_TYPES[tensor.elem_type], dims)
 
 
-def config_text(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec],
-                settings: TritonSettings) -> str:
-    """``config.pbtxt`` for the model (rules 3 and 4): tritonclient's protobuf when installed."""
+def config_text(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], settings: TritonSettings,
+                parameters: Mapping[str, str] | None = None) -> str:
+    """``config.pbtxt`` for the model (rules 3 and 4), with the string ``parameters`` its model.py
+    reads: tritonclient's protobuf when installed."""
     try:
         from google.protobuf import text_format
 
-        message = config_message(name, inputs, outputs, settings)
+        message = config_message(name, inputs, outputs, settings, parameters)
     except ImportError:  # no tritonclient: the same message written by hand
-        return _config_text(name, inputs, outputs, settings)
+        return _config_text(name, inputs, outputs, settings, parameters)
     return text_format.MessageToString(message)
 
 
-def config_message(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], settings: TritonSettings):
+def config_message(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], settings: TritonSettings,
+                   parameters: Mapping[str, str] | None = None):
     """The configuration as a ``tritonclient.grpc.model_config_pb2.ModelConfig`` (ImportError
     without tritonclient)."""
     from tritonclient.grpc import model_config_pb2 as pb
@@ -201,23 +224,24 @@ def config_message(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec
     config = pb.ModelConfig(name=name, max_batch_size=settings.max_batch_size)
     if settings.backend == "python":
         config.backend = "python"
-        config.parameters[EXIT_PARAMETER].string_value = EXIT_OUTPUT
     else:
         config.platform = "onnxruntime_onnx"
+    for key, value in (parameters or {}).items():
+        config.parameters[key].string_value = value
     for declared, specs in ((config.input, inputs), (config.output, outputs)):
         for spec in specs:
             tensor = declared.add(name=spec.name, data_type=pb.DataType.Value(spec.data_type), dims=spec.dims)
             if spec.reshape is not None:
                 tensor.reshape.SetInParent()
                 tensor.reshape.shape.extend(spec.reshape)
-    config.dynamic_batching.preferred_batch_size.append(settings.max_batch_size)
-    config.dynamic_batching.max_queue_delay_microseconds = MAX_QUEUE_DELAY_US
+    config.dynamic_batching.preferred_batch_size.extend(settings.preferred)
+    config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
     config.instance_group.add(count=settings.instances, kind=pb.ModelInstanceGroup.Kind.Value(KINDS[settings.kind]))
     return config
 
 
-def _config_text(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec],
-                 settings: TritonSettings) -> str:
+def _config_text(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], settings: TritonSettings,
+                 parameters: Mapping[str, str] | None = None) -> str:
     """The same configuration as :func:`config_message`, written by hand (protobuf text format)."""
     lines = [f'name: "{name}"']
     if settings.backend == "python":
@@ -233,10 +257,10 @@ def _config_text(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec],
                 lines.append(f"  reshape {{ shape: [{', '.join(map(str, spec.reshape))}] }}")
             lines.append("}")
     lines += [f"instance_group {{ count: {settings.instances} kind: {KINDS[settings.kind]} }}",
-              f"dynamic_batching {{ preferred_batch_size: [{settings.max_batch_size}] "
-              f"max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US} }}"]
-    if settings.backend == "python":
-        lines.append(f'parameters {{ key: "{EXIT_PARAMETER}" value {{ string_value: "{EXIT_OUTPUT}" }} }}')
+              f"dynamic_batching {{ preferred_batch_size: [{', '.join(map(str, settings.preferred))}] "
+              f"max_queue_delay_microseconds: {settings.max_queue_delay_us} }}"]
+    lines += [f'parameters {{ key: "{_escape(key)}" value {{ string_value: "{_escape(value)}" }} }}'
+              for key, value in (parameters or {}).items()]
     return "\n".join(lines) + "\n"
 
 

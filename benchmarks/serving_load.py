@@ -19,9 +19,9 @@ Three Triton models per reference model, each the python backend running onnxrun
 :data:`SETTINGS` (max batch, one CPU instance, dynamic batching preferring full batches, 100 us queue
 delay): ``original`` (:func:`write_original_build`: the original graph plus a constant ``moco_exit``
 of -1, so that the same model.py, configuration and per-request exit counting serve it),
-``graph`` (the compiled single graph, ``export_triton``) and ``staged`` (``TritonSettings(staged=True)``:
-an entry model and one model per stage; when this checkout's ``TritonSettings`` has no ``staged``
-field it is reported as not available).
+``graph`` (the compiled single graph, ``export_triton``) and ``staged`` (:func:`staged_exporter`: the entry
+model NAME and one model NAME_stage<k> per stage; reported as not available when this checkout has
+no staged export).
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ PERF_ANALYZER_PACKAGE = "perf-analyzer>=2.58"  # manylinux_2_38 wheels only
 PERF_ANALYZER_FALLBACK = "tritonclient==2.51.0"  # ships bin/perf_analyzer, built for glibc 2.35
 VARIANTS = ("original", "graph", "staged")
 SETTINGS = {"max_batch_size": 64, "instances": 1, "kind": "cpu", "backend": "python"}
-NOT_AVAILABLE = "staged: not available in this checkout (TritonSettings has no `staged` field)"
+NOT_AVAILABLE = ("staged: not available in this checkout (neither moco_compile.stage_models.export_triton_staged "
+                 "nor TritonSettings(staged=True))")
 
 
 def log(message: str) -> None:
@@ -184,25 +185,38 @@ def write_original_build(model_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def staged_settings() -> TritonSettings | None:
-    """The settings of the staged export, or None when this checkout has none."""
+def staged_exporter():
+    """The staged export of this checkout as ``f(build, repository, name, settings)``, or None:
+    ``moco_compile.stage_models.export_triton_staged`` (the CLI's ``--staged``), else
+    ``export_triton`` with ``TritonSettings(staged=True)``."""
     try:
-        return TritonSettings(**SETTINGS, staged=True)
+        from moco_compile.stage_models import export_triton_staged
+    except ImportError:
+        pass
+    else:
+        return lambda build, repository, name, settings: export_triton_staged(build, repository, name, settings,
+                                                                             force=False)[0]
+    try:
+        TritonSettings(**SETTINGS, staged=True)
     except TypeError:
         return None
+    return lambda build, repository, name, settings: export_triton(
+        build, repository, name, TritonSettings(**SETTINGS, staged=True))
 
 
 def export_variant(variant: str, build: Path, original_build: Path, repository: Path, name: str) -> Path | None:
     """Export ``variant`` of a reference model as ``repository/name`` (the staged one also writes
-    its stage models beside it); None when the staged export is not available here."""
+    its stage models ``name_stage<k>`` beside it); None when the staged export is not available here.
+    ``repository`` is the benchmark's own: written afresh (Triton leaves __pycache__ in model.py's
+    directory, which export_triton would refuse to replace)."""
+    shutil.rmtree(repository, ignore_errors=True)
+    settings = TritonSettings(**SETTINGS)
     if variant == "original":
-        return export_triton(original_build, repository, name, TritonSettings(**SETTINGS), force=True)
+        return export_triton(original_build, repository, name, settings)
     if variant == "graph":
-        return export_triton(build, repository, name, TritonSettings(**SETTINGS), force=True)
-    settings = staged_settings()
-    if settings is None:
-        return None
-    return export_triton(build, repository, name, settings, force=True)
+        return export_triton(build, repository, name, settings)
+    exporter = staged_exporter()
+    return None if exporter is None else exporter(build, repository, name, settings)
 
 
 # ------------------------------------------------------------------------------------- input data
@@ -254,11 +268,14 @@ def shown_command(command: list[str], work: Path) -> str:
 
 
 def run_perf(tools: Tools, command: list[str], report: Path, timeout: float) -> tuple[dict[str, str] | None, str, int]:
-    """Run perf_analyzer; (its CSV row or None, its output, its exit status)."""
+    """Run perf_analyzer; (its CSV row or None, its output, its exit status); its output is also
+    kept beside ``report`` (.log)."""
     report.unlink(missing_ok=True)
+    log_path = report.with_suffix(".log")
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=tools.environment())
         output, status = done.stdout + done.stderr, done.returncode
+        log_path.write_text(output)
     except subprocess.TimeoutExpired as expired:
         output = (expired.stdout or b"").decode(errors="replace") if isinstance(expired.stdout, bytes) else ""
         return None, output + f"\n(perf_analyzer stopped after {timeout:.0f} s)", 124
@@ -271,19 +288,20 @@ def run_perf(tools: Tools, command: list[str], report: Path, timeout: float) -> 
 
 def measure(tools: Tools, model: str, grpc: str, data: Path, concurrency: int, interval_ms: int,
             scratch: Path, work: Path) -> Point:
-    """One point; when perf_analyzer finds no three stable windows it is asked once more with a
-    looser stability (20%), and the point says so."""
+    """One point; when perf_analyzer finds no three windows within 10% it is asked once more with
+    windows twice as long and 20%, and the point says so."""
     report = scratch / f"{model}_c{concurrency}.csv"
-    for stability in (10, 20):
-        command = perf_command(tools, model, grpc, data, concurrency, interval_ms, report, stability=stability)
-        row, output, status = run_perf(tools, command, report, timeout=12 * interval_ms / 1000 + 120)
+    for interval, stability in ((interval_ms, 10), (2 * interval_ms, 20)):
+        command = perf_command(tools, model, grpc, data, concurrency, interval, report, stability=stability)
+        row, output, status = run_perf(tools, command, report, timeout=8 * interval / 1000 + 120)
         if row is not None and status == 0:
             counted = [int(count) for count in re.findall(r"Request count: (\d+)", output)]
             return Point(concurrency, float(row["Inferences/Second"]), float(row["p50 latency"]) / 1e3,
                          float(row["p99 latency"]) / 1e3, shown_command(command, work),
-                         counted[-1] if counted else None, "" if stability == 10 else "stable within 20% only")
-        log(f"perf_analyzer exit {status} at concurrency {concurrency} (stability {stability}%): "
-            f"{output.strip()[-400:]}")
+                         counted[-1] if counted else None,
+                         "" if stability == 10 else f"{interval} ms windows, stable within 20% only")
+        log(f"perf_analyzer exit {status} at concurrency {concurrency} ({interval} ms, {stability}%): "
+            f"{output.strip()[-200:]}")
     return Point(concurrency, float("nan"), float("nan"), float("nan"), shown_command(command, work),
                  note=f"no stable measurement (exit {status})")
 
@@ -315,21 +333,28 @@ def exit_rows(text: str, model: str) -> dict[str, float]:
     return rows
 
 
-def group_rss(group: int) -> int:
-    """Resident memory (bytes) summed over the processes of the process group ``group`` (the
+def group_processes(group: int) -> list[tuple[int, str, int]]:
+    """(pid, command name, resident bytes) of each process of the process group ``group`` (the
     server and its python-backend stubs), from /proc."""
-    total = 0
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            text = stat.read_text()
+            fields = text.rsplit(")", 1)[1].split()
             if int(fields[2]) != group:  # pgrp, the 5th field of /proc/PID/stat
                 continue
             status = (stat.parent / "status").read_text()
         except (OSError, IndexError, ValueError):
             continue  # the process ended meanwhile
         match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
-        total += int(match.group(1)) * 1024 if match else 0
-    return total
+        name = text[text.index("(") + 1:text.rindex(")")]
+        found.append((int(stat.parent.name), name, int(match.group(1)) * 1024 if match else 0))
+    return found
+
+
+def group_rss(group: int) -> int:
+    """Resident memory (bytes) summed over the processes of the process group ``group``."""
+    return sum(rss for _, _, rss in group_processes(group))
 
 
 @dataclass

@@ -159,8 +159,11 @@ def load_mode(args: argparse.Namespace, tools: sl.Tools) -> str:
     body = ["### Load: throughput and p50 / p99 latency under perf_analyzer", "",
             f"Machine: {machine_description()}. Client: {tools.version}, installed by {tools.origin}.",
             "Each request carries one row (`-b 1`); concurrency = requests in flight (closed loop, gRPC). "
-            f"Windows of {args.interval_ms} ms until three agree within 10% (else 20%, noted), at most 6. "
-            "Ratios are against the original served the same way. The client shares the CPU with the server.", ""]
+            f"Windows of {args.interval_ms} ms until three agree within 10%, at most 6; else windows twice as long "
+            "within 20%, else three of those as they come (noted). "
+            "Server queue / infer: the server's mean per request (perf_analyzer's server-side statistics) in the "
+            "dynamic batcher's queue and in model.py's execute. Ratios are against the original served the same way. "
+            "The client shares the 2 cores with the server (and, here, with other work on the machine).", ""]
     body += tables + ["Targets (>= 1.3x the original's throughput at concurrency 16, p99 no worse):", ""]
     body += [f"- {line}" for line in verdicts] + [""] + [f"- {note}" for note in notes]
     body += ["", "Commands (one per variant; `--concurrency-range` took each level, PORT chosen free):", "", "```"]
@@ -174,8 +177,9 @@ def _table(key: str, reference: Reference, report: dict, rows: int, results: dic
     reduction = report.get("compute_reduction") or report.get("plan", {}).get("compute_reduction")
     lines = [f"**{key}** ({rows} distinct rows of {reference.rows_note}, cycled"
              + (f"; compiled: {100 * reduction:.1f}% less compute" if isinstance(reduction, float) else "") + ")", "",
-             "| variant | concurrency | infer/s | p50 ms | p99 ms | throughput vs original | p99 vs original |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| variant | concurrency | infer/s | p50 ms | p99 ms | server queue ms | server infer ms "
+             "| throughput vs original | p99 vs original |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = {point.concurrency: point for point in results.get("original", [])}
     for variant, points in results.items():
         for point in points:
@@ -184,11 +188,12 @@ def _table(key: str, reference: Reference, report: dict, rows: int, results: dic
             p99 = f"{point.p99_ms / original.p99_ms:.2f}x" if original and variant != "original" else ""
             note = f" ({point.note})" if point.note else ""
             lines.append(f"| {variant} | {point.concurrency} | {point.throughput:.1f}{note} | {point.p50_ms:.2f} | "
-                         f"{point.p99_ms:.2f} | {ratio} | {p99} |")
+                         f"{point.p99_ms:.2f} | {point.queue_ms:.2f} | {point.infer_ms:.2f} | {ratio} | {p99} |")
     for variant, counts in exits.items():
         total = sum(counts.values())
         if total and variant != "original":
-            shares = ", ".join(f"exit {k}: {100 * v / total:.1f}%" for k, v in sorted(counts.items(), key=lambda kv: int(kv[0])))
+            shares = ", ".join(f"exit {k}: {100 * v / total:.1f}%"
+                               for k, v in sorted(counts.items(), key=lambda kv: int(kv[0])))
             lines.append(f"\n{variant}: rows served per exit ({total:.0f} rows; -1 = full network): {shares}")
     return "\n".join(lines) + "\n"
 
@@ -216,9 +221,10 @@ def soak_mode(args: argparse.Namespace, tools: sl.Tools) -> str:
     build_dir, original_dir, _ = build(reference, args.work, args.recompile)
     data = args.work / f"{key}_rows.json"
     sl.write_input_data(data, {name: values[:args.rows] for name, values in reference.test_rows.items()})
-    variant = args.soak_variant
+    variant, instead = args.soak_variant, ""
     if variant == "staged" and sl.staged_exporter() is None:
-        sl.log(f"{sl.NOT_AVAILABLE}; soaking the single graph instead")
+        instead = f"{sl.NOT_AVAILABLE}; soaked the single graph instead"
+        sl.log(instead)
         variant = "graph"
     name = f"{key}_{variant}"
     repository = args.work / "repos" / name
@@ -233,7 +239,8 @@ def soak_mode(args: argparse.Namespace, tools: sl.Tools) -> str:
         sampler = sl.RssSampler(server.process.pid, every=2.0).start()
         sl.log(f"soak: {name} at concurrency 32 for {total:.0f} s (warm-up {args.warmup_seconds:.0f} s)")
         processes = sl.group_processes(server.process.pid)
-        sl.log("server process group: " + ", ".join(f"{pid} {comm} {rss / 2**20:.0f} MiB" for pid, comm, rss in processes))
+        sl.log("server process group: " + ", ".join(f"{pid} {comm} {rss / 2**20:.0f} MiB"
+                                                    for pid, comm, rss in processes))
         started = time.monotonic()
         row, output, status = sl.run_perf(tools, command, report, timeout=total * 1.5 + 120)
         elapsed = time.monotonic() - started
@@ -264,8 +271,9 @@ def soak_mode(args: argparse.Namespace, tools: sl.Tools) -> str:
              f"- RSS after warm-up {baseline / 2**20:.1f} MiB, at the end {final / 2**20:.1f} MiB, peak "
              f"{peak / 2**20:.1f} MiB: growth {100 * growth:+.2f}% (target < 5%)",
              f"- processes summed: {', '.join(sorted(comm for _, comm, _ in processes))}",
-             f"- verdict: {'met' if ok else 'missed'} (no failed request and RSS growth < 5%)", "",
-             "```", sl.shown_command(command, args.work), "```"]
+             f"- verdict: {'met' if ok else 'missed'} (no failed request and RSS growth < 5%)"]
+    lines += [f"- {instead}"] if instead else []
+    lines += ["", "```", sl.shown_command(command, args.work), "```"]
     (args.work / "soak_rss.json").write_text(json.dumps(samples))
     return "\n".join(lines)
 
@@ -280,7 +288,8 @@ def _fmt(counts: dict[str, float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setup", action="store_true", help="install the Triton env and perf_analyzer (pip), then stop")
+    parser.add_argument("--setup", action="store_true",
+                        help="install the Triton env and perf_analyzer (pip), then stop")
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "serving-load")
     parser.add_argument("--env", type=Path, default=ROOT / ".triton-env")
     parser.add_argument("--references", nargs="+", choices=list(REFERENCES), default=list(REFERENCES))

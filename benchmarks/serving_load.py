@@ -132,6 +132,12 @@ def _library_links(env: Path, directory: Path) -> Path:
     return directory
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the checkout when it lies inside it (what RESULTS shows)."""
+    root = Path(__file__).resolve().parents[1]
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def find_tools(work: Path, env: Path) -> Tools:
     """perf_analyzer as :func:`setup_tools` left it (or on ``PATH``), checked by running
     ``--version``; :class:`MocoError` naming the setup command otherwise."""
@@ -142,10 +148,10 @@ def find_tools(work: Path, env: Path) -> Tools:
     if on_path:
         candidates.append((Path(on_path), None, "perf_analyzer on PATH"))
     for wheel_binary in sorted(prefix.glob("lib/python*/site-packages/perf_analyzer/bin/perf_analyzer")):
-        candidates.append((wheel_binary, None, f"pip install --prefix {prefix} '{PERF_ANALYZER_PACKAGE}'"))
+        candidates.append((wheel_binary, None, f"pip install --prefix {_shown(prefix)} '{PERF_ANALYZER_PACKAGE}'"))
     if (prefix / "bin" / "perf_analyzer").is_file():
         candidates.append((prefix / "bin" / "perf_analyzer", _library_links(env, prefix / "lib-links"),
-                           f"pip install --no-deps --prefix {prefix} {PERF_ANALYZER_FALLBACK} (its "
+                           f"pip install --no-deps --prefix {_shown(prefix)} {PERF_ANALYZER_FALLBACK} (its "
                            "bin/perf_analyzer; libb64 and libcudart linked from nvidia-pytriton's vendored copies)"))
     failures = []
     for binary, libraries, origin in candidates:
@@ -247,6 +253,8 @@ class Point:
     command: str
     requests: int | None = None  # as perf_analyzer counted them in its windows
     note: str = ""
+    queue_ms: float = float("nan")  # the server's mean time per request in the batcher's queue
+    infer_ms: float = float("nan")  # ... in the model's execute (model.py: onnxruntime and the copies around it)
 
 
 def perf_command(tools: Tools, model: str, grpc: str, data: Path, concurrency: int, interval_ms: int,
@@ -288,18 +296,21 @@ def run_perf(tools: Tools, command: list[str], report: Path, timeout: float) -> 
 
 def measure(tools: Tools, model: str, grpc: str, data: Path, concurrency: int, interval_ms: int,
             scratch: Path, work: Path) -> Point:
-    """One point; when perf_analyzer finds no three windows within 10% it is asked once more with
-    windows twice as long and 20%, and the point says so."""
+    """One point; when perf_analyzer finds no three windows within 10% it is asked again with windows
+    twice as long and 20%, then to take three such windows as they come (``-s 100``: on a machine
+    other work shares, some points never settle); the point says which."""
     report = scratch / f"{model}_c{concurrency}.csv"
-    for interval, stability in ((interval_ms, 10), (2 * interval_ms, 20)):
+    notes = {10: "", 20: "{} ms windows, stable within 20% only",
+             100: "{} ms windows, NOT stable: 3 windows as they came"}
+    for interval, stability in ((interval_ms, 10), (2 * interval_ms, 20), (2 * interval_ms, 100)):
         command = perf_command(tools, model, grpc, data, concurrency, interval, report, stability=stability)
         row, output, status = run_perf(tools, command, report, timeout=8 * interval / 1000 + 120)
         if row is not None and status == 0:
             counted = [int(count) for count in re.findall(r"Request count: (\d+)", output)]
             return Point(concurrency, float(row["Inferences/Second"]), float(row["p50 latency"]) / 1e3,
                          float(row["p99 latency"]) / 1e3, shown_command(command, work),
-                         counted[-1] if counted else None,
-                         "" if stability == 10 else f"{interval} ms windows, stable within 20% only")
+                         counted[-1] if counted else None, notes[stability].format(interval),
+                         float(row["Server Queue"]) / 1e3, float(row["Server Compute Infer"]) / 1e3)
         log(f"perf_analyzer exit {status} at concurrency {concurrency} ({interval} ms, {stability}%): "
             f"{output.strip()[-200:]}")
     return Point(concurrency, float("nan"), float("nan"), float("nan"), shown_command(command, work),
@@ -325,7 +336,7 @@ def counter_sums(text: str, name: str, model_prefix: str = "") -> dict[str, floa
 def exit_rows(text: str, model: str) -> dict[str, float]:
     """Rows per exit (``"-1"`` = full network) counted by ``model``'s model.py."""
     rows: dict[str, float] = {}
-    for match in re.finditer(rf'^moco_exit_rows_total{{([^}}]*)}} ([0-9.e+-]+)$', text, re.M):
+    for match in re.finditer(r'^moco_exit_rows_total\{([^}]*)\} ([0-9.e+-]+)$', text, re.M):
         labels = match.group(1)
         if f'model="{model}"' in labels:
             exit_index = re.search(r'exit="([^"]*)"', labels).group(1)

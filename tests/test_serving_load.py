@@ -2,9 +2,8 @@
 fails that request only and the server serves the rest; a request with a wrong dtype or shape gets a
 Triton error naming the input.
 
-Run on the single-graph export and on the staged export (the entry model NAME plus NAME_stage<k>)
-when this checkout has one (``moco_compile.stage_models.export_triton_staged``, the CLI's
-``--staged``); without one the staged cases are not collected (a skip fails CI).  The fault is
+Run on the single-graph export and on the staged export (the entry model NAME plus NAME_stage<k>:
+``moco_compile.stage_models.export_triton_staged``, the CLI's ``--staged``).  The fault is
 injected below model.py, in the onnxruntime session of the model that runs stage 0 (the single
 graph: the whole graph): its ``run`` raises when a row of the batch carries :data:`POISON`, so that
 model.py's own error handling, and the entry model's, decide what the other requests get.  Dynamic
@@ -13,10 +12,6 @@ others in one batch.
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
-import subprocess
-import venv
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,16 +22,14 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from moco_compile.constants import EXIT_OUTPUT
-from moco_compile.errors import MocoError
 from moco_compile.runtime.triton.repository import TritonSettings, export_triton
-from moco_compile.runtime.triton.server import TritonServer, triton_env
+from moco_compile.stage_models import export_triton_staged
+from moco_compile.runtime.triton.server import TritonServer
 
 pytestmark = pytest.mark.slow
 
-TRITON_ENV = Path(__file__).resolve().parents[1] / ".triton-env"
-PACKAGES = ["nvidia-pytriton==0.7.0", "numpy<2", "onnxruntime"]
 POISON = 12345.0  # a pixel value no image has: the faulty session raises on a batch holding it
-VARIANTS = ["graph"] + (["staged"] if importlib.util.find_spec("moco_compile.stage_models") else [])
+VARIANTS = ["graph", "staged"]
 REQUESTS = 24  # concurrent one-row requests per round, one of them poisoned
 FAULT = '''
 
@@ -65,26 +58,9 @@ class TritonPythonModel(_MocoModel):
 '''
 
 
-@pytest.fixture(scope="module")
-def server_env() -> Path:
-    """The server's environment, as tests/test_triton_server.py builds it (reused when valid)."""
-    try:
-        triton_env(TRITON_ENV)
-        return TRITON_ENV
-    except MocoError:
-        pass
-    venv.EnvBuilder(with_pip=True).create(TRITON_ENV)
-    subprocess.run([str(TRITON_ENV / "bin" / "python"), "-m", "pip", "install", "-q", *PACKAGES],
-                   check=True, timeout=900)
-    triton_env(TRITON_ENV)
-    return TRITON_ENV
-
-
 def _settings() -> TritonSettings:
-    """Python backend, max batch 32; a 20 ms queue delay when the settings have one (requests meet)."""
-    fields = {field.name for field in dataclasses.fields(TritonSettings)}
-    extra = {"max_queue_delay_us": 20_000} if "max_queue_delay_us" in fields else {}
-    return TritonSettings(max_batch_size=32, backend="python", **extra)
+    """Python backend, max batch 32, a 20 ms queue delay (requests meet in a batch)."""
+    return TritonSettings(max_batch_size=32, backend="python", max_queue_delay_us=20_000)
 
 
 def _export(variant: str, build: Path, repository: Path) -> str:
@@ -92,8 +68,6 @@ def _export(variant: str, build: Path, repository: Path) -> str:
     if variant == "graph":
         export_triton(build, repository, "cnn", _settings())
         return "cnn"
-    from moco_compile.stage_models import export_triton_staged
-
     targets = export_triton_staged(build, repository, "cnn", _settings())
     return targets[1].name  # stage 0
 
@@ -103,11 +77,6 @@ def _inject_fault(model_dir: Path) -> None:
     text = script.read_text()
     assert "class TritonPythonModel" in text and "self.session" in text, "model.py no longer holds self.session"
     script.write_text(text + FAULT.format(poison=POISON))
-
-
-GROUP_FAILS = ("runtime/triton/model.py runs the requests dynamic batching gathers as one onnxruntime call and, "
-               "when it raises, answers every request of the call with the error; it should then run them one "
-               "by one, so that only the failing request fails (then remove this mark)")
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
@@ -163,9 +132,6 @@ def _round(server: TritonServer, images: np.ndarray, poisoned: int) -> list:
 
 def test_a_request_the_model_fails_on_fails_alone(served, images, reference, request):
     variant, server = served
-    # Known to fail with today's model.py (the staged export's stage models run it too); not strict, since
-    # a round where no other request shares the poisoned one's batch would pass
-    request.applymarker(pytest.mark.xfail(reason=GROUP_FAILS, strict=False))
     expected = reference(images)
     for poisoned in (0, REQUESTS // 2, REQUESTS - 1):
         results = _round(server, images, poisoned)

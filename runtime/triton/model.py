@@ -44,12 +44,15 @@ class TritonPythonModel:
         return [response for group in groups for response in self._run(group)]
 
     def _run(self, feeds):
-        """One session run over the rows of ``feeds``; one response per feed."""
+        """One session run over the rows of ``feeds``; one response per feed.  When a run over several
+        feeds fails, each runs alone, so that only the requests that fail get an error."""
         try:
             batch = {name: np.concatenate([feed[name] for feed in feeds]) for name in self.input_names}
             values = self.session.run(self.output_names, batch)
         except Exception as error:  # onnxruntime's own errors: each client gets the message
-            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))) for _ in feeds]
+            if len(feeds) > 1:
+                return [response for feed in feeds for response in self._run([feed])]
+            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))]
         if self.exit_output:
             self._count(values[self.output_names.index(self.exit_output)])
         starts = np.cumsum([len(feed[self.input_names[0]]) for feed in feeds])[:-1]

@@ -84,9 +84,11 @@ def test_concurrent_requests_over_grpc_and_http_get_the_single_graphs_rows(serve
     after = _stage_counts(server)
     merged = {name: (after[name][0] - before.get(name, (0, 0))[0], after[name][1] - before.get(name, (0, 0))[1])
               for name in after}
-    assert merged[f"{MODEL}_stage0"][0] == len(chunks)  # every request went through stage 0
-    later = [name for name in merged if name != f"{MODEL}_stage0"]
-    assert any(executions < requests for requests, executions in (merged[name] for name in later)), merged
+    # rows of different client requests shared stage runs: the entry stacks the requests Triton batched
+    # for it into one stage call, and the stage models' batchers merge calls
+    stage0_requests, stage0_runs = merged[f"{MODEL}_stage0"]
+    assert 1 <= stage0_requests <= len(chunks)
+    assert stage0_runs < len(chunks) or any(runs < requests for requests, runs in merged.values()), merged
 
 
 def test_rows_per_exit_and_queue_time_per_stage_are_on_the_metrics_endpoint(server, reference, calibration):

@@ -11,15 +11,16 @@ graphs).  Its config's ``moco_stages`` parameter lists the stages in order (JSON
 ``inputs`` maps each input of the stage model to the tensor whose rows it takes (a model input at
 stage 0, a tensor the previous stage carries after); ``outputs`` maps each output to its role.
 
-For each request (the requests of one call run concurrently, so that their stage calls meet in the
-stage models' dynamic batchers):
+For the requests of one call (their rows stacked into one batch when their shapes allow, so that a
+stage is called once per call; else each request on its own, concurrently):
 
 1. stage k's model runs on the request's rows still going (BLS, ``async_exec``);
 2. rows whose ``keep`` is false leave: their outputs are the stage's ``exited/<output>``, their
    ``moco_exit`` is k;
 3. the others' carried tensors (``carry/<tensor>``) go to stage k + 1, whose dynamic batcher merges
    them with other requests' continuing rows; the last stage gives ``out/<output>`` and exit -1;
-4. results are scattered back in row order; a failing stage fails only its request.
+4. results are scattered back in row order; when a stage fails on a stacked batch, each request runs
+   alone, so a failing stage fails only its request.
 
 The rows that took each exit are counted in ``moco_exit_rows_total{model, version, exit}`` on the
 metrics endpoint, as the single-graph model.py does.
@@ -52,18 +53,40 @@ class TritonPythonModel:
         self.counters = {}
 
     async def execute(self, requests):
-        return list(await asyncio.gather(*(self._answer(request) for request in requests)))
+        feeds = [{name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
+                 for request in requests]
+        if len(feeds) > 1 and _stackable(feeds, self.input_names):
+            return await self._answer_together(feeds)
+        return list(await asyncio.gather(*(self._answer(feed) for feed in feeds)))
 
-    async def _answer(self, request):
+    async def _answer_together(self, feeds):
+        """The requests of one call as one batch: one stage call per stage for all their rows (the
+        stage models' batchers merge them further with other calls'); if a stage fails, each
+        request runs alone, so that only the requests that fail get an error."""
+        batch = {name: np.concatenate([feed[name] for feed in feeds]) for name in self.input_names}
+        try:
+            values, exits = await self._level(0, batch)
+        except StageFailed:
+            return list(await asyncio.gather(*(self._answer(feed) for feed in feeds)))
+        self._count(exits)
+        starts = np.cumsum([len(feed[self.input_names[0]]) for feed in feeds])[:-1]
+        pieces = {name: np.split(value, starts) for name, value in values.items()}
+        return [self._response({name: piece[i] for name, piece in pieces.items()}, rows)
+                for i, rows in enumerate(np.split(exits, starts))]
+
+    async def _answer(self, feed):
         """The response to one request: every output, ``moco_exit`` last."""
-        feed = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
         try:
             values, exits = await self._level(0, feed)
         except StageFailed as error:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
         self._count(exits)
-        return pb_utils.InferenceResponse([pb_utils.Tensor(name, values[name]) for name in self.output_names]
-                                          + [pb_utils.Tensor(self.exit_output, exits)])
+        return self._response(values, exits)
+
+    def _response(self, values, exits):
+        return pb_utils.InferenceResponse([pb_utils.Tensor(name, np.ascontiguousarray(values[name]))
+                                           for name in self.output_names]
+                                          + [pb_utils.Tensor(self.exit_output, np.ascontiguousarray(exits))])
 
     async def _level(self, stage, tensors):
         """Stage ``stage`` and every stage after it on the rows of ``tensors`` ({tensor: rows}):
@@ -104,6 +127,11 @@ class TritonPythonModel:
             if label not in self.counters:
                 self.counters[label] = self.family.Metric(labels={**self.labels, "exit": label})
             self.counters[label].increment(count)
+
+
+def _stackable(feeds, names):
+    """Whether the feeds agree on every axis but the first of every input (so their rows stack)."""
+    return all(len({feed[name].shape[1:] for feed in feeds}) == 1 for name in names)
 
 
 def _exit_metric_family():

@@ -3,7 +3,6 @@ user's files left alone (``moco_compile.runtime.triton.repository``)."""
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -14,30 +13,13 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 from tritonclient.utils import np_to_triton_dtype
-from typer.testing import CliRunner
 
-from moco_compile.cli import app
 from moco_compile.errors import MocoError, ModelError, OutputError
 from moco_compile.outputs import MANIFEST
 from moco_compile.runtime.session import CUDA_OPTIONS
 from moco_compile.runtime.triton.repository import (PYTHON_MODEL, TensorSpec, TritonSettings, _config_text, config_message,
                                          export_triton, model_name, tensor_spec)
-
-
-def _cli(*args):
-    run = CliRunner().invoke(app, ["export-triton", *map(str, args)])
-    assert "Traceback" not in run.output
-    return run
-
-
-def _config(model_dir: Path) -> pb.ModelConfig:
-    return text_format.Parse((model_dir / "config.pbtxt").read_text(), pb.ModelConfig())
-
-
-def _tree(root: Path) -> dict[str, str]:
-    """Every path under ``root`` with the hash of its bytes ("dir" for directories)."""
-    return {str(path.relative_to(root)): "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(root.rglob("*"))}
+from tests.triton_helpers import export_cli, parsed_config, tree_hashes
 
 
 def _expected_tensors(values) -> list[tuple[str, str, list[int]]]:
@@ -74,7 +56,7 @@ def user_model(tmp_path) -> Path:
 
 def test_onnxruntime_export_declares_the_graph(build, tmp_path):
     target = export_triton(build, tmp_path / "repo", "cnn", TritonSettings(max_batch_size=32, instances=3))
-    config, graph = _config(target), onnx.load(str(build / "model.onnx")).graph
+    config, graph = parsed_config(target), onnx.load(str(build / "model.onnx")).graph
     assert (config.name, config.platform, config.backend, config.max_batch_size) == ("cnn", "onnxruntime_onnx", "", 32)
     assert _declared(config.input) == _expected_tensors(graph.input)
     assert _declared(config.output) == _expected_tensors(graph.output)
@@ -91,7 +73,7 @@ def test_onnxruntime_export_declares_the_graph(build, tmp_path):
 def test_python_export_declares_the_same_io_and_ships_model_py(build, tmp_path):
     target = export_triton(build, tmp_path / "repo", "cnn_py",
                            TritonSettings(max_batch_size=8, instances=2, kind="gpu", backend="python"))
-    config, graph = _config(target), onnx.load(str(build / "model.onnx")).graph
+    config, graph = parsed_config(target), onnx.load(str(build / "model.onnx")).graph
     assert (config.backend, config.platform, config.max_batch_size) == ("python", "", 8)
     assert _declared(config.input) == _expected_tensors(graph.input)
     assert _declared(config.output) == _expected_tensors(graph.output)
@@ -125,9 +107,9 @@ def test_dynamic_axes_are_minus_one_and_a_fixed_batch_axis_is_refused():
 
 
 def test_default_name_is_the_build_directory_made_valid(build, tmp_path):
-    run = _cli(build, "--repository", tmp_path / "repo")
+    run = export_cli(build, "--repository", tmp_path / "repo")
     assert run.exit_code == 0, run.output
-    assert _config(tmp_path / "repo" / build.name).name == build.name
+    assert parsed_config(tmp_path / "repo" / build.name).name == build.name
     assert [model_name(Path(p)) for p in ("my build (v2)", ".hidden", "--")] == ["my_build_v2_", "hidden", "model"]
 
 
@@ -136,9 +118,9 @@ def test_directory_that_is_not_a_moco_build_is_refused(build, tmp_path):
     plain.mkdir()
     shutil.copyfile(build / "model.onnx", plain / "model.onnx")  # a model, but no manifest
     for directory in (plain, tmp_path / "missing"):
-        run = _cli(directory, "--repository", tmp_path / "repo")
+        run = export_cli(directory, "--repository", tmp_path / "repo")
         assert run.exit_code == 2 and "error:" in run.output and str(directory) in run.output
-    assert "is not a moco build" in _cli(plain, "--repository", tmp_path / "repo").output
+    assert "is not a moco build" in export_cli(plain, "--repository", tmp_path / "repo").output
     assert not (tmp_path / "repo").exists()
 
 
@@ -155,33 +137,33 @@ def test_another_model_under_the_name_is_left_alone(build, user_model, force):
     repository = user_model.parent
     sibling = repository / "other"
     export_triton(build, repository, "other")
-    before = _tree(repository)
-    run = _cli(build, "--repository", repository, "--name", "resnet", *(["--force"] if force else []))
+    before = tree_hashes(repository)
+    run = export_cli(build, "--repository", repository, "--name", "resnet", *(["--force"] if force else []))
     assert run.exit_code == 2 and "is not a moco output" in run.output
-    assert _tree(repository) == before and (sibling / "config.pbtxt").exists()
+    assert tree_hashes(repository) == before and (sibling / "config.pbtxt").exists()
 
 
 def test_a_moco_build_under_the_name_is_not_replaced(build, tmp_path):
     repository = tmp_path / "repo"
     shutil.copytree(build, repository / "cnn")
-    before = _tree(repository)
+    before = tree_hashes(repository)
     with pytest.raises(OutputError, match="holds another moco output, not a Triton export"):
         export_triton(build, repository, "cnn", force=True)
-    assert _tree(repository) == before
+    assert tree_hashes(repository) == before
 
 
 def test_force_replaces_a_previous_export_only(build, user_model):
     repository = user_model.parent
     export_triton(build, repository, "cnn", TritonSettings(backend="python"))
-    user_files = _tree(user_model)
-    run = _cli(build, "--repository", repository, "--name", "cnn")
+    user_files = tree_hashes(user_model)
+    run = export_cli(build, "--repository", repository, "--name", "cnn")
     assert run.exit_code == 2 and "holds a previous moco output; pass --force" in run.output
-    run = _cli(build, "--repository", repository, "--name", "cnn", "--force", "--instances", "4")
+    run = export_cli(build, "--repository", repository, "--name", "cnn", "--force", "--instances", "4")
     assert run.exit_code == 0, run.output
-    assert _config(repository / "cnn").instance_group[0].count == 4
+    assert parsed_config(repository / "cnn").instance_group[0].count == 4
     assert sorted(p.relative_to(repository / "cnn").as_posix() for p in (repository / "cnn").rglob("*")) == \
         ["1", "1/model.onnx", "config.pbtxt", MANIFEST]  # the python model.py is gone
-    assert _tree(user_model) == user_files
+    assert tree_hashes(user_model) == user_files
     assert sorted(p.name for p in repository.iterdir()) == ["cnn", "resnet"]  # no staging left behind
 
 
@@ -190,10 +172,10 @@ def test_file_added_to_a_previous_export_blocks_force(build, tmp_path):
     (target / "2").mkdir()
     (target / "2" / "model.onnx").write_bytes(b"a second version of the user's")
     (target / "1" / "notes.txt").write_text("mine")
-    before = _tree(target)
+    before = tree_hashes(target)
     with pytest.raises(OutputError, match="files moco did not write: 1/notes.txt, 2/; move them away"):
         export_triton(build, tmp_path / "repo", "cnn", force=True)
-    assert _tree(target) == before
+    assert tree_hashes(target) == before
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -204,7 +186,7 @@ def test_file_added_to_a_previous_export_blocks_force(build, tmp_path):
     ("--name", "../escape", "'../escape' is not a valid Triton model name"),
 ])
 def test_invalid_option_is_refused_before_writing(build, tmp_path, option, value, message):
-    run = _cli(build, "--repository", tmp_path / "repo", option, value)
+    run = export_cli(build, "--repository", tmp_path / "repo", option, value)
     assert run.exit_code == 2 and message in " ".join(run.output.split())
     assert not (tmp_path / "repo").exists()
 

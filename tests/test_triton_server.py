@@ -30,6 +30,7 @@ from moco_compile.constants import EXIT_OUTPUT
 from moco_compile.errors import MocoError
 from moco_compile.runtime.triton.repository import TritonSettings, export_triton
 from moco_compile.runtime.triton.server import TritonServer
+from tests.triton_helpers import infer
 
 pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
 
@@ -67,23 +68,11 @@ def _http(server: TritonServer, images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _query_http(address: str, images: np.ndarray) -> dict[str, np.ndarray]:
-    return _query(httpclient, address, images)
+    return infer(httpclient, address, MODEL, images)
 
 
 def _grpc(server: TritonServer, images: np.ndarray) -> dict[str, np.ndarray]:
-    return _query(grpcclient, server.address("grpc"), images)
-
-
-def _query(protocol, address: str, images: np.ndarray) -> dict[str, np.ndarray]:
-    """One inference over ``protocol`` (tritonclient's http or grpc module): logits and moco_exit."""
-    client = protocol.InferenceServerClient(address)
-    try:
-        request = protocol.InferInput("images", list(images.shape), "FP32")
-        request.set_data_from_numpy(images)
-        result = client.infer(MODEL, [request])
-        return {name: result.as_numpy(name) for name in ("logits", EXIT_OUTPUT)}
-    finally:
-        client.close()
+    return infer(grpcclient, server.address("grpc"), MODEL, images)
 
 
 def _assert_served(served: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:

@@ -3,7 +3,6 @@ protobuf parses, stage graphs that chain to the single graph's outputs, and the 
 alone (``moco_compile.stage_models``, ``moco_compile.runtime.triton.staged``)."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -11,43 +10,26 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
-from typer.testing import CliRunner
 
 from moco_compile import compile
 from moco_compile.build import Build
-from moco_compile.cli import app
 from moco_compile.constants import EXIT_OUTPUT
 from moco_compile.passes.graph.rewrite import apply_plan
 from moco_compile.passes.planning.config import PlannerConfig
 from moco_compile.prepare import model_for_plan
 from moco_compile.runtime.triton.repository import PYTHON_MODEL
 from moco_compile.runtime.triton.staged import ENTRY_MODEL
+from tests.triton_helpers import export_cli, parsed_config, tree_hashes
 
 OPTIONS = ["--max-batch-size", "16", "--preferred-batch-sizes", "4,16", "--max-queue-delay-us", "500", "--kind", "gpu"]
-
-
-def _cli(*args):
-    run = CliRunner().invoke(app, ["export-triton", *map(str, args)])
-    assert "Traceback" not in run.output
-    return run
-
-
-def _config(model_dir: Path) -> pb.ModelConfig:
-    return text_format.Parse((model_dir / "config.pbtxt").read_text(), pb.ModelConfig())
-
-
-def _tree(root: Path) -> dict[str, str]:
-    return {str(path.relative_to(root)): "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(root.rglob("*"))}
 
 
 @pytest.fixture(scope="module")
 def staged(compiled, tmp_path_factory) -> Path:
     """The reference CNN's build (nested: its stages are cut from the plan applied again) exported staged."""
     repository = tmp_path_factory.mktemp("staged") / "repo"
-    run = _cli(compiled[1], "--repository", repository, "--name", "cnn", "--staged", "--backend", "python", *OPTIONS)
+    run = export_cli(compiled[1], "--repository", repository, "--name", "cnn", "--staged", "--backend", "python", *OPTIONS)
     assert run.exit_code == 0, run.output
     return repository
 
@@ -55,7 +37,7 @@ def staged(compiled, tmp_path_factory) -> Path:
 def test_every_model_is_a_config_triton_parses(compiled, staged):
     exits = len(compiled[0].plan.exits)
     assert sorted(p.name for p in staged.iterdir()) == ["cnn", *(f"cnn_stage{k}" for k in range(exits + 1))]
-    entry, graph = _config(staged / "cnn"), onnx.load(str(compiled[1] / "model.onnx")).graph
+    entry, graph = parsed_config(staged / "cnn"), onnx.load(str(compiled[1] / "model.onnx")).graph
     assert (entry.name, entry.backend, entry.max_batch_size) == ("cnn", "python", 16)
     assert [t.name for t in entry.input] == ["images"] and [t.name for t in entry.output] == ["logits", EXIT_OUTPUT]
     assert list(entry.output[1].dims) == [1] and entry.output[1].HasField("reshape")
@@ -65,7 +47,7 @@ def test_every_model_is_a_config_triton_parses(compiled, staged):
     assert [stage["model"] for stage in routing] == [f"cnn_stage{k}" for k in range(exits + 1)]
     assert list(routing[0]["inputs"].values()) == [graph.input[0].name]
     for k, stage in enumerate(routing):
-        config, model = _config(staged / stage["model"]), onnx.load(str(staged / stage["model"] / "1" / "model.onnx"))
+        config, model = parsed_config(staged / stage["model"]), onnx.load(str(staged / stage["model"] / "1" / "model.onnx"))
         assert (config.name, config.backend, config.max_batch_size) == (stage["model"], "python", 16)
         assert list(config.dynamic_batching.preferred_batch_size) == [4, 16]
         assert config.dynamic_batching.max_queue_delay_microseconds == 500
@@ -84,7 +66,7 @@ def test_every_model_is_a_config_triton_parses(compiled, staged):
 def _chained(repository: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The stage graphs of the staged export in ``repository`` run in turn on the rows that continue,
     as the entry model routes them: (logits, exits)."""
-    routing = json.loads(_config(repository / "cnn").parameters["moco_stages"].string_value)
+    routing = json.loads(parsed_config(repository / "cnn").parameters["moco_stages"].string_value)
     logits, exits = np.zeros((len(images), 10), np.float32), np.full(len(images), -2, np.int64)
     rows, tensors = np.arange(len(images)), {"images": images}
     for k, stage in enumerate(routing):
@@ -122,7 +104,7 @@ def test_a_bucketed_builds_stages_are_cut_from_its_graph(compiled, reference_mod
                   exit_layout="bucketed", planner_config=config)
     build.save(tmp_path / "build")
     (tmp_path / "gone.onnx").write_bytes(b"")  # a bucketed build needs no original: a bad one is never read
-    run = _cli(tmp_path / "build", "--repository", tmp_path / "repo", "--name", "cnn", "--staged",
+    run = export_cli(tmp_path / "build", "--repository", tmp_path / "repo", "--name", "cnn", "--staged",
                "--original", tmp_path / "gone.onnx")
     assert run.exit_code == 0, run.output
     _assert_single_graph(compiled[1] / "model.onnx", tmp_path / "repo", calibration["images"][-64:])
@@ -132,7 +114,7 @@ def test_plan_without_an_exit_is_refused(tmp_path, calibration, reference_onnx):
     few = {k: v[:380] for k, v in calibration.items()}  # too few rows to certify: no exit
     compile(reference_onnx, few, out_dir=tmp_path / "build", allow_no_exit=True, measure_latency=False,
             show_progress=False)
-    run = _cli(tmp_path / "build", "--repository", tmp_path / "repo", "--staged")
+    run = export_cli(tmp_path / "build", "--repository", tmp_path / "repo", "--staged")
     assert run.exit_code == 2 and "plan has no exit" in run.output and "without --staged" in run.output
     assert not (tmp_path / "repo").exists()
 
@@ -144,10 +126,10 @@ def test_a_users_model_under_a_stage_name_is_left_alone(compiled, tmp_path, forc
     (user / "1").mkdir(parents=True)
     (user / "config.pbtxt").write_text('name: "cnn_stage1"\nplatform: "onnxruntime_onnx"\n')
     (user / "1" / "model.onnx").write_bytes(b"the user's weights")
-    before = _tree(repository)
-    run = _cli(compiled[1], "--repository", repository, "--name", "cnn", "--staged", *(["--force"] if force else []))
+    before = tree_hashes(repository)
+    run = export_cli(compiled[1], "--repository", repository, "--name", "cnn", "--staged", *(["--force"] if force else []))
     assert run.exit_code == 2 and f"{user} is not empty and is not a moco output" in " ".join(run.output.split())
-    assert _tree(repository) == before  # no other stage written either
+    assert tree_hashes(repository) == before  # no other stage written either
 
 
 def test_force_replaces_this_exports_models_only(compiled, staged, tmp_path):
@@ -155,18 +137,18 @@ def test_force_replaces_this_exports_models_only(compiled, staged, tmp_path):
     other = repository / "other"
     (other / "1").mkdir(parents=True)
     (other / "1" / "model.onnx").write_bytes(b"the user's")
-    users = _tree(other)
-    assert _cli(compiled[1], "--repository", repository, "--name", "cnn").exit_code == 0  # a plain export first
-    before = _tree(repository)
-    run = _cli(compiled[1], "--repository", repository, "--name", "cnn", "--staged")
+    users = tree_hashes(other)
+    assert export_cli(compiled[1], "--repository", repository, "--name", "cnn").exit_code == 0  # a plain export first
+    before = tree_hashes(repository)
+    run = export_cli(compiled[1], "--repository", repository, "--name", "cnn", "--staged")
     assert run.exit_code == 2 and "holds a previous moco output; pass --force" in run.output
-    assert _tree(repository) == before
-    run = _cli(compiled[1], "--repository", repository, "--name", "cnn", "--staged", "--force", "--backend", "python",
+    assert tree_hashes(repository) == before
+    run = export_cli(compiled[1], "--repository", repository, "--name", "cnn", "--staged", "--force", "--backend", "python",
                *OPTIONS)
     assert run.exit_code == 0, run.output
     assert sorted(p.name for p in repository.iterdir()) == sorted(p.name for p in staged.iterdir()) + ["other"]
-    assert _tree(other) == users
-    assert {path: digest for path, digest in _tree(repository).items() if not path.startswith("other")} == _tree(staged)
+    assert tree_hashes(other) == users
+    assert {path: digest for path, digest in tree_hashes(repository).items() if not path.startswith("other")} == tree_hashes(staged)
 
 
 @pytest.mark.parametrize("existing, name", [("staged", "cnn_stage1"), ("plain", "cnn")])
@@ -175,15 +157,15 @@ def test_names_that_clash_with_another_exports_models_are_refused_even_with_forc
     """A staged export's entry over another export's stage, or its stage over another model: refused."""
     repository = tmp_path / "repo"
     first = "cnn" if existing == "staged" else "cnn_stage0"
-    assert _cli(compiled[1], "--repository", repository, "--name", first,
+    assert export_cli(compiled[1], "--repository", repository, "--name", first,
                 *(["--staged"] if existing == "staged" else [])).exit_code == 0
-    before = _tree(repository)
-    run = _cli(compiled[1], "--repository", repository, "--name", name, "--staged", "--force")
+    before = tree_hashes(repository)
+    run = export_cli(compiled[1], "--repository", repository, "--name", name, "--staged", "--force")
     output = " ".join(run.output.split())
     assert run.exit_code == 2 and "the names clash" in output and "Choose another --name" in output
     clashing = "stage 1 of the staged export 'cnn'" if existing == "staged" else "the model 'cnn_stage0'"
     assert clashing in output
-    assert _tree(repository) == before
+    assert tree_hashes(repository) == before
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -192,7 +174,7 @@ def test_names_that_clash_with_another_exports_models_are_refused_even_with_forc
     ("--max-queue-delay-us", "-1", "--max-queue-delay-us must be a whole number of microseconds, 0 or more"),
 ])
 def test_invalid_batching_options_are_refused_before_writing(compiled, tmp_path, option, value, message):
-    run = _cli(compiled[1], "--repository", tmp_path / "repo", "--staged", option, value)
+    run = export_cli(compiled[1], "--repository", tmp_path / "repo", "--staged", option, value)
     assert run.exit_code == 2 and message in " ".join(run.output.split())
     assert not (tmp_path / "repo").exists()
 
@@ -203,6 +185,6 @@ def test_an_original_that_is_not_the_compiled_model_is_refused(compiled, referen
 
     other = tmp_path / "soft.onnx"
     onnx.save(with_soft_probabilities(reference_model, 4.0), str(other))
-    run = _cli(compiled[1], "--repository", tmp_path / "repo", "--staged", "--original", other)
+    run = export_cli(compiled[1], "--repository", tmp_path / "repo", "--staged", "--original", other)
     assert run.exit_code == 2 and "does not give the build's graph" in " ".join(run.output.split())
     assert not (tmp_path / "repo").exists()

@@ -17,6 +17,7 @@ from moco_compile.constants import EXIT_OUTPUT
 from moco_compile.runtime.triton.repository import TritonSettings
 from moco_compile.runtime.triton.server import TritonServer
 from moco_compile.stage_models import export_triton_staged
+from tests.triton_helpers import infer
 
 pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
 
@@ -38,17 +39,6 @@ def server(compiled, server_env, tmp_path_factory):
 def reference(compiled):
     session = ort.InferenceSession(str(compiled[1] / "model.onnx"), providers=["CPUExecutionProvider"])
     return lambda images: dict(zip(["logits", EXIT_OUTPUT], session.run(["logits", EXIT_OUTPUT], {"images": images})))
-
-
-def _query(protocol, address: str, images: np.ndarray) -> dict[str, np.ndarray]:
-    client = protocol.InferenceServerClient(address)
-    try:
-        request = protocol.InferInput("images", list(images.shape), "FP32")
-        request.set_data_from_numpy(images)
-        result = client.infer(MODEL, [request])
-        return {name: result.as_numpy(name) for name in ("logits", EXIT_OUTPUT)}
-    finally:
-        client.close()
 
 
 def _stage_counts(server: TritonServer) -> dict[str, tuple[int, int]]:
@@ -73,7 +63,7 @@ def test_concurrent_requests_over_grpc_and_http_get_the_single_graphs_rows(serve
     protocols = [(grpcclient, "grpc") if i % 2 else (httpclient, "http") for i in range(len(chunks))]
     before = _stage_counts(server)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        served = list(pool.map(lambda job: _query(job[0][0], server.address(job[0][1]), job[1]),
+        served = list(pool.map(lambda job: infer(job[0][0], server.address(job[0][1]), MODEL, job[1]),
                                zip(protocols, chunks)))
     for chunk, result in zip(chunks, served):
         expected = reference(chunk)
@@ -102,7 +92,7 @@ def test_rows_per_exit_and_queue_time_per_stage_are_on_the_metrics_endpoint(serv
 
     images = calibration["images"][:16]
     before = exit_rows()
-    _query(grpcclient, server.address("grpc"), images)
+    infer(grpcclient, server.address("grpc"), MODEL, images)
     after = exit_rows()
     taken, rows = np.unique(reference(images)[EXIT_OUTPUT], return_counts=True)
     assert {e: after[e] - before.get(e, 0) for e in after if after[e] != before.get(e, 0)} == \

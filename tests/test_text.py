@@ -385,13 +385,13 @@ def test_bucketed_layout_of_the_text_plan_matches_nested(compiled, text_onnx, te
     from moco_compile.passes.planning.config import PlannerConfig
     from moco_compile.runtime.staged import StagedSession
 
-    buckets = (1, 8, 32, 128)
+    buckets = (8, 128)
     bucketed = insert_exits(model, result.plan.exits, output, "bucketed", buckets)
     onnx.checker.check_model(bucketed, full_check=True)
     record = {**result.plan.to_dict(), "exit_layout": "bucketed",
               "planner_config": PlannerConfig(exit_layout="bucketed", batch_buckets=buckets).to_dict()}
     staged = StagedSession(bucketed, record, providers=["cpu"])  # the mask travels between stages too
-    for size in (0, 1, 5, 8, 33, 300):
+    for size in (0, 5, 33, 300):  # no rows; a padded bucket; the second bucket; beyond the largest
         batch = {k: v[:size] for k, v in rows.items()}
         (logits, exits), (nested_logits, nested_exits) = _run(bucketed, batch), _run(result.model, batch)
         assert (exits == nested_exits).all() and logits.shape == nested_logits.shape

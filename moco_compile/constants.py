@@ -37,6 +37,19 @@ def instance_graph_name(stage: int, bucket: int | None) -> str:
     return f"moco_stage{stage}_bucket{'N' if bucket is None else bucket}"
 
 
+ENTRY_ROWS = "moco/entry/rows"  # int64 [1]: the batch's rows, read by stage 0's instances
+
+
+def exit_count(stage: int) -> str:
+    """The int64 ``[1]`` count of rows continuing past exit ``stage``, read by stage ``stage + 1``'s instances."""
+    return f"moco/exit{stage}/count"
+
+
+def instance_positions(tag: str) -> str:
+    """The rows an instance gathers (the tensors computing them are named under it, too)."""
+    return f"moco/{tag}/positions"
+
+
 def instance_input(tag: str, tensor: str) -> str:
     """The name of the rows of ``tensor`` an instance gathers into its bucket."""
     return f"moco/{tag}/in/{tensor}"

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
-from moco_compile.constants import instance_graph_name, instance_input, instance_output, instance_tag
+from moco_compile.constants import (ENTRY_ROWS, exit_count, instance_graph_name, instance_input, instance_output,
+                                    instance_positions, instance_tag)
 from moco_compile.errors import MocoError
 
 BUCKETED = "bucketed"
@@ -75,10 +76,9 @@ def stage_graphs(model: onnx.ModelProto, plan: Mapping, model_name: str = "the m
 
 def _standalone(model: onnx.ModelProto, instance: onnx.GraphProto, stage: int, bucket: int | None) -> StageGraph:
     tag = instance_tag(stage, bucket)
-    gathered_prefix = instance_input(tag, "")
-    dropped = {f"moco/{tag}/positions", f"moco/{tag}/last_row"}
-    nodes = [node for node in instance.node
-             if not any(name in dropped or name.startswith(gathered_prefix) for name in node.output)]
+    gathered_prefix, positions = instance_input(tag, ""), instance_positions(tag)
+    nodes = [node for node in instance.node  # the runner gathers the rows itself
+             if not any(name.startswith((gathered_prefix, positions)) for name in node.output)]
     produced = {name for node in nodes for name in node.output}
     reads = [name for node in nodes for name in _node_reads(node) if name not in produced]
     declared = {value.name: value for value in list(instance.value_info) + list(model.graph.input)}
@@ -93,7 +93,7 @@ def _standalone(model: onnx.ModelProto, instance: onnx.GraphProto, stage: int, b
             initializers.append(main.initializers[name])
         elif name in main.constant_producers:
             constants.extend(main.constant_closure(name, initializers))
-        elif name == "moco/entry/rows" or name.endswith("/count"):
+        elif name == (ENTRY_ROWS if stage == 0 else exit_count(stage - 1)):
             count = name
             inputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.INT64, [1]))
         else:

@@ -41,7 +41,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from moco_compile.constants import EXIT_OUTPUT, instance_graph_name, instance_input, instance_output, instance_tag
+from moco_compile.constants import (ENTRY_ROWS, EXIT_OUTPUT, exit_count, instance_graph_name, instance_input,
+                                    instance_output, instance_positions, instance_tag)
 from moco_compile.passes.graph.exit_graph import ExitGraphBuilder
 from moco_compile.passes.graph.index import subgraphs
 from moco_compile.passes.planning.config import checked_buckets
@@ -75,7 +76,7 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
         nodes, constants = self._trailing_shape_nodes()
         graph_nodes = self.model.graph.node
         nodes = nodes + [graph_nodes[i] for i in range(len(graph_nodes)) if self.index.is_constant_node(i)]
-        rows, zero = "moco/entry/rows", self._constant("moco/zero1", [0])
+        rows, zero = ENTRY_ROWS, self._constant("moco/zero1", [0])
         nodes.extend([helper.make_node("Shape", [self.inputs[0]], [rows], start=0, end=1),
                       helper.make_node("Greater", [rows, zero], ["moco/entry/any_rows"])])
         # a batch of 0 rows runs no stage: no op of the model ever sees 0 rows
@@ -111,7 +112,7 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
         p = f"moco/exit{stage}"
         by_role = dict(zip(roles, switched))
         keep = by_role["keep"]
-        count, order_next = f"{p}/count", f"{p}/order"
+        count, order_next = exit_count(stage), f"{p}/order"
         nodes.extend(self._routing_nodes(p, keep, count, order_next))
         carried = [self.exits[stage].cut.tensor] + sorted(self._side_inputs(stage + 1))
         then_nodes: list = []
@@ -245,13 +246,13 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
     def _positions(self, bucket: int | None, rows: str, order: str | None, tag: str, nodes: list) -> str:
         """Rows of the previous level to gather: the first ``bucket`` of ``order`` (the continuing
         ones, then rows that left, as padding), or, at the entry, ``0..N-1`` then the last row repeated."""
-        positions = f"moco/{tag}/positions"
+        positions = instance_positions(tag)
         zero = self._constant("moco/zero1", [0])
         if order is not None:
             end = rows if bucket is None else self._constant(f"moco/bucket{bucket}", [bucket])
             nodes.append(helper.make_node("Slice", [order, zero, end, zero], [positions]))
             return positions
-        last = f"moco/{tag}/last_row"
+        last = f"{positions}/last_row"
         nodes.extend([helper.make_node("Sub", [rows, self._constant("moco/one1", [1])], [last]),
                       helper.make_node("Min", [self._arange(bucket), last], [positions])])
         return positions

@@ -4,7 +4,6 @@ A section is found by its ``## title`` heading wherever it sits and only it is r
 its preamble (headline table, contents) are kept by hand, and a new title is appended at the end."""
 from __future__ import annotations
 
-import os
 import platform
 import re
 from datetime import date
@@ -16,11 +15,9 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 def machine_description() -> str:
     import onnxruntime
 
-    cpu = "unknown CPU"
-    if Path("/proc/cpuinfo").exists():
-        match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = match.group(1).strip() if match else cpu
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python "
+    from moco_compile.runtime.profile_target import cpu_name
+
+    return (f"{cpu_name()}, {platform.system()} {platform.machine()}, Python "
             f"{platform.python_version()}, onnxruntime {onnxruntime.__version__}, {date.today()}")
 
 

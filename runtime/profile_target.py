@@ -80,7 +80,7 @@ def profile_target(providers: Sequence[str] | None = None, seconds: float = DEFA
     return {"format": TARGET_PROFILE_FORMAT, "version": TARGET_PROFILE_VERSION,
             "name": "cpu" if device == "cpu" else f"cuda:{_gpu_name()[1]}", "provider": provider,
             "exit_fixed_seconds": max(0.0, float(np.mean(fixed))), "flops_per_second": rates,
-            "copy_bytes_per_second": bandwidth, "machine": _cpu_name() if device == "cpu" else _gpu_name()[0],
+            "copy_bytes_per_second": bandwidth, "machine": cpu_name() if device == "cpu" else _gpu_name()[0],
             "onnxruntime": f"onnxruntime {ort.__version__}", "measured_on": datetime.date.today().isoformat()}
 
 
@@ -183,7 +183,7 @@ def _matmul_graph(width: int, with_exit: bool) -> onnx.ModelProto:
     return _model(nodes, [_rows("x", width)], [_rows("y", width)], weights)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     """This CPU's model name and core count."""
     name = platform.processor() or platform.machine()
     try:

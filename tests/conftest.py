@@ -66,6 +66,16 @@ def server_env() -> Path:
 
 
 @pytest.fixture(scope="session")
+def compiled_outputs(compiled):
+    """Runs the shared compile's model.onnx directly with onnxruntime: images -> {output name: values}."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(compiled[1] / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    return lambda images: dict(zip(names, session.run(names, {"images": images})))
+
+
+@pytest.fixture(scope="session")
 def guarded_soft(reference_model, calibration):
     """``(model, result, rows)``: the reference CNN ending in ``Softmax(logits / 4)`` (probabilities far
     softer than its rules': exited rows' confidence scales matter) compiled on the first ``rows``

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -89,13 +88,6 @@ def served(request, compiled, server_env, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(compiled):
-    session = ort.InferenceSession(str(compiled[1] / "model.onnx"), providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
-    return lambda images: dict(zip(names, session.run(names, {"images": images})))
-
-
-@pytest.fixture(scope="module")
 def images(calibration) -> np.ndarray:
     return calibration["images"][-REQUESTS:]
 
@@ -130,9 +122,9 @@ def _round(server: TritonServer, images: np.ndarray, poisoned: int) -> list:
         return list(pool.map(one, range(len(rows))))
 
 
-def test_a_request_the_model_fails_on_fails_alone(served, images, reference, request):
+def test_a_request_the_model_fails_on_fails_alone(served, images, compiled_outputs, request):
     variant, server = served
-    expected = reference(images)
+    expected = compiled_outputs(images)
     for poisoned in (0, REQUESTS // 2, REQUESTS - 1):
         results = _round(server, images, poisoned)
         failed = [i for i, result in enumerate(results) if isinstance(result, InferenceServerException)]

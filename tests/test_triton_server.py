@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -48,14 +47,6 @@ def repository(compiled, tmp_path_factory) -> Path:
 def server(repository, server_env):
     with TritonServer(repository, server_env) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def reference(compiled):
-    """Runs the build's model.onnx directly with onnxruntime: {output name: values}."""
-    session = ort.InferenceSession(str(compiled[1] / "model.onnx"), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return lambda images: dict(zip(names, session.run(names, {"images": images})))
 
 
 @pytest.fixture(scope="module")
@@ -94,31 +85,31 @@ def _exit_counts(server) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("query", [_http, _grpc], ids=["http", "grpc"])
-def test_one_row(server, reference, images, query):
-    _assert_served(query(server, images[:1]), reference(images[:1]))
+def test_one_row(server, compiled_outputs, images, query):
+    _assert_served(query(server, images[:1]), compiled_outputs(images[:1]))
 
 
 @pytest.mark.parametrize("query", [_http, _grpc], ids=["http", "grpc"])
-def test_batch(server, reference, images, query):
-    expected = reference(images[:16])
+def test_batch(server, compiled_outputs, images, query):
+    expected = compiled_outputs(images[:16])
     assert len(set(expected[EXIT_OUTPUT].tolist())) >= 2  # early exits and the full network both served
     _assert_served(query(server, images[:16]), expected)
 
 
-def test_concurrent_requests_each_get_their_own_rows(server, reference, images):
+def test_concurrent_requests_each_get_their_own_rows(server, compiled_outputs, images):
     """Dynamic batching hands model.py several requests at once: each must get its own rows back."""
     chunks = np.array_split(images, 10)
     with ThreadPoolExecutor(max_workers=10) as pool:
         served = list(pool.map(lambda chunk: _http(server, chunk), chunks))
     for chunk, result in zip(chunks, served):
-        _assert_served(result, reference(chunk))
+        _assert_served(result, compiled_outputs(chunk))
 
 
-def test_rows_per_exit_are_counted_on_the_metrics_endpoint(server, reference, images):
+def test_rows_per_exit_are_counted_on_the_metrics_endpoint(server, compiled_outputs, images):
     before = _exit_counts(server)
     _grpc(server, images[-16:])
     after = _exit_counts(server)
-    taken, rows = np.unique(reference(images[-16:])[EXIT_OUTPUT], return_counts=True)
+    taken, rows = np.unique(compiled_outputs(images[-16:])[EXIT_OUTPUT], return_counts=True)
     expected = dict(zip(map(str, taken.tolist()), rows.tolist()))
     assert {exit: after[exit] - before.get(exit, 0) for exit in after if after[exit] != before.get(exit, 0)} == expected
 
@@ -147,7 +138,7 @@ def test_port_in_use_is_refused(repository, server_env):
             TritonServer(repository, server_env, grpc_port=port).start()
 
 
-def test_serve_triton_serves_until_interrupted(repository, server_env, reference, images):
+def test_serve_triton_serves_until_interrupted(repository, server_env, compiled_outputs, images):
     command = [sys.executable, "-m", "moco_compile.cli", "serve-triton", str(repository), "--env", str(server_env),
                "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--timeout", "60"]
     cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -157,7 +148,7 @@ def test_serve_triton_serves_until_interrupted(repository, server_env, reference
             pytest.fail(f"moco serve-triton exited: {cli.communicate(timeout=30)[1]}")
         addresses = re.fullmatch(r"serving .*: HTTP (\S+), gRPC \S+, metrics \S+; Ctrl-C stops\n", line)
         assert addresses, line
-        _assert_served(_query_http(addresses[1], images[:3]), reference(images[:3]))
+        _assert_served(_query_http(addresses[1], images[:3]), compiled_outputs(images[:3]))
     finally:
         cli.send_signal(signal.SIGTERM)  # SIGINT is ignored by processes a non-interactive shell backgrounds
         status = cli.wait(timeout=30)

@@ -8,7 +8,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -35,12 +34,6 @@ def server(compiled, server_env, tmp_path_factory):
         yield running
 
 
-@pytest.fixture(scope="module")
-def reference(compiled):
-    session = ort.InferenceSession(str(compiled[1] / "model.onnx"), providers=["CPUExecutionProvider"])
-    return lambda images: dict(zip(["logits", EXIT_OUTPUT], session.run(["logits", EXIT_OUTPUT], {"images": images})))
-
-
 def _stage_counts(server: TritonServer) -> dict[str, tuple[int, int]]:
     """Per stage model: (requests answered, executions)."""
     client = httpclient.InferenceServerClient(server.address("http"))
@@ -57,7 +50,7 @@ def _metrics(server: TritonServer) -> list[str]:
         return response.read().decode().splitlines()
 
 
-def test_concurrent_requests_over_grpc_and_http_get_the_single_graphs_rows(server, reference, calibration):
+def test_concurrent_requests_over_grpc_and_http_get_the_single_graphs_rows(server, compiled_outputs, calibration):
     images = calibration["images"][-sum(SIZES):]
     chunks = np.split(images, np.cumsum(SIZES)[:-1])
     protocols = [(grpcclient, "grpc") if i % 2 else (httpclient, "http") for i in range(len(chunks))]
@@ -66,7 +59,7 @@ def test_concurrent_requests_over_grpc_and_http_get_the_single_graphs_rows(serve
         served = list(pool.map(lambda job: infer(job[0][0], server.address(job[0][1]), MODEL, job[1]),
                                zip(protocols, chunks)))
     for chunk, result in zip(chunks, served):
-        expected = reference(chunk)
+        expected = compiled_outputs(chunk)
         assert result[EXIT_OUTPUT].shape == (len(chunk), 1)
         np.testing.assert_array_equal(result[EXIT_OUTPUT][:, 0], expected[EXIT_OUTPUT])
         np.testing.assert_allclose(result["logits"], expected["logits"], rtol=1e-5, atol=1e-5)
@@ -81,7 +74,7 @@ def test_concurrent_requests_over_grpc_and_http_get_the_single_graphs_rows(serve
     assert stage0_runs < len(chunks) or any(runs < requests for requests, runs in merged.values()), merged
 
 
-def test_rows_per_exit_and_queue_time_per_stage_are_on_the_metrics_endpoint(server, reference, calibration):
+def test_rows_per_exit_and_queue_time_per_stage_are_on_the_metrics_endpoint(server, compiled_outputs, calibration):
     def exit_rows() -> dict[str, float]:
         rows = {}
         for line in _metrics(server):
@@ -94,7 +87,7 @@ def test_rows_per_exit_and_queue_time_per_stage_are_on_the_metrics_endpoint(serv
     before = exit_rows()
     infer(grpcclient, server.address("grpc"), MODEL, images)
     after = exit_rows()
-    taken, rows = np.unique(reference(images)[EXIT_OUTPUT], return_counts=True)
+    taken, rows = np.unique(compiled_outputs(images)[EXIT_OUTPUT], return_counts=True)
     assert {e: after[e] - before.get(e, 0) for e in after if after[e] != before.get(e, 0)} == \
         dict(zip(map(str, taken.tolist()), rows.tolist()))
     stages = {path.name for path in server.repository.iterdir() if path.name.startswith(f"{MODEL}_stage")}

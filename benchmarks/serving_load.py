@@ -17,11 +17,10 @@ Nothing downloads while measuring: :func:`setup_tools` (``--setup``) does every 
 
 Three Triton models per reference model, each the python backend running onnxruntime with the same
 :data:`SETTINGS` (max batch, one CPU instance, dynamic batching preferring full batches, 100 us queue
-delay): ``original`` (:func:`write_original_build`: the original graph plus a constant ``moco_exit``
+delay; the staged entry model: ``ENTRY_INSTANCES`` instances): ``original`` (:func:`write_original_build`: the original graph plus a constant ``moco_exit``
 of -1, so that the same model.py, configuration and per-request exit counting serve it),
-``graph`` (the compiled single graph, ``export_triton``) and ``staged`` (:func:`staged_exporter`: the entry
-model NAME and one model NAME_stage<k> per stage; reported as not available when this checkout has
-no staged export).
+``graph`` (the compiled single graph, ``export_triton``) and ``staged`` (``export_triton_staged``: the
+entry model NAME and one model NAME_stage<k> per stage).
 """
 from __future__ import annotations
 
@@ -49,14 +48,13 @@ from moco_compile.errors import MocoError
 from moco_compile.outputs import staged_output_dir
 from moco_compile.runtime.triton.repository import TritonSettings, export_triton
 from moco_compile.runtime.triton.server import TritonServer, triton_env
+from moco_compile.stage_models import export_triton_staged
 
 TRITON_PACKAGES = ["nvidia-pytriton==0.7.0", "numpy<2", "onnxruntime"]  # as tests/test_triton_server.py
 PERF_ANALYZER_PACKAGE = "perf-analyzer>=2.58"  # manylinux_2_38 wheels only
 PERF_ANALYZER_FALLBACK = "tritonclient==2.51.0"  # ships bin/perf_analyzer, built for glibc 2.35
 VARIANTS = ("original", "graph", "staged")
 SETTINGS = {"max_batch_size": 64, "instances": 1, "kind": "cpu", "backend": "python"}
-NOT_AVAILABLE = ("staged: not available in this checkout (neither moco_compile.stage_models.export_triton_staged "
-                 "nor TritonSettings(staged=True))")
 
 
 def log(message: str) -> None:
@@ -191,28 +189,9 @@ def write_original_build(model_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def staged_exporter():
-    """The staged export of this checkout as ``f(build, repository, name, settings)``, or None:
-    ``moco_compile.stage_models.export_triton_staged`` (the CLI's ``--staged``), else
-    ``export_triton`` with ``TritonSettings(staged=True)``."""
-    try:
-        from moco_compile.stage_models import export_triton_staged
-    except ImportError:
-        pass
-    else:
-        return lambda build, repository, name, settings: export_triton_staged(build, repository, name, settings,
-                                                                             force=False)[0]
-    try:
-        TritonSettings(**SETTINGS, staged=True)
-    except TypeError:
-        return None
-    return lambda build, repository, name, settings: export_triton(
-        build, repository, name, TritonSettings(**SETTINGS, staged=True))
-
-
-def export_variant(variant: str, build: Path, original_build: Path, repository: Path, name: str) -> Path | None:
+def export_variant(variant: str, build: Path, original_build: Path, repository: Path, name: str) -> Path:
     """Export ``variant`` of a reference model as ``repository/name`` (the staged one also writes
-    its stage models ``name_stage<k>`` beside it); None when the staged export is not available here.
+    its stage models ``name_stage<k>`` beside it).
     ``repository`` is the benchmark's own: written afresh (Triton leaves __pycache__ in model.py's
     directory, which export_triton would refuse to replace)."""
     shutil.rmtree(repository, ignore_errors=True)
@@ -221,8 +200,7 @@ def export_variant(variant: str, build: Path, original_build: Path, repository: 
         return export_triton(original_build, repository, name, settings)
     if variant == "graph":
         return export_triton(build, repository, name, settings)
-    exporter = staged_exporter()
-    return None if exporter is None else exporter(build, repository, name, settings)
+    return export_triton_staged(build, repository, name, settings)[0]
 
 
 # ------------------------------------------------------------------------------------- input data

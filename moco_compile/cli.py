@@ -17,6 +17,7 @@ from moco_compile.constants import LABELS
 from moco_compile.errors import MocoError
 from moco_compile.moe.cli import app as moe_app
 from moco_compile.passes.planning.config import DEFAULT_BATCH_BUCKETS
+from moco_compile.runtime.triton.repository import ENTRY_INSTANCES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="moco: compile classifiers into one ONNX graph where easy inputs exit early.")
@@ -55,6 +56,9 @@ def compile_command(
                                               "exits); flat: no If, any number of exits (3-5% slower at batch 1, "
                                               "up to 4% faster at batch 64 on CPU); bucketed (GPU targets): "
                                               "nested, the continuing rows padded to --batch-buckets"),
+    exit_heads: Optional[str] = typer.Option(None, "--exit-heads", help="heads an exit's rule may be: linear,mlp "
+                                             "(default: a one-hidden-layer MLP where cross-validation finds it "
+                                             "admits more rows) or linear (softmax probes only)"),
     target: Optional[str] = typer.Option(None, "--target", help="the machine that serves the graph: cpu "
                                          "(default: moco's CPU figures), cuda (measured H100 figures) or "
                                          "cuda:<device> (with --target-profile); exits are priced for it"),
@@ -90,7 +94,8 @@ def compile_command(
             raise ValueError(f"--exit-layout {exit_layout} does not go with --target {target}: GPU targets write the "
                              "bucketed layout (the rows continuing past an exit padded to fixed batch sizes, whose "
                              "kernels keep their plans); drop --exit-layout")
-        settings = {name: value for name, value in (("exit_layout", exit_layout), ("max_exits", max_exits))
+        settings = {name: value for name, value in (("exit_layout", exit_layout), ("max_exits", max_exits),
+                                                    ("exit_heads", exit_heads and tuple(exit_heads.split(","))))
                     if value is not None}
         buckets = None if batch_buckets is None else _batch_buckets(batch_buckets)
         calibration = _calibration_data(calib, engine, ray_address, ray_workers, ray_max_rows, seed)
@@ -242,6 +247,8 @@ def export_triton_command(
     staged: bool = typer.Option(False, "--staged", help="one model per stage of the plan (--backend: theirs) "
                                 "and an entry model NAME (python, BLS) sending the continuing rows on, "
                                 "batched across requests"),
+    entry_instances: int = typer.Option(ENTRY_INSTANCES, "--entry-instances", help="--staged: instances of the "
+                                        "entry model (each routes one call at a time)"),
     original: Optional[Path] = typer.Option(None, "--original", help="--staged, a build not laid out bucketed: "
                                             "the model it was compiled from (default: the one its report records)"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP.format(what="model directory")),
@@ -256,7 +263,8 @@ def export_triton_command(
     except ValueError as error:
         _fail(error)
     try:
-        settings = TritonSettings(max_batch_size, instances, kind, backend, sizes, max_queue_delay_us)
+        settings = TritonSettings(max_batch_size, instances, kind, backend, sizes, max_queue_delay_us,
+                                  entry_instances)
         if staged:
             targets = export_triton_staged(build_dir, repository, name, settings, force, original)
         else:

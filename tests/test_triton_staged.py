@@ -22,7 +22,8 @@ from moco_compile.runtime.triton.repository import PYTHON_MODEL
 from moco_compile.runtime.triton.staged import ENTRY_MODEL
 from tests.triton_helpers import export_cli, parsed_config, tree_hashes
 
-OPTIONS = ["--max-batch-size", "16", "--preferred-batch-sizes", "4,16", "--max-queue-delay-us", "500", "--kind", "gpu"]
+OPTIONS = ["--max-batch-size", "16", "--preferred-batch-sizes", "4,16", "--max-queue-delay-us", "500", "--kind", "gpu",
+           "--entry-instances", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def test_every_model_is_a_config_triton_parses(compiled, staged):
     assert [t.name for t in entry.input] == ["images"] and [t.name for t in entry.output] == ["logits", EXIT_OUTPUT]
     assert list(entry.output[1].dims) == [1] and entry.output[1].HasField("reshape")
     assert (staged / "cnn" / "1" / "model.py").read_bytes() == ENTRY_MODEL.read_bytes()
-    assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in entry.instance_group] == ["KIND_CPU"]  # it moves rows
+    assert [(pb.ModelInstanceGroup.Kind.Name(g.kind), g.count) for g in entry.instance_group] == [("KIND_CPU", 3)]
+    assert "intra_op_spinning" not in entry.parameters
     routing = json.loads(entry.parameters["moco_stages"].string_value)
     assert [stage["model"] for stage in routing] == [f"cnn_stage{k}" for k in range(exits + 1)]
     assert list(routing[0]["inputs"].values()) == [graph.input[0].name]
@@ -51,7 +53,8 @@ def test_every_model_is_a_config_triton_parses(compiled, staged):
         assert (config.name, config.backend, config.max_batch_size) == (stage["model"], "python", 16)
         assert list(config.dynamic_batching.preferred_batch_size) == [4, 16]
         assert config.dynamic_batching.max_queue_delay_microseconds == 500
-        assert [pb.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == ["KIND_GPU"]
+        assert [(pb.ModelInstanceGroup.Kind.Name(g.kind), g.count) for g in config.instance_group] == [("KIND_GPU", 1)]
+        assert config.parameters["intra_op_spinning"].string_value == "0"  # stages share the cores
         assert [t.name for t in config.input] == [v.name for v in model.graph.input] == list(stage["inputs"])
         assert [t.name for t in config.output] == [v.name for v in model.graph.output] == list(stage["outputs"])
         assert (staged / stage["model"] / "1" / "model.py").read_bytes() == PYTHON_MODEL.read_bytes()
@@ -172,6 +175,7 @@ def test_names_that_clash_with_another_exports_models_are_refused_even_with_forc
     ("--preferred-batch-sizes", "4,0", "--preferred-batch-sizes takes comma-separated positive integers"),
     ("--preferred-batch-sizes", "128", "--preferred-batch-sizes 128 is larger than --max-batch-size 64"),
     ("--max-queue-delay-us", "-1", "--max-queue-delay-us must be a whole number of microseconds, 0 or more"),
+    ("--entry-instances", "0", "--entry-instances must be a whole number of at least 1, not 0"),
 ])
 def test_invalid_batching_options_are_refused_before_writing(compiled, tmp_path, option, value, message):
     run = export_cli(compiled[1], "--repository", tmp_path / "repo", "--staged", option, value)

@@ -7,6 +7,8 @@ runs it in an environment that has numpy < 2 and onnxruntime (moco itself need n
 * The session uses CUDA on a KIND_GPU instance when that environment's onnxruntime has it, else CPU.
 * The requests of one call run as one batch when their inputs agree on every axis but the first
   (what dynamic batching gathered), else one by one; an onnxruntime error fails only its requests.
+* The session's threads spin-wait after a run (onnxruntime's default) unless the config parameter
+  ``intra_op_spinning`` is "0" (what a staged export writes for its stages).
 * Every output of the graph is returned.  The rows that took each exit are counted in the counter
   ``moco_exit_rows_total{model, version, exit}`` (exit "-1" = full network) on Triton's metrics
   endpoint, when this backend supports custom metrics.  The exit output's name comes from the
@@ -28,7 +30,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        self.session = ort.InferenceSession(path, providers=_providers(args))
+        self.session = ort.InferenceSession(path, _options(config), providers=_providers(args))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         exit_output = config.get("parameters", {}).get("exit_output")
@@ -75,6 +77,16 @@ class TritonPythonModel:
 
 # moco_compile.runtime.session.CUDA_OPTIONS (moco is not importable here): TF32 off, no cuDNN search.
 CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "DEFAULT"}
+
+
+def _options(config):
+    """Session options: onnxruntime's threads spin-wait after a run unless the config parameter
+    ``intra_op_spinning`` is "0" (the stages of a staged export, which share the cores)."""
+    options = ort.SessionOptions()
+    spinning = config.get("parameters", {}).get("intra_op_spinning")
+    if spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning["string_value"])
+    return options
 
 
 def _providers(args):

@@ -46,7 +46,12 @@ MODEL = "model.onnx"
 BACKENDS = ("onnxruntime", "python")
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 MAX_QUEUE_DELAY_US = 100  # how long dynamic batching waits to fill a batch
+# Entry instances of a staged export: Triton runs a non-decoupled python model's async execute one
+# call at a time per instance (triton-inference-server/server#7888), so only several instances put
+# several calls' rows in the stage models' queues at once for their batchers to merge.
+ENTRY_INSTANCES = 4
 EXIT_PARAMETER = "exit_output"  # config parameter naming the exit output for the python backend
+SPINNING_PARAMETER = "intra_op_spinning"  # config parameter: "0" = model.py's onnxruntime threads never spin
 PYTHON_MODEL = Path(__file__).with_name("model.py")
 DATA_TYPES = {
     onnx.TensorProto.BOOL: "TYPE_BOOL", onnx.TensorProto.UINT8: "TYPE_UINT8",
@@ -81,9 +86,11 @@ class TritonSettings:
     backend: str = "onnxruntime"
     preferred_batch_sizes: tuple[int, ...] = ()  # the batches dynamic batching aims for; () = (max_batch_size,)
     max_queue_delay_us: int = MAX_QUEUE_DELAY_US  # how long dynamic batching waits to fill one
+    entry_instances: int = ENTRY_INSTANCES  # a staged export's entry model (runtime/triton/staged.py)
 
     def __post_init__(self) -> None:
         for field, value in (("max_batch_size", self.max_batch_size), ("instances", self.instances),
+                             ("entry_instances", self.entry_instances),
                              *(("preferred_batch_sizes", size) for size in self.preferred_batch_sizes)):
             if not _whole(value) or value < 1:
                 raise MocoError(f"--{field.replace('_', '-')} must be a whole number of at least 1, "

@@ -19,8 +19,12 @@ Rules:
    The entry model has the same ``max_batch_size``: no stage ever receives more rows than that.
 2. ``--backend`` and ``--kind`` apply to the stage models (Triton's onnxruntime backend, or model.py
    running onnxruntime); the entry is always a python model on the CPU (Triton ensembles cannot
-   branch; it only moves rows).
-3. ``moco-triton.json`` records the export (NAME) and role of each model it writes.  A model
+   branch; it only moves rows), ``--entry-instances`` of it.
+3. A python stage model's onnxruntime threads do not spin-wait after a run (the config parameter
+   ``intra_op_spinning: "0"``, read by model.py): the stages run one after another on the same cores,
+   and a spinning idle stage starves the busy one (measured: the 6-block MiniLM's staged repository
+   served twice as many rows at concurrency 16 on 2 cores without spinning).
+4. ``moco-triton.json`` records the export (NAME) and role of each model it writes.  A model
    directory already there is replaced only with ``force``, only when it is a previous export of
    this NAME in the same place (the entry: any export named NAME; a stage: stage of NAME), and
    only as :func:`~moco_compile.outputs.staged_output_dir` allows; every directory is checked
@@ -41,13 +45,14 @@ from moco_compile.constants import EXIT_OUTPUT
 from moco_compile.errors import MocoError, OutputError
 from moco_compile.outputs import GENERATOR, check_output_dir, listed_files, staged_output_dir
 from moco_compile.runtime.stage_graphs import StageGraph
-from moco_compile.runtime.triton.repository import (CONFIG, EXIT_PARAMETER, MODEL, PYTHON_MODEL, VERSION,
-                                                    TritonSettings, check_previous_export, checked_name, config_text,
-                                                    tensor_specs)
+from moco_compile.runtime.triton.repository import (CONFIG, EXIT_PARAMETER, MODEL, PYTHON_MODEL,
+                                                    SPINNING_PARAMETER, VERSION, TritonSettings, check_previous_export,
+                                                    checked_name, config_text, tensor_specs)
 
 ENTRY_MODEL = Path(__file__).with_name("entry.py")
 STAGES_PARAMETER = "moco_stages"  # the entry config's parameter listing the stages (JSON)
 RECORD = "moco-triton.json"  # in each model directory of a staged export: its export and role
+STAGE_PARAMETERS = {SPINNING_PARAMETER: "0"}  # rule 3
 
 
 def stage_model_name(name: str, stage: int) -> str:
@@ -76,7 +81,7 @@ def export_stages(compiled: onnx.ModelProto, stages: Sequence[StageGraph], repos
     routing = [{"model": target.name, "inputs": dict(graph.gathers), "outputs": dict(graph.roles)}
                for graph, target in zip(stages, targets)]
     config = config_text(name, tensor_specs(compiled.graph.input, compiled.graph.initializer),
-                         tensor_specs(compiled.graph.output), replace(settings, backend="python", kind="cpu"),
+                         tensor_specs(compiled.graph.output), replace(settings, backend="python", kind="cpu", instances=settings.entry_instances),
                          {EXIT_PARAMETER: EXIT_OUTPUT, STAGES_PARAMETER: json.dumps(routing)})
     with staged_output_dir(entry, inputs, force) as staging:
         (staging / CONFIG).write_text(config, encoding="utf-8")
@@ -88,10 +93,11 @@ def export_stages(compiled: onnx.ModelProto, stages: Sequence[StageGraph], repos
 
 def _write_stage(graph: StageGraph, target: Path, name: str, settings: TritonSettings, force: bool,
                  inputs: Sequence[str | os.PathLike]) -> None:
-    """One stage model's directory (rule 1)."""
+    """One stage model's directory (rules 1 to 3)."""
     model = graph.model
     config = config_text(target.name, tensor_specs(model.graph.input, model.graph.initializer),
-                         tensor_specs(model.graph.output), settings)
+                         tensor_specs(model.graph.output), settings,
+                         STAGE_PARAMETERS if settings.backend == "python" else None)
     with staged_output_dir(target, inputs, force) as staging:
         (staging / CONFIG).write_text(config, encoding="utf-8")
         (staging / VERSION).mkdir()
@@ -107,7 +113,7 @@ def _write_record(directory: Path, name: str, role: str, stage: int | None) -> N
 
 
 def _check_target(target: Path, name: str, role: str, inputs: Sequence[str | os.PathLike], force: bool) -> None:
-    """Refuse ``target`` unless it may receive this export's ``role`` model (rule 3)."""
+    """Refuse ``target`` unless it may receive this export's ``role`` model (rule 4)."""
     check_previous_export(target)
     listed = listed_files(target) if target.is_dir() else None
     if listed is not None:

@@ -288,7 +288,7 @@ def main() -> None:
     parser.add_argument("--references", nargs="+", choices=list(REFERENCES), default=list(REFERENCES))
     parser.add_argument("--variants", nargs="+", choices=sl.VARIANTS, default=list(sl.VARIANTS))
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 32])
-    parser.add_argument("--interval-ms", type=int, default=2000, help="perf_analyzer --measurement-interval")
+    parser.add_argument("--interval-ms", type=int, default=4000, help="perf_analyzer --measurement-interval")
     parser.add_argument("--rows", type=int, default=1000, help="distinct held-out rows in the --input-data JSON")
     parser.add_argument("--recompile", action="store_true")
     parser.add_argument("--soak", action="store_true")

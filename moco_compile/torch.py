@@ -94,18 +94,26 @@ class _Guard:
 @dataclass
 class _Rule:
     pooling: str
-    weight: torch.Tensor  # [D, C]
+    weight: torch.Tensor  # [D, C], or [H, C] after a hidden layer
     bias: torch.Tensor  # [C]
     thresholds: torch.Tensor  # [C], FLT_MAX where the class is off
     normalize: str  # "none" or "log_softmax" (as in LinearScores)
     guard: _Guard | None = None
     confidence_scale: float | None = None
+    hidden: tuple[torch.Tensor, torch.Tensor] | None = None  # an MLP head's [D, H] weight and [H] bias
+
+    def _linear(self, features: torch.Tensor) -> torch.Tensor:
+        """``features @ weight`` (through the hidden ReLU layer first when the rule has one)."""
+        if self.hidden is not None:
+            hidden_weight, hidden_bias = (t.to(features.device) for t in self.hidden)
+            features = torch.relu(features @ hidden_weight + hidden_bias)
+        return features @ self.weight.to(features.device)
 
     def margins(self, features: torch.Tensor) -> torch.Tensor:
-        """Exactly the compiled graph's margins (see passes/graph/rewrite.py ``_margin_nodes``); rows the
+        """Exactly the compiled graph's margins (see passes/graph/exit_graph.py ``_margin_nodes``); rows the
         guard finds unfamiliar get -FLT_MAX (they never leave by this rule)."""
-        weight, bias, thresholds = (t.to(features.device) for t in (self.weight, self.bias, self.thresholds))
-        scores = features @ weight
+        bias, thresholds = (t.to(features.device) for t in (self.bias, self.thresholds))
+        scores = self._linear(features)
         if self.normalize == "none":  # disabled classes get -FLT_MAX
             margins = scores + torch.where(thresholds < _NEVER, bias - thresholds, torch.full_like(bias, -_NEVER))
         else:
@@ -120,8 +128,7 @@ class _Rule:
         has no confidence scale."""
         if self.confidence_scale is None or self.normalize != "log_softmax":
             return margins
-        weight, bias = (t.to(features.device) for t in (self.weight, self.bias))
-        scaled = torch.log_softmax(features @ weight + bias, dim=1) * self.confidence_scale
+        scaled = torch.log_softmax(self._linear(features) + self.bias.to(features.device), dim=1) * self.confidence_scale
         top, cls = scaled.argmax(dim=1, keepdim=True), margins.argmax(dim=1, keepdim=True)
         return scaled.scatter(1, top, scaled.gather(1, cls)).scatter(1, cls, scaled.gather(1, top))
 
@@ -475,7 +482,8 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
         return self
 
     def _add(self, cut: str, weight: Any, bias: Any, thresholds: Any, pooling: str, normalize: str,
-             guard: Mapping | None = None, confidence_scale: float | None = None) -> None:
+             guard: Mapping | None = None, confidence_scale: float | None = None,
+             hidden: tuple[Any, Any] | None = None) -> None:
         pooling = "+".join(f"{p}@attention_mask" if p in _MASKED_POOLINGS else p for p in pooling.split("+"))
         if any(p.split("@")[0] not in _POOLINGS for p in pooling.split("+")):
             raise ModelError(f"pooling {pooling!r}: use first_token, token_mean, last_token or two joined by '+'")
@@ -484,6 +492,12 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
         thresholds = np.asarray([np.inf if t is None else t for t in np.atleast_1d(thresholds)], np.float32)
         classes = self.model.config.num_labels
         width = self._width(cut) * len(pooling.split("+"))
+        if hidden is not None:
+            hidden = tuple(np.asarray(t, np.float32) for t in hidden)
+            if hidden[0].shape != (width, len(hidden[1])) or hidden[1].ndim != 1:
+                raise ModelError(f"rule at {cut} with pooling {pooling}: the hidden layer's weights must be "
+                                 f"[{width}, H] and its bias [H]; got {hidden[0].shape} and {hidden[1].shape}")
+            width = len(hidden[1])
         if weight.shape != (width, classes) or bias.shape != (classes,) or thresholds.shape != (classes,):
             raise ModelError(f"rule at {cut} with pooling {pooling}: weights must be [{width}, {classes}], bias and "
                              f"thresholds [{classes}]; got {weight.shape}, {bias.shape}, {thresholds.shape}")
@@ -492,7 +506,8 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
         thresholds = np.where(np.isfinite(thresholds), thresholds, _NEVER).astype(np.float32)
         self._rules.setdefault(cut, []).append(
             _Rule(pooling, torch.from_numpy(weight), torch.from_numpy(bias), torch.from_numpy(thresholds), normalize,
-                  None if guard is None else _Guard.from_dict(guard), confidence_scale))
+                  None if guard is None else _Guard.from_dict(guard), confidence_scale,
+                  None if hidden is None else tuple(torch.from_numpy(t) for t in hidden)))
 
     def _width(self, cut: str) -> int:
         """Features per token at ``cut``: ELECTRA's and ALBERT's embeddings may be narrower than their blocks."""
@@ -509,7 +524,8 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
                                  "from a file exported with module scopes (export_hf_sequence_classifier)")
             self._add(self._cut(exit_["module"], None, ""), exit_["weight"], exit_["bias"], exit_["thresholds"],
                       exit_["pooling"], exit_.get("normalize", "none"), exit_.get("guard"),
-                      exit_.get("confidence_scale"))
+                      exit_.get("confidence_scale"),
+                      None if exit_.get("hidden_weight") is None else (exit_["hidden_weight"], exit_["hidden_bias"]))
         return self
 
     # -- running --------------------------------------------------------------------------------

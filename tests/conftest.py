@@ -79,15 +79,18 @@ def compiled_outputs(compiled):
 def guarded_soft(reference_model, calibration):
     """``(model, result, rows)``: the reference CNN ending in ``Softmax(logits / 4)`` (probabilities far
     softer than its rules': exited rows' confidence scales matter) compiled on the first ``rows``
-    calibration rows at a 5% budget with an out-of-distribution guard at level 0.01.  Shared by the
-    guard and the exited-confidence tests (one compile for both)."""
+    calibration rows at a 5% budget with an out-of-distribution guard at level 0.01, softmax-probe heads
+    only (MLP heads distilled from these soft probabilities are calibrated already: confidence scales
+    of 1.01-1.05, nothing for the scale tests to find).  Shared by the guard and the exited-confidence
+    tests (one compile for both)."""
     from models.onnx_heads import with_soft_probabilities
     from moco_compile import compile
+    from moco_compile.passes.planning.config import PlannerConfig
 
     rows = 2000
     model = with_soft_probabilities(reference_model, 4.0)
     result = compile(model, {k: v[:rows] for k, v in calibration.items()}, max_disagreement=0.05, ood_guard=0.01,
-                     measure_latency=False, show_progress=False)
+                     measure_latency=False, show_progress=False, planner_config=PlannerConfig(exit_heads=("linear",)))
     return model, result, rows
 
 

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from moco_compile import ActivationFrame
-from moco_compile.analytics import (AnalyticsEngine, AnalyticsError, LinearCondition, NoRuleError,
+from moco_compile.analytics import (AnalyticsEngine, AnalyticsError, LinearCondition, MLPCondition, NoRuleError,
                                     SufficientRule, separability_by_cut)
 from moco_compile.errors import MocoError
 
@@ -280,3 +280,28 @@ def test_mismatched_rows_and_malformed_input(frame):
         LinearCondition.from_dict({"weights": [1.0], "bias": 0.0})
     with pytest.raises(AnalyticsError, match=r"reads 2 features per row; got an array of shape \(3, 5\)"):
         SufficientRule(LinearCondition([1.0, 2.0], 0.0, 0.0)).predict(np.zeros((3, 5)))
+
+
+def test_the_mlp_sibling_certifies_its_rule_the_same_way_and_fires_on_more_rows(frame):
+    """At the first cut, where a linear score separates the classes worst, no linear rule for trousers
+    certifies precision 0.97 while the MLP rule does, its threshold chosen by the same fixed-sequence
+    Clopper-Pearson walk."""
+    engine = AnalyticsEngine.from_frame(frame, "layer1.0", class_names=FASHION)
+    with pytest.raises(NoRuleError, match="no linear rule for class 1"):
+        engine.compute_linear_sufficient_rule(cls=TROUSER, precision=0.97, certify=True)
+    mlp = engine.compute_mlp_sufficient_rule(cls=TROUSER, precision=0.97, certify=True)
+    meta = mlp.metadata
+    assert meta["certified"] and meta["precision_lower_bound"] >= 0.97 and "MLP head" in meta["method"]
+    assert meta["fired_rows"] > 150
+    held, features = engine.holdout_rows_, frame["layer1.0"]
+    fired = mlp.predict(features[held])
+    correct = int((frame["predictions"][held][fired] == TROUSER).sum())
+    assert fired.sum() == meta["fired_rows"] and fired.sum() - correct == meta["errors"]
+    assert meta["precision_lower_bound"] == pytest.approx(_clopper_pearson_lower(correct, int(fired.sum()), 0.95))
+    restored = SufficientRule.from_dict(json.loads(json.dumps(mlp.to_dict())))
+    assert isinstance(restored.condition, MLPCondition)
+    np.testing.assert_array_equal(restored.predict(features), mlp.predict(features))
+    with pytest.raises(AnalyticsError, match="an MLP condition needs the keys .* missing: cls"):
+        MLPCondition.from_dict({k: v for k, v in mlp.condition.to_dict().items() if k != "cls"})
+    with pytest.raises(AnalyticsError, match=f"reads {features.shape[1]} features per row"):
+        mlp.predict(features[:3, :5])

@@ -182,6 +182,15 @@ def test_cli_rejects_an_unknown_exit_layout(tmp_path, reference_onnx):
     assert "Traceback" not in run.output and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("value", ["mlp", "linear,conv"])
+def test_cli_rejects_exit_heads_without_linear_or_unknown(tmp_path, reference_onnx, value):
+    np.savez(tmp_path / "calib.npz", images=np.zeros((10, 1, 28, 28), np.float32))
+    run = CliRunner().invoke(app, ["compile", str(reference_onnx), "--calib", str(tmp_path / "calib.npz"),
+                                   "--out", str(tmp_path / "out"), "--exit-heads", value])
+    assert run.exit_code == 2 and "exit_heads (--exit-heads) must list 'linear'" in " ".join(run.output.split())
+    assert "Traceback" not in run.output and not (tmp_path / "out").exists()
+
+
 def test_output_directory_not_writable(tmp_path, calibration, reference_onnx):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

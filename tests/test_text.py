@@ -317,6 +317,34 @@ def test_eager_api_applies_each_exits_guard_as_the_graph_does(compiled, hf_model
     assert (eager_exits == graph_exits).mean() > 0.99
 
 
+def test_eager_api_runs_mlp_heads_as_the_graph_does(compiled, hf_model, text_onnx, test_rows):
+    """The compiled plan with an MLP head on every exit (distilled here on the rule-fitting rows):
+    eager PyTorch routes rows and fills exited logits as the rewritten graph does."""
+    from dataclasses import replace
+
+    from moco_compile.passes.calibration.calibrate import variant_features
+    from moco_compile.passes.calibration.mlp_head import DistilledMLPFitter
+    from moco_compile.passes.graph.rewrite import insert_exits
+    from moco_compile.passes.planning.splits import SPLITS
+    from moco_compile.passes.planning.types import ExitPlan
+    from moco_compile.prepare import model_for_plan
+    from moco_compile.torch import EarlyExitTextClassificationModel
+
+    result, _ = compiled
+    rules = result.frame[result.frame["split"] == SPLITS.index("rules")]
+    exits = [replace(e, scores=DistilledMLPFitter(max_iter=50).fit(variant_features(rules, e.column, e.pooling),
+                                                                   rules["probabilities"], len(e.thresholds)),
+                     thresholds=np.full_like(e.thresholds, -0.05)) for e in result.plan.exits]
+    rows = _inputs(test_rows)
+    model, output = model_for_plan(onnx.load(str(text_onnx)), None, {k: v[:1] for k, v in rows.items()})
+    graph_logits, graph_exits = _run(insert_exits(model, exits, output), rows)
+    eager = EarlyExitTextClassificationModel(hf_model).load_plan(ExitPlan(exits, result.plan.total_flops).to_dict())
+    output = eager(**{k: torch.from_numpy(v) for k, v in rows.items()})
+    assert len(set(graph_exits.tolist())) > 1 and (output.exits.numpy() == graph_exits).mean() > 0.99
+    same = output.exits.numpy() == graph_exits
+    np.testing.assert_allclose(output.logits.numpy()[same], graph_logits[same], atol=1e-3, rtol=1e-3)
+
+
 def _block_features(hf_model, feed: dict, block: int) -> np.ndarray:
     """Mask-aware token mean of block ``block``'s output, computed by the plain Hugging Face model."""
     with torch.no_grad():

@@ -6,8 +6,8 @@
 """
 from moco_compile.analytics.engine import AnalyticsEngine, separability_by_cut
 from moco_compile.analytics.inputs import POOLINGS, pool_features
-from moco_compile.analytics.results import (AnalyticsError, CoveragePrecisionCurve, LinearCondition, NoRuleError,
-                                            Separability, SufficientRule)
+from moco_compile.analytics.results import (AnalyticsError, CoveragePrecisionCurve, LinearCondition, MLPCondition,
+                                            NoRuleError, Separability, SufficientRule)
 
-__all__ = ["AnalyticsEngine", "AnalyticsError", "NoRuleError", "LinearCondition", "SufficientRule",
+__all__ = ["AnalyticsEngine", "AnalyticsError", "NoRuleError", "LinearCondition", "MLPCondition", "SufficientRule",
            "Separability", "CoveragePrecisionCurve", "separability_by_cut", "pool_features", "POOLINGS"]

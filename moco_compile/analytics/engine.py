@@ -13,6 +13,8 @@ per input) together with per-row targets, usually the full model's
   ``x @ w + b > t`` that, where it fires, agrees with the target class at a stated
   precision on held-out rows, with a Clopper-Pearson lower bound of its precision
   (or, with ``certify=True``, whose precision is certified at a stated confidence);
+* :meth:`AnalyticsEngine.compute_mlp_sufficient_rule`: the same with the compiler's MLP exit head
+  (one hidden ReLU layer) in place of the linear score;
 * :meth:`AnalyticsEngine.coverage_precision_curve` and
   :meth:`AnalyticsEngine.plot_coverage_precision`: the trade-off the threshold
   makes, per class.
@@ -39,11 +41,12 @@ import numpy as np
 
 from moco_compile.analytics.inputs import POOLINGS, check_embedding, check_targets, pool_features
 from moco_compile.analytics.plots import class_colours, new_figure, pad2, save_png
-from moco_compile.analytics.results import (AnalyticsError, CoveragePrecisionCurve, LinearCondition, NoRuleError,
-                                            Separability, SufficientRule)
+from moco_compile.analytics.results import (AnalyticsError, CoveragePrecisionCurve, LinearCondition, MLPCondition,
+                                            NoRuleError, Separability, SufficientRule)
 from moco_compile.analytics.thresholds import last_certified, last_precise, threshold_table
 from moco_compile.constants import LABELS, PREDICTIONS
 from moco_compile.frame import ActivationFrame
+from moco_compile.passes.calibration.mlp_head import DistilledMLPFitter, MLPScores
 from moco_compile.passes.calibration.rules import LinearScores, OneVsRestRuleFitter
 from moco_compile.passes.planning.bounds import clopper_pearson_upper, rows_needed
 
@@ -51,6 +54,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 _FRAME_TARGETS = (PREDICTIONS, LABELS)
+_HEAD_METHODS = {"linear": "one-vs-rest logistic score (OneVsRestRuleFitter)",
+                 "mlp": "log-probability of an MLP head (DistilledMLPFitter, one hidden ReLU layer)"}
 _PROJECTIONS = ("pca", "tsne", "umap")
 
 
@@ -121,6 +126,7 @@ class AnalyticsEngine:
         self.fit_rows_ = np.sort(order[:split])
         self.holdout_rows_ = np.sort(order[split:])
         self._scores: dict[str, LinearScores] = {}
+        self._mlp_scores: dict[str, MLPScores] = {}
 
     # --------------------------------------------------------------- constructors
 
@@ -329,9 +335,25 @@ class AnalyticsEngine:
                                  "choose a class that occurs, or give calibration data that contains it")
         return int(cls)
 
-    def _held_out_scores(self, target_column: str, cls: int) -> tuple[LinearCondition, np.ndarray, np.ndarray]:
-        scores = self.linear_scores(target_column)
-        condition = LinearCondition(scores.weight[:, cls], float(scores.bias[cls]), np.inf)
+    def mlp_scores(self, target_column: str = PREDICTIONS) -> MLPScores:
+        """Per-class log-probabilities for ``target_column`` from an MLP head (one hidden ReLU layer,
+        the compiler's :class:`~moco_compile.passes.calibration.mlp_head.DistilledMLPFitter`) fitted
+        on the fit rows (cached)."""
+        if target_column not in self._mlp_scores:
+            target = self._target(target_column)
+            self.linear_scores(target_column)  # the same row checks
+            self._mlp_scores[target_column] = DistilledMLPFitter().fit(
+                self.embedding[self.fit_rows_], target[self.fit_rows_], int(target.max()) + 1)
+        return self._mlp_scores[target_column]
+
+    def _held_out_scores(self, target_column: str, cls: int,
+                         head: str = "linear") -> tuple[LinearCondition | MLPCondition, np.ndarray, np.ndarray]:
+        if head == "mlp":
+            mlp = self.mlp_scores(target_column)
+            condition = MLPCondition(mlp.hidden_weight, mlp.hidden_bias, mlp.weight, mlp.bias, cls, np.inf)
+        else:
+            scores = self.linear_scores(target_column)
+            condition = LinearCondition(scores.weight[:, cls], float(scores.bias[cls]), np.inf)
         held = self.holdout_rows_
         return condition, condition.score(self.embedding[held]), self._target(target_column)[held] == cls
 
@@ -394,6 +416,21 @@ class AnalyticsEngine:
         Raises :class:`NoRuleError` when no threshold passes (the rule would fire on no
         row), and :class:`AnalyticsError` when ``cls`` has no rows.
         """
+        return self._sufficient_rule("linear", target_column, cls, precision, confidence, certify)
+
+    def compute_mlp_sufficient_rule(self, target_column: str = PREDICTIONS, cls: int | None = None,
+                                    precision: float = 0.99, confidence: float = 0.95, *,
+                                    certify: bool = False) -> SufficientRule:
+        """The sibling of :meth:`compute_linear_sufficient_rule` with the compiler's richer exit head: the
+        rule fires where an MLP head's log-probability of ``cls`` (:meth:`mlp_scores`, fitted on the fit
+        rows only) exceeds a threshold chosen on the held-out rows exactly as there, with the same
+        estimates, bound and certificate (the condition is an :class:`MLPCondition`).  Where the
+        classes are not linearly separable at the cut it fires on more rows at the same precision."""
+        return self._sufficient_rule("mlp", target_column, cls, precision, confidence, certify)
+
+    def _sufficient_rule(self, head: str, target_column: str, cls: int | None, precision: float,
+                         confidence: float, certify: bool) -> SufficientRule:
+        """The rule of ``head``'s scores (see :meth:`compute_linear_sufficient_rule`)."""
         if cls is None:
             raise AnalyticsError("pass cls=<class id> (the class the rule should reach the precision for)")
         if not 0 < precision < 1:
@@ -401,7 +438,7 @@ class AnalyticsEngine:
         if not 0 < confidence < 1:
             raise AnalyticsError(f"confidence must be in (0, 1), got {confidence}")
         cls = self._check_class(target_column, cls)
-        condition, scores, hits = self._held_out_scores(target_column, cls)
+        condition, scores, hits = self._held_out_scores(target_column, cls, head)
         table = threshold_table(scores, hits)
         class_rows = int(hits.sum())
         if certify:
@@ -410,7 +447,7 @@ class AnalyticsEngine:
             chosen = last_precise(table["fired"], table["errors"], precision)
         if chosen < 0:
             raise NoRuleError(
-                f"no linear rule for class {cls} of {target_column!r} at {self.name} reaches precision "
+                f"no {head} rule for class {cls} of {target_column!r} at {self.name} reaches precision "
                 f"{precision:g}" + (f" certified at confidence {confidence:g}" if certify else " on the held-out rows")
                 + f": the rule would fire on no row ({self._no_rule_reason(hits, precision, confidence, certify)}). "
                 + ("Drop certify=True to get the rule that reaches the precision on the held-out rows, ask for a "
@@ -434,7 +471,7 @@ class AnalyticsEngine:
             "fired_rows": fired,
             "errors": errors,
             "fit_rows": len(self.fit_rows_),
-            "method": "one-vs-rest logistic score (OneVsRestRuleFitter) on the fit rows; threshold: the last of a "
+            "method": _HEAD_METHODS[head] + " on the fit rows; threshold: the last of a "
                       "fixed sequence on the held-out rows, strictest first, " +
                       ("whose one-sided Clopper-Pearson test certifies the precision" if certify else
                        "whose held-out precision reaches the precision (not certified)"),

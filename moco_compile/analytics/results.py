@@ -1,4 +1,4 @@
-"""What the analytics return: linear conditions and sufficient rules (saved as dicts), separability,
+"""What the analytics return: linear and MLP conditions and sufficient rules (saved as dicts), separability,
 coverage-precision curves, and the errors they raise."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.special import log_softmax
 
 from moco_compile.errors import MocoError
 
@@ -20,8 +21,39 @@ class NoRuleError(AnalyticsError):
     """No threshold of a linear rule meets the requested precision, so the rule would fire on no row."""
 
 
+class _Condition:
+    """What both conditions share: they fire where ``score(x) > threshold``."""
+
+    threshold: float
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def fires(self, x: np.ndarray) -> np.ndarray:
+        """``[N]`` booleans: where the condition holds."""
+        return self.score(x) > self.threshold
+
+
+def _feature_rows(x: np.ndarray, width: int) -> np.ndarray:
+    """``x`` as ``[N, width]`` float64 rows (one row ``[width]`` allowed), or a clear error."""
+    x = np.asarray(x)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != width:
+        raise AnalyticsError(f"the rule reads {width} features per row; got an array of shape "
+                             f"{tuple(np.shape(x))}. Pass [N, {width}] features pooled the way "
+                             "the rule's engine pooled them")
+    return x.astype(np.float64)
+
+
+def _checked_keys(data: Mapping[str, Any], keys: tuple[str, ...], what: str) -> None:
+    missing = [key for key in keys if key not in data]
+    if missing:
+        raise AnalyticsError(f"{what} needs the keys {', '.join(keys)}; missing: {', '.join(missing)}")
+
+
 @dataclass
-class LinearCondition:
+class LinearCondition(_Condition):
     """The condition of a linear rule: it fires where ``x @ weights + bias > threshold``.
 
     ``x`` is the (pooled) feature vector the rule was fitted on, ``[D]`` per row.
@@ -38,18 +70,7 @@ class LinearCondition:
 
     def score(self, x: np.ndarray) -> np.ndarray:
         """``[N]`` scores ``x @ weights + bias`` for ``x`` of shape ``[N, D]`` (or one row ``[D]``)."""
-        x = np.asarray(x)
-        if x.ndim == 1:
-            x = x[None, :]
-        if x.ndim != 2 or x.shape[1] != len(self.weights):
-            raise AnalyticsError(f"the rule reads {len(self.weights)} features per row; got an array of shape "
-                                 f"{tuple(np.shape(x))}. Pass [N, {len(self.weights)}] features pooled the way "
-                                 "the rule's engine pooled them")
-        return x.astype(np.float64) @ self.weights + self.bias
-
-    def fires(self, x: np.ndarray) -> np.ndarray:
-        """``[N]`` booleans: where the condition holds."""
-        return self.score(x) > self.threshold
+        return _feature_rows(x, len(self.weights)) @ self.weights + self.bias
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (``weights`` as a list)."""
@@ -58,11 +79,44 @@ class LinearCondition:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LinearCondition":
         """Inverse of :meth:`to_dict`."""
-        missing = [key for key in ("weights", "bias", "threshold") if key not in data]
-        if missing:
-            raise AnalyticsError(f"a linear condition needs the keys weights, bias, threshold; "
-                                 f"missing: {', '.join(missing)}")
+        _checked_keys(data, ("weights", "bias", "threshold"), "a linear condition")
         return cls(np.asarray(data["weights"], np.float64), data["bias"], data["threshold"])
+
+
+MLP_KEYS = ("hidden_weight", "hidden_bias", "weight", "bias", "cls", "threshold")
+
+
+@dataclass
+class MLPCondition(_Condition):
+    """The condition of an MLP rule: it fires where the head's log-probability of class ``cls``,
+    ``log_softmax(relu(x @ hidden_weight + hidden_bias) @ weight + bias)[cls]``, exceeds ``threshold``."""
+
+    hidden_weight: np.ndarray  # [D, H]
+    hidden_bias: np.ndarray  # [H]
+    weight: np.ndarray  # [H, C]
+    bias: np.ndarray  # [C]
+    cls: int
+    threshold: float
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_weight", "hidden_bias", "weight", "bias"):
+            setattr(self, name, np.asarray(getattr(self, name), np.float64))
+        self.cls, self.threshold = int(self.cls), float(self.threshold)
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """``[N]`` log-probabilities of ``cls`` for ``x`` of shape ``[N, D]`` (or one row ``[D]``)."""
+        hidden = np.maximum(_feature_rows(x, len(self.hidden_weight)) @ self.hidden_weight + self.hidden_bias, 0)
+        return log_softmax(hidden @ self.weight + self.bias, axis=1)[:, self.cls]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (arrays as lists)."""
+        return {name: _plain(getattr(self, name)) for name in MLP_KEYS}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MLPCondition":
+        """Inverse of :meth:`to_dict`."""
+        _checked_keys(data, MLP_KEYS, "an MLP condition")
+        return cls(*(data[name] for name in MLP_KEYS))
 
 
 @dataclass
@@ -77,11 +131,12 @@ class SufficientRule:
     lower confidence bound of the precision at ``confidence`` from the fired held-out
     rows); ``required_precision``, ``confidence``, ``certified`` (True when the
     threshold was chosen so that ``required_precision`` itself is certified at
-    ``confidence``, see :meth:`AnalyticsEngine.compute_linear_sufficient_rule`),
+    ``confidence``, see :meth:`AnalyticsEngine.compute_linear_sufficient_rule`; an MLP rule's condition:
+    :meth:`AnalyticsEngine.compute_mlp_sufficient_rule`),
     ``rows`` (held-out rows), ``fired_rows``, ``errors``, ``fit_rows``, ``method``.
     """
 
-    condition: LinearCondition
+    condition: LinearCondition | MLPCondition
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -97,7 +152,9 @@ class SufficientRule:
         """Inverse of :meth:`to_dict`."""
         if "condition" not in data:
             raise AnalyticsError("a sufficient rule needs a 'condition' entry (weights, bias, threshold)")
-        return cls(LinearCondition.from_dict(data["condition"]), dict(data.get("metadata", {})))
+        condition = data["condition"]
+        kind = MLPCondition if isinstance(condition, Mapping) and "hidden_weight" in condition else LinearCondition
+        return cls(kind.from_dict(condition), dict(data.get("metadata", {})))
 
 
 @dataclass

@@ -18,6 +18,7 @@ graph needs nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from scipy.optimize import minimize
@@ -52,7 +53,15 @@ class LinearScores:
         return 2.0 * self.weight.size + self.bias.size * (5 if self.normalize == "log_softmax" else 1)
 
 
-class _LinearRuleFitter:
+class RuleFitter(Protocol):
+    """What fits an exit's scores: ``fit(features, targets, num_classes)`` and a quicker ``coarse()``."""
+
+    def fit(self, features: np.ndarray, targets: np.ndarray, num_classes: int) -> LinearScores: ...
+
+    def coarse(self) -> "RuleFitter": ...
+
+
+class LinearRuleFitter:
     """Shared fitting: standardise, then minimise an L2-regularised loss with L-BFGS.
 
     Parameters
@@ -108,12 +117,12 @@ class _LinearRuleFitter:
         weight[:, absent], bias[absent] = 0.0, -1e4
         return LinearScores(weight.astype(np.float32), bias.astype(np.float32), self.normalize)
 
-    def coarse(self) -> "_LinearRuleFitter":
+    def coarse(self) -> "LinearRuleFitter":
         """The same fitter with a small iteration cap, for comparing candidates quickly."""
         return type(self)(self.regularization, max_iter=60)
 
 
-class SoftmaxRuleFitter(_LinearRuleFitter):
+class SoftmaxRuleFitter(LinearRuleFitter):
     """Multinomial logistic regression; scores are log-probabilities of each class."""
 
     normalize = "log_softmax"
@@ -123,7 +132,7 @@ class SoftmaxRuleFitter(_LinearRuleFitter):
         return float(loss), softmax(logits, axis=1) - onehot
 
 
-class OneVsRestRuleFitter(_LinearRuleFitter):
+class OneVsRestRuleFitter(LinearRuleFitter):
     """One L2-regularised logistic regression per class, solved as one L-BFGS problem.
 
     The per-class problems are independent; solving them jointly costs one
@@ -147,7 +156,7 @@ def high_precision_coverage(scores: np.ndarray, targets: np.ndarray, precision: 
 
 
 def select_variant(features: dict[str, np.ndarray], targets: np.ndarray, num_classes: int,
-                   fitter: _LinearRuleFitter, precision: float = 0.995,
+                   fitter: LinearRuleFitter, precision: float = 0.995,
                    held_out: float = 0.25, min_gain: float = 0.01) -> tuple[str, LinearScores]:
     """Pick the pooling variant whose rules admit the most rows at ``precision``.
 
@@ -166,9 +175,10 @@ def select_variant(features: dict[str, np.ndarray], targets: np.ndarray, num_cla
     return best_variant, fitter.fit(features[best_variant], targets, num_classes)
 
 
-def out_of_fold_scores(fitter: _LinearRuleFitter, features: np.ndarray, targets: np.ndarray,
+def out_of_fold_scores(fitter: RuleFitter, features: np.ndarray, targets: np.ndarray,
                        num_classes: int, folds: int = 3) -> np.ndarray:
-    """Scores of every row from rules fitted without it (``folds``-fold cross-fitting).
+    """Scores of every row from rules fitted without it (``folds``-fold cross-fitting); ``targets``:
+    whatever ``fitter`` fits to, one entry per row.
 
     Lets the same rows both fit the rules and plan the thresholds without the
     optimism of scoring rows a rule was fitted on.

@@ -16,6 +16,7 @@ from onnx import helper, numpy_helper
 from moco_compile.constants import ADDED_NODE_PREFIX, EXIT_OUTPUT
 from moco_compile.passes.calibration.exit_confidence import exited_logits_nodes
 from moco_compile.passes.calibration.guard import guard_nodes
+from moco_compile.passes.calibration.mlp_head import MLPScores
 from moco_compile.passes.calibration.pooling import pooling_inputs, reduce_nodes, variant_nodes
 from moco_compile.passes.graph.index import GraphIndex, all_nodes, elem_types, node_inputs
 from moco_compile.passes.graph.trailing_dims import has_dynamic_trailing_dims, trailing_shape_nodes
@@ -131,17 +132,26 @@ class ExitGraphBuilder:
 
     @staticmethod
     def _margin_nodes(exit_: Exit, pooled: str, margins: str, p: str, initializers: list) -> list:
-        """``margins = scores - thresholds``; disabled classes (threshold inf) get -FLT_MAX."""
+        """``margins = scores - thresholds``; disabled classes (threshold inf) get -FLT_MAX.  An MLP head's
+        hidden layer (MatMul, Add, Relu) comes first."""
         thresholds = np.where(np.isfinite(exit_.thresholds), exit_.thresholds, _NEVER)
+        hidden_nodes = []
+        if isinstance(exit_.scores, MLPScores):  # relu(pooled @ hidden_weight + hidden_bias) feeds the scores
+            initializers.extend([numpy_helper.from_array(exit_.scores.hidden_weight, f"{p}/hidden_weight"),
+                                 numpy_helper.from_array(exit_.scores.hidden_bias, f"{p}/hidden_bias")])
+            hidden_nodes = [helper.make_node("MatMul", [pooled, f"{p}/hidden_weight"], [f"{p}/hidden_linear"]),
+                            helper.make_node("Add", [f"{p}/hidden_linear", f"{p}/hidden_bias"], [f"{p}/hidden_pre"]),
+                            helper.make_node("Relu", [f"{p}/hidden_pre"], [f"{p}/hidden"])]
+            pooled = f"{p}/hidden"
         initializers.append(numpy_helper.from_array(exit_.scores.weight.astype(np.float32), f"{p}/weight"))
         matmul = helper.make_node("MatMul", [pooled, f"{p}/weight"], [f"{p}/linear"])
         if exit_.scores.normalize == "none":  # fold the thresholds into the bias: one Add
             offset = np.where(np.isfinite(exit_.thresholds), exit_.scores.bias - exit_.thresholds, -_NEVER)
             initializers.append(numpy_helper.from_array(offset.astype(np.float32), f"{p}/offset"))
-            return [matmul, helper.make_node("Add", [f"{p}/linear", f"{p}/offset"], [margins])]
+            return [*hidden_nodes, matmul, helper.make_node("Add", [f"{p}/linear", f"{p}/offset"], [margins])]
         initializers.extend([numpy_helper.from_array(exit_.scores.bias.astype(np.float32), f"{p}/bias"),
                              numpy_helper.from_array(thresholds.astype(np.float32), f"{p}/thresholds")])
-        return [matmul, helper.make_node("Add", [f"{p}/linear", f"{p}/bias"], [f"{p}/logits"]),
+        return [*hidden_nodes, matmul, helper.make_node("Add", [f"{p}/linear", f"{p}/bias"], [f"{p}/logits"]),
                 helper.make_node("LogSoftmax", [f"{p}/logits"], [f"{p}/log_probs"], axis=1),
                 helper.make_node("Sub", [f"{p}/log_probs", f"{p}/thresholds"], [margins])]
 

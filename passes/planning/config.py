@@ -22,6 +22,7 @@ FAMILIES = ("shared-all", "shared", "per-cut", "per-class")  # every plan family
 # were measured without it
 DEFAULT_FAMILIES = ("shared-all", "shared", "per-class")
 FAMILY_SELECTIONS = ("cross-validated", "bonferroni")
+EXIT_HEADS = ("linear", "mlp")  # exit heads a candidate may get (passes/calibration/rules.py, mlp_head.py)
 # Subgraph levels an ONNX file can nest: protobuf parsers (onnx's and onnxruntime's) refuse
 # messages nested beyond 100 levels and a subgraph costs 3 (node, attribute, graph); a graph of
 # 31 nested Ifs loads, 32 do not (onnx 1.23, onnxruntime 1.32).  One level of margin.
@@ -136,6 +137,10 @@ class PlannerConfig:
         ``cross_fit_folds``: the design scores of a row come from rules fitted without it.
         ``variant_held_out``, ``variant_min_gain``: pooling variants are compared on this
         share of the fitting rows; a costlier variant must admit this much more.
+        ``exit_heads``: the heads a cut's rule may be, from :data:`EXIT_HEADS`: ``"linear"`` (a
+        softmax probe on the pooled features, always fitted) and ``"mlp"`` (one hidden ReLU layer,
+        distilled from the full model's probabilities), which replaces the probe where its
+        cross-fitted scores admit ``variant_min_gain`` more of the fitting rows at the exit's precision.
 
     Plan families (see :mod:`moco_compile.passes.planning.design`)
         ``families``, simplest first: ``"shared-all"`` (one log-probability threshold,
@@ -229,6 +234,7 @@ class PlannerConfig:
     cross_fit_folds: int = 3
     variant_held_out: float = 0.25
     variant_min_gain: float = 0.01
+    exit_heads: tuple[str, ...] = EXIT_HEADS
     families: tuple[str, ...] = DEFAULT_FAMILIES
     family_selection: str = "cross-validated"
     family_cv_repeats: int = 3
@@ -258,6 +264,9 @@ class PlannerConfig:
         unknown = [f for f in self.families if f not in FAMILIES]
         if not self.families or unknown:
             raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {tuple(self.families)}")
+        if "linear" not in self.exit_heads or any(head not in EXIT_HEADS for head in self.exit_heads):
+            raise ValueError(f"exit_heads (--exit-heads) must list 'linear' and only heads of {EXIT_HEADS}, got "
+                             f"{tuple(self.exit_heads)}")
         if self.family_selection not in FAMILY_SELECTIONS:
             raise ValueError(f"family_selection must be one of {FAMILY_SELECTIONS}, got {self.family_selection!r}")
         for name in ("test_fraction", "report_fraction", "variant_held_out", "step_fraction",

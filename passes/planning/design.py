@@ -218,15 +218,17 @@ def _design_costs_without_each(problem: DesignProblem, plan: Plan, active: np.nd
     return np.array(costs)
 
 
-def choose_family(problem: DesignProblem, test_rows: int, seed: int = 0) -> tuple[str, dict[str, float]]:
+def choose_family(problem: DesignProblem, test_rows: int, seed: int = 0) -> tuple[str, dict[str, list[float]]]:
     """The simplest family whose held-out saving is within one (corrected) standard error of the
-    best's; and each family's held-out saving (planning cost, mean over folds).
+    best's; and each family's held-out saving per fold (planning cost).
 
     Each family is built on one half of the design rows and scored on the other, both ways,
     ``PlannerConfig.family_cv_repeats`` times: its saving is that of its best plan within the
     disagreement a ``test_rows``-row test could certify.  Families are listed simplest first
     (``PlannerConfig.families``); a richer one is kept only when it beats the simpler ones by more
     than the noise of the folds, since on few design rows its extra choices mostly fit noise.
+    The folds depend only on ``seed`` and the number of design rows, so two problems on the same
+    rows (other candidate exits) are scored on the same folds.
     """
     config, budget = problem.config, problem.budget
     delta = config.family_delta(budget)
@@ -241,12 +243,10 @@ def choose_family(problem: DesignProblem, test_rows: int, seed: int = 0) -> tupl
             on, held_out = problem.on(problem.design.take(build_on)), problem.design.take(~build_on)
             for name, family in build_families(config.families, on).items():
                 saved[name].append(_best_within(family, held_out, problem, allowed_rate, allowed_harm))
-    scores = {name: float(np.mean(values)) for name, values in saved.items()}
-    best = max(scores, key=lambda name: (scores[name], -config.families.index(name)))
-
+    best = max(saved, key=lambda name: (np.mean(saved[name]), -config.families.index(name)))
     chosen = next(name for name in config.families  # the best always is within noise of itself
                   if within_noise(np.subtract(saved[best], saved[name]), config.family_choice_errors))
-    return chosen, scores
+    return chosen, saved
 
 
 def within_noise(gaps: np.ndarray, errors: float) -> bool:

@@ -65,7 +65,8 @@ class ExitPlanner:
     ``fit`` designs and certifies on rows in memory; :meth:`design` then :meth:`certify` do the
     same in two steps, the test rows counted in between wherever they are (shard by shard).
 
-    Attributes (after ``design``: ``candidates_``, ``problem_``, ``families_``, ``family_scores_``;
+    Attributes (after ``design``: ``candidates_``, ``problem_``, ``families_``, ``family_scores_``,
+    ``family_savings_``;
     after ``certify`` or ``fit``: all)
     ------------------------------------------------------------------------------------------------
     candidates_, problem_:
@@ -75,6 +76,8 @@ class ExitPlanner:
     family_scores_:
         Cross-validated held-out saving of each family on the design rows (cross-validated
         selection) or test compute reduction of each certified family (Bonferroni).
+    family_savings_:
+        Cross-validated selection: each family's held-out saving per fold (empty otherwise).
     certified_:
         Each tested family's :class:`~moco_compile.passes.planning.certify.CertifiedFamily`.
     chosen_:
@@ -119,10 +122,11 @@ class ExitPlanner:
                                             cut_elements([c.cut.shape for c in candidates]), total_flops, budget,
                                             config)
         if config.family_selection == "cross-validated" and len(config.families) > 1:
-            chosen, self.family_scores_ = choose_family(self.problem_, test_rows, self.seed)
+            chosen, self.family_savings_ = choose_family(self.problem_, test_rows, self.seed)
+            self.family_scores_ = {name: float(np.mean(values)) for name, values in self.family_savings_.items()}
             names = [chosen]
         else:
-            names, self.family_scores_ = list(config.families), {}
+            names, self.family_scores_, self.family_savings_ = list(config.families), {}, {}
         self.families_ = build_families(names, self.problem_)
         return self.families_
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from moco_compile.passes.calibration.exit_confidence import ExitedConfidence, exited_confidence, exited_logits
 from moco_compile.passes.calibration.guard import OODGuard
+from moco_compile.passes.calibration.mlp_head import MLPScores
 from moco_compile.passes.calibration.rules import LinearScores
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.planning.counts import PlanCounts, Split, tally
@@ -22,10 +23,11 @@ from moco_compile.passes.planning.routing import Rounding, Routing, guard_verdic
 
 @dataclass
 class Exit:
-    """One exit: linear scores on a cut's pooled features and per-class thresholds (inf = off),
-    optionally guarded (rows its :class:`~moco_compile.passes.calibration.guard.OODGuard` finds unfamiliar
-    never leave here; ``rule_flops`` then includes the guard's).  ``confidence_scale``: exited rows
-    carry calibrated log-probabilities (:mod:`~moco_compile.passes.calibration.exit_confidence`); None: margins."""
+    """One exit: scores on a cut's pooled features (linear, or :class:`MLPScores` with a hidden layer) and
+    per-class thresholds (inf = off), optionally guarded (rows its
+    :class:`~moco_compile.passes.calibration.guard.OODGuard` finds unfamiliar never leave here; ``rule_flops``
+    then includes the guard's).  ``confidence_scale``: exited rows carry calibrated log-probabilities
+    (:mod:`~moco_compile.passes.calibration.exit_confidence`); None: margins."""
 
     cut: CutPoint
     column: str
@@ -47,6 +49,8 @@ class Exit:
                 "flops_after": self.cut.flops_after, "rule_flops": self.rule_flops,
                 "weight": self.scores.weight.tolist(), "bias": self.scores.bias.tolist(),
                 "normalize": self.scores.normalize,
+                **({"hidden_weight": self.scores.hidden_weight.tolist(), "hidden_bias": self.scores.hidden_bias.tolist()}
+                   if isinstance(self.scores, MLPScores) else {}),
                 "thresholds": [None if not np.isfinite(t) else float(t) for t in self.thresholds],
                 "guard": None if self.guard is None else self.guard.to_dict(),
                 "confidence_scale": self.confidence_scale}
@@ -55,8 +59,10 @@ class Exit:
     def from_dict(cls, data: Mapping) -> "Exit":
         cut = CutPoint(data["cut"], data["module"], tuple(data["shape"]), data["flops_before"],
                        data["flops_after"])
-        scores = LinearScores(np.asarray(data["weight"], np.float32), np.asarray(data["bias"], np.float32),
-                              data.get("normalize", "none"))
+        weight, bias = np.asarray(data["weight"], np.float32), np.asarray(data["bias"], np.float32)
+        scores = LinearScores(weight, bias, data.get("normalize", "none")) if data.get("hidden_weight") is None else \
+            MLPScores(weight, bias, data.get("normalize", "none"), np.asarray(data["hidden_weight"], np.float32),
+                      np.asarray(data["hidden_bias"], np.float32))
         thresholds = np.asarray([np.inf if t is None else t for t in data["thresholds"]], np.float32)
         guard = OODGuard.from_dict(data["guard"]) if data.get("guard") else None
         return cls(cut, data["column"], data["pooling"], scores, thresholds, data["rule_flops"], guard,

@@ -1,0 +1,135 @@
+"""Exit heads with one hidden layer, distilled from the full model (issue 28 item 1).
+
+``scores = log_softmax(relu(features @ hidden_weight + hidden_bias) @ weight + bias)``: the pooled
+features of a cut go through ``width`` ReLU units before the per-class scores, so an exit can
+draw a class boundary a linear probe cannot (internal classifiers on a frozen backbone, Kaya et al.
+2019).  The backbone is untouched; only the head is fitted.
+
+:class:`DistilledMLPFitter` fits it on the rule-fitting rows to the full model's class
+probabilities (soft cross-entropy: rows the full model itself is unsure of get an unsure head, so
+they do not leave), with L2 weight decay, by L-BFGS on an analytic gradient (numpy, one thread: the
+same solver as the linear rules, no training framework).  Standardisation is folded into the
+hidden layer, so the compiled graph needs three nodes more than a linear head (MatMul, Add, Relu).
+Fitting is seeded: the same rows give the same head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import log_softmax, softmax
+from threadpoolctl import threadpool_limits
+
+from moco_compile.passes.calibration.rules import MIN_RELATIVE_SPREAD, LinearScores
+
+HIDDEN_WIDTH = 32  # ReLU units: 2 * D * 32 FLOPs per row, a rounding error beside any stage of a real network
+
+
+@dataclass
+class MLPScores(LinearScores):
+    """Log-probabilities from one hidden ReLU layer (``hidden_weight`` is ``[D, H]``), then the
+    final layer ``weight`` (``[H, C]``) and ``bias`` as :class:`LinearScores`."""
+
+    hidden_weight: np.ndarray | None = None
+    hidden_bias: np.ndarray | None = None
+
+    def hidden(self, features: np.ndarray) -> np.ndarray:
+        """``[N, H]`` hidden activations."""
+        return np.maximum(features.astype(np.float32) @ self.hidden_weight + self.hidden_bias, 0)
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        return super().__call__(self.hidden(features))
+
+    @property
+    def flops(self) -> float:
+        """FLOPs per row: the hidden layer (product, bias, ReLU) and the final scores."""
+        return 2.0 * self.hidden_weight.size + 2 * self.hidden_bias.size + super().flops
+
+
+class DistilledMLPFitter:
+    """Fit :class:`MLPScores` to the full model's probabilities.
+
+    Parameters
+    ----------
+    width:
+        Hidden ReLU units.
+    regularization:
+        Inverse weight-decay strength on standardised features (as the linear fitters' ``C``).
+    max_iter:
+        Iteration cap for L-BFGS.
+    seed:
+        Seed of the initial hidden weights.
+    """
+
+    def __init__(self, width: int = HIDDEN_WIDTH, regularization: float = 1.0, max_iter: int = 200,
+                 seed: int = 0) -> None:
+        self.width = width
+        self.regularization = regularization
+        self.max_iter = max_iter
+        self.seed = seed
+
+    def fit(self, features: np.ndarray, targets: np.ndarray, num_classes: int) -> MLPScores:
+        """Fit the head so that it predicts ``targets``: ``[N, C]`` class probabilities (the full
+        model's; distillation) or ``[N]`` classes (one-hot)."""
+        if features.ndim != 2 or len(features) != len(targets):
+            raise ValueError(f"features must be [N, D] with N = len(targets); got {features.shape} "
+                             f"and {len(targets)} targets")
+        if not np.isfinite(features).all():
+            raise ValueError("features contain NaN or Inf; check the model's activations at this cut")
+        soft = _soft_targets(targets, num_classes)
+        mean = features.mean(axis=0)
+        scale = np.maximum(features.std(axis=0), MIN_RELATIVE_SPREAD * np.abs(mean))
+        scale = np.where(scale > 0, scale, 1.0)
+        x = ((features - mean) / scale).astype(np.float32)
+        rows, width, hidden = len(x), x.shape[1], self.width
+        alpha = 1.0 / (self.regularization * rows)
+        sizes = (width * hidden, hidden, hidden * num_classes, num_classes)
+        bounds = np.cumsum(sizes)[:-1]
+
+        def unpack(theta: np.ndarray) -> list[np.ndarray]:
+            w1, b1, w2, b2 = np.split(theta.astype(np.float32), bounds)
+            return [w1.reshape(width, hidden), b1, w2.reshape(hidden, num_classes), b2]
+
+        def loss_and_gradient(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            w1, b1, w2, b2 = unpack(theta)
+            pre = x @ w1 + b1
+            act = np.maximum(pre, 0)
+            logits = act @ w2 + b2
+            loss = -(soft * log_softmax(logits, axis=1)).sum() / rows
+            residual = (softmax(logits, axis=1) - soft) / rows
+            back = (residual @ w2.T) * (pre > 0)
+            decay = alpha / 2 * ((w1 ** 2).sum() + (w2 ** 2).sum())
+            gradient = [x.T @ back + alpha * w1, back.sum(axis=0), act.T @ residual + alpha * w2, residual.sum(axis=0)]
+            return float(loss + decay), np.concatenate([g.ravel() for g in gradient]).astype(np.float64)
+
+        rng = np.random.default_rng(self.seed)
+        start = np.concatenate([rng.normal(0, 1 / np.sqrt(width), width * hidden), np.full(hidden, 0.1),
+                                rng.normal(0, 1 / np.sqrt(hidden), hidden * num_classes), np.zeros(num_classes)])
+        with threadpool_limits(1):  # small BLAS calls: threads only contend
+            result = minimize(loss_and_gradient, start, jac=True, method="L-BFGS-B",
+                              options={"maxiter": self.max_iter})
+        w1, b1, w2, b2 = unpack(result.x)
+        hidden_weight = w1 / scale[:, None]
+        hidden_bias = b1 - mean @ hidden_weight
+        absent = np.flatnonzero(soft.sum(axis=0) == 0)
+        w2, b2 = w2.copy(), b2.copy()
+        w2[:, absent], b2[absent] = 0.0, -1e4
+        return MLPScores(w2.astype(np.float32), b2.astype(np.float32), "log_softmax",
+                         hidden_weight.astype(np.float32), hidden_bias.astype(np.float32))
+
+    def coarse(self) -> "DistilledMLPFitter":
+        """The same fitter with a small iteration cap, for comparing candidates quickly."""
+        return type(self)(self.width, self.regularization, max_iter=60, seed=self.seed)
+
+
+def _soft_targets(targets: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[N, C]`` float32 target distributions from probabilities or class indices."""
+    if targets.ndim == 2:
+        if targets.shape[1] != num_classes:
+            raise ValueError(f"target probabilities must have {num_classes} columns, got {targets.shape[1]}")
+        return targets.astype(np.float32)
+    onehot = np.zeros((len(targets), num_classes), np.float32)
+    onehot[np.arange(len(targets)), targets] = 1
+    return onehot
+

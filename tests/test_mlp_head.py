@@ -1,0 +1,127 @@
+"""MLP exit heads (issue 28 item 1): distilled from the full model on the reference CNN's own
+activations, stronger than the linear probe where it is chosen, written into the graph as the plan
+computes them, and kept out where the planner is told to."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from moco_compile.constants import PROBABILITIES, PREDICTIONS
+from moco_compile.frame import ActivationFrame
+from moco_compile.importer import import_model
+from moco_compile.passes.calibration.calibrate import FeatureProbe, variant_features
+from moco_compile.passes.calibration.mlp_head import DistilledMLPFitter, MLPScores
+from moco_compile.passes.calibration.rules import SoftmaxRuleFitter, high_precision_coverage
+from moco_compile.passes.planning.config import PlannerConfig
+from moco_compile.passes.planning.types import Exit
+
+FIT_ROWS = 3000
+PRECISION = 0.995
+
+
+@pytest.fixture(scope="module")
+def early_cut(compiled, calibration, reference_onnx):
+    """The reference CNN's rows at its first planned exit's cut: (features of its pooling, full-model
+    predictions, full-model probabilities)."""
+    imported = import_model(reference_onnx)
+    exit_ = compiled[0].plan.exits[0]
+    probe = FeatureProbe(imported.model, imported.output, [exit_.cut])
+    frame = ActivationFrame.from_arrays(probe({"images": calibration["images"]}, "rows"))
+    return variant_features(frame, exit_.column, exit_.pooling), frame[PREDICTIONS], frame[PROBABILITIES]
+
+
+def test_a_distilled_mlp_admits_more_held_out_rows_than_the_linear_probe(early_cut):
+    """At the precision a 1% budget asks of each exit, on rows neither head was fitted on."""
+    features, predictions, probabilities = early_cut
+    held = slice(FIT_ROWS, None)
+    linear = SoftmaxRuleFitter().fit(features[:FIT_ROWS], predictions[:FIT_ROWS], 10)
+    mlp = DistilledMLPFitter().fit(features[:FIT_ROWS], probabilities[:FIT_ROWS], 10)
+    coverage = [high_precision_coverage(head(features[held]), predictions[held], PRECISION) for head in (linear, mlp)]
+    assert coverage[1] > coverage[0] + 0.02, coverage
+
+
+def test_fitting_is_seeded_and_scores_are_log_probabilities(early_cut):
+    features, predictions, probabilities = early_cut
+    first, second = (DistilledMLPFitter(max_iter=30).fit(features[:500], probabilities[:500], 10) for _ in range(2))
+    np.testing.assert_array_equal(first.hidden_weight, second.hidden_weight)
+    scores = first(features[:50])
+    np.testing.assert_allclose(np.exp(scores).sum(axis=1), 1, rtol=1e-5)
+    assert first.flops == 2 * first.hidden_weight.size + 2 * first.hidden_bias.size + 2 * first.weight.size + 5 * 10
+
+
+def test_class_indices_and_bad_targets(early_cut):
+    features, predictions, _ = early_cut
+    head = DistilledMLPFitter(max_iter=20).fit(features[:300], predictions[:300], 10)
+    absent = np.setdiff1d(np.arange(10), predictions[:300])
+    assert (head(features[:300]).argmax(axis=1)[:, None] != absent).all()  # a class never seen never wins
+    with pytest.raises(ValueError, match="3 columns"):
+        DistilledMLPFitter().fit(features[:10], np.full((10, 4), 0.25), 3)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        DistilledMLPFitter().fit(np.full((10, 3), np.nan), predictions[:10], 10)
+
+
+def test_an_mlp_exit_survives_plan_json(compiled):
+    exit_ = compiled[0].plan.exits[0]
+    head = MLPScores(np.ones((4, 10), np.float32), np.zeros(10, np.float32), "log_softmax",
+                     np.ones((exit_.scores.weight.shape[0], 4), np.float32), np.zeros(4, np.float32))
+    data = Exit(exit_.cut, exit_.column, exit_.pooling, head, exit_.thresholds, 1.0).to_dict()
+    again = Exit.from_dict(data)
+    assert isinstance(again.scores, MLPScores)
+    np.testing.assert_array_equal(again.scores.hidden_weight, head.hidden_weight)
+    np.testing.assert_array_equal(again.scores(np.ones((2, head.hidden_weight.shape[0]), np.float32)),
+                                  head(np.ones((2, head.hidden_weight.shape[0]), np.float32)))
+    linear = Exit.from_dict({**data, "weight": exit_.scores.weight.tolist(), "hidden_weight": None})
+    assert type(linear.scores).__name__ == "LinearScores"
+
+
+def test_the_compiled_graph_runs_each_mlp_head_as_matmul_add_relu(compiled):
+    """The shared compile chose MLP heads somewhere (the default lists them), and each sits in the
+    graph as its hidden layer then the scores; compile verified the graph routes as the plan."""
+    plan, model = compiled[0].plan, onnx.load(str(compiled[1] / "model.onnx"))
+    assert any(isinstance(e.scores, MLPScores) for e in plan.exits)
+    nodes = {output: node for graph in _graphs(model.graph) for node in graph.node for output in node.output}
+    relus = [node for node in nodes.values() if node.op_type == "Relu" and node.output[0].endswith("/hidden")]
+    assert len(relus) == sum(isinstance(e.scores, MLPScores) for e in plan.exits)
+    for relu in relus:
+        add = nodes[relu.input[0]]
+        assert add.op_type == "Add" and nodes[add.input[0]].op_type == "MatMul"
+
+
+def test_linear_only_and_bad_heads(compiled):
+    assert PlannerConfig(exit_heads=("linear",)).exit_heads == ("linear",)
+    for heads in (("mlp",), ("linear", "conv")):
+        with pytest.raises(ValueError, match="must list 'linear' and only heads of"):
+            PlannerConfig(exit_heads=heads)
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attribute.g)
+
+
+def test_mlp_heads_are_kept_only_where_they_pay_for_the_plan(compiled):
+    """The plan-level choice: on the reference CNN's rule-fitting rows the MLP heads' plan wins on the
+    design folds; the same heads with scores shuffled across rows (no information) lose to the probes."""
+    from dataclasses import replace
+
+    from moco_compile.passes.planning.candidates import fit_candidates
+    from moco_compile.passes.planning.config import Budget
+    from moco_compile.passes.planning.pipeline import _design
+    from moco_compile.passes.planning.splits import SPLITS
+
+    build = compiled[0]
+    rules = build.frame[build.frame["split"] == SPLITS.index("rules")]
+    config, budget = PlannerConfig(), Budget()
+    candidates = fit_candidates(rules, [e.cut for e in build.plan.exits], 10, budget, config)
+    assert candidates.probes_only is not None and any(isinstance(e.scores, MLPScores) for e in candidates.exits)
+    args = (rules[PREDICTIONS], None, 2000, build.plan.total_flops, budget, config, 0)
+    planner, kept = _design(candidates, *args)
+    assert kept is candidates and planner.families_
+    rng = np.random.default_rng(0)
+    shuffled = replace(candidates, design_scores=[s[rng.permutation(len(s))] for s in candidates.design_scores])
+    _, kept = _design(shuffled, *args)
+    assert kept is candidates.probes_only

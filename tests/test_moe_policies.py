@@ -62,6 +62,21 @@ def test_predictions_keep_the_expert_needed_next():
     costly = Timing([0.0], 0.0, 1.0, predictor_seconds=1.0)
     fallback = simulate_decode(chosen, costly, "predictive", 2, num_experts=3, foresight=foresight)
     assert (fallback.misses, fallback.tpot_seconds) == (lru.misses, lru.tpot_seconds)
+    # nor can a cache of k slots: the step's own experts fill it, there is no eviction to choose
+    costly_small = Timing([0.0], 0.0, 1.0, predictor_seconds=0.5)
+    assert (simulate_decode(chosen, costly_small, "predictive", 1, num_experts=3, foresight=foresight).tpot_seconds
+            == simulate_decode(chosen, timing, "lru", 1, num_experts=3).tpot_seconds)
+
+
+def test_a_prior_ranks_the_experts_the_next_token_does_not_need():
+    """Requests 0, 1, 2, 3, 0: at 2 and 3 no cached expert is needed next; the prior (0 is common) keeps 0."""
+    chosen = np.array([0, 1, 2, 3, 0])[:, None, None]
+    foresight = np.zeros((5, 1, 1, 4))
+    foresight[np.arange(4), 0, 0, [1, 2, 3, 0]] = 1.0
+    timing, prior = Timing([0.0], 0.0, 1.0), np.array([[0.9, 0.1, 0.1, 0.1]])
+    alone = simulate_decode(chosen, timing, "predictive", 2, num_experts=4, foresight=foresight)
+    with_prior = simulate_decode(chosen, timing, "predictive", 2, num_experts=4, foresight=foresight, prior=prior)
+    assert (alone.misses, with_prior.misses) == (5, 4)
 
 
 def _two_layer_trace(tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,21 +96,30 @@ def test_look_ahead_loads_what_pays_and_skips_what_cannot_arrive_in_time():
     chosen, foresight = _two_layer_trace(30)
     # a layer's compute (2) outlasts a load (1): the next layer's expert arrives in time
     timing = Timing([2.0, 2.0], 0.0, 1.0)
-    lru = simulate_decode(chosen, timing, "lru", 1, num_experts=3)
-    ahead = simulate_decode(chosen, timing, "predictive", 1, num_experts=3, foresight=foresight)
+    lru = simulate_decode(chosen, timing, "lru", 2, num_experts=3)
+    ahead = simulate_decode(chosen, timing, "predictive", 2, num_experts=3, foresight=foresight)
     assert ahead.prefetches > 0 and ahead.prefetch_hits > 0
     assert ahead.tpot_seconds < lru.tpot_seconds
-    # a load lasting 20 layers: the link is always booked past the moment of need, nothing is prefetched
+    assert ahead.prefetches == ahead.prefetch_hits == 59 and ahead.misses == 1  # all but the first load ahead
+    # a load lasting 20 layers: after a miss the link is booked past the moment of need and the look-ahead
+    # waits; it loads ahead only where the link is idle (after a hit)
     slow = Timing([2.0, 2.0], 0.0, 40.0)
-    assert simulate_decode(chosen, slow, "predictive", 1, num_experts=3, foresight=foresight).prefetches == 0
-    # unsure guesses (p = 0.3) of a load as long as the gain: not worth the link time a wrong one wastes
-    unsure = simulate_decode(chosen, timing, "predictive", 1, num_experts=3, foresight=0.3 * foresight)
-    assert unsure.prefetches == 0
+    waits = simulate_decode(chosen, slow, "predictive", 2, num_experts=3, foresight=foresight)
+    assert 0 < waits.prefetches == waits.prefetch_hits < ahead.prefetches / 2
+    assert waits.tpot_seconds < simulate_decode(chosen, slow, "lru", 2, num_experts=3).tpot_seconds
+    # one layer ahead, behind this layer's own miss, a load arrives 1 earlier than on demand: p x 1 must beat
+    # (1 - p) x 1, the link time a wrong guess wastes
+    for p, loads in ((0.45, False), (0.6, True)):
+        guesses = simulate_decode(chosen, timing, "predictive", 2, num_experts=3, foresight=p * foresight[:, :, :1])
+        assert (guesses.prefetches > 0) == loads
 
 
 def test_foresight_of_the_wrong_shape_is_refused():
     chosen, foresight = _two_layer_trace(4)
     with pytest.raises(ValueError, match=r"foresight must be \[T, L, K, E\] = \[4, 2, 1..2, 3\]"):
         simulate_decode(chosen, Timing([0.0] * 2, 0.0, 1.0), "predictive", 1, num_experts=3, foresight=foresight[:3])
+    with pytest.raises(ValueError, match=r"prior must be \[L, E\] = \[2, 3\]"):
+        simulate_decode(chosen, Timing([0.0] * 2, 0.0, 1.0), "predictive", 1, num_experts=3, foresight=foresight,
+                        prior=np.ones((2, 4)))
     with pytest.raises(ValueError, match="needs foresight"):
         simulate_decode(chosen, Timing([0.0] * 2, 0.0, 1.0), "predictive", 1, num_experts=3)

@@ -117,6 +117,10 @@ class FittedPredictors:
             scores = scores / scores.sum(axis=1, keepdims=True)
         return np.minimum(self.spec.top_k * scores, 1.0)
 
+    def long_run_probabilities(self) -> np.ndarray:
+        """``[L, E]``: the probability that a token uses each expert, from the trace's frequencies."""
+        return np.minimum(self.spec.top_k * self.frequency, 1.0)
+
     def _learned(self, source: int, distance: int) -> LinearScores:
         return LinearScores(self.learned_weight[source, distance - 1], self.learned_bias[source, distance - 1],
                             "log_softmax")

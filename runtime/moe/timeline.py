@@ -1,9 +1,11 @@
 """Time per output token of offloaded-expert decoding, simulated from a routing trace.
 
-The simulation replays what :class:`~moco_compile.runtime.moe.expert_offload.OffloadedExperts`
-does, step for step, with durations instead of work: one compute stream, one transfer
-link serving loads in submission order, the same per-layer cache
-(:class:`~moco_compile.runtime.moe.expert_cache.LayerCache`).  Per token and layer ``l``:
+In modes ``lru`` and ``prefetch`` the simulation replays what
+:class:`~moco_compile.runtime.moe.expert_offload.OffloadedExperts` does, step for step, with
+durations instead of work: one compute stream, one transfer link serving loads in submission
+order, the same per-layer cache (:class:`~moco_compile.runtime.moe.expert_cache.LayerCache`).
+Modes ``optimal`` and ``predictive`` exist in the simulation only (the runtime has no ranked
+eviction or look-ahead yet).  Per token and layer ``l``:
 
 1. compute the layer's attention, norms and gate (``dense_seconds[l]``);
 2. (``predictive``) spend ``predictor_seconds`` on the predictions of the next ``K`` layers;
@@ -30,13 +32,17 @@ Modes (eviction / loads):
 * ``predictive``: ``foresight[t, l, d-1]`` is the probability that each expert is used at
   layer ``(l + d) % L`` of token ``t + (l + d) // L`` (``d = 1..K``), predicted at layer
   ``l`` of token ``t``.  Eviction keeps the experts most likely used at their layer's next
-  use (least recently used among equals; LRU where no prediction covers that use).
+  use (least recently used among equals; LRU where no prediction covers that use); with a
+  ``prior`` (each expert's long-run probability of use) it keeps those with the highest
+  mean of the two, since a large cache keeps experts for more than the next token, which
+  the look-ahead does not see.
   Look-ahead, nearest layer first, most likely expert first: a load is submitted only if
   a less likely expert can make room and ``p * gain > (1 - p) * transfer`` (``gain``: how
   much earlier than a demand load it would arrive, zero when the link is booked past the
-  moment of need; ``(1 - p) * transfer``: the link time a wrong guess wastes).  A
-  prediction that costs at least a load (``predictor_seconds >= transfer_seconds``)
-  cannot pay: then the mode is ``lru``.
+  moment of need; ``(1 - p) * transfer``: the link time a wrong guess wastes).  Where
+  prediction cannot pay, the mode is ``lru`` and no predictor runs: a prediction that costs
+  at least a load (``predictor_seconds >= transfer_seconds``), or a cache of ``k`` slots
+  (each step's ``k`` chosen experts fill it: no eviction to choose).
 """
 from __future__ import annotations
 
@@ -80,12 +86,13 @@ class Simulated:
 
 def simulate_decode(chosen: np.ndarray, timing: Timing, mode: str, capacity: int | None = None,
                     predicted: np.ndarray | None = None, num_experts: int | None = None,
-                    foresight: np.ndarray | None = None) -> Simulated:
+                    foresight: np.ndarray | None = None, prior: np.ndarray | None = None) -> Simulated:
     """Simulate decoding tokens whose routing is ``chosen`` ``[T, L, k]``.
 
     ``predicted`` ``[T, L, m]`` (mode ``prefetch``): row ``[t, l]`` lists the experts predicted for
     layer ``l`` of token ``t`` while layer ``l - 1`` computes (``-1``: none; row ``l = 0`` unused).
-    ``foresight`` ``[T, L, K, E]`` (mode ``predictive``, optional for ``optimal``): see the module notes.
+    ``foresight`` ``[T, L, K, E]`` (mode ``predictive``, optional for ``optimal``): see the module notes;
+    ``prior`` ``[L, E]`` (``predictive``): each expert's long-run probability of use, averaged into eviction.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -102,9 +109,11 @@ def simulate_decode(chosen: np.ndarray, timing: Timing, mode: str, capacity: int
                                   or not 1 <= foresight.shape[2] <= num_layers):
         raise ValueError(f"foresight must be [T, L, K, E] = [{tokens}, {num_layers}, 1..{num_layers}, {num_experts}] "
                          f"for this routing, got {list(foresight.shape)}")
-    if mode == "predictive" and timing.predictor_seconds >= timing.transfer_seconds:
-        mode, foresight = "lru", None  # a prediction costlier than the load it could save cannot pay
-    state = _State(chosen, capacity if cached else top_k, timing, num_experts, mode)
+    if prior is not None and prior.shape != (num_layers, num_experts):
+        raise ValueError(f"prior must be [L, E] = [{num_layers}, {num_experts}] for this routing, got {list(prior.shape)}")
+    if mode == "predictive" and (timing.predictor_seconds >= timing.transfer_seconds or capacity <= top_k):
+        mode, foresight = "lru", None  # predictions that cost a load, or a cache with no choice to make, cannot pay
+    state = _State(chosen, capacity if cached else top_k, timing, num_experts, mode, prior)
     for token in range(tokens):
         if mode == "on_demand":
             state.caches = [LayerCache(top_k) for _ in range(num_layers)]
@@ -141,7 +150,8 @@ def _first_use(chosen: np.ndarray, num_experts: int) -> np.ndarray:
 class _State:
     """Clock, link, caches and (``predictive``) beliefs of one simulated decode."""
 
-    def __init__(self, chosen: np.ndarray, capacity: int, timing: Timing, num_experts: int, mode: str) -> None:
+    def __init__(self, chosen: np.ndarray, capacity: int, timing: Timing, num_experts: int, mode: str,
+                 prior: np.ndarray | None = None) -> None:
         tokens, num_layers, _ = chosen.shape
         self.tokens, self.num_layers = tokens, num_layers
         self.caches = [LayerCache(capacity) for _ in range(num_layers)]
@@ -154,6 +164,7 @@ class _State:
         self.belief = np.zeros((num_layers, num_experts))  # per layer: P(used) at the token in belief_token
         self.belief_token = np.full(num_layers, -1)
         self.ranked = mode in ("optimal", "predictive")
+        self.prior = prior
 
     def rank(self, token: int, source: int, layer: int) -> np.ndarray | None:
         """Per expert of ``layer``, deciding at layer ``source`` of ``token``: the higher, the later its next
@@ -163,7 +174,10 @@ class _State:
         start = token if layer > source else token + 1  # the first token whose `layer` is still to come
         if self.first_use is not None:
             return self.first_use[min(start, self.tokens), layer].astype(float)
-        return 1.0 - self.belief[layer] if self.belief_token[layer] == start else None
+        if self.belief_token[layer] != start:
+            return None
+        belief = self.belief[layer] if self.prior is None else 0.5 * (self.belief[layer] + self.prior[layer])
+        return 1.0 - belief
 
     def believe(self, token: int, source: int, probabilities: np.ndarray) -> None:
         """Record the predictions ``[K, E]`` made at layer ``source`` of ``token``."""

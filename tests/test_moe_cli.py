@@ -139,3 +139,10 @@ def test_the_reference_files_are_package_data():
     package = root / "moco_compile" / "moe"
     shipped = [reference_file("moe_lm", kind) for kind in ("weights", "calibration", "prompts")]
     assert all(path.is_file() and any(path.relative_to(package).match(glob) for glob in globs) for path in shipped)
+
+
+def test_fit_predictors_refuses_a_lookahead_past_one_token(chain, tmp_path):
+    run = CliRunner().invoke(app, ["moe", "fit-predictors", str(chain / "trace"), "--out", str(tmp_path / "p"),
+                                   "--lookahead", "4"])
+    assert run.exit_code == 2 and "--lookahead must be 1..3" in run.output
+    assert not (tmp_path / "p").exists()

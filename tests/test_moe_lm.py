@@ -33,7 +33,11 @@ def test_the_reference_model_predicts_held_out_text_and_routes_with_balance(mode
 def test_learned_estimator_beats_speculative_routing_at_every_layer(model, sample, tmp_path):
     calibration = trace_routing(model, sample["calibration"], tmp_path / "calibration.arrow")
     test = trace_routing(model, sample["test"][:, :-1], tmp_path / "test.arrow")
-    predictors = fit_predictors(calibration, routing_spec(model), gate_parameters(model), max_rows=2000)
+    predictors = fit_predictors(calibration, routing_spec(model), gate_parameters(model), max_rows=2000, lookahead=1)
     rates = hit_rates(predictors, test)
     assert all(learned > speculative for learned, speculative in zip(rates["learned"], rates["speculative"]))
-    assert all(speculative > frequent for speculative, frequent in zip(rates["speculative"], rates["most_frequent"]))
+    # within a token a later gate on an earlier state beats frequencies; across tokens it does not (the next
+    # token is not seen yet), where only the learned probe beats them
+    assert all(speculative > frequent for speculative, frequent in zip(rates["speculative"][:-1],
+                                                                      rates["most_frequent"][:-1]))
+    assert rates["learned"][-1] > rates["most_frequent"][-1] > rates["speculative"][-1]

@@ -9,8 +9,8 @@ from moco_compile.errors import TraceMismatchError
 from moco_compile.frame import ActivationFrame
 from moco_compile.moe.frame import POSITION, RoutingSpec, WINDOW, check_trace, experts_column, hidden_column
 from moco_compile.moe.trace import gate_parameters, routing_spec, trace_routing
-from moco_compile.passes.moe.expert_predictors import (PREDICTORS, FittedPredictors, fit_predictors, held_out_windows,
-                                                   hit_rates, previous_experts, recall_at_k)
+from moco_compile.passes.moe.expert_predictors import (PREDICTORS, FittedPredictors, distance_rows, fit_predictors,
+                                                   held_out_windows, hit_rates, previous_experts, recall_at_k)
 from tests.moe_helpers import tiny_model
 
 
@@ -36,7 +36,8 @@ def test_speculative_routing_on_a_layers_own_input_is_its_gate(tmp_path):
     frame = trace_routing(model, np.random.default_rng(1).integers(0, 256, (4, 16)), tmp_path / "t.arrow")
     predictors = fit_predictors(frame, routing_spec(model), gate_parameters(model), max_rows=200)
     for target in (1, 2):
-        scores = predictors.scores("speculative", target, frame[hidden_column(target)], previous_experts(frame, target))
+        scores = predictors.scores("speculative", target - 1, 1, frame[hidden_column(target)],
+                                   previous_experts(frame, target))
         assert recall_at_k(scores, frame[experts_column(target)]) == 1.0
 
 
@@ -89,8 +90,8 @@ def test_predictors_round_trip_and_count_their_flops(tmp_path):
     loaded = FittedPredictors.load(tmp_path / "p.npz")
     hidden, previous = frame[hidden_column(0)], previous_experts(frame, 1)
     for name in PREDICTORS:
-        np.testing.assert_array_equal(loaded.scores(name, 1, hidden, previous),
-                                      predictors.scores(name, 1, hidden, previous))
+        np.testing.assert_array_equal(loaded.scores(name, 0, 1, hidden, previous),
+                                      predictors.scores(name, 0, 1, hidden, previous))
     d, e = 16, 8
     assert loaded.flops("speculative") == 8 * d + 2 * d * e
     assert loaded.flops("learned") == loaded.flops("speculative") + 2 * (d + 2 * e) * e + 5 * e
@@ -108,3 +109,49 @@ def test_a_trace_whose_layers_do_not_match_the_model_is_refused(tmp_path):
         routing_spec(model).check(RoutingSpec(4, 8, 2, 32), "trace")
     with pytest.raises(TraceMismatchError, match="moco moe fit-predictors"):
         FittedPredictors.load(tmp_path / "t.arrow")
+
+
+def _next_token_trace(rows: int, seed: int) -> tuple[ActivationFrame, RoutingSpec, dict]:
+    """Two layers; the NEXT token's layer-0 experts are a fixed linear map of this token's layer-1 hidden state."""
+    frame, spec, gates = _planted_trace(rows, seed)
+    columns = {name: np.array(frame[name]) for name in frame.columns}
+    truth = np.random.default_rng(98).normal(size=(spec.d_model, spec.num_experts))
+    experts = np.argsort(-(columns[hidden_column(1)] @ truth), axis=1)[:, :2]
+    columns[experts_column(0)][1:] = experts[:-1].astype(np.int16)
+    return ActivationFrame.from_arrays(columns), spec, gates
+
+
+def test_a_probe_per_distance_finds_a_rule_one_token_ahead():
+    frame, spec, gates = _next_token_trace(3000, seed=3)
+    held = held_out_windows(frame, 0.3, seed=0)
+    predictors = fit_predictors(frame.take(~held), spec, gates)
+    assert predictors.lookahead == 2 and predictors.target(1, 1) == (1, 0) and predictors.target(1, 2) == (1, 1)
+    rates = hit_rates(predictors, frame.take(held), distance=1)
+    assert rates["learned"][1] > 0.8  # from layer 1 to the next token's layer 0; chance 0.25
+    assert rates["most_frequent"][1] < 0.5
+    rows, targets, layer, previous = distance_rows(frame, spec, 1, 1)
+    windows = frame[WINDOW]
+    assert layer == 0 and (targets == rows + 1).all() and (windows[rows] == windows[targets]).all()
+    assert len(rows) == len(frame) - len(np.unique(windows))  # every token but each window's last
+    np.testing.assert_array_equal(previous, frame[experts_column(0)][rows])  # the target's predecessor: the source
+    probabilities = predictors.use_probabilities("learned", 1, 1, frame[hidden_column(1)][:50], previous[:50])
+    assert probabilities.shape == (50, 8) and (probabilities >= 0).all() and (probabilities <= 1).all()
+    assert (probabilities.sum(axis=1) <= 2 + 1e-5).all()  # k = 2 times a share, clipped at 1
+
+
+def test_bad_predictor_requests_are_refused(tmp_path):
+    frame, spec, gates = _planted_trace(200, seed=4)
+    predictors = fit_predictors(frame, spec, gates, lookahead=1)
+    hidden, previous = frame[hidden_column(0)], previous_experts(frame, 1)
+    with pytest.raises(ValueError, match="distances 1..1"):
+        predictors.scores("learned", 0, 2, hidden, previous)
+    with pytest.raises(ValueError, match="gives no probabilities"):
+        predictors.use_probabilities("previous_token", 0, 1, hidden, previous)
+    with pytest.raises(ValueError, match="lookahead must be 1..2"):
+        fit_predictors(frame, spec, gates, lookahead=3)
+    old = tmp_path / "old.npz"  # the layout before probes per distance: one per target layer
+    np.savez(old, spec=np.array([2, 8, 2, 16]), frequency=predictors.frequency,
+             learned_weight=predictors.learned_weight[:1, 0], learned_bias=predictors.learned_bias[:1, 0],
+             **{f"gates.{key}": value for key, value in gates.items()})
+    with pytest.raises(TraceMismatchError, match="fit them with `moco moe fit-predictors`"):
+        FittedPredictors.load(old)

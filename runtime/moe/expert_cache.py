@@ -1,4 +1,6 @@
-"""Which experts a layer keeps on the device: a fixed number of slots, least recently used evicted.
+"""Which experts a layer keeps on the device: a fixed number of slots; the evicted expert is the one a
+``rank`` puts last (an array over the experts: the higher, the later it is needed), least recently
+used first among equals, so no rank means least recently used.
 
 One policy for the real offloading runtime (``runtime/moe/expert_offload.py``, which copies
 weights into the slot this class assigns) and the TPOT simulation
@@ -7,7 +9,7 @@ weights into the slot this class assigns) and the TPOT simulation
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from moco_compile.errors import ExpertCacheError
 
@@ -49,18 +51,26 @@ class LayerCache:
         """Whether :meth:`admit` finds a slot: a free one, or a cached expert not in ``protected``."""
         return len(self._slots) < self.capacity or any(cached not in protected for cached in self._slots)
 
-    def admit(self, expert: int, protected: Collection[int] = ()) -> tuple[int, int | None]:
+    def victim(self, protected: Collection[int] = (), rank: Sequence[float] | None = None) -> int | None:
+        """The cached expert :meth:`admit` would evict: not in ``protected``, the highest ``rank[expert]``,
+        the least recently used among equals (None: every cached expert is protected)."""
+        candidates = [cached for cached in self._slots if cached not in protected]
+        if rank is None or not candidates:
+            return candidates[0] if candidates else None
+        return max(candidates, key=lambda cached: rank[cached])  # max keeps the first (least recent) of equals
+
+    def admit(self, expert: int, protected: Collection[int] = (),
+              rank: Sequence[float] | None = None) -> tuple[int, int | None]:
         """A slot for ``expert`` (not cached yet) and the expert evicted from it (None: a free slot).
 
-        The least recently used expert not in ``protected`` is evicted; :class:`ExpertCacheError`
-        when every cached expert is protected.
+        A full cache evicts its :meth:`victim`; :class:`ExpertCacheError` when every cached expert is protected.
         """
         if expert in self._slots:
             raise ValueError(f"expert {expert} is already cached")
         if len(self._slots) < self.capacity:
             slot, evicted = len(self._slots), None
         else:
-            evicted = next((cached for cached in self._slots if cached not in protected), None)
+            evicted = self.victim(protected, rank)
             if evicted is None:
                 raise ExpertCacheError(f"all {self.capacity} slots hold experts in use; the cache needs more slots")
             slot = self._slots.pop(evicted)

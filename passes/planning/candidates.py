@@ -84,7 +84,7 @@ def fit_candidates(frame: ActivationFrame, cuts: Sequence[CutPoint], num_classes
         probes.append(candidate(probe, out_of_fold_scores(linear, features, targets, num_classes,
                                                           config.cross_fit_folds)))
         chosen.append(probes[-1])
-        if "mlp" in config.exit_heads:
+        if "mlp" in config.exit_heads and len(targets) >= config.mlp_min_rows:
             mlp_scores = out_of_fold_scores(mlp, features, probabilities, num_classes, config.cross_fit_folds)
             if (high_precision_coverage(mlp_scores, targets, precision)
                     > high_precision_coverage(probes[-1][1], targets, precision) + config.variant_min_gain):

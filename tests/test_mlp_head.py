@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from moco_compile.constants import PROBABILITIES, PREDICTIONS
@@ -75,17 +76,38 @@ def test_an_mlp_exit_survives_plan_json(compiled):
     assert type(linear.scores).__name__ == "LinearScores"
 
 
-def test_the_compiled_graph_runs_each_mlp_head_as_matmul_add_relu(compiled):
-    """The shared compile chose MLP heads somewhere (the default lists them), and each sits in the
-    graph as its hidden layer then the scores; compile verified the graph routes as the plan."""
-    plan, model = compiled[0].plan, onnx.load(str(compiled[1] / "model.onnx"))
-    assert any(isinstance(e.scores, MLPScores) for e in plan.exits)
+def test_the_graph_runs_each_mlp_head_as_matmul_add_relu_and_routes_as_the_plan(compiled, calibration,
+                                                                                 reference_onnx):
+    """The shared compile's exits with MLP heads distilled on its rule-fitting rows: each head sits in
+    the rewritten graph as its hidden layer then the scores, and the graph routes rows as the plan's
+    numpy scores do (rows within float rounding of a threshold excepted)."""
+    from dataclasses import replace
+
+    from moco_compile.passes.graph.rewrite import insert_exits
+    from moco_compile.passes.planning.splits import SPLITS
+    from moco_compile.passes.planning.types import ExitPlan
+
+    build = compiled[0]
+    rules = build.frame[build.frame["split"] == SPLITS.index("rules")]
+    exits = [replace(e, scores=DistilledMLPFitter(max_iter=60).fit(variant_features(rules, e.column, e.pooling),
+                                                                   rules[PROBABILITIES], 10),
+                     thresholds=np.full(10, -0.05, np.float32)) for e in build.plan.exits]
+    imported = import_model(reference_onnx)
+    model = insert_exits(imported.model, exits, imported.output)
     nodes = {output: node for graph in _graphs(model.graph) for node in graph.node for output in node.output}
     relus = [node for node in nodes.values() if node.op_type == "Relu" and node.output[0].endswith("/hidden")]
-    assert len(relus) == sum(isinstance(e.scores, MLPScores) for e in plan.exits)
+    assert len(relus) == len(exits)
     for relu in relus:
         add = nodes[relu.input[0]]
         assert add.op_type == "Add" and nodes[add.input[0]].op_type == "MatMul"
+    images = calibration["images"][-500:]
+    graph_exits = ort.InferenceSession(model.SerializeToString()).run(["moco_exit"], {"images": images})[0]
+    frame = ActivationFrame.from_arrays(FeatureProbe(imported.model, imported.output, [e.cut for e in exits])(
+        {"images": images}, "rows"))
+    routing = ExitPlan(exits, build.plan.total_flops).routing(
+        [variant_features(frame, e.column, e.pooling) for e in exits], len(images), PlannerConfig().rounding)
+    assert len(set(graph_exits.tolist())) >= 3
+    assert ((graph_exits == routing.exit_index) | routing.near_threshold).all()
 
 
 def test_linear_only_and_bad_heads(compiled):
@@ -104,8 +126,9 @@ def _graphs(graph: onnx.GraphProto):
 
 
 def test_mlp_heads_are_kept_only_where_they_pay_for_the_plan(compiled):
-    """The plan-level choice: on the reference CNN's rule-fitting rows the MLP heads' plan wins on the
-    design folds; the same heads with scores shuffled across rows (no information) lose to the probes."""
+    """The plan-level choice on the reference CNN's rule-fitting rows (same folds for both): heads whose
+    design scores are the full model's own log-probabilities (a perfect head) win over the probes;
+    the same scores shuffled across rows (no information) lose to them."""
     from dataclasses import replace
 
     from moco_compile.passes.planning.candidates import fit_candidates
@@ -115,13 +138,15 @@ def test_mlp_heads_are_kept_only_where_they_pay_for_the_plan(compiled):
 
     build = compiled[0]
     rules = build.frame[build.frame["split"] == SPLITS.index("rules")]
-    config, budget = PlannerConfig(), Budget()
-    candidates = fit_candidates(rules, [e.cut for e in build.plan.exits], 10, budget, config)
-    assert candidates.probes_only is not None and any(isinstance(e.scores, MLPScores) for e in candidates.exits)
+    config, budget = PlannerConfig(exit_heads=("linear",)), Budget()
+    probes = fit_candidates(rules, [e.cut for e in build.plan.exits], 10, budget, config)
+    perfect = np.log(np.clip(rules[PROBABILITIES], 1e-30, 1)).astype(np.float32)
     args = (rules[PREDICTIONS], None, 2000, build.plan.total_flops, budget, config, 0)
-    planner, kept = _design(candidates, *args)
-    assert kept is candidates and planner.families_
     rng = np.random.default_rng(0)
-    shuffled = replace(candidates, design_scores=[s[rng.permutation(len(s))] for s in candidates.design_scores])
-    _, kept = _design(shuffled, *args)
-    assert kept is candidates.probes_only
+    for scores, expected in ((perfect, "heads"), (perfect[rng.permutation(len(perfect))], "probes")):
+        heads = replace(probes, design_scores=[scores] * len(probes.exits), probes_only=probes)
+        planner, kept = _design(heads, *args)
+        assert kept is (heads if expected == "heads" else probes), expected
+        assert planner.families_
+
+

@@ -2,14 +2,14 @@
 
 For each cut the pooling variant is chosen on held-out fitting rows
 (:func:`~moco_compile.passes.calibration.rules.select_variant`, with the softmax rule), then the
-head by cross-validation: with ``"mlp"`` in ``PlannerConfig.exit_heads``, an MLP distilled from the
-full model (:mod:`~moco_compile.passes.calibration.mlp_head`) replaces the softmax rule where its
-cross-fitted scores admit ``variant_min_gain`` more of the fitting rows at the exit's precision
-(:func:`~moco_compile.passes.calibration.rules.high_precision_coverage`; on few rows the richer head
-rarely wins).  The rule is refitted on all fitting rows, and each candidate comes with its
-cross-fitted scores on the fitting rows (rules fitted without the row), on which plans are designed.
-Other rows get the final rules' scores (:func:`candidate_scores`), wherever they
-are: in memory or in a frame shard on a worker.  The planner only ever sees scores.
+head by cross-validation: with ``"mlp"`` in ``PlannerConfig.exit_heads`` (and enough rows), an MLP
+distilled from the full model (:mod:`~moco_compile.passes.calibration.mlp_head`), on the variant
+chosen for it the same way, replaces the softmax rule where its cross-fitted scores admit
+``variant_min_gain`` more of the fitting rows at the exit's precision
+(:func:`~moco_compile.passes.calibration.rules.high_precision_coverage`).  Each rule is refitted on
+all fitting rows, and each candidate comes with its cross-fitted scores on the fitting rows (rules
+fitted without the row), on which plans are designed; the softmax probes alone come along
+(``Candidates.probes_only``) for the planner to keep instead when the MLP heads do not pay.
 
 With ``PlannerConfig.ood_guard`` each candidate also gets an out-of-distribution
 guard (:mod:`~moco_compile.passes.calibration.guard`) fitted on the same rows and features:
@@ -31,7 +31,7 @@ from moco_compile.passes.calibration.calibrate import cut_column, variant_featur
 from moco_compile.passes.calibration.guard import GuardFitter
 from moco_compile.passes.calibration.mlp_head import DistilledMLPFitter
 from moco_compile.passes.calibration.pooling import pooling_cost, variants_for
-from moco_compile.passes.calibration.rules import (LinearScores, SoftmaxRuleFitter, high_precision_coverage,
+from moco_compile.passes.calibration.rules import (RuleFitter, SoftmaxRuleFitter, high_precision_coverage,
                                                  out_of_fold_scores, select_variant)
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.planning.config import Budget, PlannerConfig
@@ -58,46 +58,62 @@ def fit_candidates(frame: ActivationFrame, cuts: Sequence[CutPoint], num_classes
     """Fit one candidate exit per cut on ``frame``'s rows (the rules rows, in memory)."""
     targets = frame[PREDICTIONS]
     probabilities = frame[PROBABILITIES] if PROBABILITIES in frame else targets  # what an MLP head is distilled from
-    linear, mlp = SoftmaxRuleFitter(), DistilledMLPFitter()
     precision = 1 - budget.max_disagreement / 2
-    probes: list[tuple[Exit, np.ndarray]] = []
-    chosen: list[tuple[Exit, np.ndarray]] = []
-    verdicts: list[tuple[np.ndarray, np.ndarray]] = []
+    try_mlp = "mlp" in config.exit_heads and len(targets) >= config.mlp_min_rows
+    probes: list[_Fitted] = []
+    chosen: list[_Fitted] = []
     for cut in cuts:
         column = cut_column(cut)
         variants = {variant: _finite(variant_features(frame, column, variant), column)
                     for variant in variants_for(cut.shape, cut.sequence_mask, cut.summary_token)}
-        variant, probe = select_variant(variants, targets, num_classes, linear, precision,
-                                        config.variant_held_out, config.variant_min_gain)
-        features = variants[variant]
-        guard, guard_flops = None, 0.0
-        if config.ood_guard is not None:
-            guard_fitter = GuardFitter(config.ood_guard, config.cross_fit_folds)
-            guard = guard_fitter.fit(features, targets)
-            guard_flops = guard.flops
-            verdicts.append((guard_fitter.out_of_fold_distances_ > guard.threshold, np.zeros(len(targets), bool)))
-
-        def candidate(rule: LinearScores, scores: np.ndarray) -> tuple[Exit, np.ndarray]:
-            rule_flops = pooling_cost(cut.shape, variant) + rule.flops + 2 * num_classes + guard_flops
-            return Exit(cut, column, variant, rule, np.full(num_classes, np.inf), rule_flops, guard), scores
-
-        probes.append(candidate(probe, out_of_fold_scores(linear, features, targets, num_classes,
-                                                          config.cross_fit_folds)))
+        probes.append(_fit_head(SoftmaxRuleFitter(), cut, column, variants, targets, targets, num_classes, precision,
+                                config))
         chosen.append(probes[-1])
-        if "mlp" in config.exit_heads and len(targets) >= config.mlp_min_rows:
-            mlp_scores = out_of_fold_scores(mlp, features, probabilities, num_classes, config.cross_fit_folds)
-            if (high_precision_coverage(mlp_scores, targets, precision)
-                    > high_precision_coverage(probes[-1][1], targets, precision) + config.variant_min_gain):
-                chosen[-1] = candidate(mlp.fit(features, probabilities, num_classes), mlp_scores)
-    guards = None if config.ood_guard is None else \
-        GuardVerdicts(tuple(b for b, _ in verdicts), tuple(n for _, n in verdicts))
-
-    def as_candidates(pairs: list[tuple[Exit, np.ndarray]]) -> Candidates:
-        return Candidates([e for e, _ in pairs], [scores for _, scores in pairs], guards)
-
+        if try_mlp:
+            mlp = _fit_head(DistilledMLPFitter(), cut, column, variants, probabilities, targets, num_classes,
+                            precision, config)
+            if mlp.coverage > probes[-1].coverage + config.variant_min_gain:
+                chosen[-1] = mlp
     if all(mine is probe for mine, probe in zip(chosen, probes)):
-        return as_candidates(probes)
-    return replace(as_candidates(chosen), probes_only=as_candidates(probes))
+        return _candidates(probes, config)
+    return replace(_candidates(chosen, config), probes_only=_candidates(probes, config))
+
+
+@dataclass
+class _Fitted:
+    """One cut's candidate exit with one kind of head: its cross-fitted scores on the fitting rows, the
+    share of those rows they admit at the exit's precision, and its guard's cross-fitted verdicts."""
+
+    exit: Exit
+    scores: np.ndarray
+    coverage: float
+    guard_blocked: np.ndarray | None
+
+
+def _fit_head(fitter: RuleFitter, cut: CutPoint, column: str, variants: dict[str, np.ndarray], fit_to: np.ndarray,
+              targets: np.ndarray, num_classes: int, precision: float, config: PlannerConfig) -> _Fitted:
+    """``fitter``'s head at ``cut``: the pooling variant chosen for it, the head fitted to ``fit_to`` on
+    all rows, cross-fitted scores, and the guard on that variant's features."""
+    variant, rule = select_variant(variants, targets, num_classes, fitter, precision, config.variant_held_out,
+                                   config.variant_min_gain, fit_to)
+    features = variants[variant]
+    scores = out_of_fold_scores(fitter, features, fit_to, num_classes, config.cross_fit_folds)
+    rule_flops = pooling_cost(cut.shape, variant) + rule.flops + 2 * num_classes
+    guard, blocked = None, None
+    if config.ood_guard is not None:
+        guard_fitter = GuardFitter(config.ood_guard, config.cross_fit_folds)
+        guard = guard_fitter.fit(features, targets)
+        rule_flops += guard.flops
+        blocked = guard_fitter.out_of_fold_distances_ > guard.threshold
+    exit_ = Exit(cut, column, variant, rule, np.full(num_classes, np.inf), rule_flops, guard)
+    return _Fitted(exit_, scores, high_precision_coverage(scores, targets, precision), blocked)
+
+
+def _candidates(fitted: list[_Fitted], config: PlannerConfig) -> Candidates:
+    guards = None if config.ood_guard is None else GuardVerdicts(
+        tuple(f.guard_blocked for f in fitted), tuple(np.zeros(len(f.scores), bool) for f in fitted))
+    return Candidates([f.exit for f in fitted], [f.scores for f in fitted], guards)
+
 
 def candidate_scores(exits: Sequence[Exit], frame: ActivationFrame) -> list[np.ndarray]:
     """Each exit's scores (``[N, C]``) on ``frame``'s rows, from its pooled features there."""

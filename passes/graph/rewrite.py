@@ -17,6 +17,7 @@ Nested, for exits 0..m-1 at cut tensors T_0..T_{m-1}::
                           stage 1 nodes on `rest` -> T_1, exit 1, If ...
                     else: empty outputs (the batch-1 fast path: nothing else runs)
                 outputs = ScatterND(exit values, rows, If outputs)
+                moco_exit = ScatterND(Where(keep, 0, 0), rows, If's exit ids)
     level m: stage m nodes -> the original outputs, moco_exit = -1
 
 Flat: the same nodes, every stage in the main graph, no ``If``::
@@ -241,9 +242,9 @@ class _ExitGraphBuilder(ExitGraphBuilder):
             merged = f"{p}/merged/{original.name}"
             nodes.append(helper.make_node("ScatterND", [base, rows, rest_results[position]], [merged]))
             results.append(merged)
-        nodes.append(helper.make_node("Shape", [top], [f"{p}/batch"]))
-        nodes.append(helper.make_node("ConstantOfShape", [f"{p}/batch"], [f"{p}/exit_ids"],
-                                      value=numpy_helper.from_array(np.array([level], np.int64))))
+        # ``level`` on every row (one node, not Shape + ConstantOfShape): the scatter overwrites the kept rows
+        initializers.append(numpy_helper.from_array(np.array(level, np.int64), f"{p}/level"))
+        nodes.append(helper.make_node("Where", [keep, f"{p}/level", f"{p}/level"], [f"{p}/exit_ids"]))
         nodes.append(helper.make_node("ScatterND", [f"{p}/exit_ids", rows, rest_results[-1]], [f"{p}/exit"]))
         return results + [f"{p}/exit"]
 

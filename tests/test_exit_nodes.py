@@ -125,3 +125,43 @@ def test_exit_ids_are_one_where_per_exit_and_route_like_the_plan(reference):
     for index in (np.arange(4), np.flatnonzero(full == 0)[:8], np.flatnonzero(full == -1)[:3]):
         np.testing.assert_array_equal(_run(model, rows[index])[1], full[index])
 
+
+def test_a_residual_remainder_enters_through_an_identity_pool(reference):
+    """Where the compressed cut tensor feeds a Conv and the block's residual Add, the remainder reads
+    it through a 1x1 MaxPool (onnxruntime then runs both in NCHWc); a block with a Conv shortcut has none."""
+    imported, rows, _, full_logits, plan = reference
+    model = insert_exits(imported.model, plan.exits, "logits")
+    for k, (exit_, branch) in enumerate(zip(plan.exits, _levels(model)[1:])):
+        compressed = f"moco/exit{k}/rest/{exit_.cut.tensor}"
+        readers = [n for n in branch.node if compressed in n.input]
+        if exit_.cut.tensor == "relu_4":
+            assert {n.op_type for n in readers} == {"Conv"}
+            continue
+        pool, = readers
+        assert pool.op_type == "MaxPool" and [a.ints for a in pool.attribute] == [[1, 1]]
+        assert {n.op_type for n in branch.node if pool.output[0] in n.input} == {"Conv", "Add"}
+        declared = {v.name: v for v in branch.value_info}[pool.output[0]]
+        assert [d.dim_param or d.dim_value for d in declared.type.tensor_type.shape.dim] == \
+            [f"moco_rows_{k + 1}", *exit_.cut.shape[1:]]
+    logits, exit_index = _run(model, rows)
+    np.testing.assert_allclose(logits[exit_index == -1], full_logits[exit_index == -1], atol=1e-4)
+
+
+def test_onnxruntime_fuses_every_residual_add_in_the_remainders_as_in_the_original(reference, tmp_path):
+    """With onnxruntime's NCHWc layout on (x86 CPUs), the original graph keeps no plain Add: each is
+    fused into a Conv, and so is each in the compiled graph's branches."""
+    imported, _, _, _, plan = reference
+
+    def optimized(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / name)
+        options.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return onnx.load(str(tmp_path / name))
+
+    original = optimized(imported.model, "original.onnx")
+    if not any(n.domain == "com.microsoft.nchwc" for n in original.graph.node):
+        pytest.skip("onnxruntime runs no NCHWc layout on this CPU")
+    assert "Add" not in {n.op_type for n in original.graph.node}
+    compiled = optimized(insert_exits(imported.model, plan.exits, "logits"), "compiled.onnx")
+    assert all("Add" not in {n.op_type for n in graph.node} for graph in all_graphs(compiled.graph))

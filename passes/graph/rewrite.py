@@ -13,7 +13,8 @@ Nested, for exits 0..m-1 at cut tensors T_0..T_{m-1}::
                 [guarded: keep = Or(keep, distance(pooled) > tau)]
                 rows = NonZero(keep)^T
                 If(Size(rows) > 0)
-                    then: level 1 graph: rest = Compress(T_0 [and side inputs], keep),
+                    then: level 1 graph: rest = Compress(T_0 [and side inputs], keep)
+                          [-> an identity MaxPool where a residual block reads it: passes/graph/nchwc_entry.py],
                           stage 1 nodes on `rest` -> T_1, exit 1, If ...
                     else: empty outputs (the batch-1 fast path: nothing else runs)
                 outputs = ScatterND(exit values, rows, If outputs)
@@ -77,6 +78,7 @@ from moco_compile.passes.graph.buckets import insert_bucketed_exits
 from moco_compile.passes.graph.empty_rows import unsafe_on_no_rows
 from moco_compile.passes.graph.exit_graph import ExitGraphBuilder
 from moco_compile.passes.graph.index import node_inputs, subgraph_nesting
+from moco_compile.passes.graph.nchwc_entry import nchwc_entry_node, wants_nchwc_entry
 from moco_compile.passes.planning.config import DEFAULT_BATCH_BUCKETS, DEFAULT_EXIT_LAYOUT, EXIT_LAYOUTS, MAX_NESTED_GRAPHS
 from moco_compile.passes.planning.types import Exit, ExitPlan
 
@@ -234,6 +236,10 @@ class _ExitGraphBuilder(ExitGraphBuilder):
             rest = f"{p}/rest/{name}"
             self.rest_sources[renames.get(name, name)] = name
             compress.append(helper.make_node("Compress", [renames.get(name, name), keep], [rest], axis=0))
+            if wants_nchwc_entry(self.index, name, self.value_infos.get(name)):
+                self.rest_sources[rest] = name
+                compress.append(nchwc_entry_node(rest, f"{rest}/nchwc"))
+                rest = f"{rest}/nchwc"
             inner[name] = rest
         rest_results = self._remainder(level, inner, compress, body)
         results = []

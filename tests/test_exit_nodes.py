@@ -165,3 +165,28 @@ def test_onnxruntime_fuses_every_residual_add_in_the_remainders_as_in_the_origin
     assert "Add" not in {n.op_type for n in original.graph.node}
     compiled = optimized(insert_exits(imported.model, plan.exits, "logits"), "compiled.onnx")
     assert all("Add" not in {n.op_type for n in graph.node} for graph in all_graphs(compiled.graph))
+
+
+@pytest.mark.parametrize("channels, before_add, wanted", [(16, "Conv", True), (32, "BatchNormalization", True),
+                                                          (16, "Mul", False), (8, "Conv", False)])
+def test_the_identity_pool_only_where_onnxruntime_can_fuse_the_residual(channels, before_add, wanted):
+    """A residual Add onto a Conv (or BatchNormalization) output fuses in NCHWc; one after a layer
+    scale (a Mul, as in ConvNeXt) does not, and 8 channels is not a 16-channel NCHWc block."""
+    from onnx import helper, numpy_helper
+
+    from moco_compile.passes.graph.index import GraphIndex
+    from moco_compile.passes.graph.nchwc_entry import wants_nchwc_entry
+
+    c = channels
+    weights = [numpy_helper.from_array(np.ones((c, c, 3, 3), np.float32), "w"),
+               numpy_helper.from_array(np.ones(c, np.float32), "s")]
+    last = {"Conv": helper.make_node("Conv", ["h", "w"], ["y"], pads=[1, 1, 1, 1]),
+            "BatchNormalization": helper.make_node("BatchNormalization", ["h", "s", "s", "s", "s"], ["y"]),
+            "Mul": helper.make_node("Mul", ["h", "s"], ["y"])}[before_add]
+    nodes = [helper.make_node("Relu", ["x"], ["cut"]), helper.make_node("Conv", ["cut", "w"], ["h"], pads=[1, 1, 1, 1]),
+             last, helper.make_node("Add", ["y", "cut"], ["out"])]
+    value = helper.make_tensor_value_info("cut", onnx.TensorProto.FLOAT, ["n", c, 8, 8])
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", c, 8, 8])],
+                              [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["n", c, 8, 8])], weights,
+                              value_info=[value])
+    assert wants_nchwc_entry(GraphIndex(helper.make_model(graph)), "cut", value) is wanted

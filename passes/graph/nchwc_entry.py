@@ -13,7 +13,7 @@ pass; the 1x1 pool is one pass over the tensor).
 
 Only where it pays: a float32 ``[N, C, H, W]`` tensor whose ``C`` is a multiple of 16 (the NCHWc
 block is 8 or 16 channels by CPU; the transformer leaves other pools in NCHW, where this one would
-be a plain copy) that a Conv and an Add or Sum both read.
+be a plain copy) that a Conv reads and an Add or Sum adds to a Conv's output.
 """
 from __future__ import annotations
 
@@ -33,8 +33,19 @@ def wants_nchwc_entry(index: GraphIndex, tensor: str, value: onnx.ValueInfoProto
     dims = value.type.tensor_type.shape.dim
     if len(dims) != 4 or not dims[1].HasField("dim_value") or dims[1].dim_value % _BLOCK:
         return False
-    readers = {index.model.graph.node[i].op_type for i in index.consumers.get(tensor, [])}
-    return "Conv" in readers and bool(readers & {"Add", "Sum"})
+    nodes = index.model.graph.node
+    readers = [nodes[i] for i in index.consumers.get(tensor, [])]
+    return any(n.op_type == "Conv" for n in readers) and any(_residual_of_a_conv(index, n, tensor) for n in readers)
+
+
+def _residual_of_a_conv(index: GraphIndex, node: onnx.NodeProto, tensor: str) -> bool:
+    """``node`` adds ``tensor`` to a Conv's (or BatchNormalization's) output: onnxruntime fuses such an
+    Add into the NCHWc Conv only when both are NCHWc (an Add after other ops, e.g. a ConvNeXt block's
+    layer scale, stays in NCHW and would reorder the pool's output back)."""
+    others = [name for name in node.input if name != tensor]
+    return node.op_type in ("Add", "Sum") and bool(others) and all(
+        name in index.producer and index.model.graph.node[index.producer[name]].op_type in ("Conv", "BatchNormalization")
+        for name in others)
 
 
 def nchwc_entry_node(compressed: str, output: str) -> onnx.NodeProto:

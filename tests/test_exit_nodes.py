@@ -190,23 +190,3 @@ def test_the_identity_pool_only_where_onnxruntime_can_fuse_the_residual(channels
                               [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["n", c, 8, 8])], weights,
                               value_info=[value])
     assert wants_nchwc_entry(GraphIndex(helper.make_model(graph)), "cut", value) is wanted
-
-
-@pytest.mark.parametrize("opset", [17, 20])
-def test_the_max_piece_is_one_reduce_max_equal_to_global_max_pool(calibration, opset):
-    """``max`` features come from one ReduceMax (no pool, no Flatten), bit for bit GlobalMaxPool's."""
-    from onnx import helper
-
-    from moco_compile.passes.calibration.pooling import piece_nodes
-
-    images = calibration["images"][:32]
-    nodes = piece_nodes("images", "max", (1, *images.shape[1:]), "max", "p", opset=opset)
-    assert [n.op_type for n in nodes if n.op_type != "Constant"] == ["ReduceMax"]
-    nodes += [helper.make_node("GlobalMaxPool", ["images"], ["pooled"]),
-              helper.make_node("Flatten", ["pooled"], ["reference"], axis=1)]
-    spec = helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["n", 1, 28, 28])
-    outputs = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["n", 1]) for name in ("max", "reference")]
-    model = helper.make_model(helper.make_graph(nodes, "max", [spec], outputs), opset_imports=[helper.make_opsetid("", opset)])
-    onnx.checker.check_model(model, full_check=True)
-    features, reference = _run(model, images)
-    np.testing.assert_array_equal(features, reference)

@@ -382,8 +382,7 @@ def test_opset_17_model_stays_at_opset_17(boxes_opset17, calibration):
     onnx.checker.check_model(result.model, full_check=True)
     graphs = [result.model.graph] + _if_graphs(result.model.graph)
     reductions = [n for g in graphs for n in g.node if n.op_type.startswith("Reduce")]
-    assert sum(n.op_type == "ReduceMax" and n.output[0].endswith("/top") for n in reductions) \
-        == len(result.plan.exits) >= 2
+    assert sum(n.op_type == "ReduceMax" for n in reductions) == len(result.plan.exits) >= 2
     for node in reductions:
         assert len(node.input) == 1 and [a.name for a in node.attribute if a.name == "axes"] == ["axes"]
     log_probs, boxes, exits = _run(result.model, calibration["images"][:256])

@@ -3,8 +3,7 @@
 A pooling *variant* concatenates one or more *pieces*:
 
 * ``mean``: global average over spatial axes (``[N, C, *S] -> [N, C]``);
-* ``max``: global maximum over spatial axes (a ReduceMax: onnxruntime keeps it out of its NCHWc
-  layout on CPU, so no reorder and no Flatten follow it inside a compiled graph);
+* ``max``: global maximum over spatial axes;
 * ``grid``: average over a 2x2 grid of spatial quadrants (``[N, C, H, W] -> [N, 4C]``),
   which keeps where in the image a pattern sits, cheaply: one AveragePool whose window is
   fixed by the calibration size, or, where the graph lets ``H`` and ``W`` vary at run time
@@ -143,10 +142,10 @@ def piece_nodes(tensor: str, piece: str, shape: tuple[int, ...], output: str,
     if piece == "flat":
         return [helper.make_node("Identity", [tensor], [output], name=f"{prefix}/flat")]
     pooled = f"{prefix}/{piece}_pooled"
-    if piece == "max":  # GlobalMaxPool's values (a maximum has no rounding) in one node, not a pool + Flatten
-        return reduce_nodes("ReduceMax", tensor, list(range(2, len(shape))), output, f"{prefix}/max", opset)
     if piece == "mean":
         pool = helper.make_node("GlobalAveragePool", [tensor], [pooled], name=f"{prefix}/mean")
+    elif piece == "max":
+        pool = helper.make_node("GlobalMaxPool", [tensor], [pooled], name=f"{prefix}/max")
     elif piece == "grid" and not fixed_size:
         return _quadrant_mean_nodes(tensor, output, f"{prefix}/grid", opset)
     elif piece == "grid":

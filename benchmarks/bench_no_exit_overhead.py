@@ -132,8 +132,10 @@ def main() -> None:
         write_section("No-exit overhead, model zoo", text)
         return
     nets = [tuple(w) for w in args.widths] if args.widths else [REFERENCE_WIDTHS, (64, 128, 256)]
-    results = {widths: measure(import_model(net(widths), example_input=torch.from_numpy(images[:2])),
-                               {"images": images}, str(widths)) for widths in nets}
+    results = {}
+    for widths in nets:  # the exporter names the input after forward's argument
+        imported = import_model(net(widths), example_input=torch.from_numpy(images[:2]))
+        results[widths] = measure(imported, {imported.input_names[0]: images}, str(widths))
     text = "\n".join([command, f"Machine: {machine_description()}", "",
                       "An exit at every candidate cut, every threshold +inf (rules run, no row leaves); compiled / "
                       "original latency, same process, alternating. The 16/32/64 net is the trained reference, wider "

@@ -59,12 +59,25 @@ def exited_logits(log_probs: np.ndarray, margins: np.ndarray, scale: float | np.
     return swapped
 
 
+def swap_is_identity(thresholds: np.ndarray, scale: float) -> bool:
+    """True when :func:`exited_logits`' swap can never move a value that is read: every class shares
+    one threshold, so the exit's class (argmax of ``log p - t``) is the argmax of ``log p`` and a
+    positive ``scale`` keeps it on top (ties aside: both ArgMaxes then pick a tied column), or every
+    class is off (``inf``) and no row leaves there."""
+    thresholds = np.asarray(thresholds)
+    return scale > 0 and thresholds.size > 0 and bool((thresholds == thresholds.flat[0]).all())
+
+
 def exited_logits_nodes(log_probs: str, margins: str, scale: float, output: str, prefix: str,
-                        initializers: list) -> list[onnx.NodeProto]:
+                        initializers: list, swap: bool = True) -> list[onnx.NodeProto]:
     """Nodes writing :func:`exited_logits` of the float32 ``[N, C]`` tensors ``log_probs`` and ``margins``
-    to ``output``; the scale is appended to ``initializers``."""
+    to ``output``; the scale is appended to ``initializers``.  ``swap=False`` (where
+    :func:`swap_is_identity`) writes the scaled log-probabilities alone: one node instead of seven,
+    run on every row reaching the exit."""
     p = prefix
     initializers.append(numpy_helper.from_array(np.array(scale, np.float32), f"{p}/scale"))
+    if not swap:
+        return [helper.make_node("Mul", [log_probs, f"{p}/scale"], [output], name=f"{p}/scaled")]
     return [
         helper.make_node("Mul", [log_probs, f"{p}/scale"], [f"{p}/scaled"], name=f"{p}/scaled"),
         helper.make_node("ArgMax", [f"{p}/scaled"], [f"{p}/top"], name=f"{p}/top", axis=1, keepdims=1),

@@ -14,7 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from moco_compile.constants import ADDED_NODE_PREFIX, EXIT_OUTPUT
-from moco_compile.passes.calibration.exit_confidence import exited_logits_nodes
+from moco_compile.passes.calibration.exit_confidence import exited_logits_nodes, swap_is_identity
 from moco_compile.passes.calibration.guard import guard_nodes
 from moco_compile.passes.calibration.mlp_head import MLPScores
 from moco_compile.passes.calibration.pooling import pooling_inputs, reduce_nodes, variant_nodes
@@ -184,7 +184,8 @@ class ExitGraphBuilder:
         if exit_.confidence_scale is not None and exit_.scores.normalize == "log_softmax":
             value = f"{name}/calibrated"
             nodes.extend(exited_logits_nodes(f"{p}/log_probs", margins, exit_.confidence_scale, value,
-                                             f"{p}/confidence", initializers))
+                                             f"{p}/confidence", initializers,
+                                             swap=not swap_is_identity(exit_.thresholds, exit_.confidence_scale)))
         head = self.index.probability_head(self.output)
         if head:
             nodes.append(helper.make_node(head, [value], [f"{name}/{head}"], axis=-1))

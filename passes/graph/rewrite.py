@@ -13,10 +13,12 @@ Nested, for exits 0..m-1 at cut tensors T_0..T_{m-1}::
                 [guarded: keep = Or(keep, distance(pooled) > tau)]
                 rows = NonZero(keep)^T
                 If(Size(rows) > 0)
-                    then: level 1 graph: rest = Compress(T_0 [and side inputs], keep),
+                    then: level 1 graph: rest = Compress(T_0 [and side inputs], keep)
+                          [-> an identity MaxPool where a residual block reads it: passes/graph/nchwc_entry.py],
                           stage 1 nodes on `rest` -> T_1, exit 1, If ...
                     else: empty outputs (the batch-1 fast path: nothing else runs)
                 outputs = ScatterND(exit values, rows, If outputs)
+                moco_exit = ScatterND(Where(keep, 0, 0), rows, If's exit ids)
     level m: stage m nodes -> the original outputs, moco_exit = -1
 
 Flat: the same nodes, every stage in the main graph, no ``If``::
@@ -76,6 +78,7 @@ from moco_compile.passes.graph.buckets import insert_bucketed_exits
 from moco_compile.passes.graph.empty_rows import unsafe_on_no_rows
 from moco_compile.passes.graph.exit_graph import ExitGraphBuilder
 from moco_compile.passes.graph.index import node_inputs, subgraph_nesting
+from moco_compile.passes.graph.nchwc_entry import nchwc_entry_node, wants_nchwc_entry
 from moco_compile.passes.planning.config import DEFAULT_BATCH_BUCKETS, DEFAULT_EXIT_LAYOUT, EXIT_LAYOUTS, MAX_NESTED_GRAPHS
 from moco_compile.passes.planning.types import Exit, ExitPlan
 
@@ -233,6 +236,10 @@ class _ExitGraphBuilder(ExitGraphBuilder):
             rest = f"{p}/rest/{name}"
             self.rest_sources[renames.get(name, name)] = name
             compress.append(helper.make_node("Compress", [renames.get(name, name), keep], [rest], axis=0))
+            if wants_nchwc_entry(self.index, name, self.value_infos.get(name)):
+                self.rest_sources[rest] = name
+                compress.append(nchwc_entry_node(rest, f"{rest}/nchwc"))
+                rest = f"{rest}/nchwc"
             inner[name] = rest
         rest_results = self._remainder(level, inner, compress, body)
         results = []
@@ -241,9 +248,9 @@ class _ExitGraphBuilder(ExitGraphBuilder):
             merged = f"{p}/merged/{original.name}"
             nodes.append(helper.make_node("ScatterND", [base, rows, rest_results[position]], [merged]))
             results.append(merged)
-        nodes.append(helper.make_node("Shape", [top], [f"{p}/batch"]))
-        nodes.append(helper.make_node("ConstantOfShape", [f"{p}/batch"], [f"{p}/exit_ids"],
-                                      value=numpy_helper.from_array(np.array([level], np.int64))))
+        # ``level`` on every row (one node, not Shape + ConstantOfShape): the scatter overwrites the kept rows
+        initializers.append(numpy_helper.from_array(np.array(level, np.int64), f"{p}/level"))
+        nodes.append(helper.make_node("Where", [keep, f"{p}/level", f"{p}/level"], [f"{p}/exit_ids"]))
         nodes.append(helper.make_node("ScatterND", [f"{p}/exit_ids", rows, rest_results[-1]], [f"{p}/exit"]))
         return results + [f"{p}/exit"]
 

@@ -126,9 +126,10 @@ def _graphs(graph: onnx.GraphProto):
 
 
 def test_mlp_heads_are_kept_only_where_they_pay_for_the_plan(compiled):
-    """The plan-level choice on the reference CNN's rule-fitting rows (same folds for both): heads whose
-    design scores are the full model's own log-probabilities (a perfect head) win over the probes;
-    the same scores shuffled across rows (no information) lose to them."""
+    """fit_candidates with MLP heads allowed: some cut takes one, and the probes come along; then the
+    plan-level choice (same folds for both): heads whose design scores are the full model's own
+    log-probabilities (a perfect head) win over the probes, the same scores shuffled across rows (no
+    information) lose to them."""
     from dataclasses import replace
 
     from moco_compile.passes.planning.candidates import fit_candidates
@@ -138,15 +139,17 @@ def test_mlp_heads_are_kept_only_where_they_pay_for_the_plan(compiled):
 
     build = compiled[0]
     rules = build.frame[build.frame["split"] == SPLITS.index("rules")]
-    config, budget = PlannerConfig(exit_heads=("linear",)), Budget()
-    probes = fit_candidates(rules, [e.cut for e in build.plan.exits], 10, budget, config)
+    # MLP heads on these 2,000 rows (below the default mlp_min_rows); two families, two repeats: quick
+    config, budget = PlannerConfig(mlp_min_rows=0, families=("shared-all", "shared"), family_cv_repeats=2), Budget()
+    candidates = fit_candidates(rules, [e.cut for e in build.plan.exits], 10, budget, config)
+    probes = candidates.probes_only
+    assert probes is not None and any(isinstance(e.scores, MLPScores) for e in candidates.exits)
+    assert not any(isinstance(e.scores, MLPScores) for e in probes.exits)
     perfect = np.log(np.clip(rules[PROBABILITIES], 1e-30, 1)).astype(np.float32)
     args = (rules[PREDICTIONS], None, 2000, build.plan.total_flops, budget, config, 0)
     rng = np.random.default_rng(0)
     for scores, expected in ((perfect, "heads"), (perfect[rng.permutation(len(perfect))], "probes")):
-        heads = replace(probes, design_scores=[scores] * len(probes.exits), probes_only=probes)
+        heads = replace(candidates, design_scores=[scores] * len(candidates.exits))
         planner, kept = _design(heads, *args)
         assert kept is (heads if expected == "heads" else probes), expected
         assert planner.families_
-
-

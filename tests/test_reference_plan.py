@@ -4,8 +4,8 @@ A refactor must not change what moco builds.  The suite's shared compile (``comp
 first 4,000 rows of ``models/artifacts/fashion_calib.npz``, default budget) gave these figures at
 commit 0d0df57, before the layout change of issue 25, and gives them after it (the whole
 10,000-row set and the 6-block MiniLM reference were checked identical too, once), and after MLP
-exit heads joined the default (issue 28): on these 2,000 rule-fitting rows the planner keeps the
-softmax probes (``test_mlp_head.py`` covers the heads).  Exits,
+exit heads joined the default (issue 28): they are not tried on fewer than 3,000 rule-fitting rows
+(``PlannerConfig.mlp_min_rows``; ``test_mlp_head.py`` covers the heads).  Exits,
 family and the test's counts must match exactly; thresholds and figures within float noise (a
 different CPU's BLAS may move a fitted weight in its last bits, never a count).
 """

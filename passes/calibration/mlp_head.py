@@ -21,7 +21,7 @@ from scipy.optimize import minimize
 from scipy.special import log_softmax, softmax
 from threadpoolctl import threadpool_limits
 
-from moco_compile.passes.calibration.rules import MIN_RELATIVE_SPREAD, LinearScores
+from moco_compile.passes.calibration.rules import LinearScores, standardized
 
 HIDDEN_WIDTH = 32  # ReLU units: 2 * D * 32 FLOPs per row, a rounding error beside any stage of a real network
 
@@ -72,16 +72,8 @@ class DistilledMLPFitter:
     def fit(self, features: np.ndarray, targets: np.ndarray, num_classes: int) -> MLPScores:
         """Fit the head so that it predicts ``targets``: ``[N, C]`` class probabilities (the full
         model's; distillation) or ``[N]`` classes (one-hot)."""
-        if features.ndim != 2 or len(features) != len(targets):
-            raise ValueError(f"features must be [N, D] with N = len(targets); got {features.shape} "
-                             f"and {len(targets)} targets")
-        if not np.isfinite(features).all():
-            raise ValueError("features contain NaN or Inf; check the model's activations at this cut")
+        x, mean, scale = standardized(features, targets)
         soft = _soft_targets(targets, num_classes)
-        mean = features.mean(axis=0)
-        scale = np.maximum(features.std(axis=0), MIN_RELATIVE_SPREAD * np.abs(mean))
-        scale = np.where(scale > 0, scale, 1.0)
-        x = ((features - mean) / scale).astype(np.float32)
         rows, width, hidden = len(x), x.shape[1], self.width
         alpha = 1.0 / (self.regularization * rows)
         sizes = (width * hidden, hidden, hidden * num_classes, num_classes)

@@ -53,6 +53,20 @@ class LinearScores:
         return 2.0 * self.weight.size + self.bias.size * (5 if self.normalize == "log_softmax" else 1)
 
 
+def standardized(features: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(x, mean, scale)``: ``features`` (``[N, D]``, one row per target) checked and standardised to
+    float32 ``x = (features - mean) / scale``, each feature's spread floored (:data:`MIN_RELATIVE_SPREAD`)."""
+    if features.ndim != 2 or len(features) != len(targets):
+        raise ValueError(f"features must be [N, D] with N = len(targets); got {features.shape} "
+                         f"and {len(targets)} targets")
+    if not np.isfinite(features).all():
+        raise ValueError("features contain NaN or Inf; check the model's activations at this cut")
+    mean = features.mean(axis=0)
+    scale = np.maximum(features.std(axis=0), MIN_RELATIVE_SPREAD * np.abs(mean))
+    scale = np.where(scale > 0, scale, 1.0)
+    return ((features - mean) / scale).astype(np.float32), mean, scale
+
+
 class RuleFitter(Protocol):
     """What fits an exit's scores: ``fit(features, targets, num_classes)`` and a quicker ``coarse()``."""
 
@@ -87,15 +101,7 @@ class LinearRuleFitter:
 
         Classes absent from ``targets`` get a score that never fires.
         """
-        if features.ndim != 2 or len(features) != len(targets):
-            raise ValueError(f"features must be [N, D] with N = len(targets); got {features.shape} "
-                             f"and {len(targets)} targets")
-        if not np.isfinite(features).all():
-            raise ValueError("features contain NaN or Inf; check the model's activations at this cut")
-        mean = features.mean(axis=0)
-        scale = np.maximum(features.std(axis=0), MIN_RELATIVE_SPREAD * np.abs(mean))
-        scale = np.where(scale > 0, scale, 1.0)
-        x = ((features - mean) / scale).astype(np.float32)
+        x, mean, scale = standardized(features, targets)
         rows, width = x.shape
         onehot = np.zeros((rows, num_classes), np.float32)
         onehot[np.arange(rows), targets] = 1

@@ -372,6 +372,11 @@ class PlannerConfig:
                              f"file holds at most {MAX_NESTED_GRAPHS + 1}: no exit can be nested in it")
         return self if self.max_exits <= room else replace(self, max_exits=room)
 
+    @property
+    def cross_validates_families(self) -> bool:
+        """Whether one family is chosen on the design rows' folds (``family_selection``, with more than one)."""
+        return self.family_selection == "cross-validated" and len(self.families) > 1
+
     def family_delta(self, budget: Budget) -> float:
         """The error rate each certified family is tested at."""
         share = len(self.families) if self.family_selection == "bonferroni" else 1

@@ -219,15 +219,16 @@ def _design(candidates: Candidates, predictions: np.ndarray, labels: np.ndarray 
     (:func:`~moco_compile.passes.planning.design.within_noise`, the same folds): an exit's head that
     admits more rows alone can still lose in a plan, where one threshold spans exits (measured: the
     6-block MiniLM's mixed heads saved 40.0% against the probes' 43.0%)."""
-    options = [candidates] if candidates.probes_only is None else [candidates.probes_only, candidates]
+    options = [candidates] if candidates.probes_only is None or not config.cross_validates_families else \
+        [candidates.probes_only, candidates]  # without folds to compare on, the per-cut choice stands
     designed = []
     for option in options:
         planner = ExitPlanner(budget, config, seed)
         planner.design(option.exits, Split(option.design_scores, predictions, labels, option.design_guard),
                        test_rows, total_flops)
         designed.append((planner, option))
-    if len(designed) == 1 or not designed[0][0].family_savings_:
-        return designed[-1]
+    if len(designed) == 1:
+        return designed[0]
     (probes, _), (mlp, _) = designed
     gaps = np.subtract(_chosen_savings(mlp), _chosen_savings(probes))
     return designed[0] if within_noise(gaps, config.family_choice_errors) else designed[1]

@@ -121,7 +121,7 @@ class ExitPlanner:
         self.problem_ = DesignProblem.build(design, self.flops_before_, self.rule_flops_,
                                             cut_elements([c.cut.shape for c in candidates]), total_flops, budget,
                                             config)
-        if config.family_selection == "cross-validated" and len(config.families) > 1:
+        if config.cross_validates_families:
             chosen, self.family_savings_ = choose_family(self.problem_, test_rows, self.seed)
             self.family_scores_ = {name: float(np.mean(values)) for name, values in self.family_savings_.items()}
             names = [chosen]

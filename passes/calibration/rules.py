@@ -163,12 +163,12 @@ def high_precision_coverage(scores: np.ndarray, targets: np.ndarray, precision: 
 
 def select_variant(features: dict[str, np.ndarray], targets: np.ndarray, num_classes: int,
                    fitter: RuleFitter, precision: float = 0.995, held_out: float = 0.25, min_gain: float = 0.01,
-                   fit_to: np.ndarray | None = None) -> tuple[str, LinearScores]:
-    """Pick the pooling variant whose rules admit the most rows (whose class is ``targets``) at ``precision``.
+                   fit_to: np.ndarray | None = None) -> str:
+    """The pooling variant whose rules admit the most rows (whose class is ``targets``) at ``precision``.
 
     Variants are fitted (to ``fit_to``, default ``targets``) on the first ``1 - held_out`` of the
-    rows and compared on the rest; a costlier variant (later in ``features``) must win by
-    ``min_gain``.  The winner is refitted on all rows.
+    rows, with ``fitter.coarse()``, and compared on the rest; a costlier variant (later in
+    ``features``) must win by ``min_gain``.
     """
     fit_to = targets if fit_to is None else fit_to
     split = int(len(targets) * (1 - held_out))
@@ -179,7 +179,7 @@ def select_variant(features: dict[str, np.ndarray], targets: np.ndarray, num_cla
         coverage = high_precision_coverage(scores(values[split:]), targets[split:], precision)
         if best_variant is None or coverage > best_coverage + min_gain:
             best_variant, best_coverage = variant, coverage
-    return best_variant, fitter.fit(features[best_variant], fit_to, num_classes)
+    return best_variant
 
 
 def out_of_fold_scores(fitter: RuleFitter, features: np.ndarray, targets: np.ndarray,

@@ -6,9 +6,9 @@ head by cross-validation: with ``"mlp"`` in ``PlannerConfig.exit_heads`` (and en
 distilled from the full model (:mod:`~moco_compile.passes.calibration.mlp_head`), on the variant
 chosen for it the same way, replaces the softmax rule where its cross-fitted scores admit
 ``variant_min_gain`` more of the fitting rows at the exit's precision
-(:func:`~moco_compile.passes.calibration.rules.high_precision_coverage`).  Each rule is refitted on
-all fitting rows, and each candidate comes with its cross-fitted scores on the fitting rows (rules
-fitted without the row), on which plans are designed; the softmax probes alone come along
+(:func:`~moco_compile.passes.calibration.rules.high_precision_coverage`).  Each kept rule is then
+fitted on all fitting rows, and each candidate comes with its cross-fitted scores on the fitting rows
+(rules fitted without the row), on which plans are designed; the softmax probes alone come along
 (``Candidates.probes_only``) for the planner to keep instead when the MLP heads do not pay.
 
 With ``PlannerConfig.ood_guard`` each candidate also gets an out-of-distribution
@@ -19,10 +19,13 @@ within rounding of its threshold marked.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from moco_compile.constants import LABELS, PREDICTIONS, PROBABILITIES
 from moco_compile.errors import CalibrationDataError
@@ -60,20 +63,21 @@ def fit_candidates(frame: ActivationFrame, cuts: Sequence[CutPoint], num_classes
     probabilities = frame[PROBABILITIES] if PROBABILITIES in frame else targets  # what an MLP head is distilled from
     precision = 1 - budget.max_disagreement / 2
     try_mlp = "mlp" in config.exit_heads and len(targets) >= config.mlp_min_rows
-    probes: list[_Fitted] = []
-    chosen: list[_Fitted] = []
-    for cut in cuts:
+
+    def fit_cut(cut: CutPoint) -> tuple[_Fitted, _Fitted]:
+        """The cut's softmax probe, and its chosen head (the probe, or an MLP head that beats it)."""
         column = cut_column(cut)
         variants = {variant: _finite(variant_features(frame, column, variant), column)
                     for variant in variants_for(cut.shape, cut.sequence_mask, cut.summary_token)}
-        probes.append(_fit_head(SoftmaxRuleFitter(), cut, column, variants, targets, targets, num_classes, precision,
-                                config))
-        chosen.append(probes[-1])
-        if try_mlp:
-            mlp = _fit_head(DistilledMLPFitter(), cut, column, variants, probabilities, targets, num_classes,
-                            precision, config)
-            if mlp.coverage > probes[-1].coverage + config.variant_min_gain:
-                chosen[-1] = mlp
+        head = _HeadFitting(cut, column, variants, targets, num_classes, precision, config)
+        probe = head.fit(SoftmaxRuleFitter(), targets)
+        mlp = head.fit(DistilledMLPFitter(), probabilities, beat=probe) if try_mlp else None
+        return probe, probe if mlp is None else mlp
+
+    # cuts are fitted independently, each fit on one BLAS thread (small products: threads only contend),
+    # so the cores fit cuts side by side; the fits are seeded, so the result does not depend on the order
+    with threadpool_limits(1), ThreadPoolExecutor(max(1, min(len(cuts), os.cpu_count() or 1))) as pool:
+        probes, chosen = zip(*pool.map(fit_cut, cuts)) if cuts else ((), ())
     if all(mine is probe for mine, probe in zip(chosen, probes)):
         return _candidates(probes, config)
     return replace(_candidates(chosen, config), probes_only=_candidates(probes, config))
@@ -90,26 +94,45 @@ class _Fitted:
     guard_blocked: np.ndarray | None
 
 
-def _fit_head(fitter: RuleFitter, cut: CutPoint, column: str, variants: dict[str, np.ndarray], fit_to: np.ndarray,
-              targets: np.ndarray, num_classes: int, precision: float, config: PlannerConfig) -> _Fitted:
-    """``fitter``'s head at ``cut``: the pooling variant chosen for it, the head fitted to ``fit_to`` on
-    all rows, cross-fitted scores, and the guard on that variant's features."""
-    variant, rule = select_variant(variants, targets, num_classes, fitter, precision, config.variant_held_out,
-                                   config.variant_min_gain, fit_to)
-    features = variants[variant]
-    scores = out_of_fold_scores(fitter, features, fit_to, num_classes, config.cross_fit_folds)
-    rule_flops = pooling_cost(cut.shape, variant) + rule.flops + 2 * num_classes
-    guard, blocked = None, None
-    if config.ood_guard is not None:
-        guard_fitter = GuardFitter(config.ood_guard, config.cross_fit_folds)
-        guard = guard_fitter.fit(features, targets)
-        rule_flops += guard.flops
-        blocked = guard_fitter.out_of_fold_distances_ > guard.threshold
-    exit_ = Exit(cut, column, variant, rule, np.full(num_classes, np.inf), rule_flops, guard)
-    return _Fitted(exit_, scores, high_precision_coverage(scores, targets, precision), blocked)
+@dataclass
+class _HeadFitting:
+    """One cut's fitting rows (``variants``: its pooled features per pooling variant), to fit heads on."""
+
+    cut: CutPoint
+    column: str
+    variants: dict[str, np.ndarray]
+    targets: np.ndarray
+    num_classes: int
+    precision: float
+    config: PlannerConfig
+
+    def fit(self, fitter: RuleFitter, fit_to: np.ndarray, beat: _Fitted | None = None) -> _Fitted | None:
+        """``fitter``'s head fitted to ``fit_to``: the pooling variant chosen for it, cross-fitted scores,
+        then (only when they admit ``variant_min_gain`` more rows than ``beat``'s, else None) the head
+        fitted on all rows, and the guard on that variant's features (``beat``'s when it is the same)."""
+        config = self.config
+        variant = select_variant(self.variants, self.targets, self.num_classes, fitter, self.precision,
+                                 config.variant_held_out, config.variant_min_gain, fit_to)
+        features = self.variants[variant]
+        scores = out_of_fold_scores(fitter, features, fit_to, self.num_classes, config.cross_fit_folds)
+        coverage = high_precision_coverage(scores, self.targets, self.precision)
+        if beat is not None and coverage <= beat.coverage + config.variant_min_gain:
+            return None
+        rule = fitter.fit(features, fit_to, self.num_classes)
+        guard, blocked = None, None
+        if config.ood_guard is not None and beat is not None and beat.exit.pooling == variant:
+            guard, blocked = beat.exit.guard, beat.guard_blocked  # fitted on the same features and classes
+        elif config.ood_guard is not None:
+            guard_fitter = GuardFitter(config.ood_guard, config.cross_fit_folds)
+            guard = guard_fitter.fit(features, self.targets)
+            blocked = guard_fitter.out_of_fold_distances_ > guard.threshold
+        rule_flops = pooling_cost(self.cut.shape, variant) + rule.flops + 2 * self.num_classes + \
+            (guard.flops if guard is not None else 0)
+        exit_ = Exit(self.cut, self.column, variant, rule, np.full(self.num_classes, np.inf), rule_flops, guard)
+        return _Fitted(exit_, scores, coverage, blocked)
 
 
-def _candidates(fitted: list[_Fitted], config: PlannerConfig) -> Candidates:
+def _candidates(fitted: Sequence[_Fitted], config: PlannerConfig) -> Candidates:
     guards = None if config.ood_guard is None else GuardVerdicts(
         tuple(f.guard_blocked for f in fitted), tuple(np.zeros(len(f.scores), bool) for f in fitted))
     return Candidates([f.exit for f in fitted], [f.scores for f in fitted], guards)

@@ -218,9 +218,11 @@ def _design_costs_without_each(problem: DesignProblem, plan: Plan, active: np.nd
     return np.array(costs)
 
 
-def choose_family(problem: DesignProblem, test_rows: int, seed: int = 0) -> tuple[str, dict[str, list[float]]]:
-    """The simplest family whose held-out saving is within one (corrected) standard error of the
-    best's; and each family's held-out saving per fold (planning cost).
+def choose_family(problem: DesignProblem, test_rows: int, seed: int = 0,
+                  among: Sequence[str] | None = None) -> tuple[str, dict[str, list[float]]]:
+    """The simplest family (of ``among``, default ``PlannerConfig.families``) whose held-out saving is
+    within one (corrected) standard error of the best's; and each family's held-out saving per fold
+    (planning cost).
 
     Each family is built on one half of the design rows and scored on the other, both ways,
     ``PlannerConfig.family_cv_repeats`` times: its saving is that of its best plan within the
@@ -235,16 +237,17 @@ def choose_family(problem: DesignProblem, test_rows: int, seed: int = 0) -> tupl
     allowed_rate = max(max_certifiable_failures(test_rows, budget.max_disagreement, delta), 0) / test_rows
     allowed_harm = None if budget.max_accuracy_drop is None else \
         max(max_certifiable_failures(test_rows, budget.max_accuracy_drop, delta), 0) / test_rows
+    names = list(config.families if among is None else among)
     rng = np.random.default_rng(seed)
-    saved: dict[str, list[float]] = {name: [] for name in config.families}
+    saved: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(config.family_cv_repeats):
         half = rng.permutation(len(problem.design)) % 2 == 0
         for build_on in (half, ~half):
             on, held_out = problem.on(problem.design.take(build_on)), problem.design.take(~build_on)
-            for name, family in build_families(config.families, on).items():
+            for name, family in build_families(names, on).items():
                 saved[name].append(_best_within(family, held_out, problem, allowed_rate, allowed_harm))
-    best = max(saved, key=lambda name: (np.mean(saved[name]), -config.families.index(name)))
-    chosen = next(name for name in config.families  # the best always is within noise of itself
+    best = max(saved, key=lambda name: (np.mean(saved[name]), -names.index(name)))
+    chosen = next(name for name in names  # the best always is within noise of itself
                   if within_noise(np.subtract(saved[best], saved[name]), config.family_choice_errors))
     return chosen, saved
 

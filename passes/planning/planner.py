@@ -104,10 +104,12 @@ class ExitPlanner:
         return self.certify({name: count_plans(family, test, self.config.rounding)
                              for name, family in families.items()})
 
-    def design(self, candidates: Sequence[Exit], design: Split, test_rows: int,
-               total_flops: float) -> dict[str, list[np.ndarray]]:
+    def design(self, candidates: Sequence[Exit], design: Split, test_rows: int, total_flops: float,
+               among: Sequence[str] | None = None) -> dict[str, list[np.ndarray]]:
         """Build the families to certify on the ``design`` rows (``test_rows``: how many rows will
         certify); returns them (``families_``), each a list of ``[candidates, classes]`` thresholds.
+        ``among``: the families cross-validated (default: ``PlannerConfig.families``), e.g. one
+        family already chosen on the same rows, whose fold savings are then the only ones computed.
 
         What certifies them is their counts on the test rows (:func:`count_plans`), wherever counted.
         """
@@ -122,7 +124,7 @@ class ExitPlanner:
                                             cut_elements([c.cut.shape for c in candidates]), total_flops, budget,
                                             config)
         if config.cross_validates_families:
-            chosen, self.family_savings_ = choose_family(self.problem_, test_rows, self.seed)
+            chosen, self.family_savings_ = choose_family(self.problem_, test_rows, self.seed, among)
             self.family_scores_ = {name: float(np.mean(values)) for name, values in self.family_savings_.items()}
             names = [chosen]
         else:

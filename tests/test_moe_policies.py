@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from moco_compile.runtime.moe.cache_policy import CachePolicy
 from moco_compile.runtime.moe.expert_cache import LayerCache
-from moco_compile.runtime.moe.timeline import Timing, simulate_decode
+from moco_compile.runtime.moe.timeline import Timing, _first_use, simulate_decode
 
 
 def _fewest_misses(requests: list[int], capacity: int) -> int:
@@ -123,3 +124,31 @@ def test_foresight_of_the_wrong_shape_is_refused():
                         prior=np.ones((2, 4)))
     with pytest.raises(ValueError, match="needs foresight"):
         simulate_decode(chosen, Timing([0.0] * 2, 0.0, 1.0), "predictive", 1, num_experts=3)
+
+
+@pytest.mark.parametrize("mode", ["lru", "prefetch", "optimal", "predictive"])
+def test_no_load_evicts_an_expert_the_current_layer_computes_with(mode):
+    """Random routing, predictions that favour the experts not chosen, loads lasting 0.2 to 8 layers: every
+    step's chosen experts are cached when it computes, and none of its loads evicted one of them."""
+    rng = np.random.default_rng(0)
+    tokens, layers, experts, top_k = 40, 3, 6, 2
+    chosen = np.stack([[np.sort(rng.choice(experts, top_k, replace=False)) for _ in range(layers)]
+                       for _ in range(tokens)])
+    first_use = _first_use(chosen, experts)
+    for transfer in (0.3, 3.0, 12.0):
+        timing = Timing([1.0] * layers, 0.25, transfer, predictor_seconds=0.05)
+        for capacity in (3, 4, 5):
+            prior = rng.dirichlet(np.ones(experts), layers)
+            policy = CachePolicy(layers, experts, top_k, capacity, timing, mode, prior,
+                                 first_use if mode == "optimal" else None)
+            for token in range(tokens):
+                for layer in range(layers):
+                    needed = chosen[token, layer].tolist()
+                    foresight = rng.dirichlet(np.full(experts, 0.3), layers)
+                    foresight[:, needed] *= 0.1  # the look-ahead wants other experts in their slots
+                    foresight = np.minimum(top_k * foresight / foresight.sum(axis=1, keepdims=True), 1.0)
+                    predicted = rng.choice(experts, top_k, replace=False).tolist()
+                    loads = policy.step(token, layer, needed, predicted, foresight)
+                    assert not [load for load in loads if load.layer == layer and load.evicted in needed]
+                    assert all(expert in policy.caches[layer] for expert in needed)
+            assert policy.counts.prefetches > 0 or mode == "lru"

@@ -1,4 +1,4 @@
-"""Offloaded experts: identical outputs, the LRU policy, and the TPOT simulation that replays it."""
+"""Offloaded experts: identical outputs, the runtime's policies, and the TPOT simulation that replays them."""
 from __future__ import annotations
 
 import numpy as np
@@ -102,16 +102,115 @@ def test_a_prefetch_never_evicts_another_predicted_expert():
     assert (run.misses, run.hits, run.prefetches, run.prefetch_hits) == (2, 6, 3, 3)
 
 
-def test_fitted_predictors_drive_the_runtime_without_changing_its_outputs(tmp_path):
-    from moco_compile.moe.bench import runtime_predictor
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """The tiny model and predictors fitted on its routing (every distance up to one token ahead)."""
     from moco_compile.moe.trace import gate_parameters, routing_spec, trace_routing
     from moco_compile.passes.moe.expert_predictors import fit_predictors
 
     model = tiny_model(2)
-    frame = trace_routing(model, np.random.default_rng(0).integers(0, 256, (8, 32)), tmp_path / "trace.arrow")
-    predictors = fit_predictors(frame, routing_spec(model), gate_parameters(model), max_rows=500)
+    trace = tmp_path_factory.mktemp("trace") / "trace.arrow"
+    frame = trace_routing(model, np.random.default_rng(0).integers(0, 256, (8, 32)), trace)
+    return model, fit_predictors(frame, routing_spec(model), gate_parameters(model), max_rows=500)
+
+
+# a layer's compute (1.5) about one load (1.6): loads ahead of need pay when the link is free, not behind a miss
+TIMING = Timing([1.0] * 3, 0.25, 1.6, predictor_seconds=0.1, head_seconds=0.5)
+
+
+def test_fitted_predictors_drive_the_runtime_without_changing_its_outputs(fitted):
+    from moco_compile.moe.bench import runtime_predictor
+
+    model, predictors = fitted
     tokens, logits = greedy_decode(model, PROMPT, 16, reference_step(model))
     with OffloadedExperts(model, 4, runtime_predictor(predictors, "learned")) as offload:
         offloaded_tokens, offloaded_logits = greedy_decode(model, PROMPT, 16, offload.moe_step)
     assert offloaded_tokens == tokens and torch.allclose(offloaded_logits, logits, rtol=0, atol=1e-6)
     assert offload.stats.prefetch_hits > 0
+
+
+def test_predictive_caching_gives_the_resident_models_tokens_and_logits(fitted):
+    from moco_compile.moe.bench import runtime_foresight
+
+    model, predictors = fitted
+    tokens, logits = greedy_decode(model, PROMPT, 24, reference_step(model))
+    with OffloadedExperts(model, 3, mode="predictive", foresee=runtime_foresight(predictors, "learned"),
+                          timing=TIMING, prior=predictors.long_run_probabilities(), link_seconds=2e-4) as offload:
+        assert offload.policy.mode == "predictive"
+        offloaded_tokens, offloaded_logits = greedy_decode(model, PROMPT, 24, offload.moe_step)
+    assert offloaded_tokens == tokens
+    assert torch.allclose(offloaded_logits, logits, rtol=0, atol=1e-6)
+    stats = offload.stats
+    assert stats.misses > 0 and stats.prefetches > 0 and stats.prefetch_hits > 0
+    assert stats.loads == stats.misses + stats.prefetches
+
+
+@pytest.mark.parametrize("mode", ["lru", "prefetch", "predictive"])
+def test_the_runtime_decides_as_the_simulation_of_its_routing(fitted, mode):
+    """The runtime and ``simulate_decode`` on the routing and predictions it met: the same hits, misses,
+    loads ahead of need and their hits, and the same modelled time per token (the simulated clock)."""
+    from moco_compile.moe.bench import decode_routing, foresight, runtime_foresight, runtime_predictor
+
+    model, predictors = fitted
+    steps, layers = 24, moe_blocks(model)
+    chosen, ahead, predicted = [], [], np.full((steps + 1, 3, 2), -1)
+    predict, foresee = runtime_predictor(predictors, "learned"), runtime_foresight(predictors, "learned")
+
+    def recorded_predict(layer, hidden, previous):
+        predicted[len(chosen) // 3, layer] = predict(layer, hidden, previous)
+        return predicted[len(chosen) // 3, layer]
+
+    def recorded_foresee(layer, hidden, latest):
+        ahead.append(foresee(layer, hidden, latest))
+        return ahead[-1]
+
+    kwargs = {"lru": {}, "prefetch": {"predict": recorded_predict},
+              "predictive": {"foresee": recorded_foresee, "prior": predictors.long_run_probabilities()}}[mode]
+    with OffloadedExperts(model, 3, mode=mode, timing=TIMING, **kwargs) as offload:
+        def record(layer, residual, normed):
+            out = offload.moe_step(layer, residual, normed)
+            chosen.append(layers[layer].route(normed[-1:])[1][0].numpy())
+            return out
+
+        greedy_decode(model, PROMPT[:1], steps, record)  # one prompt token: every forward is one token
+    routing = np.array(chosen).reshape(-1, 3, 2)
+    look = np.array(ahead).reshape(len(routing), 3, -1, 8) if ahead else None
+    simulated = simulate_decode(routing, TIMING, mode, 3, predicted, 8, look, kwargs.get("prior"))
+    runtime = offload.stats
+    assert ((simulated.hits, simulated.misses, simulated.prefetches, simulated.prefetch_hits)
+            == (runtime.hits, runtime.misses, runtime.prefetches, runtime.prefetch_hits))
+    assert simulated.tpot_seconds == offload.policy.now / len(routing)
+    assert runtime.hits > 0 and runtime.misses > 0 and (mode == "lru") == (runtime.prefetch_hits == 0)
+    if mode == "predictive":  # the runtime's predictions are those the bench simulates (the last token's aside)
+        offline = foresight(predictors, "learned", decode_routing(model, [PROMPT[:1].tolist()], steps))
+        assert np.allclose(look[1:-1], offline[:-1], atol=1e-5)
+
+
+def test_the_predictive_runtime_needs_a_timing_and_its_predictor():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="needs the timing"):
+        OffloadedExperts(model, 3, mode="predictive", foresee=lambda layer, hidden, latest: np.zeros((1, 8)))
+    with pytest.raises(ValueError, match="give `predict` for mode 'prefetch' and `foresee` for 'predictive'"):
+        OffloadedExperts(model, 3, mode="predictive", timing=TIMING)
+    with pytest.raises(ValueError, match="unknown mode 'optimal'"):
+        OffloadedExperts(model, 3, mode="optimal")
+    with pytest.raises(ValueError, match=r"prior must be \[L, E\] = \[3, 8\]"):
+        OffloadedExperts(model, 3, foresee=lambda layer, hidden, latest: np.zeros((1, 8)), timing=TIMING,
+                         prior=np.ones(8))
+    with pytest.raises(ValueError, match=r"one duration per MoE layer \(3\), got 2"):
+        OffloadedExperts(model, 3, timing=Timing([1.0] * 2, 0.25, 1.0))
+
+
+def test_a_predictor_that_costs_a_load_leaves_the_runtime_lru():
+    costly = Timing([1.0] * 3, 0.25, 1.0, predictor_seconds=1.0)
+    model, called = tiny_model(), []
+    with OffloadedExperts(model, 3, mode="predictive", timing=costly,
+                          foresee=lambda layer, hidden, latest: called.append(layer)) as offload:
+        greedy_decode(model, PROMPT, 4, offload.moe_step)
+    assert offload.policy.mode == "lru" and not called
+
+
+def test_the_link_is_measured_without_touching_the_cache():
+    with OffloadedExperts(tiny_model(), 2, link_seconds=1e-3) as offload:
+        assert offload.measure_transfer_seconds(3) >= 1e-3
+    assert offload.stats.loads == 0 and all(not cache.experts for cache in offload.policy.caches)

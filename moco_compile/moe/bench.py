@@ -23,7 +23,7 @@ import torch
 
 from moco_compile.passes.moe.expert_predictors import PREDICTORS, PROBABILISTIC, FittedPredictors
 from moco_compile.runtime.moe.decode import greedy_decode, moe_blocks, reference_step
-from moco_compile.runtime.moe.expert_offload import Predict
+from moco_compile.runtime.moe.expert_offload import Foresee, Predict
 from moco_compile.runtime.moe.timeline import Timing, simulate_decode
 
 
@@ -105,6 +105,18 @@ def runtime_predictor(predictors: FittedPredictors, name: str) -> Predict:
         return np.argsort(-scores, kind="stable")[:top_k]
 
     return predict
+
+
+def runtime_foresight(predictors: FittedPredictors, name: str) -> Foresee:
+    """Probabilistic predictor ``name`` as :class:`~moco_compile.runtime.moe.expert_offload.OffloadedExperts`
+    calls it in mode ``predictive``: for one token, the rows :func:`foresight` holds ``[K, E]``."""
+
+    def foresee(source: int, hidden: np.ndarray, latest: np.ndarray) -> np.ndarray:
+        return np.stack([predictors.use_probabilities(name, source, distance, hidden[None],
+                                                      latest[predictors.target(source, distance)[1]][None])[0]
+                         for distance in range(1, predictors.lookahead + 1)])
+
+    return foresee
 
 
 def expert_bytes(model: torch.nn.Module) -> int:

@@ -2,9 +2,10 @@
 ``rank`` puts last (an array over the experts: the higher, the later it is needed), least recently
 used first among equals, so no rank means least recently used.
 
-One policy for the real offloading runtime (``runtime/moe/expert_offload.py``, which copies
-weights into the slot this class assigns) and the TPOT simulation
-(``runtime/moe/timeline.py``), so the simulated cache is the one that runs.
+The cache of :class:`~moco_compile.runtime.moe.cache_policy.CachePolicy`, which decides for both the
+real offloading runtime (``runtime/moe/expert_offload.py``, which copies weights into the slot this
+class assigns) and the TPOT simulation (``runtime/moe/timeline.py``), so the simulated cache is the
+one that runs.
 """
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ class LayerCache:
             return None
         self._slots.move_to_end(expert)
         return self._slots[expert]
+
+    def slot(self, expert: int) -> int | None:
+        """The slot holding ``expert``, or None, without marking use."""
+        return self._slots.get(expert)
 
     def can_admit(self, protected: Collection[int] = ()) -> bool:
         """Whether :meth:`admit` finds a slot: a free one, or a cached expert not in ``protected``."""

@@ -20,9 +20,9 @@ from moco_compile.outputs import check_output_dir, check_output_file, staged_out
 from moco_compile.passes.calibration.calibrate import calibrate, variant_features
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.graph.index import elem_types, subgraph_nesting
-from moco_compile.passes.graph.rewrite import apply_plan
+from moco_compile.passes.graph.rewrite import apply_plan, check_buildable
 from moco_compile.passes.graph.verify import verify_compiled
-from moco_compile.passes.planning.config import Budget, PlannerConfig
+from moco_compile.passes.planning.config import Budget, PlannerConfig, routes_with_agreement
 from moco_compile.passes.planning.pipeline import FrameRows, Planning, plan_rows
 from moco_compile.passes.planning.routing import Routing
 from moco_compile.passes.planning.splits import SPLITS
@@ -118,6 +118,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     """
     budget = Budget(max_disagreement, confidence, max_accuracy_drop)
     config = planner_config or PlannerConfig()
+    check_buildable(any(map(routes_with_agreement, config.families)), f"PlannerConfig.families {config.families}")
     if ood_guard is not None:
         config = replace(config, ood_guard=ood_guard)
     if target_profile is not None and not isinstance(target_profile, TargetProfile):

@@ -51,6 +51,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from moco_compile.errors import ModelError
 from moco_compile.passes.graph.cut_points import numbered_repeats, outermost_unused_scope
+from moco_compile.passes.graph.rewrite import check_buildable
 
 _NEVER = float(np.finfo(np.float32).max)
 _POOLINGS = ("first_token", "token_mean", "last_token")
@@ -518,6 +519,7 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
         if isinstance(plan, (str, os.PathLike)):
             plan = json.loads(Path(plan).read_text())
         exits = plan["exits"] if isinstance(plan, Mapping) else [e.to_dict() for e in plan.exits]
+        check_buildable(plan.get("agreement", False) if isinstance(plan, Mapping) else plan.agreement, "this plan")
         for exit_ in exits:
             if not exit_.get("module"):
                 raise ModelError(f"exit at tensor {exit_.get('cut')!r} has no module name; compile the model "

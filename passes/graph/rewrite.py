@@ -107,13 +107,27 @@ def insert_exits(model: onnx.ModelProto, exits: Sequence[Exit], classifier_outpu
     return _ExitGraphBuilder(model, list(exits), classifier_output, layout).build()
 
 
+def check_buildable(agreement: bool, source: str) -> None:
+    """``ValueError`` when ``source`` (a plan, or the families a planner may choose from) routes rows with
+    agreement: planning designs and certifies such plans (the ``"patience"`` family), but no layout carries
+    a row's class from one exit to the next yet, and a graph without that condition is not the plan
+    that was certified."""
+    if agreement:
+        raise ValueError(f"{source} routes rows with agreement (the 'patience' plan family: past the first exit a "
+                         "row leaves only with the class it had at the exit before), which the graph rewrite does "
+                         "not build yet: leave 'patience' out of PlannerConfig.families to compile (ExitPlanner "
+                         "and plan_exits design and certify it)")
+
+
 def apply_plan(model: onnx.ModelProto, plan: ExitPlan, classifier_output: str, layout: str,
                batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS) -> onnx.ModelProto:
     """The one way a plan becomes a graph: a new model with ``plan``'s exits inserted in ``layout``
     (:func:`insert_exits`; ``batch_buckets`` for the bucketed layout) and the cost of leaving at each
     recorded (:func:`annotate_costs`).  ``compile`` calls it on the model it planned; ``optimize-memory``
     on an optimised original with the layout its build records.  ``layout`` has no default, so no
-    caller loses a build's layout."""
+    caller loses a build's layout.  Raises ``ValueError`` for a plan routed with agreement
+    (:func:`check_buildable`)."""
+    check_buildable(plan.agreement, "this plan")
     return annotate_costs(insert_exits(model, plan.exits, classifier_output, layout, batch_buckets),
                           plan.stage_flops(), plan.total_flops)
 

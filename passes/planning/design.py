@@ -314,12 +314,15 @@ def _greedy_path(problem: DesignProblem, sorted_columns: list[np.ndarray], activ
         return np.broadcast_to(_thresholds(counts, sorted_columns), (len(active), classes)).copy()
 
     path = [(plan_of(counts), state.total_cost, state.risk)]
+    priced: dict[int, tuple] = {}  # exit -> (admitted, thresholds, saved, added risk), kept current as rows move
     while True:
         best = None
         for k in np.flatnonzero(active):
             admitted = np.minimum(counts[k][:, None] + sizes[None, :], rows)  # [columns, sizes]
-            grid = _threshold_grid(sorted_columns[k], admitted)
-            saved, added_risk = state.deltas(k, np.broadcast_to(grid, (classes, len(sizes))))
+            if k not in priced:
+                grid = np.broadcast_to(_threshold_grid(sorted_columns[k], admitted), (classes, len(sizes)))
+                priced[k] = (admitted, grid, *state.deltas(k, grid))
+            _, _, saved, added_risk = priced[k]
             if columns == 1:  # every class moves together
                 saved, added_risk = saved.sum(axis=0, keepdims=True), added_risk.sum(axis=0, keepdims=True)
             ratio = np.where(added_risk <= 0, np.inf, saved / np.where(added_risk <= 0, 1.0, added_risk))
@@ -336,11 +339,27 @@ def _greedy_path(problem: DesignProblem, sorted_columns: list[np.ndarray], activ
         _, k, column, q = best
         counts[k, column] = q
         plan = plan_of(counts)
+        before = state.snapshot()
         for cls in (range(classes) if columns == 1 else [column]):
             state.lower(k, cls, plan[k, cls])
+        _reprice(state, priced, k, before)
         if state.risk > problem.risk_cap():
             return path
         path.append((plan, state.total_cost, state.risk))
+
+
+def _reprice(state: "_DesignState", priced: dict[int, tuple], lowered: int, before: tuple) -> None:
+    """Bring ``priced`` up to date after exit ``lowered``'s thresholds were lowered from routes
+    ``before``: that exit is priced anew, every other one only on the rows that moved (the sums are
+    over rows, and only the moved rows' routes changed; the thresholds priced are unchanged)."""
+    priced.pop(lowered, None)
+    moved = np.flatnonzero((before[0] != state.exit_index) | (before[1] != state.exit_class))
+    if not len(moved):
+        return
+    for k, (admitted, grid, saved, added) in priced.items():
+        old_saved, old_added = state.deltas(k, grid, moved, before)
+        new_saved, new_added = state.deltas(k, grid, moved)
+        priced[k] = (admitted, grid, saved - old_saved + new_saved, added - old_added + new_added)
 
 
 _GREEDY_PATHS = {"per-cut": _per_cut_path, "per-class": _per_class_path}
@@ -425,9 +444,10 @@ def _thresholds(counts: np.ndarray, sorted_scores: Sequence[np.ndarray]) -> Plan
 class _DesignState:
     """Where each design row exits under the current thresholds, what it costs and risks.
 
-    Every row reaching an ``active`` exit pays that exit's planning cost.  ``delta``
+    Every row reaching an ``active`` exit pays that exit's planning cost.  ``deltas``
     prices lowering one threshold in O(rows), so the greedy search can try every
-    (cut, class) move at each step.
+    (cut, class) move at each step; it keeps each exit's prices and, after a move,
+    reprices the other exits on the moved rows only (``_reprice``).
     """
 
     def __init__(self, problem: DesignProblem, active: np.ndarray) -> None:
@@ -464,23 +484,37 @@ class _DesignState:
         self.risk = float(self.current_risk.sum())
         self.total_cost = float(self.cost.sum())
 
-    def deltas(self, k: int, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(cost saved, risk added) on the design rows, each ``[classes, m]``, if threshold
-        (k, c) alone became ``thresholds[c, j]``."""
-        scores, thresholds = self.scores[k], thresholds.astype(np.float32)  # as the plan will hold them
-        at_k = self.exit_index == k
-        waiting = ((self.exit_index < 0) | (self.exit_index > k))  # reach k and do not leave there yet
+    def snapshot(self) -> tuple[np.ndarray, ...]:
+        """The routes as they are now, for :meth:`deltas` to price later: (exit, class, margin, cost,
+        risk) per row."""
+        return (self.exit_index.copy(), self.exit_class.copy(), self.margin.copy(), self.cost.copy(),
+                self.current_risk.copy())
+
+    def deltas(self, k: int, thresholds: np.ndarray, rows: np.ndarray | None = None,
+               routes: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(cost saved, risk added) on the design rows (only ``rows``, indices, when given), each
+        ``[classes, m]``, if threshold (k, c) alone became ``thresholds[c, j]``; on the current routes,
+        or on ``routes`` (a :meth:`snapshot`)."""
+        exit_index, exit_class, margin, cost, current_risk = routes if routes is not None else \
+            (self.exit_index, self.exit_class, self.margin, self.cost, self.current_risk)
+        scores, row_risk = self.scores[k], self.row_risk
+        if rows is not None:
+            scores, row_risk = scores[rows], row_risk[rows]
+            exit_index, exit_class, margin, cost, current_risk = (
+                values[rows] for values in (exit_index, exit_class, margin, cost, current_risk))
+        thresholds = thresholds.astype(np.float32)  # as the plan will hold them
+        at_k = exit_index == k
+        waiting = (exit_index < 0) | (exit_index > k)  # reach k and do not leave there yet
         # rows that would newly leave at k: they save what they cost now minus the cost of leaving at k
         newly = (scores[waiting][:, :, None] - thresholds[None]) > 0
-        gain = self.cost[waiting] - self.costs[k]
-        risk = self.row_risk[waiting] - self.current_risk[waiting][:, None]
+        gain = cost[waiting] - self.costs[k]
+        risk = row_risk[waiting] - current_risk[waiting][:, None]
         saved = np.einsum("ncm,n->cm", newly, gain)
         added = np.einsum("ncm,nc->cm", newly, risk)
         # rows leaving at k with another class whose margin for this class would become larger
-        other = np.arange(scores.shape[1])[None, :] != self.exit_class[at_k][:, None]
-        switched = ((scores[at_k][:, :, None] - thresholds[None]) > self.margin[at_k][:, None, None]) & \
-            other[:, :, None]
-        added += np.einsum("ncm,nc->cm", switched, self.row_risk[at_k] - self.current_risk[at_k][:, None])
+        other = np.arange(scores.shape[1])[None, :] != exit_class[at_k][:, None]
+        switched = ((scores[at_k][:, :, None] - thresholds[None]) > margin[at_k][:, None, None]) & other[:, :, None]
+        added += np.einsum("ncm,nc->cm", switched, row_risk[at_k] - current_risk[at_k][:, None])
         return saved, added
 
 

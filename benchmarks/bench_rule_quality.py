@@ -68,6 +68,7 @@ from moco_compile.api import calibrate_frame  # noqa: E402
 from moco_compile.constants import LABELS, PREDICTIONS, SPLIT_COLUMN  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibration.calibrate import cut_column, variant_features  # noqa: E402
+from moco_compile.passes.calibration.mlp_head import HIDDEN_WIDTH  # noqa: E402
 from moco_compile.passes.calibration.pooling import pooling_cost, variants_for  # noqa: E402
 from moco_compile.passes.planning.config import Budget, PlannerConfig  # noqa: E402
 from moco_compile.passes.planning.counts import Split  # noqa: E402
@@ -454,7 +455,7 @@ def main() -> None:
     lines = report(workload, table, args.budgets, richer, classes, accuracy_before, calib_accuracy, total_flops,
                    split_rows, reproduced, args.confidence, seconds, cuts, command)
     lines += ["", "The default's exits and their rules' FLOPs per row (pooling, head, threshold compare; MLP: "
-              "32 hidden units):", ""]
+              f"{HIDDEN_WIDTH} hidden units):", ""]
     lines += [f"- {100 * b:g}%: " + ("; ".join(f"{cut} {head.replace('Scores', '')} {flops:,.0f}"
                                               for cut, head, flops in heads_flops[b]) or "no exit")
               for b in args.budgets]

@@ -410,12 +410,12 @@ _DIGEST: list[str] = []
 
 
 def code_digest() -> str:
-    """Hash of the planner's source, the baselines' and :data:`RECORDS_VERSION`: cached records are
+    """Hash of the planner's source (every module under ``passes/``), the baselines' and :data:`RECORDS_VERSION`: cached records are
     reused only while it holds."""
     if not _DIGEST:
         digest = hashlib.sha256(f"records v{RECORDS_VERSION}".encode())
-        for path in sorted((ROOT / "passes").glob("*.py")) + [ROOT / "benchmarks" / "rule_baselines.py"]:
-            digest.update(path.name.encode() + path.read_bytes())
+        for path in sorted((ROOT / "passes").rglob("*.py")) + [ROOT / "benchmarks" / "rule_baselines.py"]:
+            digest.update(str(path.relative_to(ROOT)).encode() + path.read_bytes())
         _DIGEST.append(digest.hexdigest()[:16])
     return _DIGEST[0]
 

@@ -410,8 +410,8 @@ _DIGEST: list[str] = []
 
 
 def code_digest() -> str:
-    """Hash of the planner's source (every module under ``passes/``), the baselines' and :data:`RECORDS_VERSION`: cached records are
-    reused only while it holds."""
+    """Hash of the planner's source (every module under ``passes/``), the baselines' and
+    :data:`RECORDS_VERSION`: cached records are reused only while it holds."""
     if not _DIGEST:
         digest = hashlib.sha256(f"records v{RECORDS_VERSION}".encode())
         for path in sorted((ROOT / "passes").rglob("*.py")) + [ROOT / "benchmarks" / "rule_baselines.py"]:

@@ -139,8 +139,8 @@ def test_mlp_heads_are_kept_only_where_they_pay_for_the_plan(compiled):
 
     build = compiled[0]
     rules = build.frame[build.frame["split"] == SPLITS.index("rules")]
-    # MLP heads on these 2,000 rows (below the default mlp_min_rows); two families, two repeats: quick
-    config, budget = PlannerConfig(mlp_min_rows=0, families=("shared-all", "shared"), family_cv_repeats=2), Budget()
+    # MLP heads on these 2,000 rows; two families, two repeats: quick
+    config, budget = PlannerConfig(families=("shared-all", "shared"), family_cv_repeats=2), Budget()
     candidates = fit_candidates(rules, [e.cut for e in build.plan.exits], 10, budget, config)
     probes = candidates.probes_only
     assert probes is not None and any(isinstance(e.scores, MLPScores) for e in candidates.exits)

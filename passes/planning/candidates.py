@@ -109,9 +109,17 @@ class _HeadFitting:
     def fit(self, fitter: RuleFitter, fit_to: np.ndarray, beat: _Fitted | None = None) -> _Fitted | None:
         """``fitter``'s head fitted to ``fit_to``: the pooling variant chosen for it, cross-fitted scores,
         then (only when they admit ``variant_min_gain`` more rows than ``beat``'s, else None) the head
-        fitted on all rows, and the guard on that variant's features (``beat``'s when it is the same)."""
+        fitted on all rows, and the guard on that variant's features (``beat``'s when it is the same).
+
+        A head that must beat another chooses among that head's variant and the costlier ones only: a
+        richer head reads at least the features the simpler one needed (reference CNN: the same plan
+        as searching every variant, rules 13.7 -> 12.0 s)."""
         config = self.config
-        variant = select_variant(self.variants, self.targets, self.num_classes, fitter, self.precision,
+        variants = self.variants
+        if beat is not None:
+            names = list(variants)
+            variants = {name: variants[name] for name in names[names.index(beat.exit.pooling):]}
+        variant = select_variant(variants, self.targets, self.num_classes, fitter, self.precision,
                                  config.variant_held_out, config.variant_min_gain, fit_to)
         features = self.variants[variant]
         scores = out_of_fold_scores(fitter, features, fit_to, self.num_classes, config.cross_fit_folds)

@@ -170,6 +170,8 @@ def select_variant(features: dict[str, np.ndarray], targets: np.ndarray, num_cla
     rows, with ``fitter.coarse()``, and compared on the rest; a costlier variant (later in
     ``features``) must win by ``min_gain``.
     """
+    if len(features) == 1:
+        return next(iter(features))
     fit_to = targets if fit_to is None else fit_to
     split = int(len(targets) * (1 - held_out))
     coarse = fitter.coarse()

@@ -221,23 +221,19 @@ def _design(candidates: Candidates, predictions: np.ndarray, labels: np.ndarray 
     (measured: the 6-block MiniLM's mixed heads saved 40.0% against the probes' 43.0%).  Only the
     probes' family is tried on the MLP heads: designing every family twice took 35 s of a 66 s compile
     of the reference CNN."""
+    def designed(option: Candidates, among: Sequence[str] | None = None) -> ExitPlanner:
+        planner = ExitPlanner(budget, config, seed)
+        planner.design(option.exits, Split(option.design_scores, predictions, labels, option.design_guard),
+                       test_rows, total_flops, among)
+        return planner
+
     if candidates.probes_only is None or not config.cross_validates_families:  # no folds: the per-cut choice stands
-        return _designed(candidates, predictions, labels, test_rows, total_flops, budget, config, seed), candidates
-    probes = _designed(candidates.probes_only, predictions, labels, test_rows, total_flops, budget, config, seed)
+        return designed(candidates), candidates
+    probes = designed(candidates.probes_only)
     family = next(iter(probes.families_))
-    mlp = _designed(candidates, predictions, labels, test_rows, total_flops, budget, config, seed, among=(family,))
+    mlp = designed(candidates, among=(family,))
     gaps = np.subtract(mlp.family_savings_[family], probes.family_savings_[family])
     return (probes, candidates.probes_only) if within_noise(gaps, config.family_choice_errors) else (mlp, candidates)
-
-
-def _designed(candidates: Candidates, predictions: np.ndarray, labels: np.ndarray | None, test_rows: int,
-              total_flops: float, budget: Budget, config: PlannerConfig, seed: int,
-              among: Sequence[str] | None = None) -> ExitPlanner:
-    """A planner that designed its families (``among`` cross-validated) on ``candidates``' scores."""
-    planner = ExitPlanner(budget, config, seed)
-    planner.design(candidates.exits, Split(candidates.design_scores, predictions, labels, candidates.design_guard),
-                   test_rows, total_flops, among)
-    return planner
 
 
 def _unpayable(config: PlannerConfig, total_flops: float) -> str:

@@ -327,8 +327,8 @@ def test_repricing_only_the_moved_rows_equals_pricing_every_row_anew(accuracy_dr
             if k not in priced:
                 admitted = np.minimum(counts[k][:, None] + np.array([5, 20, 80]), 500)
                 grid = _threshold_grid(sorted_scores[k], admitted)
-                priced[k] = (admitted, grid, *state.deltas(k, grid))
-            _, grid, saved, added = priced[k]
+                priced[k] = (grid, *state.deltas(k, grid))
+            grid, saved, added = priced[k]
             fresh_saved, fresh_added = state.deltas(k, grid)
             np.testing.assert_allclose(saved, fresh_saved, rtol=0, atol=1e-6 * np.abs(fresh_saved).max())
             np.testing.assert_allclose(added, fresh_added, rtol=0, atol=1e-9)

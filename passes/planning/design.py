@@ -314,15 +314,15 @@ def _greedy_path(problem: DesignProblem, sorted_columns: list[np.ndarray], activ
         return np.broadcast_to(_thresholds(counts, sorted_columns), (len(active), classes)).copy()
 
     path = [(plan_of(counts), state.total_cost, state.risk)]
-    priced: dict[int, tuple] = {}  # exit -> (admitted, thresholds, saved, added risk), kept current as rows move
+    priced: dict[int, tuple] = {}  # exit -> (thresholds, saved, added risk), kept current as rows move
     while True:
         best = None
         for k in np.flatnonzero(active):
             admitted = np.minimum(counts[k][:, None] + sizes[None, :], rows)  # [columns, sizes]
             if k not in priced:
                 grid = np.broadcast_to(_threshold_grid(sorted_columns[k], admitted), (classes, len(sizes)))
-                priced[k] = (admitted, grid, *state.deltas(k, grid))
-            _, _, saved, added_risk = priced[k]
+                priced[k] = (grid, *state.deltas(k, grid))
+            _, saved, added_risk = priced[k]
             if columns == 1:  # every class moves together
                 saved, added_risk = saved.sum(axis=0, keepdims=True), added_risk.sum(axis=0, keepdims=True)
             ratio = np.where(added_risk <= 0, np.inf, saved / np.where(added_risk <= 0, 1.0, added_risk))
@@ -356,10 +356,10 @@ def _reprice(state: "_DesignState", priced: dict[int, tuple], lowered: int, befo
     moved = np.flatnonzero((before[0] != state.exit_index) | (before[1] != state.exit_class))
     if not len(moved):
         return
-    for k, (admitted, grid, saved, added) in priced.items():
+    for k, (grid, saved, added) in priced.items():
         old_saved, old_added = state.deltas(k, grid, moved, before)
         new_saved, new_added = state.deltas(k, grid, moved)
-        priced[k] = (admitted, grid, saved - old_saved + new_saved, added - old_added + new_added)
+        priced[k] = (grid, saved - old_saved + new_saved, added - old_added + new_added)
 
 
 _GREEDY_PATHS = {"per-cut": _per_cut_path, "per-class": _per_class_path}

@@ -42,6 +42,25 @@ def test_a_distilled_mlp_admits_more_held_out_rows_than_the_linear_probe(early_c
     assert coverage[1] > coverage[0] + 0.02, coverage
 
 
+def test_wide_features_fitted_on_principal_components_keep_the_head_s_quality(early_cut):
+    """A head fitted on the leading principal components still reads every feature (the projection folded
+    into its hidden layer) and admits about as many held-out rows as one fitted on every feature; one fitted
+    on two components admits far fewer (the projection is the one the fit used, and it matters)."""
+    features, predictions, probabilities = early_cut
+    held = slice(FIT_ROWS, None)
+    width = features.shape[1]
+
+    def coverage(**projection) -> float:
+        head = DistilledMLPFitter(**projection).fit(features[:FIT_ROWS], probabilities[:FIT_ROWS], 10)
+        assert head.hidden_weight.shape == (width, 64)
+        return high_precision_coverage(head(features[held]), predictions[held], PRECISION)
+
+    whole = coverage(project_above=None)
+    assert width > 48
+    assert coverage(project_above=8, projected_features=48) > whole - 0.02
+    assert coverage(project_above=1, projected_features=2) < whole - 0.1
+
+
 def test_fitting_is_seeded_and_scores_are_log_probabilities(early_cut):
     features, predictions, probabilities = early_cut
     first, second = (DistilledMLPFitter(max_iter=30).fit(features[:500], probabilities[:500], 10) for _ in range(2))

@@ -31,6 +31,11 @@ HIDDEN_WIDTH = 64  # ReLU units: 2 * D * 64 FLOPs per row, a rounding error besi
 # Stronger decay gives smoother, better calibrated heads, which one shared threshold treats alike.
 REGULARIZATION = 0.1
 MAX_ITER = 100
+# Wide features (a text model's 384-768) are fitted on their 128 leading principal components, which makes the
+# fit 3-6x cheaper (minilm6_rt: rules 26.3 -> 12.5 s, the same plan).  Not below 257 features: the reference
+# CNN's cuts (80-256) projected to 128 lost 0.8 pp of certified compute (60.2 -> 59.4%), to 64 2.2 pp.
+PROJECT_ABOVE = 256
+PROJECTED_FEATURES = 128
 
 
 @dataclass
@@ -67,19 +72,30 @@ class DistilledMLPFitter:
         Iteration cap for L-BFGS.
     seed:
         Seed of the initial hidden weights.
+    project_above, projected_features:
+        Features wider than ``project_above`` are fitted on their ``projected_features`` leading principal
+        components (of the standardised rule-fitting rows); the projection is folded into ``hidden_weight``,
+        so the head still reads every feature.  ``project_above=None`` fits on every feature.
     """
 
     def __init__(self, width: int = HIDDEN_WIDTH, regularization: float = REGULARIZATION, max_iter: int = MAX_ITER,
-                 seed: int = 0) -> None:
+                 seed: int = 0, project_above: int | None = PROJECT_ABOVE,
+                 projected_features: int = PROJECTED_FEATURES) -> None:
         self.width = width
         self.regularization = regularization
         self.max_iter = max_iter
         self.seed = seed
+        self.project_above = project_above
+        self.projected_features = projected_features
 
     def fit(self, features: np.ndarray, targets: np.ndarray, num_classes: int) -> MLPScores:
         """Fit the head so that it predicts ``targets``: ``[N, C]`` class probabilities (the full
         model's; distillation) or ``[N]`` classes (one-hot)."""
         x, mean, scale = standardized(features, targets)
+        basis = None
+        if self.project_above is not None and x.shape[1] > self.project_above:
+            basis = _principal_basis(x, self.projected_features)
+            x = x @ basis
         soft = _soft_targets(targets, num_classes)
         rows, width, hidden = len(x), x.shape[1], self.width
         alpha = 1.0 / (self.regularization * rows)
@@ -109,6 +125,8 @@ class DistilledMLPFitter:
             result = minimize(loss_and_gradient, start, jac=True, method="L-BFGS-B",
                               options={"maxiter": self.max_iter})
         w1, b1, w2, b2 = unpack(result.x)
+        if basis is not None:
+            w1 = basis @ w1
         hidden_weight = w1 / scale[:, None]
         hidden_bias = b1 - mean @ hidden_weight
         absent = np.flatnonzero(soft.sum(axis=0) == 0)
@@ -119,7 +137,16 @@ class DistilledMLPFitter:
 
     def coarse(self) -> "DistilledMLPFitter":
         """The same fitter with a small iteration cap, for comparing candidates quickly."""
-        return type(self)(self.width, self.regularization, max_iter=60, seed=self.seed)
+        return type(self)(self.width, self.regularization, max_iter=60, seed=self.seed,
+                          project_above=self.project_above, projected_features=self.projected_features)
+
+
+def _principal_basis(x: np.ndarray, components: int) -> np.ndarray:
+    """``[D, components]`` orthonormal leading principal directions of the centred ``x`` (orthonormal: the
+    weight decay on the projected weights is the decay on the folded ones)."""
+    with threadpool_limits(1):
+        _, _, directions = np.linalg.svd(x, full_matrices=False)
+    return np.ascontiguousarray(directions[:components].T)
 
 
 def _soft_targets(targets: np.ndarray, num_classes: int) -> np.ndarray:

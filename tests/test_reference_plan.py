@@ -5,8 +5,9 @@ first 4,000 rows of ``models/artifacts/fashion_calib.npz``, default budget) gave
 plan at commit 0d0df57, before the layout change of issue 25, and after it (the whole 10,000-row set
 and the 6-block MiniLM reference were checked identical too, once).  Since MLP exit heads are tried
 from 1,000 rule-fitting rows (``PlannerConfig.mlp_min_rows``, issue 28) the plan has MLP heads at
-every exit and saves 55.4% on the report rows where the probes saved 47.0%; these figures were pinned
-then.  Exits, heads, family and the test's counts must match exactly; thresholds and figures within
+every exit and saves 55.4% on the report rows where the probes saved 47.0%.  Since MLP heads may read a
+3x3 grid (``grid3``) this draw's plan saves 52.1% (three random 4,000-row draws: 54.2 / 54.7 / 57.1% with
+it, 51.8 / 52.5 / 54.7% without); these figures were pinned then.  Exits, heads, family and the test's counts must match exactly; thresholds and figures within
 float noise (a different CPU's BLAS may move a fitted weight in its last bits, never a count).
 """
 from __future__ import annotations
@@ -15,21 +16,21 @@ import numpy as np
 import pytest
 
 PINNED = {
-    "exits": [("relu_2", "layer1.0", "grid+max"), ("relu_4", "layer1", "grid+max"), ("relu_6", "layer2.0", "grid+max"),
-              ("relu_8", "layer2", "grid"), ("relu_10", "layer3.0", "mean+max")],
+    "exits": [("relu_2", "layer1.0", "grid3"), ("relu_4", "layer1", "grid3"), ("relu_6", "layer2.0", "grid+max"),
+              ("relu_8", "layer2", "grid3"), ("relu_10", "layer3.0", "grid3+max")],
     "heads": ["MLPScores"] * 5,
-    "threshold": -0.0881967693567276,  # the shared-all family: one log-probability threshold, every class on
-    "confidence_scales": [1.140145830561901, 1.1483087271439092, 1.01848099568303, 1.2502842142689397,
-                          1.0668705564507976],
+    "threshold": -0.05023009330034256,  # the shared-all family: one log-probability threshold, every class on
+    "confidence_scales": [1.1595610836146626, 0.9336393343808385, 0.9639658625449005, 1.224157920635217,
+                          1.1655082939885737],
     "family": "shared-all",
     "test_rows": 2000,
-    "family_size": 697,
-    "plans_certified": 598,
-    "chosen_plan": 597,
+    "family_size": 760,
+    "plans_certified": 561,
+    "chosen_plan": 560,
     "disagreements": 12,
     "near_threshold_rows": 0,
     "p_value": 0.03830767761147372,
-    "compute_reduction": 0.554336196096341,
+    "compute_reduction": 0.5214559955321885,
 }
 
 

@@ -128,7 +128,9 @@ def _evaluation(build_dir: Path, report: dict, original_path: Path, run: ShadowR
     disagreements = int(run.disagrees.sum())
     low, high = clopper_pearson_interval(disagreements, run.rows, confidence)
     expected_exit_rate = float(report.get("exit_rate") or 0.0)
-    stream = stream_drift(run.exits, run.disagrees, expected_exit_rate, budget, windows, confidence)
+    compile_rows = (report.get("splits") or {}).get(report.get("evaluated_on"))
+    stream = stream_drift(run.exits, run.disagrees, expected_exit_rate, budget, windows, confidence,
+                          compile_rows=compile_rows)
     seconds = {"original": run.original_seconds / run.rows, "compiled": run.compiled_seconds / run.rows}
     statistics = sessions["compiled"].statistics
     flags = _flags(low, budget, confidence, stream)

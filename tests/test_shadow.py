@@ -38,12 +38,30 @@ def test_drift_false_alarms_stay_within_the_stated_level():
     assert alarms <= binom.ppf(0.999, repeats, 0.10)
 
 
+def test_an_exit_rate_measured_on_few_rows_is_compared_as_an_estimate():
+    """The compile's exit rate comes from its own test rows: compared as an exact rate it flags streams
+    exactly like the calibration data far above the stated level; compared with those rows (Fisher) it
+    does not."""
+    rng = np.random.default_rng(2)
+    repeats, compile_rows = 500, 400
+    alarms = {"estimate": 0, "exact": 0}
+    for _ in range(repeats):
+        measured = rng.binomial(compile_rows, 0.7) / compile_rows
+        exits, disagrees = _stream(rng, 4000, [0.7], 0.005)
+        for kind, rows in (("estimate", compile_rows), ("exact", None)):
+            windows = stream_drift(exits, disagrees, expected_exit_rate=measured, budget=0.01, windows=20,
+                                   compile_rows=rows)
+            alarms[kind] += any(w.exits_fell for w in windows)
+    limit = binom.ppf(0.999, repeats, 0.05)
+    assert alarms["estimate"] <= limit < alarms["exact"], alarms
+
+
 def test_drift_is_found_where_exits_fall():
     rng = np.random.default_rng(1)
     found, misplaced = 0, 0
     for _ in range(200):
         exits, disagrees = _stream(rng, 4000, [0.7, 0.45], 0.005)
-        windows = stream_drift(exits, disagrees, expected_exit_rate=0.7, budget=0.01, windows=20)
+        windows = stream_drift(exits, disagrees, expected_exit_rate=0.7, budget=0.01, windows=20, compile_rows=2000)
         flagged = [w.start for w in windows if w.exits_fell]
         found += bool(flagged)
         misplaced += any(start < 2000 for start in flagged)

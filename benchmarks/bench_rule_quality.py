@@ -69,8 +69,9 @@ from moco_compile.constants import LABELS, PREDICTIONS, SPLIT_COLUMN  # noqa: E4
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibration.calibrate import cut_column, variant_features  # noqa: E402
 from moco_compile.passes.calibration.mlp_head import HIDDEN_WIDTH  # noqa: E402
-from moco_compile.passes.calibration.pooling import pooling_cost, variants_for  # noqa: E402
+from moco_compile.passes.calibration.pooling import pooling_cost  # noqa: E402
 from moco_compile.passes.planning.config import Budget, PlannerConfig  # noqa: E402
+from moco_compile.passes.planning.candidates import probe_variants  # noqa: E402
 from moco_compile.passes.planning.counts import Split  # noqa: E402
 from moco_compile.passes.planning.design import cut_elements, exit_overhead  # noqa: E402
 from moco_compile.passes.planning.planner import ExitPlanner  # noqa: E402
@@ -220,7 +221,7 @@ class Fits:
         for cut in cuts:
             column = cut_column(cut)
             best_variant, best_coverage = None, -1.0
-            for variant in variants_for(cut.shape, cut.sequence_mask):
+            for variant in probe_variants(cut):
                 if (column, variant) not in self._coarse:
                     values = self.data.features(column, variant)["rules"]
                     scores = SoftmaxRuleFitter().coarse().fit(values[:split], self.targets[:split], self.classes)

@@ -70,7 +70,7 @@ def fit_candidates(frame: ActivationFrame, cuts: Sequence[CutPoint], num_classes
         variants = {variant: _finite(variant_features(frame, column, variant), column)
                     for variant in variants_for(cut.shape, cut.sequence_mask, cut.summary_token)}
         head = _HeadFitting(cut, column, variants, targets, num_classes, precision, config)
-        probe = head.fit(SoftmaxRuleFitter(), targets, among=[v for v in variants if not _mlp_only(v)])
+        probe = head.fit(SoftmaxRuleFitter(), targets, among=probe_variants(cut))
         mlp = head.fit(DistilledMLPFitter(), probabilities, beat=probe) if try_mlp else None
         return probe, probe if mlp is None else mlp
 
@@ -142,12 +142,13 @@ class _HeadFitting:
         return _Fitted(exit_, scores, coverage, blocked)
 
 
-def _mlp_only(variant: str) -> bool:
-    """Whether only heads with a hidden layer read ``variant``: the 3x3 grid.  Reference CNN, test split: a
-    linear probe gains nothing from it (probes only at 0.5%: 46.4% with it, 46.2% without), and the probes,
-    grown stronger on it, tied the MLP heads at 0.5% in the plan-level check, which then keeps the probes
-    (46.4% where the MLP heads on the 2x2 grid saved 53.4%)."""
-    return "grid3" in variant_pieces(variant)
+def probe_variants(cut: CutPoint) -> list[str]:
+    """The pooling variants a cut's softmax probe chooses among: all but the 3x3 grid, which only heads with
+    a hidden layer read.  Reference CNN, test split: a linear probe gains nothing from it (probes only at
+    0.5%: 46.4% with it, 46.2% without), and the probes, grown stronger on it, tied the MLP heads at 0.5% in
+    the plan-level check, which then keeps the probes (46.4% where the MLP heads on the 2x2 grid saved 53.4%)."""
+    return [variant for variant in variants_for(cut.shape, cut.sequence_mask, cut.summary_token)
+            if "grid3" not in variant_pieces(variant)]
 
 
 def _candidates(fitted: Sequence[_Fitted], config: PlannerConfig) -> Candidates:

@@ -139,6 +139,8 @@ MODELS: dict[str, Callable[[Path], tuple]] = {
 def load_pool(name: str, scratch: Path = SCRATCH, show_progress: bool = True) -> Pool:
     """The pool of ``name`` (calibration rows + test rows), calibrated once and cached in ``scratch``."""
     from moco_compile.api import calibrate_frame
+    from moco_compile.passes.calibration.calibrate import cut_column, piece_column
+    from moco_compile.passes.calibration.pooling import pieces_for
     from moco_compile.prepare import cut_points_of
     from moco_compile.frame import load_frame
     from moco_compile.importer import import_model
@@ -149,15 +151,18 @@ def load_pool(name: str, scratch: Path = SCRATCH, show_progress: bool = True) ->
     inputs = {key: np.concatenate([calibration[key], test[key]]) for key in calibration}
     size = len(inputs["labels"])
     origin = np.repeat([0, 1], [len(calibration["labels"]), len(test["labels"])])
+    imported = import_model(onnx_path)
+    _, cuts = cut_points_of(imported, {key: value[:1] for key, value in inputs.items()}, BATCH_SIZE)
+    pooled = {piece_column(cut_column(cut), piece) for cut in cuts
+              for piece in pieces_for(cut.shape, cut.sequence_mask, cut.summary_token)}
     path = directory / "pool.arrow"
     frame = load_frame(path) if path.exists() else None
-    if frame is None or len(frame) != size or not np.array_equal(frame[LABELS], inputs["labels"]):
+    if frame is None or len(frame) != size or not np.array_equal(frame[LABELS], inputs["labels"]) \
+            or not pooled <= set(frame.columns):  # calibrated before a pooling piece was added
         started = time.perf_counter()
         frame = calibrate_frame(onnx_path, inputs, path, batch_size=BATCH_SIZE, show_progress=show_progress,
                                 force=True)
         print(f"{name}: calibrated {size:,} pool rows in {time.perf_counter() - started:.0f} s", flush=True)
-    imported = import_model(onnx_path)
-    _, cuts = cut_points_of(imported, {key: value[:1] for key, value in inputs.items()}, BATCH_SIZE)
     total_flops = cuts[0].flops_before + cuts[0].flops_after
     return Pool(name, frame.in_memory(), origin, cuts, imported.num_classes, float(total_flops), model, rows,
                 unit)

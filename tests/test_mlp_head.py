@@ -148,12 +148,15 @@ def test_mlp_heads_are_kept_only_where_they_pay_for_the_plan(compiled):
     """fit_candidates with MLP heads allowed: some cut takes one, and the probes come along; then the
     plan-level choice (same folds for both): heads whose design scores are the full model's own
     log-probabilities (a perfect head) win over the probes, the same scores shuffled across rows (no
-    information) lose to them."""
+    information) lose to them; where the design rows cannot tell (here: told to trust no gap), both head
+    sets go on to be certified, each at half the error rate, and the one that saves more on the test rows
+    is kept."""
     from dataclasses import replace
 
     from moco_compile.passes.planning.candidates import fit_candidates
     from moco_compile.passes.planning.config import Budget
-    from moco_compile.passes.planning.pipeline import _design
+    from moco_compile.passes.planning.pipeline import FrameRows, RowCounter, _certified, _design
+    from moco_compile.passes.planning.splits import RowSplit, split_sizes
     from moco_compile.passes.planning.splits import SPLITS
 
     build = compiled[0]
@@ -169,6 +172,17 @@ def test_mlp_heads_are_kept_only_where_they_pay_for_the_plan(compiled):
     rng = np.random.default_rng(0)
     for scores, expected in ((perfect, "heads"), (perfect[rng.permutation(len(perfect))], "probes")):
         heads = replace(candidates, design_scores=[scores] * len(candidates.exits))
-        planner, kept = _design(heads, *args)
+        (planner, kept), = _design(heads, *args)
         assert kept is (heads if expected == "heads" else probes), expected
         assert planner.families_
+    undecided = replace(config, family_choice_errors=1e6)
+    heads = replace(candidates, design_scores=[perfect] * len(candidates.exits))
+    options = _design(heads, *args[:5], undecided, 0)
+    assert [kept for _, kept in options] == [probes, heads]
+    split = RowSplit.draw(len(build.frame), 0, split_sizes(len(build.frame), budget, undecided))
+    plan, planner, kept, _ = _certified(options, FrameRows(build.frame), split, undecided)
+    assert plan.certificate["head_sets"] == 2 and plan.certificate["family_confidence"] == pytest.approx(0.975)
+    savings = [p.certify(c["test"], head_sets=2).certificate["test_compute_reduction"] for p, c in (
+        (p, FrameRows(build.frame).count(RowCounter(k.exits, p.families_, split, undecided.rounding)))
+        for p, k in options)]
+    assert (kept, plan.certificate["test_compute_reduction"]) == (options[int(np.argmax(savings))][1], max(savings))

@@ -137,9 +137,11 @@ class ExitPlanner:
         ``open_exits``, rules included (what reports and certificates count); after :meth:`design`."""
         return stage_costs(self.flops_before_, np.where(open_exits, self.rule_flops_, 0.0), self.total_flops_)
 
-    def certify(self, test: Mapping[str, PlanCounts]) -> ExitPlan:
+    def certify(self, test: Mapping[str, PlanCounts], head_sets: int = 1) -> ExitPlan:
         """The certified plan of the designed families, from each family's counts on the test rows
         (:func:`count_plans` of ``families_[name]``, summed over shards); after :meth:`design`.
+        ``head_sets``: how many sets of exit heads are certified on the same test rows, of which one is
+        kept; each family is tested at that share of its error rate.
 
         Raises :class:`NoPlanError` when not even the plan with no exits certifies.
         """
@@ -147,7 +149,7 @@ class ExitPlanner:
         names = list(self.families_)
         if budget.max_accuracy_drop is not None and any(test[name].correct_before is None for name in names):
             raise ValueError("max_accuracy_drop needs labels on the design and test rows")
-        delta = config.family_delta(budget)
+        delta = config.family_delta(budget) / head_sets
         self.certified_ = {name: certify_family(family, test[name], self.stage_flops, self.problem_.costs,
                                                 self.total_flops_, budget, delta)
                            for name, family in self.families_.items()}
@@ -164,7 +166,7 @@ class ExitPlanner:
         thresholds = self.families_[name][result.chosen]
         exits = [replace(candidate, thresholds=thresholds[k])
                  for k, candidate in enumerate(self.candidates_) if np.isfinite(thresholds[k]).any()]
-        return ExitPlan(exits, self.total_flops_, self._certificate(name, result, test_rows, delta))
+        return ExitPlan(exits, self.total_flops_, self._certificate(name, result, test_rows, delta, head_sets))
 
     def evaluation(self, counts: Mapping[str, PlanCounts]) -> PlanEvaluation:
         """The certified plan's figures on other rows (e.g. the report split), from the families'
@@ -174,7 +176,8 @@ class ExitPlanner:
         return PlanEvaluation.from_counts(counts[name], plan, np.flatnonzero(open_exits), self.stage_flops(open_exits),
                                           self.total_flops_)
 
-    def _certificate(self, family: str, result: CertifiedFamily, test_rows: int, delta: float) -> dict:
+    def _certificate(self, family: str, result: CertifiedFamily, test_rows: int, delta: float,
+                     head_sets: int) -> dict:
         """What was certified, and how; estimates are labelled as such."""
         chosen = result.chosen
         failures = result.failures[chosen]
@@ -190,7 +193,7 @@ class ExitPlanner:
             "max_disagreement": self.budget.max_disagreement, "max_accuracy_drop": self.budget.max_accuracy_drop,
             "confidence": self.budget.confidence, "family": family,
             "family_selection": self.config.family_selection, "families": dict(self.family_scores_),
-            "family_confidence": 1 - delta, "test_rows": test_rows, "family_size": len(result.p_values),
+            "family_confidence": 1 - delta, "head_sets": head_sets, "test_rows": test_rows, "family_size": len(result.p_values),
             "plans_tested": result.certified + 1 + stopped, "plans_certified": result.certified + 1,
             "chosen_plan": chosen,
             "disagreements": failures.disagreements, "near_threshold_rows": failures.near_threshold,

@@ -186,3 +186,6 @@ def test_mlp_heads_are_kept_only_where_they_pay_for_the_plan(compiled):
         (p, FrameRows(build.frame).count(RowCounter(k.exits, p.families_, split, undecided.rounding)))
         for p, k in options)]
     assert (kept, plan.certificate["test_compute_reduction"]) == (options[int(np.argmax(savings))][1], max(savings))
+    twins = [_design(replace(candidates, design_scores=probes.design_scores), *args)[0] for _ in range(2)]
+    plan, planner, _, _ = _certified(twins, FrameRows(build.frame), split, undecided)
+    assert planner is twins[0][0] and plan.certificate["head_sets"] == 2  # equal savings: the first is kept

@@ -262,7 +262,8 @@ def _certified(options: Sequence[tuple[ExitPlanner, Candidates]], rows: Planning
         results.append((plan, planner, candidates, counts))
     if not results:
         raise errors[0]
-    return max(results, key=lambda r: (r[0].certificate["test_compute_reduction"], -results.index(r)))
+    best = max(range(len(results)), key=lambda i: (results[i][0].certificate["test_compute_reduction"], -i))
+    return results[best]
 
 
 def _unpayable(config: PlannerConfig, total_flops: float) -> str:

@@ -67,8 +67,8 @@ def fit_candidates(frame: ActivationFrame, cuts: Sequence[CutPoint], num_classes
     def fit_cut(cut: CutPoint) -> tuple[_Fitted, _Fitted]:
         """The cut's softmax probe, and its chosen head (the probe, or an MLP head that beats it)."""
         column = cut_column(cut)
-        variants = {variant: _finite(variant_features(frame, column, variant), column)
-                    for variant in variants_for(cut.shape, cut.sequence_mask, cut.summary_token)}
+        names = variants_for(cut.shape, cut.sequence_mask, cut.summary_token) if try_mlp else probe_variants(cut)
+        variants = {variant: _finite(variant_features(frame, column, variant), column) for variant in names}
         head = _HeadFitting(cut, column, variants, targets, num_classes, precision, config)
         probe = head.fit(SoftmaxRuleFitter(), targets, among=probe_variants(cut))
         mlp = head.fit(DistilledMLPFitter(), probabilities, beat=probe) if try_mlp else None

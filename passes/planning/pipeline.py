@@ -178,8 +178,7 @@ def plan_rows(rows: PlanningRows, cuts: Sequence[CutPoint], num_classes: int, to
     del design_frame
     with phase("design"):
         options = _design(candidates, predictions, labels, sizes["test"], total_flops, budget, config, seed)
-    planner, candidates = options[-1]
-    if not any(planner.problem_.payable().any() for planner, _ in options):
+    if not any(designer.problem_.payable().any() for designer, _ in options):
         reason = _unpayable(config, total_flops)
         if not allow_no_exit:
             raise BudgetError(f"{reason}. Pass --allow-no-exit to emit the unchanged graph")
@@ -210,7 +209,8 @@ def plan_rows(rows: PlanningRows, cuts: Sequence[CutPoint], num_classes: int, to
 
 
 def _design(candidates: Candidates, predictions: np.ndarray, labels: np.ndarray | None, test_rows: int,
-            total_flops: float, budget: Budget, config: PlannerConfig, seed: int) -> list[tuple[ExitPlanner, Candidates]]:
+            total_flops: float, budget: Budget, config: PlannerConfig, seed: int
+            ) -> list[tuple[ExitPlanner, Candidates]]:
     """The head sets worth certifying, each with the planner that designed its families: one, or, when the
     design rows cannot tell the MLP heads from the softmax probes, both (the caller certifies each at half the
     error rate and keeps the one that saves more on the test rows).

@@ -1,4 +1,7 @@
-"""The flat exit layout: no subgraph, the same rows leave with the same outputs as in the nested layout."""
+"""The flat and whole-batch exit layouts: the same rows leave with the same outputs as in the nested layout.
+
+Flat: no subgraph.  Whole-batch: no row split off (no NonZero, Compress, ScatterND); a batch leaves an
+exit only when every row in it has decided there."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -193,32 +196,42 @@ def test_a_reshape_unsafe_on_0_rows_after_an_exit_keeps_the_nested_layout(mlp, c
     assert (_run(insert_exits(unsafe, everyone_leaves, "logits", "flat"), {"x": x})[1] == 0).all()
 
 
-def test_the_reference_plan_laid_out_flat_verifies_and_matches_nested(compiled, reference_model, calibration):
-    """The reference CNN's certified plan (the shared compile, nested) written flat passes verification
-    (parity, the certified routes, batch 1, an empty batch) and gives the nested graph's exits and outputs."""
+@pytest.mark.parametrize("layout", ["flat", "whole-batch"])
+def test_the_reference_plan_laid_out_flat_or_whole_batch_verifies_and_matches_nested(compiled, reference_model,
+                                                                                    calibration, layout):
+    """The reference CNN's certified plan (the shared compile, nested) written flat or whole-batch passes
+    verification (parity, the certified routes, batch 1, an empty batch) and gives the nested graph's exits
+    and outputs, in batches of 512 rows and of one."""
     from moco_compile.importer import import_model
     from moco_compile.passes.calibration.calibrate import variant_features
     from moco_compile.passes.graph.verify import verify_compiled
 
     result, _ = compiled
     imported = import_model(reference_model)
-    flat = insert_exits(imported.model, result.plan.exits, imported.output, "flat")
+    other = insert_exits(imported.model, result.plan.exits, imported.output, layout)
     rows = 512
     frame = result.frame.take(np.arange(rows))  # the frame's first rows are the first calibration rows
     expected = result.plan.routing([variant_features(frame, e.column, e.pooling) for e in result.plan.exits], rows,
                                    PlannerConfig().rounding)
     images = {"images": calibration["images"][:rows]}
-    verification = verify_compiled(flat, imported.model, imported.output, images, expected)
+    verification = verify_compiled(other, imported.model, imported.output, images, expected)
     assert verification.empty_batch_checked and verification.exit_agreement > 0.99
-    assert subgraph_nesting(flat.graph) == 0 < subgraph_nesting(result.model.graph)
-    (flat_logits, flat_exits), (nested_logits, nested_exits) = _run(flat, images), _run(result.model, images)
-    assert (flat_exits == nested_exits).all() and len(set(flat_exits)) == len(result.plan.exits) + 1
-    np.testing.assert_allclose(flat_logits, nested_logits, atol=1e-5)
+    assert subgraph_nesting(other.graph) == (0 if layout == "flat" else len(result.plan.exits))
+    (other_logits, other_exits), (nested_logits, nested_exits) = _run(other, images), _run(result.model, images)
+    assert (other_exits == nested_exits).all() and len(set(other_exits)) == len(result.plan.exits) + 1
+    np.testing.assert_allclose(other_logits, nested_logits, atol=1e-5)
+    if layout == "whole-batch":
+        session = ort.InferenceSession(other.SerializeToString(), providers=["CPUExecutionProvider"])
+        one_by_one = [session.run(None, {"images": images["images"][i:i + 1]}) for i in range(0, rows, 8)]
+        assert [exit_ for _, (exit_,) in one_by_one] == list(nested_exits[::8])
+        np.testing.assert_allclose(np.concatenate([logits for logits, _ in one_by_one]), nested_logits[::8], atol=1e-5)
 
 
-def test_compile_writes_the_layout_the_planner_config_names(calibration):
+@pytest.mark.parametrize("layout", ["flat", "whole-batch"])
+def test_compile_writes_the_layout_the_planner_config_names(calibration, layout):
     """``PlannerConfig(exit_layout=...)`` reaches the rewrite: the zoo's two-input net (random weights,
-    legacy export) compiled flat has no If, its second input compressed with the rows, and verifies."""
+    legacy export) compiled flat has no If, its second input compressed with the rows; whole-batch, an If
+    per exit and nothing compressed; both verify."""
     pytest.importorskip("torch")
     import torch
 
@@ -231,7 +244,57 @@ def test_compile_writes_the_layout_the_planner_config_names(calibration):
     model, names = export(module, "legacy"), input_names(module)
     result = compile(model, model_inputs(names, calibration["images"][:1200]), max_disagreement=0.05,
                      measure_latency=False, show_progress=False,
-                     planner_config=replace(UNPRICED_LAUNCHES, exit_layout="flat"))
-    assert result.plan.exits and subgraph_nesting(result.model.graph) == 0
-    assert "extra" in [n.input[0] for n in result.model.graph.node if n.op_type == "Compress"]
+                     planner_config=replace(UNPRICED_LAUNCHES, exit_layout=layout))
+    compressed = [n.input[0] for n in all_nodes(result.model.graph) if n.op_type == "Compress"]
+    assert result.plan.exits and result.exit_layout == layout
+    if layout == "flat":
+        assert subgraph_nesting(result.model.graph) == 0 and "extra" in compressed
+    else:
+        assert subgraph_nesting(result.model.graph) == len(result.plan.exits) and not compressed
     assert result.report["verification"]["empty_batch_checked"]
+
+
+def _whole_batch(model: onnx.ModelProto, exits: list) -> onnx.ModelProto:
+    compiled = insert_exits(model, exits, "logits", "whole-batch")
+    onnx.checker.check_model(compiled, full_check=True)
+    assert not {"NonZero", "Compress", "ScatterND"} & {n.op_type for n in all_nodes(compiled.graph)}
+    return compiled
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 512])
+def test_whole_batch_routes_like_numpy_and_matches_nested(mlp, rows):
+    """Any batch: each row takes the exit numpy computes and the nested graph's outputs; a second input
+    read by the last stage and a second output of a dynamic width L come through as in the nested graph."""
+    model, exits, x, expected = mlp
+    side = _with_side_input(model)
+    feeds = {"x": x[:rows], "seq": np.random.default_rng(3).normal(size=(rows, 5)).astype(np.float32)}
+    nested = _run(insert_exits(side, exits, "logits", "nested"), feeds)
+    whole = _run(_whole_batch(side, exits), feeds)
+    assert (whole[2] == expected[:rows]).all() and [a.shape for a in whole] == [(rows, 3), (rows, 5), (rows,)]
+    for whole_out, nested_out in zip(whole, nested):
+        np.testing.assert_allclose(whole_out, nested_out, atol=1e-6)
+
+
+def test_whole_batch_runs_the_rest_only_while_a_row_is_undecided(mlp):
+    """Graph: each exit's If runs the next stage (its MatMul) in the branch taken while rows go on, and
+    the branch taken when all have decided holds no node of the model.  Runs: a batch whose rows all
+    leave at exit 0 stops there; one undecided row takes the batch on, and the rows that decided at
+    exit 0 still carry exit 0's values."""
+    model, exits, x, expected = mlp
+    graph, level = _whole_batch(model, exits).graph, 0
+    while any(n.op_type == "If" for n in graph.node):
+        branch = next(n for n in graph.node if n.op_type == "If").attribute
+        then, otherwise = (next(a.g for a in branch if a.name == name) for name in ("then_branch", "else_branch"))
+        assert f"h{level + 1}" in {o for n in then.node for o in n.output}
+        assert all(n.output[0].startswith("moco/") for n in otherwise.node)
+        graph, level = then, level + 1
+    assert level == len(exits)
+    everyone_leaves = [replace(e, thresholds=np.full_like(e.thresholds, -1e30) if i == 0 else e.thresholds)
+                       for i, e in enumerate(exits)]
+    assert (_run(_whole_batch(model, everyone_leaves), {"x": x})[1] == 0).all()
+    first, late = np.flatnonzero(expected == 0)[0], np.flatnonzero(expected == -1)[0]
+    pair = {"x": x[[first, late]]}
+    logits, exit_ids = _run(_whole_batch(model, exits), pair)
+    nested_logits, _ = _run(insert_exits(model, exits, "logits", "nested"), pair)
+    assert list(exit_ids) == [0, -1]
+    np.testing.assert_allclose(logits, nested_logits, atol=1e-6)

@@ -210,6 +210,21 @@ def test_graph_routes_noise_rows_as_the_plan_simulates(guarded, noise, unseen, g
     assert (routing.exit_index[:256] < 0).mean() > 0.9 and (routing.exit_index[256:] >= 0).mean() > 0.5
 
 
+def test_the_whole_batch_layout_routes_guarded_rows_as_the_nested_graph(guarded, noise, unseen, guarded_soft):
+    """Whole-batch, an exit goes on while any row is undecided or turned away by its guard: noise and
+    calibration-like rows, together and one at a time, leave where and with what the nested graph gives."""
+    model = import_model(guarded_soft[0]).model
+    whole = ort.InferenceSession(insert_exits(model, guarded.plan.exits, "probabilities", "whole-batch")
+                                 .SerializeToString(), providers=["CPUExecutionProvider"])
+    nested = ort.InferenceSession(guarded.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    mixed = np.concatenate([noise[:64], unseen[:64]])
+    for rows in [mixed] + [mixed[i:i + 1] for i in range(0, len(mixed), 8)]:
+        (whole_probs, whole_exits), (nested_probs, nested_exits) = (s.run(None, {"images": rows})
+                                                                    for s in (whole, nested))
+        assert (whole_exits == nested_exits).all()
+        np.testing.assert_allclose(whole_probs, nested_probs, atol=1e-6)
+    assert len(set(nested.run([EXIT_OUTPUT], {"images": mixed})[0])) > 1
+
 def test_certificate_counts_the_test_rows_as_the_guarded_graph_routes_them(guarded):
     result = guarded
     certificate, frame, plan = result.plan.certificate, result.frame, result.plan

@@ -156,12 +156,14 @@ class ExitGraphBuilder:
                 helper.make_node("Sub", [f"{p}/log_probs", f"{p}/thresholds"], [margins])]
 
     def _exited_value(self, original: onnx.ValueInfoProto, exit_: Exit, margins: str, top: str, p: str,
-                      nodes: list, initializers: list) -> str:
-        """What exited rows carry in ``original``: margins for the classifier, zeros otherwise."""
+                      nodes: list, initializers: list, into: str | None = None) -> str:
+        """What exited rows carry in ``original``: margins for the classifier, zeros otherwise; the rule's
+        tensors are prefixed ``p``, the new ones ``into`` (default ``p``: an If's two branches need two)."""
         elem = original.type.tensor_type.elem_type
-        name = f"{p}/exited/{original.name}"
+        into = into or p
+        name = f"{into}/exited/{original.name}"
         if original.name == self.output:
-            return self._exited_classifier_value(elem, exit_, margins, p, name, nodes, initializers)
+            return self._exited_classifier_value(elem, exit_, margins, p, into, name, nodes, initializers)
         if original.name in self.trailing_shapes:
             trailing = self.trailing_shapes[original.name]
         else:
@@ -173,8 +175,8 @@ class ExitGraphBuilder:
                                       value=helper.make_tensor("zero", elem, [1], [0])))
         return name
 
-    def _exited_classifier_value(self, elem: int, exit_: Exit, margins: str, p: str, name: str, nodes: list,
-                                 initializers: list) -> str:
+    def _exited_classifier_value(self, elem: int, exit_: Exit, margins: str, p: str, into: str, name: str,
+                                 nodes: list, initializers: list) -> str:
         """The exit's calibrated log-probabilities when it has a confidence scale
         (:func:`~moco_compile.passes.calibration.exit_confidence.exited_logits_nodes`), else its float32 margins;
         through the model's final Softmax/LogSoftmax if it has one, in the output's dtype; values
@@ -184,7 +186,7 @@ class ExitGraphBuilder:
         if exit_.confidence_scale is not None and exit_.scores.normalize == "log_softmax":
             value = f"{name}/calibrated"
             nodes.extend(exited_logits_nodes(f"{p}/log_probs", margins, exit_.confidence_scale, value,
-                                             f"{p}/confidence", initializers,
+                                             f"{into}/confidence", initializers,
                                              swap=not swap_is_identity(exit_.thresholds, exit_.confidence_scale)))
         head = self.index.probability_head(self.output)
         if head:

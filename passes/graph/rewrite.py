@@ -1,7 +1,7 @@
 """Rewrite pass: insert the plan's exits into the graph, producing one ONNX model.
 
-Two layouts (``PlannerConfig.exit_layout``), the same inputs, outputs and exits;
-one builder writes both (``_body``: a stage, its exit and what follows).  A third,
+Three layouts (``PlannerConfig.exit_layout``), the same inputs, outputs and exits;
+one builder writes them (``_body``: a stage, its exit and what follows).  A fourth,
 ``"bucketed"`` (stages at fixed batch sizes, for GPUs), is written by
 :mod:`~moco_compile.passes.graph.buckets`; :func:`insert_exits` dispatches to it.
 
@@ -36,7 +36,19 @@ it refuses, and a model with one after the first exit is laid out nested:
 weights live once in the main graph, and onnxruntime optimises the whole chain
 as one graph (no If boundary for its CPU layout pass to stop at).
 
-Nested, every level keeps the initializers its own nodes read inside its own graph
+Whole-batch: nested, but no row is split off; the batch leaves when every row has decided::
+
+    level 0 (main graph): stage 0 nodes -> T_0
+        exit 0: the rule as above -> margins, keep
+                If(some row goes on: ReduceMin(top) <= 0; guarded: any keep)
+                    then: level 1 graph on T_0 (every row) -> results;
+                          outputs = Where(keep, results, exit values), moco_exit = Where(keep, ids, 0)
+                    else: outputs = exit values, moco_exit = 0
+
+No NonZero, Compress or ScatterND: a batch of one row runs fewer nodes per exit (the layout for
+batch-1 serving), but in a larger batch one undecided row takes all its rows on.
+
+Nested and whole-batch, every level keeps the initializers its own nodes read inside its own graph
 (copies, renamed, where an outer level uses them too): onnxruntime cannot
 pre-pack weights that a subgraph reads from the outer scope, and such a
 remainder runs 2-3x slower.
@@ -75,6 +87,7 @@ from onnx import helper, numpy_helper
 
 from moco_compile.constants import EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY
 from moco_compile.passes.graph.buckets import insert_bucketed_exits
+from moco_compile.passes.calibration.pooling import reduce_nodes
 from moco_compile.passes.graph.empty_rows import unsafe_on_no_rows
 from moco_compile.passes.graph.exit_graph import ExitGraphBuilder
 from moco_compile.passes.graph.index import node_inputs, subgraph_nesting
@@ -220,6 +233,8 @@ class _ExitGraphBuilder(ExitGraphBuilder):
         return outputs + [exit_ids]
 
     def _exit(self, level: int, renames: dict[str, str], body: _Body) -> list[str]:
+        if self.layout == "whole-batch":
+            return self._whole_batch_exit(level, renames, body)
         exit_ = self.exits[level]
         nodes, initializers = body.nodes, body.initializers
         p = f"moco/exit{level}"
@@ -254,6 +269,58 @@ class _ExitGraphBuilder(ExitGraphBuilder):
         nodes.append(helper.make_node("ScatterND", [f"{p}/exit_ids", rows, rest_results[-1]], [f"{p}/exit"]))
         return results + [f"{p}/exit"]
 
+    def _whole_batch_exit(self, level: int, renames: dict[str, str], body: _Body) -> list[str]:
+        """Exit ``level`` laid out whole-batch: ``If`` some row goes on, every row runs the stages after it
+        (rows that decided here take this exit's values, by ``Where``), else the batch leaves with them."""
+        exit_ = self.exits[level]
+        p = f"moco/exit{level}"
+        margins, top, keep = self._exit_rule(level, renames, p, body.nodes, body.initializers)
+        any_left = self._any_left(exit_, top, keep, p, body.nodes, body.initializers)
+        body.initializers.append(numpy_helper.from_array(np.array(level, np.int64), f"{p}/level"))
+        inner, entry = dict(renames), []
+        for name in [exit_.cut.tensor] + sorted(self._side_inputs(level + 1)):
+            if wants_nchwc_entry(self.index, name, self.value_infos.get(name)):
+                self.rest_sources[f"{p}/rest/{name}"] = name
+                entry.append(nchwc_entry_node(renames.get(name, name), f"{p}/rest/{name}"))
+                inner[name] = f"{p}/rest/{name}"
+        go_on = self._body(level + 1, inner, entry)
+        merged = []
+        for position, original in enumerate(self.outputs):
+            base = self._exited_value(original, exit_, margins, top, p, go_on.nodes, go_on.initializers, f"{p}/on")
+            shape, row_keep = f"{p}/on/keep_shape/{original.name}", f"{p}/on/keep/{original.name}"
+            rank = len(original.type.tensor_type.shape.dim)
+            go_on.initializers.append(numpy_helper.from_array(np.array([-1] + [1] * (rank - 1), np.int64), shape))
+            go_on.nodes.extend([
+                helper.make_node("Reshape", [keep, shape], [row_keep]),
+                helper.make_node("Where", [row_keep, go_on.results[position], base], [f"{p}/on/{original.name}"])])
+            merged.append(f"{p}/on/{original.name}")
+        go_on.nodes.append(helper.make_node("Where", [keep, go_on.results[-1], f"{p}/level"], [f"{p}/on/exit"]))
+        leave_nodes, leave_initializers = [], []
+        leave_results = [self._exited_value(o, exit_, margins, top, p, leave_nodes, leave_initializers, f"{p}/off")
+                         for o in self.outputs]
+        leave_nodes.append(helper.make_node("Where", [keep, f"{p}/level", f"{p}/level"], [f"{p}/off/exit"]))
+        results = [f"{p}/result/{name}" for name in [o.name for o in self.outputs] + [EXIT_OUTPUT]]
+        body.nodes.append(helper.make_node(
+            "If", [any_left], results, name=f"{p}/if_rows_left",
+            then_branch=self._subgraph(go_on.nodes, go_on.initializers, go_on.value_info, [*merged, f"{p}/on/exit"],
+                                       f"moco_level_{level + 1}"),
+            else_branch=self._subgraph(leave_nodes, leave_initializers, [], [*leave_results, f"{p}/off/exit"],
+                                       f"moco_level_{level + 1}_skipped")))
+        return results
+
+    def _any_left(self, exit_: Exit, top: str, keep: str, p: str, nodes: list, initializers: list) -> str:
+        """A bool scalar: some row goes on (none on 0 rows).  Unguarded, the lowest top margin is <= 0
+        (ReduceMin of no rows is +inf); guarded, some ``keep`` is set."""
+        if exit_.guard is None:
+            nodes.extend(reduce_nodes("ReduceMin", top, [0], f"{p}/lowest", f"{p}/lowest", self.opset))
+            nodes.append(helper.make_node("LessOrEqual", [f"{p}/lowest", f"{p}/zero"], [f"{p}/any_left"]))
+            return f"{p}/any_left"
+        initializers.append(numpy_helper.from_array(np.array(0.5, np.float32), f"{p}/half"))
+        nodes.append(helper.make_node("Cast", [keep], [f"{p}/keep_f"], to=onnx.TensorProto.FLOAT))
+        nodes.extend(reduce_nodes("ReduceMax", f"{p}/keep_f", [0], f"{p}/kept", f"{p}/kept", self.opset))
+        nodes.append(helper.make_node("Greater", [f"{p}/kept", f"{p}/half"], [f"{p}/any_left"]))
+        return f"{p}/any_left"
+
     def _remainder(self, level: int, renames: dict[str, str], compress: list[onnx.NodeProto], body: _Body
                    ) -> list[str]:
         """The stages after exit ``level`` run on the rows left (``compress`` makes them): results, one per
@@ -278,10 +345,21 @@ class _ExitGraphBuilder(ExitGraphBuilder):
     def _branch(self, level: int, renames: dict[str, str], entry: Sequence[onnx.NodeProto]) -> onnx.GraphProto:
         """An If's then branch: stage ``level`` onwards as a subgraph of its own."""
         body = self._body(level, renames, entry)
-        graph = helper.make_graph(body.nodes, f"moco_level_{level}", [], [], body.initializers)
-        graph.value_info.extend(body.value_info)
-        graph.output.extend(self._value_info(name, original)
-                            for name, original in zip(body.results, [o.name for o in self.outputs] + [EXIT_OUTPUT]))
+        return self._subgraph(body.nodes, body.initializers, body.value_info, body.results, f"moco_level_{level}")
+
+    def _subgraph(self, nodes: list, initializers: list, value_info: list, results: Sequence[str], name: str
+                  ) -> onnx.GraphProto:
+        """An If branch of ``nodes`` whose outputs are ``results``: one per model output, then the exit ids
+        (a result from the outer scope, e.g. an exit's margins, through an Identity: a branch's outputs
+        must be its own)."""
+        own = {output for node in nodes for output in node.output} | {init.name for init in initializers}
+        nodes = nodes + [helper.make_node("Identity", [result], [f"{result}/{name}"]) for result in results
+                         if result not in own]
+        results = [result if result in own else f"{result}/{name}" for result in results]
+        graph = helper.make_graph(nodes, name, [], [], initializers)
+        graph.value_info.extend(value_info)
+        graph.output.extend(self._value_info(result, original)
+                            for result, original in zip(results, [o.name for o in self.outputs] + [EXIT_OUTPUT]))
         return graph
 
     def _rows_value_info(self, name: str, original: str, level: int) -> onnx.ValueInfoProto:
@@ -295,7 +373,11 @@ class _ExitGraphBuilder(ExitGraphBuilder):
         dims = [d.dim_value or d.dim_param for d in value.type.tensor_type.shape.dim[1:]] if value else None
         if value is None or not all(dims):
             return onnx.ValueInfoProto(name=name)
-        return helper.make_tensor_value_info(name, value.type.tensor_type.elem_type, [f"moco_rows_{level}", *dims])
+        return helper.make_tensor_value_info(name, value.type.tensor_type.elem_type, [self._rows_dim(level), *dims])
+
+    def _rows_dim(self, level: int) -> str | int:
+        """The named row dim of stage ``level``'s tensors: the batch's where every row runs it."""
+        return self._batch_dim() if level == 0 or self.layout == "whole-batch" else f"moco_rows_{level}"
 
     def _stage_value_info(self, nodes: Sequence[onnx.NodeProto], level: int) -> list[onnx.ValueInfoProto]:
         """The model's declared shapes of the tensors ``nodes`` compute, the batch dim renamed to the
@@ -311,10 +393,10 @@ class _ExitGraphBuilder(ExitGraphBuilder):
         for name in (name for node in nodes for name in node.output if name in self.value_infos):
             value = onnx.ValueInfoProto()
             value.CopyFrom(self.value_infos[name])
-            if level:
+            if self._rows_dim(level) != batch:
                 for dim in value.type.tensor_type.shape.dim:
                     if dim.dim_param == batch:
-                        dim.dim_param = f"moco_rows_{level}"
+                        dim.dim_param = self._rows_dim(level)
                     elif batch in dim.dim_param:
                         dim.Clear()
             declared.append(value)

@@ -29,7 +29,7 @@ EXIT_HEADS = ("linear", "mlp")  # exit heads a candidate may get (passes/calibra
 MAX_NESTED_GRAPHS = 30
 # how the rewrite lays out the stages after each exit: passes/graph/rewrite.py (nested, flat) and
 # passes/graph/buckets.py (bucketed: the continuing rows padded to fixed batch sizes, for GPUs)
-EXIT_LAYOUTS = ("nested", "flat", "bucketed")
+EXIT_LAYOUTS = ("nested", "flat", "whole-batch", "bucketed")
 DEFAULT_EXIT_LAYOUT = "nested"
 # Batch sizes a bucketed graph pads the continuing rows to: every Conv/MatMul instance then sees one
 # shape, which cuDNN's one-plan-per-node cache needs (DESIGN.md "On CUDA").
@@ -213,7 +213,9 @@ class PlannerConfig:
     The compiled graph (see :mod:`moco_compile.passes.graph.rewrite`)
         ``exit_layout``: ``"nested"`` (each exit runs the rest of the network inside an
         ``If`` taken only when rows are left), ``"flat"`` (every stage at the top level on
-        the rows left, 0 rows once all have exited) or ``"bucketed"`` (nested, with the rows
+        the rows left, 0 rows once all have exited), ``"whole-batch"`` (nested, but the batch
+        leaves an exit only when every row in it has decided, else every row goes on: no row
+        is split off, fewer nodes per exit; for batch-1 serving) or ``"bucketed"`` (nested, with the rows
         entering each stage padded to the smallest of ``batch_buckets`` that holds them and
         one instance of the stage per bucket: shapes a GPU's kernels keep plans for; see
         :mod:`moco_compile.passes.graph.buckets`).  ``max_exits``: at most this many exits

@@ -26,9 +26,10 @@ from moco_compile.passes.planning.config import Budget, PlannerConfig
 from moco_compile.passes.planning.pipeline import FrameRows, Planning, plan_rows
 from moco_compile.passes.planning.routing import Routing
 from moco_compile.passes.planning.splits import SPLITS
-from moco_compile.passes.planning.target import TargetProfile, resolve_target
+from moco_compile.passes.planning.target import TargetProfile, priced_config, resolve_target
 from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.prepare import MAX_VERIFIED_ROWS, cut_points_of
+from moco_compile.pricing import measured_cpu_profile
 from moco_compile.progress import Phases
 from moco_compile.scale.shards import ShardedData
 
@@ -106,10 +107,13 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         How plans are designed and certified (:class:`~moco_compile.passes.planning.config.PlannerConfig`).
     target, serving_batch, batch_buckets, target_profile:
         The machine that will serve the graph, and how (:func:`~moco_compile.passes.planning.target.resolve_target`
-        prices ``planner_config``'s exit costs from them, once, before any work).  ``target``: ``"cpu"``
-        (default; ``planner_config``'s own figures, unchanged, unless a profile is given), ``"cuda"`` (the
-        built-in H100 figures) or ``"cuda:<device>"`` (needs a profile); GPU targets write the bucketed layout.
-        ``serving_batch``: rows per batch served (GPU default 64; at most the largest bucket).
+        prices ``planner_config``'s exit costs from them before the planning).  ``target``: ``"cpu"``
+        (default; ``planner_config``'s own figures unless a profile or a serving batch is given), ``"cuda"``
+        (the built-in H100 figures) or ``"cuda:<device>"`` (needs a profile); GPU targets write the bucketed
+        layout.  ``serving_batch``: rows per batch served (GPU default 64; at most the largest bucket); on
+        the cpu target without a profile, the exits are priced by timing the model and closed exits on
+        this machine at that batch (:mod:`moco_compile.pricing`, about 6 s; for batch 1 also pass
+        ``PlannerConfig(exit_layout="whole-batch")``, which the CLI writes by default there).
         ``batch_buckets``: batch sizes the continuing rows are padded to (default
         ``planner_config.batch_buckets``).  ``target_profile``: a :class:`TargetProfile` or the JSON file
         ``moco profile-target`` wrote, measured on the serving machine.
@@ -142,6 +146,11 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         config = config.for_cut_types(types.get(cut.tensor, onnx.TensorProto.FLOAT) for cut in cuts) \
             .for_model_nesting(subgraph_nesting(imported.model.graph))
         total_flops = cuts[0].flops_before + cuts[0].flops_after
+        if pricing is None and config.serving_batch is not None:  # the cpu target at a batch: measured here
+            with phases("pricing", f"timing the model and closed exits at batch {config.serving_batch}"):
+                pricing = measured_cpu_profile(imported.model, imported.output, cuts, imported.num_classes, kept,
+                                               config.serving_batch, config)
+            config = priced_config(config, pricing, config.serving_batch)
         planning = plan_rows(rows, cuts, imported.num_classes, total_flops, budget, config, seed, allow_no_exit,
                              phase=phases)
         verified = len(next(iter(kept.values())))

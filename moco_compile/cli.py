@@ -51,10 +51,13 @@ def compile_command(
     max_exits: Optional[int] = typer.Option(None, "--max-exits", help="at most this many exits (default 24); "
                                             "on CUDA each exit costs a device-to-host sync per batch (0.17 ms "
                                             "on an H100), so serve GPUs with 1 or 2"),
-    exit_layout: Optional[str] = typer.Option(None, "--exit-layout", help="nested (default on CPU): each exit "
+    exit_layout: Optional[str] = typer.Option(None, "--exit-layout", help="nested (default on CPU, but "
+                                              "whole-batch with --serving-batch 1): each exit "
                                               "runs the rest inside an If, rows that leave skip it (at most 30 "
                                               "exits); flat: no If, any number of exits (3-5% slower at batch 1, "
-                                              "up to 4% faster at batch 64 on CPU); bucketed (GPU targets): "
+                                              "up to 4% faster at batch 64 on CPU); whole-batch: nested, but "
+                                              "a batch leaves only when all its rows decided (for batch-1 "
+                                              "serving: fewer nodes per exit); bucketed (GPU targets): "
                                               "nested, the continuing rows padded to --batch-buckets"),
     exit_heads: Optional[str] = typer.Option(None, "--exit-heads", help="heads an exit's rule may be: linear,mlp "
                                              "(default: a one-hidden-layer MLP where cross-validation finds it "
@@ -64,7 +67,9 @@ def compile_command(
                                          "cuda:<device> (with --target-profile); exits are priced for it"),
     serving_batch: Optional[int] = typer.Option(None, "--serving-batch", help="rows per batch you serve, what a "
                                                 "GPU target's exits are priced at (default 64): an exit's fixed "
-                                                "time per batch is shared by the batch's rows"),
+                                                "time per batch is shared by the batch's rows; on the cpu target "
+                                                "(no profile) moco times the model and its exits on this machine "
+                                                "at that batch to price them"),
     batch_buckets: Optional[str] = typer.Option(None, "--batch-buckets", help="comma-separated batch sizes the "
                                                 "rows continuing past an exit are padded to on GPU targets "
                                                 f"(default {','.join(map(str, DEFAULT_BATCH_BUCKETS))})"),
@@ -94,6 +99,8 @@ def compile_command(
             raise ValueError(f"--exit-layout {exit_layout} does not go with --target {target}: GPU targets write the "
                              "bucketed layout (the rows continuing past an exit padded to fixed batch sizes, whose "
                              "kernels keep their plans); drop --exit-layout")
+        if exit_layout is None and serving_batch == 1 and (target or "cpu") == "cpu":
+            exit_layout = "whole-batch"  # one row per batch: nothing to split, the fewest nodes per exit
         settings = {name: value for name, value in (("exit_layout", exit_layout), ("max_exits", max_exits),
                                                     ("exit_heads", exit_heads and tuple(exit_heads.split(","))))
                     if value is not None}

@@ -22,7 +22,7 @@ from torch import nn  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibration.calibrate import variant_features  # noqa: E402
-from moco_compile.passes.calibration.pooling import variant_nodes, variants_for  # noqa: E402
+from moco_compile.passes.calibration.pooling import variant_nodes, variant_width, variants_for  # noqa: E402
 from moco_compile.passes.graph.rewrite import insert_exits  # noqa: E402
 from moco_compile.passes.graph.trailing_dims import UndeterminedDimError  # noqa: E402
 from models.fashion_resnet import FashionResNet  # noqa: E402
@@ -392,8 +392,8 @@ def test_opset_17_model_stays_at_opset_17(boxes_opset17, calibration):
 @pytest.mark.parametrize("opset", [17, 18])
 @pytest.mark.parametrize("height, width", [(28, 28), (27, 25)])
 def test_pooling_nodes_at_either_opset_and_any_size(calibration, opset, height, width):
-    """Every image-pooling variant is valid at opset 17 and 18, and the grid sized at run time
-    equals the AveragePool whose window is fixed for that size."""
+    """Every image-pooling variant is valid at opset 17 and 18, the grid sized at run time equals the
+    AveragePool whose window is fixed for that size, and each writes ``variant_width`` features."""
     images = calibration["images"][:64, :, :height, :width]
     shape = (1, *images.shape[1:])
     nodes, outputs = [], []
@@ -412,6 +412,7 @@ def test_pooling_nodes_at_either_opset_and_any_size(calibration, opset, height, 
     assert "grid" in variants_for(shape)
     for variant in variants_for(shape):
         np.testing.assert_allclose(features[f"{variant}/any"], features[f"{variant}/fixed"], atol=1e-6)
+        assert features[f"{variant}/fixed"].shape[1] == variant_width(shape, variant)
 
 
 # -- 5. a batch of 0 rows ----------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_the_cpu_target_keeps_todays_figures():
      "profile-target --providers cuda --out target.json` on that machine and pass --target-profile target.json"),
     (lambda: resolve_target(PlannerConfig(), "cuda", 512), "serving batch 512 is above the largest batch bucket 256"),
     (lambda: resolve_target(PlannerConfig(), "cuda", 0), "serving batch must be a positive whole number"),
-    (lambda: resolve_target(PlannerConfig(), "cpu", 8), "the cpu target plans with its own batch-1 figures"),
+    (lambda: resolve_target(PlannerConfig(), "cpu", 0), "serving batch must be a positive whole number"),
     (lambda: resolve_target(PlannerConfig(), "tpu"), "unknown target 'tpu'"),
     (lambda: resolve_target(PlannerConfig(), "cpu", profile=_profile()), "measured on CUDAExecutionProvider"),
     (lambda: resolve_target(PlannerConfig(), "cuda", batch_buckets=()), "batch buckets are empty"),
@@ -125,6 +125,7 @@ def _compile(model, calib, out, *options):
     (["--target", "cuda:l4"], "no built-in constants for cuda:l4"),
     (["--target", "cuda", "--exit-layout", "flat"], "GPU targets write the bucketed layout"),
     (["--target-profile", "MALFORMED"], "is not valid JSON"),
+    (["--serving-batch", "0"], "serving batch must be a positive whole number"),
 ])
 def test_compile_refuses_bad_target_options_and_writes_nothing(tmp_path, reference_onnx, calib_npz, options, message):
     malformed = tmp_path / "target.json"
@@ -218,3 +219,61 @@ def test_a_gpu_profile_where_exits_pay_writes_a_bucketed_build_the_stage_runner_
         logits, exits = single.run(None, {"images": images})
         np.testing.assert_array_equal(outputs["moco_exit"], exits)
         np.testing.assert_allclose(outputs["logits"], logits, atol=1e-5, rtol=1e-5)
+
+
+def test_the_cpu_target_at_a_serving_batch_is_priced_on_the_model_itself(tmp_path, reference_onnx, calib_npz):
+    """``--serving-batch 1`` without a profile: the compile times the model and closed exits on this machine
+    (a ``pricing`` phase), plans with that price, records where it came from, and writes the whole-batch
+    layout; ``--exit-layout nested`` keeps nested."""
+    from moco_compile.passes.graph.index import all_nodes
+
+    run = _compile(reference_onnx, calib_npz, tmp_path / "batch1", "--serving-batch", "1", "--allow-no-exit")
+    assert run.exit_code == 0, run.output
+    plan = json.loads((tmp_path / "batch1" / "plan.json").read_text())
+    report = json.loads((tmp_path / "batch1" / "report.json").read_text())
+    config, target = PlannerConfig.from_dict(plan["planner_config"]), report["target"]
+    profile = TargetProfile.from_dict({"format": "moco-target-profile", "version": 1, **target["priced_from"]})
+    assert plan["exit_layout"] == config.exit_layout == target["exit_layout"] == "whole-batch"
+    assert (config.target, config.serving_batch) == ("cpu", 1) and "pricing" in report["phases"]["seconds"]
+    assert profile.provider == "CPUExecutionProvider" and "closed exits" in profile.machine
+    assert config.exit_fixed_cost == pytest.approx(profile.exit_fixed_cost(1)) == target["exit_fixed_cost"]
+    assert config.boundary_cost == pytest.approx(PlannerConfig().boundary_cost)
+    import onnx
+
+    ops = {n.op_type for n in all_nodes(onnx.load(tmp_path / "batch1" / "model.onnx").graph)}
+    assert not {"NonZero", "Compress", "ScatterND"} & ops
+    nested = _compile(reference_onnx, calib_npz, tmp_path / "nested", "--serving-batch", "1", "--exit-layout",
+                      "nested", "--allow-no-exit")
+    assert nested.exit_code == 0, nested.output
+    assert json.loads((tmp_path / "nested" / "plan.json").read_text())["exit_layout"] == "nested"
+
+
+def test_closed_exits_for_pricing_are_the_widest_the_compile_may_write(reference_model, calibration):
+    """The pricing graph: closed exits (no row leaves, outputs equal the original's) at cuts spread over
+    the compute, with the MLP head on the richest pooling, or the probe's richest where heads are linear."""
+    import onnxruntime as ort
+
+    from moco_compile.importer import import_model
+    from moco_compile.passes.graph.rewrite import insert_exits
+    from moco_compile.prepare import cut_points_of
+    from moco_compile.pricing import PRICING_EXITS, _closed_exit, _spread, measured_cpu_profile
+
+    imported = import_model(reference_model)
+    rows = {"images": calibration["images"][:64]}
+    _, cuts = cut_points_of(imported, rows, 64)
+    chosen = _spread(cuts, PRICING_EXITS)
+    fractions = [cut.fraction_before for cut in chosen]
+    assert len(chosen) == PRICING_EXITS and fractions == sorted(fractions) and fractions[0] < 0.5 < fractions[-1]
+    mlp, linear = (_closed_exit(chosen[0], 10, PlannerConfig(exit_heads=heads)) for heads in (("linear", "mlp"),
+                                                                                             ("linear",)))
+    assert (mlp.pooling, linear.pooling) == ("grid3+max", "grid+max")
+    assert mlp.scores.hidden_weight.shape[0] == 9 * chosen[0].shape[1] + chosen[0].shape[1]
+    closed = insert_exits(imported.model, [_closed_exit(c, 10, PlannerConfig()) for c in chosen], imported.output,
+                          "whole-batch")
+    logits, exits = ort.InferenceSession(closed.SerializeToString()).run(None, rows)
+    original, = ort.InferenceSession(imported.model.SerializeToString()).run(None, rows)
+    assert (exits == -1).all()
+    np.testing.assert_allclose(logits, original, atol=1e-5)
+    profile = measured_cpu_profile(imported.model, imported.output, cuts, 10, {"images": rows["images"][:3]}, 4,
+                                   PlannerConfig(), seconds=0.5)
+    assert list(profile.flops_per_second) == [4] and profile.exit_fixed_seconds >= 0

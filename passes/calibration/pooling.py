@@ -109,6 +109,20 @@ def pooling_cost(shape: tuple[int, ...], variant: str) -> float:
     return float(cost)
 
 
+def variant_width(shape: tuple[int, ...], variant: str) -> int:
+    """Features per row of a variant computed from a tensor of this batch-1 shape (what
+    :func:`variant_nodes` writes)."""
+    if variant == "flat":
+        return math.prod(shape[1:])
+    width = 0
+    for piece in variant_pieces(variant):
+        if piece_kind(piece) in SEQUENCE_PIECES:
+            width += shape[-1]
+        else:
+            width += shape[1] * GRID_CELLS.get(piece, 1) ** (len(shape) - 2)
+    return width
+
+
 def _grid_window(size: int, cells: int) -> tuple[int, int]:
     """Kernel and stride splitting ``size`` into ``cells`` equal windows that cover it, overlapping where
     it does not divide: the smallest kernel of at least ``ceil(size / cells)`` whose windows end at

@@ -249,8 +249,9 @@ def resolve_target(config: PlannerConfig, target: str | None = None, serving_bat
     ``serving_batch`` rows per batch, the continuing rows padded to ``batch_buckets`` (default
     ``config``'s), and the profile that priced its exits (None: ``config``'s own figures).
 
-    1. ``cpu`` without a profile: ``config`` as it is (its batch-1 CPU figures), buckets applied;
-       a serving batch is refused (there is nothing to price it with).
+    1. ``cpu`` without a profile: ``config`` as it is (its batch-1 CPU figures), buckets applied; with
+       a serving batch, ``config`` records it and the compile prices the exits on the model itself
+       (:mod:`moco_compile.pricing`; None is returned for the profile until then).
     2. a profile: its kind (cpu, cuda) must be the target's; it prices the exits (:func:`priced_config`).
     3. a GPU target without one: its built-in constants (``cuda`` = ``cuda:h100``), else ``ValueError``
        saying how to measure them.
@@ -264,10 +265,10 @@ def resolve_target(config: PlannerConfig, target: str | None = None, serving_bat
                          f"{name}: pass --target {profile.kind}, or a profile measured on {name}")
     if profile is None and kind == CPU_TARGET:
         if serving_batch is not None:
-            raise ValueError("a serving batch prices exits for a GPU target or a measured profile, and the cpu "
-                             "target plans with its own batch-1 figures: pass --target cuda, or a profile of the "
-                             "serving machine (`moco profile-target --providers cpu --out target.json`, then "
-                             "--target-profile target.json)")
+            if isinstance(serving_batch, bool) or not isinstance(serving_batch, int) or serving_batch < 1:
+                raise ValueError(f"serving batch must be a positive whole number of rows, got {serving_batch!r}; "
+                                 "e.g. 1")
+            return replace(config, target=CPU_TARGET, serving_batch=serving_batch), None
         return config, None
     if profile is None:
         profile = built_in_target(name)

@@ -263,7 +263,10 @@ def test_closed_exits_for_pricing_are_the_widest_the_compile_may_write(reference
     _, cuts = cut_points_of(imported, rows, 64)
     chosen = _spread(cuts, PRICING_EXITS)
     fractions = [cut.fraction_before for cut in chosen]
-    assert len(chosen) == PRICING_EXITS and fractions == sorted(fractions) and fractions[0] < 0.5 < fractions[-1]
+    assert len(chosen) == min(PRICING_EXITS, len(cuts)) == len({c.tensor for c in chosen}) >= 3
+    assert fractions == sorted(fractions) and fractions[0] < 0.5 < fractions[-1]
+    ordered = sorted(cuts, key=lambda c: c.flops_before)
+    assert _spread(cuts, 2) == [ordered[len(cuts) // 4], ordered[3 * len(cuts) // 4]]  # the quartiles' cuts
     mlp, linear = (_closed_exit(chosen[0], 10, PlannerConfig(exit_heads=heads)) for heads in (("linear", "mlp"),
                                                                                              ("linear",)))
     assert (mlp.pooling, linear.pooling) == ("grid3+max", "grid+max")

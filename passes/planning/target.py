@@ -264,10 +264,7 @@ def resolve_target(config: PlannerConfig, target: str | None = None, serving_bat
         raise ValueError(f"the target profile was measured on {profile.provider} ({profile.name}) but the target is "
                          f"{name}: pass --target {profile.kind}, or a profile measured on {name}")
     if profile is None and kind == CPU_TARGET:
-        if serving_batch is not None:
-            if isinstance(serving_batch, bool) or not isinstance(serving_batch, int) or serving_batch < 1:
-                raise ValueError(f"serving batch must be a positive whole number of rows, got {serving_batch!r}; "
-                                 "e.g. 1")
+        if serving_batch is not None:  # PlannerConfig checks it
             return replace(config, target=CPU_TARGET, serving_batch=serving_batch), None
         return config, None
     if profile is None:

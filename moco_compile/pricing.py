@@ -10,9 +10,9 @@ So, at the serving batch on this machine, on the calibration rows:
 
 1. the original model's time per batch gives its rate, ``FLOPs * B / time``;
 2. the same model with :data:`PRICING_EXITS` closed exits (thresholds +inf: every row goes on) at cuts
-   spread over its compute (every cut when it has fewer), each with the widest head the compile may write there (an MLP head, where
-   heads may be MLPs, on the cut's last pooling variant), in the layout the compile writes, gives an
-   exit's time: ``(closed - original) / exits``.
+   spread over its compute (every cut when it has fewer), each with the widest head the compile may
+   write there (an MLP head, where heads may be MLPs, on the cut's last pooling variant), in the
+   layout the compile writes, gives an exit's time: ``(closed - original) / exits``.
 
 The result is a :class:`~moco_compile.passes.planning.target.TargetProfile` that
 :func:`~moco_compile.passes.planning.target.priced_config` turns into the planner's costs.  A closed exit

@@ -30,24 +30,23 @@ import onnx
 import onnxruntime as ort
 
 from moco_compile.passes.calibration.mlp_head import HIDDEN_WIDTH, MLPScores
-from moco_compile.passes.calibration.pooling import variant_width, variants_for
+from moco_compile.passes.calibration.pooling import variant_width
 from moco_compile.passes.calibration.rules import LinearScores
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.graph.rewrite import insert_exits
-from moco_compile.passes.planning.candidates import probe_variants
+from moco_compile.passes.planning.candidates import head_variants
 from moco_compile.passes.planning.config import PlannerConfig
 from moco_compile.passes.planning.target import BYTES_MOVED_PER_ELEMENT, TargetProfile
 from moco_compile.passes.planning.types import Exit
 from moco_compile.runtime.latency import compare_latency
 from moco_compile.runtime.profile_target import cpu_name
-from moco_compile.runtime.session import make_session
+from moco_compile.runtime.session import CPU, make_session
 
 # closed exits timed together (all cuts when fewer): one exit's time is lost in the model's timing noise.
 # 6-block MiniLM, batch 1, three timings each: 94-183 us per exit with 3 exits (once 0: slower original),
 # 101-120 us with 8
 PRICING_EXITS = 8
 PRICING_SECONDS = 6.0  # timing both graphs, in all
-CPU_PROVIDER = "CPUExecutionProvider"
 
 log = logging.getLogger("moco")
 
@@ -64,14 +63,14 @@ def measured_cpu_profile(model: onnx.ModelProto, output: str, cuts: Sequence[Cut
     count = len(next(iter(rows.values())))
     repeat = np.arange(max(count, batch)) % count
     feeds = {name: values[repeat] for name, values in rows.items()}
-    sessions = {"original": make_session(model, [CPU_PROVIDER]), "closed": make_session(closed, [CPU_PROVIDER])}
+    sessions = {"original": make_session(model, [CPU]), "closed": make_session(closed, [CPU])}
     timing = compare_latency(sessions, feeds, batch, min_seconds=seconds)
     rate = (cuts[0].flops_before + cuts[0].flops_after) * batch / timing["original"]
     per_exit = (timing["closed"] - timing["original"]) / len(chosen)
     if per_exit <= 0:
         log.warning("pricing: %d closed exits ran no slower than the model at batch %d on this machine (timing "
                     "noise); exits are priced at no fixed cost", len(chosen), batch)
-    return TargetProfile(name="cpu", provider=CPU_PROVIDER, exit_fixed_seconds=max(0.0, per_exit),
+    return TargetProfile(name="cpu", provider=CPU, exit_fixed_seconds=max(0.0, per_exit),
                          flops_per_second={batch: rate},
                          copy_bytes_per_second=BYTES_MOVED_PER_ELEMENT * rate / config.boundary_cost,
                          machine=f"{cpu_name()}, this model's closed exits",
@@ -89,7 +88,7 @@ def _spread(cuts: Sequence[CutPoint], count: int) -> list[CutPoint]:
 def _closed_exit(cut: CutPoint, num_classes: int, config: PlannerConfig) -> Exit:
     """An exit no row takes, with the widest pooling and head the compile may write at ``cut``."""
     mlp = "mlp" in config.exit_heads
-    pooling = (variants_for(cut.shape, cut.sequence_mask, cut.summary_token) if mlp else probe_variants(cut))[-1]
+    pooling = head_variants(cut, mlp)[-1]
     width = variant_width(cut.shape, pooling)
     rng = np.random.default_rng(0)
 

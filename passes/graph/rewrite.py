@@ -86,8 +86,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from moco_compile.constants import EXIT_OUTPUT, FLOPS_ORIGINAL_KEY, STAGE_FLOPS_KEY
-from moco_compile.passes.graph.buckets import insert_bucketed_exits
 from moco_compile.passes.calibration.pooling import reduce_nodes
+from moco_compile.passes.graph.buckets import insert_bucketed_exits
 from moco_compile.passes.graph.empty_rows import unsafe_on_no_rows
 from moco_compile.passes.graph.exit_graph import ExitGraphBuilder
 from moco_compile.passes.graph.index import node_inputs, subgraph_nesting

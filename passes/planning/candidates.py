@@ -67,8 +67,8 @@ def fit_candidates(frame: ActivationFrame, cuts: Sequence[CutPoint], num_classes
     def fit_cut(cut: CutPoint) -> tuple[_Fitted, _Fitted]:
         """The cut's softmax probe, and its chosen head (the probe, or an MLP head that beats it)."""
         column = cut_column(cut)
-        names = variants_for(cut.shape, cut.sequence_mask, cut.summary_token) if try_mlp else probe_variants(cut)
-        variants = {variant: _finite(variant_features(frame, column, variant), column) for variant in names}
+        variants = {variant: _finite(variant_features(frame, column, variant), column)
+                    for variant in head_variants(cut, try_mlp)}
         head = _HeadFitting(cut, column, variants, targets, num_classes, precision, config)
         probe = head.fit(SoftmaxRuleFitter(), targets, among=probe_variants(cut))
         mlp = head.fit(DistilledMLPFitter(), probabilities, beat=probe) if try_mlp else None
@@ -140,6 +140,12 @@ class _HeadFitting:
             (guard.flops if guard is not None else 0)
         exit_ = Exit(self.cut, self.column, variant, rule, np.full(self.num_classes, np.inf), rule_flops, guard)
         return _Fitted(exit_, scores, coverage, blocked)
+
+
+def head_variants(cut: CutPoint, mlp: bool) -> list[str]:
+    """The pooling variants a cut's heads may read, cheapest first: every variant where an MLP head may be
+    fitted (``mlp``), else the probe's (:func:`probe_variants`)."""
+    return variants_for(cut.shape, cut.sequence_mask, cut.summary_token) if mlp else probe_variants(cut)
 
 
 def probe_variants(cut: CutPoint) -> list[str]:

@@ -20,6 +20,7 @@ from moco_compile.passes.planning.routing import Rounding, route, route_scores, 
 from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.passes.planning.splits import (SPLIT_BLOCK_ROWS, SPLITS, RowSplit, assign_splits, min_calibration_rows,
                                         split_sizes)
+from tests.synthetic_plans import MFLOP, TOTAL_FLOPS, candidate_exits, synthetic
 
 
 # -- routing and cost -----------------------------------------------------------------------
@@ -218,7 +219,7 @@ def test_any_range_of_rows_is_labelled_alone_as_in_the_whole():
 
 def test_counts_of_disjoint_rows_add_up_to_the_counts_of_their_union():
     rng = np.random.default_rng(5)
-    rows = _synthetic(900, rng)
+    rows = synthetic(900, rng)
     rows.labels = np.where(rng.random(900) < 0.9, rows.predictions, (rows.predictions + 1) % 3)
     family = [np.full((3, 3), np.inf, np.float32)] + [np.full((3, 3), t, np.float32) for t in (-0.05, -0.5, -3.0)]
     family[2][1] = np.inf  # a plan with an exit closed
@@ -235,33 +236,7 @@ def test_counts_of_disjoint_rows_add_up_to_the_counts_of_their_union():
     assert whole.could_disagree[3] == routing.could_disagree.sum()
 
 
-MFLOP = 1e6  # synthetic networks of 100 MFLOPs: exits' fixed cost (PlannerConfig.exit_fixed_cost) is small beside them
-TOTAL_FLOPS = 100 * MFLOP
 BEFORE = MFLOP * np.array([25.0, 50.0, 75.0])  # three exits' FLOPs before their cuts
-
-
-def _synthetic(rows: int, rng: np.random.Generator, classes: int = 3, signals=(1.0, 2.5, 4.0)):
-    """Per-exit log-probability scores that get sharper at later exits, and the full model's class."""
-    predictions = rng.integers(0, classes, rows)
-    scores = []
-    for signal in signals:
-        logits = rng.normal(0, 1, (rows, classes)) + signal * np.eye(classes)[predictions]
-        scores.append((logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)).astype(np.float32))
-    return Split(scores, predictions)
-
-
-def _candidates(count: int, classes: int = 3):
-    from moco_compile.passes.graph.cut_points import CutPoint
-    from moco_compile.passes.planning.types import Exit
-    from moco_compile.passes.calibration.rules import LinearScores
-
-    exits = []
-    for k in range(count):
-        cut = CutPoint(f"t{k}", f"block{k}", (1, 4), MFLOP * 25.0 * (k + 1), MFLOP * (100.0 - 25.0 * (k + 1)))
-        exits.append(Exit(cut, f"block{k}", "flat", LinearScores(np.zeros((4, classes), np.float32),
-                                                                  np.zeros(classes, np.float32)),
-                          np.full(classes, np.inf), 1.0))
-    return exits
 
 
 def _problem(design: Split, budget: Budget, config: PlannerConfig, count: int = 3) -> DesignProblem:
@@ -271,7 +246,7 @@ def _problem(design: Split, budget: Budget, config: PlannerConfig, count: int = 
 
 @pytest.mark.parametrize("family", ["per-class", "per-cut", "shared", "shared-all"])
 def test_families_are_nested_and_grow_from_no_exits(family):
-    design = _synthetic(600, np.random.default_rng(0))
+    design = synthetic(600, np.random.default_rng(0))
     plans = build_family(family, _problem(design, Budget(0.05), PlannerConfig()))
     assert len(plans) > 5 and not np.isfinite(plans[0]).any()
     for before, after in zip(plans, plans[1:]):
@@ -298,7 +273,7 @@ def _design_cost_and_risk(problem: DesignProblem, plan: np.ndarray, active: np.n
 def test_the_shared_path_prices_each_plan_as_routing_does(active):
     from moco_compile.passes.planning.design import _shared_path
 
-    design = _synthetic(500, np.random.default_rng(7))
+    design = synthetic(500, np.random.default_rng(7))
     problem = _problem(design, Budget(0.05), PlannerConfig())
     active = np.array(active)
     path = _shared_path(problem, [-np.sort(-s, axis=0) for s in design.scores], active)
@@ -315,7 +290,7 @@ def test_repricing_only_the_moved_rows_equals_pricing_every_row_anew(accuracy_dr
     from moco_compile.passes.planning.design import _DesignState, _reprice, _threshold_grid
 
     rng = np.random.default_rng(11)
-    design = _synthetic(500, rng)
+    design = synthetic(500, rng)
     design = Split(design.scores, design.predictions, (design.predictions + (rng.random(500) < 0.1)) % 3)
     problem = _problem(design, Budget(0.05, max_accuracy_drop=accuracy_drop), PlannerConfig())
     state = _DesignState(problem, np.ones(3, bool))
@@ -343,7 +318,7 @@ def test_the_greedy_prices_every_threshold_move_as_routing_does():
     from moco_compile.passes.planning.design import _DesignState
 
     rng = np.random.default_rng(8)
-    design = _synthetic(400, rng)
+    design = synthetic(400, rng)
     problem = _problem(design, Budget(0.05), PlannerConfig())
     active = np.ones(3, bool)
     plan = np.array([[-0.1, np.inf, -0.3], [np.inf, -0.2, -0.5], [-1.0, -1.0, np.inf]], np.float32)
@@ -366,7 +341,7 @@ def test_the_greedy_prices_every_threshold_move_as_routing_does():
 def test_the_greedy_paths_price_each_plan_as_routing_does(family):
     from moco_compile.passes.planning.design import _GREEDY_PATHS
 
-    design = _synthetic(500, np.random.default_rng(10))
+    design = synthetic(500, np.random.default_rng(10))
     problem = _problem(design, Budget(0.05), PlannerConfig())
     active = np.array([True, False, True])
     path = _GREEDY_PATHS[family](problem, [-np.sort(-s, axis=0) for s in design.scores], active)
@@ -379,7 +354,7 @@ def test_lowering_one_threshold_moves_rows_as_routing_does():
     from moco_compile.passes.planning.design import _DesignState
 
     rng = np.random.default_rng(9)
-    design = _synthetic(400, rng)
+    design = synthetic(400, rng)
     problem = _problem(design, Budget(0.05), PlannerConfig())
     active = np.ones(3, bool)
     plan = np.full((3, 3), np.inf, np.float32)
@@ -393,16 +368,16 @@ def test_lowering_one_threshold_moves_rows_as_routing_does():
         assert (state.total_cost, state.risk) == pytest.approx(_design_cost_and_risk(problem, plan, active))
 
 
-def _many_candidates(rows: int, count: int, rng) -> tuple[Split, np.ndarray]:
+def _manycandidate_exits(rows: int, count: int, rng) -> tuple[Split, np.ndarray]:
     """``count`` exits of slowly rising quality, some of them duplicates of their neighbour."""
-    design = _synthetic(rows, rng, signals=np.linspace(0.5, 4.0, count))
+    design = synthetic(rows, rng, signals=np.linspace(0.5, 4.0, count))
     return design, MFLOP * np.linspace(5.0, 90.0, count)
 
 
 def test_removing_each_exit_is_priced_as_routing_does():
     from moco_compile.passes.planning.design import _design_costs_without_each
 
-    design, before = _many_candidates(500, 6, np.random.default_rng(5))
+    design, before = _manycandidate_exits(500, 6, np.random.default_rng(5))
     problem = DesignProblem.build(design, before, np.ones(6), np.full(6, 4.0), TOTAL_FLOPS, Budget(0.05),
                                   PlannerConfig())
     active = np.array([True, True, False, True, True, True])
@@ -419,7 +394,7 @@ def test_removing_each_exit_is_priced_as_routing_does():
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["per-class", "per-cut", "shared"])
 def test_ranked_elimination_stays_close_to_trying_every_exit(family):
-    design, before = _many_candidates(800, 10, np.random.default_rng(3))
+    design, before = _manycandidate_exits(800, 10, np.random.default_rng(3))
     costs = []
     # exits of 2% of the network each; with exits of 1% or less ranked "shared" trails the exhaustive
     # search by 4-7 points of compute on these rows (before exit_fixed_cost, this test's exits cost 4x the network)
@@ -436,7 +411,7 @@ def test_ranked_elimination_stays_close_to_trying_every_exit(family):
 
 @pytest.mark.parametrize("family", ["per-cut", "per-class"])
 def test_greedy_families_start_from_at_most_their_cap_of_exits(family):
-    design, before = _many_candidates(600, 16, np.random.default_rng(4))
+    design, before = _manycandidate_exits(600, 16, np.random.default_rng(4))
     config = PlannerConfig(per_class_candidates=5)
     problem = DesignProblem.build(design, before, np.ones(16), np.full(16, 4.0), TOTAL_FLOPS, Budget(0.05), config)
     plans = build_family(family, problem)
@@ -445,7 +420,7 @@ def test_greedy_families_start_from_at_most_their_cap_of_exits(family):
 
 def test_backward_elimination_drops_an_exit_that_does_not_pay():
     rng = np.random.default_rng(1)
-    design = _synthetic(600, rng)
+    design = synthetic(600, rng)
     design.scores[1] = np.log(np.full_like(design.scores[1], 1 / 3))  # exit 1 knows nothing
     plans = build_family("per-class", _problem(design, Budget(0.05), PlannerConfig()))
     assert not np.isfinite(plans[-1][1]).any()
@@ -454,7 +429,7 @@ def test_backward_elimination_drops_an_exit_that_does_not_pay():
 
 def test_certification_keeps_the_plan_before_the_first_failure():
     rng = np.random.default_rng(2)
-    test = _synthetic(400, rng)
+    test = synthetic(400, rng)
     family = [np.full((3, 3), np.inf, np.float32)] + [np.full((3, 3), t, np.float32) for t in (-0.05, -0.5, -3.0)]
     flops = lambda open_: stage_costs(BEFORE, np.where(open_, 1.0, 0.0), TOTAL_FLOPS)  # noqa: E731
     result = certify_family(family, count_plans(family, test, Rounding()), flops, flops, TOTAL_FLOPS, Budget(0.05, 0.9),
@@ -470,7 +445,7 @@ def test_certification_keeps_the_certified_plan_that_saves_most():
     """Every plan before the first failure is certified; when the later ones' exits cost more
     than they save, an earlier one (here: no exit at all) is kept."""
     rng = np.random.default_rng(2)
-    test = _synthetic(400, rng)
+    test = synthetic(400, rng)
     family = [np.full((3, 3), np.inf, np.float32)] + [np.full((3, 3), t, np.float32) for t in (-0.01, -0.02)]
     flops = lambda open_: stage_costs(BEFORE, np.where(open_, 1.0, 0.0), TOTAL_FLOPS)  # noqa: E731
     costly = lambda open_: stage_costs(BEFORE, np.where(open_, 90.0 * MFLOP, 0.0), TOTAL_FLOPS)  # noqa: E731
@@ -482,11 +457,11 @@ def test_certification_keeps_the_certified_plan_that_saves_most():
 
 def test_family_choice_never_reads_the_test_rows():
     rng = np.random.default_rng(3)
-    design, test = _synthetic(600, rng), _synthetic(400, rng)
+    design, test = synthetic(600, rng), synthetic(400, rng)
     shuffled = Split(test.scores, rng.permutation(test.predictions))
     first, second = ExitPlanner(Budget(0.05, 0.9)), ExitPlanner(Budget(0.05, 0.9))
-    first.fit(_candidates(3), design, test, TOTAL_FLOPS)
-    second.fit(_candidates(3), design, shuffled, TOTAL_FLOPS)
+    first.fit(candidate_exits(3), design, test, TOTAL_FLOPS)
+    second.fit(candidate_exits(3), design, shuffled, TOTAL_FLOPS)
     assert first.family_scores_ == second.family_scores_
     assert list(first.families_) == list(second.families_)
     for name in first.families_:
@@ -497,10 +472,10 @@ def test_a_test_split_that_disagrees_everywhere_keeps_no_exit():
     """Under a shift between design and test rows (the test's predictions permuted), every plan
     with exits disagrees at a high rate: the planner keeps the plan with no exits."""
     rng = np.random.default_rng(4)
-    design, test = _synthetic(600, rng), _synthetic(400, rng)
+    design, test = synthetic(600, rng), synthetic(400, rng)
     shuffled = Split(test.scores, rng.permutation(test.predictions))
     costly = PlannerConfig(exit_fixed_cost=5 * MFLOP)  # each exit 5% of the network for every row reaching it
-    plan = ExitPlanner(Budget(0.05, 0.9), config=costly).fit(_candidates(3), design, shuffled, TOTAL_FLOPS)
+    plan = ExitPlanner(Budget(0.05, 0.9), config=costly).fit(candidate_exits(3), design, shuffled, TOTAL_FLOPS)
     certificate = plan.certificate
     assert certificate["disagreements"] <= max_certifiable_failures(400, 0.05, 0.1)
     assert certificate["plans_tested"] == certificate["plans_certified"] + 1  # stopped at a failure
@@ -511,7 +486,7 @@ def test_a_test_split_that_disagrees_everywhere_keeps_no_exit():
 def test_too_small_a_test_split_certifies_nothing():
     rng = np.random.default_rng(5)
     with pytest.raises(NoPlanError, match="on 20 rows.*voids the stated confidence.*new calibration rows"):
-        ExitPlanner(Budget(0.01, 0.95)).fit(_candidates(3), _synthetic(300, rng), _synthetic(20, rng), TOTAL_FLOPS)
+        ExitPlanner(Budget(0.01, 0.95)).fit(candidate_exits(3), synthetic(300, rng), synthetic(20, rng), TOTAL_FLOPS)
 
 
 
@@ -525,10 +500,10 @@ def test_a_richer_family_must_beat_the_noise_of_overlapping_folds():
 
 def test_bonferroni_selection_certifies_each_family_at_a_share():
     rng = np.random.default_rng(6)
-    design, test = _synthetic(600, rng), _synthetic(600, rng)
+    design, test = synthetic(600, rng), synthetic(600, rng)
     config = PlannerConfig(family_selection="bonferroni")
     planner = ExitPlanner(Budget(0.05, 0.9), config)
-    plan = planner.fit(_candidates(3), design, test, TOTAL_FLOPS)
+    plan = planner.fit(candidate_exits(3), design, test, TOTAL_FLOPS)
     certificate = plan.certificate
     share = len(config.families)
     assert set(planner.certified_) == set(config.families) and share >= 3
@@ -541,7 +516,7 @@ def test_accuracy_budget_needs_labels():
     rng = np.random.default_rng(7)
     with pytest.raises(ValueError, match="needs labels"):
         ExitPlanner(Budget(0.05, 0.9, max_accuracy_drop=0.02)).fit(
-            _candidates(3), _synthetic(300, rng), _synthetic(300, rng), TOTAL_FLOPS)
+            candidate_exits(3), synthetic(300, rng), synthetic(300, rng), TOTAL_FLOPS)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -634,12 +609,12 @@ def simulated_certification():
     plan's true disagreement (``[plans]``), the test draws (``[draws, rows]`` population indices)
     and each plan's disagreements on them (``[draws, plans]``)."""
     rng = np.random.default_rng(11)
-    population = _synthetic(10_000, rng, classes=2, signals=(0.5, 1.0))  # weak signals: families cross the budget
+    population = synthetic(10_000, rng, classes=2, signals=(0.5, 1.0))  # weak signals: families cross the budget
     designs = []
     for _ in range(SIMULATED_DESIGNS):
         planner = ExitPlanner(SIMULATED_BUDGET, SIMULATED_CONFIG)
         design = population.take(rng.integers(0, len(population), 300))
-        (name, family), = planner.design(_candidates(2, classes=2), design, SIMULATED_ROWS, TOTAL_FLOPS).items()
+        (name, family), = planner.design(candidate_exits(2, classes=2), design, SIMULATED_ROWS, TOTAL_FLOPS).items()
         disagrees = np.stack([route_scores(population.scores, plan, None, SIMULATED_CONFIG.rounding, len(population),
                                            population.predictions).could_disagree for plan in family], axis=1)
         draws = rng.integers(0, len(population), (DRAWS_PER_DESIGN, SIMULATED_ROWS))
@@ -730,7 +705,7 @@ def test_plan_round_trips_through_json(compiled):
 def test_no_plan_opens_more_than_max_exits(family):
     """An ONNX file can nest only so many exits: with 40 candidates every plan of every family
     stays within ``max_exits``; "shared-all" opens exits spread over the compute, not the rows."""
-    design, before = _many_candidates(500, 40, np.random.default_rng(6))
+    design, before = _manycandidate_exits(500, 40, np.random.default_rng(6))
     config = PlannerConfig(max_exits=6)
     problem = DesignProblem.build(design, before, np.ones(40), np.full(40, 4.0), TOTAL_FLOPS, Budget(0.05), config)
     plans = build_family(family, problem)

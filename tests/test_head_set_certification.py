@@ -49,6 +49,8 @@ MAX_VIOLATIONS = 2135
 CERTIFIABLE_RATE = 0.08
 HEAD_SETS = 2
 
+pytestmark = pytest.mark.slow  # 11 s: the fast tier (`pytest -m "not slow"`) leaves this file out
+
 
 @dataclass
 class HeadSet:

@@ -34,7 +34,7 @@ from models.fashion_resnet import FashionResNet  # noqa: E402
 from models.zoo_export import ARCHITECTURES, export, input_names, model_inputs  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibration.calibrate import cut_column  # noqa: E402
-from moco_compile.passes.calibration.pooling import pooling_cost, variants_for  # noqa: E402
+from moco_compile.passes.calibration.pooling import pooling_cost, variant_width, variants_for  # noqa: E402
 from moco_compile.passes.calibration.rules import LinearScores  # noqa: E402
 from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
 from moco_compile.passes.planning.config import DEFAULT_EXIT_LAYOUT  # noqa: E402
@@ -60,9 +60,9 @@ def closed_exits(imported, inputs: dict[str, np.ndarray]) -> ExitPlan:
     classes = imported.num_classes
     exits = []
     for cut in cuts:
-        pooling = variants_for(cut.shape)[0]  # "flat" or "mean": either gives shape[1] features
-        rule = LinearScores(np.zeros((cut.shape[1], classes), np.float32), np.zeros(classes, np.float32),
-                            "log_softmax")
+        pooling = variants_for(cut.shape)[0]
+        width = variant_width(cut.shape, pooling)
+        rule = LinearScores(np.zeros((width, classes), np.float32), np.zeros(classes, np.float32), "log_softmax")
         exits.append(Exit(cut, cut_column(cut), pooling, rule, np.full(classes, np.inf, np.float32),
                           pooling_cost(cut.shape, pooling) + rule.flops))
     return ExitPlan(exits, cuts[0].flops_before + cuts[0].flops_after)

@@ -34,7 +34,7 @@ from benchmarks.results import machine_description, write_section  # noqa: E402
 from benchmarks.rule_quality_report import CONFIG, MOCO_FITTER  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.api import calibrate_frame  # noqa: E402
-from moco_compile.constants import PREDICTIONS, SPLIT_COLUMN  # noqa: E402
+from moco_compile.constants import SPLIT_COLUMN  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibration.calibrate import cut_column  # noqa: E402
 from moco_compile.passes.calibration.pooling import pooling_cost  # noqa: E402

@@ -248,7 +248,8 @@ def _design(candidates: Candidates, predictions: np.ndarray, labels: np.ndarray 
 def _certified(options: Sequence[tuple[ExitPlanner, Candidates]], rows: PlanningRows, split: RowSplit,
                config: PlannerConfig) -> tuple[ExitPlan, ExitPlanner, Candidates, Counts]:
     """The plan certified on the test rows for each head set, each at ``1 / len(options)`` of the error
-    rate (Bonferroni: the one kept holds at the full confidence), and the one that saves most there
+    rate (Bonferroni: the one kept holds at the full confidence; ``tests/test_head_set_certification.py``
+    simulates it, and catches each set certified at the full rate), and the one that saves most there
     (the first on a tie): its plan, planner, candidates and counts.  Raises :class:`NoPlanError` when
     none certifies."""
     results, errors = [], []

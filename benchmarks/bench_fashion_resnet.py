@@ -191,7 +191,8 @@ def main() -> None:
     lines += ["", f"Built for batch-1 serving (`moco compile --serving-batch 1`: exits priced by timing this model and "
               f"closed exits at batch 1 on this machine, {batch1['exit_us']:.1f} us per exit = "
               f"{batch1['exit_fixed_cost'] / 1e6:.2f}M FLOP-equivalents against 0.25M by default; whole-batch layout), "
-              f"same budget: {batch1['exits']} exits, {100 * batch1['compute_reduction']:.1f}% compute reduction, "
+              f"same budget: {batch1['exits']} exit{'' if batch1['exits'] == 1 else 's'}, "
+              f"{100 * batch1['compute_reduction']:.1f}% compute reduction, "
               f"{100 * batch1['disagreement']:.2f}% disagreement, accuracy {100 * batch1['accuracy_change']:+.2f} pp. "
               "Batch 1 in one process (2,000 test rows):", "",
               "| graph | ms | / original | realized / FLOPs reduction |", "|---|---|---|---|"]

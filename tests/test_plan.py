@@ -1,15 +1,12 @@
-"""Routing semantics, the statistics, the planner's steps and the plan certificate."""
+"""Routing semantics, the splits, the planner's steps and the plan certificate (the statistics: test_bounds.py;
+the certificate's level, simulated: test_certification_simulation.py)."""
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 import pytest
-from scipy import stats
 from scipy.special import log_softmax
 
-from moco_compile.passes.planning.bounds import (binomial_p_value, clopper_pearson_interval, clopper_pearson_upper,
-                                        fixed_sequence, max_certifiable_failures, rows_needed)
+from moco_compile.passes.planning.bounds import binomial_p_value, max_certifiable_failures, rows_needed
 from moco_compile.passes.calibration.calibrate import variant_features
 from moco_compile.passes.planning.certify import certify_family
 from moco_compile.passes.planning.config import Budget, PlannerConfig
@@ -91,73 +88,6 @@ def test_routing_reads_each_thresholds_own_tolerance():
     no_exit = route_scores([], np.zeros((0, 2), np.float32), np.array([7.0]), Rounding(1e-4, 1e-6), rows=3,
                            full_predictions=predictions[[0, 0, 1]])
     assert no_exit.exit_index.tolist() == [-1] * 3 and not no_exit.could_disagree.any()
-
-# -- binomial statistics and fixed-sequence testing ------------------------------------------
-def test_binomial_statistics_match_scipy():
-    assert rows_needed(0.01, 0.95) == 299
-    assert binomial_p_value(0, 299, 0.01) <= 0.05 < binomial_p_value(0, 298, 0.01)
-    assert clopper_pearson_upper(0, 299, 0.95) == pytest.approx(0.01, rel=0.01)
-    for rows, failures in [(500, 3), (2000, 12), (10000, 80)]:
-        oracle = stats.binomtest(failures, rows, 0.01, alternative="less").pvalue
-        assert binomial_p_value(failures, rows, 0.01) == pytest.approx(oracle)
-
-
-BOUND_GRID_ROWS = [1, 2, 7, 50, 301]
-BOUND_GRID_CONFIDENCES = [0.8, 0.9, 0.95, 0.99]
-
-
-def _counts(rows: int) -> np.ndarray:
-    """Every count for small ``rows``, else both ends, their neighbours and the middle."""
-    return np.arange(rows + 1) if rows <= 50 else np.array([0, 1, rows // 3, rows // 2, rows - 1, rows])
-
-
-@pytest.mark.parametrize("confidence", BOUND_GRID_CONFIDENCES)
-@pytest.mark.parametrize("rows", BOUND_GRID_ROWS)
-def test_clopper_pearson_bounds_match_scipy_exact_intervals(rows, confidence):
-    counts = _counts(rows)
-    two_sided = [stats.binomtest(int(k), rows).proportion_ci(confidence, method="exact") for k in counts]
-    upper = [stats.binomtest(int(k), rows, alternative="less").proportion_ci(confidence, method="exact").high
-             for k in counts]
-    for k, oracle, oracle_upper in zip(counts, two_sided, upper):  # scalars in, floats out
-        low, high = clopper_pearson_interval(int(k), rows, confidence)
-        assert isinstance(low, float) and isinstance(high, float)
-        assert (low, high) == pytest.approx((oracle.low, oracle.high), rel=1e-9, abs=1e-12)
-        bound = clopper_pearson_upper(int(k), rows, confidence)
-        assert isinstance(bound, float) and bound == pytest.approx(oracle_upper, rel=1e-9, abs=1e-12)
-    low, high = clopper_pearson_interval(counts, np.full(len(counts), rows), confidence)  # arrays in, arrays out
-    assert isinstance(low, np.ndarray) and low.shape == counts.shape == high.shape
-    np.testing.assert_allclose(low, [ci.low for ci in two_sided], rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(high, [ci.high for ci in two_sided], rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(clopper_pearson_upper(counts, rows, confidence), upper, rtol=1e-9, atol=1e-12)
-    assert low[0] == 0.0 and high[-1] == 1.0 and clopper_pearson_upper(rows, rows, confidence) == 1.0
-
-
-def test_bounds_take_arrays_and_no_rows():
-    failures, rows = np.array([0, 3, 12, 0]), np.array([299, 500, 2000, 0])
-    p_values = binomial_p_value(failures, rows, 0.01)
-    assert isinstance(p_values, np.ndarray)
-    np.testing.assert_allclose(p_values[:3], [stats.binomtest(int(k), int(n), 0.01, alternative="less").pvalue
-                                              for k, n in zip(failures[:3], rows[:3])])
-    assert p_values[3] == binomial_p_value(0, 0, 0.01) == 1.0
-    assert clopper_pearson_upper(failures, rows, 0.95)[3] == clopper_pearson_upper(0, 0, 0.95) == 1.0
-    assert clopper_pearson_interval(0, 0, 0.95) == (0.0, 1.0)
-    low, high = clopper_pearson_interval(np.array([[0, 1], [2, 3]]), 3, 0.9)  # broadcast, shape kept
-    assert low.shape == high.shape == (2, 2) and low[0, 0] == 0.0 and high[1, 1] == 1.0
-
-
-@pytest.mark.parametrize("rows", [150, 299, 1000, 2000, 5000])
-def test_max_certifiable_failures_is_the_last_count_that_rejects(rows):
-    most = max_certifiable_failures(rows, 0.01, 0.05)
-    assert most == -1 or binomial_p_value(most, rows, 0.01) <= 0.05
-    assert binomial_p_value(most + 1, rows, 0.01) > 0.05
-
-
-def test_fixed_sequence_stops_at_the_first_failure():
-    assert fixed_sequence([0.001, 0.01, 0.2, 0.001], 0.05) == 1
-    assert fixed_sequence([0.3, 0.001], 0.05) == -1
-    assert fixed_sequence([0.01, 0.02], 0.05) == 1
-    assert fixed_sequence([], 0.05) == -1
-
 
 # -- splits ----------------------------------------------------------------------------------
 def test_small_sets_have_no_report_split_and_the_test_split_can_certify():
@@ -570,102 +500,6 @@ def test_planner_config_is_validated():
         PlannerConfig(family_choice_errors=-1.0)
     with pytest.raises(ValueError, match="narrow_float_ulps"):
         PlannerConfig(narrow_float_ulps=-1.0)
-
-
-# -- the bound holds: repeated design + certification with known ground truth ------------------
-# A population of 10,000 rows is the truth: design and test rows are drawn from it with replacement,
-# so a plan's true disagreement is its mean over the population.  Each of SIMULATED_DESIGNS design
-# draws (300 rows) builds its family as moco does (ExitPlanner.design: ~250 nested plans whose
-# true rates cross the 5% budget in steps of 0.1 point or less, so the test runs near its exact
-# level); each of DRAWS_PER_DESIGN test draws (300 rows) is then certified with the project's exact binomial p-value
-# and fixed-sequence test (cross-checked against count_plans + ExitPlanner.certify on some draws).
-# A repeat violates when a certified plan's true rate is over the budget: the shipped plan is one of
-# them, so this is the event the certificate bounds, and at least as strict as the shipped plan's.
-#
-# The check passes when at most MAX_VIOLATIONS of the REPEATS = 1,000 repeats violate.  Given the
-# designs the repeats are independent, a repeat violating with its design's probability q_k.
-#  (i)  A correct procedure has q_k <= 5% for every design (its family is fixed by the design rows
-#       before any test row is drawn), so its violations are at most Bin(1000, 0.05):
-#       P(the check fails it) <= P(Bin(1000, 0.05) > 73) = 0.065%.
-#  (ii) A procedure whose q_k average 10% passes with probability <= P(Bin(1000, 0.10) <= 73) = 0.18%
-#       (Hoeffding 1956, Theorem 4: a sum of independent Bernoulli trials falls at least 1 below its
-#       mean no more often than the binomial with the same mean); averaging 9.5%: 0.84%.
-# (The check this replaces, 200 repeats at a nominal 10% allowing 32 violations, passed a procedure
-# violating in 15% of repeats with probability 0.70.)
-# Measured on 20,000 further test draws per design of this fixture: moco's certification at 95%
-# violated in 3.1-3.3% of them (the binomial test's exact level at 300 rows and a 5% rate is 3.4%),
-# the negative control below (the same test at 88%) in 10.6-10.9% (exact level 11.2%).  In the
-# fixture's own 1,000 repeats: 42 and 119 violations.
-SIMULATED_CONFIG = PlannerConfig(rounding_tolerance=0.0, family_cv_plans=25)  # fewer CV plans: 3x faster
-SIMULATED_BUDGET = Budget(0.05, 0.95)
-SIMULATED_DESIGNS, DRAWS_PER_DESIGN, SIMULATED_ROWS = 4, 250, 300
-REPEATS = SIMULATED_DESIGNS * DRAWS_PER_DESIGN
-MAX_VIOLATIONS = 73
-
-
-@pytest.fixture(scope="module")
-def simulated_certification():
-    """``(population, designs)``; per design draw: the planner, its family's name and plans, each
-    plan's true disagreement (``[plans]``), the test draws (``[draws, rows]`` population indices)
-    and each plan's disagreements on them (``[draws, plans]``)."""
-    rng = np.random.default_rng(11)
-    population = synthetic(10_000, rng, classes=2, signals=(0.5, 1.0))  # weak signals: families cross the budget
-    designs = []
-    for _ in range(SIMULATED_DESIGNS):
-        planner = ExitPlanner(SIMULATED_BUDGET, SIMULATED_CONFIG)
-        design = population.take(rng.integers(0, len(population), 300))
-        (name, family), = planner.design(candidate_exits(2, classes=2), design, SIMULATED_ROWS, TOTAL_FLOPS).items()
-        disagrees = np.stack([route_scores(population.scores, plan, None, SIMULATED_CONFIG.rounding, len(population),
-                                           population.predictions).could_disagree for plan in family], axis=1)
-        draws = rng.integers(0, len(population), (DRAWS_PER_DESIGN, SIMULATED_ROWS))
-        designs.append((planner, name, family, disagrees.mean(axis=0), draws, disagrees[draws].sum(axis=1)))
-    return population, designs
-
-
-@functools.cache
-def _simulated_p_values() -> np.ndarray:
-    """The project's p-value of each disagreement count on SIMULATED_ROWS rows, tabulated once."""
-    return np.array([binomial_p_value(k, SIMULATED_ROWS, SIMULATED_BUDGET.max_disagreement)
-                     for k in range(SIMULATED_ROWS + 1)])
-
-
-def _certified_prefix(disagreements: np.ndarray, delta: float) -> int:
-    """The last plan the fixed-sequence test certifies at level ``delta`` from the plans' disagreements
-    on SIMULATED_ROWS test rows."""
-    return fixed_sequence(_simulated_p_values()[disagreements], delta)
-
-
-def _violations(simulated, delta: float) -> int:
-    """Repeats in which some plan certified at level ``delta`` breaks the budget on the population."""
-    _, designs = simulated
-    violations = 0
-    for _, _, _, rates, _, counts in designs:
-        for disagreements in counts:
-            certified = _certified_prefix(disagreements, delta)
-            violations += rates[:certified + 1].max(initial=0.0) > SIMULATED_BUDGET.max_disagreement
-    return violations
-
-
-def test_certified_plans_keep_the_budget_at_the_nominal_rate(simulated_certification):
-    population, designs = simulated_certification
-    delta = SIMULATED_CONFIG.family_delta(SIMULATED_BUDGET)
-    assert delta == pytest.approx(0.05)
-    for planner, name, family, _, draws, counts in designs:  # the fast path is moco's counting and certification
-        for draw, disagreements in zip(draws[:3], counts[:3]):
-            test = count_plans(family, population.take(draw), SIMULATED_CONFIG.rounding)
-            np.testing.assert_array_equal(test.could_disagree, disagreements)
-            planner.certify({name: test})
-            assert planner.certified_[name].certified == _certified_prefix(disagreements, delta)
-            assert planner.chosen_[1] <= planner.certified_[name].certified
-    violations = _violations(simulated_certification, delta)
-    assert violations <= MAX_VIOLATIONS, f"violated in {violations} of {REPEATS} repeats"
-
-
-def test_the_simulation_catches_a_procedure_that_breaks_the_budget_in_10_percent(simulated_certification):
-    """Negative control: the same fixed-sequence test at level 0.12 (certifying at 88% while stating
-    95%) breaks the budget in about 10.8% of repeats here: the check above must reject it."""
-    violations = _violations(simulated_certification, 0.12)
-    assert violations > MAX_VIOLATIONS, f"violated in only {violations} of {REPEATS} repeats"
 
 
 # -- the certificate of a real compile --------------------------------------------------------

@@ -22,18 +22,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from scipy.special import softmax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_fashion_resnet import run_batched  # noqa: E402
 from benchmarks.results import machine_description, write_section  # noqa: E402
 from models.export_fashion_resnet import ONNX_PATH, load_calibration  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibration.calibrate import cut_column  # noqa: E402
 from moco_compile.passes.calibration.mlp_head import HIDDEN_WIDTH, DistilledMLPFitter  # noqa: E402
 from moco_compile.passes.calibration.rules import high_precision_coverage  # noqa: E402
+from moco_compile.passes.graph.index import exposing_every_tensor  # noqa: E402
 from moco_compile.prepare import cut_points_of  # noqa: E402
 from moco_compile.runtime.session import CPU, make_session  # noqa: E402
 
@@ -48,16 +49,9 @@ def activations(images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     imported = import_model(str(ONNX_PATH))
     _, cuts = cut_points_of(imported, {"images": images[:64]}, 64)
     wanted = {cut_column(cut): cut.tensor for cut in cuts if cut_column(cut) in CUTS}
-    model = onnx.ModelProto()
-    model.CopyFrom(imported.model)
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None)
-                              for tensor in wanted.values())
-    session = make_session(model, [CPU])
-    names = [imported.output, *wanted.values()]
-    runs = [session.run(names, {"images": images[i:i + 500]}) for i in range(0, len(images), 500)]
-    logits = np.concatenate([run[0] for run in runs])
-    return softmax(logits, axis=1), {column: np.concatenate([run[1 + k] for run in runs])
-                                     for k, column in enumerate(wanted)}
+    session = make_session(exposing_every_tensor(imported.model), [CPU])
+    logits, *values = run_batched(session, images, 500, names=[imported.output, *wanted.values()])
+    return softmax(logits, axis=1), dict(zip(wanted, values))
 
 
 def grid_and_max(values: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ rate per set (the negative control) in 2,592 (6.5%).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,6 +115,7 @@ def two_head_sets() -> tuple[list[Split], list[Design]]:
     return populations, designs
 
 
+@functools.cache
 def _p_values() -> np.ndarray:
     """The project's p-value of each disagreement count on TEST_ROWS rows."""
     return binomial_p_value(np.arange(TEST_ROWS + 1), TEST_ROWS, BUDGET.max_disagreement)

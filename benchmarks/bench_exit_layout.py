@@ -41,11 +41,11 @@ from benchmarks.results import machine_description, write_section  # noqa: E402
 from models.export_fashion_resnet import ONNX_PATH, load_calibration  # noqa: E402
 from models.fashion_mnist import load_split, train_and_calibration_splits  # noqa: E402
 from models.fashion_resnet import FashionResNet  # noqa: E402
-from models.text_classifier import REFERENCES  # noqa: E402
+from models.text_classifier import REFERENCES, load_reference_model, reference_tokens  # noqa: E402
 from models.zoo_export import export, input_names, model_inputs  # noqa: E402
 from moco_compile import compile  # noqa: E402
 from moco_compile.constants import EXIT_OUTPUT  # noqa: E402
-from moco_compile.importer import import_model  # noqa: E402
+from moco_compile.importer import export_hf_sequence_classifier, import_model  # noqa: E402
 from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
 from moco_compile.passes.planning.types import ExitPlan  # noqa: E402
 from moco_compile.runtime.latency import compare_latency  # noqa: E402
@@ -118,10 +118,7 @@ def zoo_net(architecture: str, epochs: int, train: tuple[np.ndarray, np.ndarray]
 
 def text_net(name: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """A reference text classifier exported to ONNX; its corpus's calibration and test rows."""
-    from models.text_classifier import load_reference_model, reference_tokens
-    from moco_compile.importer import export_hf_sequence_classifier
-
-    test = {name: values for name, values in reference_tokens("test", name).items() if name != "labels"}
+    test = {key: values for key, values in reference_tokens("test", name).items() if key != "labels"}
     return export_hf_sequence_classifier(load_reference_model(name)), reference_tokens("calibration", name), test
 
 

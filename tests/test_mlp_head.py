@@ -150,13 +150,13 @@ def test_mlp_heads_are_kept_only_where_they_pay_for_the_plan(compiled):
     log-probabilities (a perfect head) win over the probes, the same scores shuffled across rows (no
     information) lose to them; where the design rows cannot tell (here: told to trust no gap), both head
     sets go on to be certified, each at half the error rate, and the one that saves more on the test rows
-    is kept."""
+    is kept; unless the test rows are too few to certify anything at half the rate: then the probes alone."""
     from dataclasses import replace
 
     from moco_compile.passes.planning.candidates import fit_candidates
     from moco_compile.passes.planning.config import Budget
     from moco_compile.passes.planning.pipeline import FrameRows, RowCounter, _certified, _design
-    from moco_compile.passes.planning.splits import RowSplit, split_sizes
+    from moco_compile.passes.planning.splits import RowSplit, min_test_rows, split_sizes
     from moco_compile.passes.planning.splits import SPLITS
 
     build = compiled[0]
@@ -179,6 +179,10 @@ def test_mlp_heads_are_kept_only_where_they_pay_for_the_plan(compiled):
     heads = replace(candidates, design_scores=[perfect] * len(candidates.exits))
     options = _design(heads, *args[:5], undecided, 0)
     assert [kept for _, kept in options] == [probes, heads]
+    too_few = min_test_rows(budget, undecided, head_sets=2) - 1  # certifies one set, not two at half the rate
+    assert too_few >= min_test_rows(budget, undecided)
+    (_, kept), = _design(heads, args[0], None, too_few, *args[3:5], undecided, 0)
+    assert kept is probes
     split = RowSplit.draw(len(build.frame), 0, split_sizes(len(build.frame), budget, undecided))
     plan, planner, kept, _ = _certified(options, FrameRows(build.frame), split, undecided)
     assert plan.certificate["head_sets"] == 2 and plan.certificate["family_confidence"] == pytest.approx(0.975)

@@ -35,7 +35,7 @@ from moco_compile.passes.planning.counts import PlanCounts, Split, count_plans
 from moco_compile.passes.planning.design import within_noise
 from moco_compile.passes.planning.planner import ExitPlanner, NoPlanError, RETRY_NOTE
 from moco_compile.passes.planning.routing import Rounding, route_scores, stage_costs
-from moco_compile.passes.planning.splits import RowSplit, SPLITS, check_split_sizes, split_sizes
+from moco_compile.passes.planning.splits import RowSplit, SPLITS, check_split_sizes, min_test_rows, split_sizes
 from moco_compile.passes.planning.types import Exit, ExitPlan, PlanEvaluation
 
 PhaseTimer = Callable[[str], AbstractContextManager]  # phase name -> a context the phase runs in
@@ -221,7 +221,9 @@ def _design(candidates: Candidates, predictions: np.ndarray, labels: np.ndarray 
     (:func:`~moco_compile.passes.planning.design.within_noise`, ``2 * family_choice_errors``), the probes
     alone when the heads save no more on average: an exit's head that admits more rows alone can still lose
     in a plan, where one threshold spans exits (the 6-block MiniLM's mixed heads saved 40.0% against the
-    probes' 43.0%).  Between the two the design rows are not to be trusted: the heads' pooling variant and
+    probes' 43.0%), and when the test rows are too few to certify even a perfect plan at half the error rate
+    (reference CNN, 500 calibration rows, 299 test rows at 1%: both sets certified would leave no plan at all).
+    Between the two the design rows are not to be trusted: the heads' pooling variant and
     the heads themselves were chosen on the rows their cross-fitted scores come from (mobilenet-v3 of the
     zoo: ahead by 3.4 pp, sd 2.5, on the design rows, 4 pp behind on the test rows).  Only the probes'
     family is tried on the MLP heads: designing every family twice took 35 s of a 66 s compile of the
@@ -240,7 +242,7 @@ def _design(candidates: Candidates, predictions: np.ndarray, labels: np.ndarray 
     gaps = np.subtract(mlp.family_savings_[family], probes.family_savings_[family])
     if not within_noise(gaps, 2 * config.family_choice_errors):
         return [(mlp, candidates)]
-    if within_noise(gaps, 0.0):
+    if within_noise(gaps, 0.0) or test_rows < min_test_rows(budget, config, head_sets=2):
         return [(probes, candidates.probes_only)]
     return [(probes, candidates.probes_only), (mlp, candidates)]
 

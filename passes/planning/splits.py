@@ -50,9 +50,10 @@ def split_sizes(rows: int, budget: Budget, config: PlannerConfig) -> dict[str, i
     return {"rules": usable - test, "test": test, "report": report}
 
 
-def min_test_rows(budget: Budget, config: PlannerConfig) -> int:
-    """Fewest test rows on which a plan with no disagreement at all certifies the budget."""
-    confidence = 1 - config.family_delta(budget)
+def min_test_rows(budget: Budget, config: PlannerConfig, head_sets: int = 1) -> int:
+    """Fewest test rows on which a plan with no disagreement at all certifies the budget, when ``head_sets``
+    sets of exit heads are certified on them (each at that share of the error rate)."""
+    confidence = 1 - config.family_delta(budget) / head_sets
     needed = rows_needed(budget.max_disagreement, confidence)
     if budget.max_accuracy_drop is not None:
         needed = max(needed, rows_needed(budget.max_accuracy_drop, confidence))

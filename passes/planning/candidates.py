@@ -62,7 +62,7 @@ def fit_candidates(frame: ActivationFrame, cuts: Sequence[CutPoint], num_classes
     targets = frame[PREDICTIONS]
     probabilities = frame[PROBABILITIES] if PROBABILITIES in frame else targets  # what an MLP head is distilled from
     precision = 1 - budget.max_disagreement / 2
-    try_mlp = "mlp" in config.exit_heads and len(targets) >= config.mlp_min_rows
+    try_mlp = "mlp" in config.exit_heads
 
     def fit_cut(cut: CutPoint) -> tuple[_Fitted, _Fitted]:
         """The cut's softmax probe, and its chosen head (the probe, or an MLP head that beats it)."""

@@ -39,6 +39,7 @@ from benchmarks import rule_baselines as rb  # noqa: E402
 from moco_compile.constants import LABELS, PREDICTIONS  # noqa: E402
 from moco_compile.errors import CalibrationDataError  # noqa: E402
 from moco_compile.passes.calibration.calibrate import cut_column, variant_features  # noqa: E402
+from moco_compile.passes.calibration.mlp_head import MLPScores  # noqa: E402
 from moco_compile.passes.calibration.pooling import pooling_cost, variants_for  # noqa: E402
 from moco_compile.passes.calibration.rules import SoftmaxRuleFitter  # noqa: E402
 from moco_compile.passes.planning.config import Budget, PlannerConfig  # noqa: E402
@@ -407,10 +408,19 @@ def moco_record(pool: Pool, sample: Draw, budget: Budget, planning: Planning) ->
             "exits": len(planning.plan.exits), "family": certificate.get("family"),
             "test_rows": certificate.get("test_rows"),
             "test_compute_reduction": certificate.get("test_compute_reduction"),
-            "poolings": None if planning.candidates is None else [c.pooling for c in planning.candidates.exits]}
+            "poolings": None if planning.candidates is None else [c.pooling for c in planning.candidates.exits],
+            **head_choice(planning)}
 
 
-RECORDS_VERSION = 2  # bump when this module changes what a record holds or how it is computed
+def head_choice(planning: Planning) -> dict:
+    """Which exit heads a planning certified and kept: ``head_sets`` (how many sets were certified on the test
+    rows: 2 when the design rows could not tell the MLP heads from the softmax probes) and ``mlp_exits`` (the
+    certified plan's exits with an MLP head)."""
+    return {"head_sets": planning.plan.certificate.get("head_sets", 1),
+            "mlp_exits": sum(isinstance(e.scores, MLPScores) for e in planning.plan.exits)}
+
+
+RECORDS_VERSION = 3  # bump when this module changes what a record holds or how it is computed
 _DIGEST: list[str] = []
 
 

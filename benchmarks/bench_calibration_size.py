@@ -210,7 +210,8 @@ def main() -> None:
                     table(pool, all_results[name], args.sizes, budget, key) + [""]
             lines += [f"Budget {100 * budget:g}%, exit heads (MLP heads are tried at every size; cross-validation "
                       "on the design rows decides, and both sets are certified at half the error rate each when it "
-                      "cannot and the test rows are enough):", ""] + heads_table(all_results[name], args.sizes, budget) + [""]
+                      "cannot and the test rows are enough):", ""] + \
+                heads_table(all_results[name], args.sizes, budget) + [""]
     target = ("Target: moco >= the baseline at every size and budget, and a plan with exits at "
               f"{min(args.sizes):,} rows where the baseline finds one.")
     lines += ["### Verdict", "", target, ""]

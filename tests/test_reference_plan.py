@@ -4,8 +4,8 @@ A refactor must not change what moco builds.  The suite's shared compile (``comp
 first 4,000 rows of ``models/artifacts/fashion_calib.npz``, default budget) gave the softmax-probe
 plan at commit 0d0df57, before the layout change of issue 25, and after it (the whole 10,000-row set
 and the 6-block MiniLM reference were checked identical too, once).  Since MLP exit heads are tried
-(issue 28; from 1,000 rule-fitting rows until the floor was dropped, which left this plan alone) the plan has MLP heads at
-every exit and saves 55.4% on the report rows where the probes saved 47.0%.  Since MLP heads may read a
+(issue 28; from 1,000 rule-fitting rows until that floor was dropped, which left this plan alone) the
+plan has MLP heads at every exit and saves 55.4% on the report rows where the probes saved 47.0%.  Since MLP heads may read a
 3x3 grid (``grid3``) this draw's plan saves 52.1% (three random 4,000-row draws: 54.2 / 54.7 / 57.1% with
 it, 51.8 / 52.5 / 54.7% without); these figures were pinned then.  Exits, heads, family and the test's counts must match exactly; thresholds and figures within
 float noise (a different CPU's BLAS may move a fitted weight in its last bits, never a count).

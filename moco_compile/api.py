@@ -340,6 +340,11 @@ def _report(imported: ImportedModel, planning: Planning, verification: dict, lat
         "latency": latency,
         "latency_note": latency_note(latency),
     }
+    if imported.fixed_batch is not None:
+        report["batch_note"] = (f"the model's export fixed its inputs at a batch of {imported.fixed_batch.size}; "
+                                "moco freed the batch dimension (checked on calibration rows: one batch gives "
+                                "the outputs the model gives them a batch at a time), so the compiled graph "
+                                "takes batches of any size")
     return report
 
 

@@ -25,6 +25,7 @@ REPORT_FIELDS = {
     "verification": (False, "object", None),
     "ood_guard": (False, "number", None),
     "latency_note": (False, "string", None),
+    "batch_note": (False, "string", None),
     "target": (False, "object", {"name": (True, "string", None), "serving_batch": (False, "number", None),
                                  "note": (False, "string", None)}),
 }

@@ -4,7 +4,8 @@ The result is an :class:`ImportedModel`: a topologically sorted, constant-folded
 ONNX model at opset >= 17, the name of its classifier output, and a map from
 tensor names to the PyTorch module scopes that produced them (from either the
 torch.export-based exporter's ``namespace`` metadata or the legacy exporter's
-``/scope/scope/Op`` node names).
+``/scope/scope/Op`` node names).  A batch dimension the export fixed is freed
+(``passes/graph/fixed_batch.py``; :func:`moco_compile.prepare.check_freed_batch` checks it on rows).
 """
 from __future__ import annotations
 
@@ -18,8 +19,18 @@ import numpy as np
 import onnx
 
 from moco_compile.errors import ModelError
+from moco_compile.passes.graph.fixed_batch import fixed_batch_size, free_batch
 
 MIN_OPSET = 17
+
+
+@dataclass(frozen=True)
+class FixedBatch:
+    """The batch size the user's export fixed its inputs at, and that graph (normalised) as it was:
+    the freed graph is checked against it on calibration rows before anything else runs."""
+
+    size: int
+    model: onnx.ModelProto
 
 
 @dataclass
@@ -30,6 +41,7 @@ class ImportedModel:
     output: str
     scopes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     text: "TextInputs | None" = None  # set for text models (e.g. Hugging Face sequence classifiers)
+    fixed_batch: "FixedBatch | None" = None  # set when the export fixed the batch and moco freed it
 
     @property
     def input_names(self) -> list[str]:
@@ -67,7 +79,11 @@ def import_model(source: Any, output: str | None = None, example_input: Any = No
     scopes = module_scopes(model)
     text = text_inputs(model)
     model = normalize(model)
-    return ImportedModel(model, classifier_output(model, output), scopes, text)
+    fixed = None
+    size = fixed_batch_size(model)
+    if size is not None:
+        fixed, model = FixedBatch(size, model), free_batch(model, size)
+    return ImportedModel(model, classifier_output(model, output), scopes, text, fixed)
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:

@@ -18,8 +18,11 @@ from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.importer import ImportedModel, TextInputs, import_model
 from moco_compile.passes.graph.cut_points import CutPoint, find_cut_points, localize_side_tensors, side_inputs_of
 from moco_compile.passes.graph.flops import flops_per_row, measure_shapes
+from moco_compile.runtime.session import CPU, make_session
 
 MAX_VERIFIED_ROWS = 4096  # calibration rows whose inputs are kept to verify the compiled graph
+FREED_BATCH_CHECK_ROWS = 8  # at least: rows run in one batch against the user's fixed-batch graph
+FREED_BATCH_TOLERANCE = 1e-3  # largest output difference allowed, relative to the largest output (>= 1)
 
 
 def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]],
@@ -36,6 +39,8 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
         batches = _checked_text_batches(batches, text, imported.input_names)
     batches = _peekable(batches)
     first = batches.peek()
+    if imported.fixed_batch is not None:
+        check_freed_batch(imported, first)
     feed = {name: first[name][:1] for name in imported.input_names}
     shapes = None if text is not None else measure_shapes(imported.model, feed)
     side = _localize_side_inputs(imported, feed, shapes)
@@ -49,6 +54,44 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
         raise ModelError("the model has no cut point: no tensor separates it into a prefix and a "
                          "remainder with real compute on both sides, so there is nowhere to exit")
     return batches, cuts
+
+
+def check_freed_batch(imported: ImportedModel, batch: Mapping[str, np.ndarray]) -> int:
+    """Check that the graph whose batch moco freed (``imported.fixed_batch``) gives, on a batch of the
+    calibration rows, the classifier outputs the user's graph gives run its fixed batch at a time; the
+    rows checked.  Raises :class:`ModelError` saying how to re-export the model when it does not."""
+    fixed = imported.fixed_batch
+    shapes = ", ".join(f"{value.name} {[d.dim_value or d.dim_param for d in value.type.tensor_type.shape.dim]}"
+                       for value in fixed.model.graph.input if value.name in imported.input_names)
+    advice = (f"the model's inputs are fixed at a batch of {fixed.size} ({shapes}) and moco runs batches of any "
+              "size: re-export it with a dynamic batch axis (torch.onnx.export(..., dynamic_axes={name: {0: "
+              "'batch'} for every input and output}) or dynamic_shapes with torch.export.Dim('batch'))")
+    rows = len(next(iter(batch.values())))
+    chunks = min(rows // fixed.size, max(2, -(-FREED_BATCH_CHECK_ROWS // fixed.size)))
+    if chunks == 0:
+        raise ModelError(f"{advice}; the calibration batch has {rows} rows, fewer than that batch")
+    checked = chunks * fixed.size
+    feed = {name: np.ascontiguousarray(batch[name][:checked]) for name in imported.input_names}
+    try:
+        original = make_session(fixed.model, [CPU])
+        expected = np.concatenate([original.run([imported.output], {name: values[i:i + fixed.size]
+                                                                     for name, values in feed.items()})[0]
+                                   for i in range(0, checked, fixed.size)])
+    except Exception as error:  # onnxruntime raises its own exception types
+        shapes = {name: f"{values.dtype}{list(values.shape[1:])}" for name, values in feed.items()}
+        raise CalibrationDataError(f"onnxruntime failed on the first calibration rows, {fixed.size} at a time "
+                                   f"(rows of {shapes}): {str(error).strip().splitlines()[0]}; check that the "
+                                   "calibration arrays have the shapes and dtypes the model expects") from error
+    try:
+        freed = make_session(imported.model, [CPU]).run([imported.output], feed)[0]
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise ModelError(f"{advice}; freeing that dimension left a graph onnxruntime cannot run on {checked} "
+                         f"rows ({str(error).strip().splitlines()[0]})") from error
+    scale = max(1.0, float(np.abs(expected).max()))
+    if freed.shape != expected.shape or np.abs(freed - expected).max() > FREED_BATCH_TOLERANCE * scale:
+        raise ModelError(f"{advice}; with that dimension freed, {checked} rows in one batch get other outputs "
+                         "than the same rows run one batch at a time (the graph fixes the batch elsewhere too)")
+    return checked
 
 
 def model_for_plan(model: onnx.ModelProto, output: str | None,

@@ -1,0 +1,126 @@
+"""Models exported with a fixed batch (no dynamic axes): freed, checked on real rows, compiled or refused."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from moco_compile import PlannerConfig, compile
+from moco_compile.errors import ModelError
+from moco_compile.importer import import_model
+from moco_compile.passes.graph.fixed_batch import BATCH_DIM, fixed_batch_size, free_batch
+
+COMPILE_ROWS = 2000  # enough for a plan with exits; two compiles of it cost less than the shared 4,000-row one
+
+
+def _fixed(reference_model: onnx.ModelProto, size: int = 1) -> onnx.ModelProto:
+    """The reference CNN as a static export writes it: inputs and outputs at ``size`` rows, and its
+    ``x.view(x.size(0), -1)`` a Reshape to the constant ``[size, 64]``."""
+    model = onnx.ModelProto()
+    model.CopyFrom(reference_model)
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.shape.dim[0].Clear()
+        value.type.tensor_type.shape.dim[0].dim_value = size
+    reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
+    target = next(i for i in model.graph.initializer if i.name == reshape.input[1])
+    assert numpy_helper.to_array(target).tolist() == [-1, 64]
+    target.CopyFrom(numpy_helper.from_array(np.array([size, 64], np.int64), target.name))
+    del model.graph.value_info[:]
+    return model
+
+
+def _dims(value: onnx.ValueInfoProto) -> list:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+
+
+def _run(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": images})[0]
+
+
+def test_a_static_export_has_its_batch_freed_and_its_reshape_kept_per_row(reference_model, calibration):
+    fixed = _fixed(reference_model)
+    assert fixed_batch_size(fixed) == 1 and fixed_batch_size(reference_model) is None
+    freed = free_batch(fixed, 1)
+    assert _dims(freed.graph.input[0]) == [BATCH_DIM, 1, 28, 28]
+    assert _dims(freed.graph.output[0]) == [BATCH_DIM, 10]
+    reshape = next(n for n in freed.graph.node if n.op_type == "Reshape")
+    target = next(i for i in freed.graph.initializer if i.name == reshape.input[1])
+    assert numpy_helper.to_array(target).tolist() == [-1, 64]  # allowzero=1: the batch is inferred
+    images = calibration["images"][:16]
+    np.testing.assert_allclose(_run(freed, images), _run(reference_model, images), rtol=1e-5, atol=1e-5)
+
+
+def test_a_reshape_that_also_infers_another_dim_copies_the_batch_and_shared_targets_are_split():
+    """``Reshape(x, [1, -1])`` without allowzero becomes ``[0, -1]``; a target another node also reads
+    is left to it, the Reshape gets its own."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 3])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 12])
+    z = helper.make_tensor_value_info("z", onnx.TensorProto.INT64, [1, 2])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "target"], ["y"]), helper.make_node("Identity", ["target"], ["t"]),
+         helper.make_node("Unsqueeze", ["t", "axis"], ["z"])], "g", [x], [y, z],
+        [numpy_helper.from_array(np.array([1, -1], np.int64), "target"),
+         numpy_helper.from_array(np.array([0], np.int64), "axis")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert fixed_batch_size(model) == 1
+    freed = free_batch(model, 1)
+    reshape = next(n for n in freed.graph.node if n.op_type == "Reshape")
+    values = {i.name: numpy_helper.to_array(i).tolist() for i in freed.graph.initializer}
+    assert values[reshape.input[1]] == [0, -1] and values["target"] == [1, -1]
+    session = ort.InferenceSession(freed.SerializeToString(), providers=["CPUExecutionProvider"])
+    rows = np.arange(24, dtype=np.float32).reshape(2, 4, 3)
+    np.testing.assert_array_equal(session.run(["y"], {"x": rows})[0], rows.reshape(2, 12))
+
+
+@pytest.mark.slow
+def test_a_static_export_compiles_to_the_plan_of_the_dynamic_one(reference_model, calibration):
+    rows = {name: values[:COMPILE_ROWS] for name, values in calibration.items()}
+    probes = PlannerConfig(exit_heads=("linear",))  # the cheapest heads: the plan is not what is tested
+    result, reference = (compile(model, rows, measure_latency=False, show_progress=False, planner_config=probes)
+                         for model in (_fixed(reference_model), reference_model))
+    assert result.plan.exits and result.plan.to_dict() == reference.plan.to_dict()
+    assert "fixed its inputs at a batch of 1" in result.report["batch_note"]
+    assert _dims(result.model.graph.input[0])[0] == BATCH_DIM
+    images = calibration["images"][:64]
+    np.testing.assert_allclose(_run(result.model, images)[:, :10], _run(reference.model, images)[:, :10],
+                               rtol=1e-5, atol=1e-5)
+
+
+def _mixing_rows(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with a tenth of the batch's summed logits added to each row: at its fixed batch of 1
+    that is a per-row scale, on more rows it mixes them."""
+    graph = model.graph
+    logits = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = ["logits_raw" if name == logits else name for name in node.output]
+    graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), "batch_axis"),
+                              numpy_helper.from_array(np.array(0.1, np.float32), "tenth")])
+    graph.node.extend([helper.make_node("ReduceSum", ["logits_raw", "batch_axis"], ["batch_sum"]),
+                       helper.make_node("Mul", ["batch_sum", "tenth"], ["shift"]),
+                       helper.make_node("Add", ["logits_raw", "shift"], [logits])])
+    return model
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("mixes rows", "get other outputs than the same rows run one batch at a time"),
+    ("infers and fixes", "cannot run on 8 rows"),
+])
+def test_a_static_export_whose_batch_cannot_be_freed_is_refused_with_how_to_export_it(
+        tmp_path, reference_model, calibration, variant, message):
+    model = _fixed(reference_model)
+    if variant == "mixes rows":
+        model = _mixing_rows(model)
+    else:  # [1, -1] with allowzero: neither -1 nor 0 can stand for the batch
+        reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
+        target = next(i for i in model.graph.initializer if i.name == reshape.input[1])
+        target.CopyFrom(numpy_helper.from_array(np.array([1, -1], np.int64), target.name))
+    assert import_model(model).fixed_batch.size == 1
+    out = tmp_path / "out"
+    with pytest.raises(ModelError, match="fixed at a batch of 1") as error:
+        compile(model, calibration, out_dir=out, measure_latency=False, show_progress=False)
+    assert message in str(error.value) and "dynamic_axes" in str(error.value)
+    assert not out.exists()
+

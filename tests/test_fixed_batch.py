@@ -53,11 +53,11 @@ def test_a_static_export_has_its_batch_freed_and_its_reshape_kept_per_row(refere
     np.testing.assert_allclose(_run(freed, images), _run(reference_model, images), rtol=1e-5, atol=1e-5)
 
 
-def test_a_reshape_that_also_infers_another_dim_copies_the_batch_and_shared_targets_are_split():
-    """``Reshape(x, [1, -1])`` without allowzero becomes ``[0, -1]``; a target another node also reads
-    is left to it, the Reshape gets its own."""
-    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 3])
-    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 12])
+def test_a_reshape_of_a_sequence_copies_the_batch_and_shared_targets_are_split():
+    """``Reshape(x, [1, -1])`` (no allowzero) of a ``[1, seq, 3]`` input, whose fixed output shape is not
+    static, becomes ``[0, -1]``; a target another node also reads is left to it, the Reshape gets its own."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, "seq", 3])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, None])
     z = helper.make_tensor_value_info("z", onnx.TensorProto.INT64, [1, 2])
     graph = helper.make_graph(
         [helper.make_node("Reshape", ["x", "target"], ["y"]), helper.make_node("Identity", ["target"], ["t"]),
@@ -71,8 +71,8 @@ def test_a_reshape_that_also_infers_another_dim_copies_the_batch_and_shared_targ
     values = {i.name: numpy_helper.to_array(i).tolist() for i in freed.graph.initializer}
     assert values[reshape.input[1]] == [0, -1] and values["target"] == [1, -1]
     session = ort.InferenceSession(freed.SerializeToString(), providers=["CPUExecutionProvider"])
-    rows = np.arange(24, dtype=np.float32).reshape(2, 4, 3)
-    np.testing.assert_array_equal(session.run(["y"], {"x": rows})[0], rows.reshape(2, 12))
+    rows = np.arange(30, dtype=np.float32).reshape(2, 5, 3)
+    np.testing.assert_array_equal(session.run(["y"], {"x": rows})[0], rows.reshape(2, 15))
 
 
 @pytest.mark.slow
@@ -92,35 +92,40 @@ def test_a_static_export_compiles_to_the_plan_of_the_dynamic_one(reference_model
 def _mixing_rows(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with a tenth of the batch's summed logits added to each row: at its fixed batch of 1
     that is a per-row scale, on more rows it mixes them."""
+    return _after_logits(model, [helper.make_node("ReduceSum", ["logits_raw", "batch_axis"], ["batch_sum"]),
+                                 helper.make_node("Mul", ["batch_sum", "tenth"], ["shift"]),
+                                 helper.make_node("Add", ["logits_raw", "shift"], ["logits"])])
+
+
+def _padding_a_row(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with one constant row of 5 logits joined to its batch of 1 and cut off again: on more
+    rows the Concat fails."""
+    return _after_logits(model, [helper.make_node("Concat", ["logits_raw", "padding"], ["padded"], axis=1),
+                                 helper.make_node("Slice", ["padded", "starts", "ends", "columns"], ["logits"])])
+
+
+def _after_logits(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
     graph = model.graph
-    logits = graph.output[0].name
+    assert graph.output[0].name == "logits"
     for node in graph.node:
-        node.output[:] = ["logits_raw" if name == logits else name for name in node.output]
-    graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), "batch_axis"),
-                              numpy_helper.from_array(np.array(0.1, np.float32), "tenth")])
-    graph.node.extend([helper.make_node("ReduceSum", ["logits_raw", "batch_axis"], ["batch_sum"]),
-                       helper.make_node("Mul", ["batch_sum", "tenth"], ["shift"]),
-                       helper.make_node("Add", ["logits_raw", "shift"], [logits])])
+        node.output[:] = ["logits_raw" if name == "logits" else name for name in node.output]
+    graph.initializer.extend(numpy_helper.from_array(np.array(value, dtype), name) for name, value, dtype in (
+        ("batch_axis", [0], np.int64), ("tenth", 0.1, np.float32), ("padding", np.zeros((1, 5)), np.float32),
+        ("starts", [0], np.int64), ("ends", [10], np.int64), ("columns", [1], np.int64)))
+    graph.node.extend(nodes)
     return model
 
 
 @pytest.mark.parametrize("variant, message", [
-    ("mixes rows", "get other outputs than the same rows run one batch at a time"),
-    ("infers and fixes", "cannot run on 8 rows"),
+    (_mixing_rows, "get other outputs than the same rows run one batch at a time"),
+    (_padding_a_row, "cannot run on 8 rows"),
 ])
 def test_a_static_export_whose_batch_cannot_be_freed_is_refused_with_how_to_export_it(
         tmp_path, reference_model, calibration, variant, message):
-    model = _fixed(reference_model)
-    if variant == "mixes rows":
-        model = _mixing_rows(model)
-    else:  # [1, -1] with allowzero: neither -1 nor 0 can stand for the batch
-        reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
-        target = next(i for i in model.graph.initializer if i.name == reshape.input[1])
-        target.CopyFrom(numpy_helper.from_array(np.array([1, -1], np.int64), target.name))
+    model = variant(_fixed(reference_model))
     assert import_model(model).fixed_batch.size == 1
     out = tmp_path / "out"
     with pytest.raises(ModelError, match="fixed at a batch of 1") as error:
         compile(model, calibration, out_dir=out, measure_latency=False, show_progress=False)
     assert message in str(error.value) and "dynamic_axes" in str(error.value)
     assert not out.exists()
-

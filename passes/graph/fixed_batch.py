@@ -44,14 +44,24 @@ def free_batch(model: onnx.ModelProto, size: int) -> onnx.ModelProto:
     freed = onnx.ModelProto()
     freed.CopyFrom(model)
     while True:  # a freed Reshape frees the shapes after it, where the next one may be found
-        for value in [*_graph_inputs(freed), *freed.graph.output]:
-            dim = value.type.tensor_type.shape.dim[0]
-            dim.Clear()
-            dim.dim_param = BATCH_DIM
+        _declare_free(freed)
         del freed.graph.value_info[:]
         freed = _inferred(freed)
         if not _free_reshapes(freed, size, fixed_shapes):
-            return freed
+            break
+    _declare_free(freed)  # inference may have merged the batch back into the fixed size where an op
+    del freed.graph.value_info[:]  # still fixes it: the declarations stand, the check on rows decides
+    freed = onnx.shape_inference.infer_shapes(freed)
+    _declare_free(freed)
+    return freed
+
+
+def _declare_free(model: onnx.ModelProto) -> None:
+    """Declare dimension 0 of ``model``'s inputs and outputs :data:`BATCH_DIM`."""
+    for value in [*_graph_inputs(model), *model.graph.output]:
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_param = BATCH_DIM
 
 
 def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -18,6 +18,7 @@ from moco_compile.frame import ActivationFrame, load_frame
 from moco_compile.importer import ImportedModel, import_model
 from moco_compile.outputs import check_output_dir, check_output_file, staged_output_file
 from moco_compile.passes.calibration.calibrate import calibrate, variant_features
+from moco_compile.passes.graph.binary_output import from_two_class
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.graph.index import elem_types, subgraph_nesting
 from moco_compile.passes.graph.rewrite import apply_plan
@@ -170,6 +171,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         seconds = latency_seconds if latency_seconds is not None else latency_budget(phases.elapsed())
         with phases("latency", f"timing batch 1 and 64 for about {seconds:.0f} s"):
             latency = _latency(imported.model, compiled, kept, seconds)
+    if imported.binary is not None:  # verified in two-class form: the column is exactly l1 - l0 of it
+        compiled = from_two_class(compiled, imported.binary)
     report = _report(imported, planning, verification.to_dict(), latency, total_flops)
     evaluated = np.flatnonzero(frame[SPLIT_COLUMN] == SPLITS.index(planning.evaluated_on))
     figures = _in_memory_figures(plan, frame, evaluated, features, routing)
@@ -321,7 +324,7 @@ def _report(imported: ImportedModel, planning: Planning, verification: dict, lat
               "exit_rate": evaluation.exit_rates[k]} for k, e in enumerate(plan.exits)]
     level = next((e.guard.level for e in plan.exits if e.guard is not None), None)
     report = {
-        "classifier_output": imported.output,
+        "classifier_output": imported.binary.name if imported.binary is not None else imported.output,
         "flops_per_row_original": total_flops,
         "evaluated_on": evaluated_on,
         "evaluation_note": EVALUATION_NOTES[evaluated_on],

@@ -16,7 +16,7 @@ from __future__ import annotations
 import html
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,8 @@ def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any] | Sh
     compiled_path, report, original_path = build.model_path, build.report, build.original_model(original)
     imported = import_model(original_path, output=report.get("classifier_output"))
     spec = CalibrationSpec(imported.model, imported.num_classes)
+    binary = imported.binary  # a one-column output: the models' own output and its classes
+    output, classes = (binary.name, binary.classes) if binary is not None else (imported.output, None)
     sessions = {name: ExitSession(path, providers, require_gpu=require_gpu)
                 for name, path in (("original", original_path), ("compiled", compiled_path))}
     if sessions["compiled"].input_names != sessions["original"].input_names:
@@ -79,19 +81,20 @@ def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any] | Sh
     if isinstance(traffic, ShardedData):
         from moco_compile.scale.driver import shadow_sharded
 
-        run, labels = shadow_sharded(original_path, compiled_path, imported.output, spec, traffic, providers,
-                                     batch_size, show_progress)
+        run, labels = shadow_sharded(original_path, compiled_path, output, spec, traffic, providers,
+                                     batch_size, show_progress, classes)
         sessions["compiled"].statistics.add(run.exits)
     else:
-        run, labels = _shadow_local(sessions, imported.output, spec.check(traffic, "traffic"), batch_size,
-                                    show_progress)
+        run, labels = _shadow_local(sessions, output, spec.check(traffic, "traffic"), batch_size,
+                                    show_progress, classes)
     return _evaluation(build_dir, report, original_path, run, sessions, labels, batch_size,
                        dict(qps=qps, days=days, utilisation=utilisation, device_hour_price=device_hour_price),
                        windows)
 
 
 def _shadow_local(sessions: Mapping[str, ExitSession], output: str, checked: dict[str, np.ndarray],
-                  batch_size: int, show_progress: bool) -> tuple[ShadowRun, np.ndarray | None]:
+                  batch_size: int, show_progress: bool,
+                  classes: Callable[[np.ndarray], np.ndarray] | None) -> tuple[ShadowRun, np.ndarray | None]:
     """The shadow run in this process over validated traffic; and its labels, if given."""
     labels = checked.pop(LABELS, None)
     rows = len(next(iter(checked.values())))
@@ -103,7 +106,7 @@ def _shadow_local(sessions: Mapping[str, ExitSession], output: str, checked: dic
                   disable=not show_progress, transient=True) as progress:
         task = progress.add_task("shadow", total=rows)
         run = shadow_run(sessions["original"], sessions["compiled"], batches, output,
-                         on_batch=lambda n: progress.advance(task, n))
+                         on_batch=lambda n: progress.advance(task, n), classes=classes)
     return run, labels
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from moco_compile.errors import ModelError
+from moco_compile.passes.graph.binary_output import BinaryOutput, to_two_class
 from moco_compile.passes.graph.fixed_batch import fixed_batch_size, free_batch
 
 MIN_OPSET = 17
@@ -42,6 +43,7 @@ class ImportedModel:
     scopes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     text: "TextInputs | None" = None  # set for text models (e.g. Hugging Face sequence classifiers)
     fixed_batch: "FixedBatch | None" = None  # set when the export fixed the batch and moco freed it
+    binary: BinaryOutput | None = None  # set for a one-column binary output: ``output`` is its two-class form
 
     @property
     def input_names(self) -> list[str]:
@@ -83,7 +85,12 @@ def import_model(source: Any, output: str | None = None, example_input: Any = No
     size = fixed_batch_size(model)
     if size is not None:
         fixed, model = FixedBatch(size, model), free_batch(model, size)
-    return ImportedModel(model, classifier_output(model, output), scopes, text, fixed)
+    output = classifier_output(model, output)
+    binary = None
+    if output_shape(model, output)[1] == 1:
+        model, binary = to_two_class(model, output)
+        model, output = onnx.shape_inference.infer_shapes(model), binary.two_class
+    return ImportedModel(model, output, scopes, text, fixed, binary)
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:
@@ -233,7 +240,8 @@ def output_shape(model: onnx.ModelProto, name: str) -> list[int | str | None]:
 
 
 def classifier_output(model: onnx.ModelProto, output: str | None) -> str:
-    """Pick and validate the classifier output: float ``[N, C]`` with a fixed C >= 2."""
+    """Pick and validate the classifier output: float ``[N, C]`` with a fixed C >= 2, or ``[N, 1]`` (a
+    binary classifier's logit or probability, :mod:`~moco_compile.passes.graph.binary_output`)."""
     names = [o.name for o in model.graph.output]
     if output is None:
         if len(names) != 1:
@@ -247,11 +255,12 @@ def classifier_output(model: onnx.ModelProto, output: str | None) -> str:
     elem = next(o for o in model.graph.output if o.name == output).type.tensor_type.elem_type
     float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                    onnx.TensorProto.BFLOAT16)
-    if len(shape) != 2 or not isinstance(shape[1], int) or shape[1] < 2 or elem not in float_types:
+    if len(shape) != 2 or not isinstance(shape[1], int) or shape[1] < 1 or elem not in float_types:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(elem) if elem else "unknown"
         raise ModelError(f"output {output!r} has shape {shape} and dtype {dtype}: moco compiles "
                          "classifiers whose output is float [batch, classes] with a fixed number "
-                         "of classes >= 2 (logits or probabilities)")
+                         "of classes >= 2 (logits or probabilities), or [batch, 1] (a binary classifier's "
+                         "logit or sigmoid probability)")
     return output
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from moco_compile.calibration_data import CalibrationSpec, iter_batches
+from moco_compile.constants import LABELS
 from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.importer import ImportedModel, TextInputs, import_model
 from moco_compile.passes.graph.cut_points import CutPoint, find_cut_points, localize_side_tensors, side_inputs_of
@@ -41,6 +42,12 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
     first = batches.peek()
     if imported.fixed_batch is not None:
         check_freed_batch(imported, first)
+    binary = imported.binary
+    if binary is not None and not binary.sigmoid and LABELS not in first:
+        raise ModelError(f"output {binary.name!r} is one column that does not end in a Sigmoid: a binary "
+                         "classifier's logit, or a regression, which moco does not compile; give the calibration "
+                         "rows their labels (0 or 1) to compile it as a binary classifier (class 1 where the "
+                         "logit is above 0)")
     feed = {name: first[name][:1] for name in imported.input_names}
     shapes = None if text is not None else measure_shapes(imported.model, feed)
     side = _localize_side_inputs(imported, feed, shapes)
@@ -100,6 +107,10 @@ def model_for_plan(model: onnx.ModelProto, output: str | None,
     recomputed from the compressed rows, as :func:`cut_points_of` does), and its classifier
     output: where a saved plan's exits can be inserted again.  ``feed``: one row of inputs."""
     imported = import_model(model, output=output)
+    if imported.binary is not None:
+        raise ModelError(f"output {imported.binary.name!r} is one column (a binary classifier): staged serving "
+                         "and the memory passes rebuild the graph from the plan, which they cannot do for such "
+                         "an output yet; serve the compiled model.onnx, which is complete")
     _localize_side_inputs(imported, feed)
     return imported.model, imported.output
 

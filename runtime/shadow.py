@@ -41,11 +41,14 @@ class ShadowRun:
 
 
 def shadow_run(original: ExitSession, compiled: ExitSession, batches: Iterable[Mapping[str, np.ndarray]],
-               output: str, on_batch: Callable[[int], None] | None = None) -> ShadowRun:
-    """Run every batch through both sessions; classes are the argmax of ``output`` over axis 1.
+               output: str, on_batch: Callable[[int], None] | None = None,
+               classes: Callable[[np.ndarray], np.ndarray] | None = None) -> ShadowRun:
+    """Run every batch through both sessions; classes are ``classes(values of output)``, by default
+    their argmax over axis 1 (a one-column binary output: ``BinaryOutput.classes``).
 
     ``on_batch(rows)`` is called after each batch (progress).
     """
+    classes = classes or (lambda values: np.argmax(values, axis=1))
     parts: dict[str, list[np.ndarray]] = {"original": [], "compiled": [], "exits": []}
     seconds = {"original": 0.0, "compiled": 0.0}
     sessions = {"original": original, "compiled": compiled}
@@ -56,8 +59,8 @@ def shadow_run(original: ExitSession, compiled: ExitSession, batches: Iterable[M
             started = time.perf_counter()
             results[name] = sessions[name].run(batch)
             seconds[name] += time.perf_counter() - started
-        parts["original"].append(np.argmax(results["original"][output], axis=1))
-        parts["compiled"].append(np.argmax(results["compiled"][output], axis=1))
+        parts["original"].append(classes(results["original"][output]))
+        parts["compiled"].append(classes(results["compiled"][output]))
         parts["exits"].append(results["compiled"][EXIT_OUTPUT])
         if on_batch is not None:
             on_batch(len(parts["exits"][-1]))

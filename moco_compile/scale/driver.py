@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -132,16 +133,17 @@ def planning_rows(total: int, first: int, limit: int, seed: int) -> np.ndarray:
 
 
 def shadow_sharded(original: Path, compiled: Path, output: str, spec: CalibrationSpec, data: ShardedData,
-                   providers: list[str] | None, batch_size: int,
-                   show_progress: bool) -> tuple[ShadowRun, np.ndarray | None]:
-    """Shadow-run the traffic shards on Ray; the run in shard order, and the labels if the shards have them."""
+                   providers: list[str] | None, batch_size: int, show_progress: bool,
+                   classes: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[ShadowRun, np.ndarray | None]:
+    """Shadow-run the traffic shards on Ray; the run in shard order, and the labels if the shards have them.
+    ``classes``: as :func:`~moco_compile.runtime.shadow.shadow_run`'s."""
     engine = ray_engine()
     filesystem, shards = list_shards(data.source)
     _head(filesystem, shards, spec, batch_size, 1)  # wrong columns fail here, before the cluster starts
     with tempfile.TemporaryDirectory(prefix="moco-") as scratch:
         paths = engine.shadow_on_ray(onnx.load(str(original)), onnx.load(str(compiled)), output, spec, data,
                                      filesystem, shards, Path(scratch), providers=providers,
-                                     batch_size=batch_size, show_progress=show_progress)
+                                     batch_size=batch_size, show_progress=show_progress, classes=classes)
         try:
             frame = load_frames(paths).in_memory()
         except ValueError as error:

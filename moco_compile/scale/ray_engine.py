@@ -30,7 +30,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,14 +156,14 @@ class ShardShadow(ShardMapper):
     the exit taken and each model's share of its batch's seconds."""
 
     def __init__(self, original: bytes, compiled: bytes, output: str, providers: Sequence[str] | None,
-                 threads: int, **shards: Any) -> None:
+                 threads: int, classes: Callable[[np.ndarray], np.ndarray] | None = None, **shards: Any) -> None:
         super().__init__(**shards)
         self.original, self.compiled = (ExitSession(onnx.load_from_string(model), providers, threads)
                                         for model in (original, compiled))
-        self.output = output
+        self.output, self.classes = output, classes
 
     def columns(self, batch: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
-        run = shadow_run(self.original, self.compiled, [batch], self.output)
+        run = shadow_run(self.original, self.compiled, [batch], self.output, classes=self.classes)
         columns = {"original": run.original_classes, "compiled": run.compiled_classes, "exits": run.exits,
                    "original_seconds": np.full(run.rows, run.original_seconds / run.rows),
                    "compiled_seconds": np.full(run.rows, run.compiled_seconds / run.rows)}
@@ -200,11 +200,12 @@ def calibrate_on_ray(model: onnx.ModelProto, output: str, cuts: Sequence[CutPoin
 
 def shadow_on_ray(original: onnx.ModelProto, compiled: onnx.ModelProto, output: str, spec: CalibrationSpec,
                   data: ShardedData, filesystem: pafs.FileSystem, shards: Sequence[str], out_dir: Path, *,
-                  providers: Sequence[str] | None = None, batch_size: int = 64,
-                  show_progress: bool = True) -> list[Path]:
-    """Shadow-run every shard through both models on the cluster; return the per-row files in shard order."""
+                  providers: Sequence[str] | None = None, batch_size: int = 64, show_progress: bool = True,
+                  classes: Callable[[np.ndarray], np.ndarray] | None = None) -> list[Path]:
+    """Shadow-run every shard through both models on the cluster; return the per-row files in shard order.
+    ``classes``: as :func:`~moco_compile.runtime.shadow.shadow_run`'s."""
     arguments = dict(original=original.SerializeToString(), compiled=compiled.SerializeToString(), output=output,
-                     providers=providers, threads=max(1, round(data.cpus_per_worker)))
+                     providers=providers, threads=max(1, round(data.cpus_per_worker)), classes=classes)
     return map_shards(ShardShadow, arguments, spec, data, filesystem, shards, out_dir, batch_size,
                       "shadow run on Ray", show_progress)
 

@@ -42,12 +42,8 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
     first = batches.peek()
     if imported.fixed_batch is not None:
         check_freed_batch(imported, first)
-    binary = imported.binary
-    if binary is not None and not binary.sigmoid and LABELS not in first:
-        raise ModelError(f"output {binary.name!r} is one column that does not end in a Sigmoid: a binary "
-                         "classifier's logit, or a regression, which moco does not compile; give the calibration "
-                         "rows their labels (0 or 1) to compile it as a binary classifier (class 1 where the "
-                         "logit is above 0)")
+    if imported.binary is not None and not imported.binary.sigmoid:
+        check_binary_logit(imported, first)
     feed = {name: first[name][:1] for name in imported.input_names}
     shapes = None if text is not None else measure_shapes(imported.model, feed)
     side = _localize_side_inputs(imported, feed, shapes)
@@ -99,6 +95,23 @@ def check_freed_batch(imported: ImportedModel, batch: Mapping[str, np.ndarray]) 
         raise ModelError(f"{advice}; with that dimension freed, {checked} rows in one batch get other outputs "
                          "than the same rows run one batch at a time (the graph fixes the batch elsewhere too)")
     return checked
+
+
+def check_binary_logit(imported: ImportedModel, batch: Mapping[str, np.ndarray]) -> None:
+    """A one-column output that no Sigmoid makes is read as a binary classifier's logit: refuse it unless
+    the calibration rows have labels (it may be a regression) and some value lies outside [0, 1] (else
+    it is a probability moco cannot see made, and a threshold of 0 would put every row in class 1)."""
+    name = imported.binary.name
+    if LABELS not in batch:
+        raise ModelError(f"output {name!r} is one column that does not end in a Sigmoid: a binary classifier's "
+                         "logit, or a regression, which moco does not compile; give the calibration rows their "
+                         "labels (0 or 1) to compile it as a binary classifier (class 1 where the logit is above 0)")
+    feed = {input_name: np.ascontiguousarray(batch[input_name]) for input_name in imported.input_names}
+    logits = make_session(imported.model, [CPU]).run([imported.output], feed)[0][:, 1]
+    if logits.min() >= 0 and logits.max() <= 1:
+        raise ModelError(f"output {name!r} is one column within [0, 1] on every row of the first calibration "
+                         f"batch ({len(logits)} rows): a probability, but not one a Sigmoid at the graph's end "
+                         "makes, so moco cannot tell its logit; end the graph in the Sigmoid (or output the logit)")
 
 
 def model_for_plan(model: onnx.ModelProto, output: str | None,

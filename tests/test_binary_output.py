@@ -98,6 +98,34 @@ def test_a_column_that_may_be_a_regression_needs_labels(tmp_path, reference_mode
     assert not (tmp_path / "out").exists()
 
 
+def _renamed_output(model: onnx.ModelProto, op_type: str) -> onnx.ModelProto:
+    """``model`` with ``op_type`` (one input) between its ``score`` and the graph output ``out``."""
+    model.graph.node.append(helper.make_node(op_type, ["score"], ["out"]))
+    model.graph.output[0].name = "out"
+    return model
+
+
+def test_a_sigmoid_behind_an_identity_is_seen(reference_model):
+    two_class, binary = to_two_class(_renamed_output(_shirt_or_not(reference_model, sigmoid=True), "Identity"), "out")
+    assert binary.sigmoid and not {"Sigmoid", "Identity"} & {n.op_type for n in two_class.graph.node}
+
+
+def test_a_probability_moco_cannot_see_made_is_refused(tmp_path, reference_model, calibration):
+    """A probability made by Exp / (1 + Exp) rather than a Sigmoid reads as a logit that is never below 0."""
+    model = _shirt_or_not(reference_model, sigmoid=False)
+    graph = model.graph
+    graph.output[0].name = "probability"
+    graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), "one"))
+    graph.node.extend([helper.make_node("Exp", ["score"], ["odds"]),
+                       helper.make_node("Add", ["odds", "one"], ["odds_plus_one"]),
+                       helper.make_node("Div", ["odds", "odds_plus_one"], ["probability"])])
+    rows = {"images": calibration["images"][:COMPILE_ROWS],
+            "labels": (calibration["labels"][:COMPILE_ROWS] == SHIRT).astype(np.int64)}
+    with pytest.raises(ModelError, match=r"within \[0, 1\] on every row .*end the graph in the Sigmoid"):
+        compile(model, rows, out_dir=tmp_path / "out", measure_latency=False, show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_rebuilding_a_one_column_classifier_from_its_plan_is_refused(reference_model, calibration):
     model = _shirt_or_not(reference_model, sigmoid=True)
     assert import_model(model).binary.name == "score"

@@ -39,12 +39,12 @@ def to_two_class(model: onnx.ModelProto, output: str) -> tuple[onnx.ModelProto, 
     converted = onnx.ModelProto()
     converted.CopyFrom(model)
     graph = converted.graph
-    index = GraphIndex(converted)
-    producer = graph.node[index.producer[output]] if output in index.producer else None
-    sigmoid = producer is not None and producer.op_type == "Sigmoid" and len(index.consumers.get(output, [])) == 0
+    tail = _sigmoid_tail(GraphIndex(converted), output)
+    sigmoid = bool(tail)
     if sigmoid:
-        logit = producer.input[0]
-        graph.node.remove(producer)
+        logit = tail[-1].input[0]
+        for node in tail:
+            graph.node.remove(node)
     else:  # the logit keeps flowing under a name of its own: the user's name is the restored output's
         logit = f"{output}/logit"
         for node in graph.node:
@@ -64,6 +64,21 @@ def to_two_class(model: onnx.ModelProto, output: str) -> tuple[onnx.ModelProto, 
     graph.output.remove(declared)
     graph.output.insert(position, replacement)
     return converted, BinaryOutput(output, sigmoid, two_class)
+
+
+def _sigmoid_tail(index: GraphIndex, output: str) -> list[onnx.NodeProto]:
+    """The nodes from ``output`` back to the Sigmoid that makes it, through Identity nodes that nothing
+    else reads, the Sigmoid last; empty when no such Sigmoid makes it."""
+    tail, tensor = [], output
+    while tensor in index.producer and len(index.consumers.get(tensor, [])) == (tensor != output):
+        node = index.model.graph.node[index.producer[tensor]]
+        tail.append(node)
+        if node.op_type == "Sigmoid":
+            return tail
+        if node.op_type != "Identity":
+            return []
+        tensor = node.input[0]
+    return []
 
 
 def from_two_class(compiled: onnx.ModelProto, binary: BinaryOutput) -> onnx.ModelProto:

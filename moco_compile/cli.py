@@ -136,7 +136,7 @@ def inspect_command(
     try:
         imported = import_model(model, output=output)
         feed = _example_feed(imported, load_npz(calib) if calib else None)
-        _, cuts = cut_points_of(imported, feed, batch_size=1)
+        _, cuts = cut_points_of(imported, feed, batch_size=1, classify=False)
     except MocoError as error:
         _fail(error)
     if console.is_terminal:

@@ -27,8 +27,10 @@ FREED_BATCH_TOLERANCE = 1e-3  # largest output difference allowed, relative to t
 
 
 def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]],
-                batch_size: int) -> tuple[Iterable[dict], list[CutPoint]]:
-    """Validated calibration batches, and the model's cut points measured on the first row.
+                batch_size: int, classify: bool = True) -> tuple[Iterable[dict], list[CutPoint]]:
+    """Validated calibration batches, and the model's cut points measured on the first row.  With
+    ``classify`` (compile, calibrate: the rows will be classified) a one-column output that no Sigmoid
+    makes is checked as a binary classifier's logit (:func:`check_binary_logit`).
 
     Side inputs may cross a cut (the rewrite compresses them with the rows): a text model's
     (``imported.text``) masks, and for any other model each input besides the main one that
@@ -42,7 +44,7 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
     first = batches.peek()
     if imported.fixed_batch is not None:
         check_freed_batch(imported, first)
-    if imported.binary is not None and not imported.binary.sigmoid:
+    if classify and imported.binary is not None and not imported.binary.sigmoid:
         check_binary_logit(imported, first)
     feed = {name: first[name][:1] for name in imported.input_names}
     shapes = None if text is not None else measure_shapes(imported.model, feed)

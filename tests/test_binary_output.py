@@ -7,8 +7,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
+from typer.testing import CliRunner
 
 from moco_compile import PlannerConfig, compile
+from moco_compile.cli import app
 from moco_compile.errors import ModelError
 from moco_compile.evaluation import evaluate_build
 from moco_compile.importer import import_model
@@ -90,12 +92,17 @@ def test_a_sigmoid_classifier_compiles_to_its_own_column_and_evaluates_by_its_th
     assert evaluation["disagreement"]["fraction"] == pytest.approx(disagreement)
 
 
-def test_a_column_that_may_be_a_regression_needs_labels(tmp_path, reference_model, calibration):
+def test_a_column_that_may_be_a_regression_needs_labels_to_compile_not_to_inspect(
+        tmp_path, reference_model, calibration):
     model = _shirt_or_not(reference_model, sigmoid=False)
     with pytest.raises(ModelError, match="does not end in a Sigmoid: a binary classifier's logit, or a regression"):
         compile(model, {"images": calibration["images"][:COMPILE_ROWS]}, out_dir=tmp_path / "out",
                 measure_latency=False, show_progress=False)
     assert not (tmp_path / "out").exists()
+    path = tmp_path / "logit.onnx"
+    onnx.save(model, str(path))
+    inspected = CliRunner().invoke(app, ["inspect", str(path)])
+    assert inspected.exit_code == 0 and "layer3" in inspected.output
 
 
 def _renamed_output(model: onnx.ModelProto, op_type: str) -> onnx.ModelProto:

@@ -15,6 +15,7 @@ import onnx
 from moco_compile.build import Build, source_model
 from moco_compile.constants import LABELS, OUTPUTS, PROBABILITIES, SPLIT_COLUMN
 from moco_compile.frame import ActivationFrame, load_frame
+from moco_compile.errors import ModelError
 from moco_compile.importer import ImportedModel, import_model
 from moco_compile.outputs import check_output_dir, check_output_file, staged_output_file
 from moco_compile.passes.calibration.calibrate import calibrate, variant_features
@@ -134,6 +135,11 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     phases = Phases(show_progress)
     with phases("import"):
         imported = import_model(model, output=output, example_input=example_input)
+    if imported.binary is not None and config.exit_layout == "bucketed":
+        raise ModelError(f"output {imported.binary.name!r} is one column (a binary classifier): the bucketed "
+                         "layout (the GPU targets' default) splits the graph into stages that serve the two-class "
+                         "form moco plans on, not the column; compile it with --target cpu (or --exit-layout "
+                         "nested) for now")
     with tempfile.TemporaryDirectory(prefix="moco-") as scratch:  # the Ray engine's frame shards
         with phases("calibration", spinner=False):
             if isinstance(calibration, ShardedData):

@@ -133,6 +133,15 @@ def test_a_probability_moco_cannot_see_made_is_refused(tmp_path, reference_model
     assert not (tmp_path / "out").exists()
 
 
+def test_the_bucketed_layout_is_refused_for_a_one_column_classifier(tmp_path, reference_model, calibration):
+    rows = {"images": calibration["images"][:COMPILE_ROWS],
+            "labels": (calibration["labels"][:COMPILE_ROWS] == SHIRT).astype(np.int64)}
+    with pytest.raises(ModelError, match="the bucketed layout .* compile it with --target cpu"):
+        compile(_shirt_or_not(reference_model, sigmoid=True), rows, out_dir=tmp_path / "out", measure_latency=False,
+                show_progress=False, planner_config=PlannerConfig(exit_layout="bucketed"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_rebuilding_a_one_column_classifier_from_its_plan_is_refused(reference_model, calibration):
     model = _shirt_or_not(reference_model, sigmoid=True)
     assert import_model(model).binary.name == "score"

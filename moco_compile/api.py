@@ -349,12 +349,24 @@ def _report(imported: ImportedModel, planning: Planning, verification: dict, lat
         "latency": latency,
         "latency_note": latency_note(latency),
     }
-    if imported.fixed_batch is not None:
-        report["batch_note"] = (f"the model's export fixed its inputs at a batch of {imported.fixed_batch.size}; "
-                                "moco freed the batch dimension (checked on calibration rows: one batch gives "
-                                "the outputs the model gives them a batch at a time), so the compiled graph "
-                                "takes batches of any size")
+    report["import_notes"] = import_notes(imported)
     return report
+
+
+def import_notes(imported: ImportedModel) -> list[str]:
+    """What moco changed about the model's form to compile it (a freed batch, a one-column output)."""
+    notes = []
+    if imported.fixed_batch is not None:
+        notes.append(f"the model's export fixed its inputs at a batch of {imported.fixed_batch.size}; moco freed the "
+                     "batch dimension (checked on calibration rows: one batch gives the outputs the model gives them "
+                     "a batch at a time), so the compiled graph takes batches of any size")
+    if imported.binary is not None:
+        notes.append(f"output {imported.binary.name!r} is one column (a binary classifier's "
+                     f"{'probability' if imported.binary.sigmoid else 'logit'}): moco planned and verified its "
+                     "two-class form [0, logit] and ships the column as the difference of that form's two values "
+                     "(the logit itself on rows that run the whole network, the exit's log-odds on the others)"
+                     + (", through the model's Sigmoid" if imported.binary.sigmoid else ""))
+    return notes
 
 
 

@@ -25,7 +25,7 @@ REPORT_FIELDS = {
     "verification": (False, "object", None),
     "ood_guard": (False, "number", None),
     "latency_note": (False, "string", None),
-    "batch_note": (False, "string", None),
+    "import_notes": (False, "list", None),
     "target": (False, "object", {"name": (True, "string", None), "serving_batch": (False, "number", None),
                                  "note": (False, "string", None)}),
 }

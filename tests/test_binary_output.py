@@ -78,6 +78,7 @@ def test_a_sigmoid_classifier_compiles_to_its_own_column_and_evaluates_by_its_th
     result = compile(tmp_path / "shirt.onnx", rows, out_dir=out, measure_latency=False, show_progress=False,
                      planner_config=PlannerConfig(exit_heads=("linear",)))
     assert result.plan.exits and result.report["classifier_output"] == "score"
+    assert "planned and verified its two-class form" in result.report["import_notes"][0]
     assert [(o.name, [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim])
             for o in result.model.graph.output][0] == ("score", ["batch", 1])
     images = calibration["images"][COMPILE_ROWS:]

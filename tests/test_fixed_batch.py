@@ -83,7 +83,7 @@ def test_a_static_export_compiles_to_the_plan_of_the_dynamic_one(reference_model
     result, reference = (compile(model, rows, measure_latency=False, show_progress=False, planner_config=probes)
                          for model in (_fixed(reference_model), reference_model))
     assert result.plan.exits and result.plan.to_dict() == reference.plan.to_dict()
-    assert "fixed its inputs at a batch of 1" in result.report["batch_note"]
+    assert "fixed its inputs at a batch of 1" in result.report["import_notes"][0]
     assert _dims(result.model.graph.input[0])[0] == BATCH_DIM
     images = calibration["images"][:64]
     np.testing.assert_allclose(_run(result.model, {"images": images}), _run(reference.model, {"images": images}),

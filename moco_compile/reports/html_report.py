@@ -77,7 +77,7 @@ class _Page:
         self.plan_exits = list(plan.get("exits") or [])
         self.total_flops = plan.get("total_flops") or report.get("flops_per_row_original")
         self._evaluated_on = report.get("evaluated_on", "report")
-        self.notes: list[str] = [report["batch_note"]] if report.get("batch_note") else []
+        self.notes: list[str] = list(report.get("import_notes") or [])
 
     # ---- assembly
 

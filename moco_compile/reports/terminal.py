@@ -107,8 +107,8 @@ def print_report(report: Mapping, console: Console | None = None) -> None:
         console.print(f"latency: {report['latency_note']}", highlight=False)
     if report.get("traffic_scope"):
         console.print(f"scope: {report['traffic_scope']}", highlight=False)
-    if report.get("batch_note"):
-        console.print(f"batch: {report['batch_note']}", highlight=False)
+    for note in report.get("import_notes") or []:
+        console.print(f"model: {note}", highlight=False)
     if (report.get("verification") or {}).get("scope"):
         console.print(f"verified: {report['verification']['scope']}", highlight=False)
     phases = report.get("phases")

@@ -52,7 +52,8 @@ def compile_command(
                                             "on CUDA each exit costs a device-to-host sync per batch (0.17 ms "
                                             "on an H100), so serve GPUs with 1 or 2"),
     exit_layout: Optional[str] = typer.Option(None, "--exit-layout", help="nested (default on CPU, but "
-                                              "whole-batch with --serving-batch 1): each exit "
+                                              "whole-batch with --serving-batch 1 and flat with a larger "
+                                              "one): each exit "
                                               "runs the rest inside an If, rows that leave skip it (at most 30 "
                                               "exits); flat: no If, any number of exits (on CPU up to 15% slower "
                                               "at batch 1, within 1.5% at batch 64, 2-3% cheaper when no row "
@@ -100,8 +101,7 @@ def compile_command(
             raise ValueError(f"--exit-layout {exit_layout} does not go with --target {target}: GPU targets write the "
                              "bucketed layout (the rows continuing past an exit padded to fixed batch sizes, whose "
                              "kernels keep their plans); drop --exit-layout")
-        if exit_layout is None and serving_batch == 1 and (target or "cpu") == "cpu":
-            exit_layout = "whole-batch"  # one row per batch: nothing to split, the fewest nodes per exit
+        exit_layout = exit_layout or default_exit_layout(target, serving_batch)
         settings = {name: value for name, value in (("exit_layout", exit_layout), ("max_exits", max_exits),
                                                     ("exit_heads", exit_heads and tuple(exit_heads.split(","))))
                     if value is not None}
@@ -453,6 +453,14 @@ def _batch_sizes(text: str, option: str = "--batch-sizes") -> list[int]:
         raise ValueError(f"{option} takes comma-separated positive integers, got {text!r}")
     return sizes
 
+
+def default_exit_layout(target: str | None, serving_batch: int | None) -> str | None:
+    """The CPU layout for a known serving batch (None: the configuration's, nested): ``whole-batch`` for one
+    row per batch (nothing to split, the fewest nodes per exit), ``flat`` for more (no If boundary: measured
+    0.97-0.99x nested from batch 4 on, benchmarks/RESULTS.md "Exit layout"); GPU targets choose their own."""
+    if serving_batch is None or (target or "cpu") != "cpu":
+        return None
+    return "whole-batch" if serving_batch == 1 else "flat"
 
 def _batch_buckets(text: str) -> tuple[int, ...]:
     """``--batch-buckets`` as batch sizes, checked (positive, increasing, none repeated)."""

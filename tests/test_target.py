@@ -248,6 +248,15 @@ def test_the_cpu_target_at_a_serving_batch_is_priced_on_the_model_itself(tmp_pat
     assert json.loads((tmp_path / "nested" / "plan.json").read_text())["exit_layout"] == "nested"
 
 
+def test_a_known_cpu_serving_batch_picks_the_layout_measured_fastest_there():
+    """Batch 1: whole-batch; more rows: flat (RESULTS "Exit layout"); unknown batch or a GPU target: the
+    configuration's (nested on CPU, bucketed on GPU targets)."""
+    from moco_compile.cli import default_exit_layout
+
+    assert [default_exit_layout(None, batch) for batch in (None, 1, 2, 64)] == [None, "whole-batch", "flat", "flat"]
+    assert default_exit_layout("cpu", 8) == "flat" and default_exit_layout("cuda", 1) is None
+
+
 def test_closed_exits_for_pricing_are_the_widest_the_compile_may_write(reference_model, calibration):
     """The pricing graph: closed exits (no row leaves, outputs equal the original's) at cuts spread over
     the compute, with the MLP head on the richest pooling, or the probe's richest where heads are linear."""

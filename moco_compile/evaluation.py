@@ -29,6 +29,7 @@ from moco_compile.constants import LABELS
 from moco_compile.errors import CalibrationDataError, MocoError, ModelError
 from moco_compile.importer import import_model
 from moco_compile.outputs import GENERATOR, add_to_manifest, check_output_file, staged_output_file
+from moco_compile.passes.graph.fixed_batch import free_batch
 from moco_compile.passes.planning.bounds import clopper_pearson_interval
 from moco_compile.reports.html import cell_html, figure_html, page_html, percent_text, table_html
 from moco_compile.runtime.session import ExitSession
@@ -73,15 +74,17 @@ def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any] | Sh
     spec = CalibrationSpec(imported.model, imported.num_classes)
     binary = imported.binary  # a one-column output: the models' own output and its classes
     output, classes = (binary.name, binary.classes) if binary is not None else (imported.output, None)
-    sessions = {name: ExitSession(path, providers, require_gpu=require_gpu)
-                for name, path in (("original", original_path), ("compiled", compiled_path))}
+    fixed = imported.fixed_batch  # the original takes one batch size: its freed graph, checked at compile, serves
+    original_model = original_path if fixed is None else free_batch(fixed.model, fixed.size)
+    sessions = {name: ExitSession(model, providers, require_gpu=require_gpu)
+                for name, model in (("original", original_model), ("compiled", compiled_path))}
     if sessions["compiled"].input_names != sessions["original"].input_names:
         raise ModelError(f"{original_path} takes inputs {sessions['original'].input_names} but the build's "
                          f"model takes {sessions['compiled'].input_names}: pass the model it was compiled from")
     if isinstance(traffic, ShardedData):
         from moco_compile.scale.driver import shadow_sharded
 
-        run, labels = shadow_sharded(original_path, compiled_path, output, spec, traffic, providers,
+        run, labels = shadow_sharded(original_model, compiled_path, output, spec, traffic, providers,
                                      batch_size, show_progress, classes)
         sessions["compiled"].statistics.add(run.exits)
     else:

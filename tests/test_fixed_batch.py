@@ -9,6 +9,7 @@ from onnx import helper, numpy_helper
 
 from moco_compile import PlannerConfig, compile
 from moco_compile.errors import ModelError
+from moco_compile.evaluation import evaluate_build
 from moco_compile.importer import import_model
 from moco_compile.passes.graph.fixed_batch import BATCH_DIM, fixed_batch_size, free_batch
 
@@ -77,17 +78,22 @@ def test_a_reshape_of_a_sequence_copies_the_batch_and_shared_targets_are_split()
 
 
 @pytest.mark.slow
-def test_a_static_export_compiles_to_the_plan_of_the_dynamic_one(reference_model, calibration):
+def test_a_static_export_compiles_to_the_plan_of_the_dynamic_one_and_evaluates(tmp_path, reference_model,
+                                                                               calibration):
     rows = {name: values[:COMPILE_ROWS] for name, values in calibration.items()}
     probes = PlannerConfig(exit_heads=("linear",))  # the cheapest heads: the plan is not what is tested
-    result, reference = (compile(model, rows, measure_latency=False, show_progress=False, planner_config=probes)
-                         for model in (_fixed(reference_model), reference_model))
+    onnx.save(_fixed(reference_model), str(tmp_path / "fixed.onnx"))
+    result, reference = (compile(model, rows, out_dir=out, measure_latency=False, show_progress=False,
+                                 planner_config=probes)
+                         for model, out in ((tmp_path / "fixed.onnx", tmp_path / "out"), (reference_model, None)))
     assert result.plan.exits and result.plan.to_dict() == reference.plan.to_dict()
     assert "fixed its inputs at a batch of 1" in result.report["import_notes"][0]
     assert _dims(result.model.graph.input[0])[0] == BATCH_DIM
-    images = calibration["images"][:64]
-    np.testing.assert_allclose(_run(result.model, {"images": images}), _run(reference.model, {"images": images}),
-                               rtol=1e-5, atol=1e-5)
+    images = calibration["images"][COMPILE_ROWS:COMPILE_ROWS + 512]
+    compiled, original = _run(result.model, {"images": images}), _run(reference_model, {"images": images})
+    np.testing.assert_allclose(compiled, _run(reference.model, {"images": images}), rtol=1e-5, atol=1e-5)
+    evaluation = evaluate_build(tmp_path / "out", {"images": images}, show_progress=False, windows=2)
+    assert evaluation["disagreement"]["fraction"] == pytest.approx((compiled.argmax(1) != original.argmax(1)).mean())
 
 
 def _mixing_rows(model: onnx.ModelProto) -> onnx.ModelProto:

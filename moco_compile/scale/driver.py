@@ -132,8 +132,8 @@ def planning_rows(total: int, first: int, limit: int, seed: int) -> np.ndarray:
     return np.concatenate([np.arange(first), np.sort(rest)])
 
 
-def shadow_sharded(original: Path, compiled: Path, output: str, spec: CalibrationSpec, data: ShardedData,
-                   providers: list[str] | None, batch_size: int, show_progress: bool,
+def shadow_sharded(original: Path | onnx.ModelProto, compiled: Path, output: str, spec: CalibrationSpec,
+                   data: ShardedData, providers: list[str] | None, batch_size: int, show_progress: bool,
                    classes: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[ShadowRun, np.ndarray | None]:
     """Shadow-run the traffic shards on Ray; the run in shard order, and the labels if the shards have them.
     ``classes``: as :func:`~moco_compile.runtime.shadow.shadow_run`'s."""
@@ -141,7 +141,8 @@ def shadow_sharded(original: Path, compiled: Path, output: str, spec: Calibratio
     filesystem, shards = list_shards(data.source)
     _head(filesystem, shards, spec, batch_size, 1)  # wrong columns fail here, before the cluster starts
     with tempfile.TemporaryDirectory(prefix="moco-") as scratch:
-        paths = engine.shadow_on_ray(onnx.load(str(original)), onnx.load(str(compiled)), output, spec, data,
+        original = original if isinstance(original, onnx.ModelProto) else onnx.load(str(original))
+        paths = engine.shadow_on_ray(original, onnx.load(str(compiled)), output, spec, data,
                                      filesystem, shards, Path(scratch), providers=providers,
                                      batch_size=batch_size, show_progress=show_progress, classes=classes)
         try:

@@ -77,10 +77,12 @@ def check_freed_batch(imported: ImportedModel, batch: Mapping[str, np.ndarray]) 
         raise ModelError(f"{advice}; the calibration batch has {rows} rows, fewer than that batch")
     checked = chunks * fixed.size
     feed = {name: np.ascontiguousarray(batch[name][:checked]) for name in imported.input_names}
+    binary = imported.binary  # the user's graph has the one column, the freed graph its two-class form
+    output = binary.name if binary is not None else imported.output
     try:
         original = make_session(fixed.model, [CPU])
-        expected = np.concatenate([original.run([imported.output], {name: values[i:i + fixed.size]
-                                                                     for name, values in feed.items()})[0]
+        expected = np.concatenate([original.run([output], {name: values[i:i + fixed.size]
+                                                           for name, values in feed.items()})[0]
                                    for i in range(0, checked, fixed.size)])
     except Exception as error:  # onnxruntime raises its own exception types
         shapes = {name: f"{values.dtype}{list(values.shape[1:])}" for name, values in feed.items()}
@@ -89,6 +91,7 @@ def check_freed_batch(imported: ImportedModel, batch: Mapping[str, np.ndarray]) 
                                    "calibration arrays have the shapes and dtypes the model expects") from error
     try:
         freed = make_session(imported.model, [CPU]).run([imported.output], feed)[0]
+        freed = binary.column(freed) if binary is not None else freed
     except Exception as error:  # onnxruntime raises its own exception types
         raise ModelError(f"{advice}; freeing that dimension left a graph onnxruntime cannot run on {checked} "
                          f"rows ({str(error).strip().splitlines()[0]})") from error

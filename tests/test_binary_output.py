@@ -143,6 +143,20 @@ def test_the_bucketed_layout_is_refused_for_a_one_column_classifier(tmp_path, re
     assert not (tmp_path / "out").exists()
 
 
+def test_a_fixed_batch_column_is_checked_on_the_column(reference_model, calibration):
+    """A one-column model exported at a fixed batch: the freed graph's two-class form, turned back into the
+    column, is what the user's graph is compared with."""
+    from moco_compile.prepare import check_freed_batch
+
+    model = _shirt_or_not(reference_model, sigmoid=True)
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.shape.dim[0].Clear()
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    imported = import_model(model)
+    assert imported.fixed_batch.size == 1 and imported.binary.name == "score"
+    assert check_freed_batch(imported, {"images": calibration["images"][:64]}) == 8
+
+
 def test_rebuilding_a_one_column_classifier_from_its_plan_is_refused(reference_model, calibration):
     model = _shirt_or_not(reference_model, sigmoid=True)
     assert import_model(model).binary.name == "score"

@@ -14,8 +14,8 @@ import onnx
 
 from moco_compile.build import Build, source_model
 from moco_compile.constants import LABELS, OUTPUTS, PROBABILITIES, SPLIT_COLUMN
-from moco_compile.frame import ActivationFrame, load_frame
 from moco_compile.errors import ModelError
+from moco_compile.frame import ActivationFrame, load_frame
 from moco_compile.importer import ImportedModel, import_model
 from moco_compile.outputs import check_output_dir, check_output_file, staged_output_file
 from moco_compile.passes.calibration.calibrate import calibrate, variant_features
@@ -367,8 +367,6 @@ def import_notes(imported: ImportedModel) -> list[str]:
                      "(the logit itself on rows that run the whole network, the exit's log-odds on the others)"
                      + (", through the model's Sigmoid" if imported.binary.sigmoid else ""))
     return notes
-
-
 
 
 class _InputKeeper:

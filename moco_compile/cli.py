@@ -462,6 +462,7 @@ def default_exit_layout(target: str | None, serving_batch: int | None) -> str | 
         return None
     return "whole-batch" if serving_batch == 1 else "flat"
 
+
 def _batch_buckets(text: str) -> tuple[int, ...]:
     """``--batch-buckets`` as batch sizes, checked (positive, increasing, none repeated)."""
     from moco_compile.passes.planning.config import checked_buckets

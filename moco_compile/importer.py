@@ -42,7 +42,7 @@ class ImportedModel:
     output: str
     scopes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     text: "TextInputs | None" = None  # set for text models (e.g. Hugging Face sequence classifiers)
-    fixed_batch: "FixedBatch | None" = None  # set when the export fixed the batch and moco freed it
+    fixed_batch: FixedBatch | None = None  # set when the export fixed the batch and moco freed it
     binary: BinaryOutput | None = None  # set for a one-column binary output: ``output`` is its two-class form
 
     @property

@@ -17,6 +17,7 @@ from moco_compile.calibration_data import CalibrationSpec, iter_batches
 from moco_compile.constants import LABELS
 from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.importer import ImportedModel, TextInputs, import_model
+from moco_compile.passes.graph.binary_output import from_two_class
 from moco_compile.passes.graph.cut_points import CutPoint, find_cut_points, localize_side_tensors, side_inputs_of
 from moco_compile.passes.graph.flops import flops_per_row, measure_shapes
 from moco_compile.runtime.session import CPU, make_session
@@ -77,7 +78,7 @@ def check_freed_batch(imported: ImportedModel, batch: Mapping[str, np.ndarray]) 
         raise ModelError(f"{advice}; the calibration batch has {rows} rows, fewer than that batch")
     checked = chunks * fixed.size
     feed = {name: np.ascontiguousarray(batch[name][:checked]) for name in imported.input_names}
-    binary = imported.binary  # the user's graph has the one column, the freed graph its two-class form
+    binary = imported.binary  # the user's graph has the one column: the freed graph is given it back to compare
     output = binary.name if binary is not None else imported.output
     try:
         original = make_session(fixed.model, [CPU])
@@ -90,8 +91,8 @@ def check_freed_batch(imported: ImportedModel, batch: Mapping[str, np.ndarray]) 
                                    f"(rows of {shapes}): {str(error).strip().splitlines()[0]}; check that the "
                                    "calibration arrays have the shapes and dtypes the model expects") from error
     try:
-        freed = make_session(imported.model, [CPU]).run([imported.output], feed)[0]
-        freed = binary.column(freed) if binary is not None else freed
+        freed_model = imported.model if binary is None else from_two_class(imported.model, binary)
+        freed = make_session(freed_model, [CPU]).run([output], feed)[0]
     except Exception as error:  # onnxruntime raises its own exception types
         raise ModelError(f"{advice}; freeing that dimension left a graph onnxruntime cannot run on {checked} "
                          f"rows ({str(error).strip().splitlines()[0]})") from error

@@ -32,11 +32,6 @@ class BinaryOutput:
         """Class (0 or 1) of each row of the user's ``[N, 1]`` output values."""
         return (values[:, 0] > (0.5 if self.sigmoid else 0.0)).astype(np.int64)
 
-    def column(self, two_class: np.ndarray) -> np.ndarray:
-        """The user's ``[N, 1]`` output from two-class values, as :func:`from_two_class` computes it."""
-        logit = two_class[:, 1:2] - two_class[:, 0:1]
-        return 1 / (1 + np.exp(-logit)) if self.sigmoid else logit
-
 
 def to_two_class(model: onnx.ModelProto, output: str) -> tuple[onnx.ModelProto, BinaryOutput]:
     """A copy of ``model`` whose one-column output ``output`` is replaced by two-class logits (module

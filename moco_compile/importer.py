@@ -276,9 +276,12 @@ def input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
 TEXT_METADATA = "moco.text."
 # Hugging Face architectures whose export, cut points and exits are tested (tests/test_text_architectures.py).
 HF_ENCODERS = ("BertForSequenceClassification", "DistilBertForSequenceClassification",
-               "RobertaForSequenceClassification", "AlbertForSequenceClassification",
-               "ElectraForSequenceClassification")
-HF_DECODERS = ("GPT2ForSequenceClassification", "LlamaForSequenceClassification")  # classify the last token
+               "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification",
+               "AlbertForSequenceClassification", "ElectraForSequenceClassification",
+               "DebertaV2ForSequenceClassification", "ModernBertForSequenceClassification")
+HF_DECODERS = ("GPT2ForSequenceClassification", "LlamaForSequenceClassification",  # classify the last token
+               "MistralForSequenceClassification", "Qwen2ForSequenceClassification", "Qwen3ForSequenceClassification")
+EXPORT_TOLERANCE = 1e-3  # the exported graph's logits vs the module's, relative to their largest magnitude
 SUPPORTED_HF_ARCHITECTURES = HF_ENCODERS + HF_DECODERS
 _MASK_NAMES = ("attention_mask",)
 _SIDE_NAMES = ("attention_mask", "token_type_ids", "position_ids")
@@ -381,6 +384,29 @@ def _last_masked_token_classifier(model: Any) -> Any:
     return wrapped
 
 
+def _check_export(exported: onnx.ModelProto, module: Any, example: dict, architecture: str) -> None:
+    """Refuse an export whose graph, run by onnxruntime on ``example`` (a padded batch), gives other logits
+    than ``module``: an attention path that traces differently than it runs would be compiled unnoticed."""
+    import torch
+
+    from moco_compile.runtime.session import make_session
+
+    with torch.no_grad():
+        expected = module(**example)
+    expected = getattr(expected, "logits", expected).numpy()
+    try:
+        got, = make_session(exported, ["CPUExecutionProvider"]).run(
+            None, {name: value.numpy() for name, value in example.items()})
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise ModelError(f"onnxruntime cannot run the ONNX export of {architecture} ({error}); export it to ONNX "
+                         "yourself and pass the .onnx file") from error
+    difference = float(np.abs(got - expected).max())
+    if not difference <= EXPORT_TOLERANCE * max(float(np.abs(expected).max()), 1.0):
+        raise ModelError(f"the ONNX export of {architecture} gives other logits than the module (max difference "
+                         f"{difference:.3g} on a padded batch); export it to ONNX yourself, checking its outputs, "
+                         "and pass the .onnx file")
+
+
 def export_hf_sequence_classifier(model: Any, opset: int = 18) -> onnx.ModelProto:
     """Export a Hugging Face sequence classifier: inputs ``input_ids``, ``attention_mask``
     (and ``token_type_ids`` when the model has them), output ``logits``; batch and sequence
@@ -409,7 +435,7 @@ def export_hf_sequence_classifier(model: Any, opset: int = 18) -> onnx.ModelProt
     if "token_type_ids" in inspect.signature(model.forward).parameters and getattr(config, "type_vocab_size", 0):
         names.append("token_type_ids")
     max_length = int(getattr(config, "max_position_embeddings", 512))
-    example = {"input_ids": torch.full((2, 8), 1000, dtype=torch.long),
+    example = {"input_ids": 1 + torch.arange(16).reshape(2, 8) % (config.vocab_size - 2),
                "attention_mask": torch.ones(2, 8, dtype=torch.long),
                "token_type_ids": torch.zeros(2, 8, dtype=torch.long)}
     example["attention_mask"][1, 5:] = 0
@@ -438,6 +464,7 @@ def export_hf_sequence_classifier(model: Any, opset: int = 18) -> onnx.ModelProt
     if [o.name for o in exported.graph.output] != ["logits"]:
         raise ModelError(f"exporting {architecture} gave outputs {[o.name for o in exported.graph.output]}, "
                          "expected one 'logits' output")
+    _check_export(exported, model, example, architecture)
     for key, value in (("mask", "attention_mask"), ("side", ",".join(names[1:])),
                        ("max_length", str(max_length)), ("architecture", architecture),
                        ("summary_token", "last_token" if architecture in HF_DECODERS else "first_token")):

@@ -28,27 +28,26 @@ the other rows continue, compressed, through the remaining layers.  A plan compi
 out-of-distribution guard (``ood_guard``) brings each exit's guard: rows it finds unfamiliar
 do not leave there (the graph's formula, ``passes/calibration/guard.py``).
 
-Supported: every architecture the importer supports (:data:`EAGER_ARCHITECTURES`, one
-:class:`_Family` each): the encoders BERT, DistilBERT, RoBERTa, ALBERT, ELECTRA and the decoders GPT-2
-and Llama, which classify the last token the attention mask keeps (left or right padding), as the
-compiled graph does.
+Supported (:data:`EAGER_ARCHITECTURES`, a family each in :mod:`~moco_compile.eager_families`): the
+encoders BERT, DistilBERT, RoBERTa, XLM-RoBERTa, ALBERT, ELECTRA and the decoders GPT-2, Llama, Mistral,
+Qwen2 and Qwen3, which classify the last token the attention mask keeps (left or right padding), as the
+compiled graph does.  The importer also compiles DeBERTa-v2/v3 and ModernBERT; the API refuses them.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from moco_compile.eager_families import EAGER_ARCHITECTURES, FAMILIES, Step, last_tokens
 from moco_compile.errors import ModelError
 from moco_compile.passes.graph.cut_points import numbered_repeats, outermost_unused_scope
 
@@ -133,238 +132,6 @@ class _Rule:
         return scaled.scatter(1, top, scaled.gather(1, cls)).scatter(1, cls, scaled.gather(1, top))
 
 
-# -- architectures ---------------------------------------------------------------------------------
-
-_StepRun = Callable[..., torch.Tensor]
-
-
-@dataclass(frozen=True)
-class _Step:
-    """A stretch of the network that ends where the compiled graph may cut.
-
-    ``module``: the innermost module whose forward writes the step's output (the cut's scope in the
-    export); ``width``: features per token there; ``block`` and ``sublayer`` (``"attention"`` or
-    ``"output"``): which half of which block it is, None for the embeddings and their projection.
-    """
-
-    module: str
-    run: _StepRun
-    width: int
-    block: int | None = None
-    sublayer: str = ""
-
-
-def _block(block: int, width: int, attention: tuple[str, _StepRun], output: tuple[str, _StepRun]) -> list[_Step]:
-    """A block's two steps: up to its attention sub-layer's output, then up to the block's output."""
-    return [_Step(*attention, width, block, "attention"), _Step(*output, width, block, "output")]
-
-
-def _per_token(module: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-               mask: torch.Tensor) -> torch.Tensor:
-    """A step that maps each token on its own (a projection), whatever the mask."""
-    return module(hidden)
-
-
-class _Family:
-    """How one architecture family runs eagerly, in the steps the compiled graph cuts between.
-
-    :meth:`steps`: the embeddings first (run on ``input_ids, token_type_ids``), then any projection
-    and each block's two halves in execution order (run on ``hidden, mask``: the rows still running);
-    :meth:`head`: the logits from the last step's states.
-    """
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.base = model.base_model
-        self.prefix = model.base_model_prefix
-
-    def steps(self) -> list[_Step]:
-        raise NotImplementedError
-
-    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class _Encoder(_Family):
-    """Encoders: every token attends to every token the mask keeps."""
-
-    def _mask(self, hidden: torch.Tensor, mask: torch.Tensor) -> Any:
-        return create_bidirectional_mask(config=self.base.config, inputs_embeds=hidden, attention_mask=mask)
-
-    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        return self.base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-
-
-class _BertLike(_Encoder):
-    """RoBERTa and ELECTRA (and BERT's blocks): ``encoder.layer.<i>`` runs ``attention``, then a
-    feed-forward chunk; ELECTRA projects narrower embeddings up (``embeddings_project``); the
-    classifier reads token 0 itself."""
-
-    def steps(self) -> list[_Step]:
-        p, base, width = self.prefix, self.base, self.model.config.hidden_size
-        steps = [_Step(f"{p}.embeddings.LayerNorm", self._embed, base.embeddings.LayerNorm.normalized_shape[-1])]
-        if hasattr(base, "embeddings_project"):
-            steps.append(_Step(f"{p}.embeddings_project", partial(_per_token, base.embeddings_project), width))
-        for i, layer in enumerate(base.encoder.layer):
-            path = f"{p}.encoder.layer.{i}"
-            steps += _block(i, width, (f"{path}.attention.output.LayerNorm", partial(self._attention, layer)),
-                            (f"{path}.output.LayerNorm", partial(_per_token, layer.feed_forward_chunk)))
-        return steps
-
-    def _attention(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return layer.attention(hidden, self._mask(hidden, mask))[0]
-
-    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model.classifier(hidden)
-
-
-class _Bert(_BertLike):
-    """BERT: the head reads the pooler's output (token 0 when the model has no pooler)."""
-
-    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        pooler = self.base.pooler
-        pooled = pooler(hidden) if pooler is not None else hidden[:, 0]
-        return self.model.classifier(self.model.dropout(pooled))
-
-
-class _DistilBert(_Encoder):
-    """DistilBERT: ``transformer.layer.<i>`` adds attention and feed-forward outputs to their inputs
-    inside the block (``sa_layer_norm``, ``output_layer_norm``); the head is ``pre_classifier``, ReLU,
-    ``classifier`` on token 0; no token types."""
-
-    def steps(self) -> list[_Step]:
-        p, width = self.prefix, self.model.config.hidden_size
-        steps = [_Step(f"{p}.embeddings.LayerNorm", self._embed, width)]
-        for i, layer in enumerate(self.base.transformer.layer):
-            path = f"{p}.transformer.layer.{i}"
-            steps += _block(i, width, (f"{path}.sa_layer_norm", partial(self._attention, layer)),
-                            (f"{path}.output_layer_norm", partial(self._feed_forward, layer)))
-        return steps
-
-    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        return self.base.embeddings(input_ids)
-
-    def _attention(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return layer.sa_layer_norm(layer.attention(hidden, attention_mask=self._mask(hidden, mask))[0] + hidden)
-
-    def _feed_forward(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return layer.output_layer_norm(layer.ffn(hidden) + hidden)
-
-    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        pooled = torch.relu(self.model.pre_classifier(hidden[:, 0]))
-        return self.model.classifier(self.model.dropout(pooled))
-
-
-class _Albert(_Encoder):
-    """ALBERT: narrower embeddings projected up (``encoder.embedding_hidden_mapping_in``), then
-    ``num_hidden_layers`` runs of a layer group (``num_hidden_groups`` groups share them in order), each
-    run through the group's ``albert_layers``: one block per layer run, weights shared across runs."""
-
-    def steps(self) -> list[_Step]:
-        p, config, encoder = self.prefix, self.model.config, self.base.encoder
-        width = config.hidden_size
-        projection = encoder.embedding_hidden_mapping_in
-        steps = [_Step(f"{p}.embeddings.LayerNorm", self._embed, config.embedding_size),
-                 _Step(f"{p}.encoder.embedding_hidden_mapping_in", partial(_per_token, projection), width)]
-        for run in range(config.num_hidden_layers):
-            group = int(run / (config.num_hidden_layers / config.num_hidden_groups))  # AlbertTransformer's choice
-            layers = encoder.albert_layer_groups[group].albert_layers
-            for j, layer in enumerate(layers):
-                path = f"{p}.encoder.albert_layer_groups.{group}.albert_layers.{j}"
-                steps += _block(run * len(layers) + j, width,
-                                (f"{path}.attention.LayerNorm", partial(self._attention, layer)),
-                                (f"{path}.full_layer_layer_norm", partial(self._feed_forward, layer)))
-        return steps
-
-    def _attention(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return layer.attention(hidden, self._mask(hidden, mask))[0]
-
-    def _feed_forward(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return layer.full_layer_layer_norm(layer.ff_chunk(hidden) + hidden)
-
-    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        pooled = self.base.pooler_activation(self.base.pooler(hidden[:, 0]))
-        return self.model.classifier(self.model.dropout(pooled))
-
-
-class _Decoder(_Family):
-    """Causal decoders: each token attends to the kept tokens up to itself; positions count from 0
-    whatever the padding (the exported model is given no position ids); the head scores the last
-    token the mask keeps after the final norm, as the compiled graph does (``importer.py``)."""
-
-    final_norm = ""  # the base model's attributes: its final norm, its block list,
-    blocks = ""
-    embeddings = ""  # and the embeddings' cut name after the prefix ("": written inline in the base model)
-
-    def steps(self) -> list[_Step]:
-        """The embeddings, then each block's two halves; a block adds each half's output to its input
-        inline, so both cuts take the block's name."""
-        p, width = self.prefix, self.model.config.hidden_size
-        steps = [_Step(p + self.embeddings, self._embed, width)]
-        for i, block in enumerate(getattr(self.base, self.blocks)):
-            path = f"{p}.{self.blocks}.{i}"
-            steps += _block(i, width, (path, partial(self._attention, block)),
-                            (path, partial(self._feed_forward, block)))
-        return steps
-
-    def _positions(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.arange(hidden.shape[1], device=hidden.device)[None]
-
-    def _mask(self, hidden: torch.Tensor, mask: torch.Tensor) -> Any:
-        return create_causal_mask(config=self.base.config, inputs_embeds=hidden, attention_mask=mask, cache=None,
-                                  position_ids=self._positions(hidden))
-
-    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model.score(getattr(self.base, self.final_norm)(_last_tokens(hidden, mask)))
-
-
-class _Gpt2(_Decoder):
-    """GPT-2: token plus position embeddings, written inline in ``transformer``; blocks ``h.<i>``."""
-
-    final_norm, blocks = "ln_f", "h"
-
-    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        base = self.base
-        return base.drop(base.wte(input_ids) + base.wpe(torch.arange(input_ids.shape[1], device=input_ids.device)))
-
-    def _attention(self, block: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return hidden + block.attn(block.ln_1(hidden), attention_mask=self._mask(hidden, mask))[0]
-
-    def _feed_forward(self, block: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return hidden + block.mlp(block.ln_2(hidden))
-
-
-class _Llama(_Decoder):
-    """Llama: token embeddings only; rotary position embeddings in each attention; blocks ``layers.<i>``."""
-
-    final_norm, blocks, embeddings = "norm", "layers", ".embed_tokens"
-
-    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        return self.base.embed_tokens(input_ids)
-
-    def _attention(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        positions = self._positions(hidden)
-        attended = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=self._mask(hidden, mask),
-                                   position_ids=positions,
-                                   position_embeddings=self.base.rotary_emb(hidden, position_ids=positions))[0]
-        return hidden + attended
-
-    def _feed_forward(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-
-
-_FAMILIES: dict[str, type[_Family]] = {  # the importer's SUPPORTED_HF_ARCHITECTURES, in its order
-    "BertForSequenceClassification": _Bert,
-    "DistilBertForSequenceClassification": _DistilBert,
-    "RobertaForSequenceClassification": _BertLike,
-    "AlbertForSequenceClassification": _Albert,
-    "ElectraForSequenceClassification": _BertLike,
-    "GPT2ForSequenceClassification": _Gpt2,
-    "LlamaForSequenceClassification": _Llama,
-}
-EAGER_ARCHITECTURES = tuple(_FAMILIES)
-
-
 def _scopes(path: str) -> tuple[str, ...]:
     """The modules around the output of the module at ``path``, outermost first, as the export records
     them: every dotted prefix (a container such as ``ModuleList`` is never called, so no scope, but it
@@ -373,7 +140,7 @@ def _scopes(path: str) -> tuple[str, ...]:
     return tuple(".".join(parts[:k]) for k in range(1, len(parts) + 1))
 
 
-def _cut_names(steps: list[_Step]) -> list[str]:
+def _cut_names(steps: list[Step]) -> list[str]:
     """The compiled graph's name for the cut after each step but the last (after the last block only the
     head runs, far too little to cut before): the importer's rule (``passes/graph/cut_points.py``)."""
     scopes = [_scopes(step.module) for step in steps]
@@ -388,19 +155,19 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
     ----------
     model:
         A sequence classifier of one of :data:`EAGER_ARCHITECTURES` (BERT, DistilBERT, RoBERTa,
-        ALBERT, ELECTRA, GPT-2, Llama; any number of blocks and classes).
+        XLM-RoBERTa, ALBERT, ELECTRA, GPT-2, Llama, Mistral, Qwen2, Qwen3; any number of blocks and classes).
     """
 
     def __init__(self, model: Any) -> None:
         super().__init__()
         architecture = type(model).__name__
-        if architecture not in _FAMILIES:
+        if architecture not in FAMILIES:
             raise ModelError(f"{architecture} is not supported by the eager text API; supported: "
                              f"{', '.join(EAGER_ARCHITECTURES)} (export other models to ONNX and compile them: "
                              "moco.compile)")
         self.model = model.eval()
         self.prefix = model.base_model_prefix  # "bert", "distilbert", "transformer", "model", ...
-        self._family = _FAMILIES[architecture](model)
+        self._family = FAMILIES[architecture](model)
         self._steps = self._family.steps()
         self._cuts = dict(zip(_cut_names(self._steps), self._steps))
         self._rules: dict[str, list[_Rule]] = {}
@@ -568,14 +335,6 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
         return EarlyExitClassifierOutput(logits=logits, exits=exits)
 
 
-def _last_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Each row's state at the last position its mask keeps (left or right padding; ``passes/calibration/pooling.py``
-    ``last_token``: the first position for a row with no kept token)."""
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    last = (mask.long() * positions).argmax(dim=1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
 def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
     parts = []
     for piece in pooling.split("+"):
@@ -583,7 +342,7 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tenso
         if kind == "first_token":
             parts.append(hidden[:, 0].float())
         elif kind == "last_token":
-            parts.append(_last_tokens(hidden, mask).float())
+            parts.append(last_tokens(hidden, mask).float())
         else:
             weights = mask.float().unsqueeze(-1)
             parts.append((hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0))

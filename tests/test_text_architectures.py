@@ -26,15 +26,31 @@ ENCODERS = {  # architecture -> (config, the module path every cut lies under)
         vocab_size=1000, dim=32, n_layers=2, n_heads=2, hidden_dim=64, num_labels=3, max_position_embeddings=128),
         "distilbert."),
     "RobertaForSequenceClassification": (transformers.RobertaConfig(**SIZES), "roberta."),
+    "XLMRobertaForSequenceClassification": (transformers.XLMRobertaConfig(**SIZES), "roberta."),
     "AlbertForSequenceClassification": (transformers.AlbertConfig(embedding_size=16, **SIZES), "albert."),
     "ElectraForSequenceClassification": (transformers.ElectraConfig(embedding_size=16, **SIZES), "electra."),
 }
+ONNX_ONLY_ENCODERS = {  # compiled, but no eager family runs them in steps (moco_compile/torch.py)
+    "DebertaV2ForSequenceClassification": (transformers.DebertaV2Config(**SIZES), "deberta."),
+    "ModernBertForSequenceClassification": (transformers.ModernBertConfig(  # local attention over 8 tokens
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, local_attention=8,
+        global_attn_every_n_layers=2, **{**SIZES, "num_hidden_layers": 3}),
+        "model."),
+}
+_DECODER_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=1)
 DECODERS = {  # architecture -> (config, module path prefix); they classify the last token the mask keeps
     "GPT2ForSequenceClassification": (transformers.GPT2Config(
-        vocab_size=1000, n_embd=32, n_layer=2, n_head=2, num_labels=3, n_positions=128, pad_token_id=0,
-        bos_token_id=1, eos_token_id=1), "transformer."),
-    "LlamaForSequenceClassification": (transformers.LlamaConfig(
-        num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=1, **SIZES), "model."),
+        vocab_size=1000, n_embd=32, n_layer=2, n_head=2, num_labels=3, n_positions=128, **_DECODER_TOKENS),
+        "transformer."),
+    "LlamaForSequenceClassification": (transformers.LlamaConfig(num_key_value_heads=1, **_DECODER_TOKENS, **SIZES),
+                                       "model."),
+    "MistralForSequenceClassification": (transformers.MistralConfig(  # every layer in a window of 4 tokens
+        num_key_value_heads=1, sliding_window=4, **_DECODER_TOKENS, **SIZES), "model."),
+    "Qwen2ForSequenceClassification": (transformers.Qwen2Config(  # layer 0 sees every token, layer 1 a window
+        num_key_value_heads=1, use_sliding_window=True, sliding_window=4, max_window_layers=1, **_DECODER_TOKENS,
+        **SIZES), "model."),
+    "Qwen3ForSequenceClassification": (transformers.Qwen3Config(num_key_value_heads=1, head_dim=16,
+                                                                **_DECODER_TOKENS, **SIZES), "model."),
 }
 ROWS, LENGTH = 1200, 16
 
@@ -49,7 +65,7 @@ def _tokens(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def _model(architecture: str):
     torch.manual_seed(0)
-    config, _ = {**ENCODERS, **DECODERS}[architecture]
+    config, _ = {**ENCODERS, **ONNX_ONLY_ENCODERS, **DECODERS}[architecture]
     return getattr(transformers, architecture)(config).eval()
 
 
@@ -116,6 +132,21 @@ def test_encoder_compiles_with_exits_named_by_module(architecture):
     _assert_eager_features_are_the_frames(model, result, _tokens(ROWS), "first_token")
 
 
+@pytest.mark.parametrize("architecture", list(ONNX_ONLY_ENCODERS))
+def test_encoder_without_an_eager_family_compiles_with_exits_named_by_module(architecture):
+    """DeBERTa-v2's relative-position attention and ModernBERT's local windows compile as exported; the
+    eager API refuses them, naming what it runs."""
+    model = _model(architecture)
+    result = compile(model, _tokens(ROWS), max_disagreement=0.05, measure_latency=False, show_progress=False,
+                     planner_config=UNPRICED_LAUNCHES)
+    names = [e.cut.module for e in result.plan.exits]
+    assert names and all(name.startswith(ONNX_ONLY_ENCODERS[architecture][1]) for name in names)
+    cuts = {column.split(":")[0] for column in result.frame.columns if ":" in column}
+    assert len(cuts) >= 4 and result.report["verification"]["rows"] > 0, cuts  # embeddings, both halves of block 0...
+    with pytest.raises(ModelError, match="not supported by the eager text API.*XLMRoberta"):
+        EarlyExitTextClassificationModel(model)
+
+
 @pytest.mark.parametrize("architecture", list(DECODERS))
 def test_decoder_compiles_with_exits_on_the_last_token(architecture):
     """A causal decoder's token 0 has seen only itself: its sequence cuts pool the last token the
@@ -178,13 +209,31 @@ def test_unsupported_or_unpadded_classifiers_are_refused_saying_what_to_do():
     mpnet = transformers.MPNetConfig(**SIZES)
     with pytest.raises(ModelError, match="not a supported Hugging Face architecture") as refused:
         import_model(transformers.MPNetForSequenceClassification(mpnet).eval())
-    assert all(name in str(refused.value) for name in {**ENCODERS, **DECODERS})
+    assert all(name in str(refused.value) for name in {**ENCODERS, **ONNX_ONLY_ENCODERS, **DECODERS})
+
+
+def test_an_export_that_gives_other_logits_than_the_module_is_refused():
+    """The export is run on a padded batch against the module: a graph one weight off is refused, saying
+    what to do, before anything is compiled."""
+    import onnx
+
+    from moco_compile.importer import _check_export, export_hf_sequence_classifier
+
+    model = _model("BertForSequenceClassification")
+    exported = export_hf_sequence_classifier(model)
+    example = {"input_ids": torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]]),
+               "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]), "token_type_ids": torch.zeros(2, 4).long()}
+    _check_export(exported, model, example, "BertForSequenceClassification")
+    head = next(t for t in exported.graph.initializer if t.name == "classifier.weight")
+    head.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(head) + np.float32(0.5), head.name))
+    with pytest.raises(ModelError, match="gives other logits than the module .*export it to ONNX yourself"):
+        _check_export(exported, model, example, "BertForSequenceClassification")
 
 
 def test_eager_api_wraps_what_the_importer_imports_and_refuses_the_rest_naming_them():
     from moco_compile.importer import SUPPORTED_HF_ARCHITECTURES
 
-    assert EAGER_ARCHITECTURES == SUPPORTED_HF_ARCHITECTURES
+    assert EAGER_ARCHITECTURES == tuple(name for name in SUPPORTED_HF_ARCHITECTURES if name not in ONNX_ONLY_ENCODERS)
     with pytest.raises(ModelError, match="not supported by the eager text API.*GPT2.*moco.compile"):
         EarlyExitTextClassificationModel(transformers.MPNetForSequenceClassification(transformers.MPNetConfig(**SIZES)))
 
@@ -196,5 +245,5 @@ def test_readme_and_importer_list_the_tested_architectures():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Supported models")[1].split("\n## ")[0]
-    assert list(SUPPORTED_HF_ARCHITECTURES) == list(ENCODERS) + list(DECODERS)
+    assert list(SUPPORTED_HF_ARCHITECTURES) == list(ENCODERS) + list(ONNX_ONLY_ENCODERS) + list(DECODERS)
     assert all(f"`{name}`" in section for name in SUPPORTED_HF_ARCHITECTURES)

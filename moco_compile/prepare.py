@@ -17,6 +17,7 @@ from moco_compile.calibration_data import CalibrationSpec, iter_batches
 from moco_compile.constants import LABELS
 from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.importer import ImportedModel, TextInputs, import_model
+from moco_compile.passes.graph.batch_reads import batch_leading, batch_size_roots, localize_batch_reads
 from moco_compile.passes.graph.binary_output import from_two_class
 from moco_compile.passes.graph.cut_points import CutPoint, find_cut_points, localize_side_tensors, side_inputs_of
 from moco_compile.passes.graph.flops import flops_per_row, measure_shapes
@@ -49,8 +50,9 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
         check_binary_logit(imported, first)
     feed = {name: first[name][:1] for name in imported.input_names}
     shapes = None if text is not None else measure_shapes(imported.model, feed)
+    given = imported.model
     side = _localize_side_inputs(imported, feed, shapes)
-    if side or shapes is None:  # localizing changed the graph: its shapes are measured (again) on the new one
+    if imported.model is not given or shapes is None:  # localizing changed the graph: measured (again) on it
         shapes = measure_shapes(imported.model, feed)
     node_flops = flops_per_row(imported.model, shapes)
     text_options = {} if text is None else {"sequence_mask": text.mask, "summary_token": text.summary_token,
@@ -138,14 +140,19 @@ def _localize_side_inputs(imported: ImportedModel, feed: Mapping[str, np.ndarray
                           shapes: Mapping[str, tuple] | None = None) -> tuple[str, ...]:
     """Make ``imported.model``'s later layers recompute what they derive from side inputs (a text
     model's masks; for any other model each input besides the main one that the network reads
-    cheaply, e.g. a feature vector joined before the head) from the compressed rows; the side inputs.
-    ``shapes``: the model's tensor shapes on ``feed``, when measured already."""
+    cheaply, e.g. a feature vector joined before the head) and from the batch size
+    (:mod:`~moco_compile.passes.graph.batch_reads`) from the compressed rows; the side inputs.
+    ``shapes``: the model's tensor shapes on ``feed`` (one row), when measured already."""
     if imported.text is None and shapes is None:
         shapes = measure_shapes(imported.model, feed)
     side = tuple(imported.text.side) if imported.text is not None else tuple(side_inputs_of(
         imported.model, flops_per_row(imported.model, shapes)))
     if side:
         imported.model = localize_side_tensors(imported.model, side)
+    if batch_size_roots(imported.model, excluded=side):
+        two_rows = {name: np.concatenate([value, value]) for name, value in feed.items()}
+        leading = batch_leading(measure_shapes(imported.model, feed), measure_shapes(imported.model, two_rows))
+        imported.model = localize_batch_reads(imported.model, leading, excluded=side)
     return side
 
 

@@ -52,7 +52,7 @@ DECODERS = {  # architecture -> (config, module path prefix); they classify the 
     "Qwen3ForSequenceClassification": (transformers.Qwen3Config(num_key_value_heads=1, head_dim=16,
                                                                 **_DECODER_TOKENS, **SIZES), "model."),
 }
-ROWS, LENGTH = 1200, 16
+ROWS, LENGTH = 800, 16
 
 
 def _tokens(rows: int, seed: int = 0) -> dict[str, np.ndarray]:

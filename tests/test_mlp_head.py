@@ -144,6 +144,7 @@ def _graphs(graph: onnx.GraphProto):
                 yield from _graphs(attribute.g)
 
 
+@pytest.mark.slow  # a compile per head set: end-to-end
 def test_mlp_heads_are_kept_only_where_they_pay_for_the_plan(compiled):
     """fit_candidates with MLP heads allowed: some cut takes one, and the probes come along; then the
     plan-level choice (same folds for both): heads whose design scores are the full model's own

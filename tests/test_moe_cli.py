@@ -88,7 +88,7 @@ def test_the_shipped_reference_runs_by_name_and_as_shipped(tmp_path):
     traced = runner.invoke(app, ["moe", "trace", "--reference", "moe_lm", "--out", str(tmp_path / "trace"),
                                  "--max-windows", "40"])  # its shipped calibration text by default
     assert traced.exit_code == 0, traced.output
-    assert "2,560 tokens x 4 MoE layers (8 experts, top-2)" in traced.output
+    assert "2,560 tokens x 4 MoE layers (8 experts, top-2)" in " ".join(traced.output.split())  # wrapped at 80
     shipped = runner.invoke(app, ["moe", "trace", str(reference_file("moe_lm", "weights")), "--text",
                                   str(reference_file("moe_lm", "calibration")), "--out", str(tmp_path / "again"),
                                   "--max-windows", "2"])  # the shipped file as MODEL: weights, not a pickle

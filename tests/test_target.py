@@ -221,6 +221,7 @@ def test_a_gpu_profile_where_exits_pay_writes_a_bucketed_build_the_stage_runner_
         np.testing.assert_allclose(outputs["logits"], logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # times the model: end-to-end
 def test_the_cpu_target_at_a_serving_batch_is_priced_on_the_model_itself(tmp_path, reference_onnx, calib_npz):
     """``--serving-batch 1`` without a profile: the compile times the model and closed exits on this machine
     (a ``pricing`` phase), plans with that price, records where it came from, and writes the whole-batch

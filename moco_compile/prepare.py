@@ -19,7 +19,8 @@ from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.importer import ImportedModel, TextInputs, import_model
 from moco_compile.passes.graph.batch_reads import batch_leading, batch_size_roots, localize_batch_reads
 from moco_compile.passes.graph.binary_output import from_two_class
-from moco_compile.passes.graph.cut_points import CutPoint, find_cut_points, localize_side_tensors, side_inputs_of
+from moco_compile.passes.graph.cut_points import (HEAVY_OPS, RECURRENT_OPS, CutPoint, find_cut_points,
+                                                  localize_side_tensors, side_inputs_of)
 from moco_compile.passes.graph.flops import flops_per_row, measure_shapes
 from moco_compile.runtime.session import CPU, make_session
 
@@ -59,9 +60,36 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
                                             "min_fraction_before": 0.0}
     cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=side, **text_options)
     if not cuts:
-        raise ModelError("the model has no cut point: no tensor separates it into a prefix and a "
-                         "remainder with real compute on both sides, so there is nowhere to exit")
+        raise ModelError("the model has no cut point: no tensor separates it into a prefix and a remainder with "
+                         "real compute on both sides, so there is nowhere to exit" + _batch_axis_hint(imported, feed))
     return batches, cuts
+
+
+def _batch_axis_hint(imported: ImportedModel, feed: Mapping[str, np.ndarray]) -> str:
+    """Why a model with layers may have no cut: most of its heavy layers' outputs carry the batch on another
+    axis than the first (measured at 1 and 2 rows), and exits cut only tensors with the batch first."""
+    two_rows = {name: np.concatenate([value, value]) for name, value in feed.items()}
+    one, two = measure_shapes(imported.model, feed), measure_shapes(imported.model, two_rows)
+    heavy = [(node.op_type, name) for node in imported.model.graph.node
+             if node.op_type in HEAVY_OPS | RECURRENT_OPS for name in node.output[:1] if name in one]
+    later = [(op, name) for op, name in heavy if _batch_axis(one[name], two.get(name, ())) not in (None, 0)]
+    if not later or 2 * len(later) < len(heavy):
+        return ""
+    op, name = later[0]
+    advice = (f"recurrent layers ({op}), whose ONNX tensors put the sequence first whatever batch_first says, "
+              "are not supported yet" if op in RECURRENT_OPS else
+              "where the model allows, build it batch first (e.g. nn.TransformerEncoder(..., batch_first=True), "
+              "not PyTorch's default) and export it again")
+    return (f": its layers carry the batch on another axis than the first ({op} output {name!r} is "
+            f"{list(one[name])} for one row, axis {_batch_axis(one[name], two[name])} doubling for two), and "
+            f"exits cut only tensors with the batch first; {advice}")
+
+
+def _batch_axis(one_row: tuple[int, ...], two_rows: tuple[int, ...]) -> int | None:
+    """The axis whose size doubles from one row to two (the batch's), or None."""
+    axes = [axis for axis, (a, b) in enumerate(zip(one_row, two_rows)) if a and b == 2 * a] \
+        if len(one_row) == len(two_rows) else []
+    return axes[0] if len(axes) == 1 else None
 
 
 def check_freed_batch(imported: ImportedModel, batch: Mapping[str, np.ndarray]) -> int:

@@ -206,3 +206,53 @@ def test_cli_reports_errors_without_traceback(tmp_path, reference_onnx):
     assert "error:" in run.output and "do not match the model inputs" in run.output
     assert "Traceback" not in run.output
     assert not (tmp_path / "out").exists()
+
+
+class _SequenceFirst:
+    """Classifiers whose layers pass the batch on axis 1, as PyTorch builds them by default."""
+
+    @staticmethod
+    def gru():
+        import torch
+
+        class GRUClassifier(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.gru = torch.nn.GRU(28, 32, num_layers=2, batch_first=True)
+                self.head = torch.nn.Linear(32, 10)
+
+            def forward(self, x):
+                return self.head(self.gru(x[:, 0])[0][:, -1])
+
+        return GRUClassifier()
+
+    @staticmethod
+    def transformer():
+        import torch
+
+        class SequenceFirstEncoder(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.embed = torch.nn.Linear(28, 32)
+                layer = torch.nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0)  # batch_first=False
+                self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+                self.head = torch.nn.Linear(32, 10)
+
+            def forward(self, x):
+                return self.head(self.encoder(self.embed(x[:, 0].transpose(0, 1))).mean(0))
+
+        return SequenceFirstEncoder()
+
+
+@pytest.mark.parametrize("build, advice", [("gru", "recurrent layers .GRU.* not supported yet"),
+                                           ("transformer", "build it batch first .*batch_first=True")])
+def test_layers_that_carry_the_batch_on_another_axis_are_refused_saying_why(build, advice, tmp_path, calibration):
+    """No cut leads with the batch: the error says so, names a layer, and says what to do where anything helps."""
+    import torch
+
+    module = getattr(_SequenceFirst, build)().eval()
+    images = calibration["images"][:400]
+    with pytest.raises(ModelError, match=r"no cut point.*carry the batch on another axis than the first .*"
+                                         + advice):
+        _compile(module, {"x": images}, tmp_path / "out", example_input=torch.from_numpy(images[:2]))
+    _assert_nothing_written(tmp_path / "out")

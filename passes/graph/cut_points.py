@@ -25,6 +25,7 @@ from moco_compile.passes.graph.index import GraphIndex
 
 HEAVY_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "MatMulInteger", "QLinearConv",
              "QLinearMatMul", "ConvInteger"}
+RECURRENT_OPS = {"GRU", "LSTM", "RNN"}  # their tensors carry the batch on axis 1 (or 2): no cut (yet)
 # A statically quantized graph rounds a block's output through QuantizeLinear -> DequantizeLinear
 # before the next block's MatMuls; onnxruntime fuses that pair with its consumers into integer kernels.
 # A cut at the DequantizeLinear output would put the exit's Compress between them (no fusion in the

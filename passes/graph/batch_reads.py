@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 
 import onnx
-from onnx import helper
 
 from moco_compile.passes.graph.index import GraphIndex
 
@@ -55,12 +54,11 @@ def localize_batch_reads(model: onnx.ModelProto, leading: Collection[str], exclu
     graph = model.graph
     arithmetic = _arithmetic(model, index, roots)
     values = {name for i in arithmetic for name in graph.node[i].output if name}
-    position_of = {name: i for i, node in enumerate(graph.node) for name in node.output if name}
     new_nodes: list[onnx.NodeProto] = []
     for position, node in enumerate(graph.node):
         reads = [name for name in node.input if name in values]
         if reads and position not in arithmetic:
-            source = _latest_leading(index, node, values, leading, position_of)
+            source = _latest_leading(index, node, values, leading)
             if source is not None:
                 suffix = f"/moco_batch{position}"
                 copies = sorted(_needed(index, reads, arithmetic))
@@ -72,9 +70,9 @@ def localize_batch_reads(model: onnx.ModelProto, leading: Collection[str], exclu
                     copy.input[:] = [source] if i in roots else [renamed.get(name, name) for name in copy.input]
                     copy.output[:] = [renamed[name] if name else name for name in copy.output]
                     new_nodes.append(copy)
-                node = helper.make_node(node.op_type, [renamed.get(name, name) for name in node.input],
-                                        list(node.output), name=node.name, domain=node.domain)
-                node.attribute.extend(graph.node[position].attribute)
+                node = onnx.NodeProto()
+                node.CopyFrom(graph.node[position])
+                node.input[:] = [renamed.get(name, name) for name in node.input]
         new_nodes.append(node)
     localized = onnx.ModelProto()
     localized.CopyFrom(model)
@@ -108,8 +106,8 @@ def _needed(index: GraphIndex, reads: list[str], arithmetic: set[int]) -> set[in
     return needed
 
 
-def _latest_leading(index: GraphIndex, node: onnx.NodeProto, values: set[str], leading: Collection[str],
-                    position_of: Mapping[str, int]) -> str | None:
+def _latest_leading(index: GraphIndex, node: onnx.NodeProto, values: set[str], leading: Collection[str]
+                    ) -> str | None:
     """The batch-leading tensor latest in graph order among ``node``'s ancestors outside the arithmetic
     (a graph input counts as first), or None."""
     candidates = set()
@@ -118,7 +116,7 @@ def _latest_leading(index: GraphIndex, node: onnx.NodeProto, values: set[str], l
             candidates.add(name)
             candidates.update(output for i in index.ancestors(name) for output in index.model.graph.node[i].output)
     found = [name for name in candidates if name in leading and name not in values]
-    return max(found, key=lambda name: position_of.get(name, -1), default=None)
+    return max(found, key=lambda name: index.producer.get(name, -1), default=None)
 
 
 def _without_dead(nodes: list[onnx.NodeProto], values: set[str], outputs: set[str]) -> list[onnx.NodeProto]:

@@ -65,6 +65,7 @@ def test_a_text_build_s_exits_go_back_on_its_int8_and_float16_originals(text_mod
 
     path = tmp_path / "minilm2.onnx"
     onnx.save(text_model, str(path))
+    rows = {name: values[:800] for name, values in rows.items()}  # a certifiable 2% plan, in half the time
     compile(path, rows, out_dir=tmp_path / "build", max_disagreement=0.02, measure_latency=False,
             show_progress=False)
     result = optimize_build(tmp_path / "build", rows, int8="dynamic", max_accuracy_drop=0.02, measure_latency=False)

@@ -17,7 +17,7 @@ from moco_compile.calibration_data import CalibrationSpec, iter_batches
 from moco_compile.constants import LABELS
 from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.importer import ImportedModel, TextInputs, import_model
-from moco_compile.passes.graph.batch_reads import batch_leading, batch_size_roots, localize_batch_reads
+from moco_compile.passes.graph.batch_reads import batch_axis, batch_leading, batch_size_roots, localize_batch_reads
 from moco_compile.passes.graph.binary_output import from_two_class
 from moco_compile.passes.graph.cut_points import (HEAVY_OPS, RECURRENT_OPS, CutPoint, find_cut_points,
                                                   localize_side_tensors, side_inputs_of)
@@ -68,11 +68,10 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
 def _batch_axis_hint(imported: ImportedModel, feed: Mapping[str, np.ndarray]) -> str:
     """Why a model with layers may have no cut: most of its heavy layers' outputs carry the batch on another
     axis than the first (measured at 1 and 2 rows), and exits cut only tensors with the batch first."""
-    two_rows = {name: np.concatenate([value, value]) for name, value in feed.items()}
-    one, two = measure_shapes(imported.model, feed), measure_shapes(imported.model, two_rows)
+    one, two = _shapes_on_one_and_two_rows(imported.model, feed)
     heavy = [(node.op_type, name) for node in imported.model.graph.node
              if node.op_type in HEAVY_OPS | RECURRENT_OPS for name in node.output[:1] if name in one]
-    later = [(op, name) for op, name in heavy if _batch_axis(one[name], two.get(name, ())) not in (None, 0)]
+    later = [(op, name) for op, name in heavy if batch_axis(one[name], two.get(name, ())) not in (None, 0)]
     if not later or 2 * len(later) < len(heavy):
         return ""
     op, name = later[0]
@@ -81,15 +80,14 @@ def _batch_axis_hint(imported: ImportedModel, feed: Mapping[str, np.ndarray]) ->
               "where the model allows, build it batch first (e.g. nn.TransformerEncoder(..., batch_first=True), "
               "not PyTorch's default) and export it again")
     return (f": its layers carry the batch on another axis than the first ({op} output {name!r} is "
-            f"{list(one[name])} for one row, axis {_batch_axis(one[name], two[name])} doubling for two), and "
+            f"{list(one[name])} for one row, axis {batch_axis(one[name], two[name])} doubling for two), and "
             f"exits cut only tensors with the batch first; {advice}")
 
 
-def _batch_axis(one_row: tuple[int, ...], two_rows: tuple[int, ...]) -> int | None:
-    """The axis whose size doubles from one row to two (the batch's), or None."""
-    axes = [axis for axis, (a, b) in enumerate(zip(one_row, two_rows)) if a and b == 2 * a] \
-        if len(one_row) == len(two_rows) else []
-    return axes[0] if len(axes) == 1 else None
+def _shapes_on_one_and_two_rows(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
+    """Every tensor's shape with ``feed`` (one row) and with it twice: where the batch is (``batch_axis``)."""
+    twice = {name: np.concatenate([value, value]) for name, value in feed.items()}
+    return measure_shapes(model, feed), measure_shapes(model, twice)
 
 
 def check_freed_batch(imported: ImportedModel, batch: Mapping[str, np.ndarray]) -> int:
@@ -178,8 +176,7 @@ def _localize_side_inputs(imported: ImportedModel, feed: Mapping[str, np.ndarray
     if side:
         imported.model = localize_side_tensors(imported.model, side)
     if batch_size_roots(imported.model, excluded=side):
-        two_rows = {name: np.concatenate([value, value]) for name, value in feed.items()}
-        leading = batch_leading(measure_shapes(imported.model, feed), measure_shapes(imported.model, two_rows))
+        leading = batch_leading(*_shapes_on_one_and_two_rows(imported.model, feed))
         imported.model = localize_batch_reads(imported.model, leading, excluded=side)
     return side
 

@@ -22,10 +22,17 @@ import onnx
 from moco_compile.passes.graph.index import GraphIndex
 
 
+def batch_axis(one_row: tuple[int, ...], two_rows: tuple[int, ...]) -> int | None:
+    """The batch's axis of a tensor shaped ``one_row`` on one row and ``two_rows`` on two: the first
+    axis of size 1 then 2; None where there is none."""
+    if len(one_row) != len(two_rows):
+        return None
+    return next((axis for axis, sizes in enumerate(zip(one_row, two_rows)) if sizes == (1, 2)), None)
+
+
 def batch_leading(one_row: Mapping[str, tuple[int, ...]], two_rows: Mapping[str, tuple[int, ...]]) -> set[str]:
-    """Tensors whose dimension 0 is the batch: 1 on one row, 2 on two (shapes as measured on each)."""
-    return {name for name, shape in two_rows.items()
-            if shape and shape[0] == 2 and one_row.get(name, (None,))[:1] == (1,)}
+    """Tensors whose dimension 0 is the batch (shapes as measured on one row and on two)."""
+    return {name for name, shape in two_rows.items() if batch_axis(one_row.get(name, ()), shape) == 0}
 
 
 def batch_size_roots(model: onnx.ModelProto, excluded: Collection[str] = ()) -> list[int]:

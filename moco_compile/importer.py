@@ -23,6 +23,7 @@ from moco_compile.passes.graph.binary_output import BinaryOutput, to_two_class
 from moco_compile.passes.graph.fixed_batch import fixed_batch_size, free_batch
 
 MIN_OPSET = 17
+OUTPUT_TOLERANCE = 1e-3  # an exported or freed graph agrees with the model's outputs within this (relative)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,13 @@ class ImportedModel:
     @property
     def num_classes(self) -> int:
         return output_shape(self.model, self.output)[1]
+
+
+def outputs_agree(got: np.ndarray, expected: np.ndarray) -> bool:
+    """Whether a rewritten or exported graph's outputs ``got`` are the reference's ``expected``: the same
+    shape, and within :data:`OUTPUT_TOLERANCE` of the largest expected magnitude (at least 1)."""
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    return got.shape == expected.shape and bool(np.abs(got - expected).max(initial=0.0) <= OUTPUT_TOLERANCE * scale)
 
 
 def import_model(source: Any, output: str | None = None, example_input: Any = None) -> ImportedModel:
@@ -281,7 +289,6 @@ HF_ENCODERS = ("BertForSequenceClassification", "DistilBertForSequenceClassifica
                "DebertaV2ForSequenceClassification", "ModernBertForSequenceClassification")
 HF_DECODERS = ("GPT2ForSequenceClassification", "LlamaForSequenceClassification",  # classify the last token
                "MistralForSequenceClassification", "Qwen2ForSequenceClassification", "Qwen3ForSequenceClassification")
-EXPORT_TOLERANCE = 1e-3  # the exported graph's logits vs the module's, relative to their largest magnitude
 SUPPORTED_HF_ARCHITECTURES = HF_ENCODERS + HF_DECODERS
 _MASK_NAMES = ("attention_mask",)
 _SIDE_NAMES = ("attention_mask", "token_type_ids", "position_ids")
@@ -402,11 +409,11 @@ def _check_export(exported: onnx.ModelProto, module: Any, example: dict, archite
     except Exception as error:  # onnxruntime raises its own exception types
         raise ModelError(f"onnxruntime cannot run the ONNX export of {architecture} ({error}); export it to ONNX "
                          "yourself and pass the .onnx file") from error
-    difference = float(np.abs(got - expected).max())
-    if not difference <= EXPORT_TOLERANCE * max(float(np.abs(expected).max()), 1.0):
-        raise ModelError(f"the ONNX export of {architecture} gives other logits than the module (max difference "
-                         f"{difference:.3g} on a padded batch); export it to ONNX yourself, checking its outputs, "
-                         "and pass the .onnx file")
+    if not outputs_agree(got, expected):
+        found = f"max difference {float(np.abs(got - expected).max()):.3g}" if got.shape == expected.shape \
+            else f"shape {list(got.shape)}, not {list(expected.shape)}"
+        raise ModelError(f"the ONNX export of {architecture} gives other logits than the module ({found} on a "
+                         "padded batch); export it to ONNX yourself, checking its outputs, and pass the .onnx file")
 
 
 def export_hf_sequence_classifier(model: Any, opset: int = 18) -> onnx.ModelProto:

@@ -16,7 +16,7 @@ import onnx
 from moco_compile.calibration_data import CalibrationSpec, iter_batches
 from moco_compile.constants import LABELS
 from moco_compile.errors import CalibrationDataError, ModelError
-from moco_compile.importer import ImportedModel, TextInputs, import_model
+from moco_compile.importer import ImportedModel, TextInputs, import_model, outputs_agree
 from moco_compile.passes.graph.batch_reads import batch_axis, batch_leading, batch_size_roots, localize_batch_reads
 from moco_compile.passes.graph.binary_output import from_two_class
 from moco_compile.passes.graph.cut_points import (HEAVY_OPS, RECURRENT_OPS, CutPoint, find_cut_points,
@@ -26,7 +26,6 @@ from moco_compile.runtime.session import CPU, make_session
 
 MAX_VERIFIED_ROWS = 4096  # calibration rows whose inputs are kept to verify the compiled graph
 FREED_BATCH_CHECK_ROWS = 8  # at least: rows run in one batch against the user's fixed-batch graph
-FREED_BATCH_TOLERANCE = 1e-3  # largest output difference allowed, relative to the largest output (>= 1)
 
 
 def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]],
@@ -124,8 +123,7 @@ def check_freed_batch(imported: ImportedModel, batch: Mapping[str, np.ndarray]) 
     except Exception as error:  # onnxruntime raises its own exception types
         raise ModelError(f"{advice}; freeing that dimension left a graph onnxruntime cannot run on {checked} "
                          f"rows ({str(error).strip().splitlines()[0]})") from error
-    scale = max(1.0, float(np.abs(expected).max()))
-    if freed.shape != expected.shape or np.abs(freed - expected).max() > FREED_BATCH_TOLERANCE * scale:
+    if not outputs_agree(freed, expected):
         raise ModelError(f"{advice}; with that dimension freed, {checked} rows in one batch get other outputs "
                          "than the same rows run one batch at a time (the graph fixes the batch elsewhere too)")
     return checked

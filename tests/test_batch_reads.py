@@ -117,3 +117,17 @@ def test_rows_left_after_an_exit_are_counted_anew(layout):
     assert {node.input[0] for node in all_nodes(compiled.graph) if node.op_type == "Compress"} == set(names)
     assert 0.3 < (taken >= 0).mean() < 0.7
     np.testing.assert_array_equal(logits[taken < 0], full[taken < 0])
+
+
+def test_a_subgraph_reading_the_batch_size_keeps_the_arithmetic_it_reads():
+    """An If branch reads the batch size from the outer scope (an implicit input): the original arithmetic
+    stays for it, and the graph still runs and counts the rows."""
+    model = _exported_like_torch_export()
+    branch = helper.make_graph([helper.make_node("Identity", ["batch"], ["rows_seen"])], "branch", [],
+                              [helper.make_tensor_value_info("rows_seen", TensorProto.INT64, [])])
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "always"))
+    model.graph.node.append(helper.make_node("If", ["always"], ["counted"], then_branch=branch, else_branch=branch))
+    model.graph.output.append(helper.make_tensor_value_info("counted", TensorProto.INT64, []))
+    localized = _localized(model)
+    assert [node.input[0] for node in localized.graph.node if node.op_type == "Shape"] == ["x", f"a{LAYERS - 1}"]
+    assert ort.InferenceSession(localized.SerializeToString()).run(["counted"], _rows(5))[0] == 5

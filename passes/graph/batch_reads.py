@@ -19,7 +19,7 @@ from collections.abc import Collection, Mapping
 
 import onnx
 
-from moco_compile.passes.graph.index import GraphIndex
+from moco_compile.passes.graph.index import GraphIndex, node_inputs
 
 
 def batch_axis(one_row: tuple[int, ...], two_rows: tuple[int, ...]) -> int | None:
@@ -129,7 +129,7 @@ def _latest_leading(index: GraphIndex, node: onnx.NodeProto, values: set[str], l
 def _without_dead(nodes: list[onnx.NodeProto], values: set[str], outputs: set[str]) -> list[onnx.NodeProto]:
     """``nodes`` less the original arithmetic nodes nothing reads any more."""
     while True:
-        read = {name for node in nodes for name in node.input} | outputs
+        read = {name for node in nodes for name in node_inputs(node)} | outputs  # a subgraph's reads too
         kept = [node for node in nodes if not (set(node.output) <= values and not set(node.output) & read)]
         if len(kept) == len(nodes):
             return kept

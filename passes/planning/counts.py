@@ -108,11 +108,13 @@ class PlanCounts:
         return float(self.exits[plan] @ costs / self.rows) if self.rows else 0.0
 
 
-def count_plans(plans: Sequence[np.ndarray], rows: Split, rounding: Rounding) -> PlanCounts:
+def count_plans(plans: Sequence[np.ndarray], rows: Split, rounding: Rounding, agreement: bool = False) -> PlanCounts:
     """Route ``rows`` through each plan (``[exits, classes]`` thresholds over ``rows``'s candidate
-    exits) and count what it does there: the one counting function of certification, design
-    scoring and reports, whether the rows are a whole split or one shard of it."""
-    routings = [route_scores(rows.scores, plan, None, rounding, len(rows), rows.predictions, rows.guard)
+    exits; ``agreement``: routed with the agreement condition, as the family's plans are built, see
+    :func:`~moco_compile.passes.planning.config.routes_with_agreement`) and count what it does there:
+    the one counting function of certification, design scoring and reports, whether the rows are a
+    whole split or one shard of it."""
+    routings = [route_scores(rows.scores, plan, None, rounding, len(rows), rows.predictions, rows.guard, agreement)
                 for plan in plans]
     return tally(routings, rows, len(rows.scores))
 

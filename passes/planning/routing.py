@@ -16,6 +16,15 @@ certified is the plan that is measured and built:
   certification counts every row that some such rounding could send out with a
   wrong class (``could_disagree``) against the budget.  How far rounding can move
   a margin is :class:`Rounding`'s job;
+* with ``agreement`` (the ``"patience"`` family's rule: leave when two exits in a row agree), a
+  row may leave at an open exit other than the first only with the class that was its
+  best-margin class at the previous open exit, which it passed: that exit computed its margins
+  already, so the graph only carries one class per row.  The first open exit has no
+  predecessor and fires on its margins alone (it is the max-probability rule there, as in
+  ``"shared"``; the elimination that chooses the open exits decides whether an early exit pays
+  as a leaving point and as the first vote).  A row whose best class at either exit is tied
+  within rounding (its runner-up within the tolerances of the winner) may agree or not in the
+  graph: it is near a threshold when its margin could fire, and could disagree as for a tie;
 * with an out-of-distribution guard (:mod:`~moco_compile.passes.calibration.guard`), a row the
   guard sends on at an exit cannot leave there, whatever its margins
   (:class:`GuardVerdicts`); a row within rounding of the guard's threshold may be
@@ -113,7 +122,7 @@ def stage_costs(flops_before: np.ndarray, exit_costs: np.ndarray, total_flops: f
 
 def route(margins: Sequence[np.ndarray], costs: np.ndarray | None = None, tolerance: float | np.ndarray = 0.0,
           rows: int | None = None, full_predictions: np.ndarray | None = None,
-          guard: GuardVerdicts | None = None) -> Routing:
+          guard: GuardVerdicts | None = None, agreement: bool = False) -> Routing:
     """Route rows given ``margins[k]`` (``[N, C]``, ``score - threshold``) at each exit in order.
 
     ``costs`` (from :func:`stage_costs`) prices each row; without it every cost is 0.
@@ -123,6 +132,8 @@ def route(margins: Sequence[np.ndarray], costs: np.ndarray | None = None, tolera
     out with another class than the full model's (the routes a row can take: at each
     exit it certainly leaves, certainly continues, or, within tolerance, either).  ``guard``:
     which rows an out-of-distribution guard sends on at each exit (they never leave there).
+    ``agreement``: past the first exit, a row leaves only with the best-margin class it had at the
+    exit before (see the module's docstring).
     """
     rows = len(margins[0]) if len(margins) else (rows or 0)
     exit_index = np.full(rows, -1, np.int64)
@@ -146,6 +157,10 @@ def route(margins: Sequence[np.ndarray], costs: np.ndarray | None = None, tolera
         blocked, unsure = (guard.blocked[position], guard.near[position]) if guard is not None \
             else (np.False_, np.False_)
         turned_away = blocked & ~unsure  # under any rounding
+        if agreement and position:  # the class must be the one the row had at the exit before
+            disagrees, either_tied = best != previous_best, previous_tied | tied
+            turned_away = turned_away | (disagrees & ~either_tied)
+            blocked, unsure = blocked | disagrees, (unsure | either_tied) & ~turned_away
         fired = remaining & (top > 0) & ~blocked
         near |= remaining & (np.abs(top) <= slack) & ~turned_away
         near |= remaining & unsure & (top > -slack)
@@ -153,6 +168,7 @@ def route(margins: Sequence[np.ndarray], costs: np.ndarray | None = None, tolera
         if full_predictions is not None:
             could_disagree |= reachable & ~turned_away & (top > -slack) & ((best != full_predictions) | tied)
             reachable &= (top <= slack) | blocked | unsure
+        previous_best, previous_tied = best, tied
         exit_index[fired] = position
         exit_class[fired] = best[fired]
         remaining &= ~fired
@@ -163,23 +179,25 @@ def route(margins: Sequence[np.ndarray], costs: np.ndarray | None = None, tolera
 
 def route_scores(scores: Sequence[np.ndarray], thresholds: np.ndarray, costs: np.ndarray | None = None,
                  rounding: Rounding = Rounding(), rows: int | None = None,
-                 full_predictions: np.ndarray | None = None, guard: GuardVerdicts | None = None) -> Routing:
+                 full_predictions: np.ndarray | None = None, guard: GuardVerdicts | None = None,
+                 agreement: bool = False) -> Routing:
     """:func:`route` for per-exit log-probability ``scores`` and a ``[m, C]`` threshold matrix
     (``inf`` = class off), with the margin tolerances ``rounding`` gives those thresholds
-    (``guard``: the guard's verdicts at each of the ``m`` exits).
+    (``guard``: the guard's verdicts at each of the ``m`` exits; ``agreement``: :func:`route`'s).
 
     Exits with every class off never fire and no rounding can make them: only the others are
-    routed (plans that open a few of many candidate exits route in proportion to those few).
+    routed (plans that open a few of many candidate exits route in proportion to those few;
+    with ``agreement``, an exit's predecessor is the open exit before it).
     """
     thresholds = np.asarray(thresholds)
     open_ = np.flatnonzero(np.isfinite(thresholds).any(axis=1)) if thresholds.size else np.zeros(0, np.int64)
     if len(open_) == len(thresholds):
         return route([s - t for s, t in zip(scores, thresholds)], costs, rounding.of(thresholds), rows,
-                     full_predictions, guard)
+                     full_predictions, guard, agreement)
     rows = len(scores[0]) if len(scores) else rows
     open_costs = None if costs is None else np.append(np.asarray(costs)[open_], np.asarray(costs)[-1])
     routing = route([scores[k] - thresholds[k] for k in open_], open_costs, rounding.of(thresholds[open_]), rows,
-                    full_predictions, None if guard is None else guard.at(open_))
+                    full_predictions, None if guard is None else guard.at(open_), agreement)
     exit_index = np.where(routing.exit_index >= 0, open_[np.maximum(routing.exit_index, 0)], -1) \
         if len(open_) else routing.exit_index
     return replace(routing, exit_index=exit_index, guard=guard)

@@ -142,6 +142,7 @@ def route(margins: Sequence[np.ndarray], costs: np.ndarray | None = None, tolera
     remaining = np.ones(rows, bool)
     reachable = np.ones(rows, bool)  # under some rounding
     could_disagree = np.zeros(rows, bool)
+    previous_best = previous_tied = None  # each row's best class at the exit before, and whether it was tied
     tolerance = np.asarray(tolerance, np.float64)
     for position, margin in enumerate(margins):
         tolerances = np.broadcast_to(tolerance[position] if tolerance.ndim == 2 else tolerance, margin.shape[1:])

@@ -38,6 +38,11 @@ def build_stage_graphs(build: Build, original: str | os.PathLike | None = None) 
     if not build.plan.exits:
         raise MocoError("the build's plan has no exit (it was compiled with --allow-no-exit and nothing could be "
                         "certified), so it has no stages: export it without --staged")
+    if build.plan.agreement:
+        raise MocoError("the build's plan routes rows with agreement (the 'patience' family: a row leaves only with "
+                        "the class it had at the exit before), which staged serving does not carry between its stage "
+                        "models: export it without --staged, or compile with --exit-layout bucketed (its families "
+                        "leave 'patience' out)")
     compiled = onnx.load(str(build.model_path))
     if build.exit_layout == BUCKETED:
         graphs = stage_graphs(compiled, build.plan_record(), str(build.model_path))

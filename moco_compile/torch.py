@@ -26,7 +26,9 @@ as their logits when the plan gave the exit a confidence scale (``passes/calibra
 with the margins (either way their argmax is the rule's class);
 the other rows continue, compressed, through the remaining layers.  A plan compiled with an
 out-of-distribution guard (``ood_guard``) brings each exit's guard: rows it finds unfamiliar
-do not leave there (the graph's formula, ``passes/calibration/guard.py``).
+do not leave there (the graph's formula, ``passes/calibration/guard.py``).  A plan of the ``patience``
+family routes with agreement: past the first exit a row leaves only with the class it had at the exit
+before, as its graph does.
 
 Supported (:data:`EAGER_ARCHITECTURES`, a family each in :mod:`~moco_compile.eager_families`): the
 encoders BERT, DistilBERT, RoBERTa, XLM-RoBERTa, ALBERT, ELECTRA and the decoders GPT-2, Llama, Mistral,
@@ -171,6 +173,7 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
         self._steps = self._family.steps()
         self._cuts = dict(zip(_cut_names(self._steps), self._steps))
         self._rules: dict[str, list[_Rule]] = {}
+        self.agreement = False  # a loaded plan's routing: past the first exit, leave only with the class had before
 
     # -- where rules go ------------------------------------------------------------------------
     @property
@@ -285,6 +288,7 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
         if isinstance(plan, (str, os.PathLike)):
             plan = json.loads(Path(plan).read_text())
         exits = plan["exits"] if isinstance(plan, Mapping) else [e.to_dict() for e in plan.exits]
+        self.agreement = bool(plan.get("agreement", False) if isinstance(plan, Mapping) else plan.agreement)
         for exit_ in exits:
             if not exit_.get("module"):
                 raise ModelError(f"exit at tensor {exit_.get('cut')!r} has no module name; compile the model "
@@ -310,6 +314,7 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
         logits = torch.zeros(input_ids.shape[0], self.model.config.num_labels, device=input_ids.device)
         exits = torch.full((input_ids.shape[0],), -1, dtype=torch.int64, device=input_ids.device)
         mask = attention_mask
+        before = torch.full_like(exits, -1)  # each row's class at the last exit it passed (-1: none yet)
 
         def check(name: str, hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor):
             rules = self._rules.get(name)
@@ -318,6 +323,10 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
             features = [_pool(hidden, mask, rule.pooling) for rule in rules]
             margins = torch.stack([rule.margins(f) for rule, f in zip(rules, features)]).amax(0)
             fired = margins.max(dim=1).values > 0
+            if self.agreement:  # as the compiled graph: the rows' class must be the one they had at the exit before
+                classes = margins.argmax(dim=1)
+                fired &= (classes == before[rows]) | (before[rows] < 0)
+                before[rows] = classes
             exited = rules[0].exited_logits(features[0], margins) if len(rules) == 1 else margins
             logits[rows[fired]] = exited[fired]
             exits[rows[fired]] = order[name]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from moco_compile.passes.planning.bounds import binomial_p_value, fixed_sequence
-from moco_compile.passes.planning.config import Budget, PlannerConfig
+from moco_compile.passes.planning.config import Budget, PlannerConfig, routes_with_agreement
 from moco_compile.passes.planning.counts import count_plans
 from moco_compile.passes.planning.planner import ExitPlanner
 from moco_compile.passes.planning.routing import route_scores
@@ -37,7 +38,9 @@ from tests.synthetic_plans import TOTAL_FLOPS, candidate_exits, synthetic
 # Measured on 20,000 further test draws per design of this fixture: moco's certification at 95%
 # violated in 3.1-3.3% of them (the binomial test's exact level at 300 rows and a 5% rate is 3.4%),
 # the negative control below (the same test at 88%) in 10.6-10.9% (exact level 11.2%).  In the
-# fixture's own 1,000 repeats: 42 and 119 violations.
+# fixture's own 1,000 repeats: 42 and 119 violations.  The fixture runs twice: with the default families
+# (cross-validation picks shared-all or shared here) and with the patience family alone, whose plans are
+# counted routed with agreement (35 and 118 violations).
 SIMULATED_CONFIG = PlannerConfig(rounding_tolerance=0.0, family_cv_plans=25)  # fewer CV plans: 3x faster
 SIMULATED_BUDGET = Budget(0.05, 0.95)
 SIMULATED_DESIGNS, DRAWS_PER_DESIGN, SIMULATED_ROWS = 4, 250, 300
@@ -45,20 +48,22 @@ REPEATS = SIMULATED_DESIGNS * DRAWS_PER_DESIGN
 MAX_VIOLATIONS = 73
 
 
-@pytest.fixture(scope="module")
-def simulated_certification():
+@pytest.fixture(scope="module", params=[SIMULATED_CONFIG.families, ("patience",)], ids=["default", "patience"])
+def simulated_certification(request):
     """``(population, designs)``; per design draw: the planner, its family's name and plans, each
     plan's true disagreement (``[plans]``), the test draws (``[draws, rows]`` population indices)
-    and each plan's disagreements on them (``[draws, plans]``)."""
+    and each plan's disagreements on them (``[draws, plans]``); planned among the families
+    ``request.param``."""
     rng = np.random.default_rng(11)
     population = synthetic(10_000, rng, classes=2, signals=(0.5, 1.0))  # weak signals: families cross the budget
     designs = []
     for _ in range(SIMULATED_DESIGNS):
-        planner = ExitPlanner(SIMULATED_BUDGET, SIMULATED_CONFIG)
+        planner = ExitPlanner(SIMULATED_BUDGET, replace(SIMULATED_CONFIG, families=request.param))
         design = population.take(rng.integers(0, len(population), 300))
         (name, family), = planner.design(candidate_exits(2, classes=2), design, SIMULATED_ROWS, TOTAL_FLOPS).items()
         disagrees = np.stack([route_scores(population.scores, plan, None, SIMULATED_CONFIG.rounding, len(population),
-                                           population.predictions).could_disagree for plan in family], axis=1)
+                                           population.predictions, agreement=routes_with_agreement(name)
+                                           ).could_disagree for plan in family], axis=1)
         draws = rng.integers(0, len(population), (DRAWS_PER_DESIGN, SIMULATED_ROWS))
         designs.append((planner, name, family, disagrees.mean(axis=0), draws, disagrees[draws].sum(axis=1)))
     return population, designs
@@ -94,7 +99,7 @@ def test_certified_plans_keep_the_budget_at_the_nominal_rate(simulated_certifica
     assert delta == pytest.approx(0.05)
     for planner, name, family, _, draws, counts in designs:  # the fast path is moco's counting and certification
         for draw, disagreements in zip(draws[:3], counts[:3]):
-            test = count_plans(family, population.take(draw), SIMULATED_CONFIG.rounding)
+            test = count_plans(family, population.take(draw), SIMULATED_CONFIG.rounding, routes_with_agreement(name))
             np.testing.assert_array_equal(test.could_disagree, disagreements)
             planner.certify({name: test})
             assert planner.certified_[name].certified == _certified_prefix(disagreements, delta)

@@ -191,25 +191,27 @@ def test_families_are_nested_and_grow_from_no_exits(family):
         assert all(np.isfinite(plan).all() for plan in plans[1:])  # every exit open, no elimination
 
 
-def _design_cost_and_risk(problem: DesignProblem, plan: np.ndarray, active: np.ndarray) -> tuple[float, float]:
+def _design_cost_and_risk(problem: DesignProblem, plan: np.ndarray, active: np.ndarray,
+                          agreement: bool = False) -> tuple[float, float]:
     """What routing says a plan costs and risks on the design rows (the reference the fast paths must match)."""
-    routing = route([s - t for s, t in zip(problem.design.scores, plan)], problem.costs(active))
+    routing = route_scores(problem.design.scores, plan, problem.costs(active), agreement=agreement)
     exited = routing.exit_index >= 0
     risk = problem.row_risk(problem.design)[np.flatnonzero(exited), routing.exit_class[exited]].sum()
     return float(routing.cost.sum()), float(risk)
 
 
+@pytest.mark.parametrize("agreement", [False, True])  # "shared", "patience"
 @pytest.mark.parametrize("active", [(True, True, True), (False, True, True), (True, False, True)])
-def test_the_shared_path_prices_each_plan_as_routing_does(active):
+def test_the_shared_path_prices_each_plan_as_routing_does(active, agreement):
     from moco_compile.passes.planning.design import _shared_path
 
     design = synthetic(500, np.random.default_rng(7))
     problem = _problem(design, Budget(0.05), PlannerConfig())
     active = np.array(active)
-    path = _shared_path(problem, [-np.sort(-s, axis=0) for s in design.scores], active)
+    path = _shared_path(problem, [-np.sort(-s, axis=0) for s in design.scores], active, agreement)
     assert len(path) > 20
     for plan, cost, risk in path:
-        assert (cost, risk) == pytest.approx(_design_cost_and_risk(problem, plan, active))
+        assert (cost, risk) == pytest.approx(_design_cost_and_risk(problem, plan, active, agreement))
 
 
 @pytest.mark.parametrize("accuracy_drop", [None, 0.05])
@@ -304,7 +306,8 @@ def _manycandidate_exits(rows: int, count: int, rng) -> tuple[Split, np.ndarray]
     return design, MFLOP * np.linspace(5.0, 90.0, count)
 
 
-def test_removing_each_exit_is_priced_as_routing_does():
+@pytest.mark.parametrize("agreement", [False, True])
+def test_removing_each_exit_is_priced_as_routing_does(agreement):
     from moco_compile.passes.planning.design import _design_costs_without_each
 
     design, before = _manycandidate_exits(500, 6, np.random.default_rng(5))
@@ -317,12 +320,12 @@ def test_removing_each_exit_is_priced_as_routing_does():
     for k in np.flatnonzero(active):
         trial, thresholds = active.copy(), plan.copy()
         trial[k], thresholds[k] = False, np.inf
-        expected.append(_design_cost_and_risk(problem, thresholds, trial)[0])
-    assert _design_costs_without_each(problem, plan, active) == pytest.approx(expected)
+        expected.append(_design_cost_and_risk(problem, thresholds, trial, agreement)[0])
+    assert _design_costs_without_each(problem, plan, active, agreement) == pytest.approx(expected)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["per-class", "per-cut", "shared"])
+@pytest.mark.parametrize("family", ["per-class", "per-cut", "shared", "patience"])
 def test_ranked_elimination_stays_close_to_trying_every_exit(family):
     design, before = _manycandidate_exits(800, 10, np.random.default_rng(3))
     costs = []
@@ -332,9 +335,9 @@ def test_ranked_elimination_stays_close_to_trying_every_exit(family):
     for config in (PlannerConfig(exit_fixed_cost=fixed),
                    PlannerConfig(exit_fixed_cost=fixed, elimination_candidates=None, per_class_candidates=100)):
         problem = DesignProblem.build(design, before, np.ones(10), np.full(10, 4.0), TOTAL_FLOPS, Budget(0.05), config)
-        plans = build_family(family, problem)
-        costs.append(min(_design_cost_and_risk(problem, p, np.isfinite(p).any(axis=1))[0] for p in plans
-                         if _design_cost_and_risk(problem, p, np.isfinite(p).any(axis=1))[1] <= 0.7 * 800))
+        priced = [_design_cost_and_risk(problem, p, np.isfinite(p).any(axis=1), family == "patience")
+                  for p in build_family(family, problem)]
+        costs.append(min(cost for cost, risk in priced if risk <= 0.7 * 800))
     ranked, exhaustive = costs
     assert ranked <= exhaustive * 1.01  # within 1% of the design cost of the exhaustive search
 
@@ -535,7 +538,7 @@ def test_plan_round_trips_through_json(compiled):
                                   result.plan.evaluate(features, predictions).exit_index)
 
 
-@pytest.mark.parametrize("family", ["shared-all", "shared", "per-cut", "per-class"])
+@pytest.mark.parametrize("family", ["shared-all", "shared", "patience", "per-cut", "per-class"])
 def test_no_plan_opens_more_than_max_exits(family):
     """An ONNX file can nest only so many exits: with 40 candidates every plan of every family
     stays within ``max_exits``; "shared-all" opens exits spread over the compute, not the rows."""

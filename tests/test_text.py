@@ -339,6 +339,35 @@ def test_eager_api_runs_mlp_heads_as_the_graph_does(compiled, hf_model, text_onn
     np.testing.assert_allclose(output.logits.numpy()[same], graph_logits[same], atol=1e-3, rtol=1e-3)
 
 
+def test_eager_api_and_every_cpu_layout_route_with_agreement_as_the_graph_does(compiled, hf_model, text_onnx,
+                                                                                test_rows):
+    """The compiled plan routed with agreement (the patience family's rule), its thresholds lowered so
+    that rows fire at every exit: the nested, flat and whole-batch graphs and eager PyTorch route alike,
+    and not as without agreement."""
+    from dataclasses import replace
+
+    from moco_compile.passes.graph.rewrite import apply_plan
+    from moco_compile.prepare import model_for_plan
+    from moco_compile.torch import EarlyExitTextClassificationModel
+
+    result, _ = compiled
+    assert len(result.plan.exits) >= 2
+    plan = replace(result.plan, agreement=True,
+                   exits=[replace(e, thresholds=np.full_like(e.thresholds, -0.1)) for e in result.plan.exits])
+    rows = _inputs(test_rows)
+    model, output = model_for_plan(onnx.load(str(text_onnx)), None, {k: v[:1] for k, v in rows.items()})
+    logits, exits = _run(apply_plan(model, plan, output, "nested"), rows)
+    _, plain = _run(apply_plan(model, replace(plan, agreement=False), output, "nested"), rows)
+    assert (exits != plain).mean() > 0.02 and len(set(exits.tolist())) > 2
+    for layout in ("flat", "whole-batch"):
+        assert (_run(apply_plan(model, plan, output, layout), rows)[1] == exits).all(), layout
+    eager = EarlyExitTextClassificationModel(hf_model).load_plan(plan.to_dict())
+    routed = eager(**{k: torch.from_numpy(v) for k, v in rows.items()})
+    assert (routed.exits.numpy() == exits).mean() > 0.99
+    same = routed.exits.numpy() == exits
+    np.testing.assert_allclose(routed.logits.numpy()[same], logits[same], atol=1e-3, rtol=1e-3)
+
+
 def _block_features(hf_model, feed: dict, block: int) -> np.ndarray:
     """Mask-aware token mean of block ``block``'s output, computed by the plain Hugging Face model."""
     with torch.no_grad():

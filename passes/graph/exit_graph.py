@@ -33,9 +33,11 @@ _NARROW_FLOAT_MAX = {onnx.TensorProto.FLOAT16: float(np.finfo(np.float16).max),
 class ExitGraphBuilder:
     """Base of the layout builders: ``build()`` (in a subclass) returns the model with ``exits`` inserted."""
 
-    def __init__(self, model: onnx.ModelProto, exits: list[Exit], classifier_output: str) -> None:
+    def __init__(self, model: onnx.ModelProto, exits: list[Exit], classifier_output: str,
+                 agreement: bool = False) -> None:
         self.model = model
         self.exits = exits
+        self.agreement = agreement  # past the first exit, a row leaves only with its class at the exit before
         self.output = classifier_output
         self.index = GraphIndex(model)
         self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
@@ -71,7 +73,8 @@ class ExitGraphBuilder:
                    ) -> tuple[str, str, str]:
         """Exit ``level``'s rule on its cut tensor (read through ``renames``), in tensors prefixed ``p``:
         returns the names of its margins ``[N, C]`` (score - threshold), their row maximum ``[N]`` and
-        ``keep`` (bool ``[N]``: the row goes on, because no class fired or the guard sends it on)."""
+        ``keep`` (bool ``[N]``: the row goes on, because no class fired, the guard sends it on or, routed
+        with agreement, its class is not the one it had at the exit before: :meth:`_class_tensor`)."""
         exit_ = self.exits[level]
         cut = exit_.cut.tensor
         pooled = f"{p}/pooled"
@@ -85,13 +88,36 @@ class ExitGraphBuilder:
         initializers.append(numpy_helper.from_array(np.array(0.0, np.float32), f"{p}/zero"))
         top, keep = f"{p}/top", f"{p}/keep"
         nodes.extend(reduce_nodes("ReduceMax", margins, [1], top, f"{p}/top", self.opset))
-        if exit_.guard is None:
-            nodes.append(helper.make_node("LessOrEqual", [top, f"{p}/zero"], [keep]))
-        else:
+        reasons = []  # to go on besides no class firing
+        if exit_.guard is not None:
             nodes.extend(guard_nodes(exit_.guard, pooled, f"{p}/unfamiliar", f"{p}/guard", self.opset, initializers))
-            nodes.extend([helper.make_node("LessOrEqual", [top, f"{p}/zero"], [f"{p}/not_fired"]),
-                          helper.make_node("Or", [f"{p}/not_fired", f"{p}/unfamiliar"], [keep])])
+            reasons.append(f"{p}/unfamiliar")
+        if self.agreement and len(self.exits) > 1:
+            nodes.append(helper.make_node("ArgMax", [margins], [self._class_tensor(level)], axis=1, keepdims=0))
+            if level:
+                before = self._class_tensor(level - 1)
+                nodes.extend([helper.make_node("Equal", [self._class_tensor(level), renames.get(before, before)],
+                                               [f"{p}/agrees"]),
+                              helper.make_node("Not", [f"{p}/agrees"], [f"{p}/disagrees"])])
+                reasons.append(f"{p}/disagrees")
+        so_far = f"{p}/not_fired" if reasons else keep
+        nodes.append(helper.make_node("LessOrEqual", [top, f"{p}/zero"], [so_far]))
+        for position, reason in enumerate(reasons, 1):
+            either = keep if position == len(reasons) else f"{p}/go_on{position}"
+            nodes.append(helper.make_node("Or", [so_far, reason], [either]))
+            so_far = either
         return margins, top, keep
+
+    @staticmethod
+    def _class_tensor(level: int) -> str:
+        """Exit ``level``'s class per row (the ArgMax of its margins), built when rows are routed with
+        agreement: the next exit reads it, for the rows that reach it."""
+        return f"moco/exit{level}/class"
+
+    def _carried_class(self, level: int) -> list[str]:
+        """What goes on from exit ``level`` to the next besides the cut and side inputs: its class, when
+        rows are routed with agreement and a next exit reads it."""
+        return [self._class_tensor(level)] if self.agreement and level + 1 < len(self.exits) else []
 
     def _partition(self) -> list[list[int]]:
         """Node indices of each stage: stage k ends at exit k's cut; the last stage is the rest."""

@@ -92,14 +92,15 @@ from moco_compile.passes.graph.empty_rows import unsafe_on_no_rows
 from moco_compile.passes.graph.exit_graph import ExitGraphBuilder
 from moco_compile.passes.graph.index import node_inputs, subgraph_nesting
 from moco_compile.passes.graph.nchwc_entry import nchwc_entry_node, wants_nchwc_entry
-from moco_compile.passes.planning.config import DEFAULT_BATCH_BUCKETS, DEFAULT_EXIT_LAYOUT, EXIT_LAYOUTS, MAX_NESTED_GRAPHS
+from moco_compile.passes.planning.config import (DEFAULT_BATCH_BUCKETS, DEFAULT_EXIT_LAYOUT, EXIT_LAYOUTS,
+                                                 LAYOUTS_WITH_AGREEMENT, MAX_NESTED_GRAPHS)
 from moco_compile.passes.planning.types import Exit, ExitPlan
 
 log = logging.getLogger("moco")
 
 def insert_exits(model: onnx.ModelProto, exits: Sequence[Exit], classifier_output: str,
-                 layout: str = DEFAULT_EXIT_LAYOUT, batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS
-                 ) -> onnx.ModelProto:
+                 layout: str = DEFAULT_EXIT_LAYOUT, batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
+                 agreement: bool = False) -> onnx.ModelProto:
     """Return a new model with ``exits`` inserted (in graph order) and ``moco_exit`` added.
 
     ``layout`` is one of :data:`EXIT_LAYOUTS` (see the module docstring; ``"flat"`` falls back to
@@ -108,6 +109,10 @@ def insert_exits(model: onnx.ModelProto, exits: Sequence[Exit], classifier_outpu
     :mod:`~moco_compile.passes.graph.buckets`).  Raises ``ValueError`` for another, and when exits
     would nest deeper than an ONNX file can hold
     (:data:`~moco_compile.passes.planning.config.MAX_NESTED_GRAPHS`; the planner never plans that many).
+    ``agreement``: past the first exit a row leaves only with the class it had at the exit before
+    (:func:`~moco_compile.passes.planning.routing.route`'s condition, the ``"patience"`` family's): each
+    exit's class goes on with the rows that go on, as the cut tensor does; the bucketed layout, whose
+    stages Triton serves as separate models, does not carry it (``ValueError``).
     """
     if layout not in EXIT_LAYOUTS:
         raise ValueError(f"unknown exit layout {layout!r}: use one of {EXIT_LAYOUTS}")
@@ -116,8 +121,12 @@ def insert_exits(model: onnx.ModelProto, exits: Sequence[Exit], classifier_outpu
         raise ValueError(f"{len(exits)} exits would nest subgraphs {levels} levels deep, more than the "
                          f"{MAX_NESTED_GRAPHS} an ONNX file can hold: plan with PlannerConfig(max_exits=...)")
     if layout == "bucketed":
+        if agreement:
+            raise ValueError(f"the bucketed layout does not carry a row's class between exits, which this plan's "
+                             f"routing with agreement (the 'patience' family) needs: use one of "
+                             f"{tuple(LAYOUTS_WITH_AGREEMENT)}, or plan without 'patience'")
         return insert_bucketed_exits(model, exits, classifier_output, batch_buckets)
-    return _ExitGraphBuilder(model, list(exits), classifier_output, layout).build()
+    return _ExitGraphBuilder(model, list(exits), classifier_output, layout, agreement).build()
 
 
 def apply_plan(model: onnx.ModelProto, plan: ExitPlan, classifier_output: str, layout: str,
@@ -127,7 +136,7 @@ def apply_plan(model: onnx.ModelProto, plan: ExitPlan, classifier_output: str, l
     recorded (:func:`annotate_costs`).  ``compile`` calls it on the model it planned; ``optimize-memory``
     on an optimised original with the layout its build records.  ``layout`` has no default, so no
     caller loses a build's layout."""
-    return annotate_costs(insert_exits(model, plan.exits, classifier_output, layout, batch_buckets),
+    return annotate_costs(insert_exits(model, plan.exits, classifier_output, layout, batch_buckets, plan.agreement),
                           plan.stage_flops(), plan.total_flops)
 
 
@@ -154,8 +163,9 @@ class _Body:
 
 
 class _ExitGraphBuilder(ExitGraphBuilder):
-    def __init__(self, model: onnx.ModelProto, exits: list[Exit], classifier_output: str, layout: str) -> None:
-        super().__init__(model, exits, classifier_output)
+    def __init__(self, model: onnx.ModelProto, exits: list[Exit], classifier_output: str, layout: str,
+                 agreement: bool) -> None:
+        super().__init__(model, exits, classifier_output, agreement)
         self.layout = self._usable_layout(layout)
         self.defined_outside: set[str] = set()
 
@@ -245,7 +255,7 @@ class _ExitGraphBuilder(ExitGraphBuilder):
             helper.make_node("NonZero", [keep], [f"{p}/rows_t"]),
             helper.make_node("Transpose", [f"{p}/rows_t"], [rows], perm=[1, 0]),
         ])
-        carried = [cut] + sorted(self._side_inputs(level + 1))
+        carried = [cut] + sorted(self._side_inputs(level + 1)) + self._carried_class(level)
         inner, compress = dict(renames), []
         for name in carried:  # the remainder's entry: nested, inside its branch (local tensors keep fusions)
             rest = f"{p}/rest/{name}"
@@ -278,7 +288,7 @@ class _ExitGraphBuilder(ExitGraphBuilder):
         any_left = self._any_left(exit_, top, keep, p, body.nodes, body.initializers)
         body.initializers.append(numpy_helper.from_array(np.array(level, np.int64), f"{p}/level"))
         inner, entry = dict(renames), []
-        for name in [exit_.cut.tensor] + sorted(self._side_inputs(level + 1)):
+        for name in [exit_.cut.tensor] + sorted(self._side_inputs(level + 1)):  # an exit's class: in scope
             if wants_nchwc_entry(self.index, name, self.value_infos.get(name)):
                 self.rest_sources[f"{p}/rest/{name}"] = name
                 entry.append(nchwc_entry_node(renames.get(name, name), f"{p}/rest/{name}"))
@@ -310,8 +320,8 @@ class _ExitGraphBuilder(ExitGraphBuilder):
 
     def _any_left(self, exit_: Exit, top: str, keep: str, p: str, nodes: list, initializers: list) -> str:
         """A bool scalar: some row goes on (none on 0 rows).  Unguarded, the lowest top margin is <= 0
-        (ReduceMin of no rows is +inf); guarded, some ``keep`` is set."""
-        if exit_.guard is None:
+        (ReduceMin of no rows is +inf); guarded or routed with agreement, some ``keep`` is set."""
+        if exit_.guard is None and not self.agreement:
             nodes.extend(reduce_nodes("ReduceMin", top, [0], f"{p}/lowest", f"{p}/lowest", self.opset))
             nodes.append(helper.make_node("LessOrEqual", [f"{p}/lowest", f"{p}/zero"], [f"{p}/any_left"]))
             return f"{p}/any_left"

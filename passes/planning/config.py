@@ -16,11 +16,14 @@ from moco_compile.errors import ModelError
 
 from moco_compile.passes.planning.routing import Rounding
 
-FAMILIES = ("shared-all", "shared", "per-cut", "per-class")  # every plan family, simplest first
+FAMILIES = ("shared-all", "shared", "patience", "per-cut", "per-class")  # every plan family, simplest first
+# families whose plans are routed (designed, certified, evaluated, built) with the agreement condition of
+# passes/planning/routing.route: past the first open exit a row leaves only with its class at the exit before
+AGREEMENT_FAMILIES = ("patience",)
 # "per-cut" is built only when listed: on repeated draws it never changed the default's plan for the worse and
 # bettered it in 2 of 21 cells (benchmarks/RESULTS.md "Plan families on repeated draws"); the statistical benchmarks
 # were measured without it
-DEFAULT_FAMILIES = ("shared-all", "shared", "per-class")
+DEFAULT_FAMILIES = ("shared-all", "shared", "patience", "per-class")
 FAMILY_SELECTIONS = ("cross-validated", "bonferroni")
 EXIT_HEADS = ("linear", "mlp")  # exit heads a candidate may get (passes/calibration/rules.py, mlp_head.py)
 # Subgraph levels an ONNX file can nest: protobuf parsers (onnx's and onnxruntime's) refuse
@@ -30,6 +33,9 @@ MAX_NESTED_GRAPHS = 30
 # how the rewrite lays out the stages after each exit: passes/graph/rewrite.py (nested, flat) and
 # passes/graph/buckets.py (bucketed: the continuing rows padded to fixed batch sizes, for GPUs)
 EXIT_LAYOUTS = ("nested", "flat", "whole-batch", "bucketed")
+# the layouts that carry a row's class from exit to exit (routing with agreement): not the bucketed one, whose
+# stages Triton serves as separate models
+LAYOUTS_WITH_AGREEMENT = ("nested", "flat", "whole-batch")
 DEFAULT_EXIT_LAYOUT = "nested"
 # Batch sizes a bucketed graph pads the continuing rows to: every Conv/MatMul instance then sees one
 # shape, which cuDNN's one-plan-per-node cache needs (DESIGN.md "On CUDA").
@@ -46,6 +52,13 @@ _BUDGET_FIELDS = (  # (field, may be None, what a plan must never do to need few
     ("confidence", False, None, "e.g. 0.95"),
     ("max_accuracy_drop", True, "costs accuracy", "e.g. 0.005 allows half a point of accuracy"),
 )  # each must be a number in (0, 1); a rate (harm given) must need at most MAX_TEST_ROWS rows to certify
+
+
+def routes_with_agreement(family: str) -> bool:
+    """Whether plan family ``family``'s plans are routed with the agreement condition
+    (:func:`~moco_compile.passes.planning.routing.route`'s ``agreement``)."""
+    return family in AGREEMENT_FAMILIES
+
 
 def checked_buckets(buckets: Iterable) -> tuple[int, ...]:
     """``buckets`` as a tuple of batch sizes, or ``ValueError`` saying what is wrong with them: they must
@@ -152,9 +165,12 @@ class PlannerConfig:
     Plan families (see :mod:`moco_compile.passes.planning.design`)
         ``families``, simplest first: ``"shared-all"`` (one log-probability threshold,
         every candidate exit open), ``"shared"`` (one threshold on the exits backward
-        elimination keeps), ``"per-cut"`` (greedy over one threshold per kept exit) and
+        elimination keeps), ``"patience"`` (the same, routed with agreement: past the first
+        open exit a row leaves only with the class it had at the exit before, see
+        :func:`routes_with_agreement`), ``"per-cut"`` (greedy over one threshold per kept exit) and
         ``"per-class"`` (greedy over every (cut, class) threshold); default
-        :data:`DEFAULT_FAMILIES` (all but ``"per-cut"``).
+        :data:`DEFAULT_FAMILIES` (all but ``"per-cut"``; with ``exit_layout="bucketed"``, which
+        cannot build agreement, all but ``"per-cut"`` and ``"patience"``).
         ``family_selection``: ``"cross-validated"`` chooses one family on the design rows
         (each family built on one half and scored on the other, both ways, repeated
         ``family_cv_repeats`` times; the first family listed within ``family_choice_errors``
@@ -292,6 +308,13 @@ class PlannerConfig:
                              f"{self.elimination_candidates} and {self.per_class_candidates}")
         if self.exit_layout not in EXIT_LAYOUTS:
             raise ValueError(f"exit_layout must be one of {EXIT_LAYOUTS}, got {self.exit_layout!r}")
+        if self.exit_layout not in LAYOUTS_WITH_AGREEMENT:
+            if self.families == DEFAULT_FAMILIES:
+                object.__setattr__(self, "families", tuple(f for f in DEFAULT_FAMILIES if not routes_with_agreement(f)))
+            elif any(map(routes_with_agreement, self.families)):
+                raise ValueError(f"families {tuple(self.families)} include 'patience', whose plans the "
+                                 f"{self.exit_layout!r} exit layout cannot build (it does not carry a row's class "
+                                 f"between exits): leave it out, or use one of {LAYOUTS_WITH_AGREEMENT}")
         checked_buckets(self.batch_buckets)
         if self.serving_batch is not None:
             if isinstance(self.serving_batch, bool) or not isinstance(self.serving_batch, int) \

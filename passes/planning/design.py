@@ -14,6 +14,12 @@ certification (:mod:`moco_compile.passes.planning.certify`) tests it in that ord
 * ``"shared"``: one threshold on every open exit's log-probabilities, lowered
   step by step (a max-probability rule; one degree of freedom, so it
   generalises well from few rows);
+* ``"patience"``: ``"shared"`` routed with agreement (PABEE-style patience of one, with a
+  margin): past the first open exit a row leaves only when its top log-probability clears the
+  threshold AND its top class is the one it had at the open exit before
+  (:func:`~moco_compile.passes.planning.routing.route`'s ``agreement``;
+  :func:`~moco_compile.passes.planning.config.routes_with_agreement` says which families are
+  routed so, wherever their plans are counted);
 * ``"shared-all"``: the same with every candidate exit open (the plain
   max-softmax early exit of BranchyNet / SDN): no exit set is chosen on the
   design rows, so it cannot overfit them, which matters when they are few.
@@ -24,7 +30,7 @@ No family opens an exit that cannot pay (:meth:`DesignProblem.payable`): one whe
 leaving costs more than the full network, its rule and overhead (``PlannerConfig.boundary_cost``
 and ``exit_fixed_cost``) included; a late exit of a small network is one.
 
-Which exits ``"shared"``, ``"per-cut"`` and ``"per-class"`` open is chosen by backward
+Which exits ``"shared"``, ``"patience"``, ``"per-cut"`` and ``"per-class"`` open is chosen by backward
 elimination: starting from all, drop the exit whose removal lowers the design
 cost most (at a fraction of the budget) while one does; opening an exit
 charges its cost to every row reaching it, which a one-threshold-at-a-time
@@ -51,7 +57,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from moco_compile.passes.planning.bounds import max_certifiable_failures
-from moco_compile.passes.planning.config import Budget, PlannerConfig
+from moco_compile.passes.planning.config import Budget, PlannerConfig, routes_with_agreement
 from moco_compile.passes.planning.counts import Split, count_plans
 from moco_compile.passes.planning.routing import route, stage_costs
 
@@ -137,6 +143,9 @@ def build_families(names: Sequence[str], problem: DesignProblem) -> dict[str, li
             path = _shared_path(problem, sorted_scores, _spread_evenly(problem.flops_before, payable, max_exits))
         elif name == "shared":
             path = shared_path
+        elif name == "patience":
+            path = _eliminate(_patience_path, problem, sorted_scores, payable, keep_at_most=max_exits,
+                              agreement=True)[1]
         elif name in _GREEDY_PATHS:
             path = _eliminate(_GREEDY_PATHS[name], problem, sorted_scores, greedy_start if capped else payable)[1]
         else:
@@ -163,17 +172,18 @@ def _spread_evenly(flops_before: np.ndarray, among: np.ndarray, count: int) -> n
 
 def _eliminate(path_of: Callable[[DesignProblem, list[np.ndarray], np.ndarray], Path], problem: DesignProblem,
                sorted_scores: list[np.ndarray], active: np.ndarray,
-               keep_at_most: int | None = None) -> tuple[np.ndarray, Path]:
+               keep_at_most: int | None = None, agreement: bool = False) -> tuple[np.ndarray, Path]:
     """Backward elimination from ``active``: drop the exit whose removal lowers the design cost at
     ``elimination_risk_fraction`` of the budget most, while one does (and, down to ``keep_at_most``
-    exits, the one whose removal raises it least); the kept exits and their path."""
+    exits, the one whose removal raises it least); the kept exits and their path (``agreement``: the
+    paths' plans are routed with it)."""
     risk = problem.config.elimination_risk_fraction * len(problem.design)
     active = active.copy()
     path = path_of(problem, sorted_scores, active)
     value = _cost_within(path, risk)
     while active.sum() > 1:
         trials = []
-        for k in _removal_candidates(problem, path, active, risk):
+        for k in _removal_candidates(problem, path, active, risk, agreement):
             trial = active.copy()
             trial[k] = False
             trial_path = path_of(problem, sorted_scores, trial)
@@ -185,7 +195,8 @@ def _eliminate(path_of: Callable[[DesignProblem, list[np.ndarray], np.ndarray], 
     return active, path
 
 
-def _removal_candidates(problem: DesignProblem, path: Path, active: np.ndarray, risk: float) -> np.ndarray:
+def _removal_candidates(problem: DesignProblem, path: Path, active: np.ndarray, risk: float,
+                        agreement: bool = False) -> np.ndarray:
     """The exits backward elimination tries to drop this round: every open exit, or, beyond
     ``PlannerConfig.elimination_candidates`` of them, those whose removal lowers the design cost
     of the path's best plan within ``risk`` most with its other thresholds unchanged (one
@@ -194,16 +205,27 @@ def _removal_candidates(problem: DesignProblem, path: Path, active: np.ndarray, 
     limit = problem.config.elimination_candidates
     if limit is None or len(open_) <= limit:
         return open_
-    costs_without = _design_costs_without_each(problem, _cheapest_within(path, risk)[0], active)
+    costs_without = _design_costs_without_each(problem, _cheapest_within(path, risk)[0], active, agreement)
     return open_[np.argsort(costs_without, kind="stable")[:limit]]
 
 
-def _design_costs_without_each(problem: DesignProblem, plan: Plan, active: np.ndarray) -> np.ndarray:
+def _design_costs_without_each(problem: DesignProblem, plan: Plan, active: np.ndarray,
+                               agreement: bool = False) -> np.ndarray:
     """For each open exit, the design cost of ``plan`` with that exit removed, in O(rows x exits)
     for all of them: rows that left there go on to the next open exit that fires for them, every
-    other row reaching it saves its exit cost."""
+    other row reaching it saves its exit cost.  With ``agreement`` a removal also changes the next
+    exit's predecessor, so each plan without one exit is routed anew (O(rows x exits^2))."""
     open_ = np.flatnonzero(active)
     margins = [s - t for s, t in zip(problem.design.scores, plan)]
+    if agreement:
+        costs = []
+        for k in open_:
+            kept = open_[open_ != k]
+            trial = active.copy()
+            trial[k] = False
+            costs.append(route([margins[j] for j in kept], problem.costs(trial)[np.append(kept, -1)],
+                               rows=len(problem.design), agreement=True).cost.sum())
+        return np.array(costs)
     routing = route(margins, problem.costs(active))
     costs = []
     for k in open_:
@@ -245,7 +267,8 @@ def choose_family(problem: DesignProblem, test_rows: int, seed: int = 0,
         for build_on in (half, ~half):
             on, held_out = problem.on(problem.design.take(build_on)), problem.design.take(~build_on)
             for name, family in build_families(names, on).items():
-                saved[name].append(_best_within(family, held_out, problem, allowed_rate, allowed_harm))
+                saved[name].append(_best_within(family, held_out, problem, allowed_rate, allowed_harm,
+                                                routes_with_agreement(name)))
     best = max(saved, key=lambda name: (np.mean(saved[name]), -names.index(name)))
     chosen = next(name for name in names  # the best always is within noise of itself
                   if within_noise(np.subtract(saved[best], saved[name]), config.family_choice_errors))
@@ -260,14 +283,14 @@ def within_noise(gaps: np.ndarray, errors: float) -> bool:
 
 
 def _best_within(family: list[Plan], rows: Split, problem: DesignProblem, allowed_rate: float,
-                 allowed_harm: float | None) -> float:
+                 allowed_harm: float | None, agreement: bool) -> float:
     """Highest saving (planning cost) on ``rows`` among plans whose disagreement there is within
-    ``allowed_rate`` (and accuracy harm within ``allowed_harm``); of a long family, only
-    ``PlannerConfig.family_cv_plans`` plans evenly spaced along it are routed."""
+    ``allowed_rate`` (and accuracy harm within ``allowed_harm``), routed with ``agreement`` or not;
+    of a long family, only ``PlannerConfig.family_cv_plans`` plans evenly spaced along it are routed."""
     plans = problem.config.family_cv_plans
     if len(family) > plans:
         family = [family[round(i)] for i in np.linspace(0, len(family) - 1, plans)]
-    counts = count_plans(family, rows, problem.config.rounding)
+    counts = count_plans(family, rows, problem.config.rounding, agreement)
     best = 0.0
     for number, plan in enumerate(family):
         failures = counts.failures(number, problem.budget)
@@ -365,19 +388,29 @@ def _reprice(state: "_DesignState", priced: dict[int, tuple], lowered: int, befo
 _GREEDY_PATHS = {"per-cut": _per_cut_path, "per-class": _per_class_path}
 
 
-def _shared_path(problem: DesignProblem, sorted_scores: list[np.ndarray], active: np.ndarray) -> Path:
+def _patience_path(problem: DesignProblem, sorted_scores: list[np.ndarray], active: np.ndarray) -> Path:
+    """The shared-threshold path of the ``active`` exits, routed with agreement."""
+    return _shared_path(problem, sorted_scores, active, agreement=True)
+
+
+def _shared_path(problem: DesignProblem, sorted_scores: list[np.ndarray], active: np.ndarray,
+                 agreement: bool = False) -> Path:
     """One threshold for every class of every ``active`` exit, lowered step by step.
 
     A row leaves at the first open exit whose top score is above the threshold, so as the
     threshold falls it moves to an earlier exit exactly when it passes that exit's top score
     and that score beats every earlier exit's.  Those moves, sorted by score, price every step
-    of the path with one cumulative sum.
+    of the path with one cumulative sum.  With ``agreement`` an exit past the first where the
+    row's top class is not the one it had at the open exit before never admits it, whatever the
+    threshold: its top score there counts as -inf.
     """
     rows, classes = problem.design.scores[0].shape
     open_ = np.flatnonzero(active)
     costs, row_risk = problem.costs(active), problem.row_risk(problem.design)
     top = np.stack([problem.design.scores[k].max(axis=1) for k in open_], axis=1)  # [rows, open exits]
     top_class = np.stack([problem.design.scores[k].argmax(axis=1) for k in open_], axis=1)
+    if agreement:
+        top[:, 1:] = np.where(top_class[:, 1:] == top_class[:, :-1], top[:, 1:], -np.inf)
     earlier_best = np.concatenate([np.full((rows, 1), -np.inf, top.dtype),
                                    np.maximum.accumulate(top, axis=1)[:, :-1]], axis=1)
     row, column = np.nonzero(top > earlier_best)  # (row, exit) pairs the row ever leaves at; row-major
@@ -395,7 +428,7 @@ def _shared_path(problem: DesignProblem, sorted_scores: list[np.ndarray], active
 
     off = np.full((len(active), classes), np.inf, np.float32)
     path = [(off, float(cost_after[0]), 0.0)]
-    best = -np.sort(-top.ravel())
+    best = -np.sort(-top[np.isfinite(top)])
     stride = max(1, round(problem.config.shared_step_fraction * len(best)))
     moved = 0
     for count in range(stride, len(best) + 1, stride):

@@ -30,7 +30,7 @@ from moco_compile.frame import ActivationFrame
 from moco_compile.passes.calibration.exit_confidence import MIN_ROWS, TemperatureFitter
 from moco_compile.passes.graph.cut_points import CutPoint
 from moco_compile.passes.planning.candidates import Candidates, candidate_split, fit_candidates
-from moco_compile.passes.planning.config import Budget, PlannerConfig
+from moco_compile.passes.planning.config import Budget, PlannerConfig, routes_with_agreement
 from moco_compile.passes.planning.counts import PlanCounts, Split, count_plans
 from moco_compile.passes.planning.design import within_noise
 from moco_compile.passes.planning.planner import ExitPlanner, NoPlanError, RETRY_NOTE
@@ -69,7 +69,8 @@ class RowCounter:
 
     def _count(self, frame: ActivationFrame) -> dict[str, PlanCounts]:
         rows = candidate_split(self.candidates, frame, self.rounding)
-        return {name: count_plans(plans, rows, self.rounding) for name, plans in self.families.items()}
+        return {name: count_plans(plans, rows, self.rounding, routes_with_agreement(name))
+                for name, plans in self.families.items()}
 
 
 def add_counts(first: Counts, second: Counts) -> Counts:
@@ -296,7 +297,7 @@ def calibrate_confidence(plan: ExitPlan, candidates: Candidates, probabilities: 
     scores = [candidates.design_scores[k] for k in chosen]
     guard = None if candidates.design_guard is None else candidates.design_guard.at(chosen)
     routing = route_scores(scores, np.array([e.thresholds for e in plan.exits]), rows=len(probabilities),
-                           guard=guard)
+                           guard=guard, agreement=plan.agreement)
     fitter, exits = TemperatureFitter(), []
     for k, exit_ in enumerate(plan.exits):
         rows = routing.exit_index == k

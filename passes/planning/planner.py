@@ -25,7 +25,7 @@ import numpy as np
 
 from moco_compile.passes.planning.bounds import clopper_pearson_upper
 from moco_compile.passes.planning.certify import CertifiedFamily, certify_family
-from moco_compile.passes.planning.config import Budget, PlannerConfig
+from moco_compile.passes.planning.config import Budget, PlannerConfig, routes_with_agreement
 from moco_compile.passes.planning.counts import PlanCounts, Split, count_plans
 from moco_compile.passes.planning.design import DesignProblem, build_families, choose_family, cut_elements
 from moco_compile.passes.planning.routing import stage_costs
@@ -101,7 +101,7 @@ class ExitPlanner:
         if self.budget.max_accuracy_drop is not None and test.labels is None:
             raise ValueError("max_accuracy_drop needs labels on the design and test rows")
         families = self.design(candidates, design, len(test), total_flops)
-        return self.certify({name: count_plans(family, test, self.config.rounding)
+        return self.certify({name: count_plans(family, test, self.config.rounding, routes_with_agreement(name))
                              for name, family in families.items()})
 
     def design(self, candidates: Sequence[Exit], design: Split, test_rows: int, total_flops: float,
@@ -166,7 +166,8 @@ class ExitPlanner:
         thresholds = self.families_[name][result.chosen]
         exits = [replace(candidate, thresholds=thresholds[k])
                  for k, candidate in enumerate(self.candidates_) if np.isfinite(thresholds[k]).any()]
-        return ExitPlan(exits, self.total_flops_, self._certificate(name, result, test_rows, delta, head_sets))
+        return ExitPlan(exits, self.total_flops_, self._certificate(name, result, test_rows, delta, head_sets),
+                        routes_with_agreement(name))
 
     def evaluation(self, counts: Mapping[str, PlanCounts]) -> PlanEvaluation:
         """The certified plan's figures on other rows (e.g. the report split), from the families'
@@ -191,7 +192,7 @@ class ExitPlanner:
             "method": "Learn-then-Test fixed-sequence testing of one nested family of exit plans (ordered on "
                       "separate design rows) with exact binomial p-values on held-out test rows",
             "max_disagreement": self.budget.max_disagreement, "max_accuracy_drop": self.budget.max_accuracy_drop,
-            "confidence": self.budget.confidence, "family": family,
+            "confidence": self.budget.confidence, "family": family, "agreement": routes_with_agreement(family),
             "family_selection": self.config.family_selection, "families": dict(self.family_scores_),
             "family_confidence": 1 - delta, "head_sets": head_sets, "test_rows": test_rows,
             "family_size": len(result.p_values),

@@ -105,11 +105,14 @@ class PlanEvaluation:
 
 @dataclass
 class ExitPlan:
-    """The exits to build, in graph order, and the certificate that justified them."""
+    """The exits to build, in graph order, and the certificate that justified them; ``agreement``: rows
+    are routed with the agreement condition (past the first exit a row leaves only with the class it had
+    at the exit before: :func:`~moco_compile.passes.planning.routing.route`)."""
 
     exits: list[Exit]
     total_flops: float
     certificate: dict = field(default_factory=dict)
+    agreement: bool = False
 
     def stage_flops(self) -> np.ndarray:
         """FLOPs of a row leaving at each exit (last: the full network), rules included."""
@@ -128,7 +131,7 @@ class ExitPlan:
         thresholds = np.array([e.thresholds for e in self.exits], np.float32)
         scores = [e.scores(f) for e, f in zip(self.exits, features)]
         return route_scores(scores, thresholds, self.stage_flops(), rounding, rows, full_predictions,
-                            guard_verdicts([e.guard for e in self.exits], features, rows, rounding))
+                            guard_verdicts([e.guard for e in self.exits], features, rows, rounding), self.agreement)
 
     def evaluate(self, features: Sequence[np.ndarray], predictions: np.ndarray,
                  labels: np.ndarray | None = None) -> PlanEvaluation:
@@ -161,9 +164,10 @@ class ExitPlan:
                                  None if labels is None else labels[exited])
 
     def to_dict(self) -> dict:
-        return {"total_flops": self.total_flops, "certificate": self.certificate,
+        return {"total_flops": self.total_flops, "certificate": self.certificate, "agreement": self.agreement,
                 "exits": [e.to_dict() for e in self.exits]}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "ExitPlan":
-        return cls([Exit.from_dict(e) for e in data["exits"]], data["total_flops"], data.get("certificate", {}))
+        return cls([Exit.from_dict(e) for e in data["exits"]], data["total_flops"], data.get("certificate", {}),
+                   bool(data.get("agreement", False)))

@@ -42,7 +42,7 @@ from moco_compile.passes.calibration.calibrate import cut_column, variant_featur
 from moco_compile.passes.calibration.mlp_head import MLPScores  # noqa: E402
 from moco_compile.passes.calibration.pooling import pooling_cost, variants_for  # noqa: E402
 from moco_compile.passes.calibration.rules import SoftmaxRuleFitter  # noqa: E402
-from moco_compile.passes.planning.config import Budget, PlannerConfig  # noqa: E402
+from moco_compile.passes.planning.config import Budget, PlannerConfig, routes_with_agreement  # noqa: E402
 from moco_compile.passes.planning.counts import Split  # noqa: E402
 from moco_compile.passes.planning.design import cut_elements, exit_overhead  # noqa: E402
 from moco_compile.passes.planning.pipeline import Planning, plan_exits  # noqa: E402
@@ -131,10 +131,21 @@ def _text_reference(name: str, scratch: Path) -> tuple[Path, dict, dict, str, st
     return onnx_path, calibration, test, model, rows, f"row padded to {calibration['input_ids'].shape[1]} tokens"
 
 
-MODELS: dict[str, Callable[[Path], tuple]] = {
+MODELS: dict[str, Callable[[Path], tuple]] = {  # the draw benchmarks' models; load_pool takes any text reference too
     "fashion_resnet": _fashion_resnet,
     "minilm6_tweets": lambda scratch: _text_reference("minilm6_tweets", scratch),
 }
+
+
+def _model_source(name: str) -> Callable[[Path], tuple]:
+    """How to load model ``name``'s pool: one of :data:`MODELS`, or any text reference by its name."""
+    from models.text_classifier import REFERENCES
+
+    if name in MODELS:
+        return MODELS[name]
+    if name in REFERENCES:
+        return lambda scratch: _text_reference(name, scratch)
+    raise KeyError(f"no pool for {name!r}: use one of {sorted(MODELS)} or a text reference {sorted(REFERENCES)}")
 
 
 def load_pool(name: str, scratch: Path = SCRATCH, show_progress: bool = True) -> Pool:
@@ -148,7 +159,7 @@ def load_pool(name: str, scratch: Path = SCRATCH, show_progress: bool = True) ->
 
     directory = scratch / name
     directory.mkdir(parents=True, exist_ok=True)
-    onnx_path, calibration, test, model, rows, unit = MODELS[name](directory)
+    onnx_path, calibration, test, model, rows, unit = _model_source(name)(directory)
     inputs = {key: np.concatenate([calibration[key], test[key]]) for key in calibration}
     size = len(inputs["labels"])
     origin = np.repeat([0, 1], [len(calibration["labels"]), len(test["labels"])])
@@ -264,7 +275,8 @@ class Curve:
 def family_curves(pool: Pool, planning: Planning, families: dict[str, list[np.ndarray]],
                   rows: np.ndarray) -> dict[str, Curve]:
     """Route ``rows`` through every plan of ``families`` (threshold matrices over ``planning``'s
-    candidates) with :func:`route_scores` and :func:`stage_costs`, as certification does."""
+    candidates) with :func:`route_scores` and :func:`stage_costs`, as certification does (with agreement
+    for the families routed so)."""
     candidates = planning.candidates.exits
     scores = [c.scores(pool.features(c.column, c.pooling)[rows]) for c in candidates]
     before = np.array([c.cut.flops_before for c in candidates], np.float64)
@@ -276,7 +288,7 @@ def family_curves(pool: Pool, planning: Planning, families: dict[str, list[np.nd
         for thresholds in family:
             open_ = np.isfinite(thresholds).any(axis=1)
             costs = stage_costs(before, np.where(open_, rule_flops, 0.0), pool.total_flops)
-            routing = route_scores(scores, thresholds, costs, rows=len(rows))
+            routing = route_scores(scores, thresholds, costs, rows=len(rows), agreement=routes_with_agreement(name))
             reductions.append(1 - routing.cost.mean() / pool.total_flops)
             disagreements.append((routing.predictions(predictions) != predictions).mean())
         curves[name] = Curve(np.array(reductions), np.array(disagreements))

@@ -57,6 +57,11 @@ An exit with an out-of-distribution guard (``passes/calibration/guard.py``) also
 rows whose guard distance exceeds its threshold: one more ``[D, D]`` MatMul, a
 ``[D, C]`` MatMul and two reductions on the pooled features.
 
+A plan routed with agreement (the ``"patience"`` family, ``insert_exits(..., agreement=True)``) also
+keeps, past the first exit, the rows whose class (the ArgMax of the margins) is not the one they had at
+the exit before: each exit's class goes on with the rows that go on, Compressed beside the cut tensor
+(nested, flat) or read from the outer scope (whole-batch), then ``Equal``, ``Not`` and ``Or`` into ``keep``.
+
 Exited rows carry, in place of the classifier output, the exit's calibrated
 log-probabilities ``scale * log p_rule`` with the exit's class swapped into the
 top place (``passes/calibration/exit_confidence.py``; the scale is fitted so that their top

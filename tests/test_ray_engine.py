@@ -205,25 +205,25 @@ def test_certification_counts_every_row_in_the_memory_of_one_shard(cluster, buil
     frame = local[[column for column in local.columns if column != "split"]]
     shard_bytes = sum(frame[column].nbytes for column in frame.columns)
     config = PlannerConfig(max_design_rows=300, families=("shared",), shared_step_fraction=0.01,
-                           report_min_rows=10_000)
+                           report_min_rows=9_000)
     total_flops = builds["local"].plan.total_flops
     peaks = {}
-    for shards in (3, 12):
+    for shards in (2, 8):
         (tmp_path / str(shards)).mkdir()
         paths = [frame.save(tmp_path / str(shards) / shard_frame_name(i)) for i in range(shards)]
         rows = ShardedRows(paths, ShardedData(str(tmp_path)), first=0)
         with DriverPeak() as peak:
             planning = plan_rows(rows, reference["cuts"], 10, total_flops, Budget(), config)
         peaks[shards] = peak.bytes
-        report = 1440 if shards == 12 else 0  # 14,400 rows set a report split aside (10%)
+        report = 960 if shards == 8 else 0  # 9,600 rows set a report split aside (10%)
         assert planning.row_split.sizes == {"rules": 300, "test": len(rows) - 300 - report, "report": report}
         assert planning.evaluated_on == ("report" if report else "test")
         in_one_process = plan_exits(load_frames(paths), reference["cuts"], 10, total_flops, Budget(), config)
         assert planning.plan.certificate == in_one_process.plan.certificate
         assert planning.evaluation == in_one_process.evaluation
         assert planning.plan.exits
-    assert peaks[12] < peaks[3] + shard_bytes / 4, (peaks, shard_bytes)
-    assert peaks[12] < 2 * shard_bytes, (peaks, shard_bytes)
+    assert peaks[8] < peaks[2] + shard_bytes / 4, (peaks, shard_bytes)
+    assert peaks[8] < 2 * shard_bytes, (peaks, shard_bytes)
 
 
 def test_unreachable_address_is_a_clear_error(cluster, shard_dir, tmp_path):

@@ -430,16 +430,16 @@ def _shared_path(problem: DesignProblem, sorted_scores: list[np.ndarray], active
     path = [(off, float(cost_after[0]), 0.0)]
     best = -np.sort(-top[np.isfinite(top)])
     stride = max(1, round(problem.config.shared_step_fraction * len(best)))
+    counts = np.arange(stride, len(best) + 1, stride)
+    thresholds = _threshold_grid(best[:, None], counts[None, :])[0].astype(np.float32)
+    now_moved = np.searchsorted(-move_scores, -thresholds, side="left")  # moves with score > each threshold
+    over = np.flatnonzero(risk_after[now_moved] > problem.risk_cap())
+    steps = over[0] if len(over) else len(counts)
     moved = 0
-    for count in range(stride, len(best) + 1, stride):
-        threshold = np.float32(_threshold(best, count))
-        now_moved = int(np.searchsorted(-move_scores, -threshold, side="left"))  # moves with score > threshold
-        if risk_after[now_moved] > problem.risk_cap():
-            break
-        if now_moved != moved:  # a plan that moves no design row adds only a test
-            path.append((np.where(active[:, None], threshold, off), float(cost_after[now_moved]),
-                         float(risk_after[now_moved])))
-            moved = now_moved
+    for threshold, now in zip(thresholds[:steps], now_moved[:steps]):
+        if now != moved:  # a plan that moves no design row adds only a test
+            path.append((np.where(active[:, None], threshold, off), float(cost_after[now]), float(risk_after[now])))
+            moved = now
     return path
 
 
@@ -451,11 +451,6 @@ def _cheapest_within(path: Path, risk: float) -> tuple[Plan, float, float]:
 def _cost_within(path: Path, risk: float) -> float:
     """Lowest design cost on a path among plans whose design risk is at most ``risk``."""
     return _cheapest_within(path, risk)[1]
-
-
-def _threshold(descending: np.ndarray, count: int) -> float:
-    """Threshold between the ``count``-th and the next highest score (inf for count 0)."""
-    return float(_threshold_grid(descending[:, None], np.array([[count]]))[0, 0])
 
 
 def _threshold_grid(descending: np.ndarray, counts: np.ndarray) -> np.ndarray:

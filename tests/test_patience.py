@@ -174,6 +174,7 @@ def test_a_patience_compile_carries_each_rows_class_to_the_next_exit(patience_bu
 
 
 def test_every_cpu_layout_routes_with_agreement_alike(patience_build, reference_model, calibration):
+    from moco_compile.passes.graph.index import all_nodes
     from moco_compile.passes.graph.rewrite import apply_plan
     from moco_compile.prepare import model_for_plan
 
@@ -184,9 +185,13 @@ def test_every_cpu_layout_routes_with_agreement_alike(patience_build, reference_
     plain = _run(apply_plan(model, replace(result.plan, agreement=False), output, "nested"), images)
     assert (plain[1] != nested[1]).any()
     for layout in ("flat", "whole-batch"):
-        logits, exits = _run(apply_plan(model, result.plan, output, layout), images)
+        compiled = apply_plan(model, result.plan, output, layout)
+        logits, exits = _run(compiled, images)
         assert (exits == nested[1]).all(), layout
         np.testing.assert_allclose(logits, nested[0], atol=1e-5)
+    # whole-batch: the first exit, with no class to agree with, asks its margins alone whether a row goes on
+    produced = {name for node in all_nodes(compiled.graph) for name in node.output}
+    assert {"moco/exit0/lowest", "moco/exit1/kept"} <= produced and "moco/exit0/kept" not in produced
 
 
 def _run(model, images: np.ndarray) -> list[np.ndarray]:

@@ -108,6 +108,11 @@ class ExitGraphBuilder:
             so_far = either
         return margins, top, keep
 
+    def _fires_on_margins_alone(self, level: int) -> bool:
+        """Whether exit ``level``'s ``keep`` is just "no class fired": no guard, and no agreement to check
+        (the first exit has no exit before it)."""
+        return self.exits[level].guard is None and not (self.agreement and level)
+
     @staticmethod
     def _class_tensor(level: int) -> str:
         """Exit ``level``'s class per row (the ArgMax of its margins), built when rows are routed with

@@ -290,7 +290,7 @@ class _ExitGraphBuilder(ExitGraphBuilder):
         exit_ = self.exits[level]
         p = f"moco/exit{level}"
         margins, top, keep = self._exit_rule(level, renames, p, body.nodes, body.initializers)
-        any_left = self._any_left(exit_, top, keep, p, body.nodes, body.initializers)
+        any_left = self._any_left(level, top, keep, p, body.nodes, body.initializers)
         body.initializers.append(numpy_helper.from_array(np.array(level, np.int64), f"{p}/level"))
         inner, entry = dict(renames), []
         for name in [exit_.cut.tensor] + sorted(self._side_inputs(level + 1)):  # an exit's class: in scope
@@ -323,10 +323,10 @@ class _ExitGraphBuilder(ExitGraphBuilder):
                                        f"moco_level_{level + 1}_skipped")))
         return results
 
-    def _any_left(self, exit_: Exit, top: str, keep: str, p: str, nodes: list, initializers: list) -> str:
-        """A bool scalar: some row goes on (none on 0 rows).  Unguarded, the lowest top margin is <= 0
-        (ReduceMin of no rows is +inf); guarded or routed with agreement, some ``keep`` is set."""
-        if exit_.guard is None and not self.agreement:
+    def _any_left(self, level: int, top: str, keep: str, p: str, nodes: list, initializers: list) -> str:
+        """A bool scalar: some row goes on at exit ``level`` (none on 0 rows).  Where only the margins
+        decide, the lowest top margin is <= 0 (ReduceMin of no rows is +inf); else some ``keep`` is set."""
+        if self._fires_on_margins_alone(level):
             nodes.extend(reduce_nodes("ReduceMin", top, [0], f"{p}/lowest", f"{p}/lowest", self.opset))
             nodes.append(helper.make_node("LessOrEqual", [f"{p}/lowest", f"{p}/zero"], [f"{p}/any_left"]))
             return f"{p}/any_left"

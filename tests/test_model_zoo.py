@@ -1,6 +1,7 @@
 """Conformance: architectures users write, both exporters, named and compiled end to end."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -15,6 +16,7 @@ from moco_compile import compile  # noqa: E402
 from moco_compile.constants import EXIT_OUTPUT  # noqa: E402
 from moco_compile.errors import BudgetError  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
+from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
 from moco_compile.passes.planning.config import PlannerConfig  # noqa: E402
 from moco_compile.passes.planning.design import cut_elements, exit_overhead  # noqa: E402
 from moco_compile.prepare import cut_points_of  # noqa: E402
@@ -86,6 +88,29 @@ def test_compiles_with_exits_and_verifies(exported, calibration):
     except Exception:  # onnxruntime raises its own exception types
         empty_ok = False
     assert result.report["verification"]["empty_batch_checked"] == empty_ok
+
+
+def test_flat_chain_gives_each_level_its_own_inferred_dims(calibration):
+    """The legacy exporter's ViT declares dims shape inference made up (``unk__30``) that stand for the
+    batch, on tensors before and after each exit. In a flat chain, where every level is one graph,
+    onnxruntime took the shared name as an equal size and reused a buffer of the wrong row count (the
+    compile failed its verification); each level now gets its own name, and the flat graph gives every
+    row what the nested one does."""
+    _, model = _built("inline-vit", "legacy")
+    flat = compile(model, model_inputs(["images"], calibration["images"][:ROWS]), max_disagreement=0.05,
+                   measure_latency=False, show_progress=False,
+                   planner_config=dataclasses.replace(UNPRICED_LAUNCHES, exit_layout="flat"))
+    assert "If" not in {node.op_type for node in flat.model.graph.node} and len(flat.plan.exits) >= 2
+    declared = {v.name: [d.dim_param for d in v.type.tensor_type.shape.dim] for v in flat.model.graph.value_info}
+    after_exit = [dims for name, dims in declared.items() if name.startswith("/blocks.2/")]
+    assert after_exit and all(not d.startswith("unk__") or "@moco_rows_" in d for dims in after_exit for d in dims)
+    nested = apply_plan(import_model(model).model, flat.plan, "logits", "nested")
+    fresh = {"images": calibration["images"][ROWS:ROWS + 64]}
+    results = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+               .run(["logits", EXIT_OUTPUT], fresh) for m in (flat.model, nested)]
+    assert len(np.unique(results[0][1])) >= 3  # rows that go on past the first exits run the later levels
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
 
 
 def test_exits_that_cannot_pay_for_their_launches_are_not_built(calibration):

@@ -291,20 +291,7 @@ class _BucketedGraphBuilder(ExitGraphBuilder):
 
     def _renamed_value(self, value: onnx.ValueInfoProto, name: str, stage: int, bucket: int | None
                        ) -> onnx.ValueInfoProto:
-        batch = self._batch_dim()
-        renamed = onnx.ValueInfoProto()
-        renamed.CopyFrom(value)
-        renamed.name = name
-        for dim in renamed.type.tensor_type.shape.dim:
-            if dim.dim_param == batch:
-                rows = self._rows_dim(stage, bucket)
-                if isinstance(rows, int):
-                    dim.dim_value = rows
-                else:
-                    dim.dim_param = rows
-            elif batch in dim.dim_param:
-                dim.Clear()
-        return renamed
+        return self._declared_on_rows(value, name, self._rows_dim(stage, bucket))
 
     @staticmethod
     def _rows_dim(stage: int, bucket: int | None) -> int | str:

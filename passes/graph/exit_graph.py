@@ -44,6 +44,8 @@ class ExitGraphBuilder:
         self.initializers = {init.name: init for init in model.graph.initializer}
         self.outputs = [o for o in model.graph.output]
         self.value_infos = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + self.outputs}
+        self.input_symbols = {dim.dim_param for value in model.graph.input for dim in value.type.tensor_type.shape.dim
+                              if dim.dim_param}
         self.types = elem_types(model)
         self.full_names = {o.name: f"moco/full/{o.name}" for o in self.outputs}
         self.rest_sources: dict[str, str] = {}  # compressed tensor -> original tensor
@@ -139,6 +141,37 @@ class ExitGraphBuilder:
     def _batch_dim(self) -> str | int:
         dims = next(o for o in self.outputs if o.name == self.output).type.tensor_type.shape.dim
         return dims[0].dim_param or "batch" if dims and not dims[0].HasField("dim_value") else "batch"
+
+    def _declared_on_rows(self, value: onnx.ValueInfoProto, name: str, rows: str | int,
+                          batch_first: bool = False) -> onnx.ValueInfoProto:
+        """``value``'s declaration for tensor ``name`` computed on ``rows`` (a named dim or a fixed count)
+        rather than the whole batch (``batch_first``: its first dim is the batch, whatever it is called).
+
+        The batch dim becomes ``rows``, dims computed from it are left anonymous, and the other symbols
+        shape inference made up (``unk__7``: not the model inputs' own, such as ``sequence``) get the
+        rows' suffix, as one of them may stand for the batch: onnxruntime plans buffers by symbol, and a
+        symbol shared by tensors of unequal row counts makes it reuse a buffer of the wrong size.
+        """
+        batch = self._batch_dim()
+        declared = onnx.ValueInfoProto()
+        declared.CopyFrom(value)
+        declared.name = name
+        dims = declared.type.tensor_type.shape.dim
+        if batch_first and dims:
+            dims[0].dim_param = str(batch)
+        if rows == batch:
+            return declared
+        for dim in dims:
+            if dim.dim_param == batch:
+                if isinstance(rows, int):
+                    dim.dim_value = rows
+                else:
+                    dim.dim_param = rows
+            elif batch in dim.dim_param:
+                dim.Clear()
+            elif dim.dim_param and dim.dim_param not in self.input_symbols:
+                dim.dim_param = f"{dim.dim_param}@{rows}"
+        return declared
 
     def _trailing_shape_nodes(self) -> tuple[list, list]:
         """Nodes (and their constants) computing, once at the top level, the non-batch dims of the

@@ -385,10 +385,9 @@ class _ExitGraphBuilder(ExitGraphBuilder):
         and the ReLU into the convolution inside the remainder.
         """
         value = self.value_infos.get(self.rest_sources.get(original, original))
-        dims = [d.dim_value or d.dim_param for d in value.type.tensor_type.shape.dim[1:]] if value else None
-        if value is None or not all(dims):
+        if value is None or not all(d.dim_value or d.dim_param for d in value.type.tensor_type.shape.dim[1:]):
             return onnx.ValueInfoProto(name=name)
-        return helper.make_tensor_value_info(name, value.type.tensor_type.elem_type, [self._rows_dim(level), *dims])
+        return self._declared_on_rows(value, name, self._rows_dim(level), batch_first=True)
 
     def _rows_dim(self, level: int) -> str | int:
         """The named row dim of stage ``level``'s tensors: the batch's where every row runs it."""
@@ -403,17 +402,6 @@ class _ExitGraphBuilder(ExitGraphBuilder):
         Add + LayerNormalization stays two ops (SkipLayerNormalization in the original graph), in the
         main graph too; slower, and in a statically quantized model other numbers than the model's.
         """
-        batch = self._batch_dim()
-        declared = []
-        for name in (name for node in nodes for name in node.output if name in self.value_infos):
-            value = onnx.ValueInfoProto()
-            value.CopyFrom(self.value_infos[name])
-            if self._rows_dim(level) != batch:
-                for dim in value.type.tensor_type.shape.dim:
-                    if dim.dim_param == batch:
-                        dim.dim_param = self._rows_dim(level)
-                    elif batch in dim.dim_param:
-                        dim.Clear()
-            declared.append(value)
-        return declared
+        return [self._declared_on_rows(self.value_infos[name], name, self._rows_dim(level))
+                for name in (name for node in nodes for name in node.output if name in self.value_infos)]
 

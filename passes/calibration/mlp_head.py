@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import log_softmax, softmax
 from threadpoolctl import threadpool_limits
 
-from moco_compile.passes.calibration.rules import LinearScores, standardized
+from moco_compile.passes.calibration.rules import LinearScores, log_softmax_and_softmax, standardized
 
 HIDDEN_WIDTH = 64  # ReLU units: 2 * D * 64 FLOPs per row, a rounding error beside any stage of a real network
 # Weight decay and iteration cap, measured on the reference CNN at 1% (certified compute reduction on moco's own
@@ -111,8 +110,9 @@ class DistilledMLPFitter:
             pre = x @ w1 + b1
             act = np.maximum(pre, 0)
             logits = act @ w2 + b2
-            loss = -(soft * log_softmax(logits, axis=1)).sum() / rows
-            residual = (softmax(logits, axis=1) - soft) / rows
+            log_probabilities, probabilities = log_softmax_and_softmax(logits)
+            loss = -(soft * log_probabilities).sum() / rows
+            residual = (probabilities - soft) / rows
             back = (residual @ w2.T) * (pre > 0)
             decay = alpha / 2 * ((w1 ** 2).sum() + (w2 ** 2).sum())
             gradient = [x.T @ back + alpha * w1, back.sum(axis=0), act.T @ residual + alpha * w2, residual.sum(axis=0)]

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import expit, log_softmax, logsumexp, softmax
+from scipy.special import expit, log_softmax
 from threadpoolctl import threadpool_limits
 
 NORMALIZATIONS = ("none", "log_softmax")
@@ -134,8 +134,8 @@ class SoftmaxRuleFitter(LinearRuleFitter):
     normalize = "log_softmax"
 
     def _loss(self, logits: np.ndarray, onehot: np.ndarray) -> tuple[float, np.ndarray]:
-        loss = (logsumexp(logits, axis=1) - (onehot * logits).sum(axis=1)).sum()
-        return float(loss), softmax(logits, axis=1) - onehot
+        log_probabilities, probabilities = log_softmax_and_softmax(logits)
+        return float(-(onehot * log_probabilities).sum()), probabilities - onehot
 
 
 class OneVsRestRuleFitter(LinearRuleFitter):
@@ -148,6 +148,15 @@ class OneVsRestRuleFitter(LinearRuleFitter):
     def _loss(self, logits: np.ndarray, onehot: np.ndarray) -> tuple[float, np.ndarray]:
         loss = (np.logaddexp(0, logits) - onehot * logits).sum()
         return float(loss), expit(logits) - onehot
+
+
+def log_softmax_and_softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise log-probabilities and probabilities of ``[N, C]`` ``logits``, from one exponential (the
+    fitters' losses need both at every solver step; scipy's functions compute it twice)."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exponentials = np.exp(shifted)
+    total = exponentials.sum(axis=1, keepdims=True)
+    return shifted - np.log(total), exponentials / total
 
 
 def high_precision_coverage(scores: np.ndarray, targets: np.ndarray, precision: float) -> float:

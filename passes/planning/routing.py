@@ -144,15 +144,15 @@ def route(margins: Sequence[np.ndarray], costs: np.ndarray | None = None, tolera
     could_disagree = np.zeros(rows, bool)
     previous_best = previous_tied = None  # each row's best class at the exit before, and whether it was tied
     tolerance = np.asarray(tolerance, np.float64)
+    row_index = np.arange(rows)
     for position, margin in enumerate(margins):
         tolerances = np.broadcast_to(tolerance[position] if tolerance.ndim == 2 else tolerance, margin.shape[1:])
-        margin = np.where(np.isneginf(margin), np.finfo(np.float32).min, margin)  # classes switched off
-        best = margin.argmax(axis=1)
-        top = np.take_along_axis(margin, best[:, None], axis=1)[:, 0]
-        others = margin.copy()
-        np.put_along_axis(others, best[:, None], -np.inf, axis=1)
+        others = np.where(np.isneginf(margin), np.finfo(np.float32).min, margin)  # classes switched off
+        best = others.argmax(axis=1)
+        top = others[row_index, best]
+        others[row_index, best] = -np.inf
         runner_up = others.argmax(axis=1)  # best itself when there is one class: never tied
-        second = np.take_along_axis(others, runner_up[:, None], axis=1)[:, 0]
+        second = others[row_index, runner_up]
         slack = tolerances[best]
         tied = top - second <= slack + tolerances[runner_up]
         blocked, unsure = (guard.blocked[position], guard.near[position]) if guard is not None \

@@ -2,7 +2,9 @@
 environment a Triton server runs from."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import subprocess
 import venv
 from pathlib import Path
@@ -37,13 +39,28 @@ def calibration() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def compiled(tmp_path_factory, calibration):
-    """One compile of the reference CNN at the default budget, written to disk."""
-    from moco_compile import compile
+def compiled(tmp_path_factory, calibration, worker_id):
+    """One compile of the reference CNN at the default budget, written to disk: ``(build, directory)``.
 
+    The first pytest-xdist worker to ask compiles it, once for the whole run; every worker gets its
+    own copy of the directory (tests write beside it) and the build as compile returned it, its graph
+    read back from there.
+    """
+    from filelock import FileLock
+
+    from moco_compile import compile
+    from moco_compile.build import Build
+
+    run_dir = tmp_path_factory.getbasetemp()
+    run_dir = run_dir if worker_id == "master" else run_dir.parent  # the workers' shared parent
+    built = run_dir / "reference-build"
+    with FileLock(str(run_dir / "reference-build.lock")):
+        if not built.is_dir():
+            compile(REFERENCE_ONNX, calibration, out_dir=built, measure_latency=False, show_progress=False)
     out = tmp_path_factory.mktemp("compiled") / "out"
-    result = compile(REFERENCE_ONNX, calibration, out_dir=out, measure_latency=False, show_progress=False)
-    return result, out
+    shutil.copytree(built, out)
+    result = Build.load(out)
+    return dataclasses.replace(result, model=onnx.load(str(result.model_path))), out
 
 
 @pytest.fixture(scope="session")

@@ -205,7 +205,7 @@ def test_certification_counts_every_row_in_the_memory_of_one_shard(cluster, buil
     frame = local[[column for column in local.columns if column != "split"]]
     shard_bytes = sum(frame[column].nbytes for column in frame.columns)
     config = PlannerConfig(max_design_rows=300, families=("shared",), shared_step_fraction=0.01,
-                           report_min_rows=9_000)
+                           report_min_rows=9_000, exit_heads=("linear",))
     total_flops = builds["local"].plan.total_flops
     peaks = {}
     for shards in (2, 8):

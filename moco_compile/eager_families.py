@@ -2,10 +2,9 @@
 classifier runs in the steps the compiled graph cuts between, and its head.
 
 One :class:`Family` per architecture family (:data:`FAMILIES`): the encoders BERT, DistilBERT,
-RoBERTa, XLM-RoBERTa, ALBERT, ELECTRA and the decoders GPT-2, Llama, Mistral, Qwen2 and Qwen3.
-DeBERTa-v2/v3 and ModernBERT compile (the importer exports them) but have no family: their attention
-(relative positions; local windows over unpadded rows) is not run here in steps, so their builds serve
-as ONNX graphs.
+RoBERTa, XLM-RoBERTa, ALBERT, ELECTRA, DeBERTa-v2/v3 and the decoders GPT-2, Llama, Mistral, Qwen2 and
+Qwen3.  ModernBERT compiles (the importer exports it) but has no family: its local attention windows
+over unpadded rows are not run here in steps, so its builds serve as ONNX graphs.
 """
 from __future__ import annotations
 
@@ -17,6 +16,8 @@ from typing import Any
 import torch
 from transformers.masking_utils import (create_bidirectional_mask, create_causal_mask,
                                         create_sliding_window_causal_mask)
+
+from moco_compile.errors import ModelError
 
 StepRun = Callable[..., torch.Tensor]
 
@@ -51,7 +52,7 @@ def per_token(module: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tens
 class Family:
     """How one architecture family runs eagerly, in the steps the compiled graph cuts between.
 
-    :meth:`steps`: the embeddings first (run on ``input_ids, token_type_ids``), then any projection
+    :meth:`steps`: the embeddings first (run on ``input_ids, token_type_ids, mask``), then any projection
     and each block's two halves in execution order (run on ``hidden, mask``: the rows still running);
     :meth:`head`: the logits from the last step's states.
     """
@@ -74,7 +75,7 @@ class _Encoder(Family):
     def _mask(self, hidden: torch.Tensor, mask: torch.Tensor) -> Any:
         return create_bidirectional_mask(config=self.base.config, inputs_embeds=hidden, attention_mask=mask)
 
-    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         return self.base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
 
 
@@ -124,7 +125,7 @@ class _DistilBert(_Encoder):
                             (f"{path}.output_layer_norm", partial(self._feed_forward, layer)))
         return steps
 
-    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         return self.base.embeddings(input_ids)
 
     def _attention(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -170,6 +171,45 @@ class _Albert(_Encoder):
         return self.model.classifier(self.model.dropout(pooled))
 
 
+class _DebertaV2(_Encoder):
+    """DeBERTa-v2 and v3: the embeddings are zeroed where the mask is 0 (their step reads it); every
+    block's attention adds relative-position scores from the encoder's shared relative embeddings and
+    positions (functions of the sequence length alone, computed as the encoder does); the head is the
+    context pooler (token 0, dense, activation), then ``classifier``.  A convolution after the first
+    block (``conv_kernel_size``, DeBERTa-v2 xlarge) reads the embeddings beside that block's output and
+    is refused."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__(model)
+        if self.base.encoder.conv is not None:
+            raise ModelError("this DeBERTa-v2 configuration adds a convolution after the first block "
+                             "(conv_kernel_size > 0), which the eager text API does not run in steps; compile "
+                             "the model to ONNX instead (moco.compile), which supports it")
+
+    def steps(self) -> list[Step]:
+        p, width = self.prefix, self.model.config.hidden_size
+        steps = [Step(f"{p}.embeddings", self._embed, width)]
+        for i, layer in enumerate(self.base.encoder.layer):
+            path = f"{p}.encoder.layer.{i}"
+            steps += block_steps(i, width, (f"{path}.attention.output.LayerNorm", partial(self._attention, layer)),
+                                 (f"{path}.output.LayerNorm", partial(self._feed_forward, layer)))
+        return steps
+
+    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        return self.base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, mask=mask)
+
+    def _attention(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        encoder = self.base.encoder
+        return layer.attention(hidden, encoder.get_attention_mask(mask), relative_pos=encoder.get_rel_pos(hidden),
+                               rel_embeddings=encoder.get_rel_embedding())[0]
+
+    def _feed_forward(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return layer.output(layer.intermediate(hidden), hidden)
+
+    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.classifier(self.model.dropout(self.model.pooler(hidden)))
+
+
 class _Decoder(Family):
     """Causal decoders: each token attends to the kept tokens up to itself; positions count from 0
     whatever the padding (the exported model is given no position ids); the head scores the last
@@ -208,7 +248,7 @@ class _Gpt2(_Decoder):
 
     final_norm, blocks = "ln_f", "h"
 
-    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         base = self.base
         return base.drop(base.wte(input_ids) + base.wpe(torch.arange(input_ids.shape[1], device=input_ids.device)))
 
@@ -225,7 +265,7 @@ class _Llama(_Decoder):
 
     final_norm, blocks, embeddings = "norm", "layers", ".embed_tokens"
 
-    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         return self.base.embed_tokens(input_ids)
 
     def _attention(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -248,7 +288,7 @@ class _Llama(_Decoder):
         return getattr(self.base.config, "sliding_window", None) is not None
 
 
-# the importer's SUPPORTED_HF_ARCHITECTURES in its order, but DeBERTa-v2 and ModernBERT (module docstring)
+# the importer's SUPPORTED_HF_ARCHITECTURES in its order, but ModernBERT (module docstring)
 FAMILIES: dict[str, type[Family]] = {
     "BertForSequenceClassification": _Bert,
     "DistilBertForSequenceClassification": _DistilBert,
@@ -256,6 +296,7 @@ FAMILIES: dict[str, type[Family]] = {
     "XLMRobertaForSequenceClassification": _BertLike,
     "AlbertForSequenceClassification": _Albert,
     "ElectraForSequenceClassification": _BertLike,
+    "DebertaV2ForSequenceClassification": _DebertaV2,
     "GPT2ForSequenceClassification": _Gpt2,
     "LlamaForSequenceClassification": _Llama,
     "MistralForSequenceClassification": _Llama,  # Llama's blocks; Mistral's sliding window, Qwen3's q/k norms

@@ -31,9 +31,9 @@ family routes with agreement: past the first exit a row leaves only with the cla
 before, as its graph does.
 
 Supported (:data:`EAGER_ARCHITECTURES`, a family each in :mod:`~moco_compile.eager_families`): the
-encoders BERT, DistilBERT, RoBERTa, XLM-RoBERTa, ALBERT, ELECTRA and the decoders GPT-2, Llama, Mistral,
-Qwen2 and Qwen3, which classify the last token the attention mask keeps (left or right padding), as the
-compiled graph does.  The importer also compiles DeBERTa-v2/v3 and ModernBERT; the API refuses them.
+encoders BERT, DistilBERT, RoBERTa, XLM-RoBERTa, ALBERT, ELECTRA, DeBERTa-v2/v3 and the decoders GPT-2,
+Llama, Mistral, Qwen2 and Qwen3, which classify the last token the attention mask keeps (left or right
+padding), as the compiled graph does.  The importer also compiles ModernBERT; the API refuses it.
 """
 from __future__ import annotations
 
@@ -157,7 +157,8 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
     ----------
     model:
         A sequence classifier of one of :data:`EAGER_ARCHITECTURES` (BERT, DistilBERT, RoBERTa,
-        XLM-RoBERTa, ALBERT, ELECTRA, GPT-2, Llama, Mistral, Qwen2, Qwen3; any number of blocks and classes).
+        XLM-RoBERTa, ALBERT, ELECTRA, DeBERTa-v2/v3, GPT-2, Llama, Mistral, Qwen2, Qwen3; any number of
+        blocks and classes).
     """
 
     def __init__(self, model: Any) -> None:
@@ -333,7 +334,7 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
             keep = ~fired
             return hidden[keep], mask[keep], rows[keep]
 
-        hidden = self._steps[0].run(input_ids, token_type_ids)
+        hidden = self._steps[0].run(input_ids, token_type_ids, mask)
         for name, step in zip(self._cuts, self._steps[1:]):  # each cut, then the step after it
             hidden, mask, rows = check(name, hidden, mask, rows)
             if not len(rows):

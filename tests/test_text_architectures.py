@@ -29,9 +29,11 @@ ENCODERS = {  # architecture -> (config, the module path every cut lies under)
     "XLMRobertaForSequenceClassification": (transformers.XLMRobertaConfig(**SIZES), "roberta."),
     "AlbertForSequenceClassification": (transformers.AlbertConfig(embedding_size=16, **SIZES), "albert."),
     "ElectraForSequenceClassification": (transformers.ElectraConfig(embedding_size=16, **SIZES), "electra."),
+    "DebertaV2ForSequenceClassification": (transformers.DebertaV2Config(  # as DeBERTa-v3: relative positions only
+        relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"], position_buckets=8,
+        max_relative_positions=16, norm_rel_ebd="layer_norm", share_att_key=True, **SIZES), "deberta."),
 }
 ONNX_ONLY_ENCODERS = {  # compiled, but no eager family runs them in steps (moco_compile/torch.py)
-    "DebertaV2ForSequenceClassification": (transformers.DebertaV2Config(**SIZES), "deberta."),
     "ModernBertForSequenceClassification": (transformers.ModernBertConfig(  # local attention over 8 tokens
         pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, local_attention=8,
         global_attn_every_n_layers=2, **{**SIZES, "num_hidden_layers": 3}),
@@ -134,8 +136,7 @@ def test_encoder_compiles_with_exits_named_by_module(architecture):
 
 @pytest.mark.parametrize("architecture", list(ONNX_ONLY_ENCODERS))
 def test_encoder_without_an_eager_family_compiles_with_exits_named_by_module(architecture):
-    """DeBERTa-v2's relative-position attention and ModernBERT's local windows compile as exported; the
-    eager API refuses them, naming what it runs."""
+    """ModernBERT's local windows compile as exported; the eager API refuses it, naming what it runs."""
     model = _model(architecture)
     result = compile(model, _tokens(ROWS), max_disagreement=0.05, measure_latency=False, show_progress=False,
                      planner_config=UNPRICED_LAUNCHES)
@@ -144,6 +145,15 @@ def test_encoder_without_an_eager_family_compiles_with_exits_named_by_module(arc
     cuts = {column.split(":")[0] for column in result.frame.columns if ":" in column}
     assert len(cuts) >= 4 and result.report["verification"]["rows"] > 0, cuts  # embeddings, both halves of block 0...
     with pytest.raises(ModelError, match="not supported by the eager text API.*XLMRoberta"):
+        EarlyExitTextClassificationModel(model)
+
+
+def test_a_deberta_with_a_convolution_after_its_first_block_is_refused_by_the_eager_api():
+    """DeBERTa-v2 xlarge's convolution reads the embeddings beside block 0's output: not run in steps."""
+    config, _ = ENCODERS["DebertaV2ForSequenceClassification"]
+    model = transformers.DebertaV2ForSequenceClassification(
+        transformers.DebertaV2Config(**{**config.to_dict(), "conv_kernel_size": 3})).eval()
+    with pytest.raises(ModelError, match=r"convolution after the first block \(conv_kernel_size > 0\).*moco.compile"):
         EarlyExitTextClassificationModel(model)
 
 

@@ -156,11 +156,3 @@ def pytest_runtest_makereport(item, call):
     report = yield
     _fail_skipped(report, f"in {report.when}")
     return report
-
-
-# -- end-to-end files first ----------------------------------------------------------------------------
-def pytest_collection_modifyitems(items):
-    """End-to-end (``slow``) tests first, each group in its usual order.  pytest-xdist (``--dist loadfile``)
-    hands a worker one file at a time in collection order: with the long files handed out first, the
-    last ones handed out are short and the workers finish close together."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

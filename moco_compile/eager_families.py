@@ -2,9 +2,8 @@
 classifier runs in the steps the compiled graph cuts between, and its head.
 
 One :class:`Family` per architecture family (:data:`FAMILIES`): the encoders BERT, DistilBERT,
-RoBERTa, XLM-RoBERTa, ALBERT, ELECTRA, DeBERTa-v2/v3 and the decoders GPT-2, Llama, Mistral, Qwen2 and
-Qwen3.  ModernBERT compiles (the importer exports it) but has no family: its local attention windows
-over unpadded rows are not run here in steps, so its builds serve as ONNX graphs.
+RoBERTa, XLM-RoBERTa, ALBERT, ELECTRA, DeBERTa-v2/v3, ModernBERT and the decoders GPT-2, Llama, Mistral,
+Qwen2 and Qwen3: every architecture the importer exports.
 """
 from __future__ import annotations
 
@@ -14,8 +13,8 @@ from functools import partial
 from typing import Any
 
 import torch
-from transformers.masking_utils import (create_bidirectional_mask, create_causal_mask,
-                                        create_sliding_window_causal_mask)
+from transformers.masking_utils import (create_bidirectional_mask, create_bidirectional_sliding_window_mask,
+                                        create_causal_mask, create_sliding_window_causal_mask)
 
 from moco_compile.errors import ModelError
 
@@ -210,6 +209,46 @@ class _DebertaV2(_Encoder):
         return self.model.classifier(self.model.dropout(self.model.pooler(hidden)))
 
 
+class _ModernBert(_Encoder):
+    """ModernBERT: token embeddings and a norm; blocks ``layers.<i>`` add their attention and then their
+    MLP to the states inline (both cuts take the block's name), each layer attending to every kept token
+    or within its local window (``config.layer_types``) with rotary positions of that kind; the head
+    reads the final norm's token 0 or masked mean (``classifier_pooling``) through ``head``, then
+    ``classifier``."""
+
+    def steps(self) -> list[Step]:
+        p, width = self.prefix, self.model.config.hidden_size
+        steps = [Step(f"{p}.embeddings.norm", self._embed, width)]
+        for i, layer in enumerate(self.base.layers):
+            path = f"{p}.layers.{i}"
+            steps += block_steps(i, width, (path, partial(self._attention, layer)),
+                                 (path, partial(self._feed_forward, layer)))
+        return steps
+
+    def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        return self.base.embeddings(input_ids=input_ids)
+
+    def _attention(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        make = create_bidirectional_sliding_window_mask if layer.attention_type == "sliding_attention" \
+            else create_bidirectional_mask
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        attended = layer.attn(layer.attn_norm(hidden), attention_mask=make(config=self.base.config,
+                                                                             inputs_embeds=hidden, attention_mask=mask),
+                              position_embeddings=self.base.rotary_emb(hidden, positions, layer.attention_type))[0]
+        return hidden + attended
+
+    def _feed_forward(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return hidden + layer.mlp(layer.mlp_norm(hidden))
+
+    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.base.final_norm(hidden)
+        if self.model.config.classifier_pooling == "cls":
+            pooled = hidden[:, 0]
+        else:  # "mean", as the model computes it
+            pooled = (hidden * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+        return self.model.classifier(self.model.drop(self.model.head(pooled)))
+
+
 class _Decoder(Family):
     """Causal decoders: each token attends to the kept tokens up to itself; positions count from 0
     whatever the padding (the exported model is given no position ids); the head scores the last
@@ -288,7 +327,7 @@ class _Llama(_Decoder):
         return getattr(self.base.config, "sliding_window", None) is not None
 
 
-# the importer's SUPPORTED_HF_ARCHITECTURES in its order, but ModernBERT (module docstring)
+# the importer's SUPPORTED_HF_ARCHITECTURES, in its order
 FAMILIES: dict[str, type[Family]] = {
     "BertForSequenceClassification": _Bert,
     "DistilBertForSequenceClassification": _DistilBert,
@@ -297,6 +336,7 @@ FAMILIES: dict[str, type[Family]] = {
     "AlbertForSequenceClassification": _Albert,
     "ElectraForSequenceClassification": _BertLike,
     "DebertaV2ForSequenceClassification": _DebertaV2,
+    "ModernBertForSequenceClassification": _ModernBert,
     "GPT2ForSequenceClassification": _Gpt2,
     "LlamaForSequenceClassification": _Llama,
     "MistralForSequenceClassification": _Llama,  # Llama's blocks; Mistral's sliding window, Qwen3's q/k norms

@@ -31,9 +31,9 @@ family routes with agreement: past the first exit a row leaves only with the cla
 before, as its graph does.
 
 Supported (:data:`EAGER_ARCHITECTURES`, a family each in :mod:`~moco_compile.eager_families`): the
-encoders BERT, DistilBERT, RoBERTa, XLM-RoBERTa, ALBERT, ELECTRA, DeBERTa-v2/v3 and the decoders GPT-2,
-Llama, Mistral, Qwen2 and Qwen3, which classify the last token the attention mask keeps (left or right
-padding), as the compiled graph does.  The importer also compiles ModernBERT; the API refuses it.
+encoders BERT, DistilBERT, RoBERTa, XLM-RoBERTa, ALBERT, ELECTRA, DeBERTa-v2/v3, ModernBERT and the
+decoders GPT-2, Llama, Mistral, Qwen2 and Qwen3, which classify the last token the attention mask keeps
+(left or right padding), as the compiled graph does: every architecture the importer exports.
 """
 from __future__ import annotations
 
@@ -157,8 +157,8 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
     ----------
     model:
         A sequence classifier of one of :data:`EAGER_ARCHITECTURES` (BERT, DistilBERT, RoBERTa,
-        XLM-RoBERTa, ALBERT, ELECTRA, DeBERTa-v2/v3, GPT-2, Llama, Mistral, Qwen2, Qwen3; any number of
-        blocks and classes).
+        XLM-RoBERTa, ALBERT, ELECTRA, DeBERTa-v2/v3, ModernBERT, GPT-2, Llama, Mistral, Qwen2, Qwen3; any
+        number of blocks and classes).
     """
 
     def __init__(self, model: Any) -> None:

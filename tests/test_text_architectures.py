@@ -32,11 +32,9 @@ ENCODERS = {  # architecture -> (config, the module path every cut lies under)
     "DebertaV2ForSequenceClassification": (transformers.DebertaV2Config(  # as DeBERTa-v3: relative positions only
         relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"], position_buckets=8,
         max_relative_positions=16, norm_rel_ebd="layer_norm", share_att_key=True, **SIZES), "deberta."),
-}
-ONNX_ONLY_ENCODERS = {  # compiled, but no eager family runs them in steps (moco_compile/torch.py)
-    "ModernBertForSequenceClassification": (transformers.ModernBertConfig(  # local attention over 8 tokens
+    "ModernBertForSequenceClassification": (transformers.ModernBertConfig(  # 8-token local windows, mean pooling
         pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, local_attention=8,
-        global_attn_every_n_layers=2, **{**SIZES, "num_hidden_layers": 3}),
+        global_attn_every_n_layers=2, classifier_pooling="mean", **{**SIZES, "num_hidden_layers": 3}),
         "model."),
 }
 _DECODER_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=1)
@@ -67,7 +65,7 @@ def _tokens(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def _model(architecture: str):
     torch.manual_seed(0)
-    config, _ = {**ENCODERS, **ONNX_ONLY_ENCODERS, **DECODERS}[architecture]
+    config, _ = {**ENCODERS, **DECODERS}[architecture]
     return getattr(transformers, architecture)(config).eval()
 
 
@@ -132,20 +130,6 @@ def test_encoder_compiles_with_exits_named_by_module(architecture):
     assert result.report["verification"]["rows"] > 0
     _assert_eager_routes_as_the_graph(model, result, _tokens(400, seed=1))
     _assert_eager_features_are_the_frames(model, result, _tokens(ROWS), "first_token")
-
-
-@pytest.mark.parametrize("architecture", list(ONNX_ONLY_ENCODERS))
-def test_encoder_without_an_eager_family_compiles_with_exits_named_by_module(architecture):
-    """ModernBERT's local windows compile as exported; the eager API refuses it, naming what it runs."""
-    model = _model(architecture)
-    result = compile(model, _tokens(ROWS), max_disagreement=0.05, measure_latency=False, show_progress=False,
-                     planner_config=UNPRICED_LAUNCHES)
-    names = [e.cut.module for e in result.plan.exits]
-    assert names and all(name.startswith(ONNX_ONLY_ENCODERS[architecture][1]) for name in names)
-    cuts = {column.split(":")[0] for column in result.frame.columns if ":" in column}
-    assert len(cuts) >= 4 and result.report["verification"]["rows"] > 0, cuts  # embeddings, both halves of block 0...
-    with pytest.raises(ModelError, match="not supported by the eager text API.*XLMRoberta"):
-        EarlyExitTextClassificationModel(model)
 
 
 def test_a_deberta_with_a_convolution_after_its_first_block_is_refused_by_the_eager_api():
@@ -219,7 +203,7 @@ def test_unsupported_or_unpadded_classifiers_are_refused_saying_what_to_do():
     mpnet = transformers.MPNetConfig(**SIZES)
     with pytest.raises(ModelError, match="not a supported Hugging Face architecture") as refused:
         import_model(transformers.MPNetForSequenceClassification(mpnet).eval())
-    assert all(name in str(refused.value) for name in {**ENCODERS, **ONNX_ONLY_ENCODERS, **DECODERS})
+    assert all(name in str(refused.value) for name in {**ENCODERS, **DECODERS})
 
 
 def test_an_export_that_gives_other_logits_than_the_module_is_refused():
@@ -243,7 +227,7 @@ def test_an_export_that_gives_other_logits_than_the_module_is_refused():
 def test_eager_api_wraps_what_the_importer_imports_and_refuses_the_rest_naming_them():
     from moco_compile.importer import SUPPORTED_HF_ARCHITECTURES
 
-    assert EAGER_ARCHITECTURES == tuple(name for name in SUPPORTED_HF_ARCHITECTURES if name not in ONNX_ONLY_ENCODERS)
+    assert EAGER_ARCHITECTURES == SUPPORTED_HF_ARCHITECTURES
     with pytest.raises(ModelError, match="not supported by the eager text API.*GPT2.*moco.compile"):
         EarlyExitTextClassificationModel(transformers.MPNetForSequenceClassification(transformers.MPNetConfig(**SIZES)))
 
@@ -255,5 +239,5 @@ def test_readme_and_importer_list_the_tested_architectures():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Supported models")[1].split("\n## ")[0]
-    assert list(SUPPORTED_HF_ARCHITECTURES) == list(ENCODERS) + list(ONNX_ONLY_ENCODERS) + list(DECODERS)
+    assert list(SUPPORTED_HF_ARCHITECTURES) == list(ENCODERS) + list(DECODERS)
     assert all(f"`{name}`" in section for name in SUPPORTED_HF_ARCHITECTURES)

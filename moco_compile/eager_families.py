@@ -64,6 +64,17 @@ class Family:
     def steps(self) -> list[Step]:
         raise NotImplementedError
 
+    def _layer_steps(self, layers: Any, path: str, attention: str = "", output: str = "") -> list[Step]:
+        """Both steps of each of ``layers`` (blocks ``<path>.<i>``), run by ``_attention`` and ``_feed_forward``;
+        ``attention`` / ``output``: the module in the block whose forward writes that half's output ("": the
+        block adds it to its input inline, so both halves take the block's name)."""
+        width, steps = self.model.config.hidden_size, []
+        for i, layer in enumerate(layers):
+            module = [".".join(filter(None, (f"{path}.{i}", inner))) for inner in (attention, output)]
+            steps += block_steps(i, width, (module[0], partial(self._attention, layer)),
+                                 (module[1], partial(self._feed_forward, layer)))
+        return steps
+
     def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -88,14 +99,14 @@ class _BertLike(_Encoder):
         steps = [Step(f"{p}.embeddings.LayerNorm", self._embed, base.embeddings.LayerNorm.normalized_shape[-1])]
         if hasattr(base, "embeddings_project"):
             steps.append(Step(f"{p}.embeddings_project", partial(per_token, base.embeddings_project), width))
-        for i, layer in enumerate(base.encoder.layer):
-            path = f"{p}.encoder.layer.{i}"
-            steps += block_steps(i, width, (f"{path}.attention.output.LayerNorm", partial(self._attention, layer)),
-                            (f"{path}.output.LayerNorm", partial(per_token, layer.feed_forward_chunk)))
-        return steps
+        return steps + self._layer_steps(base.encoder.layer, f"{p}.encoder.layer", "attention.output.LayerNorm",
+                                         "output.LayerNorm")
 
     def _attention(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return layer.attention(hidden, self._mask(hidden, mask))[0]
+
+    def _feed_forward(self, layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return layer.feed_forward_chunk(hidden)
 
     def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model.classifier(hidden)
@@ -116,13 +127,10 @@ class _DistilBert(_Encoder):
     ``classifier`` on token 0; no token types."""
 
     def steps(self) -> list[Step]:
-        p, width = self.prefix, self.model.config.hidden_size
-        steps = [Step(f"{p}.embeddings.LayerNorm", self._embed, width)]
-        for i, layer in enumerate(self.base.transformer.layer):
-            path = f"{p}.transformer.layer.{i}"
-            steps += block_steps(i, width, (f"{path}.sa_layer_norm", partial(self._attention, layer)),
-                            (f"{path}.output_layer_norm", partial(self._feed_forward, layer)))
-        return steps
+        p = self.prefix
+        return [Step(f"{p}.embeddings.LayerNorm", self._embed, self.model.config.hidden_size),
+                *self._layer_steps(self.base.transformer.layer, f"{p}.transformer.layer", "sa_layer_norm",
+                                   "output_layer_norm")]
 
     def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         return self.base.embeddings(input_ids)
@@ -186,13 +194,10 @@ class _DebertaV2(_Encoder):
                              "the model to ONNX instead (moco.compile), which supports it")
 
     def steps(self) -> list[Step]:
-        p, width = self.prefix, self.model.config.hidden_size
-        steps = [Step(f"{p}.embeddings", self._embed, width)]
-        for i, layer in enumerate(self.base.encoder.layer):
-            path = f"{p}.encoder.layer.{i}"
-            steps += block_steps(i, width, (f"{path}.attention.output.LayerNorm", partial(self._attention, layer)),
-                                 (f"{path}.output.LayerNorm", partial(self._feed_forward, layer)))
-        return steps
+        p = self.prefix
+        return [Step(f"{p}.embeddings", self._embed, self.model.config.hidden_size),
+                *self._layer_steps(self.base.encoder.layer, f"{p}.encoder.layer", "attention.output.LayerNorm",
+                                   "output.LayerNorm")]
 
     def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         return self.base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, mask=mask)
@@ -217,13 +222,9 @@ class _ModernBert(_Encoder):
     ``classifier``."""
 
     def steps(self) -> list[Step]:
-        p, width = self.prefix, self.model.config.hidden_size
-        steps = [Step(f"{p}.embeddings.norm", self._embed, width)]
-        for i, layer in enumerate(self.base.layers):
-            path = f"{p}.layers.{i}"
-            steps += block_steps(i, width, (path, partial(self._attention, layer)),
-                                 (path, partial(self._feed_forward, layer)))
-        return steps
+        p = self.prefix
+        return [Step(f"{p}.embeddings.norm", self._embed, self.model.config.hidden_size),
+                *self._layer_steps(self.base.layers, f"{p}.layers")]
 
     def _embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         return self.base.embeddings(input_ids=input_ids)
@@ -261,13 +262,9 @@ class _Decoder(Family):
     def steps(self) -> list[Step]:
         """The embeddings, then each block's two halves; a block adds each half's output to its input
         inline, so both cuts take the block's name."""
-        p, width = self.prefix, self.model.config.hidden_size
-        steps = [Step(p + self.embeddings, self._embed, width)]
-        for i, block in enumerate(getattr(self.base, self.blocks)):
-            path = f"{p}.{self.blocks}.{i}"
-            steps += block_steps(i, width, (path, partial(self._attention, block)),
-                            (path, partial(self._feed_forward, block)))
-        return steps
+        p = self.prefix
+        return [Step(p + self.embeddings, self._embed, self.model.config.hidden_size),
+                *self._layer_steps(getattr(self.base, self.blocks), f"{p}.{self.blocks}")]
 
     def _positions(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.arange(hidden.shape[1], device=hidden.device)[None]

@@ -132,6 +132,21 @@ def test_encoder_compiles_with_exits_named_by_module(architecture):
     _assert_eager_features_are_the_frames(model, result, _tokens(ROWS), "first_token")
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_eager_modernbert_without_rules_gives_the_models_logits_for_either_head_pooling(pooling):
+    """No rule: every row runs every step and the head, token 0 or the masked mean as configured."""
+    config, _ = ENCODERS["ModernBertForSequenceClassification"]
+    torch.manual_seed(0)
+    model = transformers.ModernBertForSequenceClassification(
+        transformers.ModernBertConfig(**{**config.to_dict(), "classifier_pooling": pooling})).eval()
+    feed = {name: torch.from_numpy(values) for name, values in _tokens(32).items()}
+    with torch.no_grad():
+        expected = model(**feed).logits
+    output = EarlyExitTextClassificationModel(model)(**feed)
+    assert (output.exits == -1).all()
+    torch.testing.assert_close(output.logits, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_a_deberta_with_a_convolution_after_its_first_block_is_refused_by_the_eager_api():
     """DeBERTa-v2 xlarge's convolution reads the embeddings beside block 0's output: not run in steps."""
     config, _ = ENCODERS["DebertaV2ForSequenceClassification"]

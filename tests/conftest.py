@@ -43,8 +43,8 @@ def compiled(tmp_path_factory, calibration, worker_id):
     """One compile of the reference CNN at the default budget, written to disk: ``(build, directory)``.
 
     The first pytest-xdist worker to ask compiles it, once for the whole run; every worker gets its
-    own copy of the directory (tests write beside it) and the build as compile returned it, its graph
-    read back from there.
+    own copy of the directory (tests write beside it) and the build ``Build.load`` reads from that copy,
+    its graph read into ``model`` as compile returns it (plan and report come from the JSON files).
     """
     from filelock import FileLock
 

@@ -110,18 +110,19 @@ def test_budget_no_plan_meets_fails_without_allow_no_exit(compiled):
     plan with exits both passes a test that allows almost no disagreement (0.2% on 2,000 rows) and
     saves compute (those that pass let almost no row out): an error naming --allow-no-exit and
     saying that a retry needs new rows, or with it no exits."""
-    from moco_compile.passes.planning.config import Budget
+    from moco_compile.passes.planning.config import Budget, PlannerConfig
     from moco_compile.passes.planning.pipeline import plan_exits
 
+    probes = PlannerConfig(exit_heads=("linear",))  # MLP heads fitted to permuted classes would add only time
     result, _ = compiled
     frame = result.frame.with_column("predictions", np.random.default_rng(0).permutation(result.frame["predictions"]))
     cuts = [e.cut for e in result.plan.exits]
     with pytest.raises(BudgetError, match="--allow-no-exit") as failed:
-        plan_exits(frame, cuts, 10, result.plan.total_flops, Budget(0.002))
+        plan_exits(frame, cuts, 10, result.plan.total_flops, Budget(0.002), probes)
     # a retry on the same rows with another budget, confidence or seed would void the confidence
     assert str(failed.value).startswith("no exit plan")
     assert "voids the stated confidence" in str(failed.value) and "new calibration rows" in str(failed.value)
-    planning = plan_exits(frame, cuts, 10, result.plan.total_flops, Budget(0.002), allow_no_exit=True)
+    planning = plan_exits(frame, cuts, 10, result.plan.total_flops, Budget(0.002), probes, allow_no_exit=True)
     assert planning.plan.exits == [] and planning.plan.certificate["chosen_plan"] == 0
     assert "new calibration rows" in planning.plan.certificate["note"]
 

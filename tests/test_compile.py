@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from moco_compile import ExitSession
 from moco_compile.cli import app
+from moco_compile.passes.planning.config import PlannerConfig
 from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.progress import PHASES
 
@@ -99,7 +100,7 @@ def test_cli_compile_writes_report(tmp_path, calibration, reference_onnx):
     np.savez(tmp_path / "calib.npz", images=calibration["images"][:2500], labels=calibration["labels"][:2500])
     run = CliRunner().invoke(app, ["compile", str(reference_onnx), "--calib", str(tmp_path / "calib.npz"),
                                    "--out", str(tmp_path / "out"), "--max-disagreement", "0.02", "--max-exits", "2",
-                                   "--exit-layout", "flat"])
+                                   "--exit-layout", "flat", "--exit-heads", "linear"])
     assert run.exit_code == 0, run.output
     assert not [n for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node if n.op_type == "If"]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -132,7 +133,7 @@ def test_another_seed_splits_anew_and_an_accuracy_budget_is_certified_with_label
 
     result, _ = compiled
     other = compile(reference_onnx, calibration, seed=1, max_accuracy_drop=0.01, measure_latency=False,
-                    show_progress=False)
+                    show_progress=False, planner_config=PlannerConfig(exit_heads=("linear",)))  # heads: not asked
     assert not np.array_equal(other.frame["split"], result.frame["split"])
     bound = other.plan.certificate
     assert bound["p_value"] <= 0.05 and other.plan.exits

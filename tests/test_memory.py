@@ -20,6 +20,7 @@ from moco_compile.passes.graph.toposort import topologically_sorted
 from moco_compile.passes.memory.float16 import to_float16
 from moco_compile.passes.memory.liveness import liveness, weight_bytes
 from moco_compile.passes.memory.quantize import MIN_STATIC_ROWS, quantize_dynamic_int8, quantize_static_int8
+from moco_compile.passes.planning.config import PlannerConfig
 
 pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
 
@@ -261,7 +262,8 @@ def test_compiling_an_int8_model_certifies_exits_on_its_own_activations(referenc
     from moco_compile import compile
 
     quantized = optimize_memory(reference_model, rows, int8="static", measure_latency=False).model
-    result = compile(quantized, rows, max_disagreement=0.02, measure_latency=False, show_progress=False)
+    result = compile(quantized, rows, max_disagreement=0.02, measure_latency=False, show_progress=False,
+                     planner_config=PlannerConfig(exit_heads=("linear",)))  # the order is under test, not heads
     assert result.plan.exits and result.report["bound"]["certified"]
     session = ort.InferenceSession(result.model.SerializeToString())
     outputs = session.run(None, {"images": rows["images"][:256]})
@@ -278,11 +280,10 @@ def test_a_compiled_graph_is_refused_with_the_way_to_compose(compiled, rows):
 def flat_build(rows, tmp_path_factory, reference_onnx):
     """The reference CNN compiled with ``--exit-layout flat``, written to disk."""
     from moco_compile import compile
-    from moco_compile.passes.planning.config import PlannerConfig
 
     out = tmp_path_factory.mktemp("flat") / "build"
-    result = compile(reference_onnx, rows, out_dir=out, planner_config=PlannerConfig(exit_layout="flat"),
-                     measure_latency=False, show_progress=False)
+    result = compile(reference_onnx, rows, out_dir=out, measure_latency=False, show_progress=False,
+                     planner_config=PlannerConfig(exit_layout="flat", exit_heads=("linear",)))  # heads: not asked
     return result, out
 
 

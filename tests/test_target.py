@@ -15,6 +15,7 @@ from moco_compile.passes.planning.config import PlannerConfig
 from moco_compile.passes.planning.target import H100, TargetProfile, resolve_target
 
 ROWS = 600  # enough for a 1% budget to certify (299 test rows), few enough to compile in seconds
+PROBES = PlannerConfig(exit_heads=("linear",))  # pricing is under test, not heads: the cheapest ones (`_compile`)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def test_a_malformed_profile_file_is_refused_naming_the_file_and_field(tmp_path,
 
 def _compile(model, calib, out, *options):
     return CliRunner().invoke(app, ["compile", str(model), "--calib", str(calib), "--out", str(out), "--no-latency",
-                                    *options])
+                                    "--exit-heads", ",".join(PROBES.exit_heads), *options])
 
 
 @pytest.mark.parametrize("options, message", [
@@ -190,7 +191,7 @@ def test_a_gpu_build_records_its_target(tmp_path, reference_onnx, calib_npz):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     config = PlannerConfig.from_dict(plan["planner_config"])
     assert replace(config, max_exits=PlannerConfig().max_exits) == \
-        resolve_target(PlannerConfig(), "cuda", 256)[0]
+        resolve_target(PROBES, "cuda", 256)[0]
     assert report["target"]["name"] == "cuda:h100" and report["target"]["serving_batch"] == 256
     assert report["target"]["priced_from"]["machine"].startswith("NVIDIA H100")
 

@@ -15,7 +15,8 @@ from moco_compile.passes.graph.cut_points import find_cut_points
 from moco_compile.passes.graph.flops import flops_per_row, measure_shapes
 from moco_compile.passes.graph.index import all_nodes, exposing_every_tensor
 from moco_compile.passes.graph.rewrite import insert_exits
-from tests.tiny_nets import UNPRICED_LAUNCHES, exits_at
+from tests.plan_settings import UNPRICED_LAUNCHES
+from tests.tiny_nets import exits_at
 
 WIDTH, LAYERS, CLASSES = 16, 4, 3
 

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from moco_compile import ExitSession
 from moco_compile.cli import app
-from moco_compile.passes.planning.config import PlannerConfig
 from moco_compile.passes.planning.types import ExitPlan
 from moco_compile.progress import PHASES
+from tests.plan_settings import CHEAPEST_PLAN
 
 
 def test_outputs_are_written(compiled):
@@ -133,7 +133,7 @@ def test_another_seed_splits_anew_and_an_accuracy_budget_is_certified_with_label
 
     result, _ = compiled
     other = compile(reference_onnx, calibration, seed=1, max_accuracy_drop=0.01, measure_latency=False,
-                    show_progress=False, planner_config=PlannerConfig(exit_heads=("linear",)))  # heads: not asked
+                    show_progress=False, planner_config=CHEAPEST_PLAN)
     assert not np.array_equal(other.frame["split"], result.frame["split"])
     bound = other.plan.certificate
     assert bound["p_value"] <= 0.05 and other.plan.exits

@@ -237,7 +237,7 @@ def test_compile_writes_the_layout_the_planner_config_names(calibration, layout)
 
     from models.zoo_export import ARCHITECTURES, export, input_names, model_inputs
     from moco_compile import compile
-    from tests.tiny_nets import UNPRICED_LAUNCHES
+    from tests.plan_settings import UNPRICED_LAUNCHES
 
     torch.manual_seed(0)
     module = ARCHITECTURES["two-input"]().eval()

@@ -7,11 +7,12 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from moco_compile import PlannerConfig, compile
+from moco_compile import compile
 from moco_compile.errors import ModelError
 from moco_compile.evaluation import evaluate_build
 from moco_compile.importer import import_model
 from moco_compile.passes.graph.fixed_batch import BATCH_DIM, fixed_batch_size, free_batch
+from tests.plan_settings import CHEAPEST_PLAN
 
 COMPILE_ROWS = 2000  # enough for a plan with exits; two compiles of it cost less than the shared 4,000-row one
 
@@ -81,10 +82,9 @@ def test_a_reshape_of_a_sequence_copies_the_batch_and_shared_targets_are_split()
 def test_a_static_export_compiles_to_the_plan_of_the_dynamic_one_and_evaluates(tmp_path, reference_model,
                                                                                calibration):
     rows = {name: values[:COMPILE_ROWS] for name, values in calibration.items()}
-    probes = PlannerConfig(exit_heads=("linear",))  # the cheapest heads: the plan is not what is tested
     onnx.save(_fixed(reference_model), str(tmp_path / "fixed.onnx"))
     result, reference = (compile(model, rows, out_dir=out, measure_latency=False, show_progress=False,
-                                 planner_config=probes)
+                                 planner_config=CHEAPEST_PLAN)
                          for model, out in ((tmp_path / "fixed.onnx", tmp_path / "out"), (reference_model, None)))
     assert result.plan.exits and result.plan.to_dict() == reference.plan.to_dict()
     assert "fixed its inputs at a batch of 1" in result.report["import_notes"][0]

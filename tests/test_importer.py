@@ -8,10 +8,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from models.fashion_resnet import FashionResNet  # noqa: E402
-from moco_compile import PlannerConfig, compile  # noqa: E402
+from moco_compile import compile  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.graph.cut_points import find_cut_points  # noqa: E402
 from moco_compile.passes.graph.flops import flops_per_row, measure_shapes  # noqa: E402
+from tests.plan_settings import CHEAPEST_PLAN  # noqa: E402
 
 WEIGHTS = "models/artifacts/fashion_resnet.pt"
 
@@ -60,7 +61,7 @@ def test_compile_an_nn_module_from_a_loader_of_dicts(trained_module, calibration
                                                                   "labels": torch.stack([r[1] for r in rows])})
     result = compile(trained_module, loader, example_input=images[:2], max_disagreement=0.02,
                      measure_latency=False, show_progress=False,
-                     planner_config=PlannerConfig(exit_heads=("linear",), families=("shared",)))  # the input path is asked
+                     planner_config=CHEAPEST_PLAN)
     assert sum(result.report["splits"].values()) == 1200
     assert result.plan.exits and result.report["compute_reduction"] > 0.2
 

@@ -2,6 +2,7 @@
 int8 / fusion passes validated on untouched rows, rejection, composition with exits, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -20,12 +21,12 @@ from moco_compile.passes.graph.toposort import topologically_sorted
 from moco_compile.passes.memory.float16 import to_float16
 from moco_compile.passes.memory.liveness import liveness, weight_bytes
 from moco_compile.passes.memory.quantize import MIN_STATIC_ROWS, quantize_dynamic_int8, quantize_static_int8
-from moco_compile.passes.planning.config import PlannerConfig
+from tests.plan_settings import CHEAPEST_PLAN
 
 pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
 
 ROW = 4 * 1000  # bytes of one float32 row of 1000 values
-ROWS = 3000  # calibration rows the optimisation tests use: 512 tune, 2,488 validate
+ROWS = 2000  # calibration rows the optimisation tests use: 512 tune, 1,488 validate
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +264,7 @@ def test_compiling_an_int8_model_certifies_exits_on_its_own_activations(referenc
 
     quantized = optimize_memory(reference_model, rows, int8="static", measure_latency=False).model
     result = compile(quantized, rows, max_disagreement=0.02, measure_latency=False, show_progress=False,
-                     planner_config=PlannerConfig(exit_heads=("linear",)))  # the order is under test, not heads
+                     planner_config=CHEAPEST_PLAN)
     assert result.plan.exits and result.report["bound"]["certified"]
     session = ort.InferenceSession(result.model.SerializeToString())
     outputs = session.run(None, {"images": rows["images"][:256]})
@@ -283,7 +284,7 @@ def flat_build(rows, tmp_path_factory, reference_onnx):
 
     out = tmp_path_factory.mktemp("flat") / "build"
     result = compile(reference_onnx, rows, out_dir=out, measure_latency=False, show_progress=False,
-                     planner_config=PlannerConfig(exit_layout="flat", exit_heads=("linear",)))  # heads: not asked
+                     planner_config=dataclasses.replace(CHEAPEST_PLAN, exit_layout="flat"))
     return result, out
 
 

@@ -20,7 +20,7 @@ from tests.text_rows import short_rows  # noqa: E402
 from moco_compile.errors import CalibrationDataError  # noqa: E402
 from moco_compile.memory.optimize import optimize_memory  # noqa: E402
 from moco_compile.memory.profile import profile_memory  # noqa: E402
-from moco_compile.passes.planning.config import PlannerConfig  # noqa: E402
+from tests.plan_settings import CHEAPEST_PLAN, ONE_FAMILY  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
 
@@ -66,9 +66,9 @@ def test_a_text_build_s_exits_go_back_on_its_int8_and_float16_originals(text_mod
 
     path = tmp_path / "minilm2.onnx"
     onnx.save(text_model, str(path))
-    rows = {name: values[:800] for name, values in rows.items()}  # a certifiable 2% plan, in half the time
+    rows = {name: values[:500] for name, values in rows.items()}  # a certifiable 2% plan, in a third of the time
     compile(path, rows, out_dir=tmp_path / "build", max_disagreement=0.02, measure_latency=False,
-            show_progress=False, planner_config=PlannerConfig(families=("shared",)))  # one family: no CV among them
+            show_progress=False, planner_config=ONE_FAMILY)
     result = optimize_build(tmp_path / "build", rows, int8="dynamic", max_accuracy_drop=0.02, measure_latency=False)
     exits = result.steps[-1]
     assert exits["step"] == "+ exits" and exits["compute_reduction"] > 0 and exits["exit_rate"] > 0
@@ -101,7 +101,7 @@ def test_static_int8_then_exits_on_the_text_reference(text_model, rows):
 
     quantized = optimize_memory(text_model, rows, int8="static", max_accuracy_drop=0.02, measure_latency=False).model
     result = compile(quantized, rows, max_disagreement=0.02, measure_latency=False, show_progress=False,
-                     planner_config=PlannerConfig(exit_heads=("linear",)))  # the cuts and fusions are asked, not heads
+                     planner_config=CHEAPEST_PLAN)
     producers = {name: node.op_type for node in quantized.graph.node for name in node.output}
     assert result.plan.exits
     assert not {producers[e.cut.tensor] for e in result.plan.exits} & {"QuantizeLinear", "DequantizeLinear"}

@@ -20,14 +20,11 @@ from moco_compile.passes.graph.rewrite import apply_plan  # noqa: E402
 from moco_compile.passes.planning.config import PlannerConfig  # noqa: E402
 from moco_compile.passes.planning.design import cut_elements, exit_overhead  # noqa: E402
 from moco_compile.prepare import cut_points_of  # noqa: E402
-from tests.tiny_nets import UNPRICED_LAUNCHES  # noqa: E402
+from tests.plan_settings import UNPRICED_ONE_FAMILY  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
 
 ROWS = 1200
-# the graphs are under test, not which plan family wins: one family, no cross-validation among families (half of
-# each compile); the default heads stay, so MLP exits are built where they pay
-ONE_FAMILY = dataclasses.replace(UNPRICED_LAUNCHES, families=("shared",))
 
 
 @functools.cache
@@ -74,7 +71,7 @@ def test_compiles_with_exits_and_verifies(exported, calibration):
     architecture, exporter, module, model = exported
     names = input_names(module)
     result = compile(model, model_inputs(names, calibration["images"][:ROWS]), max_disagreement=0.05,
-                     measure_latency=False, show_progress=False, planner_config=ONE_FAMILY)
+                     measure_latency=False, show_progress=False, planner_config=UNPRICED_ONE_FAMILY)
     columns = [e.column for e in result.plan.exits]
     assert result.plan.exits and len(set(columns)) == len(columns)
     assert result.report["verification"]["rows"] > 0
@@ -102,7 +99,7 @@ def test_flat_chain_gives_each_level_its_own_inferred_dims(calibration):
     _, model = _built("inline-vit", "legacy")
     flat = compile(model, model_inputs(["images"], calibration["images"][:ROWS]), max_disagreement=0.05,
                    measure_latency=False, show_progress=False,
-                   planner_config=dataclasses.replace(ONE_FAMILY, exit_layout="flat"))
+                   planner_config=dataclasses.replace(UNPRICED_ONE_FAMILY, exit_layout="flat"))
     assert "If" not in {node.op_type for node in flat.model.graph.node} and len(flat.plan.exits) >= 2
     declared = {v.name: [d.dim_param for d in v.type.tensor_type.shape.dim] for v in flat.model.graph.value_info}
     after_exit = [dims for name, dims in declared.items() if name.startswith("/blocks.2/")]

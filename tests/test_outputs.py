@@ -15,20 +15,20 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from moco_compile import PlannerConfig, calibrate_frame, compile, load_frame
+from moco_compile import calibrate_frame, compile, load_frame
 from moco_compile.cli import app
 from moco_compile.errors import CalibrationDataError, ModelError, OutputError
 from moco_compile.outputs import GENERATOR, MANIFEST, MARKS, check_output_file, staged_output_dir, written_by_moco
 from moco_compile.reports.html_report import render_report
+from tests.plan_settings import CHEAPEST_PLAN
 
 ROWS = 1500
-PROBES = PlannerConfig(exit_heads=("linear",))  # what is written is under test, not the heads: the cheapest ones
 OUTPUT_FILES = ["frame.arrow", "model.onnx", "plan.json", "report.json"]
 
 
 def _compile(model, calibration, out, **kwargs):
     return compile(model, calibration, out_dir=out, max_disagreement=0.02, allow_no_exit=True,
-                   measure_latency=False, show_progress=False, planner_config=PROBES, **kwargs)
+                   measure_latency=False, show_progress=False, planner_config=CHEAPEST_PLAN, **kwargs)
 
 
 def _tree(root: Path) -> dict[str, str]:

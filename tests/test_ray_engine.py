@@ -34,14 +34,13 @@ from moco_compile.scale.ray_engine import ShardCalibrator, calibrate_on_ray, sha
 from moco_compile.scale.shards import ShardedData, list_shards
 
 from conftest import REFERENCE_ONNX
+from tests.plan_settings import CHEAPEST_PLAN
 
 pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
 
 REPO = Path(moco_compile.__file__).resolve().parents[1]
 ROWS = (500, 400, 300)  # rows per shard: an .npz, a Parquet file, an .npz
 THRESHOLD_TOLERANCE = 1e-4  # on log-probabilities: the engines batch rows differently (onnxruntime rounding)
-# the engines are under test, not the plan: the cheapest heads, one plan family (no cross-validation among families)
-PROBES = PlannerConfig(exit_heads=("linear",), families=("shared",))
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +78,8 @@ def builds(cluster, shard_dir, data, tmp_path_factory) -> dict:
     """The reference CNN compiled from the same rows in this process and on Ray (written out)."""
     out = tmp_path_factory.mktemp("builds") / "ray"
     sharded = compile(REFERENCE_ONNX, ShardedData(str(shard_dir)), out_dir=out, measure_latency=False,
-                      show_progress=False, planner_config=PROBES)
-    return {"local": compile(REFERENCE_ONNX, data, measure_latency=False, show_progress=False, planner_config=PROBES),
+                      show_progress=False, planner_config=CHEAPEST_PLAN)
+    return {"local": compile(REFERENCE_ONNX, data, measure_latency=False, show_progress=False, planner_config=CHEAPEST_PLAN),
             "ray_plan": sharded.plan, "ray_frame": sharded.frame, "ray_dir": out}
 
 
@@ -111,7 +110,7 @@ def test_evaluate_on_ray_matches_single_process(builds, shard_dir, data):
 
 def test_a_planning_sample_bounds_the_rows_the_driver_plans_on(builds, shard_dir):
     sampled = compile(REFERENCE_ONNX, ShardedData(str(shard_dir), max_rows=800), measure_latency=False,
-                      show_progress=False, planner_config=PROBES)
+                      show_progress=False, planner_config=CHEAPEST_PLAN)
     rows = planning_rows(sum(ROWS), 400, 800, 0)
     assert sum(sampled.report["splits"].values()) == 800
     assert sampled.plan.certificate["test_rows"] < builds["ray_plan"].certificate["test_rows"]

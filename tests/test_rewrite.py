@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from tests.tiny_nets import calibrate_routes, deep_mlp, exits_at
+from tests.plan_settings import CHEAPEST_PLAN
 
 
 
@@ -87,14 +88,14 @@ def test_no_row_exits_runs_the_full_graph_unchanged(compiled, reference_model, c
 @pytest.mark.slow
 def test_model_with_probabilities_and_logits_outputs(reference_model, calibration, tmp_path):
     """Two outputs: the named classifier output (Softmax) carries exit probabilities, the other zeros."""
-    from moco_compile import PlannerConfig, compile
+    from moco_compile import compile
 
     model = onnx.ModelProto()
     model.CopyFrom(reference_model)
     model.graph.node.append(onnx.helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
     model.graph.output.append(onnx.helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["batch", 10]))
     result = compile(model, calibration, output="probs", measure_latency=False, show_progress=False,
-                     planner_config=PlannerConfig(exit_heads=("linear",)))  # outputs under test, not heads
+                     planner_config=CHEAPEST_PLAN)
     assert [o.name for o in result.model.graph.output] == ["logits", "probs", "moco_exit"]
     images = calibration["images"][:256]
     logits, probs, exits = ort.InferenceSession(result.model.SerializeToString()).run(None, {"images": images})

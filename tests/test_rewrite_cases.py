@@ -25,18 +25,15 @@ from moco_compile.passes.calibration.calibrate import variant_features  # noqa: 
 from moco_compile.passes.calibration.pooling import variant_nodes, variant_width, variants_for  # noqa: E402
 from moco_compile.passes.graph.rewrite import insert_exits  # noqa: E402
 from moco_compile.passes.graph.trailing_dims import UndeterminedDimError  # noqa: E402
-from moco_compile.passes.planning.config import PlannerConfig  # noqa: E402
 from models.fashion_resnet import FashionResNet  # noqa: E402
+from tests.plan_settings import CHEAPEST_PLAN, ONE_FAMILY  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "models" / "artifacts"
 ROWS = 2000
-# these cases are about the graph's outputs, not which plan family wins: one family, no cross-validation among
-# families (half of a compile's time at this budget); the extra-output cases are not about heads either: softmax
-# probes only (a third faster again); the float16 cases keep the default heads, MLP heads among them
-ONE_FAMILY = PlannerConfig(families=("shared",))
-PROBES_ONLY = replace(ONE_FAMILY, exit_heads=("linear",))
+# these cases are about the graph's outputs, not the plan: the extra-output cases take the cheapest plan, the float16
+# cases one plan family with the default heads, MLP heads among them
 BUDGET = 0.05  # max_disagreement: 2,000 rows certify exits at every exit of these models
 
 
@@ -201,7 +198,7 @@ def _resized_canvas(images: np.ndarray, height: int, width: int) -> np.ndarray:
 def positions(calibration):
     """Logits + per-position head, height and width dynamic (torch.export-based exporter)."""
     model = _export(PositionsHead(), ["logits", "positions"], any_size=True)
-    return model, _compile(model, calibration, output="logits", planner_config=PROBES_ONLY)
+    return model, _compile(model, calibration, output="logits", planner_config=CHEAPEST_PLAN)
 
 
 def test_dynamic_output_keeps_its_declared_dims(positions):
@@ -252,7 +249,7 @@ def test_every_mix_of_exited_and_continuing_rows(positions, calibration):
 def boxes_opset17(calibration):
     """Log-probabilities + ``[N, h * w, 4]`` boxes from the legacy exporter at opset 17."""
     model = _export_legacy(BoxesLogProbabilities(), ["log_probs", "boxes"], opset=17)
-    return model, _compile(model, calibration, output="log_probs", planner_config=PROBES_ONLY)
+    return model, _compile(model, calibration, output="log_probs", planner_config=CHEAPEST_PLAN)
 
 
 def test_flattened_positions_output_from_the_legacy_exporter(boxes_opset17, calibration):

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from models import text_classifier  # noqa: E402
 from tests.text_rows import short_rows  # noqa: E402
 from moco_compile.errors import CalibrationDataError, ModelError  # noqa: E402
-from moco_compile.passes.planning.config import PlannerConfig  # noqa: E402
+from tests.plan_settings import ONE_FAMILY  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
 
@@ -24,9 +24,6 @@ if not text_classifier.WEIGHTS.exists() or not text_classifier.TOKENS.exists():
                 allow_module_level=True)
 
 CALIBRATION_ROWS = 2400
-# the text graph is under test, not which plan family wins (the reference CNN's compiles test that): one family,
-# no cross-validation among families; the default heads stay, so the plan takes MLP heads where they pay
-ONE_FAMILY = PlannerConfig(families=("shared",))
 MODEL_INPUTS = text_classifier.BERT_INPUTS
 
 
@@ -433,6 +430,7 @@ def test_bucketed_layout_of_the_text_plan_matches_nested(compiled, text_onnx, te
     as one graph and through the stage runner."""
     from moco_compile.prepare import model_for_plan
     from moco_compile.passes.graph.rewrite import insert_exits
+    from moco_compile.passes.planning.config import PlannerConfig
 
     result, _ = compiled
     rows = _inputs(test_rows)

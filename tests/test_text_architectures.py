@@ -2,8 +2,6 @@
 (random weights)."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -16,13 +14,9 @@ from moco_compile.errors import ModelError  # noqa: E402
 from moco_compile.importer import import_model  # noqa: E402
 from moco_compile.passes.calibration.calibrate import variant_features  # noqa: E402
 from moco_compile.torch import EAGER_ARCHITECTURES, EarlyExitTextClassificationModel  # noqa: E402
-from tests.tiny_nets import UNPRICED_LAUNCHES  # noqa: E402
+from tests.plan_settings import UNPRICED_ONE_FAMILY  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the fast tier (`pytest -m "not slow"`) leaves this file out
-
-# the architectures are under test, not which plan family wins: one family, no cross-validation among families
-# (a fifth of each compile); the default heads stay, so the eager API runs an MLP head where the plan takes one
-ONE_FAMILY = replace(UNPRICED_LAUNCHES, families=("shared",))
 
 SIZES = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              num_labels=3, max_position_embeddings=128)
@@ -129,7 +123,7 @@ def test_encoder_compiles_with_exits_named_by_module(architecture):
     """...and the eager API runs the compiled plan as the graph does."""
     model = _model(architecture)
     result = compile(model, _tokens(ROWS), max_disagreement=0.05, measure_latency=False, show_progress=False,
-                     planner_config=ONE_FAMILY)
+                     planner_config=UNPRICED_ONE_FAMILY)
     names = [e.cut.module for e in result.plan.exits]
     assert names and len(set(names)) == len(names)
     assert all(name.startswith(ENCODERS[architecture][1]) for name in names)
@@ -168,7 +162,7 @@ def test_decoder_compiles_with_exits_on_the_last_token(architecture):
     mask keeps (left- and right-padded rows mixed), never the first; the eager API does the same."""
     model, tokens = _model(architecture), _decoder_tokens(ROWS)
     result = compile(model, tokens, max_disagreement=0.05, measure_latency=False, show_progress=False,
-                     planner_config=ONE_FAMILY)
+                     planner_config=UNPRICED_ONE_FAMILY)
     names = [e.cut.module for e in result.plan.exits]
     assert names and all(name.startswith(DECODERS[architecture][1].rstrip(".")) for name in names)
     assert any(column.endswith(":last_token") for column in result.frame.columns)

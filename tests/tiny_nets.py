@@ -1,14 +1,8 @@
-"""Tiny nets for rewrite tests: planner settings for the conformance tests (tiny random-weight nets)
-and a hand-built residual MLP with hand-made exits at every block."""
+"""Tiny nets for rewrite tests: a hand-built residual MLP with hand-made exits at every block."""
 from __future__ import annotations
 
 import numpy as np
 import onnx
-
-from moco_compile.passes.planning.config import PlannerConfig
-
-# exits are not priced out of nets this small (0.2-3 MFLOPs): every architecture must get some to check
-UNPRICED_LAUNCHES = PlannerConfig(exit_fixed_cost=0.0)
 
 
 def deep_mlp(layers: int, width: int = 8, classes: int = 3) -> onnx.ModelProto:

@@ -234,9 +234,10 @@ def test_repricing_only_the_moved_rows_equals_pricing_every_row_anew(accuracy_dr
             if k not in priced:
                 admitted = np.minimum(counts[k][:, None] + np.array([5, 20, 80]), 500)
                 grid = _threshold_grid(sorted_scores[k], admitted)
-                priced[k] = (grid, *state.deltas(k, grid))
+                saved, added = state.deltas([k], grid[None])
+                priced[k] = (grid, saved[0], added[0])
             grid, saved, added = priced[k]
-            fresh_saved, fresh_added = state.deltas(k, grid)
+            fresh_saved, fresh_added = (prices[0] for prices in state.deltas([k], grid[None]))
             np.testing.assert_allclose(saved, fresh_saved, rtol=0, atol=1e-6 * np.abs(fresh_saved).max())
             np.testing.assert_allclose(added, fresh_added, rtol=0, atol=1e-9)
         k, cls = step % 3, rng.integers(0, 3)
@@ -257,16 +258,16 @@ def test_the_greedy_prices_every_threshold_move_as_routing_does():
     state = _DesignState(problem, active)
     state.update(plan)
     cost, risk = _design_cost_and_risk(problem, plan, active)
+    trials = rng.uniform(-2.0, 0.0, (3, 3, 4))
+    saved, added = state.deltas([0, 1, 2], trials)  # every exit priced in one call, as the greedy reprices
     for k in range(3):
-        trials = rng.uniform(-2.0, 0.0, (3, 4))
-        saved, added = state.deltas(k, trials)
         for cls in range(3):
             for j in range(4):
                 moved = plan.copy()
-                moved[k, cls] = trials[cls, j]
+                moved[k, cls] = trials[k, cls, j]
                 new_cost, new_risk = _design_cost_and_risk(problem, moved, active)
-                if trials[cls, j] <= plan[k, cls]:  # a move only ever lowers a threshold
-                    assert (saved[cls, j], added[cls, j]) == pytest.approx((cost - new_cost, new_risk - risk))
+                if trials[k, cls, j] <= plan[k, cls]:  # a move only ever lowers a threshold
+                    assert (saved[k, cls, j], added[k, cls, j]) == pytest.approx((cost - new_cost, new_risk - risk))
 
 
 @pytest.mark.parametrize("family", ["per-cut", "per-class"])

@@ -333,8 +333,10 @@ def _greedy_path(problem: DesignProblem, sorted_columns: list[np.ndarray], activ
     sizes = step * np.asarray(problem.config.step_multipliers)  # larger moves too: the next rows by score
     counts = np.zeros((len(active), columns), np.int64)         # may already leave earlier
 
+    stacked = np.stack(sorted_columns)
+
     def plan_of(counts: np.ndarray) -> Plan:
-        return np.broadcast_to(_thresholds(counts, sorted_columns), (len(active), classes)).copy()
+        return np.broadcast_to(_thresholds(counts, stacked), (len(active), classes)).copy()
 
     path = [(plan_of(counts), state.total_cost, state.risk)]
     priced: dict[int, tuple] = {}  # exit -> (thresholds, saved, added risk), kept current as rows move
@@ -344,7 +346,8 @@ def _greedy_path(problem: DesignProblem, sorted_columns: list[np.ndarray], activ
             admitted = np.minimum(counts[k][:, None] + sizes[None, :], rows)  # [columns, sizes]
             if k not in priced:
                 grid = np.broadcast_to(_threshold_grid(sorted_columns[k], admitted), (classes, len(sizes)))
-                priced[k] = (grid, *state.deltas(k, grid))
+                saved, added_risk = state.deltas([k], grid[None])
+                priced[k] = (grid, saved[0], added_risk[0])
             _, saved, added_risk = priced[k]
             if columns == 1:  # every class moves together
                 saved, added_risk = saved.sum(axis=0, keepdims=True), added_risk.sum(axis=0, keepdims=True)
@@ -377,12 +380,15 @@ def _reprice(state: "_DesignState", priced: dict[int, tuple], lowered: int, befo
     over rows, and only the moved rows' routes changed; the thresholds priced are unchanged)."""
     priced.pop(lowered, None)
     moved = np.flatnonzero((before[0] != state.exit_index) | (before[1] != state.exit_class))
-    if not len(moved):
+    if not len(moved) or not priced:
         return
-    for k, (grid, saved, added) in priced.items():
-        old_saved, old_added = state.deltas(k, grid, moved, before)
-        new_saved, new_added = state.deltas(k, grid, moved)
-        priced[k] = (grid, saved - old_saved + new_saved, added - old_added + new_added)
+    exits = list(priced)
+    grids = np.stack([priced[k][0] for k in exits])
+    old_saved, old_added = state.deltas(exits, grids, moved, before)
+    new_saved, new_added = state.deltas(exits, grids, moved)
+    for i, k in enumerate(exits):
+        grid, saved, added = priced[k]
+        priced[k] = (grid, saved - old_saved[i] + new_saved[i], added - old_added[i] + new_added[i])
 
 
 _GREEDY_PATHS = {"per-cut": _per_cut_path, "per-class": _per_class_path}
@@ -463,10 +469,15 @@ def _threshold_grid(descending: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.where(counts == 0, np.inf, ((above + below) / 2).astype(np.float64))
 
 
-def _thresholds(counts: np.ndarray, sorted_scores: Sequence[np.ndarray]) -> Plan:
-    """Per (cut, class) thresholds admitting the top ``counts[k, c]`` design scores."""
-    return np.array([_threshold_grid(scores, counts[k][:, None])[:, 0] for k, scores in enumerate(sorted_scores)],
-                    np.float32).reshape(counts.shape)
+def _thresholds(counts: np.ndarray, sorted_scores: np.ndarray) -> Plan:
+    """Per (cut, column) thresholds admitting the top ``counts[k, c]`` of ``sorted_scores[k, :, c]``
+    (``[cuts, rows, columns]``, each column sorted high to low), as :func:`_threshold_grid` places them."""
+    rows = sorted_scores.shape[1]
+    cut, column = np.arange(len(counts))[:, None], np.arange(counts.shape[1])[None, :]
+    above = sorted_scores[cut, np.maximum(counts - 1, 0), column]
+    below = np.where(counts < rows, sorted_scores[cut, np.minimum(counts, rows - 1), column],
+                     sorted_scores[cut, -1, column] - 1.0)
+    return np.where(counts == 0, np.inf, (above + below) / 2).astype(np.float32)
 
 
 class _DesignState:
@@ -518,31 +529,32 @@ class _DesignState:
         return (self.exit_index.copy(), self.exit_class.copy(), self.margin.copy(), self.cost.copy(),
                 self.current_risk.copy())
 
-    def deltas(self, k: int, thresholds: np.ndarray, rows: np.ndarray | None = None,
+    def deltas(self, exits: Sequence[int], thresholds: np.ndarray, rows: np.ndarray | None = None,
                routes: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(cost saved, risk added) on the design rows (only ``rows``, indices, when given), each
-        ``[classes, m]``, if threshold (k, c) alone became ``thresholds[c, j]``; on the current routes,
-        or on ``routes`` (a :meth:`snapshot`)."""
+        ``[exits, classes, m]``: entry (i, c, j) if threshold (``exits[i]``, c) alone became
+        ``thresholds[i, c, j]``; on the current routes, or on ``routes`` (a :meth:`snapshot`).  Every
+        exit in one call: after a move the greedy search reprices them all on the few rows that moved."""
         exit_index, exit_class, margin, cost, current_risk = routes if routes is not None else \
             (self.exit_index, self.exit_class, self.margin, self.cost, self.current_risk)
-        scores, row_risk = self.scores[k], self.row_risk
+        exits = np.asarray(exits)
+        scores, row_risk = np.stack([self.scores[k] for k in exits]), self.row_risk  # [exits, rows, classes]
         if rows is not None:
-            scores, row_risk = scores[rows], row_risk[rows]
+            scores, row_risk = scores[:, rows], row_risk[rows]
             exit_index, exit_class, margin, cost, current_risk = (
                 values[rows] for values in (exit_index, exit_class, margin, cost, current_risk))
-        thresholds = thresholds.astype(np.float32)  # as the plan will hold them
-        at_k = exit_index == k
-        waiting = (exit_index < 0) | (exit_index > k)  # reach k and do not leave there yet
+        above = scores[..., None] - thresholds.astype(np.float32)[:, None]  # as the plan will hold them
+        at_k = exit_index[None, :] == exits[:, None]
+        waiting = (exit_index[None, :] < 0) | (exit_index[None, :] > exits[:, None])  # reach k, do not leave yet
+        risk = row_risk - current_risk[:, None]
         # rows that would newly leave at k: they save what they cost now minus the cost of leaving at k
-        newly = (scores[waiting][:, :, None] - thresholds[None]) > 0
-        gain = cost[waiting] - self.costs[k]
-        risk = row_risk[waiting] - current_risk[waiting][:, None]
-        saved = np.einsum("ncm,n->cm", newly, gain)
-        added = np.einsum("ncm,nc->cm", newly, risk)
+        newly = (above > 0) & waiting[:, :, None, None]
+        saved = np.einsum("kncm,kn->kcm", newly, cost[None, :] - self.costs[exits][:, None])
+        added = np.einsum("kncm,nc->kcm", newly, risk)
         # rows leaving at k with another class whose margin for this class would become larger
-        other = np.arange(scores.shape[1])[None, :] != exit_class[at_k][:, None]
-        switched = ((scores[at_k][:, :, None] - thresholds[None]) > margin[at_k][:, None, None]) & other[:, :, None]
-        added += np.einsum("ncm,nc->cm", switched, row_risk[at_k] - current_risk[at_k][:, None])
+        other = np.arange(scores.shape[2])[None, :] != exit_class[:, None]
+        switched = (above > margin[None, :, None, None]) & (at_k[:, :, None] & other[None])[..., None]
+        added += np.einsum("kncm,nc->kcm", switched, risk)
         return saved, added
 
 

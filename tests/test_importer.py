@@ -60,8 +60,7 @@ def test_compile_an_nn_module_from_a_loader_of_dicts(trained_module, calibration
                                          collate_fn=lambda rows: {"x": torch.stack([r[0] for r in rows]),
                                                                   "labels": torch.stack([r[1] for r in rows])})
     result = compile(trained_module, loader, example_input=images[:2], max_disagreement=0.02,
-                     measure_latency=False, show_progress=False,
-                     planner_config=CHEAPEST_PLAN)
+                     measure_latency=False, show_progress=False, planner_config=CHEAPEST_PLAN)
     assert sum(result.report["splits"].values()) == 1200
     assert result.plan.exits and result.report["compute_reduction"] > 0.2
 

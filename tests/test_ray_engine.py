@@ -79,8 +79,8 @@ def builds(cluster, shard_dir, data, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("builds") / "ray"
     sharded = compile(REFERENCE_ONNX, ShardedData(str(shard_dir)), out_dir=out, measure_latency=False,
                       show_progress=False, planner_config=CHEAPEST_PLAN)
-    return {"local": compile(REFERENCE_ONNX, data, measure_latency=False, show_progress=False, planner_config=CHEAPEST_PLAN),
-            "ray_plan": sharded.plan, "ray_frame": sharded.frame, "ray_dir": out}
+    local = compile(REFERENCE_ONNX, data, measure_latency=False, show_progress=False, planner_config=CHEAPEST_PLAN)
+    return {"local": local, "ray_plan": sharded.plan, "ray_frame": sharded.frame, "ray_dir": out}
 
 
 def test_same_answer_as_single_process(builds):

@@ -8,8 +8,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tests.tiny_nets import calibrate_routes, deep_mlp, exits_at
 from tests.plan_settings import CHEAPEST_PLAN
+from tests.tiny_nets import calibrate_routes, deep_mlp, exits_at
 
 
 

@@ -538,11 +538,11 @@ class _DesignState:
         exit_index, exit_class, margin, cost, current_risk = routes if routes is not None else \
             (self.exit_index, self.exit_class, self.margin, self.cost, self.current_risk)
         exits = np.asarray(exits)
-        scores, row_risk = np.stack([self.scores[k] for k in exits]), self.row_risk  # [exits, rows, classes]
-        if rows is not None:
-            scores, row_risk = scores[:, rows], row_risk[rows]
-            exit_index, exit_class, margin, cost, current_risk = (
-                values[rows] for values in (exit_index, exit_class, margin, cost, current_risk))
+        rows = slice(None) if rows is None else rows
+        scores = np.stack([self.scores[k][rows] for k in exits])  # [exits, rows, classes]: only the rows priced
+        row_risk = self.row_risk[rows]
+        exit_index, exit_class, margin, cost, current_risk = (
+            values[rows] for values in (exit_index, exit_class, margin, cost, current_risk))
         above = scores[..., None] - thresholds.astype(np.float32)[:, None]  # as the plan will hold them
         at_k = exit_index[None, :] == exits[:, None]
         waiting = (exit_index[None, :] < 0) | (exit_index[None, :] > exits[:, None])  # reach k, do not leave yet

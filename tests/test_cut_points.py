@@ -79,3 +79,49 @@ def test_no_cut_inside_a_branch():
     tensors = [c.tensor for c in cuts]
     assert "b" not in tensors and "c" not in tensors  # each branch alone does not separate the graph
     assert {"ra", "s"} <= set(tensors)
+
+
+def _exported(module, example, opset: int) -> onnx.ModelProto:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(module.eval(), (example,), buffer, dynamo=False, opset_version=opset, input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_token_states_are_pooled_over_their_tokens_and_channels_over_their_positions(opset):
+    """A transformer's [N, S, D] states (read by LayerNorm and Linear) get the mean over tokens and token 0; a
+    1-D convolution's [N, C, L] channels keep the mean and max over positions. The probe's nodes compute
+    exactly that, at either opset's form of ReduceMean."""
+    torch = pytest.importorskip("torch")
+    from models.zoo import TinyViT
+    from moco_compile.passes.calibration.calibrate import probe_model
+    from moco_compile.passes.calibration.pooling import variants_for
+
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    vit = import_model(_exported(TinyViT(), torch.from_numpy(images[:2]), opset)).model
+    cuts, _ = _cuts(vit, {"x": images[:1]})
+    tokens = [cut for cut in cuts if len(cut.shape) == 3]
+    assert len(tokens) >= 3 and all(cut.tokens for cut in tokens)
+    assert variants_for(tokens[0].shape, tokens=True) == ["first_token", "token_mean", "token_mean+first_token"]
+    probe, columns = probe_model(vit, tokens[:1], raw=True)
+    import onnxruntime as ort
+
+    assert len(columns) == 3  # the raw tensor, then each piece
+    raw, mean, first = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        [output.name for output in probe.graph.output[-3:]], {"x": images})
+    np.testing.assert_allclose(mean, raw.mean(axis=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(first, raw[:, 0])
+
+    conv = torch.nn.Sequential(torch.nn.Conv1d(4, 16, 3), torch.nn.ReLU(), torch.nn.Conv1d(16, 16, 3), torch.nn.ReLU(),
+                               torch.nn.Conv1d(16, 16, 3), torch.nn.Flatten(), torch.nn.Linear(16 * 26, 3))
+    signals = np.random.default_rng(1).random((2, 4, 32), dtype=np.float32)
+    cuts, _ = _cuts(import_model(_exported(conv, torch.from_numpy(signals), opset)).model, {"x": signals[:1]})
+    assert cuts and not any(cut.tokens for cut in cuts)
+    assert variants_for(cuts[0].shape, tokens=cuts[0].tokens) == ["mean", "mean+max"]

@@ -58,16 +58,17 @@ def probe_model(model: onnx.ModelProto, cuts: Sequence[CutPoint],
     probe.CopyFrom(model)
     columns = []
     taken = {name for node in model.graph.node for name in node.output} | {i.name for i in model.graph.input}
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     for position, cut in enumerate(cuts):
         if raw:
             column = f"{cut_column(cut)}:raw"
             probe.graph.node.append(onnx.helper.make_node("Identity", [cut.tensor], [probe_output(column, taken)]))
             probe.graph.output.append(onnx.ValueInfoProto(name=probe_output(column, taken)))
             columns.append(column)
-        for piece in pieces_for(cut.shape, cut.sequence_mask, cut.summary_token):
+        for piece in pieces_for(cut.shape, cut.sequence_mask, cut.summary_token, cut.tokens):
             column = piece_column(cut_column(cut), piece)
             probe.graph.node.extend(piece_nodes(cut.tensor, piece, cut.shape, probe_output(column, taken),
-                                                f"moco/probe{position}"))
+                                                f"moco/probe{position}", opset=opset))
             probe.graph.output.append(onnx.ValueInfoProto(name=probe_output(column, taken)))
             columns.append(column)
     return probe, columns

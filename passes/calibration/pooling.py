@@ -14,7 +14,8 @@ A pooling *variant* concatenates one or more *pieces*:
 * ``flat``: a ``[N, D]`` tensor as it is;
 * ``token_mean@<mask>``: for a ``[N, S, D]`` sequence tensor, the mean over the tokens that
   the graph input ``<mask>`` (e.g. ``attention_mask``, ``[N, S]``, 1 = real token) marks,
-  so padding never changes a row's features;
+  so padding never changes a row's features; ``token_mean``: the mean over every token, for
+  token states without a mask (a vision transformer's patches);
 * ``first_token``: for a ``[N, S, D]`` sequence tensor, token 0 (``[CLS]`` in BERT);
 * ``last_token@<mask>``: the last token ``<mask>`` marks (right or left padding), the one
   token a causal decoder (GPT-2, Llama) has let see the whole text.
@@ -42,18 +43,22 @@ SUMMARY_TOKENS = ("first_token", "last_token")  # the token that sums a sequence
 GRID_CELLS = {"grid": 2, "grid3": 3}  # grid piece -> cells per spatial axis
 
 
-def pieces_for(shape: tuple[int, ...], sequence_mask: str = "", summary_token: str = "first_token") -> list[str]:
+def pieces_for(shape: tuple[int, ...], sequence_mask: str = "", summary_token: str = "first_token",
+               tokens: bool = False) -> list[str]:
     """Pieces that can be computed from a tensor of this (batch-first) shape.
 
-    ``sequence_mask`` names the ``[N, S]`` mask input of a text model: a rank-3 tensor
-    is then read as ``[N, S, D]`` token states rather than ``[N, C, L]`` channels, pooled
-    by the masked mean and by ``summary_token`` (one of :data:`SUMMARY_TOKENS`).
+    ``tokens``: a rank-3 tensor is read as ``[N, S, D]`` token states rather than ``[N, C, L]``
+    channels, pooled by the mean over its tokens and by ``summary_token`` (one of
+    :data:`SUMMARY_TOKENS`); ``sequence_mask`` (implies ``tokens``) names the ``[N, S]`` mask input
+    of a text model, which the mean and the last token then read.
     """
     if len(shape) == 2:
         return ["flat"]
-    if sequence_mask and len(shape) == 3:
+    if (sequence_mask or tokens) and len(shape) == 3:
         if summary_token not in SUMMARY_TOKENS:
             raise ValueError(f"summary_token must be one of {SUMMARY_TOKENS}, got {summary_token!r}")
+        if not sequence_mask:
+            return ["token_mean", "first_token"]
         token = f"last_token@{sequence_mask}" if summary_token == "last_token" else "first_token"
         return [f"token_mean@{sequence_mask}", token]
     pieces = ["mean", "max"]
@@ -62,12 +67,13 @@ def pieces_for(shape: tuple[int, ...], sequence_mask: str = "", summary_token: s
     return pieces
 
 
-def variants_for(shape: tuple[int, ...], sequence_mask: str = "", summary_token: str = "first_token") -> list[str]:
-    """Pooling variants worth trying at a cut, cheapest first."""
-    pieces = pieces_for(shape, sequence_mask, summary_token)
+def variants_for(shape: tuple[int, ...], sequence_mask: str = "", summary_token: str = "first_token",
+                 tokens: bool = False) -> list[str]:
+    """Pooling variants worth trying at a cut, cheapest first (arguments: :func:`pieces_for`'s)."""
+    pieces = pieces_for(shape, sequence_mask, summary_token, tokens)
     if pieces == ["flat"]:
         return ["flat"]
-    if sequence_mask and len(shape) == 3:
+    if (sequence_mask or tokens) and len(shape) == 3:
         mean, first = pieces
         return [first, mean, f"{mean}+{first}"]
     grids = [piece for piece in GRID_CELLS if piece in pieces]
@@ -99,8 +105,8 @@ def pooling_cost(shape: tuple[int, ...], variant: str) -> float:
             cost += shape[-1]
         elif kind == "last_token":  # position of the last masked token, then a gather
             cost += 2.0 * shape[1] + shape[-1]
-        elif kind == "token_mean":  # multiply by the mask, sum, divide
-            cost += 2.0 * math.prod(shape[1:]) + shape[-1]
+        elif kind == "token_mean":  # multiply by the mask (when there is one), sum, divide
+            cost += (2.0 if "@" in piece else 1.0) * math.prod(shape[1:]) + shape[-1]
         elif piece in GRID_CELLS:  # each window's elements, overlaps counted twice
             cells = GRID_CELLS[piece]
             cost += shape[1] * math.prod(cells * _grid_window(size, cells)[0] for size in shape[2:])
@@ -164,7 +170,7 @@ def piece_nodes(tensor: str, piece: str, shape: tuple[int, ...], output: str,
     """
     kind = piece_kind(piece)
     if kind in SEQUENCE_PIECES:
-        return _sequence_nodes(tensor, piece, output, prefix, inputs or {})
+        return _sequence_nodes(tensor, piece, output, prefix, inputs or {}, opset)
     if piece == "flat":
         return [helper.make_node("Identity", [tensor], [output], name=f"{prefix}/flat")]
     pooled = f"{prefix}/{piece}_pooled"
@@ -229,7 +235,7 @@ def _grid_mean_nodes(tensor: str, cells: int, output: str, p: str, opset: int) -
 
 
 def _sequence_nodes(tensor: str, piece: str, output: str, prefix: str,
-                    inputs: Mapping[str, str]) -> list[onnx.NodeProto]:
+                    inputs: Mapping[str, str], opset: int) -> list[onnx.NodeProto]:
     """``[N, S, D] -> [N, D]`` float32: token 0, the last token the mask keeps, or the mean over
     the tokens the mask keeps (summed in float32 whatever the states' type, so pieces
     concatenate in any model).
@@ -243,6 +249,9 @@ def _sequence_nodes(tensor: str, piece: str, output: str, prefix: str,
         return [_int64_constant(f"{p}/index", 0),
                 helper.make_node("Gather", [tensor, f"{p}/index"], [f"{p}/token"], name=p, axis=1),
                 helper.make_node("Cast", [f"{p}/token"], [output], name=f"{p}/cast", to=onnx.TensorProto.FLOAT)]
+    if "@" not in piece:  # token_mean over every token
+        return [helper.make_node("Cast", [tensor], [f"{p}/states"], name=f"{p}/cast_states", to=onnx.TensorProto.FLOAT),
+                *reduce_nodes("ReduceMean", f"{p}/states", [1], output, p, opset)]
     mask = piece.split("@", 1)[1]
     mask = inputs.get(mask, mask)
     if kind == "last_token":

@@ -20,6 +20,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import onnx
+import onnx.numpy_helper
 
 from moco_compile.passes.graph.index import GraphIndex
 
@@ -45,6 +46,7 @@ class CutPoint:
     side_inputs: tuple[str, ...] = ()
     sequence_mask: str = ""  # text models: the [N, S] mask input that sequence pooling reads
     summary_token: str = "first_token"  # text models: the token that sums a sequence up (pooling.SUMMARY_TOKENS)
+    tokens: bool = False  # a rank-3 [N, S, D] tensor of token states, pooled over its tokens (reads_tokens)
 
     @property
     def fraction_before(self) -> float:
@@ -102,15 +104,40 @@ def find_cut_points(model: onnx.ModelProto, node_flops: Sequence[float],
                 continue
             flops_before = sum(node_flops[i] for i in before)
             shape = shapes[tensor]
+            sequence = len(shape) == 3 and bool(sequence_mask)
             separating.append(CutPoint(tensor, _module_name(model, index, tensor, scopes or {}),
                                        shape, flops_before, total - flops_before,
-                                       tuple(sorted(carried)),
-                                       sequence_mask if sequence_mask and len(shape) == 3 else "", summary_token))
+                                       tuple(sorted(carried)), sequence_mask if sequence else "", summary_token,
+                                       sequence or (len(shape) == 3 and reads_tokens(index, tensor))))
     low = min_fraction if min_fraction_before is None else min_fraction_before
     useful = [cut for cut in separating
               if low <= cut.fraction_before <= 1 - min_fraction]
     return unique_names([cut for cut, following in zip(useful, useful[1:] + [None])
                          if following is None or following.flops_before - cut.flops_before > merge_fraction * total])
+
+
+def reads_tokens(index: GraphIndex, tensor: str) -> bool:
+    """Whether the rank-3 ``tensor`` holds token states ``[N, S, D]`` rather than channels ``[N, C, L]``: a
+    consumer normalises it over its last axis (``LayerNormalization``, or the ``ReduceMean`` a decomposed
+    one starts with) or multiplies its last axis by a weight matrix (a ``Linear`` on every token), as the
+    blocks of a vision transformer (ViT, DeiT, Swin) or a text model without a mask input read theirs."""
+    graph = index.model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    for position in index.consumers.get(tensor, []):
+        node = graph.node[position]
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "LayerNormalization" and attributes.get("axis", -1) in (-1, 2):
+            return True
+        if node.op_type == "ReduceMean":  # axes: an attribute before opset 18, an input from it on
+            axes = node.input[1] if len(node.input) > 1 else ""
+            axes = attributes.get("axes", []) if not axes else \
+                onnx.numpy_helper.to_array(initializers[axes]).tolist() if axes in initializers else []
+            if list(axes) in ([-1], [2]):
+                return True
+        if node.op_type == "MatMul" and node.input[0] == tensor and node.input[1] in initializers \
+                and len(initializers[node.input[1]].dims) == 2:
+            return True
+    return False
 
 
 def unique_names(cuts: Sequence[CutPoint]) -> list[CutPoint]:

@@ -145,7 +145,7 @@ class _HeadFitting:
 def head_variants(cut: CutPoint, mlp: bool) -> list[str]:
     """The pooling variants a cut's heads may read, cheapest first: every variant where an MLP head may be
     fitted (``mlp``), else the probe's (:func:`probe_variants`)."""
-    return variants_for(cut.shape, cut.sequence_mask, cut.summary_token) if mlp else probe_variants(cut)
+    return variants_for(cut.shape, cut.sequence_mask, cut.summary_token, cut.tokens) if mlp else probe_variants(cut)
 
 
 def probe_variants(cut: CutPoint) -> list[str]:
@@ -153,7 +153,7 @@ def probe_variants(cut: CutPoint) -> list[str]:
     a hidden layer read.  Reference CNN, test split: a linear probe gains nothing from it (probes only at
     0.5%: 46.4% with it, 46.2% without), and the probes, grown stronger on it, tied the MLP heads at 0.5% in
     the plan-level check, which then keeps the probes (46.4% where the MLP heads on the 2x2 grid saved 53.4%)."""
-    return [variant for variant in variants_for(cut.shape, cut.sequence_mask, cut.summary_token)
+    return [variant for variant in variants_for(cut.shape, cut.sequence_mask, cut.summary_token, cut.tokens)
             if "grid3" not in variant_pieces(variant)]
 
 

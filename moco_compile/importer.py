@@ -19,11 +19,13 @@ import numpy as np
 import onnx
 
 from moco_compile.errors import ModelError
+from moco_compile.export_check import check_export
+from moco_compile.hf_images import ARCHITECTURE_SUFFIX as IMAGE_ARCHITECTURE_SUFFIX
+from moco_compile.hf_images import export_hf_image_classifier, is_hf_image_classifier
 from moco_compile.passes.graph.binary_output import BinaryOutput, to_two_class
 from moco_compile.passes.graph.fixed_batch import fixed_batch_size, free_batch
 
 MIN_OPSET = 17
-OUTPUT_TOLERANCE = 1e-3  # an exported or freed graph agrees with the model's outputs within this (relative)
 
 
 @dataclass(frozen=True)
@@ -56,29 +58,23 @@ class ImportedModel:
         return output_shape(self.model, self.output)[1]
 
 
-def outputs_agree(got: np.ndarray, expected: np.ndarray) -> bool:
-    """Whether a rewritten or exported graph's outputs ``got`` are the reference's ``expected``: the same
-    shape, and within :data:`OUTPUT_TOLERANCE` of the largest expected magnitude (at least 1)."""
-    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
-    return got.shape == expected.shape and bool(np.abs(got - expected).max(initial=0.0) <= OUTPUT_TOLERANCE * scale)
-
-
 def import_model(source: Any, output: str | None = None, example_input: Any = None) -> ImportedModel:
     """Load ``source`` as a classifier: an ONNX path, an ``onnx.ModelProto``, a ``torch.nn.Module``,
-    a Hugging Face sequence classifier, or a directory it was saved to with ``save_pretrained``.
+    a Hugging Face sequence or image classifier, or a directory it was saved to with ``save_pretrained``.
 
     ``example_input`` is required for an ``nn.Module``: a tensor, a tuple of
-    tensors or a dict of named tensors with the batch on axis 0.
+    tensors or a dict of named tensors with the batch on axis 0.  For a Hugging Face image
+    classifier it is optional: a batch of images fixing the input size (default: the config's).
     ``output`` names the classifier output when the model has several.
     """
     if isinstance(source, onnx.ModelProto):
         model = source
     elif isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        model = export_hf_sequence_classifier(load_hf_directory(Path(source)))
+        model = export_hf_classifier(load_hf_directory(Path(source)), example_input, Path(source))
     elif isinstance(source, (str, os.PathLike)):
         model = load_onnx(Path(source))
     elif _is_hf_model(source):
-        model = export_hf_sequence_classifier(source)
+        model = export_hf_classifier(source, example_input)
     elif _is_torch_module(source):
         if example_input is None:
             raise ModelError("an nn.Module needs an example input: pass example_input=<a batch of inputs>")
@@ -333,21 +329,33 @@ def _is_hf_model(obj: Any) -> bool:
 
 
 def load_hf_directory(path: Path) -> Any:
-    """The Hugging Face sequence classifier saved in ``path`` (``save_pretrained``), from local files only."""
+    """The Hugging Face sequence or image classifier saved in ``path`` (``save_pretrained``), from local files
+    only."""
     if not (path / "config.json").exists():
         raise ModelError(f"{path} is a directory without config.json: give an .onnx file or a directory a "
-                         "Hugging Face sequence classifier was saved to (model.save_pretrained(path))")
+                         "Hugging Face sequence or image classifier was saved to (model.save_pretrained(path))")
     try:
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
     except ImportError as error:
         raise ModelError("loading a Hugging Face model directory needs transformers: "
                          "pip install 'moco-compile[text]'") from error
     architectures = AutoConfig.from_pretrained(path, local_files_only=True).architectures or []
+    if any(name.endswith(IMAGE_ARCHITECTURE_SUFFIX) for name in architectures):
+        return AutoModelForImageClassification.from_pretrained(path, local_files_only=True).eval()
     if not any(name.endswith("ForSequenceClassification") for name in architectures):
         raise ModelError(f"{path} holds a {', '.join(architectures) or 'model without a stated architecture'}, "
-                         "not a sequence classifier with a trained head; moco imports "
+                         "not a classifier with a trained head; moco imports image classifiers "
+                         f"(*{IMAGE_ARCHITECTURE_SUFFIX}) and the sequence classifiers "
                          f"{', '.join(SUPPORTED_HF_ARCHITECTURES)} (fine-tune and save_pretrained one first)")
     return AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).eval()
+
+
+def export_hf_classifier(model: Any, example_input: Any = None, directory: Path | None = None) -> onnx.ModelProto:
+    """Export a Hugging Face image classifier (:mod:`~moco_compile.hf_images`; ``example_input`` and the
+    ``directory`` it was saved to may give its image size) or sequence classifier."""
+    if is_hf_image_classifier(model):
+        return export_hf_image_classifier(model, example_input, directory)
+    return export_hf_sequence_classifier(model)
 
 
 def _last_masked_token_classifier(model: Any) -> Any:
@@ -389,31 +397,6 @@ def _last_masked_token_classifier(model: Any) -> Any:
                          f"reproduce the model (max difference {float((expected - got).abs().max()):.3g}); export "
                          "it to ONNX yourself and pass the .onnx file")
     return wrapped
-
-
-def _check_export(exported: onnx.ModelProto, module: Any, example: dict, architecture: str) -> None:
-    """Refuse an export whose graph, run by onnxruntime on ``example`` (a padded batch), gives other logits
-    than ``module``: an attention path that traces differently than it runs would be compiled unnoticed."""
-    import onnxruntime as ort
-    import torch
-
-    with torch.no_grad():
-        expected = module(**example)
-    expected = getattr(expected, "logits", expected).numpy()
-    options = ort.SessionOptions()  # run once: optimising the graph would take longer than running it
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    try:
-        got, = ort.InferenceSession(exported.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
-            None, {name: value.numpy() for name, value in example.items()})
-    except Exception as error:  # onnxruntime raises its own exception types
-        raise ModelError(f"onnxruntime cannot run the ONNX export of {architecture} ({error}); export it to ONNX "
-                         "yourself and pass the .onnx file") from error
-    if not outputs_agree(got, expected):
-        found = f"max difference {float(np.abs(got - expected).max()):.3g}" if got.shape == expected.shape \
-            else f"shape {list(got.shape)}, not {list(expected.shape)}"
-        raise ModelError(f"the ONNX export of {architecture} gives other logits than the module ({found} on a "
-                         "padded batch); export it to ONNX yourself, checking its outputs, and pass the .onnx file")
 
 
 def export_hf_sequence_classifier(model: Any, opset: int = 18) -> onnx.ModelProto:
@@ -473,7 +456,7 @@ def export_hf_sequence_classifier(model: Any, opset: int = 18) -> onnx.ModelProt
     if [o.name for o in exported.graph.output] != ["logits"]:
         raise ModelError(f"exporting {architecture} gave outputs {[o.name for o in exported.graph.output]}, "
                          "expected one 'logits' output")
-    _check_export(exported, model, example, architecture)
+    check_export(exported, model, example, architecture)
     for key, value in (("mask", "attention_mask"), ("side", ",".join(names[1:])),
                        ("max_length", str(max_length)), ("architecture", architecture),
                        ("summary_token", "last_token" if architecture in HF_DECODERS else "first_token")):

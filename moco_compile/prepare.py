@@ -16,7 +16,8 @@ import onnx
 from moco_compile.calibration_data import CalibrationSpec, iter_batches
 from moco_compile.constants import LABELS
 from moco_compile.errors import CalibrationDataError, ModelError
-from moco_compile.importer import ImportedModel, TextInputs, import_model, outputs_agree
+from moco_compile.export_check import outputs_agree
+from moco_compile.importer import ImportedModel, TextInputs, import_model
 from moco_compile.passes.graph.batch_reads import batch_axis, batch_leading, batch_size_roots, localize_batch_reads
 from moco_compile.passes.graph.binary_output import from_two_class
 from moco_compile.passes.graph.cut_points import (HEAVY_OPS, RECURRENT_OPS, CutPoint, find_cut_points,

@@ -226,17 +226,18 @@ def test_an_export_that_gives_other_logits_than_the_module_is_refused():
     what to do, before anything is compiled."""
     import onnx
 
-    from moco_compile.importer import _check_export, export_hf_sequence_classifier
+    from moco_compile.export_check import check_export
+    from moco_compile.importer import export_hf_sequence_classifier
 
     model = _model("BertForSequenceClassification")
     exported = export_hf_sequence_classifier(model)
     example = {"input_ids": torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]]),
                "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]), "token_type_ids": torch.zeros(2, 4).long()}
-    _check_export(exported, model, example, "BertForSequenceClassification")
+    check_export(exported, model, example, "BertForSequenceClassification")
     head = next(t for t in exported.graph.initializer if t.name == "classifier.weight")
     head.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(head) + np.float32(0.5), head.name))
     with pytest.raises(ModelError, match="gives other logits than the module .*export it to ONNX yourself"):
-        _check_export(exported, model, example, "BertForSequenceClassification")
+        check_export(exported, model, example, "BertForSequenceClassification")
 
 
 def test_eager_api_wraps_what_the_importer_imports_and_refuses_the_rest_naming_them():

@@ -214,12 +214,15 @@ def test_the_shared_path_prices_each_plan_as_routing_does(active, agreement):
         assert (cost, risk) == pytest.approx(_design_cost_and_risk(problem, plan, active, agreement))
 
 
+@pytest.mark.parametrize("one_column", [False, True])
 @pytest.mark.parametrize("accuracy_drop", [None, 0.05])
-def test_repricing_only_the_moved_rows_equals_pricing_every_row_anew(accuracy_drop):
+def test_repricing_only_the_moved_rows_equals_pricing_every_row_anew(accuracy_drop, one_column):
     """The greedy path prices each exit's moves once, then only on the rows a lowered threshold moved:
     after every move of a long path, those sums equal the sums over every row (and the path the
-    greedy walks with them is the one routing prices)."""
-    from moco_compile.passes.planning.design import _DesignState, _reprice, _threshold_grid
+    greedy walks with them is the one routing prices). ``one_column``: as the per-class path does, the
+    lowered exit keeps its other classes' prices, repriced on the rows that moved or gained margin there,
+    and prices the lowered class alone anew."""
+    from moco_compile.passes.planning.design import _DesignState, _reprice, _reprice_column, _threshold_grid
 
     rng = np.random.default_rng(11)
     design = synthetic(500, rng)
@@ -237,6 +240,8 @@ def test_repricing_only_the_moved_rows_equals_pricing_every_row_anew(accuracy_dr
                 saved, added = state.deltas([k], grid[None])
                 priced[k] = (grid, saved[0], added[0])
             grid, saved, added = priced[k]
+            np.testing.assert_array_equal(
+                grid, _threshold_grid(sorted_scores[k], np.minimum(counts[k][:, None] + np.array([5, 20, 80]), 500)))
             fresh_saved, fresh_added = (prices[0] for prices in state.deltas([k], grid[None]))
             np.testing.assert_allclose(saved, fresh_saved, rtol=0, atol=1e-6 * np.abs(fresh_saved).max())
             np.testing.assert_allclose(added, fresh_added, rtol=0, atol=1e-9)
@@ -244,7 +249,13 @@ def test_repricing_only_the_moved_rows_equals_pricing_every_row_anew(accuracy_dr
         counts[k, cls] = min(counts[k, cls] + rng.integers(1, 40), 500)
         before = state.snapshot()
         state.lower(k, cls, np.float32(_threshold_grid(sorted_scores[k], counts[k][:, None])[cls, 0]))
+        own = priced.get(k)
         _reprice(state, priced, k, before)
+        if one_column:
+            priced[k] = own
+            admitted = np.minimum(counts[k, cls] + np.array([5, 20, 80]), 500)
+            _reprice_column(state, priced, k, cls, _threshold_grid(sorted_scores[k][:, [cls]], admitted[None, :])[0],
+                            before)
 
 
 def test_the_greedy_prices_every_threshold_move_as_routing_does():

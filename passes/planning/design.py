@@ -368,7 +368,12 @@ def _greedy_path(problem: DesignProblem, sorted_columns: list[np.ndarray], activ
         before = state.snapshot()
         for cls in (range(classes) if columns == 1 else [column]):
             state.lower(k, cls, plan[k, cls])
+        own = priced.get(k)
         _reprice(state, priced, k, before)
+        if columns > 1 and own is not None:  # one class moved: exit k's others keep their grids
+            priced[k] = own
+            _reprice_column(state, priced, k, column, _threshold_grid(
+                sorted_columns[k][:, [column]], np.minimum(counts[k, column] + sizes, rows)[None, :])[0], before)
         if state.risk > problem.risk_cap():
             return path
         path.append((plan, state.total_cost, state.risk))
@@ -379,13 +384,37 @@ def _reprice(state: "_DesignState", priced: dict[int, tuple], lowered: int, befo
     ``before``: that exit is priced anew, every other one only on the rows that moved (the sums are
     over rows, and only the moved rows' routes changed; the thresholds priced are unchanged)."""
     priced.pop(lowered, None)
-    moved = np.flatnonzero((before[0] != state.exit_index) | (before[1] != state.exit_class))
-    if not len(moved) or not priced:
+    _reprice_rows(state, priced, list(priced), np.flatnonzero(_moved_mask(state, before)), before)
+
+
+def _reprice_column(state: "_DesignState", priced: dict[int, tuple], k: int, column: int, grid: np.ndarray,
+                    before: tuple) -> None:
+    """After exit ``k``'s class ``column`` alone was lowered from routes ``before``: its other classes keep
+    their threshold grids, repriced on the rows that moved or now leave ``k`` with a larger margin (which
+    changes what another class of ``k`` would take from them); ``column`` has the grid ``grid`` (``[m]``)
+    now, priced on every row."""
+    changed = np.flatnonzero(_moved_mask(state, before) | (before[2] != state.margin))
+    _reprice_rows(state, priced, [k], changed, before)
+    saved, added = state.deltas([k], grid[None, None], classes=[column])
+    grids, saved_all, added_all = (values.copy() for values in priced[k])
+    grids[column], saved_all[column], added_all[column] = grid, saved[0, 0], added[0, 0]
+    priced[k] = (grids, saved_all, added_all)
+
+
+def _moved_mask(state: "_DesignState", before: tuple) -> np.ndarray:
+    """Rows whose exit or class differs from routes ``before``."""
+    return (before[0] != state.exit_index) | (before[1] != state.exit_class)
+
+
+def _reprice_rows(state: "_DesignState", priced: dict[int, tuple], exits: list[int], rows: np.ndarray,
+                  before: tuple) -> None:
+    """Reprice ``exits`` (in ``priced``) on ``rows``, whose routes were ``before``: each price loses those
+    rows' old terms and gains their new ones."""
+    if not len(rows) or not exits:
         return
-    exits = list(priced)
     grids = np.stack([priced[k][0] for k in exits])
-    old_saved, old_added = state.deltas(exits, grids, moved, before)
-    new_saved, new_added = state.deltas(exits, grids, moved)
+    old_saved, old_added = state.deltas(exits, grids, rows, before)
+    new_saved, new_added = state.deltas(exits, grids, rows)
     for i, k in enumerate(exits):
         grid, saved, added = priced[k]
         priced[k] = (grid, saved - old_saved[i] + new_saved[i], added - old_added[i] + new_added[i])
@@ -530,17 +559,21 @@ class _DesignState:
                 self.current_risk.copy())
 
     def deltas(self, exits: Sequence[int], thresholds: np.ndarray, rows: np.ndarray | None = None,
-               routes: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               routes: tuple[np.ndarray, ...] | None = None,
+               classes: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(cost saved, risk added) on the design rows (only ``rows``, indices, when given), each
         ``[exits, classes, m]``: entry (i, c, j) if threshold (``exits[i]``, c) alone became
-        ``thresholds[i, c, j]``; on the current routes, or on ``routes`` (a :meth:`snapshot`).  Every
-        exit in one call: after a move the greedy search reprices them all on the few rows that moved."""
+        ``thresholds[i, c, j]``; on the current routes, or on ``routes`` (a :meth:`snapshot`); for
+        the ``classes`` given only (``thresholds`` then holds theirs).  Every exit in one call: after
+        a move the greedy search reprices them all on the few rows that moved."""
         exit_index, exit_class, margin, cost, current_risk = routes if routes is not None else \
             (self.exit_index, self.exit_class, self.margin, self.cost, self.current_risk)
         exits = np.asarray(exits)
         rows = slice(None) if rows is None else rows
-        scores = np.stack([self.scores[k][rows] for k in exits])  # [exits, rows, classes]: only the rows priced
-        row_risk = self.row_risk[rows]
+        labels = np.arange(self.scores[0].shape[1]) if classes is None else np.asarray(classes)
+        columns = slice(None) if classes is None else labels
+        scores = np.stack([self.scores[k][rows][:, columns] for k in exits])  # [exits, rows, classes]
+        row_risk = self.row_risk[rows][:, columns]
         exit_index, exit_class, margin, cost, current_risk = (
             values[rows] for values in (exit_index, exit_class, margin, cost, current_risk))
         above = scores[..., None] - thresholds.astype(np.float32)[:, None]  # as the plan will hold them
@@ -552,7 +585,7 @@ class _DesignState:
         saved = np.einsum("kncm,kn->kcm", newly, cost[None, :] - self.costs[exits][:, None])
         added = np.einsum("kncm,nc->kcm", newly, risk)
         # rows leaving at k with another class whose margin for this class would become larger
-        other = np.arange(scores.shape[2])[None, :] != exit_class[:, None]
+        other = labels[None, :] != exit_class[:, None]
         switched = (above > margin[None, :, None, None]) & (at_k[:, :, None] & other[None])[..., None]
         added += np.einsum("kncm,nc->kcm", switched, risk)
         return saved, added

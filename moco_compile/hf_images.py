@@ -64,7 +64,8 @@ def export_hf_image_classifier(model: Any, example_input: Any = None, directory:
             check_export(exported, model, {PIXELS: images}, architecture, f"{len(images)} random images")
             return exported
         except Exception as error:  # each exporter raises its own types
-            failures.append(f"{name}: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
+            message = str(error).strip()
+            failures.append(f"{name}: {message.splitlines()[0] if message else type(error).__name__}")
     raise ModelError(f"exporting {architecture} to ONNX failed ({'; '.join(failures)}); export it yourself "
                      f"(input {PIXELS!r} [batch, {', '.join(map(str, shape))}], output [batch, classes] logits) "
                      "and pass the .onnx file")
@@ -131,4 +132,5 @@ def _export_dynamo(model: Any, images: Any, opset: int) -> onnx.ModelProto:
     return onnx.load_from_string(buffer.getvalue())
 
 
-_EXPORTERS = (("the TorchScript-based exporter", _export_torchscript), ("the torch.export-based exporter", _export_dynamo))
+_EXPORTERS = (("the TorchScript-based exporter", _export_torchscript),
+              ("the torch.export-based exporter", _export_dynamo))

@@ -250,12 +250,12 @@ def test_repricing_only_the_moved_rows_equals_pricing_every_row_anew(accuracy_dr
         before = state.snapshot()
         state.lower(k, cls, np.float32(_threshold_grid(sorted_scores[k], counts[k][:, None])[cls, 0]))
         own = priced.get(k)
-        _reprice(state, priced, k, before)
+        moved = _reprice(state, priced, k, before)
         if one_column:
             priced[k] = own
             admitted = np.minimum(counts[k, cls] + np.array([5, 20, 80]), 500)
             _reprice_column(state, priced, k, cls, _threshold_grid(sorted_scores[k][:, [cls]], admitted[None, :])[0],
-                            before)
+                            before, moved)
 
 
 def test_the_greedy_prices_every_threshold_move_as_routing_does():

@@ -369,41 +369,38 @@ def _greedy_path(problem: DesignProblem, sorted_columns: list[np.ndarray], activ
         for cls in (range(classes) if columns == 1 else [column]):
             state.lower(k, cls, plan[k, cls])
         own = priced.get(k)
-        _reprice(state, priced, k, before)
+        moved = _reprice(state, priced, k, before)
         if columns > 1 and own is not None:  # one class moved: exit k's others keep their grids
             priced[k] = own
             _reprice_column(state, priced, k, column, _threshold_grid(
-                sorted_columns[k][:, [column]], np.minimum(counts[k, column] + sizes, rows)[None, :])[0], before)
+                sorted_columns[k][:, [column]], np.minimum(counts[k, column] + sizes, rows)[None, :])[0], before, moved)
         if state.risk > problem.risk_cap():
             return path
         path.append((plan, state.total_cost, state.risk))
 
 
-def _reprice(state: "_DesignState", priced: dict[int, tuple], lowered: int, before: tuple) -> None:
+def _reprice(state: "_DesignState", priced: dict[int, tuple], lowered: int, before: tuple) -> np.ndarray:
     """Bring ``priced`` up to date after exit ``lowered``'s thresholds were lowered from routes
     ``before``: that exit is priced anew, every other one only on the rows that moved (the sums are
-    over rows, and only the moved rows' routes changed; the thresholds priced are unchanged)."""
+    over rows, and only the moved rows' routes changed; the thresholds priced are unchanged).
+    Returns which rows moved (exit or class), a mask."""
     priced.pop(lowered, None)
-    _reprice_rows(state, priced, list(priced), np.flatnonzero(_moved_mask(state, before)), before)
+    moved = (before[0] != state.exit_index) | (before[1] != state.exit_class)
+    _reprice_rows(state, priced, list(priced), np.flatnonzero(moved), before)
+    return moved
 
 
 def _reprice_column(state: "_DesignState", priced: dict[int, tuple], k: int, column: int, grid: np.ndarray,
-                    before: tuple) -> None:
-    """After exit ``k``'s class ``column`` alone was lowered from routes ``before``: its other classes keep
-    their threshold grids, repriced on the rows that moved or now leave ``k`` with a larger margin (which
-    changes what another class of ``k`` would take from them); ``column`` has the grid ``grid`` (``[m]``)
-    now, priced on every row."""
-    changed = np.flatnonzero(_moved_mask(state, before) | (before[2] != state.margin))
-    _reprice_rows(state, priced, [k], changed, before)
+                    before: tuple, moved: np.ndarray) -> None:
+    """After exit ``k``'s class ``column`` alone was lowered from routes ``before`` (rows ``moved``, a mask):
+    its other classes keep their threshold grids, repriced on the rows that moved or now leave ``k`` with a
+    larger margin (which changes what another class of ``k`` would take from them); ``column`` has the grid
+    ``grid`` (``[m]``) now, priced on every row."""
+    _reprice_rows(state, priced, [k], np.flatnonzero(moved | (before[2] != state.margin)), before)
     saved, added = state.deltas([k], grid[None, None], classes=[column])
     grids, saved_all, added_all = (values.copy() for values in priced[k])
     grids[column], saved_all[column], added_all[column] = grid, saved[0, 0], added[0, 0]
     priced[k] = (grids, saved_all, added_all)
-
-
-def _moved_mask(state: "_DesignState", before: tuple) -> np.ndarray:
-    """Rows whose exit or class differs from routes ``before``."""
-    return (before[0] != state.exit_index) | (before[1] != state.exit_class)
 
 
 def _reprice_rows(state: "_DesignState", priced: dict[int, tuple], exits: list[int], rows: np.ndarray,

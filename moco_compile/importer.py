@@ -24,6 +24,7 @@ from moco_compile.hf_images import ARCHITECTURE_SUFFIX as IMAGE_ARCHITECTURE_SUF
 from moco_compile.hf_images import export_hf_image_classifier, is_hf_image_classifier
 from moco_compile.passes.graph.binary_output import BinaryOutput, to_two_class
 from moco_compile.passes.graph.fixed_batch import fixed_batch_size, free_batch
+from moco_compile.passes.graph.index import opset_of
 
 MIN_OPSET = 17
 
@@ -226,10 +227,6 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
             if value.name in original:
                 value.CopyFrom(original[value.name])
     return onnx.shape_inference.infer_shapes(normalized)
-
-
-def opset_of(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def output_shape(model: onnx.ModelProto, name: str) -> list[int | str | None]:

@@ -27,7 +27,7 @@ from moco_compile.errors import CalibrationDataError, ModelError
 from moco_compile.frame import ActivationFrame, FrameWriter, load_frame
 from moco_compile.passes.calibration.pooling import piece_kind, piece_nodes, pieces_for, variant_pieces
 from moco_compile.passes.graph.cut_points import CutPoint
-from moco_compile.passes.graph.index import GraphIndex
+from moco_compile.passes.graph.index import GraphIndex, opset_of
 
 def cut_column(cut: CutPoint) -> str:
     """Name of a cut in the frame: its module name where known, else its tensor."""
@@ -58,7 +58,7 @@ def probe_model(model: onnx.ModelProto, cuts: Sequence[CutPoint],
     probe.CopyFrom(model)
     columns = []
     taken = {name for node in model.graph.node for name in node.output} | {i.name for i in model.graph.input}
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    opset = opset_of(model)
     for position, cut in enumerate(cuts):
         if raw:
             column = f"{cut_column(cut)}:raw"

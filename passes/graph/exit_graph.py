@@ -18,7 +18,7 @@ from moco_compile.passes.calibration.exit_confidence import exited_logits_nodes,
 from moco_compile.passes.calibration.guard import guard_nodes
 from moco_compile.passes.calibration.mlp_head import MLPScores
 from moco_compile.passes.calibration.pooling import pooling_inputs, reduce_nodes, variant_nodes
-from moco_compile.passes.graph.index import GraphIndex, all_nodes, elem_types, node_inputs
+from moco_compile.passes.graph.index import GraphIndex, all_nodes, elem_types, node_inputs, opset_of
 from moco_compile.passes.graph.trailing_dims import has_dynamic_trailing_dims, trailing_shape_nodes
 from moco_compile.passes.planning.types import Exit
 
@@ -40,7 +40,7 @@ class ExitGraphBuilder:
         self.agreement = agreement  # past the first exit, a row leaves only with its class at the exit before
         self.output = classifier_output
         self.index = GraphIndex(model)
-        self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        self.opset = opset_of(model)
         self.initializers = {init.name: init for init in model.graph.initializer}
         self.outputs = [o for o in model.graph.output]
         self.value_infos = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + self.outputs}

@@ -61,6 +61,11 @@ def subgraph_nesting(graph: onnx.GraphProto) -> int:
     return max((1 + subgraph_nesting(sub) for node in graph.node for sub in subgraphs(node)), default=0)
 
 
+def opset_of(model: onnx.ModelProto) -> int:
+    """The model's opset of the default ONNX domain (0 when it imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type (``onnx.TensorProto`` enum) of every graph input, output and value_info tensor."""
     values = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)

@@ -1,6 +1,7 @@
 """Public API: ``compile`` a classifier into an early-exit ONNX graph."""
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -21,7 +22,8 @@ from moco_compile.outputs import check_output_dir, check_output_file, staged_out
 from moco_compile.passes.calibration.calibrate import calibrate, variant_features
 from moco_compile.passes.graph.binary_output import from_two_class
 from moco_compile.passes.graph.cut_points import CutPoint
-from moco_compile.passes.graph.index import elem_types, subgraph_nesting
+from moco_compile.passes.graph.exit_graph import derived_outputs
+from moco_compile.passes.graph.index import GraphIndex, elem_types, subgraph_nesting
 from moco_compile.passes.graph.rewrite import apply_plan
 from moco_compile.passes.graph.verify import verify_compiled
 from moco_compile.passes.planning.config import Budget, PlannerConfig
@@ -34,6 +36,8 @@ from moco_compile.prepare import MAX_VERIFIED_ROWS, cut_points_of
 from moco_compile.pricing import measured_cpu_profile
 from moco_compile.progress import Phases
 from moco_compile.scale.shards import ShardedData
+
+log = logging.getLogger("moco")
 
 EVALUATION_NOTES = {
     "report": "estimates on report rows that nothing was fitted or certified on",
@@ -165,6 +169,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     plan = planning.plan
     with phases("rewrite"):
         compiled = apply_plan(imported.model, plan, imported.output, config.exit_layout, config.batch_buckets)
+    _warn_of_zero_filled_outputs(imported, plan)
     features = [variant_features(frame, e.column, e.pooling) for e in plan.exits]
     routing = plan.routing(features, len(frame), config.rounding)  # the chosen plan, routed once
     with phases("verification"):
@@ -192,6 +197,18 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     if out_dir is not None:
         result.save(out_dir, inputs=inputs, force=force)
     return result
+
+
+def _warn_of_zero_filled_outputs(imported: ImportedModel, plan: ExitPlan) -> None:
+    """Warn of the outputs that rows leaving early carry zeros in: those the model computes from more than the
+    classifier's logits (:func:`~moco_compile.passes.graph.exit_graph.derived_outputs`)."""
+    index = GraphIndex(imported.model)
+    derived = derived_outputs(index, imported.output)
+    zero_filled = [name for name in index.graph_outputs if name != imported.output and name not in derived]
+    if plan.exits and zero_filled:
+        log.warning("rows that leave at an exit carry zeros in output(s) %s: only the classifier output %r and "
+                    "outputs computed from its logits alone get values from an exit", ", ".join(zero_filled),
+                    imported.output)
 
 
 def _target_record(config: PlannerConfig, pricing: TargetProfile | None) -> dict:

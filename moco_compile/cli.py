@@ -393,6 +393,8 @@ def optimize_memory_command(
     original: Optional[Path] = typer.Option(None, "--original", help="with a build directory: the model it was "
                                             "compiled from (default: the file compile recorded)"),
     out: Path = typer.Option(..., "--out", help="output directory (model.onnx, memory.json, memory.html)"),
+    output: Optional[str] = typer.Option(None, "--output", help="classifier output name, if several (a build "
+                                         "directory records its own)"),
     fp16: bool = typer.Option(False, "--fp16", help="store weights and compute in float16 (inputs/outputs stay "
                               "float32)"),
     int8: Optional[str] = typer.Option(None, "--int8", help="static (calibrated activations) or dynamic"),
@@ -415,7 +417,7 @@ def optimize_memory_command(
         if model.is_dir():
             result = optimize_build(model, load_npz(calib), original=original, **options)
         else:
-            result = optimize_memory(load_onnx(model), load_npz(calib), **options)
+            result = optimize_memory(load_onnx(model), load_npz(calib), output=output, **options)
         write_memory_outputs(out, f"moco memory optimisation: {model.name}", result.to_dict(), model=result.model,
                              inputs=[model, calib], force=force)
     except (MocoError, ValueError, OSError) as error:

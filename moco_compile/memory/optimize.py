@@ -69,11 +69,12 @@ class MemoryOptimization:
 
 def optimize_memory(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray], *, float16: bool = False,
                     int8: str | None = None, fuse: bool = False, max_accuracy_drop: float = 0.005,
-                    seed: int = 0, measure_latency: bool = True, build: Build | None = None) -> MemoryOptimization:
+                    seed: int = 0, measure_latency: bool = True, build: Build | None = None,
+                    output: str | None = None) -> MemoryOptimization:
     """Apply the requested optimisations to ``model`` in order (precision, the exits of ``build``
     in its layout, fusions), each validated on rows no choice touched; raise
     :class:`OptimizationRejectedError` on the first one that breaks ``max_accuracy_drop`` (a
-    fraction: 0.005 = half a point)."""
+    fraction: 0.005 = half a point).  ``output``: the classifier output, where the model has several."""
     if float16 and int8:
         raise ValueError("choose float16 or int8, not both: int8 already stores weights in a quarter of float32")
     if int8 not in (None, *INT8_MODES):
@@ -85,7 +86,7 @@ def optimize_memory(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray
         raise ModelError("this is a graph moco compiled: give its build directory instead, so the certified exits "
                          "are put back on the optimised original")
     tuning, validation = split_rows(model, calibration, seed)
-    judge = _Validator(model, validation, measure_latency)
+    judge = _Validator(model, classifier_output(model, output), validation, measure_latency)
     result = MemoryOptimization(model, steps=[judge.add_costs(judge.quality("original", model), model)])
     current = model
     if float16:
@@ -121,7 +122,8 @@ def optimize_build(build_dir: str | os.PathLike, calibration: Mapping[str, np.nd
     does.  To certify exits on the optimised model, compile that model instead.
     """
     build = Build.load(build_dir)
-    return optimize_memory(load_onnx(build.original_model(original)), calibration, build=build, **options)
+    return optimize_memory(load_onnx(build.original_model(original)), calibration, build=build,
+                           output=build.report.get("classifier_output"), **options)
 
 
 def split_rows(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray],
@@ -149,8 +151,9 @@ def split_rows(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray],
 class _Validator:
     """Runs the validation rows through the original once and through each candidate."""
 
-    def __init__(self, original: onnx.ModelProto, validation: Mapping[str, np.ndarray], measure_latency: bool):
-        self.output = classifier_output(original, None)
+    def __init__(self, original: onnx.ModelProto, output: str, validation: Mapping[str, np.ndarray],
+                 measure_latency: bool):
+        self.output = output
         self.labels = validation.get(LABELS)
         self.inputs = {k: v for k, v in validation.items() if k != LABELS}
         self.reference = self._logits(_exit_session(original)).argmax(axis=1)

@@ -48,6 +48,11 @@ class ExitGraphBuilder:
                               if dim.dim_param}
         self.types = elem_types(model)
         self.full_names = {o.name: f"moco/full/{o.name}" for o in self.outputs}
+        # outputs computed from the classifier's logits alone (its class, its probabilities): exited rows get
+        # them computed from the exit's logits by copies of those nodes; other outputs get zeros
+        self.logits = self.index.classifier_logits(classifier_output)
+        self.derived = derived_outputs(self.index, classifier_output)
+        self._exited_logits: dict[str, str] = {}  # per exit (and If branch): its exited rows' float32 logits
         self.rest_sources: dict[str, str] = {}  # compressed tensor -> original tensor
         # outputs besides the classifier whose non-batch dims are dynamic: exited rows get zeros
         # shaped by int64 tensors computed once in the main graph (see passes/graph/trailing_dims.py)
@@ -221,13 +226,24 @@ class ExitGraphBuilder:
 
     def _exited_value(self, original: onnx.ValueInfoProto, exit_: Exit, margins: str, top: str, p: str,
                       nodes: list, initializers: list, into: str | None = None) -> str:
-        """What exited rows carry in ``original``: margins for the classifier, zeros otherwise; the rule's
-        tensors are prefixed ``p``, the new ones ``into`` (default ``p``: an If's two branches need two)."""
+        """What exited rows carry in ``original``: the exit's logits for the classifier and the outputs computed
+        from its logits alone, zeros otherwise; the rule's tensors are prefixed ``p``, the new ones ``into``
+        (default ``p``: an If's two branches need two)."""
         elem = original.type.tensor_type.elem_type
         into = into or p
         name = f"{into}/exited/{original.name}"
         if original.name == self.output:
-            return self._exited_classifier_value(elem, exit_, margins, p, into, name, nodes, initializers)
+            logits = self._exit_logits(exit_, margins, p, into, nodes, initializers)
+            head = self.index.probability_head(self.output)
+            if head:
+                nodes.append(helper.make_node(head, [logits], [f"{name}/{head}"], axis=-1))
+                logits = f"{name}/{head}"
+            return self._as_type(logits, elem, name, nodes, initializers)
+        if original.name in self.derived:
+            logits = self._exit_logits(exit_, margins, p, into, nodes, initializers)
+            logits = self._as_type(logits, self.types.get(self.logits, onnx.TensorProto.FLOAT), f"{name}/logits",
+                                   nodes, initializers)
+            return self._derived_nodes(original.name, logits, name, nodes, initializers)
         if original.name in self.trailing_shapes:
             trailing = self.trailing_shapes[original.name]
         else:
@@ -239,23 +255,25 @@ class ExitGraphBuilder:
                                       value=helper.make_tensor("zero", elem, [1], [0])))
         return name
 
-    def _exited_classifier_value(self, elem: int, exit_: Exit, margins: str, p: str, into: str, name: str,
-                                 nodes: list, initializers: list) -> str:
-        """The exit's calibrated log-probabilities when it has a confidence scale
-        (:func:`~moco_compile.passes.calibration.exit_confidence.exited_logits_nodes`), else its float32 margins;
-        through the model's final Softmax/LogSoftmax if it has one, in the output's dtype; values
-        beyond a narrower float's range (-FLT_MAX for classes an exit switched off) are clipped to
-        it, so no exited row carries -inf."""
+    def _exit_logits(self, exit_: Exit, margins: str, p: str, into: str, nodes: list, initializers: list) -> str:
+        """The float32 logits exited rows carry (built once per ``into``): the exit's calibrated log-probabilities
+        when it has a confidence scale
+        (:func:`~moco_compile.passes.calibration.exit_confidence.exited_logits_nodes`), else its margins."""
+        if into in self._exited_logits:
+            return self._exited_logits[into]
         value = margins
         if exit_.confidence_scale is not None and exit_.scores.normalize == "log_softmax":
-            value = f"{name}/calibrated"
+            value = f"{into}/exited/calibrated"
             nodes.extend(exited_logits_nodes(f"{p}/log_probs", margins, exit_.confidence_scale, value,
                                              f"{into}/confidence", initializers,
                                              swap=not swap_is_identity(exit_.thresholds, exit_.confidence_scale)))
-        head = self.index.probability_head(self.output)
-        if head:
-            nodes.append(helper.make_node(head, [value], [f"{name}/{head}"], axis=-1))
-            value = f"{name}/{head}"
+        self._exited_logits[into] = value
+        return value
+
+    @staticmethod
+    def _as_type(value: str, elem: int, name: str, nodes: list, initializers: list) -> str:
+        """Float32 ``value`` in type ``elem`` (as ``name`` unless float32): values beyond a narrower float's range
+        (-FLT_MAX for classes an exit switched off) are clipped to it, so no exited row carries -inf."""
         if elem == onnx.TensorProto.FLOAT:
             return value
         if elem in _NARROW_FLOAT_MAX:
@@ -267,6 +285,26 @@ class ExitGraphBuilder:
             value = f"{name}/clipped"
         nodes.append(helper.make_node("Cast", [value], [name], to=elem))
         return name
+
+    def _derived_nodes(self, output: str, logits: str, name: str, nodes: list, initializers: list) -> str:
+        """Copies of the model's nodes that compute ``output`` from its classifier's logits, reading ``logits``
+        instead; their tensors (and copies of the initializers they read) prefixed ``name``.  Returns the
+        copy of ``output``."""
+        renames = {self.logits: logits}
+        for index in self.derived[output]:
+            node = onnx.NodeProto()
+            node.CopyFrom(self.model.graph.node[index])
+            node.name = ""
+            for position, tensor in enumerate(node.input):
+                if tensor and tensor not in renames:  # an initializer: every derived node's other inputs come first
+                    renames[tensor] = f"{name}/{tensor}"
+                    copy = numpy_helper.to_array(self.initializers[tensor])
+                    initializers.append(numpy_helper.from_array(copy, renames[tensor]))
+                node.input[position] = renames.get(tensor, tensor)
+            for position, tensor in enumerate(node.output):
+                renames[tensor] = node.output[position] = f"{name}/{tensor}" if tensor else tensor
+            nodes.append(node)
+        return renames[output]
 
     def _side_inputs(self, level: int) -> set[str]:
         """Graph inputs that stages (or exits' pooling) from ``level`` on still read (e.g. an attention mask)."""
@@ -310,6 +348,16 @@ class ExitGraphBuilder:
         value = self.value_infos.get(tensor)
         return value is not None and value.type.tensor_type.HasField("shape") \
             and not has_dynamic_trailing_dims(value)
+
+
+def derived_outputs(index: GraphIndex, classifier_output: str) -> dict[str, list[int]]:
+    """The model's outputs besides ``classifier_output`` that it computes from the classifier's logits alone
+    (:meth:`~moco_compile.passes.graph.index.GraphIndex.classifier_logits`; e.g. its class or its probabilities),
+    each with the nodes that compute it: rows that leave at an exit get them from the exit's logits, and every
+    other output zeros."""
+    logits = index.classifier_logits(classifier_output)
+    return {name: nodes for name in index.graph_outputs if name != classifier_output
+            and (nodes := index.derived_nodes(name, logits)) is not None}
 
 
 def name_added_nodes(graph: onnx.GraphProto) -> None:

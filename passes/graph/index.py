@@ -131,6 +131,38 @@ class GraphIndex:
             tensor = node.input[0]
         return None
 
+    def classifier_logits(self, output: str) -> str:
+        """The tensor holding ``output``'s logits: the input of its final Softmax/LogSoftmax when it has one,
+        else the tensor that ``output`` copies or casts (through Identity/Cast), else ``output`` itself."""
+        tensor = output
+        while tensor in self.producer:
+            node = self.model.graph.node[self.producer[tensor]]
+            if node.op_type in ("Softmax", "LogSoftmax"):
+                return node.input[0]
+            if node.op_type not in ("Identity", "Cast"):
+                break
+            tensor = node.input[0]
+        return tensor
+
+    def derived_nodes(self, tensor: str, source: str) -> list[int] | None:
+        """Indices, in graph order, of the nodes that compute ``tensor`` from ``source`` and initializers
+        alone (``[]`` for ``source`` itself); None when ``tensor`` also reads a graph input or a node
+        with subgraphs runs on the way."""
+        initializers = {init.name for init in self.model.graph.initializer}
+        found: set[int] = set()
+        stack = [tensor]
+        while stack:
+            name = stack.pop()
+            if name == source or name in initializers:
+                continue
+            index = self.producer.get(name)
+            if index is None or subgraphs(self.model.graph.node[index]):
+                return None
+            if index not in found:
+                found.add(index)
+                stack.extend(node_inputs(self.model.graph.node[index]))
+        return sorted(found)
+
     def crossing_tensors(self, before: set[int]) -> set[str]:
         """Non-constant tensors that nodes outside ``before`` read from inside it or from graph inputs."""
         produced_before = {name for i in before for name in self.model.graph.node[i].output}

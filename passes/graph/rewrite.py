@@ -72,8 +72,10 @@ output's dtype and clipped to its range.  Either way their argmax is the exit's
 class.  For a model whose output is raw logits, exited rows carry those scaled
 log-probabilities as logits: logits on the full model's scale in the sense that
 their softmax matches the full model's confidence (logits are defined up to a
-per-row constant, which is not matched); other outputs carry zeros for exited rows, and where an output's
-non-batch dims are dynamic (e.g. ``[N, h*w, 4]`` for images of any size) those
+per-row constant, which is not matched).  Outputs the model computes from its classifier's logits alone
+(its class by ArgMax, its top-k) get, for exited rows, copies of those nodes run on the exit's logits
+(:func:`~moco_compile.passes.graph.exit_graph.derived_outputs`); other outputs carry zeros for exited rows, and
+where an output's non-batch dims are dynamic (e.g. ``[N, h*w, 4]`` for images of any size) those
 zeros, and the else branch's empty outputs, take dims computed at run time from
 the inputs' shapes (``passes/graph/trailing_dims.py``).  Where the graph lets a cut's
 spatial dims vary, the exit's pooling is sized at run time too.

@@ -81,8 +81,18 @@ class CalibrationSpec:
         same_kind = np.issubdtype(values.dtype, np.floating) == np.issubdtype(dtype, np.floating) \
             and np.issubdtype(values.dtype, np.integer) == np.issubdtype(dtype, np.integer)
         if values.dtype != dtype and not same_kind:
+            hint = f"e.g. array.astype('{dtype}')"
+            if np.issubdtype(dtype, np.integer) and values.size and 0 <= values.min() and values.max() <= 1:
+                hint = (f"its values lie in [0, 1], which astype would turn into 0s and 1s: if the model takes "
+                        f"{dtype} pixels in [0, 255], (array * 255).round().astype('{dtype}')")
             raise CalibrationDataError(f"{where}: input {name!r} has dtype {values.dtype}, the model "
-                                       f"expects {dtype}; convert it (e.g. array.astype('{dtype}'))")
+                                       f"expects {dtype}; convert it ({hint})")
+        if np.issubdtype(dtype, np.integer) and values.dtype != dtype and values.size:
+            low, high, limits = values.min(), values.max(), np.iinfo(dtype)
+            if low < limits.min or high > limits.max:  # astype would wrap them around
+                raise CalibrationDataError(f"{where}: input {name!r} holds values from {low} to {high}, outside "
+                                           f"the range of {dtype} ({limits.min} to {limits.max}) the model takes; "
+                                           "give the values the model expects")
         values = values.astype(dtype, copy=False)
         if np.issubdtype(dtype, np.floating) and not np.isfinite(values).all():
             bad = int((~np.isfinite(values.reshape(len(values), -1))).any(axis=1).sum())

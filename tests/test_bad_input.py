@@ -257,3 +257,29 @@ def test_layers_that_carry_the_batch_on_another_axis_are_refused_saying_why(buil
                                          + advice):
         _compile(module, {"x": images}, tmp_path / "out", example_input=torch.from_numpy(images[:2]))
     _assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("values, message", [
+    (np.full((8, 4), 0.5, np.float32), r"values lie in \[0, 1\].*\(array \* 255\)\.round\(\)\.astype\('uint8'\)"),
+    (np.full((8, 4), 300, np.int64), "values from 300 to 300, outside the range of uint8 \\(0 to 255\\)"),
+    (np.full((8, 4), -1, np.int32), "values from -1 to -1, outside the range of uint8"),
+])
+def test_calibration_values_a_uint8_input_cannot_take(values, message):
+    """A model taking uint8 pixels: float images in [0, 1] get the scaling in the hint (astype alone makes them
+    0 or 1), and integers beyond uint8's range are refused (astype would wrap them around); integers within it
+    are taken."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from moco_compile.calibration_data import CalibrationSpec
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT),
+         helper.make_node("MatMul", ["x", "w"], ["logits"])], "uint8_pixels",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")])
+    spec = CalibrationSpec(helper.make_model(graph), 3)
+    with pytest.raises(CalibrationDataError, match=message):
+        spec.check({"pixels": values}, "calibration data")
+    taken = spec.check({"pixels": np.full((8, 4), 255, np.int64)}, "calibration data")["pixels"]
+    assert taken.dtype == np.uint8 and (taken == 255).all()

@@ -72,7 +72,8 @@ class StagedSession:
         self._lock = threading.Lock()  # bound buffers: one batch at a time
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch; returns every output by name, ``moco_exit`` included (as the single graph would)."""
+        """Run one batch; returns every output by name, ``moco_exit`` included (as the single graph would), in
+        arrays of the caller's own."""
         missing = [name for name in self.input_names if name not in feed]
         if missing:
             raise MocoError(f"the feed lacks the model input(s) {missing}; the model takes {self.input_names}")
@@ -88,7 +89,8 @@ class StagedSession:
             sources = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feed[name]), self.device, 0)
                        for name in self.input_names}
             results = self._level(0, sources, None, count)
-        return {name: values[:count] for name, values in zip(self.output_names, results)}
+            # copies: the arrays hold the stages' bound output buffers, which the next batch overwrites
+            return {name: values[:count].copy() for name, values in zip(self.output_names, results)}
 
     def bucket_for(self, count: int) -> int | None:
         """The smallest bucket holding ``count`` rows; None for 0 rows or more than the largest bucket

@@ -57,6 +57,20 @@ def test_every_batch_size_from_0_to_257_matches_the_single_graph(mlp):
     assert {bucket for _, bucket, _ in staged._stages} == {*BUCKETS, None}
 
 
+def test_results_are_the_callers_and_later_batches_leave_them_alone(mlp):
+    """The stages' outputs are bound to buffers reused batch after batch: what ``run`` returns is the caller's
+    own (results kept from several batches, as a serving loop keeps them, stay as they were)."""
+    model, plan, x, _ = mlp
+    build = _bucketed_build(model, plan, "logits")
+    staged = StagedSession(build.model, build.plan_record(), providers=["cpu"])
+    single = _single(build.model)
+    kept = [staged.run({"x": x[start:start + 16]}) for start in range(0, 96, 16)]
+    for position, outputs in enumerate(kept):
+        logits, exits = single.run(None, {"x": x[16 * position:16 * position + 16]})
+        np.testing.assert_array_equal(outputs["moco_exit"], exits)
+        np.testing.assert_allclose(outputs["logits"], logits, atol=1e-5)
+
+
 def test_the_reference_cnn_runs_staged_as_one_graph(compiled, reference_model, calibration):
     result, _ = compiled
     build = _bucketed_build(reference_model, result.plan, "logits")

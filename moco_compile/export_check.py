@@ -1,6 +1,8 @@
-"""Whether an ONNX graph computes what the model it came from computes.
+"""What moco checks of a model it exports: a Hugging Face head it can compile, and an ONNX graph that computes
+what the model it came from computes.
 
-Every graph moco derives from a user's model before planning (a PyTorch export, a Hugging Face export,
+A head must choose one class per row (the argmax moco's certificate is about), so regression heads and
+multi-label heads (a sigmoid per label) are refused before anything is exported.  Every graph moco derives from a user's model before planning (a PyTorch export, a Hugging Face export,
 a graph whose fixed batch moco freed) is run against that model's own outputs here first: a graph that
 traces differently than it runs would otherwise be compiled unnoticed.
 """
@@ -14,6 +16,19 @@ import onnx
 from moco_compile.errors import ModelError
 
 OUTPUT_TOLERANCE = 1e-3  # an exported or freed graph agrees with the model's outputs within this (relative)
+
+
+def check_single_label_head(model: Any) -> None:
+    """Refuse a Hugging Face ``model`` whose head does not choose one of two or more classes: a regression
+    head (``num_labels`` < 2) or a multi-label one (``problem_type="multi_label_classification"``)."""
+    architecture, config = type(model).__name__, model.config
+    if getattr(config, "num_labels", 0) < 2:
+        raise ModelError(f"{architecture} has num_labels={getattr(config, 'num_labels', None)}: moco compiles "
+                         "classifiers with >= 2 classes, not regression heads")
+    if getattr(config, "problem_type", None) == "multi_label_classification":
+        raise ModelError(f"{architecture} is a multi-label classifier (problem_type='multi_label_classification': "
+                         "each label is decided by its own sigmoid), and moco certifies that the class a row gets, "
+                         "the argmax, stays the full model's: it compiles classifiers that choose one class per row")
 
 
 def outputs_agree(got: np.ndarray, expected: np.ndarray) -> bool:

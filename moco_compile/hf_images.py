@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from moco_compile.errors import ModelError
-from moco_compile.export_check import check_export
+from moco_compile.export_check import check_export, check_single_label_head
 
 ARCHITECTURE_SUFFIX = "ForImageClassification"
 PIXELS = "pixel_values"
@@ -48,10 +48,7 @@ def export_hf_image_classifier(model: Any, example_input: Any = None, directory:
     import torch
 
     architecture = type(model).__name__
-    config = model.config
-    if getattr(config, "num_labels", 0) < 2:
-        raise ModelError(f"{architecture} has num_labels={getattr(config, 'num_labels', None)}: moco compiles "
-                         "classifiers with >= 2 classes, not regression heads")
+    check_single_label_head(model)
     shape = _input_shape(model, example_input, directory)
     images = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
     model = model.eval()

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from moco_compile.errors import ModelError
-from moco_compile.export_check import check_export
+from moco_compile.export_check import check_export, check_single_label_head
 from moco_compile.hf_images import ARCHITECTURE_SUFFIX as IMAGE_ARCHITECTURE_SUFFIX
 from moco_compile.hf_images import export_hf_image_classifier, is_hf_image_classifier
 from moco_compile.passes.graph.binary_output import BinaryOutput, to_two_class
@@ -413,9 +413,7 @@ def export_hf_sequence_classifier(model: Any, opset: int = 18) -> onnx.ModelProt
                          "ONNX yourself (inputs input_ids, attention_mask; output [batch, classes] logits) "
                          "and pass the .onnx file")
     config = model.config
-    if getattr(config, "num_labels", 0) < 2:
-        raise ModelError(f"{architecture} has num_labels={getattr(config, 'num_labels', None)}: moco compiles "
-                         "classifiers with >= 2 classes, not regression heads")
+    check_single_label_head(model)
     if architecture in HF_DECODERS and getattr(config, "pad_token_id", None) is None:
         raise ModelError(f"{architecture} has no pad_token_id, so it cannot tell which token of a padded row "
                          "is the last one: set model.config.pad_token_id (e.g. to the tokenizer's "

@@ -51,6 +51,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from moco_compile.eager_families import EAGER_ARCHITECTURES, FAMILIES, Step, last_tokens
 from moco_compile.errors import ModelError
+from moco_compile.export_check import check_single_label_head
 from moco_compile.passes.graph.cut_points import numbered_repeats, outermost_unused_scope
 
 _NEVER = float(np.finfo(np.float32).max)
@@ -168,6 +169,7 @@ class EarlyExitTextClassificationModel(torch.nn.Module):
             raise ModelError(f"{architecture} is not supported by the eager text API; supported: "
                              f"{', '.join(EAGER_ARCHITECTURES)} (export other models to ONNX and compile them: "
                              "moco.compile)")
+        check_single_label_head(model)
         self.model = model.eval()
         self.prefix = model.base_model_prefix  # "bert", "distilbert", "transformer", "model", ...
         self._family = FAMILIES[architecture](model)

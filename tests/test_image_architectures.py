@@ -152,3 +152,29 @@ def test_the_trained_vit_reference_compiles_from_its_directory_with_the_cli(fash
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert all(set(exit_["pooling"].split("+")) <= {"token_mean", "first_token"} for exit_ in plan["exits"])
     assert "rate" in report["bound"]["certified"] and report["verification"]["rerouted_rows"] == 0
+
+
+@pytest.mark.parametrize("kind", ["image", "text"])
+@pytest.mark.parametrize("head, message", [
+    (dict(num_labels=1), "num_labels=1: moco compiles classifiers with >= 2 classes, not regression heads"),
+    (dict(num_labels=4, problem_type="multi_label_classification"), "is a multi-label classifier"),
+])
+def test_heads_that_do_not_choose_one_class_are_refused_before_export(kind, head, message, tmp_path):
+    """A regression head and a multi-label head (a sigmoid per label) are refused, by compile and by the eager
+    text API: moco certifies the argmax class, which neither predicts; compile writes no file."""
+    if kind == "image":
+        config = transformers.ViTConfig(**{**_PATCHES, **head})
+        transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "model")
+    else:
+        config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, **head)
+        transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "model")
+        from moco_compile.torch import EarlyExitTextClassificationModel
+
+        with pytest.raises(ModelError, match=message):  # the eager API as well
+            EarlyExitTextClassificationModel(transformers.BertForSequenceClassification(config))
+    calibration = {PIXELS: np.zeros((8, 1, 28, 28), np.float32)} if kind == "image" else \
+        {"input_ids": np.ones((8, 6), np.int64), "attention_mask": np.ones((8, 6), np.int64)}
+    with pytest.raises(ModelError, match=message):
+        compile(tmp_path / "model", calibration, out_dir=tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()

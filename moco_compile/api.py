@@ -138,7 +138,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         check_output_dir(out_dir, inputs, force)
     phases = Phases(show_progress)
     with phases("import"):
-        imported = import_model(model, output=output, example_input=example_input)
+        imported = import_model(model, output=output, example_input=example_input,
+                                rows=calibration if isinstance(calibration, Mapping) else None)
     if imported.binary is not None and config.exit_layout == "bucketed":
         raise ModelError(f"output {imported.binary.name!r} is one column (a binary classifier): the bucketed "
                          "layout (the GPU targets' default) splits the graph into stages that serve the two-class "
@@ -255,7 +256,8 @@ def calibrate_frame(model: Any, calibration: Mapping[str, Any] | Iterable[Mappin
     """
     inputs = _input_files(model)
     check_output_file(out, "frame", "frame", inputs, force)
-    imported = import_model(model, output=output, example_input=example_input)
+    imported = import_model(model, output=output, example_input=example_input,
+                            rows=calibration if isinstance(calibration, Mapping) else None)
     batches, cuts = cut_points_of(imported, calibration, batch_size)
     with staged_output_file(out, "frame", "frame", inputs, force) as temporary:
         calibrate(imported.model, imported.output, cuts, batches, temporary, show_progress=show_progress, raw=raw)

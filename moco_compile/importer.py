@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from moco_compile.constants import LABELS
 from moco_compile.errors import ModelError
 from moco_compile.export_check import check_export, check_single_label_head
 from moco_compile.hf_images import ARCHITECTURE_SUFFIX as IMAGE_ARCHITECTURE_SUFFIX
@@ -59,13 +61,15 @@ class ImportedModel:
         return output_shape(self.model, self.output)[1]
 
 
-def import_model(source: Any, output: str | None = None, example_input: Any = None) -> ImportedModel:
+def import_model(source: Any, output: str | None = None, example_input: Any = None,
+                 rows: Mapping[str, Any] | None = None) -> ImportedModel:
     """Load ``source`` as a classifier: an ONNX path, an ``onnx.ModelProto``, a ``torch.nn.Module``,
     a Hugging Face sequence or image classifier, or a directory it was saved to with ``save_pretrained``.
 
-    ``example_input`` is required for an ``nn.Module``: a tensor, a tuple of
-    tensors or a dict of named tensors with the batch on axis 0.  For a Hugging Face image
-    classifier it is optional: a batch of images fixing the input size (default: the config's).
+    ``example_input`` is what an ``nn.Module`` is exported on: a tensor, a tuple of tensors or a dict of
+    named tensors with the batch on axis 0; without it, the first rows of ``rows`` (calibration arrays by
+    name, in memory) when they are named after the module's ``forward`` parameters.  For a Hugging Face
+    image classifier it is optional: a batch of images fixing the input size (default: the config's).
     ``output`` names the classifier output when the model has several.
     """
     if isinstance(source, onnx.ModelProto):
@@ -77,8 +81,10 @@ def import_model(source: Any, output: str | None = None, example_input: Any = No
     elif _is_hf_model(source):
         model = export_hf_classifier(source, example_input)
     elif _is_torch_module(source):
+        example_input = example_input if example_input is not None else _example_from_rows(source, rows)
         if example_input is None:
-            raise ModelError("an nn.Module needs an example input: pass example_input=<a batch of inputs>")
+            raise ModelError("an nn.Module needs an example input: pass example_input=<a batch of inputs>, or name "
+                             f"the calibration arrays after the parameters of its forward ({_parameters(source)})")
         model = export_torch(source, example_input)
     else:
         raise ModelError(f"cannot compile a {type(source).__name__}: pass an ONNX file path, "
@@ -121,7 +127,8 @@ def _is_torch_module(obj: Any) -> bool:
 
 
 def export_torch(module: Any, example_input: Any, opset: int = 18) -> onnx.ModelProto:
-    """Export an ``nn.Module`` with the torch.export-based exporter, batch axis dynamic."""
+    """Export an ``nn.Module`` with the torch.export-based exporter, batch axis dynamic; a module returning a
+    dict of tensors gets outputs named by its keys."""
     import torch
 
     if isinstance(example_input, dict):
@@ -136,9 +143,13 @@ def export_torch(module: Any, example_input: Any, opset: int = 18) -> onnx.Model
     module = module.eval()
     try:
         with torch.no_grad():
+            returned = module(*args, **kwargs)  # a dict's keys name the outputs (else the exporter names them)
+            output_names = [key for key, value in returned.items() if isinstance(value, torch.Tensor)] \
+                if isinstance(returned, Mapping) else None
             program = torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True,
                                         dynamic_shapes=dynamic, opset_version=opset,
-                                        input_names=names if not kwargs else None, verbose=False)
+                                        input_names=names if not kwargs else None, output_names=output_names,
+                                        verbose=False)
     except Exception as error:
         raise ModelError(f"torch.onnx.export failed for {type(module).__name__}: {error}; "
                          "export it yourself and pass the .onnx file") from error
@@ -147,12 +158,28 @@ def export_torch(module: Any, example_input: Any, opset: int = 18) -> onnx.Model
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _forward_argument_names(module: Any, count: int) -> list[str]:
-    """ONNX input names for positional inputs: the names of ``forward``'s parameters."""
+def _example_from_rows(module: Any, rows: Mapping[str, Any] | None) -> dict | None:
+    """The first two rows of the arrays in ``rows`` (but ``labels``) as tensors by name, when every name is one of
+    ``module.forward``'s parameters; else None."""
+    import torch
+
+    names = [name for name in rows or {} if name != LABELS]
+    if not names or any(name not in _parameters(module) for name in names):
+        return None
+    return {name: torch.as_tensor(np.asarray(rows[name][:2])) for name in names}
+
+
+def _parameters(module: Any) -> list[str]:
+    """The names of ``module.forward``'s parameters that a value can be passed to by position or name."""
     import inspect
 
-    parameters = [p.name for p in inspect.signature(module.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [p.name for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _forward_argument_names(module: Any, count: int) -> list[str]:
+    """ONNX input names for positional inputs: the names of ``forward``'s parameters."""
+    parameters = _parameters(module)
     return parameters[:count] if len(parameters) >= count else [f"input_{i}" for i in range(count)]
 
 

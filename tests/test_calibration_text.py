@@ -52,14 +52,14 @@ def test_texts_are_tokenized_as_the_saved_tokenizer_does(texts, model_dir, tmp_p
     gives them; labels as given; only the inputs the model takes."""
     labels = np.arange(ROWS) % 2
     _csv(tmp_path / "calib.csv", {"text": texts, "label": labels})
-    arrays = TextCalibration(tmp_path / "calib.csv", model_dir).arrays(["input_ids", "attention_mask"])
+    arrays = TextCalibration(tmp_path / "calib.csv", model_dir).rows(["input_ids", "attention_mask"])
     expected = tokenizer()(texts, truncation=True, padding="longest", return_tensors="np")
     assert sorted(arrays) == ["attention_mask", "input_ids", "labels"]
     np.testing.assert_array_equal(arrays["input_ids"], expected["input_ids"])
     np.testing.assert_array_equal(arrays["attention_mask"], expected["attention_mask"])
     assert arrays["input_ids"].dtype == np.int64 and arrays["input_ids"].shape == (ROWS, expected["input_ids"].shape[1])
     np.testing.assert_array_equal(arrays["labels"], labels)
-    assert "token_type_ids" in TextCalibration(tmp_path / "calib.csv", model_dir).arrays(
+    assert "token_type_ids" in TextCalibration(tmp_path / "calib.csv", model_dir).rows(
         ["input_ids", "attention_mask", "token_type_ids"])
 
 
@@ -67,10 +67,10 @@ def test_class_names_map_through_the_config_and_a_txt_has_no_labels(texts, model
     with open(tmp_path / "calib.jsonl", "w") as file:
         for position, text in enumerate(texts):
             file.write(json.dumps({"text": text, "labels": NAMES[position % 2]}) + "\n")
-    arrays = TextCalibration(tmp_path / "calib.jsonl", model_dir).arrays(["input_ids", "attention_mask"])
+    arrays = TextCalibration(tmp_path / "calib.jsonl", model_dir).rows(["input_ids", "attention_mask"])
     np.testing.assert_array_equal(arrays["labels"], np.arange(ROWS) % 2)
     (tmp_path / "calib.txt").write_text("\n".join(texts[:50]) + "\n\n")
-    plain = TextCalibration(tmp_path / "calib.txt", model_dir).arrays(["input_ids", "attention_mask"])
+    plain = TextCalibration(tmp_path / "calib.txt", model_dir).rows(["input_ids", "attention_mask"])
     assert "labels" not in plain and len(plain["input_ids"]) == 50
 
 
@@ -97,7 +97,7 @@ def test_bad_text_calibration_gets_a_clear_error(case, message, texts, model_dir
     else:
         _csv(tmp_path / "calib.csv", {"text": pyarrow.array([], pyarrow.string())})
     with pytest.raises(CalibrationDataError, match=message):
-        TextCalibration(tmp_path / "calib.csv", directory).arrays(["input_ids", "attention_mask"])
+        TextCalibration(tmp_path / "calib.csv", directory).rows(["input_ids", "attention_mask"])
 
 
 def test_texts_for_an_onnx_file_are_refused(texts, tmp_path, reference_onnx):

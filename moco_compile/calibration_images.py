@@ -9,6 +9,7 @@ in batches, so the whole set is never in memory as floats.
 """
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class ImageCalibration:
         them, with ``labels`` when the images sit in class folders."""
         from transformers import AutoConfig, AutoImageProcessor
 
+        if importlib.util.find_spec("PIL") is None:
+            raise CalibrationDataError("reading image files needs Pillow: pip install 'moco-compile[text]' (or pillow)")
         if len(input_names) != 1:
             raise CalibrationDataError(f"image folders calibrate a model with one input; this one takes {input_names}")
         if not (self.model_directory / PROCESSOR_FILE).is_file():

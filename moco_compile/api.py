@@ -198,7 +198,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     for item, rate in zip(report["exits"], figures.pop("guard_rates")):
         item["guard_rate"] = rate
     report.update(figures)
-    report["source_model"] = source_model(inputs[0]) if inputs and inputs[0].is_file() else None
+    report["source_model"] = source_model(inputs[0]) if inputs and inputs[0].exists() else None
     report["target"] = _target_record(config, pricing)
     report["phases"] = phases.to_dict()
     result = Build(compiled, plan, report, frame, exit_layout=config.exit_layout, seed=seed, planner_config=config)

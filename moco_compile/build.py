@@ -131,20 +131,21 @@ class Build:
         return cls(None, plan, report, frame, layout, seed, config, directory)
 
     def original_model(self, original: str | os.PathLike | None = None) -> Path:
-        """The model this build was compiled from: ``original`` when given, else the file its report
-        records, refused when gone or changed since (SHA-256)."""
+        """The model this build was compiled from (an ONNX file, or a Hugging Face ``save_pretrained`` directory):
+        ``original`` when given, else the one its report records, refused when gone or changed since (SHA-256)."""
         if original is not None:
             path = Path(original)
-            if not path.is_file():
-                raise ModelError(f"--original {path} is not a file; give the ONNX model the build was compiled from")
+            if not path.exists():
+                raise ModelError(f"--original {path} does not exist; give the ONNX model (or the Hugging Face "
+                                 "directory) the build was compiled from")
             return path
         recorded = self.report.get("source_model") or {}
         if not recorded.get("path"):
-            raise ModelError("the build does not record a model file (it was compiled from an in-memory model); "
-                             "pass --original MODEL.onnx, the model it was compiled from")
+            raise ModelError("the build does not record the model it was compiled from (an in-memory model); "
+                             "pass --original with it (MODEL.onnx or a Hugging Face directory)")
         path = Path(recorded["path"])
-        if not path.is_file():
-            raise ModelError(f"the model the build was compiled from, {path}, is gone; pass --original MODEL.onnx")
+        if not path.exists():
+            raise ModelError(f"the model the build was compiled from, {path}, is gone; pass --original with it")
         if source_model(path)["sha256"] != recorded.get("sha256"):
             raise ModelError(f"{path} changed since the build was compiled (its SHA-256 differs); pass --original "
                              "with the model it was compiled from, or compile again")
@@ -153,12 +154,17 @@ class Build:
 
 def source_model(path: str | os.PathLike) -> dict:
     """Where a compiled model came from: its absolute path and the SHA-256 of its bytes (report.json's
-    ``source_model``), so that later steps can find the original and tell whether it changed since."""
+    ``source_model``), so that later steps can find the original and tell whether it changed since.  A
+    directory (a Hugging Face ``save_pretrained`` one) is hashed over its files' relative paths and bytes."""
+    path = Path(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest()}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return {"path": str(path.resolve()), "sha256": digest.hexdigest()}
 
 
 def _checked_json(path: Path, what: str, fields: Mapping[str, tuple]) -> dict:

@@ -192,10 +192,12 @@ def report_command(
 def evaluate_command(
     build: Path = typer.Argument(..., help="output directory of 'moco compile'"),
     traffic: str = typer.Option(..., "--traffic", help=".npz sample of real traffic: one array per model "
-                                f"input, rows in arrival order (+ optional '{LABELS}'); with --engine ray, a "
-                                "directory or glob of .parquet/.npz shards (in arrival order by name)"),
+                                f"input, rows in arrival order (+ optional '{LABELS}'); for a build of a Hugging "
+                                "Face directory also texts or image files, as compile's --calib takes them; with "
+                                "--engine ray, a directory or glob of .parquet/.npz shards (in arrival order by "
+                                "name)"),
     original: Optional[Path] = typer.Option(None, "--original", help="the model the build was compiled from "
-                                            "(default: the file compile recorded)"),
+                                            "(default: the file or directory compile recorded)"),
     qps: float = typer.Option(100.0, "--qps", help="requests per second to project savings for"),
     days: float = typer.Option(30.0, "--days", help="period of the projection"),
     gpu_hour_price: Optional[float] = typer.Option(None, "--gpu-hour-price", help="price of a device-hour"),
@@ -212,12 +214,15 @@ def evaluate_command(
     """Shadow-run TRAFFIC through the original and the compiled model; project savings over --days."""
     import logging
 
+    from moco_compile.build import Build
     from moco_compile.evaluation import check_evaluation_paths, evaluate_build, write_evaluation
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         check_evaluation_paths(build, force=force)  # fail before the long work
-        evaluation = evaluate_build(build, _calibration_data(traffic, engine, ray_address, ray_workers),
+        source = Build.load(build).original_model(original)  # a Hugging Face directory tokenizes texts
+        evaluation = evaluate_build(build, _calibration_data(traffic, engine, ray_address, ray_workers,
+                                                             model=source),
                                     original=original, qps=qps, days=days,
                                     device_hour_price=gpu_hour_price, utilisation=utilisation,
                                     batch_size=batch_size, require_gpu=require_gpu,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import html
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from moco_compile.build import Build
 from moco_compile.calibration_data import CalibrationSpec
+from moco_compile.calibration_images import ImageCalibration
+from moco_compile.calibration_text import TextCalibration
 from moco_compile.constants import LABELS
 from moco_compile.errors import CalibrationDataError, MocoError, ModelError
-from moco_compile.importer import import_model
+from moco_compile.importer import import_model, load_original
 from moco_compile.outputs import GENERATOR, add_to_manifest, check_output_file, staged_output_file
 from moco_compile.passes.graph.fixed_batch import free_batch
 from moco_compile.passes.planning.bounds import clopper_pearson_interval
@@ -40,7 +42,8 @@ EVALUATION_JSON = "evaluation.json"
 EVALUATION_HTML = "evaluation.html"
 
 
-def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any] | ShardedData, *,
+def evaluate_build(build_dir: str | os.PathLike,
+                   traffic: Mapping[str, Any] | ShardedData | TextCalibration | ImageCalibration, *,
                    original: str | os.PathLike | None = None, providers: Sequence[str] | None = None,
                    require_gpu: bool = False, batch_size: int = 64, qps: float = 100.0, days: float = 30.0,
                    utilisation: float = 0.6, device_hour_price: float | None = None, windows: int = 20,
@@ -53,9 +56,12 @@ def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any] | Sh
         Output directory of ``moco compile``.
     traffic:
         ``{input name: array, ...}`` (rows on axis 0, in arrival order) and optional ``labels``; or
-        :class:`~moco_compile.scale.shards.ShardedData`: shard files (in arrival order) shadow-run on Ray.
+        :class:`~moco_compile.scale.shards.ShardedData`: shard files (in arrival order) shadow-run on Ray; or
+        texts / image files for a Hugging Face classifier (:mod:`~moco_compile.calibration_text`,
+        :mod:`~moco_compile.calibration_images`).
     original:
-        The original ONNX model; default: the file compile recorded, refused if it changed since.
+        The original ONNX model or Hugging Face directory; default: the one compile recorded, refused if it
+        changed since.
     providers, require_gpu:
         As :class:`~moco_compile.runtime.session.ExitSession`; both models use the same.
     batch_size:
@@ -70,12 +76,15 @@ def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any] | Sh
     build_dir = Path(build_dir)
     build = Build.load(build_dir)
     compiled_path, report, original_path = build.model_path, build.report, build.original_model(original)
-    imported = import_model(original_path, output=report.get("classifier_output"))
+    source = load_original(original_path)  # a Hugging Face directory: exported as compile exported it
+    imported = import_model(source, output=report.get("classifier_output"))
+    if isinstance(traffic, (TextCalibration, ImageCalibration)):
+        traffic = _in_memory(traffic.rows(imported.input_names))
     spec = CalibrationSpec(imported.model, imported.num_classes)
     binary = imported.binary  # a one-column output: the models' own output and its classes
     output, classes = (binary.name, binary.classes) if binary is not None else (imported.output, None)
     fixed = imported.fixed_batch  # the original takes one batch size: its freed graph, checked at compile, serves
-    original_model = original_path if fixed is None else free_batch(fixed.model, fixed.size)
+    original_model = source if fixed is None else free_batch(fixed.model, fixed.size)
     sessions = {name: ExitSession(model, providers, require_gpu=require_gpu)
                 for name, model in (("original", original_model), ("compiled", compiled_path))}
     if sessions["compiled"].input_names != sessions["original"].input_names:
@@ -93,6 +102,14 @@ def evaluate_build(build_dir: str | os.PathLike, traffic: Mapping[str, Any] | Sh
     return _evaluation(build_dir, report, original_path, run, sessions, labels, batch_size,
                        dict(qps=qps, days=days, utilisation=utilisation, device_hour_price=device_hour_price),
                        windows)
+
+
+def _in_memory(rows: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Traffic as one mapping of arrays: ``rows`` itself, or its batches joined."""
+    if isinstance(rows, Mapping):
+        return dict(rows)
+    batches = list(rows)
+    return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
 
 
 def _shadow_local(sessions: Mapping[str, ExitSession], output: str, checked: dict[str, np.ndarray],

@@ -104,6 +104,14 @@ def import_model(source: Any, output: str | None = None, example_input: Any = No
     return ImportedModel(model, output, scopes, text, fixed, binary)
 
 
+def load_original(path: Path) -> onnx.ModelProto:
+    """The ONNX graph of the model a build was compiled from: the file, or the export of the Hugging Face
+    classifier saved in the directory, as compile exported it."""
+    if path.is_dir():
+        return export_hf_classifier(load_hf_directory(path), None, path)
+    return load_onnx(path)
+
+
 def load_onnx(path: Path) -> onnx.ModelProto:
     """Load and check an ONNX file, with a clear error when it is missing or corrupt."""
     if not path.exists():

@@ -21,7 +21,7 @@ import onnx
 
 from moco_compile.build import Build
 from moco_compile.errors import MocoError, ModelError
-from moco_compile.importer import load_onnx
+from moco_compile.importer import load_original
 from moco_compile.passes.graph.rewrite import apply_plan
 from moco_compile.prepare import model_for_plan
 from moco_compile.runtime.stage_graphs import BUCKETED, StageGraph, stage_graphs
@@ -48,7 +48,8 @@ def build_stage_graphs(build: Build, original: str | os.PathLike | None = None) 
         graphs = stage_graphs(compiled, build.plan_record(), str(build.model_path))
     else:
         source = build.original_model(original)
-        prepared, output = model_for_plan(load_onnx(source), None, _one_row(compiled))
+        prepared, output = model_for_plan(load_original(source), build.report.get("classifier_output"),
+                                          _one_row(compiled))
         if apply_plan(prepared, build.plan, output, build.exit_layout, build.batch_buckets).graph.SerializeToString(
                 deterministic=True) != compiled.graph.SerializeToString(deterministic=True):
             raise ModelError(f"the build's plan applied again to {source} does not give the build's graph: it is not "

@@ -121,3 +121,23 @@ def test_moco_compile_takes_a_csv_of_texts_for_a_saved_text_classifier(texts, mo
     assert run.exit_code == 0, run.output
     frame = load_frame(tmp_path / "out" / "frame.arrow")
     assert len(frame) == ROWS and sorted(set(frame["labels"])) == [0, 1]
+    # the build records the directory, so its evaluation finds the model and tokenizes texts as traffic too
+    _csv(tmp_path / "traffic.csv", {"text": texts[:100]})
+    run = CliRunner().invoke(app, ["evaluate", str(tmp_path / "out"), "--traffic", str(tmp_path / "traffic.csv")])
+    assert run.exit_code == 0, run.output
+    assert json.loads((tmp_path / "out" / "evaluation.json").read_text())["traffic_rows"] == 100
+
+
+def test_a_directory_source_is_hashed_over_its_files(model_dir, tmp_path):
+    """A build compiled from a Hugging Face directory records it (path and a SHA-256 over its files), and a later
+    step refuses the directory once a file in it changed."""
+    import shutil
+
+    from moco_compile.build import source_model
+
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    before = source_model(copy)
+    assert before == source_model(copy) and before["path"] == str(copy.resolve())
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    assert source_model(copy)["sha256"] != before["sha256"]

@@ -143,8 +143,11 @@ def test_exited_rows_get_their_class_and_top_k_from_the_exit(model, compiled, ca
 @pytest.mark.slow
 def test_the_memory_passes_put_exits_back_on_the_output_the_build_records(model, compiled, calibration, tmp_path):
     """A build of a model with several outputs records its classifier output, so putting its exits back on the
-    original (``moco optimize-memory BUILD_DIR``) needs no ``--output``."""
+    original (``moco optimize-memory BUILD_DIR``) and cutting its stages (``export-triton --staged``) need no
+    ``--output``."""
+    from moco_compile.build import Build
     from moco_compile.memory.optimize import optimize_build
+    from moco_compile.stage_models import build_stage_graphs
 
     result, _ = compiled
     original = tmp_path / "model.onnx"
@@ -156,6 +159,7 @@ def test_the_memory_passes_put_exits_back_on_the_output_the_build_records(model,
     probabilities, label, *_ = ort.InferenceSession(optimized.model.SerializeToString()).run(
         None, {"images": calibration["images"][ROWS:ROWS + 256]})
     np.testing.assert_array_equal(label, probabilities.argmax(axis=1))
+    assert len(build_stage_graphs(Build.load(tmp_path / "build"), original)) == len(result.plan.exits) + 1
 
 
 @pytest.mark.slow

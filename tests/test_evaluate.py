@@ -110,7 +110,7 @@ def test_a_changed_or_missing_original_is_refused(build, traffic, tmp_path):
     code, output = _evaluate(build, "--traffic", traffic[0])
     assert code == 2 and "pass --original" in output
     code, output = _evaluate(build, "--traffic", traffic[0], "--original", tmp_path / "gone.onnx")
-    assert code == 2 and "is not a file" in output
+    assert code == 2 and "does not exist" in output
 
 
 def test_unavailable_gpu_fails_only_when_required(build, traffic):

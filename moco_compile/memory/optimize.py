@@ -24,7 +24,7 @@ import onnxruntime as ort
 from moco_compile.build import Build
 from moco_compile.constants import EXIT_OUTPUT, LABELS
 from moco_compile.errors import CalibrationDataError, MocoError, ModelError
-from moco_compile.importer import classifier_output, load_onnx
+from moco_compile.importer import classifier_output, load_original
 from moco_compile.passes.graph.flops import measure_shapes
 from moco_compile.passes.graph.index import GraphIndex, exposing_every_tensor
 from moco_compile.passes.graph.rewrite import apply_plan
@@ -122,7 +122,7 @@ def optimize_build(build_dir: str | os.PathLike, calibration: Mapping[str, np.nd
     does.  To certify exits on the optimised model, compile that model instead.
     """
     build = Build.load(build_dir)
-    return optimize_memory(load_onnx(build.original_model(original)), calibration, build=build,
+    return optimize_memory(load_original(build.original_model(original)), calibration, build=build,
                            output=build.report.get("classifier_output"), **options)
 
 

@@ -15,6 +15,7 @@ import onnx
 
 from moco_compile.build import Build, source_model
 from moco_compile.calibration_images import ImageCalibration
+from moco_compile.calibration_data import load_calibration
 from moco_compile.calibration_text import TextCalibration
 from moco_compile.constants import LABELS, OUTPUTS, PROBABILITIES, SPLIT_COLUMN
 from moco_compile.errors import ModelError
@@ -60,7 +61,7 @@ GUARD_SCOPE = {
 }
 
 
-def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]], *,
+def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]] | str | os.PathLike, *,
             out_dir: str | os.PathLike | None = None, output: str | None = None,
             example_input: Any = None, max_disagreement: float = 0.01, confidence: float = 0.95,
             max_accuracy_drop: float | None = None, ood_guard: float | None = None, allow_no_exit: bool = False,
@@ -83,6 +84,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         Hugging Face text classifier's directory, :class:`~moco_compile.calibration_text.TextCalibration`:
         texts its saved tokenizer tokenizes; for an image classifier's,
         :class:`~moco_compile.calibration_images.ImageCalibration`: image files its saved processor processes.
+        Or a path to any of these (:func:`~moco_compile.calibration_data.load_calibration`).
     out_dir:
         When given, ``model.onnx``, ``plan.json``, ``report.json`` and
         ``frame.arrow`` are written there (all or nothing), with a manifest listing
@@ -141,6 +143,8 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     inputs = _input_files(model)
     if out_dir is not None:
         check_output_dir(out_dir, inputs, force)
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = load_calibration(calibration, model)
     phases = Phases(show_progress)
     with phases("import"):
         imported = import_model(model, output=output, example_input=example_input,
@@ -250,7 +254,7 @@ def _calibrate_local(imported: ImportedModel, calibration: Mapping[str, Any] | I
     return frame, cuts, keeper.inputs()
 
 
-def calibrate_frame(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]],
+def calibrate_frame(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, Any]] | str | os.PathLike,
                     out: str | os.PathLike, *, output: str | None = None, example_input: Any = None,
                     raw: bool = False, batch_size: int = 256, show_progress: bool = True,
                     force: bool = False) -> ActivationFrame:
@@ -263,6 +267,8 @@ def calibrate_frame(model: Any, calibration: Mapping[str, Any] | Iterable[Mappin
     """
     inputs = _input_files(model)
     check_output_file(out, "frame", "frame", inputs, force)
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = load_calibration(calibration, model)
     imported = import_model(model, output=output, example_input=example_input,
                             rows=calibration if isinstance(calibration, Mapping) else None)
     if isinstance(calibration, (TextCalibration, ImageCalibration)):

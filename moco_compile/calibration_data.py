@@ -1,9 +1,9 @@
 """Calibration data: validation against the model's inputs and batching.
 
-The CLI reads an ``.npz`` with one array per model input plus optional
-``labels``; the API takes such a mapping or any iterable of such mappings
-(a DataLoader yielding dicts works).  Problems are reported with the key, what
-was expected and what to do.
+The CLI reads an ``.npz`` with one array per model input plus optional ``labels`` (or, for a Hugging
+Face directory, texts or image files: :func:`load_calibration`); the API takes such a mapping, any
+iterable of such mappings (a DataLoader yielding dicts works), or a path.  Problems are reported with
+the key, what was expected and what to do.
 """
 from __future__ import annotations
 
@@ -16,6 +16,27 @@ import onnx
 
 from moco_compile.constants import LABELS
 from moco_compile.errors import CalibrationDataError
+
+
+def load_calibration(path: str | Path, model: Any = None) -> Any:
+    """The rows a calibration path names: an ``.npz``, in memory; or, for a Hugging Face classifier saved in the
+    directory ``model``, texts (``.csv``/``.jsonl``/``.txt``, :mod:`~moco_compile.calibration_text`) or a folder
+    of image files (:mod:`~moco_compile.calibration_images`), prepared once the model is imported."""
+    from moco_compile.calibration_images import ImageCalibration
+    from moco_compile.calibration_text import TextCalibration, is_text_calibration
+
+    texts, images = is_text_calibration(path), Path(path).is_dir()
+    if not (texts or images):
+        return load_npz(path)
+    if images and (any(Path(path).glob("*.npz")) or any(Path(path).glob("*.parquet"))):
+        raise CalibrationDataError(f"{path} is a folder of .npz/.parquet shards, which the Ray engine reads: "
+                                   "pass --engine ray (or one .npz file)")
+    if not isinstance(model, (str, Path)) or not Path(model).is_dir():
+        what = "texts, which moco tokenizes with the tokenizer" if texts else \
+            "images, which moco processes with the image processor"
+        raise CalibrationDataError(f"{path} holds {what} saved in a Hugging Face model directory, and the model is "
+                                   "not one: give an .npz of the model's inputs instead")
+    return TextCalibration(path, model) if texts else ImageCalibration(path, model)
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:

@@ -42,8 +42,8 @@ def compile_command(
                               "for a Hugging Face text classifier's directory also a .csv/.jsonl with a 'text' "
                               "(and 'label') column or a .txt of one text per line, tokenized by its saved "
                               "tokenizer; for an image classifier's, a folder of images (or of one folder per "
-                              "class), processed by its saved image processor; with --engine ray, a directory or glob of .parquet/.npz shards (local or "
-                              "a URI)"),
+                              "class), processed by its saved image processor; with --engine ray, a directory or "
+                              "glob of .parquet/.npz shards (local or a URI)"),
     out: Path = typer.Option(..., "--out", help="output directory (model.onnx, plan.json, report.json)"),
     max_disagreement: float = typer.Option(0.01, help="budget: fraction of inputs whose class may change"),
     confidence: float = typer.Option(0.95, help="confidence of the certified budget"),
@@ -152,8 +152,9 @@ def inspect_command(
 
 @app.command("calibrate")
 def calibrate_command(
-    model: Path = typer.Argument(..., help="ONNX classifier"),
-    calib: Path = typer.Option(..., "--calib", help=f".npz with one array per model input (+ optional '{LABELS}')"),
+    model: Path = typer.Argument(..., help="ONNX classifier, or a Hugging Face save_pretrained directory"),
+    calib: Path = typer.Option(..., "--calib", help=f".npz with one array per model input (+ optional '{LABELS}'); "
+                               "for a Hugging Face directory also texts or image files, as compile takes them"),
     out: Path = typer.Option(..., "--out", help="ActivationFrame file to write (Arrow IPC)"),
     raw: bool = typer.Option(False, help="also store the unpooled cut tensors"),
     output: Optional[str] = typer.Option(None, "--output", help="classifier output name, if several"),
@@ -161,12 +162,12 @@ def calibrate_command(
 ) -> None:
     """Store MODEL's pooled activations at every cut point as an ActivationFrame."""
     from moco_compile.api import calibrate_frame
-    from moco_compile.calibration_data import load_npz
+    from moco_compile.calibration_data import load_calibration
     from moco_compile.outputs import check_output_file
 
     try:
         check_output_file(out, "frame", "frame", [model, calib], force)
-        frame = calibrate_frame(model, load_npz(calib), out, output=output, raw=raw, force=force)
+        frame = calibrate_frame(model, load_calibration(calib, model), out, output=output, raw=raw, force=force)
     except (MocoError, ValueError, OSError) as error:
         _fail(error)
     console.print(f"wrote {out}: {frame!r}")
@@ -488,24 +489,18 @@ def _batch_buckets(text: str) -> tuple[int, ...]:
 
 def _calibration_data(source: str, engine: str, address: str | None, workers: int, max_rows: int | None = None,
                       seed: int = 0, model: Path | None = None):
-    """The data ``--calib``/``--traffic`` names: an in-memory ``.npz``, texts for ``model`` (a Hugging Face
-    text classifier's directory) to tokenize, or shards for the Ray engine."""
-    from moco_compile.calibration_data import load_npz
-    from moco_compile.calibration_images import ImageCalibration
-    from moco_compile.calibration_text import TextCalibration, is_text_calibration
+    """The data ``--calib``/``--traffic`` names: what :func:`~moco_compile.calibration_data.load_calibration`
+    reads (for ``model``), or shards for the Ray engine."""
+    from moco_compile.calibration_data import load_calibration
+    from moco_compile.calibration_text import is_text_calibration
     from moco_compile.scale.shards import ShardedData
 
-    texts, images = is_text_calibration(source), engine == "local" and Path(source).is_dir()
-    if texts or images:
-        what = "texts, which moco tokenizes with the tokenizer" if texts else \
-            "images, which moco processes with the image processor"
-        if engine != "local" or model is None or not model.is_dir():
-            raise MocoError(f"{source} holds {what} saved in a Hugging Face model directory, compiled with the "
-                            "local engine; give an .npz of the model's inputs instead")
-        return TextCalibration(source, model) if texts else ImageCalibration(source, model)
     if engine == "local":
-        return load_npz(source)
+        return load_calibration(source, model)
     if engine == "ray":
+        if is_text_calibration(source):
+            raise MocoError(f"{source} holds texts, which the Ray engine does not tokenize: tokenize them into "
+                            ".parquet/.npz shards, or compile with the local engine")
         return ShardedData(source, address, workers, max_rows=max_rows, seed=seed)
     raise MocoError(f"--engine must be 'local' or 'ray', got {engine!r}")
 

@@ -141,3 +141,23 @@ def test_a_directory_source_is_hashed_over_its_files(model_dir, tmp_path):
     assert before == source_model(copy) and before["path"] == str(copy.resolve())
     (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
     assert source_model(copy)["sha256"] != before["sha256"]
+
+
+def test_a_calibration_path_names_an_npz_texts_images_or_shards(texts, model_dir, tmp_path, reference_onnx):
+    """``load_calibration`` (the CLI's ``--calib`` and the API's path): an .npz in memory; texts for a Hugging Face
+    directory; texts for an .onnx file or a folder of shards without the Ray engine get clear errors."""
+    from moco_compile.calibration_data import load_calibration
+
+    np.savez(tmp_path / "calib.npz", x=np.ones((3, 2), np.float32))
+    assert list(load_calibration(tmp_path / "calib.npz", reference_onnx)) == ["x"]
+    _csv(tmp_path / "calib.csv", {"text": texts[:5]})
+    assert isinstance(load_calibration(tmp_path / "calib.csv", model_dir), TextCalibration)
+    with pytest.raises(CalibrationDataError, match="holds texts.*the model is not one"):
+        load_calibration(tmp_path / "calib.csv", reference_onnx)
+    (tmp_path / "shards").mkdir()
+    np.savez(tmp_path / "shards" / "part-0.npz", x=np.ones((3, 2), np.float32))
+    with pytest.raises(CalibrationDataError, match="folder of .npz/.parquet shards.*--engine ray"):
+        load_calibration(tmp_path / "shards", reference_onnx)
+    run = CliRunner().invoke(app, ["compile", str(model_dir), "--calib", str(tmp_path / "calib.csv"),
+                                   "--out", str(tmp_path / "out"), "--engine", "ray"])
+    assert run.exit_code != 0 and "does not tokenize" in run.output and not (tmp_path / "out").exists()

@@ -152,6 +152,18 @@ class Build:
         return path
 
 
+def recorded_output(build: Build, original: onnx.ModelProto, source: str | os.PathLike) -> str | None:
+    """The classifier output ``build`` records, checked to be one of ``original``'s outputs (``source``: where
+    that model came from); None for builds that record none."""
+    output = build.report.get("classifier_output")
+    names = [value.name for value in original.graph.output]
+    if output is not None and output not in names:
+        raise ModelError(f"{source} has no output {output!r}, the build's classifier output (its outputs: "
+                         f"{', '.join(names)}): it is not the model the build was compiled from (pass --original "
+                         "with that one)")
+    return output
+
+
 def source_model(path: str | os.PathLike) -> dict:
     """Where a compiled model came from: its absolute path and the SHA-256 of its bytes (report.json's
     ``source_model``), so that later steps can find the original and tell whether it changed since.  A

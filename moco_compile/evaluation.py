@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from moco_compile.build import Build
+from moco_compile.build import Build, recorded_output
 from moco_compile.calibration_data import CalibrationSpec
 from moco_compile.calibration_images import ImageCalibration
 from moco_compile.calibration_text import TextCalibration
@@ -77,7 +77,7 @@ def evaluate_build(build_dir: str | os.PathLike,
     build = Build.load(build_dir)
     compiled_path, report, original_path = build.model_path, build.report, build.original_model(original)
     source = load_original(original_path)  # a Hugging Face directory: exported as compile exported it
-    imported = import_model(source, output=report.get("classifier_output"))
+    imported = import_model(source, output=recorded_output(build, source, original_path))
     if isinstance(traffic, (TextCalibration, ImageCalibration)):
         traffic = _in_memory(traffic.rows(imported.input_names))
     spec = CalibrationSpec(imported.model, imported.num_classes)

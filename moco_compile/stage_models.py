@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from moco_compile.build import Build
+from moco_compile.build import Build, recorded_output
 from moco_compile.errors import MocoError, ModelError
 from moco_compile.importer import load_original
 from moco_compile.passes.graph.rewrite import apply_plan
@@ -48,7 +48,8 @@ def build_stage_graphs(build: Build, original: str | os.PathLike | None = None) 
         graphs = stage_graphs(compiled, build.plan_record(), str(build.model_path))
     else:
         source = build.original_model(original)
-        prepared, output = model_for_plan(load_original(source), build.report.get("classifier_output"),
+        original_graph = load_original(source)
+        prepared, output = model_for_plan(original_graph, recorded_output(build, original_graph, source),
                                           _one_row(compiled))
         if apply_plan(prepared, build.plan, output, build.exit_layout, build.batch_buckets).graph.SerializeToString(
                 deterministic=True) != compiled.graph.SerializeToString(deterministic=True):

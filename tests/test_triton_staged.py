@@ -190,5 +190,5 @@ def test_an_original_that_is_not_the_compiled_model_is_refused(compiled, referen
     other = tmp_path / "soft.onnx"
     onnx.save(with_soft_probabilities(reference_model, 4.0), str(other))
     run = export_cli(compiled[1], "--repository", tmp_path / "repo", "--staged", "--original", other)
-    assert run.exit_code == 2 and "does not give the build's graph" in " ".join(run.output.split())
+    assert run.exit_code == 2 and "it is not the model the build was compiled from" in " ".join(run.output.split())
     assert not (tmp_path / "repo").exists()

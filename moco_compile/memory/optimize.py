@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from moco_compile.build import Build
+from moco_compile.build import Build, recorded_output
 from moco_compile.constants import EXIT_OUTPUT, LABELS
 from moco_compile.errors import CalibrationDataError, MocoError, ModelError
 from moco_compile.importer import classifier_output, load_original
@@ -122,8 +122,9 @@ def optimize_build(build_dir: str | os.PathLike, calibration: Mapping[str, np.nd
     does.  To certify exits on the optimised model, compile that model instead.
     """
     build = Build.load(build_dir)
-    return optimize_memory(load_original(build.original_model(original)), calibration, build=build,
-                           output=build.report.get("classifier_output"), **options)
+    source = build.original_model(original)
+    model = load_original(source)
+    return optimize_memory(model, calibration, build=build, output=recorded_output(build, model, source), **options)
 
 
 def split_rows(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray],

@@ -118,3 +118,19 @@ def test_moco_compile_takes_a_folder_of_images_for_a_saved_image_classifier(imag
     assert run.exit_code == 0, run.output
     frame = load_frame(tmp_path / "out" / "frame.arrow")
     assert len(frame) == ROWS and sorted(set(frame["labels"])) == sorted(set(images[1]))
+
+
+def test_colour_images_are_processed_in_rgb_with_the_processors_normalization(images, tmp_path):
+    """A three-channel model (the usual case) gets RGB images, through the processor's own normalization: a grey
+    image comes back with its three equal channels, ``(pixel - 0.5) / 0.5``."""
+    directory = tmp_path / "rgb_model"
+    config = transformers.ViTConfig(image_size=28, patch_size=7, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=10)
+    transformers.ViTForImageClassification(config).save_pretrained(directory)
+    transformers.ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.5] * 3,
+                                   image_std=[0.5] * 3).save_pretrained(directory)
+    order = _write(tmp_path / "images", images[0][:12])
+    rows = _rows(tmp_path / "images", directory)
+    expected = np.repeat((images[0][:12][order] - 0.5) / 0.5, 3, axis=1)
+    assert rows["pixel_values"].shape == (12, 3, 28, 28)
+    np.testing.assert_allclose(rows["pixel_values"], expected, atol=1e-5)

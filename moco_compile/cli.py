@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -127,20 +128,21 @@ def compile_command(
 
 @app.command("inspect")
 def inspect_command(
-    model: Path = typer.Argument(..., help="ONNX classifier"),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration .npz (gives input shapes)"),
+    model: Path = typer.Argument(..., help="ONNX classifier, or a Hugging Face save_pretrained directory"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration .npz (gives input shapes); for a "
+                                         "Hugging Face directory also texts or image files, as compile takes them"),
     output: Optional[str] = typer.Option(None, "--output", help="classifier output name, if several"),
 ) -> None:
     """List the candidate cut points of MODEL with their FLOPs (tab-separated, full names, when the
     output is not a terminal)."""
-    from moco_compile.prepare import cut_points_of
-    from moco_compile.calibration_data import load_npz
+    from moco_compile.calibration_data import load_calibration
     from moco_compile.importer import import_model
+    from moco_compile.prepare import cut_points_of
     from moco_compile.reports.terminal import cut_points_table, cut_points_tsv
 
     try:
         imported = import_model(model, output=output)
-        feed = _example_feed(imported, load_npz(calib) if calib else None)
+        feed = _example_feed(imported, load_calibration(calib, model) if calib else None)
         _, cuts = cut_points_of(imported, feed, batch_size=1, classify=False)
     except MocoError as error:
         _fail(error)
@@ -505,10 +507,17 @@ def _calibration_data(source: str, engine: str, address: str | None, workers: in
     raise MocoError(f"--engine must be 'local' or 'ray', got {engine!r}")
 
 
-def _example_feed(imported, calibration: dict | None) -> dict[str, np.ndarray]:
+def _example_feed(imported, calibration) -> dict[str, np.ndarray]:
+    """One row for the model's inputs: from ``calibration`` (what ``load_calibration`` read; texts and images
+    are prepared for the model's inputs), else zeros where the inputs' shapes are fixed."""
     from moco_compile.calibration_data import CalibrationSpec
+    from moco_compile.calibration_images import ImageCalibration
+    from moco_compile.calibration_text import TextCalibration
 
     spec = CalibrationSpec(imported.model, imported.num_classes)
+    if isinstance(calibration, (TextCalibration, ImageCalibration)):
+        rows = calibration.rows(imported.input_names)
+        calibration = rows if isinstance(rows, Mapping) else next(iter(rows))
     if calibration is not None:
         checked = spec.check(calibration, "calibration data")
         return {name: checked[name][:1] for name in spec.inputs}

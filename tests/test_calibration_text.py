@@ -128,6 +128,16 @@ def test_moco_compile_takes_a_csv_of_texts_for_a_saved_text_classifier(texts, mo
     assert json.loads((tmp_path / "out" / "evaluation.json").read_text())["traffic_rows"] == 100
 
 
+@pytest.mark.slow
+def test_moco_inspect_measures_cuts_on_a_text(texts, model_dir, tmp_path):
+    """``moco inspect DIR --calib texts.csv``: the cut points of a saved text classifier, measured on its first
+    text as the tokenizer gives it."""
+    _csv(tmp_path / "calib.csv", {"text": texts[:3]})
+    run = CliRunner().invoke(app, ["inspect", str(model_dir), "--calib", str(tmp_path / "calib.csv")])
+    assert run.exit_code == 0, run.output
+    assert "bert.encoder.layer.0.attention" in run.output and "bert.encoder.layer.1.attention" in run.output
+
+
 def test_a_directory_source_is_hashed_over_its_files(model_dir, tmp_path):
     """A build compiled from a Hugging Face directory records it (path and a SHA-256 over its files), and a later
     step refuses the directory once a file in it changed."""

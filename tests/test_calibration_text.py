@@ -171,3 +171,22 @@ def test_a_calibration_path_names_an_npz_texts_images_or_shards(texts, model_dir
     run = CliRunner().invoke(app, ["compile", str(model_dir), "--calib", str(tmp_path / "calib.csv"),
                                    "--out", str(tmp_path / "out"), "--engine", "ray"])
     assert run.exit_code != 0 and "does not tokenize" in run.output and not (tmp_path / "out").exists()
+
+
+def test_a_decoder_tokenizer_without_a_pad_token_pads_with_the_models(texts, tmp_path):
+    """Decoder tokenizers often have no pad token; the config's ``pad_token_id`` (which moco requires of decoder
+    classifiers) pads the rows, and the mask marks the pads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
+    tokenizer_ = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="<eos>")
+    assert tokenizer_.pad_token is None
+    tokenizer_.save_pretrained(tmp_path / "model")
+    transformers.GPT2Config(vocab_size=tokenizer_.vocab_size, n_embd=32, n_layer=1, n_head=2, num_labels=2,
+                            pad_token_id=tokenizer_.eos_token_id).save_pretrained(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text("\n".join(texts[:20]))
+    rows = TextCalibration(tmp_path / "calib.txt", tmp_path / "model").rows(["input_ids", "attention_mask"])
+    pads = rows["attention_mask"] == 0
+    assert pads.any() and (rows["input_ids"][pads] == tokenizer_.eos_token_id).all()

@@ -52,7 +52,7 @@ class ExitGraphBuilder:
         # them computed from the exit's logits by copies of those nodes; other outputs get zeros
         self.logits = self.index.classifier_logits(classifier_output)
         self.derived = derived_outputs(self.index, classifier_output)
-        self._exited_logits: dict[str, str] = {}  # per exit (and If branch): its exited rows' float32 logits
+        self._exited_logits: dict[tuple, str] = {}  # per exit and graph: its exited rows' float32 logits
         self.rest_sources: dict[str, str] = {}  # compressed tensor -> original tensor
         # outputs besides the classifier whose non-batch dims are dynamic: exited rows get zeros
         # shaped by int64 tensors computed once in the main graph (see passes/graph/trailing_dims.py)
@@ -256,18 +256,19 @@ class ExitGraphBuilder:
         return name
 
     def _exit_logits(self, exit_: Exit, margins: str, p: str, into: str, nodes: list, initializers: list) -> str:
-        """The float32 logits exited rows carry (built once per ``into``): the exit's calibrated log-probabilities
-        when it has a confidence scale
+        """The float32 logits exited rows carry (built once per ``into`` and graph): the exit's calibrated
+        log-probabilities when it has a confidence scale
         (:func:`~moco_compile.passes.calibration.exit_confidence.exited_logits_nodes`), else its margins."""
-        if into in self._exited_logits:
-            return self._exited_logits[into]
+        key = (into, id(nodes))  # the same prefix in another node list (another graph) is built again
+        if key in self._exited_logits:
+            return self._exited_logits[key]
         value = margins
         if exit_.confidence_scale is not None and exit_.scores.normalize == "log_softmax":
             value = f"{into}/exited/calibrated"
             nodes.extend(exited_logits_nodes(f"{p}/log_probs", margins, exit_.confidence_scale, value,
                                              f"{into}/confidence", initializers,
                                              swap=not swap_is_identity(exit_.thresholds, exit_.confidence_scale)))
-        self._exited_logits[into] = value
+        self._exited_logits[key] = value
         return value
 
     @staticmethod

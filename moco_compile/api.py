@@ -20,7 +20,7 @@ from moco_compile.calibration_text import TextCalibration
 from moco_compile.constants import LABELS, OUTPUTS, PROBABILITIES, SPLIT_COLUMN
 from moco_compile.errors import ModelError
 from moco_compile.frame import ActivationFrame, load_frame
-from moco_compile.importer import ImportedModel, import_model
+from moco_compile.importer import ImportedModel, check_rows_are_independent, import_model
 from moco_compile.outputs import check_output_dir, check_output_file, staged_output_file
 from moco_compile.passes.calibration.calibrate import calibrate, variant_features
 from moco_compile.passes.graph.binary_output import from_two_class
@@ -149,6 +149,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
     with phases("import"):
         imported = import_model(model, output=output, example_input=example_input,
                                 rows=calibration if isinstance(calibration, Mapping) else None)
+        check_rows_are_independent(imported.model)
         if isinstance(calibration, (TextCalibration, ImageCalibration)):
             calibration = calibration.rows(imported.input_names)
     if imported.binary is not None and config.exit_layout == "bucketed":

@@ -104,6 +104,18 @@ def import_model(source: Any, output: str | None = None, example_input: Any = No
     return ImportedModel(model, output, scopes, text, fixed, binary)
 
 
+def check_rows_are_independent(model: onnx.ModelProto) -> None:
+    """Refuse to plan exits on a model that quantizes its activations per batch (onnxruntime's dynamic int8): a
+    row's output then depends on the other rows in its batch, and exits change which rows share one, so no plan
+    could hold (the memory passes put a build's exits on such a model and validate the result instead)."""
+    if any(node.op_type == "DynamicQuantizeLinear" for node in model.graph.node):
+        raise ModelError("the model quantizes its activations per batch (DynamicQuantizeLinear: onnxruntime's dynamic "
+                         "int8), so a row's output depends on the other rows in its batch, and exits change which "
+                         "rows share a batch: no plan can hold. Compile the float model, then put its exits back on "
+                         "the int8 version with `moco optimize-memory BUILD --int8 dynamic` (validated on untouched "
+                         "rows), or quantize with static int8 (fixed ranges) first")
+
+
 def load_original(path: Path) -> onnx.ModelProto:
     """The ONNX graph of the model a build was compiled from: the file, or the export of the Hugging Face
     classifier saved in the directory, as compile exported it."""

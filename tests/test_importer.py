@@ -91,3 +91,47 @@ def test_module_exports_on_calibration_rows_named_after_its_forward(trained_modu
     imported = import_model(Named(), output="logits", rows=rows)
     assert [o.name for o in imported.model.graph.output] == ["logits", "probabilities"]
     assert imported.output == "logits" and imported.num_classes == 10
+
+
+@pytest.fixture(scope="module")
+def quantized(reference_model, calibration, tmp_path_factory):
+    """The reference CNN quantized by onnxruntime: dynamic int8 (ConvInteger) and static int8 in the
+    QOperator format (QLinearConv)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
+
+    class Rows(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"images": calibration["images"][i:i + 32]} for i in range(0, 128, 32)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    directory = tmp_path_factory.mktemp("quantized")
+    onnx.save(reference_model, str(directory / "float.onnx"))
+    quantize_dynamic(str(directory / "float.onnx"), str(directory / "dynamic.onnx"))
+    quantize_static(str(directory / "float.onnx"), str(directory / "static.onnx"), Rows(),
+                    quant_format=QuantFormat.QOperator)
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_int8_convolutions_count_their_multiply_adds(quantized, kind):
+    """ConvInteger and QLinearConv cost the multiply-adds of the Conv they replace: the int8 network's FLOPs are
+    the float network's (they were 0, so a dynamic-int8 model looked too small for any exit to pay)."""
+    feed = {"images": np.zeros((1, 1, 28, 28), np.float32)}
+    totals = {}
+    for name in ("float", kind):
+        model = import_model(quantized / f"{name}.onnx").model
+        totals[name] = sum(flops_per_row(model, measure_shapes(model, feed)))
+    assert totals[kind] == pytest.approx(totals["float"], rel=0.02)
+
+
+def test_a_model_quantized_per_batch_is_refused_saying_what_to_do(quantized, calibration, tmp_path):
+    """Dynamic int8 sets activation ranges per batch, so a row's output depends on its batch: compile refuses it
+    before calibrating and points to the float model and the memory passes."""
+    from moco_compile.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"quantizes its activations per batch.*moco optimize-memory BUILD --int8"):
+        compile(quantized / "dynamic.onnx", {"images": calibration["images"][:500]}, out_dir=tmp_path / "out",
+                show_progress=False)
+    assert not (tmp_path / "out").exists()

@@ -25,6 +25,8 @@ _PER_OUTPUT_ELEMENT = {
     "LayerNormalization": 5, "Greater": 1, "Less": 1, "Equal": 1, "Not": 1, "Mish": 6,
     "Softplus": 3, "Elu": 3, "Selu": 3, "Celu": 3,
 }
+_WEIGHT_INPUT = {"QLinearConv": 3}  # the convolutions' weight input (else 1) and bias input (ConvInteger: none)
+_BIAS_INPUT = {"Conv": 2, "ConvTranspose": 2, "QLinearConv": 8}
 _REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "GlobalAveragePool",
                "GlobalMaxPool", "ReduceL2", "ReduceSumSquare", "ArgMax", "ArgMin"}
 
@@ -55,10 +57,12 @@ def node_flops(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> f
     if out is None:
         return 0.0
     out_size = math.prod(out)
-    if op in ("Conv", "ConvTranspose"):
-        weight = shapes[node.input[1]]
-        per_output = math.prod(weight[1:]) if op == "Conv" else math.prod(weight[2:]) * weight[0] / max(out[1], 1)
-        return 2.0 * out_size * per_output + (out_size if len(node.input) > 2 and node.input[2] else 0)
+    if op in ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv"):  # the int8 ones: as many multiply-adds
+        weight = shapes[node.input[_WEIGHT_INPUT.get(op, 1)]]
+        per_output = math.prod(weight[2:]) * weight[0] / max(out[1], 1) if op == "ConvTranspose" \
+            else math.prod(weight[1:])
+        bias = _BIAS_INPUT.get(op)
+        return 2.0 * out_size * per_output + (out_size if bias and len(node.input) > bias and node.input[bias] else 0)
     if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
         return 2.0 * out_size * shapes[node.input[0]][-1]
     if op == "Gemm":

@@ -134,7 +134,7 @@ def _original_outputs(session: ort.InferenceSession, inputs: Mapping[str, np.nda
     first, = _run(session, {k: v[:batch_size] for k, v in inputs.items()}, [output], batch_size)
     if first.shape != recorded[:batch_size].shape or not _close(recorded[:batch_size], first, tolerance):
         raise VerificationError("the original model's outputs recorded while calibrating differ from what it gives "
-                                "now on the same rows; its output for a row depends on more than the row")
+                                f"now on the same rows: if its output for a row depends on {BATCH_DEPENDENCE}")
     return recorded
 
 

@@ -61,8 +61,19 @@ def cut_points_of(imported: ImportedModel, calibration: Mapping[str, Any] | Iter
     cuts = find_cut_points(imported.model, node_flops, shapes, imported.scopes, side_inputs=side, **text_options)
     if not cuts:
         raise ModelError("the model has no cut point: no tensor separates it into a prefix and a remainder with "
-                         "real compute on both sides, so there is nowhere to exit" + _batch_axis_hint(imported, feed))
+                         "real compute on both sides, so there is nowhere to exit" + _batch_axis_hint(imported, feed)
+                         + _integer_activations_hint(imported))
     return batches, cuts
+
+
+def _integer_activations_hint(imported: ImportedModel) -> str:
+    """Why a quantized model in onnxruntime's QOperator format has no cut: its activations between QLinear*
+    operators are integers, which exits do not read."""
+    if not any(node.op_type.startswith("QLinear") for node in imported.model.graph.node):
+        return ""
+    return ("; its activations are int8 between its QLinear* operators (onnxruntime's QOperator format), and exits "
+            "read float tensors: compile the float model, or one quantized in the QDQ format "
+            "(quantize_static(..., quant_format=QuantFormat.QDQ)), which keeps float tensors between its blocks")
 
 
 def _batch_axis_hint(imported: ImportedModel, feed: Mapping[str, np.ndarray]) -> str:

@@ -135,3 +135,14 @@ def test_a_model_quantized_per_batch_is_refused_saying_what_to_do(quantized, cal
         compile(quantized / "dynamic.onnx", {"images": calibration["images"][:500]}, out_dir=tmp_path / "out",
                 show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_int8_activations_has_no_cut_and_is_told_why(quantized, calibration, tmp_path):
+    """In onnxruntime's QOperator format the activations between QLinear* operators are int8 (untyped by shape
+    inference where contrib ops make them): no cut reads them, and the error says what to compile instead."""
+    from moco_compile.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"no cut point.*int8 between its QLinear\* operators.*QDQ format"):
+        compile(quantized / "static.onnx", {"images": calibration["images"][:500]}, out_dir=tmp_path / "out",
+                show_progress=False)
+    assert not (tmp_path / "out").exists()

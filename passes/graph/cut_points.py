@@ -32,6 +32,7 @@ RECURRENT_OPS = {"GRU", "LSTM", "RNN"}  # their tensors carry the batch on axis 
 # A cut at the DequantizeLinear output would put the exit's Compress between them (no fusion in the
 # branch, other numbers than the model's): the float tensor before the QuantizeLinear separates too.
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+_INTEGER_OUTPUT_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"}  # and QLinear*
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def find_cut_points(model: onnx.ModelProto, node_flops: Sequence[float],
             continue
         for tensor in node.output:
             if not tensor or tensor in index.graph_outputs or tensor in derived or node.op_type in _QDQ_OPS \
-                    or not _is_batched_float(model, tensor, shapes):
+                    or not _is_batched_float(model, tensor, shapes, node.op_type):
                 continue
             before = index.ancestors(tensor)
             crossing = index.crossing_tensors(before)
@@ -161,14 +162,17 @@ def numbered_repeats(names: Sequence[str]) -> list[str]:
     return numbered
 
 
-def _is_batched_float(model: onnx.ModelProto, tensor: str, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+def _is_batched_float(model: onnx.ModelProto, tensor: str, shapes: Mapping[str, tuple[int, ...]],
+                      producer: str) -> bool:
+    """Whether ``tensor`` (an output of a ``producer`` node) holds one float row per input row."""
     shape = shapes.get(tensor)
     if shape is None or len(shape) < 2 or shape[0] != 1:
         return False
     for value in model.graph.value_info:
         if value.name == tensor:
             return value.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-    return True
+    # untyped by shape inference (contrib ops such as QLinearAdd): the quantized ops' outputs are integers
+    return not (producer.startswith("QLinear") or producer in _INTEGER_OUTPUT_OPS)
 
 
 def _module_name(model: onnx.ModelProto, index: GraphIndex, tensor: str,

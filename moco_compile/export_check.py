@@ -2,9 +2,10 @@
 what the model it came from computes.
 
 A head must choose one class per row (the argmax moco's certificate is about), so regression heads and
-multi-label heads (a sigmoid per label) are refused before anything is exported.  Every graph moco derives from a user's model before planning (a PyTorch export, a Hugging Face export,
-a graph whose fixed batch moco freed) is run against that model's own outputs here first: a graph that
-traces differently than it runs would otherwise be compiled unnoticed.
+multi-label heads (a sigmoid per label) are refused before anything is exported.  Every graph moco derives
+from a user's model before planning (a PyTorch export, a Hugging Face export, a graph whose fixed batch moco
+freed) is run against that model's own outputs here first: a graph that traces differently than it runs would
+otherwise be compiled unnoticed.
 """
 from __future__ import annotations
 

@@ -121,28 +121,25 @@ class GraphIndex:
 
     def probability_head(self, output: str) -> str | None:
         """``Softmax`` or ``LogSoftmax`` when ``output`` is one (through Identity/Cast), else None (logits)."""
-        tensor = output
-        while tensor in self.producer:
-            node = self.model.graph.node[self.producer[tensor]]
-            if node.op_type in ("Softmax", "LogSoftmax"):
-                return node.op_type
-            if node.op_type not in ("Identity", "Cast"):
-                return None
-            tensor = node.input[0]
-        return None
+        return self._final_head(output)[0]
 
     def classifier_logits(self, output: str) -> str:
         """The tensor holding ``output``'s logits: the input of its final Softmax/LogSoftmax when it has one,
         else the tensor that ``output`` copies or casts (through Identity/Cast), else ``output`` itself."""
+        return self._final_head(output)[1]
+
+    def _final_head(self, output: str) -> tuple[str | None, str]:
+        """Walking back from ``output`` through Identity/Cast: the Softmax/LogSoftmax reached (or None) and the
+        tensor it reads (else the first tensor no Identity/Cast makes)."""
         tensor = output
         while tensor in self.producer:
             node = self.model.graph.node[self.producer[tensor]]
             if node.op_type in ("Softmax", "LogSoftmax"):
-                return node.input[0]
+                return node.op_type, node.input[0]
             if node.op_type not in ("Identity", "Cast"):
                 break
             tensor = node.input[0]
-        return tensor
+        return None, tensor
 
     def derived_nodes(self, tensor: str, source: str) -> list[int] | None:
         """Indices, in graph order, of the nodes that compute ``tensor`` from ``source`` and initializers

@@ -14,9 +14,7 @@ import numpy as np
 import onnx
 
 from moco_compile.build import Build, source_model
-from moco_compile.calibration_images import ImageCalibration
-from moco_compile.calibration_data import load_calibration
-from moco_compile.calibration_text import TextCalibration
+from moco_compile.calibration_data import for_inputs, load_calibration
 from moco_compile.constants import LABELS, OUTPUTS, PROBABILITIES, SPLIT_COLUMN
 from moco_compile.errors import ModelError
 from moco_compile.frame import ActivationFrame, load_frame
@@ -150,8 +148,7 @@ def compile(model: Any, calibration: Mapping[str, Any] | Iterable[Mapping[str, A
         imported = import_model(model, output=output, example_input=example_input,
                                 rows=calibration if isinstance(calibration, Mapping) else None)
         check_rows_are_independent(imported.model)
-        if isinstance(calibration, (TextCalibration, ImageCalibration)):
-            calibration = calibration.rows(imported.input_names)
+        calibration = for_inputs(calibration, imported.input_names)
     if imported.binary is not None and config.exit_layout == "bucketed":
         raise ModelError(f"output {imported.binary.name!r} is one column (a binary classifier): the bucketed "
                          "layout (the GPU targets' default) splits the graph into stages that serve the two-class "
@@ -272,8 +269,7 @@ def calibrate_frame(model: Any, calibration: Mapping[str, Any] | Iterable[Mappin
         calibration = load_calibration(calibration, model)
     imported = import_model(model, output=output, example_input=example_input,
                             rows=calibration if isinstance(calibration, Mapping) else None)
-    if isinstance(calibration, (TextCalibration, ImageCalibration)):
-        calibration = calibration.rows(imported.input_names)
+    calibration = for_inputs(calibration, imported.input_names)
     batches, cuts = cut_points_of(imported, calibration, batch_size)
     with staged_output_file(out, "frame", "frame", inputs, force) as temporary:
         calibrate(imported.model, imported.output, cuts, batches, temporary, show_progress=show_progress, raw=raw)

@@ -7,7 +7,7 @@ the key, what was expected and what to do.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,17 @@ def load_calibration(path: str | Path, model: Any = None) -> Any:
         raise CalibrationDataError(f"{path} holds {what} saved in a Hugging Face model directory, and the model is "
                                    "not one: give an .npz of the model's inputs instead")
     return TextCalibration(path, model) if texts else ImageCalibration(path, model)
+
+
+def for_inputs(calibration: Any, input_names: Sequence[str]) -> Any:
+    """``calibration`` as rows for a model taking ``input_names``: texts and image files
+    (:func:`load_calibration`'s) prepared for those inputs, anything else as given."""
+    from moco_compile.calibration_images import ImageCalibration
+    from moco_compile.calibration_text import TextCalibration
+
+    if isinstance(calibration, (TextCalibration, ImageCalibration)):
+        return calibration.rows(input_names)
+    return calibration
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:

@@ -510,14 +510,11 @@ def _calibration_data(source: str, engine: str, address: str | None, workers: in
 def _example_feed(imported, calibration) -> dict[str, np.ndarray]:
     """One row for the model's inputs: from ``calibration`` (what ``load_calibration`` read; texts and images
     are prepared for the model's inputs), else zeros where the inputs' shapes are fixed."""
-    from moco_compile.calibration_data import CalibrationSpec
-    from moco_compile.calibration_images import ImageCalibration
-    from moco_compile.calibration_text import TextCalibration
+    from moco_compile.calibration_data import CalibrationSpec, for_inputs
 
     spec = CalibrationSpec(imported.model, imported.num_classes)
-    if isinstance(calibration, (TextCalibration, ImageCalibration)):
-        rows = calibration.rows(imported.input_names)
-        calibration = rows if isinstance(rows, Mapping) else next(iter(rows))
+    rows = for_inputs(calibration, imported.input_names)
+    calibration = rows if rows is None or isinstance(rows, Mapping) else next(iter(rows))
     if calibration is not None:
         checked = spec.check(calibration, "calibration data")
         return {name: checked[name][:1] for name in spec.inputs}

@@ -24,7 +24,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moco_compile.build import Build, recorded_output
-from moco_compile.calibration_data import CalibrationSpec
+from moco_compile.calibration_data import CalibrationSpec, for_inputs
 from moco_compile.calibration_images import ImageCalibration
 from moco_compile.calibration_text import TextCalibration
 from moco_compile.constants import LABELS
@@ -78,8 +78,9 @@ def evaluate_build(build_dir: str | os.PathLike,
     compiled_path, report, original_path = build.model_path, build.report, build.original_model(original)
     source = load_original(original_path)  # a Hugging Face directory: exported as compile exported it
     imported = import_model(source, output=recorded_output(build, source, original_path))
-    if isinstance(traffic, (TextCalibration, ImageCalibration)):
-        traffic = _in_memory(traffic.rows(imported.input_names))
+    prepared = for_inputs(traffic, imported.input_names)
+    if prepared is not traffic:  # texts or images, prepared for the model's inputs: in memory, as an .npz is
+        traffic = _in_memory(prepared)
     spec = CalibrationSpec(imported.model, imported.num_classes)
     binary = imported.binary  # a one-column output: the models' own output and its classes
     output, classes = (binary.name, binary.classes) if binary is not None else (imported.output, None)
